@@ -1,0 +1,136 @@
+//! Compiles `kernels/*.cu` into one fatbin, embedded by `src/cuda/module.rs`.
+//!
+//! - nvcc is found through `NVCC`, `CUDA_HOME`, `CUDA_PATH`, then `PATH`.
+//! - SASS for every supported arch plus PTX for the newest; `DROPBLOCK_CUDA_ARCHS`
+//!   (e.g. `90` or `80,90`) narrows the list for quick local builds.
+//! - ptxas's resource report is kept in `OUT_DIR/ptxas_report.txt` and embedded as
+//!   `dropblock::cuda::PTXAS_REPORT`, where a test checks it for spills.
+//! - Without the `cuda` feature nothing is compiled. With it and no nvcc the build
+//!   fails and says how to get one, so kernels are never silently missing.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(dropblock_kernels)");
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=kernels");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "DROPBLOCK_CUDA_ARCHS", "DOCS_RS"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let fatbin = out_dir.join("dropblock.fatbin");
+    let report = out_dir.join("ptxas_report.txt");
+    if env::var_os("DOCS_RS").is_some() {
+        // docs.rs has no nvcc; docs need no kernels.
+        fs::write(&fatbin, []).unwrap();
+        fs::write(&report, "").unwrap();
+        return;
+    }
+    let nvcc = find_nvcc().unwrap_or_else(|| fail_no_nvcc());
+    let archs = archs();
+    let unity = write_unity_source(&out_dir);
+
+    let mut cmd = Command::new(&nvcc);
+    cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo", "--threads", "0", "-Xptxas", "-v", "-Werror", "all-warnings"]);
+    cmd.arg(format!("-I{}", Path::new("kernels").canonicalize().unwrap().display()));
+    if let Some(include) = nvcc.parent().and_then(Path::parent).map(|root| root.join("include")) {
+        if include.is_dir() {
+            cmd.arg(format!("-I{}", include.display()));
+        }
+    }
+    for a in &archs {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    }
+    let newest = archs.iter().max().unwrap();
+    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+    cmd.arg("-o").arg(&fatbin).arg(&unity);
+
+    let out = cmd.output().unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        panic!(
+            "nvcc failed ({}):\n{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            cmd,
+            String::from_utf8_lossy(&out.stdout),
+            stderr
+        );
+    }
+    // ptxas's lines, and the indented lines under them (stack frame and spills).
+    let ptxas: String =
+        stderr.lines().filter(|l| l.starts_with("ptxas") || l.starts_with(' ')).map(|l| format!("{l}\n")).collect();
+    fs::write(&report, &ptxas).unwrap();
+    if ptxas.lines().any(|l| l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")) {
+        println!("cargo::warning=ptxas reports register spills; see {}", report.display());
+    }
+    println!("cargo::rustc-cfg=dropblock_kernels");
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
+    if let Some(p) = env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for root in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(r) = env::var_os(root) {
+            let p = PathBuf::from(r).join("bin").join(exe);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join(exe)).find(|p| p.is_file()))
+}
+
+fn fail_no_nvcc() -> ! {
+    panic!(
+        "\n\ndropblock: nvcc not found (looked at NVCC, CUDA_HOME, CUDA_PATH, then PATH).\n\
+         The `cuda` feature (on by default) compiles the kernels with nvcc; no GPU is needed to build.\n\
+         Either:\n\
+         \x20 - run through ./scripts/cuda-toolchain.sh, which installs a pinned nvcc 13.0 from PyPI\n\
+         \x20   into ~/.cache/dropblock and runs the command you give it, e.g.\n\
+         \x20   ./scripts/cuda-toolchain.sh cargo build\n\
+         \x20 - or install a CUDA toolkit and set CUDA_HOME (or put nvcc on PATH),\n\
+         \x20 - or build the CPU-only crate: cargo build --no-default-features\n\n"
+    )
+}
+
+fn archs() -> Vec<u32> {
+    let Ok(list) = env::var("DROPBLOCK_CUDA_ARCHS") else {
+        return DEFAULT_ARCHS.to_vec();
+    };
+    let archs: Vec<u32> = list
+        .split([',', ' ', ';'])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let digits = s.trim().trim_start_matches("sm_").trim_start_matches("compute_");
+            digits.parse().unwrap_or_else(|_| panic!("DROPBLOCK_CUDA_ARCHS: `{s}` is not an arch like 90 or sm_90"))
+        })
+        .collect();
+    assert!(!archs.is_empty(), "DROPBLOCK_CUDA_ARCHS is set but names no arch");
+    archs
+}
+
+/// nvcc compiles one translation unit to one fatbin, so every kernel file is
+/// included into one generated unit (`#include` keeps file names for -lineinfo).
+fn write_unity_source(out_dir: &Path) -> PathBuf {
+    let mut sources: Vec<PathBuf> = fs::read_dir("kernels")
+        .expect("kernels/ directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    let body: String =
+        sources.iter().map(|p| format!("#include \"{}\"\n", p.canonicalize().unwrap().display())).collect();
+    let unity = out_dir.join("dropblock_all.cu");
+    fs::write(&unity, body).unwrap();
+    unity
+}

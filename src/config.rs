@@ -1,0 +1,288 @@
+//! What a DropBlock layer is: the block, the rate, and the named semantic choices on
+//! which the peers disagree. Validated when built; every error names its argument.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// The block, `(height, width)` before clipping. Each side is at least 1; odd,
+/// even and rectangular blocks are all allowed. Per call it is clipped to the map:
+/// `kh = min(height, H)`, `kw = min(width, W)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Block {
+    pub height: u32,
+    pub width: u32,
+}
+
+impl Block {
+    pub fn new(height: u32, width: u32) -> Result<Self> {
+        if height == 0 {
+            return Err(Error::InvalidBlock { axis: "height", value: height });
+        }
+        if width == 0 {
+            return Err(Error::InvalidBlock { axis: "width", value: width });
+        }
+        Ok(Self { height, width })
+    }
+
+    pub fn square(size: u32) -> Result<Self> {
+        Self::new(size, size)
+    }
+}
+
+impl fmt::Display for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.height, self.width)
+    }
+}
+
+/// Parses `7` (square) or `7x5` (height x width).
+impl FromStr for Block {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parse = |t: &str| {
+            t.trim().parse::<u32>().map_err(|_| format!("block size `{t}` is not a whole number"))
+        };
+        let (h, w) = match s.split_once(['x', 'X']) {
+            Some((h, w)) => (parse(h)?, parse(w)?),
+            None => {
+                let k = parse(s)?;
+                (k, k)
+            }
+        };
+        Block::new(h, w).map_err(|e| e.to_string())
+    }
+}
+
+/// Where seeds may fall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Placement {
+    /// Only where a whole block fits (the paper, torchvision, mmdet): an
+    /// `(H-kh+1) x (W-kw+1)` seed grid; a seed at `(y, x)` drops `[y, y+kh) x [x, x+kw)`.
+    #[default]
+    Valid,
+    /// Anywhere on the `H x W` map, blocks clipped at the edges, anchored as TF
+    /// "SAME" pooling and timm >= 1.0.23: a seed at `y` drops rows
+    /// `[y - kh/2, y - kh/2 + kh)`, likewise for columns.
+    Anywhere,
+}
+
+/// How the seed rate γ follows from `drop_prob`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GammaRule {
+    /// The paper's Eq. 1 with the clipped block:
+    /// `γ = gamma_scale · p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`.
+    #[default]
+    Paper,
+    /// γ solved on the host so that the *expected* dropped fraction, counting block
+    /// overlaps and clipped edges for this shape and placement, equals `drop_prob`
+    /// exactly (then multiplied by `gamma_scale`).
+    ExactRate,
+}
+
+/// Which `(n, c)` slices share one mask plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Sharing {
+    /// A plane per `(n, c)`: the paper's Algorithm 1.
+    #[default]
+    None,
+    /// A plane per sample, shared by its channels (miguelvr, timm >= 1.0.23 default).
+    Channels,
+    /// A plane per channel, shared by the batch (GluonCV, bunsen `batchwise`).
+    Batch,
+    /// One plane for the whole tensor.
+    All,
+}
+
+/// How kept activations are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Normalize {
+    /// `numel / kept` over the whole tensor (every peer).
+    #[default]
+    Global,
+    /// `C·H·W / kept_n` per sample.
+    PerSample,
+    /// `1 / (1 - drop_prob)`: no reduction, so the forward is a single pass.
+    Expected,
+    /// No rescaling.
+    None,
+}
+
+/// Training applies DropBlock; evaluation returns the input unchanged and draws nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    #[default]
+    Train,
+    Eval,
+}
+
+/// A validated DropBlock configuration. Build it with [`DropBlockConfig::builder`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropBlockConfig {
+    block: Block,
+    drop_prob: f64,
+    placement: Placement,
+    gamma_rule: GammaRule,
+    gamma_scale: f64,
+    sharing: Sharing,
+    normalize: Normalize,
+}
+
+impl DropBlockConfig {
+    /// A builder with the paper's defaults: Valid placement, Paper γ, `gamma_scale`
+    /// 1, a mask per channel, Global normalisation.
+    pub fn builder(block: Block, drop_prob: f64) -> DropBlockConfigBuilder {
+        DropBlockConfigBuilder {
+            cfg: DropBlockConfig {
+                block,
+                drop_prob,
+                placement: Placement::default(),
+                gamma_rule: GammaRule::default(),
+                gamma_scale: 1.0,
+                sharing: Sharing::default(),
+                normalize: Normalize::default(),
+            },
+        }
+    }
+
+    /// The paper's configuration for a square block.
+    pub fn paper(block_size: u32, drop_prob: f64) -> Result<Self> {
+        Self::builder(Block::square(block_size)?, drop_prob).build()
+    }
+
+    pub fn block(&self) -> Block {
+        self.block
+    }
+    pub fn drop_prob(&self) -> f64 {
+        self.drop_prob
+    }
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+    pub fn gamma_rule(&self) -> GammaRule {
+        self.gamma_rule
+    }
+    pub fn gamma_scale(&self) -> f64 {
+        self.gamma_scale
+    }
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
+    }
+    pub fn normalize(&self) -> Normalize {
+        self.normalize
+    }
+
+    /// The same configuration with another `drop_prob` (for schedules).
+    pub fn with_drop_prob(&self, drop_prob: f64) -> Result<Self> {
+        DropBlockConfigBuilder { cfg: Self { drop_prob, ..*self } }.build()
+    }
+
+    /// True when a call draws nothing and returns its input: `drop_prob == 0`.
+    pub fn is_identity(&self) -> bool {
+        self.drop_prob == 0.0
+    }
+}
+
+/// Builder for [`DropBlockConfig`]; `build` validates.
+#[derive(Debug, Clone, Copy)]
+pub struct DropBlockConfigBuilder {
+    cfg: DropBlockConfig,
+}
+
+impl DropBlockConfigBuilder {
+    pub fn placement(mut self, v: Placement) -> Self {
+        self.cfg.placement = v;
+        self
+    }
+    pub fn gamma_rule(mut self, v: GammaRule) -> Self {
+        self.cfg.gamma_rule = v;
+        self
+    }
+    pub fn gamma_scale(mut self, v: f64) -> Self {
+        self.cfg.gamma_scale = v;
+        self
+    }
+    pub fn sharing(mut self, v: Sharing) -> Self {
+        self.cfg.sharing = v;
+        self
+    }
+    pub fn normalize(mut self, v: Normalize) -> Self {
+        self.cfg.normalize = v;
+        self
+    }
+
+    pub fn build(self) -> Result<DropBlockConfig> {
+        let c = self.cfg;
+        Block::new(c.block.height, c.block.width)?;
+        if !(0.0..=1.0).contains(&c.drop_prob) {
+            return Err(Error::InvalidDropProb(c.drop_prob));
+        }
+        if !c.gamma_scale.is_finite() || c.gamma_scale < 0.0 {
+            return Err(Error::InvalidGammaScale(c.gamma_scale));
+        }
+        Ok(c)
+    }
+}
+
+/// An NCHW shape, validated: no zero dimension, every dimension fits the kernels'
+/// 32-bit geometry, and the element count fits `usize` (64-bit indexing beyond 2^31).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Shape {
+    pub fn new(n: usize, c: usize, h: usize, w: usize) -> Result<Self> {
+        for (dim, v) in [("N", n), ("C", c), ("H", h), ("W", w)] {
+            if v == 0 {
+                return Err(Error::ZeroDimension { dim });
+            }
+            if v as u64 > u32::MAX as u64 {
+                return Err(Error::DimensionTooLarge { dim, value: v as u64, max: u32::MAX as u64 });
+            }
+        }
+        let overflow = || Error::ElementCountOverflow { n: n as u64, c: c as u64, h: h as u64, w: w as u64 };
+        // numel must also fit i64-style 63-bit indexing on the device.
+        let numel = n
+            .checked_mul(c)
+            .and_then(|v| v.checked_mul(h))
+            .and_then(|v| v.checked_mul(w))
+            .filter(|&v| v as u64 <= i64::MAX as u64)
+            .ok_or_else(overflow)?;
+        let _ = numel;
+        Ok(Self { n, c, h, w })
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    pub fn c(&self) -> usize {
+        self.c
+    }
+    pub fn h(&self) -> usize {
+        self.h
+    }
+    pub fn w(&self) -> usize {
+        self.w
+    }
+    pub fn dims(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+    /// Elements of one `(n, c)` slice.
+    pub fn plane_len(&self) -> usize {
+        self.h * self.w
+    }
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}x{}x{}", self.n, self.c, self.h, self.w)
+    }
+}

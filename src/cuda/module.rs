@@ -1,0 +1,55 @@
+//! The embedded fatbin and the safe way to a CUDA context.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, DriverError};
+
+use crate::error::{Error, Result};
+
+#[cfg(dropblock_kernels)]
+const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dropblock.fatbin"));
+#[cfg(not(dropblock_kernels))]
+const FATBIN: &[u8] = &[];
+
+#[cfg(dropblock_kernels)]
+const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas_report.txt"));
+#[cfg(not(dropblock_kernels))]
+const PTXAS_REPORT: &str = "";
+
+/// The kernels' fatbin as embedded at build time (SASS per arch plus PTX for the
+/// newest). Empty only in a docs.rs build.
+pub fn fatbin() -> &'static [u8] {
+    FATBIN
+}
+
+/// ptxas's resource report from the build: registers, shared memory, stack and
+/// spills, per kernel and per arch.
+pub fn ptxas_report() -> &'static str {
+    PTXAS_REPORT
+}
+
+pub(crate) fn driver_error(e: DriverError) -> Error {
+    // Formatting a DriverError calls into libcuda; this is only reached once
+    // libcuda has been found.
+    Error::Driver(e.to_string())
+}
+
+/// A context on device `ordinal`, or a typed error: [`Error::NoDriver`] when
+/// libcuda cannot be loaded, [`Error::NoDevice`] when there is no such device.
+/// Never panics (cudarc panics when libcuda is missing, so that is probed first).
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if FATBIN.is_empty() {
+        return Err(Error::KernelsNotBuilt);
+    }
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoDriver);
+    }
+    CudaContext::new(ordinal).map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_NO_DEVICE
+        | sys::CUresult::CUDA_ERROR_INVALID_DEVICE
+        | sys::CUresult::CUDA_ERROR_STUB_LIBRARY
+        | sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => Error::NoDevice(e.to_string()),
+        _ => driver_error(e),
+    })
+}

@@ -1,0 +1,112 @@
+//! # dropblock
+//!
+//! DropBlock (Ghiasi, Lin & Le, *DropBlock: A regularization method for
+//! convolutional networks*, NeurIPS 2018) for CUDA training pipelines, at the cost
+//! of a memory copy, with a CPU path that agrees with the GPU bit for bit.
+//!
+//! DropBlock zeroes contiguous blocks of a feature map instead of single
+//! activations: (1) sample Bernoulli(γ) seeds, (2) grow each seed into a block,
+//! (3) rescale what is kept.
+//!
+//! ```
+//! use dropblock::{cpu, DropBlockConfig, Mode, RngKey, Shape};
+//!
+//! let cfg = DropBlockConfig::paper(3, 0.1)?;          // 3x3 blocks, drop_prob 0.1
+//! let shape = Shape::new(2, 4, 16, 16)?;               // N, C, H, W
+//! let x = vec![1.0f32; shape.numel()];
+//! let mut y = vec![0.0f32; shape.numel()];
+//! let saved = cpu::forward(&cfg, shape, RngKey::new(42, 0)?, Mode::Train, &x, &mut y)?;
+//! let mut dx = vec![0.0f32; shape.numel()];
+//! cpu::backward(&saved, &y, &mut dx)?;
+//! println!("dropped {:.3} of the tensor", saved.drop_fraction());
+//! # Ok::<(), dropblock::Error>(())
+//! ```
+//!
+//! # The sampling contract
+//!
+//! Both paths follow this exactly, whatever the launch configuration; the mask of
+//! a call is a pure function of the configuration, the shape and `(seed, offset)`.
+//!
+//! ## Blocks and mask planes
+//!
+//! The block `(kh, kw)` is clipped per axis: `kh = min(kh, H)`, `kw = min(kw, W)`.
+//! A *mask plane* is what one seed grid covers; [`Sharing`] decides how many:
+//!
+//! | sharing | planes | plane of slice `(n, c)` |
+//! |---|---|---|
+//! | `None` (default) | `N·C` | `n·C + c` |
+//! | `Channels` | `N` | `n` |
+//! | `Batch` | `C` | `c` |
+//! | `All` | 1 | 0 |
+//!
+//! Each plane has a seed grid. [`Placement::Valid`] (default): `(H-kh+1) × (W-kw+1)`
+//! cells, a seed at `(y, x)` drops rows `[y, y+kh)` and columns `[x, x+kw)`.
+//! [`Placement::Anywhere`]: `H × W` cells, a seed at `(y, x)` drops rows
+//! `[y - ⌊kh/2⌋, y - ⌊kh/2⌋ + kh)` and likewise columns, clipped to the map (TF
+//! "SAME" anchoring for even sizes).
+//!
+//! ## γ
+//!
+//! [`GammaRule::Paper`] (default): `γ = gamma_scale · p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`
+//! in f64 with the clipped block. [`GammaRule::ExactRate`] solves for the γ whose
+//! expected dropped fraction, counting overlaps and edges, is exactly `p`, then
+//! multiplies by `gamma_scale`. γ outside `[0, 1]` acts as its clamp.
+//!
+//! ## Sampling
+//!
+//! - **Thresholds**, once on the host, as u64:
+//!   `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))` for `j = 0..63`.
+//!   γ ≤ 0 gives all zeros, γ ≥ 1 all `2^32`.
+//! - **Windows.** Every seed-grid row is cut into windows of 64 cells (the last may
+//!   be shorter). Window `w = row · windows_per_row + segment` with
+//!   `row = plane · Hs + y`, `Hs` the seed grid's height.
+//! - **Draws.** Draw `j` of window `w` is word `j mod 4` of
+//!   `curand_Philox4x32_10(counter, key)` with counter
+//!   `(lo(o + ⌊j/4⌋), hi(o + ⌊j/4⌋), lo(w), hi(w))` and key `(lo(s), hi(s))`: the
+//!   stream `curand_init(s, w, 4·o)` then `curand()` produces.
+//! - **Seeds in a window.** With `r` cells left, take the next draw `u`. If
+//!   `u ≥ T[r-1]` the rest of the window has no seed. Otherwise the next seed is
+//!   `g` cells ahead, `g` the smallest index with `u < T[g]`; mark it, step past it
+//!   and repeat. In distribution this is an independent Bernoulli(γ) per cell (up to
+//!   the 2^-32 quantisation of `T`), at one draw per window plus one per seed.
+//! - **Offsets.** A call reads counter blocks `o .. o+16` of each window's
+//!   subsequence and needs `o + 16 < 2^64` ([`RngKey::new`] rejects more). A
+//!   [`Generator`] advances by 17 per call.
+//!
+//! ## Output
+//!
+//! The scale, computed in f64 and rounded to f32 ([`Normalize`]): Global
+//! `numel / kept`; PerSample `C·H·W / kept_n`; Expected `1 / (1 - p)`; None 1. A
+//! kept count of 0, or `p = 1` under Expected, gives scale 0: zeros, never NaN.
+//! `y = round_to_dtype(f32(x) · (kept ? scale : 0))`, round to nearest even; NaN or
+//! Inf in a dropped position give what `x · 0` gives (the payload of a NaN output
+//! is not specified). Backward: `dx = dy · (the same factor)`. Eval mode and
+//! `drop_prob == 0` return the input unchanged and draw nothing.
+//!
+//! # Layout
+//!
+//! - [`config`]: the configuration and the shape, validated.
+//! - [`rng`]: Philox and `(seed, offset)` keys. [`sampling`]: geometry, γ,
+//!   thresholds, the window sampler. [`mask`]: seeds grown into block masks.
+//! - [`cpu`]: forward and backward on host slices.
+//! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
+//! - [`schedule`]: drop-rate schedules.
+
+#[rustfmt::skip]
+pub mod abi;
+pub mod config;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dtype;
+mod error;
+pub mod mask;
+pub mod rng;
+pub mod sampling;
+pub mod schedule;
+
+pub use config::{Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape, Sharing};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use rng::{Generator, RngKey};
+pub use schedule::{tpu_group_keep_prob, LinearSchedule};

@@ -1,0 +1,127 @@
+//! Philox4x32-10 exactly as curand computes it, and the (seed, offset) bookkeeping.
+//!
+//! The GPU kernels call `curand_Philox4x32_10` from `<curand_philox4x32_x.h>`; this is
+//! the same function, so the CPU path reproduces every draw bit for bit.
+
+use crate::abi;
+use crate::error::{Error, Result};
+
+const PHILOX_W32_0: u32 = 0x9E37_79B9;
+const PHILOX_W32_1: u32 = 0xBB67_AE85;
+const PHILOX_M4X32_0: u32 = 0xD251_1F53;
+const PHILOX_M4X32_1: u32 = 0xCD9E_8D57;
+
+#[inline(always)]
+fn mul_hi_lo(a: u32, b: u32) -> (u32, u32) {
+    let p = a as u64 * b as u64;
+    ((p >> 32) as u32, p as u32)
+}
+
+#[inline(always)]
+fn round(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (hi0, lo0) = mul_hi_lo(PHILOX_M4X32_0, ctr[0]);
+    let (hi1, lo1) = mul_hi_lo(PHILOX_M4X32_1, ctr[2]);
+    [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0]
+}
+
+/// One Philox4x32-10 block: `curand_Philox4x32_10(counter, key)`.
+///
+/// Counter words are (x, y, z, w), key words (x, y), as in curand and Random123.
+#[inline]
+pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for _ in 0..9 {
+        ctr = round(ctr, key);
+        key[0] = key[0].wrapping_add(PHILOX_W32_0);
+        key[1] = key[1].wrapping_add(PHILOX_W32_1);
+    }
+    round(ctr, key)
+}
+
+/// Where a call's randomness comes from: the Philox key and the first counter block.
+///
+/// A call reads counter blocks `offset .. offset + 16` of every window's subsequence,
+/// so `offset` may be at most `u64::MAX - 16` ([`RngKey::new`] rejects larger ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RngKey {
+    seed: u64,
+    offset: u64,
+}
+
+impl RngKey {
+    /// The largest offset a call accepts.
+    pub const MAX_OFFSET: u64 = u64::MAX - abi::DROPBLOCK_COUNTER_BLOCKS_PER_CALL as u64;
+
+    /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`.
+    pub fn new(seed: u64, offset: u64) -> Result<Self> {
+        if offset > Self::MAX_OFFSET {
+            return Err(Error::OffsetOverflow { offset, max: Self::MAX_OFFSET });
+        }
+        Ok(Self { seed, offset })
+    }
+
+    /// A key from operating-system entropy, offset 0.
+    pub fn from_entropy() -> Self {
+        Self { seed: rand::random(), offset: 0 }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Draw `j` (0-based) of window `window`: word `j % 4` of
+    /// `Philox(counter = (offset + j/4, window), key = seed)`; the same stream as
+    /// `curand_init(seed, window, 4 * offset)` followed by `curand()` calls.
+    #[inline]
+    pub fn draw(&self, window: u64, j: u32) -> u32 {
+        self.block(window, j / 4)[(j % 4) as usize]
+    }
+
+    /// Counter block `offset + b` of `window`'s subsequence.
+    #[inline]
+    pub fn block(&self, window: u64, b: u32) -> [u32; 4] {
+        let c = self.offset + b as u64;
+        philox4x32_10(
+            [c as u32, (c >> 32) as u32, window as u32, (window >> 32) as u32],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        )
+    }
+}
+
+/// A (seed, offset) pair that hands out one fresh [`RngKey`] per call, advancing
+/// the offset by 17 counter blocks each time, so successive training steps draw
+/// independent masks and a run can be replayed from its saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generator {
+    seed: u64,
+    offset: u64,
+}
+
+impl Generator {
+    pub fn new(seed: u64) -> Self {
+        Self { seed, offset: 0 }
+    }
+
+    /// Resume from a saved state (`seed()`, `offset()`).
+    pub fn from_state(seed: u64, offset: u64) -> Self {
+        Self { seed, offset }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The key for the next call. Errors, without advancing, once the offsets run out.
+    pub fn next_key(&mut self) -> Result<RngKey> {
+        let key = RngKey::new(self.seed, self.offset)?;
+        self.offset = self.offset.saturating_add(abi::DROPBLOCK_OFFSET_STRIDE as u64);
+        Ok(key)
+    }
+}

@@ -1,0 +1,260 @@
+//! The sampling contract: geometry, γ, thresholds and the window sampler.
+//!
+//! Everything here is computed on the host and is shared by the CPU path and the
+//! CUDA kernels (which receive [`abi::DropBlockGeometry`] and
+//! [`abi::DropBlockSampling`] by value), so the two agree bit for bit. See the crate
+//! documentation for the contract in prose.
+
+use crate::abi;
+use crate::config::{DropBlockConfig, GammaRule, Placement, Shape, Sharing};
+use crate::rng::RngKey;
+
+const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
+const TWO_POW_32: f64 = 4_294_967_296.0;
+
+/// Everything one call needs, derived once from the configuration, the shape and
+/// the key.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub(crate) geometry: abi::DropBlockGeometry,
+    pub(crate) sampling: abi::DropBlockSampling,
+    gamma: f64,
+}
+
+impl Plan {
+    pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Self {
+        let geometry = geometry(cfg, shape);
+        let gamma = gamma(cfg, &geometry);
+        let sampling = abi::DropBlockSampling {
+            seed: key.seed(),
+            offset: key.offset(),
+            thresholds: thresholds(gamma),
+        };
+        Self { geometry, sampling, gamma }
+    }
+
+    /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
+    pub fn gamma(&self) -> f64 {
+        self.gamma
+    }
+
+    pub fn geometry(&self) -> &abi::DropBlockGeometry {
+        &self.geometry
+    }
+
+    pub fn sampling(&self) -> &abi::DropBlockSampling {
+        &self.sampling
+    }
+
+    pub fn key(&self) -> RngKey {
+        RngKey::new(self.sampling.seed, self.sampling.offset).expect("validated when the key was made")
+    }
+
+    /// Number of mask planes.
+    pub fn planes(&self) -> usize {
+        self.geometry.planes as usize
+    }
+
+    /// The mask plane that slice `(n, c)` reads.
+    #[inline]
+    pub fn plane_of(&self, n: usize, c: usize) -> usize {
+        let g = &self.geometry;
+        match g.sharing {
+            abi::DROPBLOCK_SHARE_NONE => n * g.c as usize + c,
+            abi::DROPBLOCK_SHARE_CHANNELS => n,
+            abi::DROPBLOCK_SHARE_BATCH => c,
+            _ => 0,
+        }
+    }
+
+    /// The seeds of seed-grid row `y` of `plane`, as bits: bit `x % 64` of word
+    /// `x / 64` is set when cell `x` holds a seed. `out` gets `windows_per_row` words.
+    pub fn seed_row(&self, plane: usize, y: u32, out: &mut [u64]) {
+        let g = &self.geometry;
+        let wpr = g.windows_per_row as u64;
+        let row = plane as u64 * g.seed_h as u64 + y as u64;
+        for (s, word) in out.iter_mut().enumerate().take(wpr as usize) {
+            let len = (g.seed_w - s as u32 * WINDOW).min(WINDOW);
+            *word = self.sample_window(row * wpr + s as u64, len);
+        }
+    }
+
+    /// The whole seed grid of `plane`: `seed_h` rows of `windows_per_row` words.
+    pub fn seed_grid(&self, plane: usize, out: &mut [u64]) {
+        let wpr = self.geometry.windows_per_row as usize;
+        for (y, row) in out.chunks_exact_mut(wpr).enumerate() {
+            self.seed_row(plane, y as u32, row);
+        }
+    }
+
+    /// The contract's window sampler: seeds of window `window`, which has `len`
+    /// (1..=64) cells, as bits. One draw per seed plus one stop draw.
+    pub fn sample_window(&self, window: u64, len: u32) -> u64 {
+        debug_assert!((1..=WINDOW).contains(&len));
+        let t = &self.sampling.thresholds;
+        let key = self.key();
+        let mut bits = 0u64;
+        let mut pos = 0u32;
+        let mut j = 0u32;
+        let mut block = [0u32; 4];
+        while pos < len {
+            let r = (len - pos) as usize;
+            if j % 4 == 0 {
+                block = key.block(window, j / 4);
+            }
+            let u = block[(j % 4) as usize] as u64;
+            j += 1;
+            if u >= t[r - 1] {
+                break;
+            }
+            // Smallest g with u < t[g]; g < r because u < t[r - 1].
+            let g = t[..r].partition_point(|&tg| tg <= u) as u32;
+            bits |= 1u64 << (pos + g);
+            pos += g + 1;
+        }
+        bits
+    }
+}
+
+fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
+    let (n, c, h, w) = (shape.n() as u32, shape.c() as u32, shape.h() as u32, shape.w() as u32);
+    let kh = cfg.block().height.min(h);
+    let kw = cfg.block().width.min(w);
+    let (anchor_y, anchor_x, seed_h, seed_w) = match cfg.placement() {
+        Placement::Valid => (0, 0, h - kh + 1, w - kw + 1),
+        Placement::Anywhere => (kh / 2, kw / 2, h, w),
+    };
+    let (sharing, planes) = match cfg.sharing() {
+        Sharing::None => (abi::DROPBLOCK_SHARE_NONE, n as u64 * c as u64),
+        Sharing::Channels => (abi::DROPBLOCK_SHARE_CHANNELS, n as u64),
+        Sharing::Batch => (abi::DROPBLOCK_SHARE_BATCH, c as u64),
+        Sharing::All => (abi::DROPBLOCK_SHARE_ALL, 1),
+    };
+    abi::DropBlockGeometry {
+        n,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        anchor_y,
+        anchor_x,
+        seed_h,
+        seed_w,
+        windows_per_row: seed_w.div_ceil(WINDOW),
+        sharing,
+        planes,
+    }
+}
+
+/// γ for this configuration and geometry, in f64.
+fn gamma(cfg: &DropBlockConfig, g: &abi::DropBlockGeometry) -> f64 {
+    let p = cfg.drop_prob();
+    let base = match cfg.gamma_rule() {
+        GammaRule::Paper => paper_gamma(p, g),
+        GammaRule::ExactRate => exact_rate_gamma(p, g),
+    };
+    cfg.gamma_scale() * base
+}
+
+/// The paper's Eq. 1 with the clipped block: `p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`.
+fn paper_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
+    let (h, w, kh, kw) = (g.h as f64, g.w as f64, g.kh as f64, g.kw as f64);
+    p * h * w / (kh * kw * (h - kh + 1.0) * (w - kw + 1.0))
+}
+
+/// For each count m, how many rows (or columns) of the map are covered by exactly
+/// m seed rows (columns): `covered[m]`.
+fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
+    let mut hist = vec![0u64; k as usize + 1];
+    for i in 0..len as i64 {
+        // Seeds s with s - anchor <= i < s - anchor + k.
+        let lo = (i + anchor as i64 - k as i64 + 1).max(0);
+        let hi = (i + anchor as i64).min(seeds as i64 - 1);
+        hist[(hi - lo + 1).max(0) as usize] += 1;
+    }
+    hist
+}
+
+/// The expected fraction of a plane that is dropped when every seed-grid cell is a
+/// seed with probability `gamma`, independently: `1 - mean over cells of
+/// (1-γ)^(seeds covering the cell)`. Counts overlaps and clipped edges exactly.
+pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> f64 {
+    let gamma = gamma.clamp(0.0, 1.0);
+    let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
+    let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
+    let log_keep = (-gamma).ln_1p();
+    let mut kept = 0.0;
+    for (a, &ca) in rows.iter().enumerate() {
+        for (b, &cb) in cols.iter().enumerate() {
+            if ca == 0 || cb == 0 {
+                continue;
+            }
+            let m = (a * b) as f64;
+            let p_keep = if m == 0.0 { 1.0 } else { (m * log_keep).exp() };
+            kept += ca as f64 * cb as f64 * p_keep;
+        }
+    }
+    1.0 - kept / (g.h as f64 * g.w as f64)
+}
+
+/// γ whose expected dropped fraction is exactly `p` (bisection; the fraction is
+/// increasing in γ, 0 at γ = 0 and 1 at γ = 1 because every cell is covered).
+fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if expected_drop_fraction(mid, g) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))`: 2^32 times the
+/// probability that a window has a seed within its first `j+1` cells.
+pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
+    let mut t = [0u64; WINDOW as usize];
+    if gamma.is_nan() || gamma <= 0.0 {
+        return t;
+    }
+    if gamma >= 1.0 {
+        return [1u64 << 32; WINDOW as usize];
+    }
+    let log_keep = (-gamma).ln_1p();
+    for (j, tj) in t.iter_mut().enumerate() {
+        let q = -((j as f64 + 1.0) * log_keep).exp_m1();
+        *tj = ((TWO_POW_32 * q).floor() as u64).min(1u64 << 32);
+    }
+    t
+}
+
+/// The Global and PerSample scale: `numerator / kept` in f64, rounded to f32; 0
+/// when nothing is kept, so an all-dropped output is zeros, never NaN.
+pub fn count_scale(numerator: u64, kept: u64) -> f32 {
+    if kept == 0 {
+        0.0
+    } else {
+        (numerator as f64 / kept as f64) as f32
+    }
+}
+
+/// The Expected scale `1 / (1 - p)`, rounded to f32; 0 at `p = 1`.
+pub fn expected_scale(drop_prob: f64) -> f32 {
+    if drop_prob >= 1.0 {
+        0.0
+    } else {
+        (1.0 / (1.0 - drop_prob)) as f32
+    }
+}
