@@ -1,0 +1,85 @@
+//! Every bad input gets its typed error, never a panic.
+
+use dropblock::{cpu, Block, DropBlockConfig, Error, Mode, RngKey, Shape};
+
+#[test]
+fn block_sizes() {
+    assert_eq!(Block::new(0, 3), Err(Error::InvalidBlock { axis: "height", value: 0 }));
+    assert_eq!(Block::new(3, 0), Err(Error::InvalidBlock { axis: "width", value: 0 }));
+    assert_eq!("7".parse::<Block>().unwrap(), Block::new(7, 7).unwrap());
+    assert_eq!("7x5".parse::<Block>().unwrap(), Block::new(7, 5).unwrap());
+    for bad in ["0", "3x0", "x3", "seven", "-1", ""] {
+        assert!(bad.parse::<Block>().is_err(), "{bad:?} must not parse");
+    }
+    let raw = Block { height: 0, width: 2 };
+    assert!(matches!(DropBlockConfig::builder(raw, 0.1).build(), Err(Error::InvalidBlock { axis: "height", .. })));
+}
+
+#[test]
+fn drop_prob_and_gamma_scale() {
+    let b = Block::square(3).unwrap();
+    for p in [f64::NAN, -0.01, 1.01, f64::INFINITY] {
+        let err = DropBlockConfig::builder(b, p).build().unwrap_err();
+        assert!(matches!(err, Error::InvalidDropProb(_)), "{p}: {err}");
+        assert!(err.to_string().contains("drop_prob"));
+    }
+    for p in [0.0, 0.5, 1.0] {
+        assert!(DropBlockConfig::builder(b, p).build().is_ok());
+    }
+    for g in [f64::NAN, -1.0, f64::INFINITY] {
+        let err = DropBlockConfig::builder(b, 0.1).gamma_scale(g).build().unwrap_err();
+        assert!(matches!(err, Error::InvalidGammaScale(_)), "{g}: {err}");
+        assert!(err.to_string().contains("gamma_scale"));
+    }
+}
+
+#[test]
+fn shapes() {
+    for (dims, name) in [([0, 1, 1, 1], "N"), ([1, 0, 1, 1], "C"), ([1, 1, 0, 1], "H"), ([1, 1, 1, 0], "W")] {
+        let err = Shape::new(dims[0], dims[1], dims[2], dims[3]).unwrap_err();
+        assert_eq!(err, Error::ZeroDimension { dim: name });
+        assert!(err.to_string().contains(name));
+    }
+    let big = 1usize << 40;
+    assert!(matches!(Shape::new(1, 1, big, 1), Err(Error::DimensionTooLarge { dim: "H", .. })));
+    let e = Shape::new(1 << 31, 1 << 31, 1 << 31, 1 << 31).unwrap_err();
+    assert!(matches!(e, Error::ElementCountOverflow { .. }), "{e}");
+    assert!(Shape::new(1 << 20, 1 << 20, 1 << 20, 1 << 20).is_err(), "2^80 elements overflow");
+    assert!(Shape::new(256, 2048, 7, 7).is_ok());
+}
+
+#[test]
+fn buffer_lengths() {
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    let shape = Shape::new(2, 2, 5, 5).unwrap();
+    let key = RngKey::new(0, 0).unwrap();
+    let x = vec![0f32; 100];
+    let mut y = vec![0f32; 100];
+    let short = vec![0f32; 99];
+    let mut short_mut = vec![0f32; 99];
+    assert_eq!(
+        cpu::forward(&cfg, shape, key, Mode::Train, &short, &mut y).unwrap_err(),
+        Error::LengthMismatch { what: "x", expected: 100, actual: 99 }
+    );
+    assert_eq!(
+        cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut short_mut).unwrap_err(),
+        Error::LengthMismatch { what: "y", expected: 100, actual: 99 }
+    );
+    assert!(matches!(
+        cpu::forward_inplace(&cfg, shape, key, Mode::Train, &mut short_mut),
+        Err(Error::LengthMismatch { what: "x", .. })
+    ));
+    // Eval mode validates too.
+    assert!(cpu::forward(&cfg, shape, key, Mode::Eval, &short, &mut y).is_err());
+    let saved = cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+    let mut dx = vec![0f32; 101];
+    assert!(matches!(cpu::backward(&saved, &x, &mut dx), Err(Error::LengthMismatch { .. })));
+    assert!(matches!(cpu::backward(&saved, &short, &mut y), Err(Error::LengthMismatch { .. })));
+}
+
+#[test]
+fn offsets() {
+    let err = RngKey::new(0, u64::MAX - 15).unwrap_err();
+    assert!(matches!(err, Error::OffsetOverflow { .. }));
+    assert!(err.to_string().contains("offset"));
+}
