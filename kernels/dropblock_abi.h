@@ -32,6 +32,17 @@ extern "C" {
 #define DROPBLOCK_SHARE_BATCH 2    /* plane = c */
 #define DROPBLOCK_SHARE_ALL 3      /* plane = 0 */
 
+/* Normalisation (src/config.rs Normalize). */
+#define DROPBLOCK_NORM_GLOBAL 0
+#define DROPBLOCK_NORM_PER_SAMPLE 1
+#define DROPBLOCK_NORM_EXPECTED 2
+#define DROPBLOCK_NORM_NONE 3
+
+/* Layout of the 64-bit counter array of a call's saved state. */
+#define DROPBLOCK_COUNT_TOTAL 0   /* kept elements over the tensor */
+#define DROPBLOCK_COUNT_DONE 1    /* warps finished (the last one writes the scales) */
+#define DROPBLOCK_COUNT_SAMPLES 2 /* kept per sample: N entries, or 1 when every sample is alike */
+
 /* The shape-dependent part of a call, derived once on the host. */
 typedef struct DropBlockGeometry {
     uint32_t n, c, h, w;
@@ -50,6 +61,25 @@ typedef struct DropBlockGeometry {
     /* Number of mask planes (see DROPBLOCK_SHARE_*). */
     uint64_t planes;
 } DropBlockGeometry;
+
+/* The element-wise part of a call. */
+typedef struct DropBlockApply {
+    /* n * c * h * w. */
+    uint64_t numel;
+    /* h * w: elements of one (n, c) slice and cells of one mask plane. */
+    uint64_t plane_len;
+    /* 32-bit words of keep bits per mask plane: ceil(plane_len / 32). Bit
+     * i % 32 of word i / 32 is set when cell i = h * w_dim + w is kept. */
+    uint64_t plane_words;
+    /* One of DROPBLOCK_NORM_*. */
+    uint32_t normalize;
+    /* The scale for Expected and None normalisation (computed on the host). */
+    float fixed_scale;
+    /* 1 when every sample has the same kept count (Batch or All sharing), so
+     * PerSample keeps a single counter. */
+    uint32_t uniform_samples;
+    uint32_t reserved;
+} DropBlockApply;
 
 /* The random part of a call. */
 typedef struct DropBlockSampling {

@@ -11,6 +11,13 @@ pub const DROPBLOCK_SHARE_NONE: u32 = 0;
 pub const DROPBLOCK_SHARE_CHANNELS: u32 = 1;
 pub const DROPBLOCK_SHARE_BATCH: u32 = 2;
 pub const DROPBLOCK_SHARE_ALL: u32 = 3;
+pub const DROPBLOCK_NORM_GLOBAL: u32 = 0;
+pub const DROPBLOCK_NORM_PER_SAMPLE: u32 = 1;
+pub const DROPBLOCK_NORM_EXPECTED: u32 = 2;
+pub const DROPBLOCK_NORM_NONE: u32 = 3;
+pub const DROPBLOCK_COUNT_TOTAL: u32 = 0;
+pub const DROPBLOCK_COUNT_DONE: u32 = 1;
+pub const DROPBLOCK_COUNT_SAMPLES: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DropBlockGeometry {
@@ -58,6 +65,36 @@ const _: () = {
         [::core::mem::offset_of!(DropBlockGeometry, sharing) - 44usize];
     ["Offset of field: DropBlockGeometry::planes"]
         [::core::mem::offset_of!(DropBlockGeometry, planes) - 48usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct DropBlockApply {
+    pub numel: u64,
+    pub plane_len: u64,
+    pub plane_words: u64,
+    pub normalize: u32,
+    pub fixed_scale: f32,
+    pub uniform_samples: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DropBlockApply"][::core::mem::size_of::<DropBlockApply>() - 40usize];
+    ["Alignment of DropBlockApply"][::core::mem::align_of::<DropBlockApply>() - 8usize];
+    ["Offset of field: DropBlockApply::numel"]
+        [::core::mem::offset_of!(DropBlockApply, numel) - 0usize];
+    ["Offset of field: DropBlockApply::plane_len"]
+        [::core::mem::offset_of!(DropBlockApply, plane_len) - 8usize];
+    ["Offset of field: DropBlockApply::plane_words"]
+        [::core::mem::offset_of!(DropBlockApply, plane_words) - 16usize];
+    ["Offset of field: DropBlockApply::normalize"]
+        [::core::mem::offset_of!(DropBlockApply, normalize) - 24usize];
+    ["Offset of field: DropBlockApply::fixed_scale"]
+        [::core::mem::offset_of!(DropBlockApply, fixed_scale) - 28usize];
+    ["Offset of field: DropBlockApply::uniform_samples"]
+        [::core::mem::offset_of!(DropBlockApply, uniform_samples) - 32usize];
+    ["Offset of field: DropBlockApply::reserved"]
+        [::core::mem::offset_of!(DropBlockApply, reserved) - 36usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -18,10 +18,16 @@ pub struct Block {
 impl Block {
     pub fn new(height: u32, width: u32) -> Result<Self> {
         if height == 0 {
-            return Err(Error::InvalidBlock { axis: "height", value: height });
+            return Err(Error::InvalidBlock {
+                axis: "height",
+                value: height,
+            });
         }
         if width == 0 {
-            return Err(Error::InvalidBlock { axis: "width", value: width });
+            return Err(Error::InvalidBlock {
+                axis: "width",
+                value: width,
+            });
         }
         Ok(Self { height, width })
     }
@@ -42,7 +48,9 @@ impl FromStr for Block {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let parse = |t: &str| {
-            t.trim().parse::<u32>().map_err(|_| format!("block size `{t}` is not a whole number"))
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("block size `{t}` is not a whole number"))
         };
         let (h, w) = match s.split_once(['x', 'X']) {
             Some((h, w)) => (parse(h)?, parse(w)?),
@@ -175,7 +183,10 @@ impl DropBlockConfig {
 
     /// The same configuration with another `drop_prob` (for schedules).
     pub fn with_drop_prob(&self, drop_prob: f64) -> Result<Self> {
-        DropBlockConfigBuilder { cfg: Self { drop_prob, ..*self } }.build()
+        DropBlockConfigBuilder {
+            cfg: Self { drop_prob, ..*self },
+        }
+        .build()
     }
 
     /// True when a call draws nothing and returns its input: `drop_prob == 0`.
@@ -242,10 +253,19 @@ impl Shape {
                 return Err(Error::ZeroDimension { dim });
             }
             if v as u64 > u32::MAX as u64 {
-                return Err(Error::DimensionTooLarge { dim, value: v as u64, max: u32::MAX as u64 });
+                return Err(Error::DimensionTooLarge {
+                    dim,
+                    value: v as u64,
+                    max: u32::MAX as u64,
+                });
             }
         }
-        let overflow = || Error::ElementCountOverflow { n: n as u64, c: c as u64, h: h as u64, w: w as u64 };
+        let overflow = || Error::ElementCountOverflow {
+            n: n as u64,
+            c: c as u64,
+            h: h as u64,
+            w: w as u64,
+        };
         // numel must also fit i64-style 63-bit indexing on the device.
         let numel = n
             .checked_mul(c)
@@ -284,5 +304,55 @@ impl Shape {
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}x{}x{}x{}", self.n, self.c, self.h, self.w)
+    }
+}
+
+/// Names of the semantic choices, as the CLI and logs spell them.
+macro_rules! named_choices {
+    ($($ty:ident { $($variant:ident = $name:literal),+ $(,)? })+) => {$(
+        impl $ty {
+            /// Every accepted name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub fn name(&self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(format!("`{s}` is not one of: {}", Self::NAMES.join(", "))),
+                }
+            }
+        }
+    )+};
+}
+
+named_choices! {
+    Placement { Valid = "valid", Anywhere = "anywhere" }
+    GammaRule { Paper = "paper", ExactRate = "exact" }
+    Sharing { None = "none", Channels = "channels", Batch = "batch", All = "all" }
+    Normalize { Global = "global", PerSample = "per-sample", Expected = "expected", None = "none" }
+}
+
+impl fmt::Display for DropBlockConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "block {}, drop_prob {}, placement {}, gamma {} (scale {}), share {}, normalize {}",
+            self.block,
+            self.drop_prob,
+            self.placement,
+            self.gamma_rule,
+            self.gamma_scale,
+            self.sharing,
+            self.normalize
+        )
     }
 }

@@ -105,7 +105,10 @@ pub mod rng;
 pub mod sampling;
 pub mod schedule;
 
-pub use config::{Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape, Sharing};
+pub use config::{
+    Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape,
+    Sharing,
+};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use rng::{Generator, RngKey};

@@ -30,7 +30,11 @@ impl Plan {
             offset: key.offset(),
             thresholds: thresholds(gamma),
         };
-        Self { geometry, sampling, gamma }
+        Self {
+            geometry,
+            sampling,
+            gamma,
+        }
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -47,7 +51,8 @@ impl Plan {
     }
 
     pub fn key(&self) -> RngKey {
-        RngKey::new(self.sampling.seed, self.sampling.offset).expect("validated when the key was made")
+        RngKey::new(self.sampling.seed, self.sampling.offset)
+            .expect("validated when the key was made")
     }
 
     /// Number of mask planes.
@@ -117,7 +122,12 @@ impl Plan {
 }
 
 fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
-    let (n, c, h, w) = (shape.n() as u32, shape.c() as u32, shape.h() as u32, shape.w() as u32);
+    let (n, c, h, w) = (
+        shape.n() as u32,
+        shape.c() as u32,
+        shape.h() as u32,
+        shape.w() as u32,
+    );
     let kh = cfg.block().height.min(h);
     let kw = cfg.block().width.min(w);
     let (anchor_y, anchor_x, seed_h, seed_w) = match cfg.placement() {

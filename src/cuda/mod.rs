@@ -1,6 +1,20 @@
-//! The CUDA path: the embedded fatbin, device discovery with typed errors, and the
-//! kernels' launch wrappers.
+//! The CUDA path: the same semantics as [`crate::cpu`], bit for bit, on the
+//! caller's stream.
+//!
+//! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
+//!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
+//! - Every launch goes on the stream you pass; nothing synchronises with the host,
+//!   so a forward can be captured into a CUDA graph.
+//! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
+//!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
+//!   let [`DropBlockCuda::forward`] allocate it.
+//! - Statistics (kept count, scales, the keep mask) are read only when you ask.
+//!
+//! [`DevicePtr`]: cudarc::driver::DevicePtr
+//! [`DevicePtrMut`]: cudarc::driver::DevicePtrMut
 
 mod module;
+mod ops;
 
 pub use module::{context, fatbin, ptxas_report};
+pub use ops::{CudaElement, DeviceState, DropBlockCuda};

@@ -1,8 +1,9 @@
-//! The embedded fatbin and the safe way to a CUDA context.
+//! The embedded fatbin, and the safe way to a CUDA context and the kernels' module.
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaModule, DriverError};
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
@@ -28,15 +29,16 @@ pub fn ptxas_report() -> &'static str {
     PTXAS_REPORT
 }
 
+/// Formatting a DriverError calls into libcuda; it is only reached once libcuda
+/// has been found.
 pub(crate) fn driver_error(e: DriverError) -> Error {
-    // Formatting a DriverError calls into libcuda; this is only reached once
-    // libcuda has been found.
     Error::Driver(e.to_string())
 }
 
 /// A context on device `ordinal`, or a typed error: [`Error::NoDriver`] when
-/// libcuda cannot be loaded, [`Error::NoDevice`] when there is no such device.
-/// Never panics (cudarc panics when libcuda is missing, so that is probed first).
+/// libcuda cannot be loaded, [`Error::NoDevice`] when there is no such device,
+/// [`Error::KernelsNotBuilt`] in a build without kernels. Never panics: cudarc
+/// panics when libcuda is missing, so that is probed first.
 pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if FATBIN.is_empty() {
         return Err(Error::KernelsNotBuilt);
@@ -52,4 +54,13 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         | sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => Error::NoDevice(e.to_string()),
         _ => driver_error(e),
     })
+}
+
+/// Loads the kernels' module on `ctx`.
+pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
+    if FATBIN.is_empty() {
+        return Err(Error::KernelsNotBuilt);
+    }
+    ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))
+        .map_err(driver_error)
 }

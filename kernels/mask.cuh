@@ -1,0 +1,112 @@
+// Growing a plane's seeds into its keep bits, one warp per plane.
+//
+// The plane's bits live in global memory (plane_words 32-bit words, bit i of the
+// plane = cell h * W + w). They are private to the warp that builds them, so the
+// warp clears them, ORs every seed's block in with atomicOr (lanes' blocks
+// overlap), inverts to keep bits and counts them. Seeds are sparse (γ is ~1e-3..
+// 1e-2), so the work follows the seeds, not the cells.
+#pragma once
+
+#include "sampling.cuh"
+
+namespace dropblock {
+
+constexpr unsigned FULL_WARP = 0xffffffffu;
+
+__device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(FULL_WARP, v, d);
+    return v;
+}
+
+// ORs ones into bits [lo, hi) of `words`.
+__device__ __forceinline__ void atomic_set_bits(uint32_t* words, uint64_t lo, uint64_t hi) {
+    while (lo < hi) {
+        const uint32_t bit = (uint32_t)(lo & 31);
+        const uint32_t n = (uint32_t)min((uint64_t)(32 - bit), hi - lo);
+        const uint32_t run = n == 32 ? 0xffffffffu : ((1u << n) - 1u) << bit;
+        atomicOr(&words[lo >> 5], run);
+        lo += n;
+    }
+}
+
+// Builds the keep bits of `plane` into `words` and returns how many cells are
+// kept. Every lane of the warp must call it; every lane gets the count.
+__device__ __forceinline__ uint64_t build_plane_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
+                                                          const DropBlockApply& a, uint64_t plane, uint32_t* words) {
+    const uint32_t lane = threadIdx.x & 31;
+    for (uint64_t i = lane; i < a.plane_words; i += 32) words[i] = 0;
+    __syncwarp();
+
+    const uint64_t windows = (uint64_t)g.seed_h * g.windows_per_row;
+    for (uint64_t wl = lane; wl < windows; wl += 32) {
+        const uint32_t y = (uint32_t)(wl / g.windows_per_row);
+        const uint32_t seg = (uint32_t)(wl % g.windows_per_row);
+        const uint32_t len = min(64u, g.seed_w - seg * 64u);
+        uint64_t seeds = sample_window(s, plane * windows + wl, len);
+        if (seeds == 0) continue;
+        const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
+        const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
+        while (seeds) {
+            const int64_t x = (int64_t)seg * 64 + __ffsll((long long)seeds) - 1;
+            seeds &= seeds - 1;
+            const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
+            const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
+            for (int64_t r = r0; r < r1; ++r) atomic_set_bits(words, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
+        }
+    }
+    __syncwarp();
+
+    uint64_t kept = 0;
+    for (uint64_t i = lane; i < a.plane_words; i += 32) {
+        const uint64_t first = i * 32;
+        const uint32_t valid = a.plane_len - first >= 32 ? 0xffffffffu : (1u << (uint32_t)(a.plane_len - first)) - 1u;
+        const uint32_t keep = ~words[i] & valid;
+        words[i] = keep;
+        kept += __popc(keep);
+    }
+    __syncwarp();
+    return warp_sum(kept);
+}
+
+// The plane that slice `slice` = n * C + c reads.
+__device__ __forceinline__ uint64_t plane_of_slice(const DropBlockGeometry& g, uint64_t slice) {
+    switch (g.sharing) {
+        case DROPBLOCK_SHARE_NONE: return slice;
+        case DROPBLOCK_SHARE_CHANNELS: return slice / g.c;
+        case DROPBLOCK_SHARE_BATCH: return slice % g.c;
+        default: return 0;
+    }
+}
+
+// How many slices read each plane.
+__device__ __forceinline__ uint64_t slices_per_plane(const DropBlockGeometry& g) {
+    switch (g.sharing) {
+        case DROPBLOCK_SHARE_NONE: return 1;
+        case DROPBLOCK_SHARE_CHANNELS: return g.c;
+        case DROPBLOCK_SHARE_BATCH: return g.n;
+        default: return (uint64_t)g.n * g.c;
+    }
+}
+
+// The per-sample counter a plane's kept cells add to, and with what weight. With
+// Batch or All sharing every sample sees every plane alike, so one counter serves.
+__device__ __forceinline__ uint64_t sample_counter_of_plane(const DropBlockGeometry& g, uint64_t plane) {
+    switch (g.sharing) {
+        case DROPBLOCK_SHARE_NONE: return plane / g.c;
+        case DROPBLOCK_SHARE_CHANNELS: return plane;
+        default: return 0;
+    }
+}
+
+__device__ __forceinline__ uint64_t sample_weight_of_plane(const DropBlockGeometry& g) {
+    return g.sharing == DROPBLOCK_SHARE_CHANNELS || g.sharing == DROPBLOCK_SHARE_ALL ? g.c : 1;
+}
+
+// `numerator / kept` in f64, rounded to f32; 0 when nothing is kept. Matches
+// count_scale in src/sampling.rs bit for bit (IEEE division and rounding).
+__device__ __forceinline__ float count_scale(uint64_t numerator, uint64_t kept) {
+    return kept == 0 ? 0.0f : __double2float_rn((double)numerator / (double)kept);
+}
+
+}  // namespace dropblock

@@ -1,0 +1,102 @@
+//! `dropblock demo`: forward and backward on a ResNet-sized tensor.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use dropblock::sampling::{expected_drop_fraction, Plan};
+use dropblock::Shape;
+use rand::{Rng, SeedableRng};
+
+use super::device::{DeviceArg, Runner};
+use super::image::{self, Image};
+use super::{CliError, ConfigArgs, ShapeArg};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// N,C,H,W; the default is ResNet-50's group-3 output at batch 64.
+    #[arg(long, default_value = "64,1024,14,14")]
+    shape: ShapeArg,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Where to run: auto picks the GPU when there is one.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Where to write the picture of the first 16 masks.
+    #[arg(long, default_value = "dropblock-demo.png")]
+    png: PathBuf,
+}
+
+pub fn run(a: DemoArgs) -> Result<(), CliError> {
+    let cfg = a.config.config()?;
+    let key = a.config.key()?;
+    let shape = a.shape.shape()?;
+    let (runner, fallback) = Runner::select(a.device)?;
+    match fallback {
+        Some(why) => println!("no GPU ({why}): running on the CPU"),
+        None => println!("running on {}", runner.name()),
+    }
+    let plan = Plan::new(&cfg, shape, key);
+    println!("config: {cfg}");
+    println!(
+        "shape:  {shape} f32 ({:.1} M elements)",
+        shape.numel() as f64 / 1e6
+    );
+    println!(
+        "gamma:  {:.6} (expected drop fraction {:.4})",
+        plan.gamma(),
+        expected_drop_fraction(plan.gamma(), plan.geometry())
+    );
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.config.seed);
+    let x: Vec<f32> = (0..shape.numel())
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let o = runner.run(&cfg, shape, key, &x, true)?;
+    let bytes = 2.0 * (shape.numel() * 4) as f64;
+    println!(
+        "kept:   {} of {} (realised drop fraction {:.4}), scale {}",
+        o.kept,
+        shape.numel(),
+        1.0 - o.kept as f64 / shape.numel() as f64,
+        o.scales[0]
+    );
+    println!(
+        "forward:  {:8.3} ms ({:.1} GB/s)",
+        o.forward_ms,
+        bytes / o.forward_ms / 1e6
+    );
+    if let Some((_, ms)) = &o.backward {
+        println!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6);
+    }
+    masks_png(&o.keep_mask, shape)?.write_png(&a.png)?;
+    println!(
+        "wrote the masks of slices (0, 0..16) to {}",
+        a.png.display()
+    );
+    Ok(())
+}
+
+/// The keep masks of the first (up to) 16 slices, tiled 4 x 4.
+fn masks_png(mask: &[u8], shape: Shape) -> Result<Image, CliError> {
+    let (h, w) = (shape.h(), shape.w());
+    let zoom = (96 / h.max(w)).clamp(1, 8);
+    let tiles = (shape.n() * shape.c()).min(16);
+    let (cols, rows) = (4.min(tiles), tiles.div_ceil(4));
+    let (tw, th) = (w * zoom + 4, h * zoom + 4);
+    let mut img = Image::new(cols * tw, rows * th, [40, 40, 40]);
+    for t in 0..tiles {
+        let (ox, oy) = ((t % 4) * tw + 2, (t / 4) * th + 2);
+        for y in 0..h {
+            for x in 0..w {
+                let kept = mask[t * h * w + y * w + x] == 1;
+                let c = if kept {
+                    [235, 235, 235]
+                } else {
+                    image::dropped([235, 235, 235])
+                };
+                img.fill_rect(ox + x * zoom, oy + y * zoom, zoom, zoom, c);
+            }
+        }
+    }
+    Ok(img)
+}

@@ -1,0 +1,153 @@
+//! Where the CLI runs DropBlock: the CPU path or the CUDA path, behind one interface.
+
+use std::time::Instant;
+
+use clap::ValueEnum;
+use dropblock::{cpu, DropBlockConfig, Mode, RngKey, Shape};
+
+use super::npy::CliElement;
+
+use super::CliError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The GPU if there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The result of one forward (and optionally backward) call.
+pub struct Outcome<T> {
+    pub y: Vec<T>,
+    pub keep_mask: Vec<u8>,
+    pub kept: u64,
+    pub scales: Vec<f32>,
+    pub forward_ms: f64,
+    /// `dx` for `dy = y`, and its time, when backward was asked for.
+    pub backward: Option<(Vec<T>, f64)>,
+}
+
+pub enum Runner {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(dropblock::cuda::DropBlockCuda),
+}
+
+impl Runner {
+    /// The runner for `arg`, and for Auto a note saying why it fell back to the CPU.
+    pub fn select(arg: DeviceArg) -> Result<(Runner, Option<String>), CliError> {
+        match arg {
+            DeviceArg::Cpu => Ok((Runner::Cpu, None)),
+            DeviceArg::Cuda => Ok((cuda_runner()?, None)),
+            DeviceArg::Auto => match cuda_runner() {
+                Ok(r) => Ok((r, None)),
+                Err(e) => Ok((Runner::Cpu, Some(e.to_string()))),
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Runner::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(c) => format!("CUDA: {}", c.device_name()),
+        }
+    }
+
+    pub fn run<T: CliElement>(
+        &self,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        x: &[T],
+        with_backward: bool,
+    ) -> Result<Outcome<T>, CliError> {
+        match self {
+            Runner::Cpu => {
+                let mut y = vec![T::default(); x.len()];
+                let t = Instant::now();
+                let saved = cpu::forward(cfg, shape, key, Mode::Train, x, &mut y)?;
+                let forward_ms = t.elapsed().as_secs_f64() * 1e3;
+                let backward = if with_backward {
+                    let mut dx = vec![T::default(); x.len()];
+                    let t = Instant::now();
+                    cpu::backward(&saved, &y, &mut dx)?;
+                    Some((dx, t.elapsed().as_secs_f64() * 1e3))
+                } else {
+                    None
+                };
+                Ok(Outcome {
+                    keep_mask: saved.keep_mask(),
+                    kept: saved.kept(),
+                    scales: saved.scales().to_vec(),
+                    y,
+                    forward_ms,
+                    backward,
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(c) => Ok(run_cuda(c, cfg, shape, key, x, with_backward)?),
+        }
+    }
+}
+
+/// Uploads `x`, runs forward (and backward with `dy = y`) on a fresh stream, and
+/// downloads everything. Times are CUDA-event times of the launches alone.
+#[cfg(feature = "cuda")]
+fn run_cuda<T: dropblock::cuda::CudaElement>(
+    c: &dropblock::cuda::DropBlockCuda,
+    cfg: &DropBlockConfig,
+    shape: Shape,
+    key: RngKey,
+    x: &[T],
+    with_backward: bool,
+) -> Result<Outcome<T>, dropblock::Error> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let err = |e: cudarc::driver::DriverError| dropblock::Error::Driver(e.to_string());
+    let stream = c.context().new_stream().map_err(err)?;
+    let xd = stream.clone_htod(x).map_err(err)?;
+    let mut yd = stream.alloc_zeros::<T>(x.len()).map_err(err)?;
+    let mut state = c.alloc_state(&stream, shape)?;
+    let start = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+    c.forward_into(
+        &stream,
+        &mut state,
+        cfg,
+        shape,
+        key,
+        Mode::Train,
+        &xd,
+        &mut yd,
+    )?;
+    let mid = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+    let forward_ms = start.elapsed_ms(&mid).map_err(err)? as f64;
+    let backward = if with_backward {
+        let mut dxd = stream.alloc_zeros::<T>(x.len()).map_err(err)?;
+        let b0 = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        c.backward(&stream, &state, &yd, &mut dxd)?;
+        let b1 = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let ms = b0.elapsed_ms(&b1).map_err(err)? as f64;
+        Some((stream.clone_dtoh(&dxd).map_err(err)?, ms))
+    } else {
+        None
+    };
+    Ok(Outcome {
+        y: stream.clone_dtoh(&yd).map_err(err)?,
+        keep_mask: state.keep_mask(&stream)?,
+        kept: state.kept(&stream)?,
+        scales: state.scales(&stream)?,
+        forward_ms,
+        backward,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner() -> Result<Runner, CliError> {
+    Ok(Runner::Cuda(dropblock::cuda::DropBlockCuda::new(0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner() -> Result<Runner, CliError> {
+    Err(dropblock::Error::KernelsNotBuilt.into())
+}

@@ -1,0 +1,128 @@
+//! The `dropblock` command line: a demo and inspection tools.
+
+mod apply;
+mod demo;
+mod device;
+mod image;
+pub mod npy;
+mod show;
+
+use clap::{Args, Parser, Subcommand};
+use dropblock::{Block, DropBlockConfig, GammaRule, Normalize, Placement, Sharing};
+
+/// What can go wrong in the CLI; printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    DropBlock(#[from] dropblock::Error),
+    #[error("{0}")]
+    File(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+#[derive(Parser)]
+#[command(
+    name = "dropblock",
+    version,
+    about = "DropBlock at memory-copy cost: demo and inspection tools"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Forward and backward on a ResNet-sized tensor, on the GPU if there is one; writes a PNG of the masks.
+    Demo(demo::DemoArgs),
+    /// Apply DropBlock to an N,C,H,W .npy file (f32, f16 or bf16).
+    Apply(apply::ApplyArgs),
+    /// Draw the seeds and blocks of a configuration over an image.
+    Show(show::ShowArgs),
+}
+
+/// The configuration flags shared by every subcommand.
+#[derive(Args, Clone)]
+pub struct ConfigArgs {
+    /// Block size: `7`, or `7x5` for height x width.
+    #[arg(long, default_value = "7")]
+    block: Block,
+    /// Probability that a unit is dropped, in [0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    drop_prob: f64,
+    /// Where seeds may fall: valid | anywhere.
+    #[arg(long, default_value = "valid")]
+    placement: Placement,
+    /// γ rule: paper | exact.
+    #[arg(long, default_value = "paper")]
+    gamma: GammaRule,
+    /// Multiplies γ.
+    #[arg(long, default_value_t = 1.0)]
+    gamma_scale: f64,
+    /// Mask sharing: none | channels | batch | all.
+    #[arg(long, default_value = "none")]
+    share: Sharing,
+    /// Normalisation: global | per-sample | expected | none.
+    #[arg(long, default_value = "global")]
+    normalize: Normalize,
+    /// Philox seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// First Philox counter block (a Generator advances it by 17 per call).
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+}
+
+impl ConfigArgs {
+    fn config(&self) -> Result<DropBlockConfig, CliError> {
+        Ok(DropBlockConfig::builder(self.block, self.drop_prob)
+            .placement(self.placement)
+            .gamma_rule(self.gamma)
+            .gamma_scale(self.gamma_scale)
+            .sharing(self.share)
+            .normalize(self.normalize)
+            .build()?)
+    }
+
+    fn key(&self) -> Result<dropblock::RngKey, CliError> {
+        Ok(dropblock::RngKey::new(self.seed, self.offset)?)
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Apply(a) => apply::run(a),
+        Command::Show(a) => show::run(a),
+    }
+}
+
+/// `N,C,H,W` on the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct ShapeArg([usize; 4]);
+
+impl std::str::FromStr for ShapeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let dims: Vec<usize> = s
+            .split(',')
+            .map(|d| {
+                d.trim()
+                    .parse()
+                    .map_err(|_| format!("`{d}` in shape `{s}` is not a whole number"))
+            })
+            .collect::<Result<_, _>>()?;
+        let dims: [usize; 4] = dims
+            .try_into()
+            .map_err(|_| format!("shape `{s}` must be N,C,H,W"))?;
+        Ok(ShapeArg(dims))
+    }
+}
+
+impl ShapeArg {
+    fn shape(&self) -> Result<dropblock::Shape, CliError> {
+        let [n, c, h, w] = self.0;
+        Ok(dropblock::Shape::new(n, c, h, w)?)
+    }
+}

@@ -1,0 +1,487 @@
+//! Launch wrappers for the kernels in `kernels/dropblock2d.cu`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use half::{bf16, f16};
+
+use super::module::{context, driver_error, load};
+use crate::abi;
+use crate::config::{DropBlockConfig, Mode, Normalize, Shape, Sharing};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::rng::RngKey;
+use crate::sampling::{expected_scale, Plan};
+
+// SAFETY: plain-C structs of integers (src/abi.rs, checked against the header).
+unsafe impl DeviceRepr for abi::DropBlockGeometry {}
+unsafe impl DeviceRepr for abi::DropBlockSampling {}
+unsafe impl DeviceRepr for abi::DropBlockApply {}
+
+/// An element type with kernels: f32, f16, bf16.
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
+    /// The dtype part of the kernel names (`dropblock2d_apply_<suffix>`).
+    const KERNEL_SUFFIX: &'static str;
+}
+
+impl CudaElement for f32 {
+    const KERNEL_SUFFIX: &'static str = "f32";
+}
+impl CudaElement for f16 {
+    const KERNEL_SUFFIX: &'static str = "f16";
+}
+impl CudaElement for bf16 {
+    const KERNEL_SUFFIX: &'static str = "bf16";
+}
+
+const THREADS: u32 = 256;
+const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
+/// The fused kernel streams a slice per warp; larger slices go through the
+/// flat two-kernel path, which spreads a slice over the whole grid.
+const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
+
+/// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
+/// context (it is `Send + Sync`).
+#[derive(Debug, Clone)]
+pub struct DropBlockCuda {
+    ctx: Arc<CudaContext>,
+    module: Arc<CudaModule>,
+    sm_count: u32,
+}
+
+/// What forward leaves for backward, on the device: the keep bits of every mask
+/// plane, the kept counts and the scale(s). Owned by the caller and reusable
+/// across calls of the same shape.
+#[derive(Debug)]
+pub struct DeviceState {
+    shape: Shape,
+    keep_bits: CudaSlice<u32>,
+    counts: CudaSlice<u64>,
+    scales: CudaSlice<f32>,
+    call: Option<Call>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    /// `None` for an identity call (eval mode or drop_prob 0).
+    plan: Option<Plan>,
+    apply: abi::DropBlockApply,
+}
+
+/// Raw device pointers of one call's tensors; the guards keep cudarc's stream
+/// bookkeeping alive until the launches are enqueued.
+struct Io {
+    x: sys::CUdeviceptr,
+    y: sys::CUdeviceptr,
+}
+
+impl DropBlockCuda {
+    /// Kernels on device `ordinal` (a new primary-context handle).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::from_context(&context(ordinal)?)
+    }
+
+    /// Kernels on an existing context.
+    pub fn from_context(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let module = load(ctx)?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error)? as u32;
+        Ok(Self {
+            ctx: ctx.clone(),
+            module,
+            sm_count,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> String {
+        self.ctx
+            .name()
+            .unwrap_or_else(|e| format!("(name unavailable: {e})"))
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module.load_function(name).map_err(driver_error)
+    }
+
+    /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
+    /// calls. Holds `ceil(H·W/32)` words of keep bits per `(n, c)` slice.
+    pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
+        let planes = shape.n() * shape.c();
+        let words = planes * shape.plane_len().div_ceil(32);
+        Ok(DeviceState {
+            shape,
+            keep_bits: stream.alloc_zeros::<u32>(words).map_err(driver_error)?,
+            counts: stream
+                .alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())
+                .map_err(driver_error)?,
+            scales: stream.alloc_zeros::<f32>(shape.n()).map_err(driver_error)?,
+            call: None,
+        })
+    }
+
+    /// Forward, `y = round(f32(x) · factor)`, allocating the saved state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        mode: Mode,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+    ) -> Result<DeviceState> {
+        let mut state = self.alloc_state(stream, shape)?;
+        self.forward_into(stream, &mut state, cfg, shape, key, mode, x, y)?;
+        Ok(state)
+    }
+
+    /// Forward into a caller-provided state: no allocation at all.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_into<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        mode: Mode,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        check_len("x", x.len(), shape)?;
+        check_len("y", y.len(), shape)?;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: xp, y: yp })
+    }
+
+    /// Forward in place: `x` is overwritten with `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_inplace<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        mode: Mode,
+        x: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        check_len("x", x.len(), shape)?;
+        let (p, _g) = x.device_ptr_mut(stream);
+        self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: p, y: p })
+    }
+
+    /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
+    /// forward call.
+    pub fn backward<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        dy: &impl DevicePtr<T>,
+        dx: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        check_len("dy", dy.len(), state.shape)?;
+        check_len("dx", dx.len(), state.shape)?;
+        let (dyp, _g1) = dy.device_ptr(stream);
+        let (dxp, _g2) = dx.device_ptr_mut(stream);
+        self.launch_backward::<T>(stream, state, Io { x: dyp, y: dxp })
+    }
+
+    /// Backward in place: `dy` is overwritten with `dx`.
+    pub fn backward_inplace<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        dy: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        check_len("dy", dy.len(), state.shape)?;
+        let (p, _g) = dy.device_ptr_mut(stream);
+        self.launch_backward::<T>(stream, state, Io { x: p, y: p })
+    }
+
+    /// The raw seed words of every plane's seed grid (window order), computed by
+    /// the device sampler: for checking it against [`Plan::seed_grid`].
+    pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
+        let g = *plan.geometry();
+        let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
+        let mut out = stream.alloc_zeros::<u64>(windows).map_err(driver_error)?;
+        let f = self.function("dropblock2d_sample_seeds")?;
+        let cfg = self.grid(windows as u64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&g).arg(plan.sampling()).arg(&mut out);
+        // SAFETY: argument types match the kernel's signature; `out` holds every window.
+        unsafe { b.launch(cfg) }.map_err(driver_error)?;
+        stream.clone_dtoh(&out).map_err(driver_error)
+    }
+
+    /// A grid-stride launch over `items` threads' worth of work.
+    fn grid(&self, items: u64) -> LaunchConfig {
+        let blocks = items
+            .div_ceil(THREADS as u64)
+            .clamp(1, self.sm_count as u64 * 16) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A launch with one warp per plane (up to a full device's worth of warps).
+    fn warp_grid(&self, planes: u64) -> LaunchConfig {
+        let blocks = planes
+            .div_ceil(WARPS_PER_BLOCK)
+            .clamp(1, self.sm_count as u64 * 32) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_forward<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        mode: Mode,
+        io: Io,
+    ) -> Result<()> {
+        if state.shape != shape {
+            return Err(Error::ShapeMismatch {
+                expected: state.shape.dims(),
+                actual: shape.dims(),
+            });
+        }
+        let apply = abi::DropBlockApply {
+            numel: shape.numel() as u64,
+            plane_len: shape.plane_len() as u64,
+            plane_words: shape.plane_len().div_ceil(32) as u64,
+            normalize: normalize_code(cfg.normalize()),
+            fixed_scale: match cfg.normalize() {
+                Normalize::Expected => expected_scale(cfg.drop_prob()),
+                _ => 1.0,
+            },
+            uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
+            reserved: 0,
+        };
+        state.call = None;
+        if mode == Mode::Eval || cfg.is_identity() {
+            if io.x != io.y {
+                let bytes = shape.numel() * std::mem::size_of::<T>();
+                // SAFETY: both pointers hold `numel` elements (checked by the callers).
+                unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }
+                    .map_err(driver_error)?;
+            }
+            state.call = Some(Call { plan: None, apply });
+            return Ok(());
+        }
+        let plan = Plan::new(cfg, shape, key);
+        let g = *plan.geometry();
+        let aligned = (io.x | io.y) % 16 == 0;
+        let variant = if aligned { "" } else { "unaligned_" };
+        let fused = matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
+            && cfg.sharing() == Sharing::None
+            && apply.plane_len <= FUSED_MAX_PLANE_LEN;
+        if fused {
+            let f = self.function(&format!("dropblock2d_fused_{variant}{}", T::KERNEL_SUFFIX))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&g)
+                .arg(plan.sampling())
+                .arg(&apply)
+                .arg(&io.x)
+                .arg(&io.y)
+                .arg(&mut state.keep_bits);
+            b.arg(&mut state.scales);
+            // SAFETY: argument types match the kernel; the state holds a plane per slice.
+            unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
+        } else {
+            stream
+                .memset_zeros(&mut state.counts)
+                .map_err(driver_error)?;
+            let f = self.function("dropblock2d_count_mask")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&g)
+                .arg(plan.sampling())
+                .arg(&apply)
+                .arg(&mut state.keep_bits)
+                .arg(&mut state.counts);
+            b.arg(&mut state.scales);
+            // SAFETY: as above; counts hold 2 + N entries and scales N.
+            unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
+            self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
+        }
+        state.call = Some(Call {
+            plan: Some(plan),
+            apply,
+        });
+        Ok(())
+    }
+
+    fn launch_backward<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        io: Io,
+    ) -> Result<()> {
+        let call = state.call.ok_or(Error::NoForwardCall)?;
+        match call.plan {
+            None => {
+                if io.x != io.y {
+                    let bytes = state.shape.numel() * std::mem::size_of::<T>();
+                    // SAFETY: both hold `numel` elements.
+                    unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }
+                        .map_err(driver_error)?;
+                }
+                Ok(())
+            }
+            Some(plan) => self.launch_apply::<T>(stream, state, plan.geometry(), &call.apply, &io),
+        }
+    }
+
+    fn launch_apply<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        g: &abi::DropBlockGeometry,
+        apply: &abi::DropBlockApply,
+        io: &Io,
+    ) -> Result<()> {
+        let aligned = (io.x | io.y) % 16 == 0;
+        let name = format!(
+            "dropblock2d_apply_{}{}",
+            if aligned { "" } else { "unaligned_" },
+            T::KERNEL_SUFFIX
+        );
+        let f = self.function(&name)?;
+        let vec = if aligned {
+            16 / std::mem::size_of::<T>() as u64
+        } else {
+            1
+        };
+        let mut b = stream.launch_builder(&f);
+        b.arg(g)
+            .arg(apply)
+            .arg(&io.x)
+            .arg(&io.y)
+            .arg(&state.keep_bits)
+            .arg(&state.scales);
+        // SAFETY: argument types match the kernel; x and y hold numel elements.
+        unsafe { b.launch(self.grid(apply.numel / vec)) }.map_err(driver_error)?;
+        Ok(())
+    }
+}
+
+fn normalize_code(n: Normalize) -> u32 {
+    match n {
+        Normalize::Global => abi::DROPBLOCK_NORM_GLOBAL,
+        Normalize::PerSample => abi::DROPBLOCK_NORM_PER_SAMPLE,
+        Normalize::Expected => abi::DROPBLOCK_NORM_EXPECTED,
+        Normalize::None => abi::DROPBLOCK_NORM_NONE,
+    }
+}
+
+fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
+    if len != shape.numel() {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: shape.numel(),
+            actual: len,
+        });
+    }
+    Ok(())
+}
+
+impl DeviceState {
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The plan of the last forward call; `None` before any call or after an
+    /// identity call.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.call.as_ref().and_then(|c| c.plan.as_ref())
+    }
+
+    /// The keep bits on the device: `ceil(H·W/32)` words per mask plane, bit
+    /// `i % 32` of word `i / 32` set when cell `i = h·W + w` is kept.
+    pub fn keep_bits(&self) -> &CudaSlice<u32> {
+        &self.keep_bits
+    }
+
+    /// The keep bits of the used planes, copied to the host (synchronises).
+    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, Vec<u32>)>> {
+        let call = self.call.ok_or(Error::NoForwardCall)?;
+        let Some(plan) = call.plan else {
+            return Ok(None);
+        };
+        let words = plan.planes() * call.apply.plane_words as usize;
+        let bits = stream
+            .clone_dtoh(&self.keep_bits.slice(..words))
+            .map_err(driver_error)?;
+        Ok(Some((plan, bits)))
+    }
+
+    /// Kept elements over the tensor, from the keep bits (synchronises the stream).
+    pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
+        let s = self.shape;
+        let Some((plan, bits)) = self.host_bits(stream)? else {
+            return Ok(s.numel() as u64);
+        };
+        let words = s.plane_len().div_ceil(32);
+        let per_plane: Vec<u64> = bits
+            .chunks(words)
+            .map(|p| p.iter().map(|w| w.count_ones() as u64).sum())
+            .collect();
+        Ok((0..s.n() * s.c())
+            .map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())])
+            .sum())
+    }
+
+    /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
+    pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
+        let s = self.shape;
+        let Some((plan, bits)) = self.host_bits(stream)? else {
+            return Ok(vec![1; s.numel()]);
+        };
+        let words = s.plane_len().div_ceil(32);
+        let mut out = vec![0u8; s.numel()];
+        for (i, slice) in out.chunks_mut(s.plane_len()).enumerate() {
+            let plane = &bits[plan.plane_of(i / s.c(), i % s.c()) * words..][..words];
+            for (cell, v) in slice.iter_mut().enumerate() {
+                *v = (plane[cell / 32] >> (cell % 32) & 1) as u8;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The scale(s) the last forward applied: one, or one per sample under
+    /// PerSample normalisation (synchronises the stream).
+    pub fn scales(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
+        let call = self.call.ok_or(Error::NoForwardCall)?;
+        if call.plan.is_none() {
+            return Ok(vec![1.0]);
+        }
+        let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE {
+            self.shape.n()
+        } else {
+            1
+        };
+        stream
+            .clone_dtoh(&self.scales.slice(..n))
+            .map_err(driver_error)
+    }
+}

@@ -1,0 +1,224 @@
+//! `mask::grow_blocks` against block placements computed by PyTorch.
+//!
+//! `tests/fixtures/block_placement.json` is written by
+//! `scripts/fixtures/block_placement.py` (real torch: torchvision's `drop_block2d`
+//! lines for `Placement::Valid`, TF "SAME" / timm >= 1.0.23 max-pool anchoring for
+//! `Placement::Anywhere`). This test only reads the committed JSON.
+
+use dropblock::abi::{DropBlockGeometry, DROPBLOCK_SHARE_NONE};
+use dropblock::mask::grow_blocks;
+use serde_json::Value;
+
+const FIXTURE: &str = include_str!("fixtures/block_placement.json");
+
+struct Case {
+    placement: String,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    seeds: Vec<Vec<u8>>,
+    dropped: Vec<Vec<u8>>,
+}
+
+fn uint(v: &Value, key: &str, i: usize) -> u32 {
+    let n = v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("case {i}: `{key}` is not an unsigned integer"));
+    u32::try_from(n).unwrap_or_else(|_| panic!("case {i}: `{key}` = {n} does not fit u32"))
+}
+
+fn grid(v: &Value, key: &str, i: usize) -> Vec<Vec<u8>> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("case {i}: `{key}` is not an array"))
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            row.as_array()
+                .unwrap_or_else(|| panic!("case {i}: `{key}` row {r} is not an array"))
+                .iter()
+                .map(|c| match c.as_u64() {
+                    Some(b @ (0 | 1)) => b as u8,
+                    _ => panic!("case {i}: `{key}` row {r} holds {c}, not 0 or 1"),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn cases() -> Vec<Case> {
+    let root: Value =
+        serde_json::from_str(FIXTURE).expect("tests/fixtures/block_placement.json parses");
+    root.as_array()
+        .expect("the fixture file is a list")
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Case {
+            placement: v["placement"]
+                .as_str()
+                .unwrap_or_else(|| panic!("case {i}: no placement"))
+                .to_owned(),
+            h: uint(v, "h", i),
+            w: uint(v, "w", i),
+            kh: uint(v, "kh", i),
+            kw: uint(v, "kw", i),
+            seeds: grid(v, "seeds", i),
+            dropped: grid(v, "dropped", i),
+        })
+        .collect()
+}
+
+/// The geometry `sampling::geometry` builds for one `1 × 1 × H × W` plane.
+fn geometry(i: usize, c: &Case) -> DropBlockGeometry {
+    assert!(
+        c.kh >= 1 && c.kh <= c.h && c.kw >= 1 && c.kw <= c.w,
+        "case {i}: block {}x{} not clipped to {}x{}",
+        c.kh,
+        c.kw,
+        c.h,
+        c.w
+    );
+    let (anchor_y, anchor_x, seed_h, seed_w) = match c.placement.as_str() {
+        "valid" => (0, 0, c.h - c.kh + 1, c.w - c.kw + 1),
+        "anywhere" => (c.kh / 2, c.kw / 2, c.h, c.w),
+        other => panic!("case {i}: unknown placement {other:?}"),
+    };
+    DropBlockGeometry {
+        n: 1,
+        c: 1,
+        h: c.h,
+        w: c.w,
+        kh: c.kh,
+        kw: c.kw,
+        anchor_y,
+        anchor_x,
+        seed_h,
+        seed_w,
+        windows_per_row: seed_w.div_ceil(64),
+        sharing: DROPBLOCK_SHARE_NONE,
+        planes: 1,
+    }
+}
+
+/// Seed grid rows packed as `windows_per_row` words each, bit `x % 64` of word `x / 64`.
+fn pack_seeds(i: usize, c: &Case, g: &DropBlockGeometry) -> Vec<u64> {
+    let wpr = g.windows_per_row as usize;
+    assert_eq!(
+        c.seeds.len(),
+        g.seed_h as usize,
+        "case {i} ({}): seed grid has {} rows, geometry wants {}",
+        c.placement,
+        c.seeds.len(),
+        g.seed_h
+    );
+    let mut words = vec![0u64; g.seed_h as usize * wpr];
+    for (y, row) in c.seeds.iter().enumerate() {
+        assert_eq!(
+            row.len(),
+            g.seed_w as usize,
+            "case {i} ({}): seed row {y} has {} cells, geometry wants {}",
+            c.placement,
+            row.len(),
+            g.seed_w
+        );
+        for (x, &b) in row.iter().enumerate() {
+            if b == 1 {
+                words[y * wpr + x / 64] |= 1 << (x % 64);
+            }
+        }
+    }
+    words
+}
+
+#[test]
+fn fixtures_cover_both_placements_and_even_blocks() {
+    let cases = cases();
+    assert!(cases.len() >= 20, "only {} fixture cases", cases.len());
+    let valid = cases.iter().filter(|c| c.placement == "valid").count();
+    let anywhere = cases.iter().filter(|c| c.placement == "anywhere").count();
+    assert!(valid > 0, "no valid-placement fixture");
+    assert!(anywhere > 0, "no anywhere-placement fixture");
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.placement == "anywhere" && (c.kh % 2 == 0 || c.kw % 2 == 0)),
+        "no even-sized anywhere fixture"
+    );
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.placement == "anywhere" && c.kh != c.kw),
+        "no rectangular anywhere fixture"
+    );
+    assert!(
+        cases.iter().any(|c| c.w > 128),
+        "no fixture wider than two windows"
+    );
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.dropped.iter().flatten().any(|&b| b == 1)),
+        "no fixture drops anything"
+    );
+}
+
+#[test]
+fn grow_blocks_matches_pytorch() {
+    for (i, c) in cases().iter().enumerate() {
+        let g = geometry(i, c);
+        let seeds = pack_seeds(i, c, &g);
+        let (h, w) = (c.h as usize, c.w as usize);
+        let mut out = vec![0u64; (h * w).div_ceil(64)];
+        let count = grow_blocks(&g, &seeds, &mut out);
+
+        let what = format!(
+            "case {i} ({}, {}x{} map, block {}x{})",
+            c.placement, c.h, c.w, c.kh, c.kw
+        );
+        assert_eq!(
+            c.dropped.len(),
+            h,
+            "{what}: fixture has {} dropped rows",
+            c.dropped.len()
+        );
+        let mut expected = 0u64;
+        let mut mismatches = Vec::new();
+        for (y, row) in c.dropped.iter().enumerate() {
+            assert_eq!(
+                row.len(),
+                w,
+                "{what}: fixture dropped row {y} has {} cells",
+                row.len()
+            );
+            for (x, &want) in row.iter().enumerate() {
+                let bit = y * w + x;
+                let got = (out[bit / 64] >> (bit % 64)) & 1;
+                expected += want as u64;
+                if got != want as u64 {
+                    mismatches.push((y, x, want, got));
+                }
+            }
+        }
+        if let Some(&(y, x, want, got)) = mismatches.first() {
+            panic!(
+                "{what}: {} cells differ; first at (row {y}, col {x}): PyTorch says {}, grow_blocks says {}",
+                mismatches.len(),
+                if want == 1 { "dropped" } else { "kept" },
+                if got == 1 { "dropped" } else { "kept" },
+            );
+        }
+        let tail_bits = out.len() * 64 - h * w;
+        if tail_bits > 0 {
+            assert_eq!(
+                out[out.len() - 1] >> (64 - tail_bits),
+                0,
+                "{what}: bits past H*W are set"
+            );
+        }
+        assert_eq!(
+            count, expected,
+            "{what}: grow_blocks counted {count} dropped cells, PyTorch {expected}"
+        );
+    }
+}
