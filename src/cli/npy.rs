@@ -97,12 +97,14 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
             let raw: Vec<FixedSizeBytes<2>> = npy.into_vec().map_err(|e| npy_err(path, e))?;
             Tensor::BF16(raw.into_iter().map(|b| bf16::from_le_bytes(b.0)).collect())
         }
-        other => return Err(npy_err(
-            path,
-            format!(
+        other => {
+            return Err(npy_err(
+                path,
+                format!(
                 "dtype {other} is not supported (use float32, float16, or bfloat16 saved as |V2)"
             ),
-        )),
+            ))
+        }
     };
     Ok((dims, tensor))
 }

@@ -4,7 +4,10 @@
 //! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
 //! - Every launch goes on the stream you pass; nothing synchronises with the host,
-//!   so a forward can be captured into a CUDA graph.
+//!   so a forward can be captured into a CUDA graph. (Capture needs cudarc's
+//!   per-buffer event tracking off, `ctx.disable_event_tracking()`, as candle
+//!   does: otherwise cudarc makes the stream wait on events recorded outside the
+//!   capture.)
 //! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
 //!   let [`DropBlockCuda::forward`] allocate it.
@@ -16,5 +19,5 @@
 mod module;
 mod ops;
 
-pub use module::{context, fatbin, ptxas_report};
+pub use module::{built_archs, context, fatbin, ptxas_report};
 pub use ops::{CudaElement, DeviceState, DropBlockCuda};

@@ -23,6 +23,15 @@ pub fn fatbin() -> &'static [u8] {
     FATBIN
 }
 
+/// The archs the fatbin holds SASS for (the newest also as PTX).
+pub fn built_archs() -> Vec<u32> {
+    #[cfg(dropblock_kernels)]
+    let list = env!("DROPBLOCK_CUDA_ARCHS_BUILT");
+    #[cfg(not(dropblock_kernels))]
+    let list = "";
+    list.split(',').filter_map(|a| a.parse().ok()).collect()
+}
+
 /// ptxas's resource report from the build: registers, shared memory, stack and
 /// spills, per kernel and per arch.
 pub fn ptxas_report() -> &'static str {
