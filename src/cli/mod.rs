@@ -1,6 +1,7 @@
 //! The `dropblock` command line: a demo and inspection tools.
 
 mod apply;
+mod bench;
 mod demo;
 mod device;
 mod image;
@@ -40,6 +41,8 @@ enum Command {
     Apply(apply::ApplyArgs),
     /// Draw the seeds and blocks of a configuration over an image.
     Show(show::ShowArgs),
+    /// Time forward or backward on one shape; the last line is `median_ms=... gbps=...`.
+    Bench(bench::BenchArgs),
 }
 
 /// The configuration flags shared by every subcommand.
@@ -95,6 +98,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo(a) => demo::run(a),
         Command::Apply(a) => apply::run(a),
         Command::Show(a) => show::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,0 +1,168 @@
+//! `dropblock bench`: time forward or backward on one shape.
+//!
+//! Bytes moved are counted as the floor, x read once and y written once, so GB/s
+//! compares directly with a device-to-device copy. The last line is
+//! `median_ms=<float> gbps=<float>`, for scripts.
+
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use dropblock::{cpu, Generator, Mode};
+use half::{bf16, f16};
+
+use super::device::DeviceArg;
+use super::npy::CliElement;
+use super::{CliError, ConfigArgs, ShapeArg};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// N,C,H,W.
+    #[arg(long, default_value = "256,1024,14,14")]
+    shape: ShapeArg,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Timed iterations (after 3 warm-up ones).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Time backward instead of forward.
+    #[arg(long)]
+    backward: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+pub fn run(a: BenchArgs) -> Result<(), CliError> {
+    match a.dtype {
+        DTypeArg::F32 => run_typed::<f32>(&a),
+        DTypeArg::F16 => run_typed::<f16>(&a),
+        DTypeArg::Bf16 => run_typed::<bf16>(&a),
+    }
+}
+
+fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
+    let cfg = a.config.config()?;
+    let shape = a.shape.shape()?;
+    let mut gen = Generator::from_state(a.config.seed, a.config.offset);
+    let iters = a.iters.max(1);
+    let times = match a.device {
+        DeviceArg::Cpu => {
+            let x: Vec<T> = (0..shape.numel())
+                .map(|i| T::from_f32((i % 17) as f32 - 8.0))
+                .collect();
+            let mut y = vec![T::default(); shape.numel()];
+            let mut dx = vec![T::default(); shape.numel()];
+            let mut times = Vec::with_capacity(iters);
+            for i in 0..iters + 3 {
+                let t = Instant::now();
+                let saved = cpu::forward(&cfg, shape, gen.next_key()?, Mode::Train, &x, &mut y)?;
+                let mut ms = t.elapsed().as_secs_f64() * 1e3;
+                if a.backward {
+                    let t = Instant::now();
+                    cpu::backward(&saved, &y, &mut dx)?;
+                    ms = t.elapsed().as_secs_f64() * 1e3;
+                }
+                if i >= 3 {
+                    times.push(ms);
+                }
+            }
+            times
+        }
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda | DeviceArg::Auto => {
+            cuda_times::<T>(&cfg, shape, &mut gen, iters, a.backward)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda | DeviceArg::Auto => return Err(dropblock::Error::KernelsNotBuilt.into()),
+    };
+    let bytes = 2.0 * (shape.numel() * std::mem::size_of::<T>()) as f64;
+    for (i, ms) in times.iter().enumerate() {
+        println!("iter {i:3}: {ms:9.4} ms  {:8.1} GB/s", bytes / ms / 1e6);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    println!("median_ms={median:.6} gbps={:.3}", bytes / median / 1e6);
+    Ok(())
+}
+
+/// CUDA-event times per iteration, rotating over enough input/output copies that
+/// each iteration starts with its tensors out of L2.
+#[cfg(feature = "cuda")]
+fn cuda_times<T: CliElement>(
+    cfg: &dropblock::DropBlockConfig,
+    shape: dropblock::Shape,
+    gen: &mut Generator,
+    iters: usize,
+    backward: bool,
+) -> Result<Vec<f64>, CliError> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let d = dropblock::cuda::DropBlockCuda::new(0)?;
+    let err =
+        |e: cudarc::driver::DriverError| CliError::from(dropblock::Error::Driver(e.to_string()));
+    let s = d.context().new_stream().map_err(err)?;
+    let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
+    let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
+    let host: Vec<T> = (0..shape.numel())
+        .map(|i| T::from_f32((i % 17) as f32 - 8.0))
+        .collect();
+    let xs: Vec<_> = (0..copies)
+        .map(|_| s.clone_htod(&host))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let mut ys: Vec<_> = (0..copies)
+        .map(|_| s.alloc_zeros::<T>(shape.numel()))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let mut states: Vec<_> = (0..copies)
+        .map(|_| d.alloc_state(&s, shape))
+        .collect::<Result<_, _>>()?;
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 3 {
+        let k = i % copies;
+        let key = gen.next_key()?;
+        if backward {
+            d.forward_into(
+                &s,
+                &mut states[k],
+                cfg,
+                shape,
+                key,
+                Mode::Train,
+                &xs[k],
+                &mut ys[k],
+            )?;
+        }
+        let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        if backward {
+            // dx overwrites x's buffer: the values do not matter for timing.
+            let (x, y) = (&mut ys[k], &states[k]);
+            d.backward_inplace(&s, y, x)?;
+        } else {
+            d.forward_into(
+                &s,
+                &mut states[k],
+                cfg,
+                shape,
+                key,
+                Mode::Train,
+                &xs[k],
+                &mut ys[k],
+            )?;
+        }
+        let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let ms = start.elapsed_ms(&end).map_err(err)? as f64;
+        if i >= 3 {
+            times.push(ms);
+        }
+    }
+    Ok(times)
+}
