@@ -19,14 +19,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(dropblock_kernels)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels");
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "PATH",
-        "DROPBLOCK_CUDA_ARCHS",
-        "DOCS_RS",
-    ] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "DROPBLOCK_CUDA_ARCHS", "DOCS_RS"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -58,15 +51,8 @@ fn main() {
         "-Werror",
         "all-warnings",
     ]);
-    cmd.arg(format!(
-        "-I{}",
-        Path::new("kernels").canonicalize().unwrap().display()
-    ));
-    if let Some(include) = nvcc
-        .parent()
-        .and_then(Path::parent)
-        .map(|root| root.join("include"))
-    {
+    cmd.arg(format!("-I{}", Path::new("kernels").canonicalize().unwrap().display()));
+    if let Some(include) = nvcc.parent().and_then(Path::parent).map(|root| root.join("include")) {
         if include.is_dir() {
             cmd.arg(format!("-I{}", include.display()));
         }
@@ -75,14 +61,10 @@ fn main() {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     let newest = archs.iter().max().unwrap();
-    cmd.arg(format!(
-        "-gencode=arch=compute_{newest},code=compute_{newest}"
-    ));
+    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
     cmd.arg("-o").arg(&fatbin).arg(&unity);
 
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    let out = cmd.output().unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         panic!(
@@ -94,25 +76,14 @@ fn main() {
         );
     }
     // ptxas's lines, and the indented lines under them (stack frame and spills).
-    let ptxas: String = stderr
-        .lines()
-        .filter(|l| l.starts_with("ptxas") || l.starts_with(' '))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let ptxas: String =
+        stderr.lines().filter(|l| l.starts_with("ptxas") || l.starts_with(' ')).map(|l| format!("{l}\n")).collect();
     fs::write(&report, &ptxas).unwrap();
-    if ptxas.lines().any(|l| {
-        l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
-    }) {
-        println!(
-            "cargo::warning=ptxas reports register spills; see {}",
-            report.display()
-        );
+    if ptxas.lines().any(|l| l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")) {
+        println!("cargo::warning=ptxas reports register spills; see {}", report.display());
     }
     let list: Vec<String> = archs.iter().map(|a| a.to_string()).collect();
-    println!(
-        "cargo::rustc-env=DROPBLOCK_CUDA_ARCHS_BUILT={}",
-        list.join(",")
-    );
+    println!("cargo::rustc-env=DROPBLOCK_CUDA_ARCHS_BUILT={}", list.join(","));
     println!("cargo::rustc-cfg=dropblock_kernels");
 }
 
@@ -129,11 +100,7 @@ fn find_nvcc() -> Option<PathBuf> {
             }
         }
     }
-    env::var_os("PATH").and_then(|paths| {
-        env::split_paths(&paths)
-            .map(|d| d.join(exe))
-            .find(|p| p.is_file())
-    })
+    env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join(exe)).find(|p| p.is_file()))
 }
 
 fn fail_no_nvcc() -> ! {
@@ -157,19 +124,11 @@ fn archs() -> Vec<u32> {
         .split([',', ' ', ';'])
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let digits = s
-                .trim()
-                .trim_start_matches("sm_")
-                .trim_start_matches("compute_");
-            digits.parse().unwrap_or_else(|_| {
-                panic!("DROPBLOCK_CUDA_ARCHS: `{s}` is not an arch like 90 or sm_90")
-            })
+            let digits = s.trim().trim_start_matches("sm_").trim_start_matches("compute_");
+            digits.parse().unwrap_or_else(|_| panic!("DROPBLOCK_CUDA_ARCHS: `{s}` is not an arch like 90 or sm_90"))
         })
         .collect();
-    assert!(
-        !archs.is_empty(),
-        "DROPBLOCK_CUDA_ARCHS is set but names no arch"
-    );
+    assert!(!archs.is_empty(), "DROPBLOCK_CUDA_ARCHS is set but names no arch");
     archs
 }
 
@@ -182,10 +141,8 @@ fn write_unity_source(out_dir: &Path) -> PathBuf {
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     sources.sort();
-    let body: String = sources
-        .iter()
-        .map(|p| format!("#include \"{}\"\n", p.canonicalize().unwrap().display()))
-        .collect();
+    let body: String =
+        sources.iter().map(|p| format!("#include \"{}\"\n", p.canonicalize().unwrap().display())).collect();
     let unity = out_dir.join("dropblock_all.cu");
     fs::write(&unity, body).unwrap();
     unity

@@ -133,6 +133,9 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
     }
     if (lane == 0 && run_counter != ~0ull && run_sum)
         atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
+    // Every thread's per-sample atomics are ordered before the block's ticket
+    // below, so the last block reads complete counters.
+    __threadfence();
 
     __shared__ uint64_t warp_totals[32];
     __shared__ bool last_block;
@@ -145,9 +148,6 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
         __threadfence();
         last_block = atomicAdd(&counts[DROPBLOCK_COUNT_DONE], 1ull) == gridDim.x - 1;
     }
-    // The per-sample atomics of other warps of this block must be visible before
-    // the ticket above is read as "everything counted".
-    __threadfence();
     __syncthreads();
     if (!last_block) return;
     __threadfence();

@@ -40,7 +40,7 @@ extern "C" {
 
 /* Layout of the 64-bit counter array of a call's saved state. */
 #define DROPBLOCK_COUNT_TOTAL 0   /* kept elements over the tensor */
-#define DROPBLOCK_COUNT_DONE 1    /* warps finished (the last one writes the scales) */
+#define DROPBLOCK_COUNT_DONE 1    /* blocks finished (the last one writes the scales) */
 #define DROPBLOCK_COUNT_SAMPLES 2 /* kept per sample: N entries, or 1 when every sample is alike */
 
 /* The shape-dependent part of a call, derived once on the host. */

@@ -18,16 +18,10 @@ pub struct Block {
 impl Block {
     pub fn new(height: u32, width: u32) -> Result<Self> {
         if height == 0 {
-            return Err(Error::InvalidBlock {
-                axis: "height",
-                value: height,
-            });
+            return Err(Error::InvalidBlock { axis: "height", value: height });
         }
         if width == 0 {
-            return Err(Error::InvalidBlock {
-                axis: "width",
-                value: width,
-            });
+            return Err(Error::InvalidBlock { axis: "width", value: width });
         }
         Ok(Self { height, width })
     }
@@ -47,11 +41,7 @@ impl fmt::Display for Block {
 impl FromStr for Block {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parse = |t: &str| {
-            t.trim()
-                .parse::<u32>()
-                .map_err(|_| format!("block size `{t}` is not a whole number"))
-        };
+        let parse = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("block size `{t}` is not a whole number"));
         let (h, w) = match s.split_once(['x', 'X']) {
             Some((h, w)) => (parse(h)?, parse(w)?),
             None => {
@@ -183,10 +173,7 @@ impl DropBlockConfig {
 
     /// The same configuration with another `drop_prob` (for schedules).
     pub fn with_drop_prob(&self, drop_prob: f64) -> Result<Self> {
-        DropBlockConfigBuilder {
-            cfg: Self { drop_prob, ..*self },
-        }
-        .build()
+        DropBlockConfigBuilder { cfg: Self { drop_prob, ..*self } }.build()
     }
 
     /// True when a call draws nothing and returns its input: `drop_prob == 0`.
@@ -253,19 +240,10 @@ impl Shape {
                 return Err(Error::ZeroDimension { dim });
             }
             if v as u64 > u32::MAX as u64 {
-                return Err(Error::DimensionTooLarge {
-                    dim,
-                    value: v as u64,
-                    max: u32::MAX as u64,
-                });
+                return Err(Error::DimensionTooLarge { dim, value: v as u64, max: u32::MAX as u64 });
             }
         }
-        let overflow = || Error::ElementCountOverflow {
-            n: n as u64,
-            c: c as u64,
-            h: h as u64,
-            w: w as u64,
-        };
+        let overflow = || Error::ElementCountOverflow { n: n as u64, c: c as u64, h: h as u64, w: w as u64 };
         // numel must also fit i64-style 63-bit indexing on the device.
         let numel = n
             .checked_mul(c)
@@ -346,13 +324,7 @@ impl fmt::Display for DropBlockConfig {
         write!(
             f,
             "block {}, drop_prob {}, placement {}, gamma {} (scale {}), share {}, normalize {}",
-            self.block,
-            self.drop_prob,
-            self.placement,
-            self.gamma_rule,
-            self.gamma_scale,
-            self.sharing,
-            self.normalize
+            self.block, self.drop_prob, self.placement, self.gamma_rule, self.gamma_scale, self.sharing, self.normalize
         )
     }
 }

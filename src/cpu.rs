@@ -72,9 +72,7 @@ impl Saved {
     pub fn is_kept(&self, n: usize, c: usize, h: usize, w: usize) -> bool {
         match &self.state {
             State::Identity => true,
-            State::Masked { plan, masks, .. } => {
-                !masks.is_dropped(plan.plane_of(n, c), h * self.shape.w() + w)
-            }
+            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(n, c), h * self.shape.w() + w),
         }
     }
 
@@ -83,14 +81,12 @@ impl Saved {
         let s = self.shape;
         let mut out = vec![1u8; s.numel()];
         if let State::Masked { plan, masks, .. } = &self.state {
-            out.par_chunks_mut(s.plane_len())
-                .enumerate()
-                .for_each(|(slice, dst)| {
-                    let plane = plan.plane_of(slice / s.c(), slice % s.c());
-                    for (cell, v) in dst.iter_mut().enumerate() {
-                        *v = !masks.is_dropped(plane, cell) as u8;
-                    }
-                });
+            out.par_chunks_mut(s.plane_len()).enumerate().for_each(|(slice, dst)| {
+                let plane = plan.plane_of(slice / s.c(), slice % s.c());
+                for (cell, v) in dst.iter_mut().enumerate() {
+                    *v = !masks.is_dropped(plane, cell) as u8;
+                }
+            });
         }
         out
     }
@@ -103,13 +99,7 @@ impl Saved {
     fn slice_factors(&self, slice: usize) -> (&[u64], f32) {
         match &self.state {
             State::Identity => unreachable!("identity calls copy instead"),
-            State::Masked {
-                plan,
-                masks,
-                per_sample,
-                scales,
-                ..
-            } => {
+            State::Masked { plan, masks, per_sample, scales, .. } => {
                 let (n, c) = (slice / self.shape.c(), slice % self.shape.c());
                 let scale = if *per_sample { scales[n] } else { scales[0] };
                 (masks.plane(plan.plane_of(n, c)), scale)
@@ -120,11 +110,7 @@ impl Saved {
 
 fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
     if len != shape.numel() {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: shape.numel(),
-            actual: len,
-        });
+        return Err(Error::LengthMismatch { what, expected: shape.numel(), actual: len });
     }
     Ok(())
 }
@@ -132,42 +118,22 @@ fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
 /// Samples the masks and computes the scale(s), without touching any tensor.
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Saved {
     if mode == Mode::Eval || cfg.is_identity() {
-        return Saved {
-            shape,
-            state: State::Identity,
-        };
+        return Saved { shape, state: State::Identity };
     }
     let plan = Plan::new(cfg, shape, key);
     let masks = BlockMasks::build(&plan);
     let (n, c, hw) = (shape.n(), shape.c(), shape.plane_len() as u64);
-    let kept_per_sample: Vec<u64> = (0..n)
-        .map(|ni| {
-            (0..c)
-                .map(|ci| hw - masks.dropped(plan.plane_of(ni, ci)))
-                .sum()
-        })
-        .collect();
+    let kept_per_sample: Vec<u64> =
+        (0..n).map(|ni| (0..c).map(|ci| hw - masks.dropped(plan.plane_of(ni, ci))).sum()).collect();
     let kept: u64 = kept_per_sample.iter().sum();
     let per_sample = cfg.normalize() == Normalize::PerSample;
     let scales = match cfg.normalize() {
         Normalize::Global => vec![count_scale(shape.numel() as u64, kept)],
-        Normalize::PerSample => kept_per_sample
-            .iter()
-            .map(|&k| count_scale(c as u64 * hw, k))
-            .collect(),
+        Normalize::PerSample => kept_per_sample.iter().map(|&k| count_scale(c as u64 * hw, k)).collect(),
         Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
         Normalize::None => vec![1.0],
     };
-    Saved {
-        shape,
-        state: State::Masked {
-            plan: Box::new(plan),
-            masks,
-            kept,
-            per_sample,
-            scales,
-        },
-    }
+    Saved { shape, state: State::Masked { plan: Box::new(plan), masks, kept, per_sample, scales } }
 }
 
 /// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.
@@ -219,15 +185,10 @@ pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> 
         dst.copy_from_slice(src);
         return Ok(());
     }
-    dst.par_chunks_mut(shape.plane_len())
-        .zip(src.par_chunks(shape.plane_len()))
-        .enumerate()
-        .for_each(|(i, (d, s))| {
-            let (bits, scale) = saved.slice_factors(i);
-            for_each_factor(bits, s.len(), scale, |j, f| {
-                d[j] = T::from_f32(s[j].to_f32() * f)
-            });
-        });
+    dst.par_chunks_mut(shape.plane_len()).zip(src.par_chunks(shape.plane_len())).enumerate().for_each(|(i, (d, s))| {
+        let (bits, scale) = saved.slice_factors(i);
+        for_each_factor(bits, s.len(), scale, |j, f| d[j] = T::from_f32(s[j].to_f32() * f));
+    });
     Ok(())
 }
 
@@ -238,14 +199,10 @@ pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
     if saved.is_identity() {
         return Ok(());
     }
-    data.par_chunks_mut(shape.plane_len())
-        .enumerate()
-        .for_each(|(i, d)| {
-            let (bits, scale) = saved.slice_factors(i);
-            for_each_factor(bits, d.len(), scale, |j, f| {
-                d[j] = T::from_f32(d[j].to_f32() * f)
-            });
-        });
+    data.par_chunks_mut(shape.plane_len()).enumerate().for_each(|(i, d)| {
+        let (bits, scale) = saved.slice_factors(i);
+        for_each_factor(bits, d.len(), scale, |j, f| d[j] = T::from_f32(d[j].to_f32() * f));
+    });
     Ok(())
 }
 
@@ -259,16 +216,7 @@ fn for_each_factor(dropped: &[u64], len: usize, scale: f32, mut f: impl FnMut(us
         if word == 0 {
             (base..end).for_each(|j| f(j, scale));
         } else {
-            (base..end).for_each(|j| {
-                f(
-                    j,
-                    if word >> (j - base) & 1 == 1 {
-                        0.0
-                    } else {
-                        scale
-                    },
-                )
-            });
+            (base..end).for_each(|j| f(j, if word >> (j - base) & 1 == 1 { 0.0 } else { scale }));
         }
     }
 }

@@ -33,9 +33,7 @@ mod sealed {
 }
 
 /// A tensor element: f32, f16 or bf16.
-pub trait Element:
-    Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static + sealed::Sealed
-{
+pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static + sealed::Sealed {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     /// Round to nearest even. NaN stays NaN (its payload is not specified).

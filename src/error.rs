@@ -24,37 +24,22 @@ pub enum Error {
     ZeroDimension { dim: &'static str },
 
     #[error("dimension {dim} = {value} exceeds the supported maximum {max}")]
-    DimensionTooLarge {
-        dim: &'static str,
-        value: u64,
-        max: u64,
-    },
+    DimensionTooLarge { dim: &'static str, value: u64, max: u64 },
 
     #[error("element count of shape {n}x{c}x{h}x{w} overflows")]
     ElementCountOverflow { n: u64, c: u64, h: u64, w: u64 },
 
     #[error("{what} holds {actual} elements but the shape needs {expected}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, actual: usize },
 
     #[error("saved state was made for shape {expected:?}, not {actual:?}")]
-    ShapeMismatch {
-        expected: [usize; 4],
-        actual: [usize; 4],
-    },
+    ShapeMismatch { expected: [usize; 4], actual: [usize; 4] },
 
     #[error("offset {offset} too large: a call reads 16 counter blocks past it, so it must be at most {max}")]
     OffsetOverflow { offset: u64, max: u64 },
 
     #[error("workspace too small: {what} needs {needed} elements, it has {available}")]
-    WorkspaceTooSmall {
-        what: &'static str,
-        needed: usize,
-        available: usize,
-    },
+    WorkspaceTooSmall { what: &'static str, needed: usize, available: usize },
 
     #[error("backward called on a state that holds no forward call")]
     NoForwardCall,

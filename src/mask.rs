@@ -34,11 +34,7 @@ impl BlockMasks {
                 },
             )
             .collect();
-        Self {
-            words_per_plane,
-            words,
-            dropped,
-        }
+        Self { words_per_plane, words, dropped }
     }
 
     /// The dropped bits of `plane`.
@@ -67,11 +63,7 @@ pub fn grow_blocks(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -
     let (h, w) = (g.h as i64, g.w as i64);
     let wpr = g.windows_per_row as usize;
     assert_eq!(seeds.len(), g.seed_h as usize * wpr, "seed grid size");
-    assert_eq!(
-        out.len(),
-        (g.h as usize * g.w as usize).div_ceil(64),
-        "plane size"
-    );
+    assert_eq!(out.len(), (g.h as usize * g.w as usize).div_ceil(64), "plane size");
     out.fill(0);
     for (y, row) in seeds.chunks_exact(wpr).enumerate() {
         let r0 = (y as i64 - g.anchor_y as i64).max(0);
@@ -98,11 +90,7 @@ fn set_bits(words: &mut [u64], lo: usize, hi: usize) {
     while i < hi {
         let bit = i % 64;
         let n = (64 - bit).min(hi - i);
-        let run = if n == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << n) - 1) << bit
-        };
+        let run = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
         words[i / 64] |= run;
         i += n;
     }

@@ -54,20 +54,14 @@ impl RngKey {
     /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`.
     pub fn new(seed: u64, offset: u64) -> Result<Self> {
         if offset > Self::MAX_OFFSET {
-            return Err(Error::OffsetOverflow {
-                offset,
-                max: Self::MAX_OFFSET,
-            });
+            return Err(Error::OffsetOverflow { offset, max: Self::MAX_OFFSET });
         }
         Ok(Self { seed, offset })
     }
 
     /// A key from operating-system entropy, offset 0.
     pub fn from_entropy() -> Self {
-        Self {
-            seed: rand::random(),
-            offset: 0,
-        }
+        Self { seed: rand::random(), offset: 0 }
     }
 
     pub fn seed(&self) -> u64 {
@@ -91,12 +85,7 @@ impl RngKey {
     pub fn block(&self, window: u64, b: u32) -> [u32; 4] {
         let c = self.offset + b as u64;
         philox4x32_10(
-            [
-                c as u32,
-                (c >> 32) as u32,
-                window as u32,
-                (window >> 32) as u32,
-            ],
+            [c as u32, (c >> 32) as u32, window as u32, (window >> 32) as u32],
             [self.seed as u32, (self.seed >> 32) as u32],
         )
     }
@@ -132,9 +121,7 @@ impl Generator {
     /// The key for the next call. Errors, without advancing, once the offsets run out.
     pub fn next_key(&mut self) -> Result<RngKey> {
         let key = RngKey::new(self.seed, self.offset)?;
-        self.offset = self
-            .offset
-            .saturating_add(abi::DROPBLOCK_OFFSET_STRIDE as u64);
+        self.offset = self.offset.saturating_add(abi::DROPBLOCK_OFFSET_STRIDE as u64);
         Ok(key)
     }
 }

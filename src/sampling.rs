@@ -25,16 +25,8 @@ impl Plan {
     pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Self {
         let geometry = geometry(cfg, shape);
         let gamma = gamma(cfg, &geometry);
-        let sampling = abi::DropBlockSampling {
-            seed: key.seed(),
-            offset: key.offset(),
-            thresholds: thresholds(gamma),
-        };
-        Self {
-            geometry,
-            sampling,
-            gamma,
-        }
+        let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
+        Self { geometry, sampling, gamma }
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -51,8 +43,7 @@ impl Plan {
     }
 
     pub fn key(&self) -> RngKey {
-        RngKey::new(self.sampling.seed, self.sampling.offset)
-            .expect("validated when the key was made")
+        RngKey::new(self.sampling.seed, self.sampling.offset).expect("validated when the key was made")
     }
 
     /// Number of mask planes.
@@ -122,12 +113,7 @@ impl Plan {
 }
 
 fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
-    let (n, c, h, w) = (
-        shape.n() as u32,
-        shape.c() as u32,
-        shape.h() as u32,
-        shape.w() as u32,
-    );
+    let (n, c, h, w) = (shape.n() as u32, shape.c() as u32, shape.h() as u32, shape.w() as u32);
     let kh = cfg.block().height.min(h);
     let kw = cfg.block().width.min(w);
     let (anchor_y, anchor_x, seed_h, seed_w) = match cfg.placement() {
@@ -243,9 +229,13 @@ pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
         return [1u64 << 32; WINDOW as usize];
     }
     let log_keep = (-gamma).ln_1p();
+    let mut prev = 0;
     for (j, tj) in t.iter_mut().enumerate() {
         let q = -((j as f64 + 1.0) * log_keep).exp_m1();
-        *tj = ((TWO_POW_32 * q).floor() as u64).min(1u64 << 32);
+        // The max keeps T monotone even under a libm whose expm1 is not: both
+        // samplers' searches rely on it.
+        *tj = ((TWO_POW_32 * q).floor() as u64).min(1u64 << 32).max(prev);
+        prev = *tj;
     }
     t
 }

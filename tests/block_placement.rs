@@ -22,9 +22,7 @@ struct Case {
 }
 
 fn uint(v: &Value, key: &str, i: usize) -> u32 {
-    let n = v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("case {i}: `{key}` is not an unsigned integer"));
+    let n = v[key].as_u64().unwrap_or_else(|| panic!("case {i}: `{key}` is not an unsigned integer"));
     u32::try_from(n).unwrap_or_else(|_| panic!("case {i}: `{key}` = {n} does not fit u32"))
 }
 
@@ -48,17 +46,13 @@ fn grid(v: &Value, key: &str, i: usize) -> Vec<Vec<u8>> {
 }
 
 fn cases() -> Vec<Case> {
-    let root: Value =
-        serde_json::from_str(FIXTURE).expect("tests/fixtures/block_placement.json parses");
+    let root: Value = serde_json::from_str(FIXTURE).expect("tests/fixtures/block_placement.json parses");
     root.as_array()
         .expect("the fixture file is a list")
         .iter()
         .enumerate()
         .map(|(i, v)| Case {
-            placement: v["placement"]
-                .as_str()
-                .unwrap_or_else(|| panic!("case {i}: no placement"))
-                .to_owned(),
+            placement: v["placement"].as_str().unwrap_or_else(|| panic!("case {i}: no placement")).to_owned(),
             h: uint(v, "h", i),
             w: uint(v, "w", i),
             kh: uint(v, "kh", i),
@@ -140,27 +134,12 @@ fn fixtures_cover_both_placements_and_even_blocks() {
     assert!(valid > 0, "no valid-placement fixture");
     assert!(anywhere > 0, "no anywhere-placement fixture");
     assert!(
-        cases
-            .iter()
-            .any(|c| c.placement == "anywhere" && (c.kh % 2 == 0 || c.kw % 2 == 0)),
+        cases.iter().any(|c| c.placement == "anywhere" && (c.kh % 2 == 0 || c.kw % 2 == 0)),
         "no even-sized anywhere fixture"
     );
-    assert!(
-        cases
-            .iter()
-            .any(|c| c.placement == "anywhere" && c.kh != c.kw),
-        "no rectangular anywhere fixture"
-    );
-    assert!(
-        cases.iter().any(|c| c.w > 128),
-        "no fixture wider than two windows"
-    );
-    assert!(
-        cases
-            .iter()
-            .any(|c| c.dropped.iter().flatten().any(|&b| b == 1)),
-        "no fixture drops anything"
-    );
+    assert!(cases.iter().any(|c| c.placement == "anywhere" && c.kh != c.kw), "no rectangular anywhere fixture");
+    assert!(cases.iter().any(|c| c.w > 128), "no fixture wider than two windows");
+    assert!(cases.iter().any(|c| c.dropped.iter().flatten().any(|&b| b == 1)), "no fixture drops anything");
 }
 
 #[test]
@@ -172,25 +151,12 @@ fn grow_blocks_matches_pytorch() {
         let mut out = vec![0u64; (h * w).div_ceil(64)];
         let count = grow_blocks(&g, &seeds, &mut out);
 
-        let what = format!(
-            "case {i} ({}, {}x{} map, block {}x{})",
-            c.placement, c.h, c.w, c.kh, c.kw
-        );
-        assert_eq!(
-            c.dropped.len(),
-            h,
-            "{what}: fixture has {} dropped rows",
-            c.dropped.len()
-        );
+        let what = format!("case {i} ({}, {}x{} map, block {}x{})", c.placement, c.h, c.w, c.kh, c.kw);
+        assert_eq!(c.dropped.len(), h, "{what}: fixture has {} dropped rows", c.dropped.len());
         let mut expected = 0u64;
         let mut mismatches = Vec::new();
         for (y, row) in c.dropped.iter().enumerate() {
-            assert_eq!(
-                row.len(),
-                w,
-                "{what}: fixture dropped row {y} has {} cells",
-                row.len()
-            );
+            assert_eq!(row.len(), w, "{what}: fixture dropped row {y} has {} cells", row.len());
             for (x, &want) in row.iter().enumerate() {
                 let bit = y * w + x;
                 let got = (out[bit / 64] >> (bit % 64)) & 1;
@@ -210,15 +176,8 @@ fn grow_blocks_matches_pytorch() {
         }
         let tail_bits = out.len() * 64 - h * w;
         if tail_bits > 0 {
-            assert_eq!(
-                out[out.len() - 1] >> (64 - tail_bits),
-                0,
-                "{what}: bits past H*W are set"
-            );
+            assert_eq!(out[out.len() - 1] >> (64 - tail_bits), 0, "{what}: bits past H*W are set");
         }
-        assert_eq!(
-            count, expected,
-            "{what}: grow_blocks counted {count} dropped cells, PyTorch {expected}"
-        );
+        assert_eq!(count, expected, "{what}: grow_blocks counted {count} dropped cells, PyTorch {expected}");
     }
 }

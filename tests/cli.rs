@@ -5,27 +5,19 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use dropblock::{
-    cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape,
-    Sharing,
-};
+use dropblock::{cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing};
 use half::{bf16, f16};
 use npyz::WriterBuilder;
 
 fn dropblock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dropblock"))
-        .args(args)
-        .output()
-        .expect("run dropblock")
+    Command::new(env!("CARGO_BIN_EXE_dropblock")).args(args).output().expect("run dropblock")
 }
 
 fn write_npy<T: npyz::Serialize + Copy>(path: &Path, descr: &str, shape: &[u64], data: &[T]) {
     let mut w = npyz::WriteOptions::new()
         .dtype(npyz::DType::Plain(descr.parse().unwrap()))
         .shape(shape)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).unwrap(),
-        ))
+        .writer(std::io::BufWriter::new(std::fs::File::create(path).unwrap()))
         .begin_nd()
         .unwrap();
     w.extend(data.iter().copied()).unwrap();
@@ -75,43 +67,18 @@ fn flags_config() -> (DropBlockConfig, RngKey) {
 }
 
 /// Runs `apply` on `x` stored as `descr`, and checks y and the keep mask against the library.
-fn check_apply<T: Element + npyz::Serialize + npyz::Deserialize>(
-    descr: &str,
-    to_npy: impl Fn(T) -> T,
-) {
+fn check_apply<T: Element + npyz::Serialize + npyz::Deserialize>(descr: &str, to_npy: impl Fn(T) -> T) {
     let dir = tempfile::tempdir().unwrap();
-    let (xp, yp, mp) = (
-        dir.path().join("x.npy"),
-        dir.path().join("y.npy"),
-        dir.path().join("m.npy"),
-    );
+    let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
     let shape = Shape::new(2, 3, 10, 70).unwrap();
-    let x: Vec<T> = common::input(shape.numel(), 8)
-        .into_iter()
-        .map(T::from_f32)
-        .collect();
+    let x: Vec<T> = common::input(shape.numel(), 8).into_iter().map(T::from_f32).collect();
     let dims = [2u64, 3, 10, 70];
-    write_npy(
-        &xp,
-        descr,
-        &dims,
-        &x.iter().copied().map(&to_npy).collect::<Vec<_>>(),
-    );
-    let mut args = vec![
-        "apply",
-        "--input",
-        xp.to_str().unwrap(),
-        "--output",
-        yp.to_str().unwrap(),
-    ];
+    write_npy(&xp, descr, &dims, &x.iter().copied().map(&to_npy).collect::<Vec<_>>());
+    let mut args = vec!["apply", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
     args.extend(["--keep-mask", mp.to_str().unwrap()]);
     args.extend_from_slice(FLAGS);
     let out = dropblock(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let (cfg, key) = flags_config();
     let mut y = vec![T::default(); shape.numel()];
@@ -119,12 +86,7 @@ fn check_apply<T: Element + npyz::Serialize + npyz::Deserialize>(
     let (yshape, ydescr, ygot) = read_npy::<T>(&yp);
     assert_eq!(yshape, dims);
     assert_eq!(ydescr.trim_matches('\''), descr);
-    assert!(
-        ygot.iter()
-            .zip(&y)
-            .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()),
-        "y differs"
-    );
+    assert!(ygot.iter().zip(&y).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()), "y differs");
     let (mshape, mdescr, mask) = read_npy::<u8>(&mp);
     assert_eq!((mshape, mdescr.trim_matches('\'')), (dims.to_vec(), "|u1"));
     assert_eq!(mask, saved.keep_mask());
@@ -147,29 +109,13 @@ fn apply_bf16_reads_and_writes_void2() {
     let dir = tempfile::tempdir().unwrap();
     let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
     let shape = Shape::new(1, 2, 9, 9).unwrap();
-    let x: Vec<bf16> = common::input(shape.numel(), 3)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
-    let raw: Vec<npyz::FixedSizeBytes<2>> = x
-        .iter()
-        .map(|v| npyz::FixedSizeBytes(v.to_le_bytes()))
-        .collect();
+    let x: Vec<bf16> = common::input(shape.numel(), 3).into_iter().map(bf16::from_f32).collect();
+    let raw: Vec<npyz::FixedSizeBytes<2>> = x.iter().map(|v| npyz::FixedSizeBytes(v.to_le_bytes())).collect();
     write_npy(&xp, "|V2", &[1, 2, 9, 9], &raw);
-    let mut args = vec![
-        "apply",
-        "--input",
-        xp.to_str().unwrap(),
-        "--output",
-        yp.to_str().unwrap(),
-    ];
+    let mut args = vec!["apply", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
     args.extend_from_slice(FLAGS);
     let out = dropblock(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (cfg, key) = flags_config();
     let mut y = vec![bf16::ZERO; shape.numel()];
     cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
@@ -184,11 +130,7 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
     let out = dropblock(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: expected one line, got:\n{err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
 }
 
@@ -197,85 +139,27 @@ fn bad_arguments_and_files_get_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.npy");
     let y = dir.path().join("y.npy");
-    write_npy(&x, "<f4", &[2, 2, 4, 4], &vec![1f32; 64]);
+    write_npy(&x, "<f4", &[2, 2, 4, 4], &[1f32; 64]);
     let (xs, ys) = (x.to_str().unwrap(), y.to_str().unwrap());
-    assert_one_line_error(
-        &["apply", "--input", xs, "--output", ys, "--drop-prob", "1.5"],
-        "drop_prob",
-    );
-    assert_one_line_error(
-        &["apply", "--input", xs, "--output", ys, "--block", "0"],
-        "block",
-    );
-    assert_one_line_error(
-        &["apply", "--input", xs, "--output", ys, "--block", "3x"],
-        "block",
-    );
-    assert_one_line_error(
-        &[
-            "apply",
-            "--input",
-            xs,
-            "--output",
-            ys,
-            "--placement",
-            "middle",
-        ],
-        "valid, anywhere",
-    );
-    assert_one_line_error(
-        &[
-            "apply",
-            "--input",
-            xs,
-            "--output",
-            ys,
-            "--offset",
-            "18446744073709551615",
-        ],
-        "offset",
-    );
-    assert_one_line_error(
-        &["apply", "--input", "/nonexistent/x.npy", "--output", ys],
-        "/nonexistent/x.npy",
-    );
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--drop-prob", "1.5"], "drop_prob");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "0"], "block");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "3x"], "block");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--placement", "middle"], "valid, anywhere");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--offset", "18446744073709551615"], "offset");
+    assert_one_line_error(&["apply", "--input", "/nonexistent/x.npy", "--output", ys], "/nonexistent/x.npy");
 
     let three_d = dir.path().join("t.npy");
-    write_npy(&three_d, "<f4", &[2, 4, 4], &vec![1f32; 32]);
-    assert_one_line_error(
-        &[
-            "apply",
-            "--input",
-            three_d.to_str().unwrap(),
-            "--output",
-            ys,
-        ],
-        "4-d",
-    );
+    write_npy(&three_d, "<f4", &[2, 4, 4], &[1f32; 32]);
+    assert_one_line_error(&["apply", "--input", three_d.to_str().unwrap(), "--output", ys], "4-d");
     let ints = dir.path().join("i.npy");
     write_npy(&ints, "<i4", &[1, 1, 2, 2], &[1i32, 2, 3, 4]);
-    assert_one_line_error(
-        &["apply", "--input", ints.to_str().unwrap(), "--output", ys],
-        "not supported",
-    );
+    assert_one_line_error(&["apply", "--input", ints.to_str().unwrap(), "--output", ys], "not supported");
     let empty = dir.path().join("e.npy");
     write_npy::<f32>(&empty, "<f4", &[1, 0, 2, 2], &[]);
-    assert_one_line_error(
-        &["apply", "--input", empty.to_str().unwrap(), "--output", ys],
-        "zero",
-    );
+    assert_one_line_error(&["apply", "--input", empty.to_str().unwrap(), "--output", ys], "zero");
     let garbage = dir.path().join("g.npy");
     std::fs::write(&garbage, b"not an npy file").unwrap();
-    assert_one_line_error(
-        &[
-            "apply",
-            "--input",
-            garbage.to_str().unwrap(),
-            "--output",
-            ys,
-        ],
-        "g.npy",
-    );
+    assert_one_line_error(&["apply", "--input", garbage.to_str().unwrap(), "--output", ys], "g.npy");
 }
 
 #[test]
@@ -287,22 +171,10 @@ fn cuda_device_without_a_gpu_is_a_clean_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.npy");
-    write_npy(&x, "<f4", &[1, 1, 4, 4], &vec![1f32; 16]);
+    write_npy(&x, "<f4", &[1, 1, 4, 4], &[1f32; 16]);
     let y = dir.path().join("y.npy");
-    let args = [
-        "apply",
-        "--input",
-        x.to_str().unwrap(),
-        "--output",
-        y.to_str().unwrap(),
-        "--device",
-        "cuda",
-    ];
-    let needle = if cfg!(feature = "cuda") {
-        "CUDA"
-    } else {
-        "without the `cuda` feature"
-    };
+    let args = ["apply", "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap(), "--device", "cuda"];
+    let needle = if cfg!(feature = "cuda") { "CUDA" } else { "without the `cuda` feature" };
     assert_one_line_error(&args, needle);
 }
 
@@ -319,30 +191,11 @@ fn dropblock_has_gpu() -> bool {
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("demo.png");
-    let out = dropblock(&[
-        "demo",
-        "--shape",
-        "2,16,14,14",
-        "--png",
-        png.to_str().unwrap(),
-    ]);
+    let out = dropblock(&["demo", "--shape", "2,16,14,14", "--png", png.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for needle in [
-        "config:",
-        "gamma:",
-        "realised drop fraction",
-        "forward:",
-        "backward:",
-    ] {
-        assert!(
-            stdout.contains(needle),
-            "demo output lacks `{needle}`:\n{stdout}"
-        );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["config:", "gamma:", "realised drop fraction", "forward:", "backward:"] {
+        assert!(stdout.contains(needle), "demo output lacks `{needle}`:\n{stdout}");
     }
     assert!(std::fs::metadata(&png).unwrap().len() > 100);
 
@@ -358,11 +211,7 @@ fn demo_and_show_write_pictures() {
         "--png",
         shown.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let decoder = png::Decoder::new(std::fs::File::open(&shown).unwrap());
     let info = decoder.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (30 * 8, 20 * 8));

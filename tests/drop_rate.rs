@@ -43,36 +43,15 @@ struct Geo {
 fn contract_geo(h: usize, w: usize, bh: usize, bw: usize, placement: Placement) -> Geo {
     let (kh, kw) = (bh.min(h), bw.min(w));
     match placement {
-        Placement::Valid => Geo {
-            h,
-            w,
-            kh,
-            kw,
-            ay: 0,
-            ax: 0,
-            sh: h - kh + 1,
-            sw: w - kw + 1,
-        },
-        Placement::Anywhere => Geo {
-            h,
-            w,
-            kh,
-            kw,
-            ay: kh / 2,
-            ax: kw / 2,
-            sh: h,
-            sw: w,
-        },
+        Placement::Valid => Geo { h, w, kh, kw, ay: 0, ax: 0, sh: h - kh + 1, sw: w - kw + 1 },
+        Placement::Anywhere => Geo { h, w, kh, kw, ay: kh / 2, ax: kw / 2, sh: h, sw: w },
     }
 }
 
 /// Rows (or columns) `[s - a, s - a + k)` clipped to `[0, len)`.
 fn span(s: usize, a: usize, k: usize, len: usize) -> (usize, usize) {
     let lo = s as i64 - a as i64;
-    (
-        (lo.max(0)) as usize,
-        ((lo + k as i64).min(len as i64)) as usize,
-    )
+    ((lo.max(0)) as usize, ((lo + k as i64).min(len as i64)) as usize)
 }
 
 /// For each cell, by brute force, the number of seed positions whose block covers it.
@@ -113,11 +92,7 @@ fn brute_expected(gamma: f64, count: &[u32]) -> f64 {
 }
 
 fn cfg(bh: u32, bw: u32, p: f64, placement: Placement, rule: GammaRule) -> DropBlockConfig {
-    DropBlockConfig::builder(Block::new(bh, bw).unwrap(), p)
-        .placement(placement)
-        .gamma_rule(rule)
-        .build()
-        .unwrap()
+    DropBlockConfig::builder(Block::new(bh, bw).unwrap(), p).placement(placement).gamma_rule(rule).build().unwrap()
 }
 
 /// Splits `planes` into an N x C shape with C <= 64.
@@ -129,26 +104,8 @@ fn shape_for(planes: usize, h: usize, w: usize) -> Shape {
 fn check_geometry(plan: &Plan, g: &Geo) {
     let pg = plan.geometry();
     assert_eq!(
-        (
-            pg.h,
-            pg.w,
-            pg.kh,
-            pg.kw,
-            pg.anchor_y,
-            pg.anchor_x,
-            pg.seed_h,
-            pg.seed_w
-        ),
-        (
-            g.h as u32,
-            g.w as u32,
-            g.kh as u32,
-            g.kw as u32,
-            g.ay as u32,
-            g.ax as u32,
-            g.sh as u32,
-            g.sw as u32
-        ),
+        (pg.h, pg.w, pg.kh, pg.kw, pg.anchor_y, pg.anchor_x, pg.seed_h, pg.seed_w),
+        (g.h as u32, g.w as u32, g.kh as u32, g.kw as u32, g.ay as u32, g.ax as u32, g.sh as u32, g.sw as u32),
         "geometry of {g:?}"
     );
     assert_eq!(pg.windows_per_row, (g.sw as u32).div_ceil(64));
@@ -159,14 +116,7 @@ fn check_geometry(plan: &Plan, g: &Geo) {
 /// `(1-γ)^coverage`. Returns the realised mean fraction.
 /// Planes are sampled until the tolerance on the mean dropped fraction is at most
 /// half the shift that a γ 10% too high would cause (at least `min_planes`).
-fn check_realised(
-    cfg: &DropBlockConfig,
-    h: usize,
-    w: usize,
-    min_planes: usize,
-    key: RngKey,
-    target: f64,
-) -> f64 {
+fn check_realised(cfg: &DropBlockConfig, h: usize, w: usize, min_planes: usize, key: RngKey, target: f64) -> f64 {
     let b = cfg.block();
     let g = contract_geo(h, w, b.height as usize, b.width as usize, cfg.placement());
     let probe = Plan::new(cfg, Shape::new(1, 1, h, w).unwrap(), key);
@@ -174,10 +124,7 @@ fn check_realised(
     let gamma = probe.gamma().clamp(0.0, 1.0);
     let count = coverage(&g);
     let expected = brute_expected(gamma, &count);
-    assert!(
-        (expected - target).abs() < 1e-9,
-        "{g:?}: target {target} vs closed form {expected}"
-    );
+    assert!((expected - target).abs() < 1e-9, "{g:?}: target {target} vs closed form {expected}");
 
     // Variance of one plane's dropped fraction: Efron–Stein (resampling one seed
     // changes the dropped count by at most its block's area, and only when the
@@ -229,11 +176,7 @@ fn check_realised(
             *k += m as u64;
         }
     }
-    assert_eq!(
-        kept.iter().sum::<u64>(),
-        saved.kept(),
-        "keep mask vs kept count"
-    );
+    assert_eq!(kept.iter().sum::<u64>(), saved.kept(), "keep mask vs kept count");
     let cell_ok = |k: u64, m: u32| {
         let q = (1.0 - gamma).powi(m as i32);
         let tol = bernstein_tol(n * q * (1.0 - q), 1.0).max(0.5);
@@ -251,22 +194,14 @@ fn check_realised(
     // The per-cell check has teeth: for an even block under Anywhere placement, the
     // other anchoring (⌊(k-1)/2⌋ instead of ⌊k/2⌋) is rejected by some cell.
     if cfg.placement() == Placement::Anywhere && (g.kh % 2 == 0 || g.kw % 2 == 0) && gamma > 0.005 {
-        let alt = Geo {
-            ay: (g.kh - 1) / 2,
-            ax: (g.kw - 1) / 2,
-            ..g
-        };
+        let alt = Geo { ay: (g.kh - 1) / 2, ax: (g.kw - 1) / 2, ..g };
         let alt_count = coverage(&alt);
         assert!(
             kept.iter().zip(&alt_count).any(|(&k, &m)| !cell_ok(k, m).0),
             "{desc}: the per-cell check cannot tell the anchoring ⌊(k-1)/2⌋ from ⌊k/2⌋"
         );
         if std::env::var_os("DROP_RATE_VERBOSE").is_some() {
-            let bad = kept
-                .iter()
-                .zip(&alt_count)
-                .filter(|(&k, &m)| !cell_ok(k, m).0)
-                .count();
+            let bad = kept.iter().zip(&alt_count).filter(|(&k, &m)| !cell_ok(k, m).0).count();
             eprintln!("{desc}: the other anchoring fails {bad} of {} cells", h * w);
         }
     }
@@ -310,20 +245,13 @@ fn paper_gamma_is_eq1_with_the_clipped_block() {
                 .gamma_scale(scale)
                 .build()
                 .unwrap();
-            let plan = Plan::new(
-                &c,
-                Shape::new(2, 3, h, w).unwrap(),
-                RngKey::new(1, 0).unwrap(),
-            );
+            let plan = Plan::new(&c, Shape::new(2, 3, h, w).unwrap(), RngKey::new(1, 0).unwrap());
             assert!(
                 (plan.gamma() - want).abs() <= 1e-14 * want,
                 "{h}x{w} block {bh}x{bw} p {p} scale {scale} {placement:?}: γ {} vs Eq. 1 {want}",
                 plan.gamma()
             );
-            check_geometry(
-                &plan,
-                &contract_geo(h, w, bh as usize, bw as usize, placement),
-            );
+            check_geometry(&plan, &contract_geo(h, w, bh as usize, bw as usize, placement));
         }
     }
     // A block larger than the map is the whole map: γ = p.
@@ -356,15 +284,9 @@ fn expected_drop_fraction_matches_brute_force() {
             let g = contract_geo(h, w, bh, bw, placement);
             let count = coverage(&g);
             let c = cfg(bh as u32, bw as u32, 0.1, placement, GammaRule::Paper);
-            let plan = Plan::new(
-                &c,
-                Shape::new(1, 1, h, w).unwrap(),
-                RngKey::new(1, 0).unwrap(),
-            );
+            let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap());
             check_geometry(&plan, &g);
-            for gamma in [
-                0.0, 1e-7, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0, 1.5, -0.2,
-            ] {
+            for gamma in [0.0, 1e-7, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0, 1.5, -0.2] {
                 let got = expected_drop_fraction(gamma, plan.geometry());
                 let want = brute_expected(gamma, &count);
                 assert!(
@@ -376,10 +298,7 @@ fn expected_drop_fraction_matches_brute_force() {
             // coverage, i.e. sum of block areas over the map.
             let slope = expected_drop_fraction(1e-9, plan.geometry()) / 1e-9;
             let mean_cov = count.iter().map(|&m| m as f64).sum::<f64>() / (h * w) as f64;
-            assert!(
-                (slope - mean_cov).abs() <= 1e-5 * mean_cov.max(1.0),
-                "slope {slope} vs {mean_cov}"
-            );
+            assert!((slope - mean_cov).abs() <= 1e-5 * mean_cov.max(1.0), "slope {slope} vs {mean_cov}");
         }
     }
 }
@@ -407,18 +326,11 @@ fn exact_rate_expected_fraction_is_drop_prob() {
         for placement in [Placement::Valid, Placement::Anywhere] {
             for p in [1e-4, 0.05, 0.1, 0.25, 0.5, 0.9, 0.999] {
                 let c = cfg(bh, bw, p, placement, GammaRule::ExactRate);
-                let plan = Plan::new(
-                    &c,
-                    Shape::new(1, 1, h, w).unwrap(),
-                    RngKey::new(1, 0).unwrap(),
-                );
+                let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap());
                 let gamma = plan.gamma();
                 assert!(gamma > 0.0 && gamma < 1.0, "γ {gamma}");
                 let e = expected_drop_fraction(gamma, plan.geometry());
-                assert!(
-                    (e - p).abs() <= 1e-9,
-                    "{h}x{w} {bh}x{bw} {placement:?} p {p}: expected fraction {e}"
-                );
+                assert!((e - p).abs() <= 1e-9, "{h}x{w} {bh}x{bw} {placement:?} p {p}: expected fraction {e}");
                 // And by brute force.
                 let g = contract_geo(h, w, bh as usize, bw as usize, placement);
                 assert!((brute_expected(gamma, &coverage(&g)) - p).abs() <= 1e-9);
@@ -429,21 +341,13 @@ fn exact_rate_expected_fraction_is_drop_prob() {
                     .gamma_scale(0.5)
                     .build()
                     .unwrap();
-                let plan_half = Plan::new(
-                    &half,
-                    Shape::new(1, 1, h, w).unwrap(),
-                    RngKey::new(1, 0).unwrap(),
-                );
+                let plan_half = Plan::new(&half, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap());
                 assert!((plan_half.gamma() - 0.5 * gamma).abs() <= 1e-15 * gamma);
             }
             // The ends.
             for (p, want) in [(0.0, 0.0), (1.0, 1.0)] {
                 let c = cfg(bh, bw, p, placement, GammaRule::ExactRate);
-                let plan = Plan::new(
-                    &c,
-                    Shape::new(1, 1, h, w).unwrap(),
-                    RngKey::new(1, 0).unwrap(),
-                );
+                let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap());
                 assert_eq!(plan.gamma(), want);
             }
         }
@@ -475,26 +379,15 @@ fn degenerate_block_covers_the_map() {
     for placement in [Placement::Valid, Placement::Anywhere] {
         for rule in [GammaRule::Paper, GammaRule::ExactRate] {
             let c = cfg(7, 7, p, placement, rule);
-            let plan = Plan::new(
-                &c,
-                Shape::new(1, 1, h, w).unwrap(),
-                RngKey::new(1, 0).unwrap(),
-            );
+            let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap());
             let e = expected_drop_fraction(plan.gamma(), plan.geometry());
             match (placement, rule) {
                 (Placement::Anywhere, GammaRule::Paper) => {
                     assert!((plan.gamma() - p).abs() < 1e-15);
-                    assert!(
-                        (0.92..0.94).contains(&e),
-                        "Paper rule, Anywhere, k = H: {e}"
-                    );
+                    assert!((0.92..0.94).contains(&e), "Paper rule, Anywhere, k = H: {e}");
                 }
                 (Placement::Valid, _) => {
-                    assert!(
-                        (plan.gamma() - p).abs() < 1e-12,
-                        "{rule:?}: γ {}",
-                        plan.gamma()
-                    );
+                    assert!((plan.gamma() - p).abs() < 1e-12, "{rule:?}: γ {}", plan.gamma());
                     assert!((e - p).abs() < 1e-12);
                 }
                 (Placement::Anywhere, GammaRule::ExactRate) => {
@@ -505,35 +398,16 @@ fn degenerate_block_covers_the_map() {
         }
     }
     let exact = cfg(7, 7, p, Placement::Anywhere, GammaRule::ExactRate);
-    let r = check_realised(
-        &exact,
-        h,
-        w,
-        4_096,
-        RngKey::new(0xDE6E_0002, 17).unwrap(),
-        p,
-    );
+    let r = check_realised(&exact, h, w, 4_096, RngKey::new(0xDE6E_0002, 17).unwrap(), p);
     assert!((r - p).abs() < 0.01, "Anywhere ExactRate realised {r}");
     // A block larger than the map clips to it (Anywhere: 7x7 of a 50x9 block).
     let big = cfg(50, 9, 0.3, Placement::Anywhere, GammaRule::ExactRate);
-    check_realised(
-        &big,
-        h,
-        w,
-        4_096,
-        RngKey::new(0xDE6E_0003, 34).unwrap(),
-        0.3,
-    );
+    check_realised(&big, h, w, 4_096, RngKey::new(0xDE6E_0003, 34).unwrap(), 0.3);
 
     // drop_prob 1 under ExactRate: γ = 1, everything dropped, exactly.
     for placement in [Placement::Anywhere, Placement::Valid] {
         let all = cfg(3, 3, 1.0, placement, GammaRule::ExactRate);
-        let saved = cpu::sample(
-            &all,
-            Shape::new(2, 3, 13, 70).unwrap(),
-            RngKey::new(5, 0).unwrap(),
-            Mode::Train,
-        );
+        let saved = cpu::sample(&all, Shape::new(2, 3, 13, 70).unwrap(), RngKey::new(5, 0).unwrap(), Mode::Train);
         assert_eq!(saved.kept(), 0);
         assert_eq!(saved.drop_fraction(), 1.0);
     }

@@ -22,9 +22,7 @@ fn main() {
                     let name = t.name().to_string();
                     if require {
                         let why = why.clone();
-                        Trial::test(name, move || {
-                            Err(Failed::from(format!("DROPBLOCK_REQUIRE_GPU=1 but {why}")))
-                        })
+                        Trial::test(name, move || Err(Failed::from(format!("DROPBLOCK_REQUIRE_GPU=1 but {why}"))))
                     } else {
                         Trial::test(name, || Ok(())).with_ignored_flag(true)
                     }
@@ -41,10 +39,7 @@ mod gpu {
 
     pub fn trials() -> (Vec<Trial>, Option<String>) {
         let t = Trial::test("gpu_parity", || Ok(()));
-        (
-            vec![t],
-            Some("dropblock was built without the `cuda` feature".into()),
-        )
+        (vec![t], Some("dropblock was built without the `cuda` feature".into()))
     }
 }
 
@@ -56,8 +51,7 @@ mod gpu {
     use dropblock::cuda::{CudaElement, DropBlockCuda};
     use dropblock::sampling::Plan;
     use dropblock::{
-        cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape,
-        Sharing,
+        cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
     };
     use half::{bf16, f16};
     use rand::rngs::StdRng;
@@ -68,32 +62,23 @@ mod gpu {
     use super::common;
 
     type Gpu = (DropBlockCuda, Arc<CudaStream>);
+    type GpuTest = (&'static str, fn(&Gpu));
 
     /// Every GPU test, and why none can run here (if so).
     pub fn trials() -> (Vec<Trial>, Option<String>) {
-        let gpu = DropBlockCuda::new(0).map(|d| {
+        let gpu = DropBlockCuda::new(0).inspect(|d| {
             // cudarc's per-buffer events would make captured graphs wait on events
             // recorded outside the capture; like candle, run without them. Every
             // test owns its buffers and its stream, so nothing needs them.
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
-            d
         });
-        let tests: [(&str, fn(&Gpu)); 7] = [
+        let tests: [GpuTest; 7] = [
             ("device_sampler_matches_cpu", device_sampler_matches_cpu),
-            (
-                "random_configs_match_cpu_in_every_dtype",
-                random_configs_match_cpu_in_every_dtype,
-            ),
+            ("random_configs_match_cpu_in_every_dtype", random_configs_match_cpu_in_every_dtype),
             ("large_shapes_match_cpu", large_shapes_match_cpu),
-            (
-                "eval_mode_and_zero_drop_prob_copy",
-                eval_mode_and_zero_drop_prob_copy,
-            ),
-            (
-                "graph_captured_forward_matches_cpu",
-                graph_captured_forward_matches_cpu,
-            ),
+            ("eval_mode_and_zero_drop_prob_copy", eval_mode_and_zero_drop_prob_copy),
+            ("graph_captured_forward_matches_cpu", graph_captured_forward_matches_cpu),
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
@@ -104,19 +89,14 @@ mod gpu {
                 let gpu = gpu.as_ref().ok().cloned();
                 Trial::test(name, move || {
                     let d = gpu.ok_or_else(|| Failed::from("no GPU"))?;
-                    let s = d
-                        .context()
-                        .new_stream()
-                        .map_err(|e| Failed::from(e.to_string()))?;
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&(d, s)))).map_err(
-                        |e| {
-                            let msg = e
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
-                            Failed::from(msg.unwrap_or_else(|| "panicked".into()))
-                        },
-                    )
+                    let s = d.context().new_stream().map_err(|e| Failed::from(e.to_string()))?;
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&(d, s)))).map_err(|e| {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+                        Failed::from(msg.unwrap_or_else(|| "panicked".into()))
+                    })
                 })
             })
             .collect();
@@ -131,10 +111,7 @@ mod gpu {
     fn assert_same<T: Element>(what: &str, gpu: &[T], cpu: &[T], ctx: &str) {
         assert_eq!(gpu.len(), cpu.len());
         if let Some(i) = (0..gpu.len()).find(|&i| !same(gpu[i], cpu[i])) {
-            panic!(
-                "{ctx}: {what}[{i}] differs: gpu {:?} cpu {:?}",
-                gpu[i], cpu[i]
-            );
+            panic!("{ctx}: {what}[{i}] differs: gpu {:?} cpu {:?}", gpu[i], cpu[i]);
         }
     }
 
@@ -146,9 +123,7 @@ mod gpu {
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
-        const SIDES: &[usize] = &[
-            1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130,
-        ];
+        const SIDES: &[usize] = &[1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130];
         let shape = Shape::new(
             rng.random_range(1..=4),
             rng.random_range(1..=6),
@@ -166,69 +141,32 @@ mod gpu {
         let kh = side(rng);
         let kw = if rng.random_bool(0.7) { kh } else { side(rng) };
         let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
-        let cfg = DropBlockConfig::builder(
-            Block::new(kh, kw).unwrap(),
-            [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)],
-        )
-        .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
-        .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
-        .gamma_scale(if rng.random_bool(0.8) {
-            1.0
-        } else {
-            rng.random_range(0.25..2.0)
-        })
-        .sharing(
-            [
-                Sharing::None,
-                Sharing::Channels,
-                Sharing::Batch,
-                Sharing::All,
-            ][pick(rng, 4)],
-        )
-        .normalize(
-            [
-                Normalize::Global,
-                Normalize::PerSample,
-                Normalize::Expected,
-                Normalize::None,
-            ][pick(rng, 4)],
-        )
-        .build()
-        .unwrap();
+        let cfg = DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)])
+            .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
+            .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
+            .gamma_scale(if rng.random_bool(0.8) { 1.0 } else { rng.random_range(0.25..2.0) })
+            .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
+            .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])
+            .build()
+            .unwrap();
         let offset = if rng.random_bool(0.1) {
             RngKey::MAX_OFFSET - rng.random_range(0..100)
         } else {
             rng.random_range(0..10_000)
         };
-        Case {
-            cfg,
-            shape,
-            key: RngKey::new(rng.random(), offset).unwrap(),
-        }
+        Case { cfg, shape, key: RngKey::new(rng.random(), offset).unwrap() }
     }
 
     /// Forward and backward on both paths, out of place (optionally on views one
     /// element past an aligned start, which takes the unaligned kernels) and in
     /// place; everything must agree bit for bit.
-    fn check<T: CudaElement>(
-        d: &DropBlockCuda,
-        s: &Arc<CudaStream>,
-        case: Case,
-        unaligned: bool,
-        seed: u64,
-    ) {
+    fn check<T: CudaElement>(d: &DropBlockCuda, s: &Arc<CudaStream>, case: Case, unaligned: bool, seed: u64) {
         let ctx = format!("{case:?} {} unaligned={unaligned}", T::DTYPE.name());
         let (cfg, shape, key) = (case.cfg, case.shape, case.key);
         let n = shape.numel();
         let off = unaligned as usize;
-        let x: Vec<T> = common::input(n + off, seed)
-            .into_iter()
-            .map(T::from_f32)
-            .collect();
-        let dy: Vec<T> = common::input(n + off, seed + 1)
-            .into_iter()
-            .map(T::from_f32)
-            .collect();
+        let x: Vec<T> = common::input(n + off, seed).into_iter().map(T::from_f32).collect();
+        let dy: Vec<T> = common::input(n + off, seed + 1).into_iter().map(T::from_f32).collect();
 
         let mut y_cpu = vec![T::default(); n];
         let saved = cpu::forward(&cfg, shape, key, Mode::Train, &x[off..], &mut y_cpu).unwrap();
@@ -239,25 +177,10 @@ mod gpu {
         let dyd = s.clone_htod(&dy).unwrap();
         let mut yd = s.alloc_zeros::<T>(n + off).unwrap();
         let mut dxd = s.alloc_zeros::<T>(n + off).unwrap();
-        let state = d
-            .forward(
-                s,
-                &cfg,
-                shape,
-                key,
-                Mode::Train,
-                &xd.slice(off..),
-                &mut yd.slice_mut(off..),
-            )
-            .unwrap();
-        d.backward(s, &state, &dyd.slice(off..), &mut dxd.slice_mut(off..))
-            .unwrap();
+        let state = d.forward(s, &cfg, shape, key, Mode::Train, &xd.slice(off..), &mut yd.slice_mut(off..)).unwrap();
+        d.backward(s, &state, &dyd.slice(off..), &mut dxd.slice_mut(off..)).unwrap();
 
-        assert_eq!(
-            state.keep_mask(s).unwrap(),
-            saved.keep_mask(),
-            "{ctx}: keep mask"
-        );
+        assert_eq!(state.keep_mask(s).unwrap(), saved.keep_mask(), "{ctx}: keep mask");
         assert_eq!(state.kept(s).unwrap(), saved.kept(), "{ctx}: kept");
         assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
         assert_same("y", &s.clone_dtoh(&yd).unwrap()[off..], &y_cpu, &ctx);
@@ -265,31 +188,11 @@ mod gpu {
 
         let mut xy = s.clone_htod(&x).unwrap();
         let mut state2 = d.alloc_state(s, shape).unwrap();
-        d.forward_inplace(
-            s,
-            &mut state2,
-            &cfg,
-            shape,
-            key,
-            Mode::Train,
-            &mut xy.slice_mut(off..),
-        )
-        .unwrap();
-        assert_same(
-            "y (in place)",
-            &s.clone_dtoh(&xy).unwrap()[off..],
-            &y_cpu,
-            &ctx,
-        );
+        d.forward_inplace(s, &mut state2, &cfg, shape, key, Mode::Train, &mut xy.slice_mut(off..)).unwrap();
+        assert_same("y (in place)", &s.clone_dtoh(&xy).unwrap()[off..], &y_cpu, &ctx);
         let mut g = s.clone_htod(&dy).unwrap();
-        d.backward_inplace(s, &state2, &mut g.slice_mut(off..))
-            .unwrap();
-        assert_same(
-            "dx (in place)",
-            &s.clone_dtoh(&g).unwrap()[off..],
-            &dx_cpu,
-            &ctx,
-        );
+        d.backward_inplace(s, &state2, &mut g.slice_mut(off..)).unwrap();
+        assert_same("dx (in place)", &s.clone_dtoh(&g).unwrap()[off..], &dx_cpu, &ctx);
     }
 
     fn device_sampler_matches_cpu((d, s): &Gpu) {
@@ -303,7 +206,7 @@ mod gpu {
             for (p, chunk) in cpu.chunks_mut(per_plane).enumerate() {
                 plan.seed_grid(p, chunk);
             }
-            assert_eq!(d.sample_seeds(&s, &plan).unwrap(), cpu, "{case:?}");
+            assert_eq!(d.sample_seeds(s, &plan).unwrap(), cpu, "{case:?}");
         }
     }
 
@@ -313,33 +216,22 @@ mod gpu {
             let case = random_case(&mut rng);
             let unaligned = i % 5 == 4;
             match i % 3 {
-                0 => check::<f32>(&d, &s, case, unaligned, i),
-                1 => check::<f16>(&d, &s, case, unaligned, i),
-                _ => check::<bf16>(&d, &s, case, unaligned, i),
+                0 => check::<f32>(d, s, case, unaligned, i),
+                1 => check::<f16>(d, s, case, unaligned, i),
+                _ => check::<bf16>(d, s, case, unaligned, i),
             }
         }
     }
 
     fn large_shapes_match_cpu((d, s): &Gpu) {
-        let big = [
-            (8, 256, 56, 56, 7),
-            (24, 64, 76, 76, 3),
-            (2, 8, 300, 257, 9),
-            (1, 2, 1, 100_000, 5),
-        ];
+        let big = [(8, 256, 56, 56, 7), (24, 64, 76, 76, 3), (2, 8, 300, 257, 9), (1, 2, 1, 100_000, 5)];
         for (i, &(n, c, h, w, k)) in big.iter().enumerate() {
             for norm in [Normalize::Global, Normalize::Expected] {
-                let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.1)
-                    .normalize(norm)
-                    .build()
-                    .unwrap();
-                let case = Case {
-                    cfg,
-                    shape: Shape::new(n, c, h, w).unwrap(),
-                    key: RngKey::new(77 + i as u64, 34).unwrap(),
-                };
-                check::<f32>(&d, &s, case, false, i as u64);
-                check::<bf16>(&d, &s, case, false, i as u64);
+                let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.1).normalize(norm).build().unwrap();
+                let case =
+                    Case { cfg, shape: Shape::new(n, c, h, w).unwrap(), key: RngKey::new(77 + i as u64, 34).unwrap() };
+                check::<f32>(d, s, case, false, i as u64);
+                check::<bf16>(d, s, case, false, i as u64);
             }
         }
     }
@@ -349,19 +241,13 @@ mod gpu {
         let zero = DropBlockConfig::paper(3, 0.0).unwrap();
         let half = DropBlockConfig::paper(3, 0.5).unwrap();
         for (cfg, mode) in [(zero, Mode::Train), (half, Mode::Eval)] {
-            let case = Case {
-                cfg,
-                shape,
-                key: RngKey::new(1, 0).unwrap(),
-            };
+            let case = Case { cfg, shape, key: RngKey::new(1, 0).unwrap() };
             let x: Vec<f32> = common::input(shape.numel(), 5);
             let xd = s.clone_htod(&x).unwrap();
             let mut yd = s.alloc_zeros::<f32>(shape.numel()).unwrap();
-            let st = d
-                .forward(&s, &cfg, shape, case.key, mode, &xd, &mut yd)
-                .unwrap();
+            let st = d.forward(s, &cfg, shape, case.key, mode, &xd, &mut yd).unwrap();
             assert_eq!(s.clone_dtoh(&yd).unwrap(), x);
-            assert_eq!(st.kept(&s).unwrap(), shape.numel() as u64);
+            assert_eq!(st.kept(s).unwrap(), shape.numel() as u64);
             assert!(st.plan().is_none());
         }
     }
@@ -370,35 +256,22 @@ mod gpu {
         let shape = Shape::new(4, 16, 28, 28).unwrap();
         let key = RngKey::new(11, 0).unwrap();
         for norm in [Normalize::Global, Normalize::PerSample, Normalize::Expected] {
-            let cfg = DropBlockConfig::builder(Block::square(7).unwrap(), 0.1)
-                .normalize(norm)
-                .build()
-                .unwrap();
+            let cfg = DropBlockConfig::builder(Block::square(7).unwrap(), 0.1).normalize(norm).build().unwrap();
             let x: Vec<f32> = common::input(shape.numel(), 3);
             let xd = s.clone_htod(&x).unwrap();
             let mut yd = s.alloc_zeros::<f32>(shape.numel()).unwrap();
-            let mut state = d.alloc_state(&s, shape).unwrap();
+            let mut state = d.alloc_state(s, shape).unwrap();
             s.synchronize().unwrap();
-            s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                .unwrap();
-            d.forward_into(&s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd)
-                .unwrap();
-            let graph = s
-                .end_capture(sys::CUgraphInstantiate_flags(0))
-                .unwrap()
-                .expect("a captured graph");
+            s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+            d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
+            let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
             // Replays are idempotent: the counters are reset inside the graph.
             for _ in 0..3 {
                 graph.launch().unwrap();
             }
             let mut y_cpu = vec![0f32; shape.numel()];
             cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
-            assert_same(
-                "y (graph)",
-                &s.clone_dtoh(&yd).unwrap(),
-                &y_cpu,
-                &format!("{norm:?}"),
-            );
+            assert_same("y (graph)", &s.clone_dtoh(&yd).unwrap(), &y_cpu, &format!("{norm:?}"));
         }
     }
 
@@ -408,16 +281,10 @@ mod gpu {
         let cfg = DropBlockConfig::paper(5, 0.2).unwrap();
         let keys = [RngKey::new(1, 0).unwrap(), RngKey::new(2, 17).unwrap()];
         let x: Vec<f32> = common::input(shape.numel(), 9);
-        let streams = [&s1, &s2];
+        let streams = [s1, &s2];
         let inputs: Vec<_> = streams.iter().map(|s| s.clone_htod(&x).unwrap()).collect();
-        let mut outputs: Vec<_> = streams
-            .iter()
-            .map(|s| s.alloc_zeros::<f32>(shape.numel()).unwrap())
-            .collect();
-        let mut states: Vec<_> = streams
-            .iter()
-            .map(|s| d.alloc_state(s, shape).unwrap())
-            .collect();
+        let mut outputs: Vec<_> = streams.iter().map(|s| s.alloc_zeros::<f32>(shape.numel()).unwrap()).collect();
+        let mut states: Vec<_> = streams.iter().map(|s| d.alloc_state(s, shape).unwrap()).collect();
         for i in 0..2 {
             for _ in 0..4 {
                 d.forward_into(
@@ -436,12 +303,7 @@ mod gpu {
         for i in 0..2 {
             let mut y_cpu = vec![0f32; shape.numel()];
             cpu::forward(&cfg, shape, keys[i], Mode::Train, &x, &mut y_cpu).unwrap();
-            assert_same(
-                "y",
-                &streams[i].clone_dtoh(&outputs[i]).unwrap(),
-                &y_cpu,
-                &format!("stream {i}"),
-            );
+            assert_same("y", &streams[i].clone_dtoh(&outputs[i]).unwrap(), &y_cpu, &format!("stream {i}"));
         }
     }
 
@@ -451,26 +313,13 @@ mod gpu {
         let key = RngKey::new(0, 0).unwrap();
         let short = s.alloc_zeros::<f32>(31).unwrap();
         let mut y = s.alloc_zeros::<f32>(32).unwrap();
-        let err = d
-            .forward(&s, &cfg, shape, key, Mode::Train, &short, &mut y)
-            .unwrap_err();
-        assert!(
-            matches!(err, dropblock::Error::LengthMismatch { what: "x", .. }),
-            "{err}"
-        );
-        let state = d.alloc_state(&s, shape).unwrap();
+        let err = d.forward(s, &cfg, shape, key, Mode::Train, &short, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "x", .. }), "{err}");
+        let state = d.alloc_state(s, shape).unwrap();
         let x = s.alloc_zeros::<f32>(32).unwrap();
-        assert!(matches!(
-            d.backward(&s, &state, &x, &mut y),
-            Err(dropblock::Error::NoForwardCall)
-        ));
-        let mut other = d.alloc_state(&s, Shape::new(1, 1, 4, 8).unwrap()).unwrap();
-        let err = d
-            .forward_into(&s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y)
-            .unwrap_err();
-        assert!(
-            matches!(err, dropblock::Error::ShapeMismatch { .. }),
-            "{err}"
-        );
+        assert!(matches!(d.backward(s, &state, &x, &mut y), Err(dropblock::Error::NoForwardCall)));
+        let mut other = d.alloc_state(s, Shape::new(1, 1, 4, 8).unwrap()).unwrap();
+        let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::ShapeMismatch { .. }), "{err}");
     }
 }

@@ -16,11 +16,7 @@ fn fatbin_entries(fatbin: &[u8]) -> Vec<(u16, u32)> {
     let mut entries = Vec::new();
     let mut off = header;
     while off < end {
-        let (kind, entry_header, payload) = (
-            u16_at(off),
-            u32_at(off + 4) as usize,
-            u64_at(off + 8) as usize,
-        );
+        let (kind, entry_header, payload) = (u16_at(off), u32_at(off + 4) as usize, u64_at(off + 8) as usize);
         entries.push((kind, u32_at(off + 28)));
         off += entry_header + payload;
     }
@@ -49,29 +45,15 @@ fn fatbin_has_sass_for_every_arch_and_ptx_for_the_newest() {
     let archs = cuda::built_archs();
     assert!(!archs.is_empty(), "no archs recorded by build.rs");
     if option_env!("DROPBLOCK_CUDA_ARCHS").is_none() {
-        assert_eq!(
-            archs,
-            [75, 80, 86, 89, 90, 100, 120],
-            "the default arch list"
-        );
+        assert_eq!(archs, [75, 80, 86, 89, 90, 100, 120], "the default arch list");
     }
     let entries = fatbin_entries(cuda::fatbin());
     for a in &archs {
-        assert!(
-            entries.contains(&(2, *a)),
-            "no SASS for sm_{a} in {entries:?}"
-        );
+        assert!(entries.contains(&(2, *a)), "no SASS for sm_{a} in {entries:?}");
     }
     let newest = *archs.iter().max().unwrap();
-    assert!(
-        entries.contains(&(1, newest)),
-        "no PTX for compute_{newest} in {entries:?}"
-    );
-    assert_eq!(
-        entries.iter().filter(|e| e.0 == 1).count(),
-        1,
-        "PTX for the newest arch only"
-    );
+    assert!(entries.contains(&(1, newest)), "no PTX for compute_{newest} in {entries:?}");
+    assert_eq!(entries.iter().filter(|e| e.0 == 1).count(), 1, "PTX for the newest arch only");
 }
 
 #[test]
@@ -86,10 +68,8 @@ fn ptxas_report_covers_every_kernel_and_nothing_spills() {
         }
         if line.contains("bytes spill stores") {
             let (name, arch) = current.clone().expect("spill line after an entry line");
-            let nums: Vec<u64> = line
-                .split(',')
-                .map(|f| f.trim().split(' ').next().unwrap().parse().unwrap())
-                .collect();
+            let nums: Vec<u64> =
+                line.split(',').map(|f| f.trim().split(' ').next().unwrap().parse().unwrap()).collect();
             assert_eq!(nums[1..], [0, 0], "{name} spills on {arch}: {line}");
             assert_eq!(nums[0], 0, "{name} uses a stack frame on {arch}: {line}");
             seen.insert((name, arch));
@@ -97,10 +77,7 @@ fn ptxas_report_covers_every_kernel_and_nothing_spills() {
     }
     for a in cuda::built_archs() {
         for k in KERNELS {
-            assert!(
-                seen.contains(&(k.to_string(), format!("sm_{a}"))),
-                "no ptxas report for {k} on sm_{a}"
-            );
+            assert!(seen.contains(&(k.to_string(), format!("sm_{a}"))), "no ptxas report for {k} on sm_{a}");
         }
     }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use dropblock::{cpu, Block, GammaRule, DropBlockConfig, Mode, Normalize, Placement, RngKey, Shape, Sharing};
+use dropblock::{cpu, Block, DropBlockConfig, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing};
 
 fn config(norm: Normalize, p: f64) -> DropBlockConfig {
     // ExactRate so that p = 1 means γ = 1: every cell dropped.
@@ -52,8 +52,7 @@ fn per_sample_scale_uses_each_samples_count() {
     let shape = Shape::new(4, 3, 11, 9).unwrap();
     let (saved, x, y) = run(Normalize::PerSample, 0.3, shape, 2);
     let kept = kept_counts(&saved.keep_mask(), shape);
-    let want: Vec<f32> =
-        kept.iter().map(|&k| ((shape.c() * shape.plane_len()) as f64 / k as f64) as f32).collect();
+    let want: Vec<f32> = kept.iter().map(|&k| ((shape.c() * shape.plane_len()) as f64 / k as f64) as f32).collect();
     assert_eq!(saved.scales(), &want[..]);
     assert!(want.windows(2).any(|w| w[0] != w[1]), "samples should differ: {want:?}");
     check_output(&saved, &x, &y, |n| want[n]);

@@ -119,7 +119,13 @@ fn curand_reimplementation_matches_published_check_value() {
 fn draw_stream_is_curand_init_then_curand() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut cases: Vec<(u64, u64, u64)> = (0..200)
-        .map(|_| (rng.random(), rng.random::<u64>() >> rng.random_range(0..64), rng.random::<u64>() >> rng.random_range(2..64)))
+        .map(|_| {
+            (
+                rng.random(),
+                rng.random::<u64>() >> rng.random_range(0..64),
+                rng.random::<u64>() >> rng.random_range(2..64),
+            )
+        })
         .collect();
     // Word boundaries of the counter and the subsequence, and the largest offset.
     cases.extend([

@@ -67,16 +67,9 @@ fn binomial_pmf(n: u32, p: f64) -> Vec<f64> {
 /// A plan whose γ is exactly `gamma`: a 1x1 block with `drop_prob` 1 gives a Paper γ
 /// of exactly 1, which `gamma_scale` then scales.
 fn plan_with_gamma(gamma: f64, shape: Shape, seed: u64, offset: u64) -> Plan {
-    let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0)
-        .gamma_scale(gamma)
-        .build()
-        .unwrap();
+    let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
     let plan = Plan::new(&cfg, shape, RngKey::new(seed, offset).unwrap());
-    assert_eq!(
-        plan.gamma(),
-        gamma,
-        "a 1x1 block with p = 1 must give γ = gamma_scale"
-    );
+    assert_eq!(plan.gamma(), gamma, "a 1x1 block with p = 1 must give γ = gamma_scale");
     plan
 }
 
@@ -120,11 +113,7 @@ fn collect(windows: u64, len: u32, mut sample: impl FnMut(u64) -> u64) -> Window
     };
     for i in 0..windows {
         let bits = sample(scrambled(i));
-        assert_eq!(
-            bits & !low_mask(len),
-            0,
-            "seed outside a window of {len} cells: {bits:#x}"
-        );
+        assert_eq!(bits & !low_mask(len), 0, "seed outside a window of {len} cells: {bits:#x}");
         s.per_count[bits.count_ones() as usize] += 1;
         let mut b = bits;
         while b != 0 {
@@ -161,12 +150,7 @@ fn bernoulli_failures(s: &WindowStats, gamma: f64) -> Vec<String> {
     }
     // Each position.
     for (i, &c) in s.per_position.iter().enumerate() {
-        if let Err(e) = check_count(
-            &format!("seeds at position {i} of {len}"),
-            c,
-            s.windows,
-            gamma,
-        ) {
+        if let Err(e) = check_count(&format!("seeds at position {i} of {len}"), c, s.windows, gamma) {
             failures.push(format!("[position] {e}"));
         }
     }
@@ -259,13 +243,7 @@ fn thresholds_match_closed_form() {
         for j in 0..64 {
             assert!(t[j] <= TWO_POW_32, "γ {gamma}: T[{j}] = {} > 2^32", t[j]);
             if j > 0 {
-                assert!(
-                    t[j] >= t[j - 1],
-                    "γ {gamma}: T[{j}] = {} < T[{}] = {}",
-                    t[j],
-                    j - 1,
-                    t[j - 1]
-                );
+                assert!(t[j] >= t[j - 1], "γ {gamma}: T[{j}] = {} < T[{}] = {}", t[j], j - 1, t[j - 1]);
             }
             let exact = TWO_POW_32 as f64 * (1.0 - (1.0 - gamma).powi(j as i32 + 1));
             assert!(
@@ -280,27 +258,16 @@ fn thresholds_match_closed_form() {
     }
     // Strictly increasing while γ is not tiny and (1-γ)^j is not yet below 2^-32.
     let t = thresholds(0.05);
-    assert!(
-        t.windows(2).all(|w| w[1] > w[0]),
-        "T must grow strictly at γ = 0.05"
-    );
+    assert!(t.windows(2).all(|w| w[1] > w[0]), "T must grow strictly at γ = 0.05");
 }
 
 #[test]
 fn thresholds_edge_cases() {
     for gamma in [0.0, -0.0, -1e-300, -0.5, -1.0, f64::NEG_INFINITY] {
-        assert_eq!(
-            thresholds(gamma),
-            [0u64; 64],
-            "γ = {gamma} must give no seeds"
-        );
+        assert_eq!(thresholds(gamma), [0u64; 64], "γ = {gamma} must give no seeds");
     }
     for gamma in [1.0, 1.0 + 1e-12, 1.5, 2.0, 1e300, f64::INFINITY] {
-        assert_eq!(
-            thresholds(gamma),
-            [TWO_POW_32; 64],
-            "γ = {gamma} must give every cell"
-        );
+        assert_eq!(thresholds(gamma), [TWO_POW_32; 64], "γ = {gamma} must give every cell");
     }
     // Smallest positive γ: all thresholds floor to 0 or tiny values, never negative.
     let t = thresholds(f64::MIN_POSITIVE);
@@ -314,12 +281,7 @@ fn thresholds_edge_cases() {
 
 #[test]
 fn sample_window_follows_the_documented_walk() {
-    for (gamma, seed, offset) in [
-        (0.05, 11u64, 0u64),
-        (0.3, 12, 17),
-        (0.9, 13, 1 << 40),
-        (1e-3, u64::MAX, 5),
-    ] {
+    for (gamma, seed, offset) in [(0.05, 11u64, 0u64), (0.3, 12, 17), (0.9, 13, 1 << 40), (1e-3, u64::MAX, 5)] {
         let plan = plan_with_gamma(gamma, one_cell(), seed, offset);
         let key = RngKey::new(seed, offset).unwrap();
         let t = thresholds(gamma);
@@ -354,13 +316,7 @@ fn short_windows_are_independent_bernoulli() {
     check_bernoulli(&stats, gamma).unwrap();
     // A one-cell window is a single Bernoulli(γ).
     let stats = collect(200_000, 1, |w| plan.sample_window(w, 1));
-    check_count(
-        "one-cell windows seeded",
-        stats.per_position[0],
-        stats.windows,
-        gamma,
-    )
-    .unwrap();
+    check_count("one-cell windows seeded", stats.per_position[0], stats.windows, gamma).unwrap();
     // A high rate walks many gaps per window.
     let gamma = 0.4;
     let plan = plan_with_gamma(gamma, one_cell(), 0x5EED_0003, 51);
@@ -402,9 +358,7 @@ fn statistics_reject_broken_samplers() {
             if u >= t[(len - pos) as usize - 1] {
                 break;
             }
-            let g = (0..len - pos)
-                .find(|&g| u < t[(g as usize + 1).min(63)])
-                .unwrap();
+            let g = (0..len - pos).find(|&g| u < t[(g as usize + 1).min(63)]).unwrap();
             bits |= 1 << (pos + g);
             pos += g + 1;
         }
@@ -448,22 +402,10 @@ fn statistics_reject_broken_samplers() {
     // Each must fail, and fail the checks aimed at its kind of bug (not only the
     // total rate).
     let mutants: [(&str, Walk, &[&str]); 5] = [
-        (
-            "skip next",
-            skip_next,
-            &["[adjacent] seeds at both 0 and 1", "[chi2]"],
-        ),
-        (
-            "gap off by one",
-            gap_off_by_one,
-            &["[position] seeds at position 0 ", "[chi2]"],
-        ),
+        ("skip next", skip_next, &["[adjacent] seeds at both 0 and 1", "[chi2]"]),
+        ("gap off by one", gap_off_by_one, &["[position] seeds at position 0 ", "[chi2]"]),
         ("shifted", shifted, &["[position] seeds at position 0 "]),
-        (
-            "short r",
-            short_r,
-            &["[position] seeds at position 12 of 13", "[chi2]"],
-        ),
+        ("short r", short_r, &["[position] seeds at position 12 of 13", "[chi2]"]),
         ("reuse", reuse, &["[chi2]", "[adjacent]"]),
     ];
     for (name, walk, must) in mutants {
@@ -488,10 +430,7 @@ fn statistics_reject_broken_samplers() {
     // γ 3% too high passes the walk but not the rates.
     let t_hi = thresholds(gamma * 1.03);
     let stats = collect(300_000, 64, |w| reference_window(key, &t_hi, w, 64));
-    assert!(
-        check_bernoulli(&stats, gamma).is_err(),
-        "γ 3% high passed the checks"
-    );
+    assert!(check_bernoulli(&stats, gamma).is_err(), "γ 3% high passed the checks");
     // The correct walk, written from the docs, passes.
     let stats = collect(300_000, 64, |w| reference_window(key, &t, w, 64));
     check_bernoulli(&stats, gamma).unwrap();
@@ -505,17 +444,12 @@ fn rows_longer_than_a_window() {
     // windows of 64, 64, 64 and 8 cells.
     let gamma = 0.05;
     let (planes, h, w) = (40usize, 2_500usize, 206usize);
-    let cfg = DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0)
-        .placement(Placement::Valid)
-        .build()
-        .unwrap();
+    let cfg = DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0).placement(Placement::Valid).build().unwrap();
     let shape = Shape::new(2, planes / 2, h, w).unwrap();
     let probe = Plan::new(&cfg, shape, RngKey::new(7, 0).unwrap());
     // Paper γ of this config, scaled to the rate wanted.
-    let cfg = DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0)
-        .gamma_scale(gamma / probe.gamma())
-        .build()
-        .unwrap();
+    let cfg =
+        DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0).gamma_scale(gamma / probe.gamma()).build().unwrap();
     let plan = Plan::new(&cfg, shape, RngKey::new(0x5EED_0004, 17 * 3).unwrap());
     let gamma = plan.gamma();
     assert!((gamma - 0.05).abs() < 1e-12);
@@ -539,12 +473,7 @@ fn rows_longer_than_a_window() {
         plan.seed_grid(p, &mut grid);
         for y in 0..h {
             let r = &grid[y * wpr..(y + 1) * wpr];
-            assert_eq!(
-                r[3] >> 8,
-                0,
-                "seed past column 199 (plane {p}, row {y}): {:#x}",
-                r[3]
-            );
+            assert_eq!(r[3] >> 8, 0, "seed past column 199 (plane {p}, row {y}): {:#x}", r[3]);
             // seed_row and the window numbering of the contract agree with seed_grid.
             if y % 97 == 0 {
                 plan.seed_row(p, y as u32, &mut row);
@@ -552,11 +481,7 @@ fn rows_longer_than_a_window() {
                 for (s, &word) in r.iter().enumerate() {
                     let len = if s == 3 { 8 } else { 64 };
                     let window = ((p * h + y) * wpr + s) as u64;
-                    assert_eq!(
-                        word,
-                        plan.sample_window(window, len),
-                        "window {s} of plane {p} row {y}"
-                    );
+                    assert_eq!(word, plan.sample_window(window, len), "window {s} of plane {p} row {y}");
                 }
             }
             for (x, cx) in col.iter_mut().enumerate() {
@@ -585,44 +510,17 @@ fn rows_longer_than_a_window() {
         check_count(&format!("seeds in column {x}"), c, rows, gamma).unwrap();
     }
     // Pooled: the cells next to window boundaries, and the short last window.
-    let boundary: u64 = [0usize, 63, 64, 127, 128, 191, 192]
-        .iter()
-        .map(|&x| col[x])
-        .sum();
+    let boundary: u64 = [0usize, 63, 64, 127, 128, 191, 192].iter().map(|&x| col[x]).sum();
     check_count("seeds at window boundaries", boundary, 7 * rows, gamma).unwrap();
     let last: u64 = col[192..200].iter().sum();
     check_count("seeds in the 8-cell window", last, 8 * rows, gamma).unwrap();
     let first: u64 = col[..64].iter().sum();
     check_count("seeds in the first window", first, 64 * rows, gamma).unwrap();
     // Independence between windows, rows and planes.
-    check_count(
-        "seeds at c and c+64",
-        same_col_next_window,
-        136 * rows,
-        gamma * gamma,
-    )
-    .unwrap();
-    check_count(
-        "seeds at both sides of a boundary",
-        pairs_across_window,
-        3 * rows,
-        gamma * gamma,
-    )
-    .unwrap();
-    check_count(
-        "seeds at (y, x) and (y+1, x)",
-        pairs_next_row,
-        200 * (rows - planes as u64),
-        gamma * gamma,
-    )
-    .unwrap();
-    check_count(
-        "row 0 of planes p and p+1",
-        pairs_next_plane,
-        200 * (planes as u64 - 1),
-        gamma * gamma,
-    )
-    .unwrap();
+    check_count("seeds at c and c+64", same_col_next_window, 136 * rows, gamma * gamma).unwrap();
+    check_count("seeds at both sides of a boundary", pairs_across_window, 3 * rows, gamma * gamma).unwrap();
+    check_count("seeds at (y, x) and (y+1, x)", pairs_next_row, 200 * (rows - planes as u64), gamma * gamma).unwrap();
+    check_count("row 0 of planes p and p+1", pairs_next_plane, 200 * (planes as u64 - 1), gamma * gamma).unwrap();
 }
 
 // ---------------------------------------------------------------- extreme rates
@@ -668,11 +566,7 @@ fn gamma_near_one() {
         let plan = plan_with_gamma(gamma, one_cell(), 9, 17);
         for len in 1..=64u32 {
             for i in 0..50u64 {
-                assert_eq!(
-                    plan.sample_window(scrambled(i), len),
-                    low_mask(len),
-                    "γ {gamma}, len {len}"
-                );
+                assert_eq!(plan.sample_window(scrambled(i), len), low_mask(len), "γ {gamma}, len {len}");
             }
         }
     }
@@ -691,13 +585,7 @@ fn gamma_near_one() {
     let total: u64 = empty_at.iter().sum();
     check_count("empty cells at γ = 0.999", total, windows * 64, 1.0 - gamma).unwrap();
     for (x, &e) in empty_at.iter().enumerate() {
-        check_count(
-            &format!("empty cells at position {x}, γ = 0.999"),
-            e,
-            windows,
-            1.0 - gamma,
-        )
-        .unwrap();
+        check_count(&format!("empty cells at position {x}, γ = 0.999"), e, windows, 1.0 - gamma).unwrap();
     }
     // The last cell of a full window is where a quantised stop rule would show.
     assert!(empty_at[63] > 0 && empty_at[0] > 0);
@@ -709,10 +597,7 @@ fn gamma_near_one() {
 fn offsets_give_independent_grids_and_keys_replay() {
     let gamma = 0.1;
     let shape = Shape::new(2, 2, 100, 100).unwrap();
-    let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0)
-        .gamma_scale(gamma)
-        .build()
-        .unwrap();
+    let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
     let grids = |key: RngKey| -> Vec<u64> {
         let plan = Plan::new(&cfg, shape, key);
         let per_plane = plan.geometry().seed_h as usize * plan.geometry().windows_per_row as usize;
@@ -724,19 +609,11 @@ fn offsets_give_independent_grids_and_keys_replay() {
     };
     let cells = 4 * 100 * 100u64;
     let seeds = |g: &[u64]| g.iter().map(|w| w.count_ones() as u64).sum::<u64>();
-    let both = |a: &[u64], b: &[u64]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x & y).count_ones() as u64)
-            .sum::<u64>()
-    };
+    let both = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| (x & y).count_ones() as u64).sum::<u64>();
 
     let mut gen = Generator::new(0xDB_2018);
     let keys: Vec<RngKey> = (0..4).map(|_| gen.next_key().unwrap()).collect();
-    assert_eq!(
-        keys.iter().map(|k| k.offset()).collect::<Vec<_>>(),
-        vec![0, 17, 34, 51]
-    );
+    assert_eq!(keys.iter().map(|k| k.offset()).collect::<Vec<_>>(), vec![0, 17, 34, 51]);
     assert!(keys.iter().all(|k| k.seed() == 0xDB_2018));
     assert_eq!(gen.offset(), 68);
 
@@ -749,25 +626,13 @@ fn offsets_give_independent_grids_and_keys_replay() {
         assert_eq!(*gi, grids(resumed.next_key().unwrap()));
         for (j, gj) in g.iter().enumerate().skip(i + 1) {
             assert_ne!(gi, gj, "keys {i} and {j} gave the same grid");
-            check_count(
-                &format!("seeds in both grid {i} and grid {j}"),
-                both(gi, gj),
-                cells,
-                gamma * gamma,
-            )
-            .unwrap();
+            check_count(&format!("seeds in both grid {i} and grid {j}"), both(gi, gj), cells, gamma * gamma).unwrap();
         }
     }
     // Another seed, same offset.
     let other = grids(RngKey::new(0xDB_2019, 0).unwrap());
     assert_ne!(other, g[0]);
-    check_count(
-        "seeds in both seed 0xDB2018 and 0xDB2019",
-        both(&other, &g[0]),
-        cells,
-        gamma * gamma,
-    )
-    .unwrap();
+    check_count("seeds in both seed 0xDB2018 and 0xDB2019", both(&other, &g[0]), cells, gamma * gamma).unwrap();
     // Neighbouring offsets share counter blocks, but the grids still differ.
     let next = grids(RngKey::new(0xDB_2018, 1).unwrap());
     assert_ne!(next, g[0]);

@@ -55,9 +55,7 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let iters = a.iters.max(1);
     let times = match a.device {
         DeviceArg::Cpu => {
-            let x: Vec<T> = (0..shape.numel())
-                .map(|i| T::from_f32((i % 17) as f32 - 8.0))
-                .collect();
+            let x: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect();
             let mut y = vec![T::default(); shape.numel()];
             let mut dx = vec![T::default(); shape.numel()];
             let mut times = Vec::with_capacity(iters);
@@ -77,9 +75,7 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
             times
         }
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda | DeviceArg::Auto => {
-            cuda_times::<T>(&cfg, shape, &mut gen, iters, a.backward)?
-        }
+        DeviceArg::Cuda | DeviceArg::Auto => cuda_times::<T>(&cfg, shape, &mut gen, iters, a.backward)?,
         #[cfg(not(feature = "cuda"))]
         DeviceArg::Cuda | DeviceArg::Auto => return Err(dropblock::Error::KernelsNotBuilt.into()),
     };
@@ -106,40 +102,21 @@ fn cuda_times<T: CliElement>(
 ) -> Result<Vec<f64>, CliError> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     let d = dropblock::cuda::DropBlockCuda::new(0)?;
-    let err =
-        |e: cudarc::driver::DriverError| CliError::from(dropblock::Error::Driver(e.to_string()));
+    let err = |e: cudarc::driver::DriverError| CliError::from(dropblock::Error::Driver(e.to_string()));
     let s = d.context().new_stream().map_err(err)?;
     let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
     let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
-    let host: Vec<T> = (0..shape.numel())
-        .map(|i| T::from_f32((i % 17) as f32 - 8.0))
-        .collect();
-    let xs: Vec<_> = (0..copies)
-        .map(|_| s.clone_htod(&host))
-        .collect::<Result<_, _>>()
-        .map_err(err)?;
-    let mut ys: Vec<_> = (0..copies)
-        .map(|_| s.alloc_zeros::<T>(shape.numel()))
-        .collect::<Result<_, _>>()
-        .map_err(err)?;
-    let mut states: Vec<_> = (0..copies)
-        .map(|_| d.alloc_state(&s, shape))
-        .collect::<Result<_, _>>()?;
+    let host: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect();
+    let xs: Vec<_> = (0..copies).map(|_| s.clone_htod(&host)).collect::<Result<_, _>>().map_err(err)?;
+    let mut ys: Vec<_> =
+        (0..copies).map(|_| s.alloc_zeros::<T>(shape.numel())).collect::<Result<_, _>>().map_err(err)?;
+    let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape)).collect::<Result<_, _>>()?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + 3 {
         let k = i % copies;
         let key = gen.next_key()?;
         if backward {
-            d.forward_into(
-                &s,
-                &mut states[k],
-                cfg,
-                shape,
-                key,
-                Mode::Train,
-                &xs[k],
-                &mut ys[k],
-            )?;
+            d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
         let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
         if backward {
@@ -147,16 +124,7 @@ fn cuda_times<T: CliElement>(
             let (x, y) = (&mut ys[k], &states[k]);
             d.backward_inplace(&s, y, x)?;
         } else {
-            d.forward_into(
-                &s,
-                &mut states[k],
-                cfg,
-                shape,
-                key,
-                Mode::Train,
-                &xs[k],
-                &mut ys[k],
-            )?;
+            d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
         let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
         let ms = start.elapsed_ms(&end).map_err(err)? as f64;

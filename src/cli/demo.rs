@@ -37,10 +37,7 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     }
     let plan = Plan::new(&cfg, shape, key);
     println!("config: {cfg}");
-    println!(
-        "shape:  {shape} f32 ({:.1} M elements)",
-        shape.numel() as f64 / 1e6
-    );
+    println!("shape:  {shape} f32 ({:.1} M elements)", shape.numel() as f64 / 1e6);
     println!(
         "gamma:  {:.6} (expected drop fraction {:.4})",
         plan.gamma(),
@@ -48,9 +45,7 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     );
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.config.seed);
-    let x: Vec<f32> = (0..shape.numel())
-        .map(|_| rng.random_range(-1.0f32..1.0))
-        .collect();
+    let x: Vec<f32> = (0..shape.numel()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let o = runner.run(&cfg, shape, key, &x, true)?;
     let bytes = 2.0 * (shape.numel() * 4) as f64;
     println!(
@@ -60,19 +55,12 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
         1.0 - o.kept as f64 / shape.numel() as f64,
         o.scales[0]
     );
-    println!(
-        "forward:  {:8.3} ms ({:.1} GB/s)",
-        o.forward_ms,
-        bytes / o.forward_ms / 1e6
-    );
+    println!("forward:  {:8.3} ms ({:.1} GB/s)", o.forward_ms, bytes / o.forward_ms / 1e6);
     if let Some((_, ms)) = &o.backward {
         println!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6);
     }
     masks_png(&o.keep_mask, shape)?.write_png(&a.png)?;
-    println!(
-        "wrote the masks of slices (0, 0..16) to {}",
-        a.png.display()
-    );
+    println!("wrote the masks of slices (0, 0..16) to {}", a.png.display());
     Ok(())
 }
 
@@ -89,11 +77,7 @@ fn masks_png(mask: &[u8], shape: Shape) -> Result<Image, CliError> {
         for y in 0..h {
             for x in 0..w {
                 let kept = mask[t * h * w + y * w + x] == 1;
-                let c = if kept {
-                    [235, 235, 235]
-                } else {
-                    image::dropped([235, 235, 235])
-                };
+                let c = if kept { [235, 235, 235] } else { image::dropped([235, 235, 235]) };
                 img.fill_rect(ox + x * zoom, oy + y * zoom, zoom, zoom, c);
             }
         }

@@ -110,16 +110,7 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     let mut yd = stream.alloc_zeros::<T>(x.len()).map_err(err)?;
     let mut state = c.alloc_state(&stream, shape)?;
     let start = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
-    c.forward_into(
-        &stream,
-        &mut state,
-        cfg,
-        shape,
-        key,
-        Mode::Train,
-        &xd,
-        &mut yd,
-    )?;
+    c.forward_into(&stream, &mut state, cfg, shape, key, Mode::Train, &xd, &mut yd)?;
     let mid = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
     let forward_ms = start.elapsed_ms(&mid).map_err(err)? as f64;
     let backward = if with_backward {

@@ -17,11 +17,7 @@ pub struct Image {
 
 impl Image {
     pub fn new(width: usize, height: usize, fill: Rgb) -> Self {
-        Self {
-            width,
-            height,
-            data: fill.repeat(width * height),
-        }
+        Self { width, height, data: fill.repeat(width * height) }
     }
 
     pub fn get(&self, x: usize, y: usize) -> Rgb {
@@ -57,11 +53,7 @@ impl Image {
         for y in 0..h {
             for x in 0..w {
                 let p = &buf[y * info.line_size + x * channels..][..channels];
-                let c = if channels >= 3 {
-                    [p[0], p[1], p[2]]
-                } else {
-                    [p[0]; 3]
-                };
+                let c = if channels >= 3 { [p[0], p[1], p[2]] } else { [p[0]; 3] };
                 img.set(x, y, c);
             }
         }
@@ -71,8 +63,7 @@ impl Image {
     pub fn write_png(&self, path: &Path) -> Result<(), CliError> {
         let err = |e: &dyn std::fmt::Display| CliError::File(format!("{}: {e}", path.display()));
         let file = File::create(path).map_err(|e| err(&e))?;
-        let mut enc =
-            png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
+        let mut enc = png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut w = enc.write_header().map_err(|e| err(&e))?;
@@ -82,11 +73,7 @@ impl Image {
 
 /// `c` darkened and pushed towards red: how a dropped unit is drawn.
 pub fn dropped(c: Rgb) -> Rgb {
-    [
-        (c[0] as u16 * 2 / 5 + 110) as u8,
-        (c[1] as u16 * 2 / 5) as u8,
-        (c[2] as u16 * 2 / 5) as u8,
-    ]
+    [(c[0] as u16 * 2 / 5 + 110) as u8, (c[1] as u16 * 2 / 5) as u8, (c[2] as u16 * 2 / 5) as u8]
 }
 
 pub const SEED: Rgb = [255, 220, 0];

@@ -23,11 +23,7 @@ pub enum CliError {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "dropblock",
-    version,
-    about = "DropBlock at memory-copy cost: demo and inspection tools"
-)]
+#[command(name = "dropblock", version, about = "DropBlock at memory-copy cost: demo and inspection tools")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,15 +107,9 @@ impl std::str::FromStr for ShapeArg {
     fn from_str(s: &str) -> Result<Self, String> {
         let dims: Vec<usize> = s
             .split(',')
-            .map(|d| {
-                d.trim()
-                    .parse()
-                    .map_err(|_| format!("`{d}` in shape `{s}` is not a whole number"))
-            })
+            .map(|d| d.trim().parse().map_err(|_| format!("`{d}` in shape `{s}` is not a whole number")))
             .collect::<Result<_, _>>()?;
-        let dims: [usize; 4] = dims
-            .try_into()
-            .map_err(|_| format!("shape `{s}` must be N,C,H,W"))?;
+        let dims: [usize; 4] = dims.try_into().map_err(|_| format!("shape `{s}` must be N,C,H,W"))?;
         Ok(ShapeArg(dims))
     }
 }

@@ -72,23 +72,12 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
     let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(|e| npy_err(path, e))?;
     let shape = npy.shape().to_vec();
     if shape.len() != 4 {
-        return Err(npy_err(
-            path,
-            format!("expected a 4-d N,C,H,W array, got shape {shape:?}"),
-        ));
+        return Err(npy_err(path, format!("expected a 4-d N,C,H,W array, got shape {shape:?}")));
     }
     if npy.order() != npyz::Order::C {
-        return Err(npy_err(
-            path,
-            "Fortran-ordered arrays are not supported; save a C-ordered array",
-        ));
+        return Err(npy_err(path, "Fortran-ordered arrays are not supported; save a C-ordered array"));
     }
-    let dims = [
-        shape[0] as usize,
-        shape[1] as usize,
-        shape[2] as usize,
-        shape[3] as usize,
-    ];
+    let dims = [shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize];
     let descr = npy.dtype().descr();
     let tensor = match descr.trim_matches('\'') {
         "<f4" => Tensor::F32(npy.into_vec().map_err(|e| npy_err(path, e))?),
@@ -100,9 +89,7 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
         other => {
             return Err(npy_err(
                 path,
-                format!(
-                "dtype {other} is not supported (use float32, float16, or bfloat16 saved as |V2)"
-            ),
+                format!("dtype {other} is not supported (use float32, float16, or bfloat16 saved as |V2)"),
             ))
         }
     };
@@ -115,12 +102,7 @@ pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<(), CliEr
     match tensor {
         Tensor::F32(v) => write_as(path, &shape, "<f4", v.iter().copied()),
         Tensor::F16(v) => write_as(path, &shape, "<f2", v.iter().copied()),
-        Tensor::BF16(v) => write_as(
-            path,
-            &shape,
-            "|V2",
-            v.iter().map(|b| FixedSizeBytes(b.to_le_bytes())),
-        ),
+        Tensor::BF16(v) => write_as(path, &shape, "|V2", v.iter().map(|b| FixedSizeBytes(b.to_le_bytes()))),
     }
 }
 

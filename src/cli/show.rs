@@ -39,9 +39,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     let shape = Shape::new(1, 1, h, w)?;
     let zoom = a.zoom.max(1);
     if h * w * zoom * zoom > 1 << 28 {
-        return Err(CliError::Usage(format!(
-            "{h}x{w} at zoom {zoom} is too large a picture; lower --zoom"
-        )));
+        return Err(CliError::Usage(format!("{h}x{w} at zoom {zoom} is too large a picture; lower --zoom")));
     }
     let saved = cpu::sample(&cfg, shape, key, Mode::Train);
     let mask = saved.keep_mask();
@@ -49,11 +47,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     for y in 0..h {
         for x in 0..w {
             let c = background.get(x, y);
-            let c = if mask[y * w + x] == 1 {
-                c
-            } else {
-                image::dropped(c)
-            };
+            let c = if mask[y * w + x] == 1 { c } else { image::dropped(c) };
             img.fill_rect(x * zoom, y * zoom, zoom, zoom, c);
         }
     }
@@ -87,13 +81,7 @@ fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> usize {
                 let x = s * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 count += 1;
-                img.fill_rect(
-                    x * zoom + (zoom - dot) / 2,
-                    y * zoom + (zoom - dot) / 2,
-                    dot,
-                    dot,
-                    image::SEED,
-                );
+                img.fill_rect(x * zoom + (zoom - dot) / 2, y * zoom + (zoom - dot) / 2, dot, dot, image::SEED);
             }
         }
     }

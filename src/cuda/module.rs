@@ -70,6 +70,5 @@ pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
     if FATBIN.is_empty() {
         return Err(Error::KernelsNotBuilt);
     }
-    ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))
-        .map_err(driver_error)
+    ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(driver_error)
 }

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::{bf16, f16};
 
@@ -90,11 +90,7 @@ impl DropBlockCuda {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error)? as u32;
-        Ok(Self {
-            ctx: ctx.clone(),
-            module,
-            sm_count,
-        })
+        Ok(Self { ctx: ctx.clone(), module, sm_count })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -103,9 +99,7 @@ impl DropBlockCuda {
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn device_name(&self) -> String {
-        self.ctx
-            .name()
-            .unwrap_or_else(|e| format!("(name unavailable: {e})"))
+        self.ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})"))
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
@@ -227,26 +221,14 @@ impl DropBlockCuda {
 
     /// A grid-stride launch over `items` threads' worth of work.
     fn grid(&self, items: u64) -> LaunchConfig {
-        let blocks = items
-            .div_ceil(THREADS as u64)
-            .clamp(1, self.sm_count as u64 * 16) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        let blocks = items.div_ceil(THREADS as u64).clamp(1, self.sm_count as u64 * 16) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// A launch with one warp per plane (up to a full device's worth of warps).
     fn warp_grid(&self, planes: u64) -> LaunchConfig {
-        let blocks = planes
-            .div_ceil(WARPS_PER_BLOCK)
-            .clamp(1, self.sm_count as u64 * 32) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        let blocks = planes.div_ceil(WARPS_PER_BLOCK).clamp(1, self.sm_count as u64 * 32) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -261,10 +243,7 @@ impl DropBlockCuda {
         io: Io,
     ) -> Result<()> {
         if state.shape != shape {
-            return Err(Error::ShapeMismatch {
-                expected: state.shape.dims(),
-                actual: shape.dims(),
-            });
+            return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
         let apply = abi::DropBlockApply {
             numel: shape.numel() as u64,
@@ -283,8 +262,7 @@ impl DropBlockCuda {
             if io.x != io.y {
                 let bytes = shape.numel() * std::mem::size_of::<T>();
                 // SAFETY: both pointers hold `numel` elements (checked by the callers).
-                unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }
-                    .map_err(driver_error)?;
+                unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }.map_err(driver_error)?;
             }
             state.call = Some(Call { plan: None, apply });
             return Ok(());
@@ -299,44 +277,25 @@ impl DropBlockCuda {
         if fused {
             let f = self.function(&format!("dropblock2d_fused_{variant}{}", T::KERNEL_SUFFIX))?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&g)
-                .arg(plan.sampling())
-                .arg(&apply)
-                .arg(&io.x)
-                .arg(&io.y)
-                .arg(&mut state.keep_bits);
+            b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&io.x).arg(&io.y).arg(&mut state.keep_bits);
             b.arg(&mut state.scales);
             // SAFETY: argument types match the kernel; the state holds a plane per slice.
             unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
         } else {
-            stream
-                .memset_zeros(&mut state.counts)
-                .map_err(driver_error)?;
+            stream.memset_zeros(&mut state.counts).map_err(driver_error)?;
             let f = self.function("dropblock2d_count_mask")?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&g)
-                .arg(plan.sampling())
-                .arg(&apply)
-                .arg(&mut state.keep_bits)
-                .arg(&mut state.counts);
+            b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts);
             b.arg(&mut state.scales);
             // SAFETY: as above; counts hold 2 + N entries and scales N.
             unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
-        state.call = Some(Call {
-            plan: Some(plan),
-            apply,
-        });
+        state.call = Some(Call { plan: Some(plan), apply });
         Ok(())
     }
 
-    fn launch_backward<T: CudaElement>(
-        &self,
-        stream: &Arc<CudaStream>,
-        state: &DeviceState,
-        io: Io,
-    ) -> Result<()> {
+    fn launch_backward<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.plan {
             None => {
@@ -361,24 +320,11 @@ impl DropBlockCuda {
         io: &Io,
     ) -> Result<()> {
         let aligned = (io.x | io.y) % 16 == 0;
-        let name = format!(
-            "dropblock2d_apply_{}{}",
-            if aligned { "" } else { "unaligned_" },
-            T::KERNEL_SUFFIX
-        );
+        let name = format!("dropblock2d_apply_{}{}", if aligned { "" } else { "unaligned_" }, T::KERNEL_SUFFIX);
         let f = self.function(&name)?;
-        let vec = if aligned {
-            16 / std::mem::size_of::<T>() as u64
-        } else {
-            1
-        };
+        let vec = if aligned { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
         let mut b = stream.launch_builder(&f);
-        b.arg(g)
-            .arg(apply)
-            .arg(&io.x)
-            .arg(&io.y)
-            .arg(&state.keep_bits)
-            .arg(&state.scales);
+        b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
         // SAFETY: argument types match the kernel; x and y hold numel elements.
         unsafe { b.launch(self.grid(apply.numel / vec)) }.map_err(driver_error)?;
         Ok(())
@@ -396,11 +342,7 @@ fn normalize_code(n: Normalize) -> u32 {
 
 fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
     if len != shape.numel() {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: shape.numel(),
-            actual: len,
-        });
+        return Err(Error::LengthMismatch { what, expected: shape.numel(), actual: len });
     }
     Ok(())
 }
@@ -429,9 +371,7 @@ impl DeviceState {
             return Ok(None);
         };
         let words = plan.planes() * call.apply.plane_words as usize;
-        let bits = stream
-            .clone_dtoh(&self.keep_bits.slice(..words))
-            .map_err(driver_error)?;
+        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words)).map_err(driver_error)?;
         Ok(Some((plan, bits)))
     }
 
@@ -442,13 +382,8 @@ impl DeviceState {
             return Ok(s.numel() as u64);
         };
         let words = s.plane_len().div_ceil(32);
-        let per_plane: Vec<u64> = bits
-            .chunks(words)
-            .map(|p| p.iter().map(|w| w.count_ones() as u64).sum())
-            .collect();
-        Ok((0..s.n() * s.c())
-            .map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())])
-            .sum())
+        let per_plane: Vec<u64> = bits.chunks(words).map(|p| p.iter().map(|w| w.count_ones() as u64).sum()).collect();
+        Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
     }
 
     /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
@@ -475,13 +410,7 @@ impl DeviceState {
         if call.plan.is_none() {
             return Ok(vec![1.0]);
         }
-        let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE {
-            self.shape.n()
-        } else {
-            1
-        };
-        stream
-            .clone_dtoh(&self.scales.slice(..n))
-            .map_err(driver_error)
+        let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
+        stream.clone_dtoh(&self.scales.slice(..n)).map_err(driver_error)
     }
 }
