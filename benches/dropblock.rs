@@ -1,1 +1,131 @@
-fn main() {}
+//! Criterion benchmarks: forward and backward, CPU and CUDA, on the ResNet-50
+//! stage shapes (block 7) and the PP-YOLO shapes (block 3), in f32 and bf16.
+//!
+//! Throughput is the floor, x read once plus y written once, so GB/s compares with
+//! a device-to-device copy. CUDA times are CUDA events on the launch stream, with
+//! inputs rotated over more than 512 MiB so every iteration starts out of L2.
+//! Without a GPU the CUDA group says why and is skipped.
+//!
+//! `DROPBLOCK_BENCH_SHAPES=small` runs the four smallest shapes only.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dropblock::{cpu, DropBlockConfig, Element, Generator, Mode, Shape};
+use half::bf16;
+
+const SHAPES: &[([usize; 4], u32)] = &[
+    ([256, 256, 56, 56], 7),
+    ([256, 512, 28, 28], 7),
+    ([256, 1024, 14, 14], 7),
+    ([256, 2048, 7, 7], 7),
+    ([24, 256, 76, 76], 3),
+    ([24, 512, 38, 38], 3),
+    ([24, 1024, 19, 19], 3),
+];
+
+fn shapes() -> Vec<(Shape, u32)> {
+    let mut v: Vec<(Shape, u32)> =
+        SHAPES.iter().map(|&([n, c, h, w], k)| (Shape::new(n, c, h, w).unwrap(), k)).collect();
+    if std::env::var("DROPBLOCK_BENCH_SHAPES").is_ok_and(|s| s == "small") {
+        v.sort_by_key(|(s, _)| s.numel());
+        v.truncate(4);
+    }
+    v
+}
+
+fn id(shape: Shape, k: u32, dtype: &str, pass: &str) -> BenchmarkId {
+    BenchmarkId::new(format!("{pass}/{dtype}"), format!("{shape}/k{k}"))
+}
+
+fn cpu_typed<T: Element>(c: &mut Criterion, dtype: &str) {
+    let mut g = c.benchmark_group("cpu");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    for (shape, k) in shapes() {
+        let cfg = DropBlockConfig::paper(k, 0.1).unwrap();
+        let x: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 13) as f32 - 6.0)).collect();
+        let mut y = vec![T::default(); shape.numel()];
+        let mut gen = Generator::new(7);
+        g.throughput(Throughput::Bytes(2 * (shape.numel() * std::mem::size_of::<T>()) as u64));
+        g.bench_function(id(shape, k, dtype, "forward"), |b| {
+            b.iter(|| cpu::forward(&cfg, shape, gen.next_key().unwrap(), Mode::Train, black_box(&x), &mut y).unwrap())
+        });
+        let saved = cpu::forward(&cfg, shape, gen.next_key().unwrap(), Mode::Train, &x, &mut y).unwrap();
+        let mut dx = vec![T::default(); shape.numel()];
+        g.bench_function(id(shape, k, dtype, "backward"), |b| {
+            b.iter(|| cpu::backward(&saved, black_box(&y), &mut dx).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn cpu_benches(c: &mut Criterion) {
+    cpu_typed::<f32>(c, "f32");
+    cpu_typed::<bf16>(c, "bf16");
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_typed<T: dropblock::cuda::CudaElement>(c: &mut Criterion, d: &dropblock::cuda::DropBlockCuda, dtype: &str) {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let s = d.context().new_stream().unwrap();
+    let mut g = c.benchmark_group("cuda");
+    g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for (shape, k) in shapes() {
+        let cfg = DropBlockConfig::paper(k, 0.1).unwrap();
+        let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
+        let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
+        let host: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 13) as f32 - 6.0)).collect();
+        let xs: Vec<_> = (0..copies).map(|_| s.clone_htod(&host).unwrap()).collect();
+        let mut ys: Vec<_> = (0..copies).map(|_| s.alloc_zeros::<T>(shape.numel()).unwrap()).collect();
+        let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape).unwrap()).collect();
+        let mut gen = Generator::new(7);
+        g.throughput(Throughput::Bytes(bytes as u64));
+        for backward in [false, true] {
+            let pass = if backward { "backward" } else { "forward" };
+            g.bench_function(id(shape, k, dtype, pass), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for i in 0..iters as usize {
+                        let j = i % copies;
+                        let key = gen.next_key().unwrap();
+                        if backward {
+                            d.forward_into(&s, &mut states[j], &cfg, shape, key, Mode::Train, &xs[j], &mut ys[j])
+                                .unwrap();
+                        }
+                        let start = s.record_event(Some(CU_EVENT_DEFAULT)).unwrap();
+                        if backward {
+                            d.backward_inplace(&s, &states[j], &mut ys[j]).unwrap();
+                        } else {
+                            d.forward_into(&s, &mut states[j], &cfg, shape, key, Mode::Train, &xs[j], &mut ys[j])
+                                .unwrap();
+                        }
+                        let end = s.record_event(Some(CU_EVENT_DEFAULT)).unwrap();
+                        total += Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3);
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_benches(c: &mut Criterion) {
+    match dropblock::cuda::DropBlockCuda::new(0) {
+        Ok(d) => {
+            cuda_typed::<f32>(c, &d, "f32");
+            cuda_typed::<bf16>(c, &d, "bf16");
+        }
+        Err(e) => eprintln!("cuda benchmarks skipped: no GPU ({e})"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_benches(_: &mut Criterion) {
+    eprintln!("cuda benchmarks skipped: built without the `cuda` feature");
+}
+
+criterion_group!(benches, cpu_benches, cuda_benches);
+criterion_main!(benches);

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds, here, everything the GPU check needs, and bundles it into gpu-bundle/
+# (git-ignored, well under 64 MiB) with the runner for the GPU machine, which has
+# nvcc, PyTorch, torchvision, timm, compute-sanitizer and ncu but no Rust.
+#
+#   ./scripts/gpu-check/bundle.sh          # then, on the GPU machine:
+#   ./gpu-bundle/run.sh                    # logs go to $OUT (or gpu-bundle/logs)
+#
+# Kernels are built for sm_90 (H100/H200) unless DROPBLOCK_CUDA_ARCHS says otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export DROPBLOCK_CUDA_ARCHS="${DROPBLOCK_CUDA_ARCHS:-90}"
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/tests"
+
+# The executables of the test and bench targets, from cargo's JSON messages.
+executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])'
+}
+
+./scripts/cuda-toolchain.sh cargo build --release --bin dropblock
+./scripts/cuda-toolchain.sh cargo test --release --no-run --message-format=json 2>/dev/null | executables |
+  while read -r name exe; do
+    case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
+  done
+./scripts/cuda-toolchain.sh cargo bench --no-run --message-format=json 2>/dev/null | executables |
+  while read -r name exe; do
+    [[ "$name" == dropblock ]] && cp "$exe" "$out/bench-dropblock"
+  done
+cp target/release/dropblock "$out/dropblock"
+cp scripts/gpu-check/run.sh scripts/gpu-check/peers.py "$out/"
+strip --strip-debug "$out/dropblock" "$out"/tests/* "$out/bench-dropblock" 2>/dev/null || true
+git rev-parse HEAD > "$out/COMMIT"
+ls -la "$out" "$out/tests"
+du -sh "$out"

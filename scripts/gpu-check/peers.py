@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""DropBlock against its peers and the copy roofline, on one GPU, in one run.
+
+Times, with CUDA events and L2 flushed between iterations:
+  - a plain device-to-device copy of the same bytes (the roofline),
+  - torchvision.ops.drop_block2d and timm's drop_block_2d (forward, and backward
+    through autograd),
+  - `dropblock bench --device cuda` (forward and backward),
+on the ResNet-50 stage shapes (k = 7) and the PP-YOLO shapes (k = 3), in f32 and
+bf16, drop_prob 0.1. Prints one markdown table (also written to --out). Bytes are
+the floor: x read once and y written once.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import torch
+
+SHAPES = [
+    ((256, 256, 56, 56), 7),
+    ((256, 512, 28, 28), 7),
+    ((256, 1024, 14, 14), 7),
+    ((256, 2048, 7, 7), 7),
+    ((24, 256, 76, 76), 3),
+    ((24, 512, 38, 38), 3),
+    ((24, 1024, 19, 19), 3),
+]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def median_ms(fn, iters, prepare=None):
+    """Median CUDA-event time of fn(); prepare() runs untimed before each call."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    times = []
+    for i in range(iters + 3):
+        if prepare:
+            prepare()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peer_times(op, x, iters):
+    """(forward ms, backward ms) of op through autograd."""
+    fwd = median_ms(lambda: op(x), iters)
+    xg = x.detach().clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    holder = {}
+
+    def prepare():
+        holder["y"] = op(xg)
+
+    bwd = median_ms(lambda: holder["y"].backward(g), iters, prepare)
+    return fwd, bwd
+
+
+def ours(shape, k, dtype, backward, iters):
+    cmd = [os.path.join(HERE, "dropblock"), "bench", "--device", "cuda", "--shape", ",".join(map(str, shape)),
+           "--block", str(k), "--drop-prob", "0.1", "--dtype", dtype, "--iters", str(iters)]
+    if backward:
+        cmd.append("--backward")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"median_ms=([0-9.]+)", out).group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    import torchvision
+    from torchvision.ops import drop_block2d
+    try:
+        from timm.layers import drop_block_2d
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        drop_block_2d, timm_version = None, "missing"
+
+    dev = torch.cuda.get_device_properties(0)
+    lines = [
+        f"device: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, timm {timm_version}; drop_prob 0.1; median of {args.iters}",
+        "",
+        "| shape | k | dtype | pass | copy GB/s | dropblock ms | GB/s | % of copy | torchvision ms | timm ms "
+        "| × torchvision | × timm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for shape, k in SHAPES:
+        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            x = torch.randn(shape, device="cuda", dtype=tdtype)
+            y = torch.empty_like(x)
+            nbytes = 2 * x.numel() * x.element_size()
+            copy_ms = median_ms(lambda: y.copy_(x), args.iters)
+            copy_gbps = nbytes / copy_ms / 1e6
+            tv = peer_times(lambda t: drop_block2d(t, 0.1, k, training=True), x, args.iters)
+            tm = (peer_times(lambda t: drop_block_2d(t, drop_prob=0.1, block_size=k), x, args.iters)
+                  if drop_block_2d else (float("nan"),) * 2)
+            for i, pass_name in enumerate(("forward", "backward")):
+                ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
+                gbps = nbytes / ms / 1e6
+                row = (f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | {ms:.4f} | "
+                       f"{gbps:.0f} | {100 * gbps / copy_gbps:.1f} | {tv[i]:.4f} | {tm[i]:.4f} | "
+                       f"{tv[i] / ms:.1f} | {tm[i] / ms:.1f} |")
+                lines.append(row)
+                print(row, flush=True)
+            del x, y
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check, on the GPU machine, from the bundle that bundle.sh made. Writes
+# every log under $OUT (the device tool's folder) or gpu-bundle/logs. Under 5 min.
+#
+#   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
+#   run.sh check     without the benchmarks
+set -uo pipefail
+B="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$B/logs}"
+mkdir -p "$OUT"
+cd "$B"
+exec > >(tee -a "$OUT/check.log") 2>&1
+section() { echo; echo "=== $* ($(date -u +%FT%TZ))"; }
+failures=()
+fail() { failures+=("$1"); echo "FAILED: $1"; }
+
+section "machine"
+echo "bundle commit: $(cat COMMIT 2>/dev/null)"
+nvidia-smi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+
+section "GPU tests, DROPBLOCK_REQUIRE_GPU=1"
+export DROPBLOCK_REQUIRE_GPU=1
+for t in tests/kernel_build tests/gpu_parity; do
+  echo "--- $t"
+  timeout 240 "$t" --test-threads 4 || fail "$t"
+done
+
+section "compute-sanitizer on a short parity run"
+for tool in memcheck racecheck initcheck synccheck; do
+  echo "--- $tool"
+  DROPBLOCK_PARITY_QUICK=1 timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 86 \
+    tests/gpu_parity --test-threads 1 > "$OUT/sanitizer-$tool.log" 2>&1 || fail "compute-sanitizer $tool"
+  tail -n 4 "$OUT/sanitizer-$tool.log"
+done
+
+section "dropblock apply --device cuda against --device cpu"
+work=$(mktemp -d)
+python3 - "$work" <<'PY' || fail "making .npy inputs"
+import sys, numpy as np
+d = sys.argv[1]
+rng = np.random.default_rng(0)
+np.save(f"{d}/x_f32.npy", rng.standard_normal((4, 64, 28, 28)).astype(np.float32))
+np.save(f"{d}/x_f16.npy", rng.standard_normal((2, 32, 19, 19)).astype(np.float16))
+try:
+    import ml_dtypes
+    np.save(f"{d}/x_bf16.npy", rng.standard_normal((2, 16, 56, 70)).astype(ml_dtypes.bfloat16))
+except ImportError:
+    print("ml_dtypes missing: no bf16 file")
+PY
+for x in "$work"/x_*.npy; do
+  for flags in "--block 7 --drop-prob 0.1" \
+               "--block 4x6 --drop-prob 0.2 --placement anywhere --share channels --normalize per-sample --gamma exact" \
+               "--block 3 --drop-prob 0.3 --normalize expected --seed 9 --offset 170"; do
+    for dev in cpu cuda; do
+      # shellcheck disable=SC2086
+      ./dropblock apply --input "$x" --output "$work/y_$dev.npy" --keep-mask "$work/m_$dev.npy" $flags --device $dev \
+        || fail "apply $dev $(basename "$x") $flags"
+    done
+    if cmp -s "$work/y_cpu.npy" "$work/y_cuda.npy" && cmp -s "$work/m_cpu.npy" "$work/m_cuda.npy"; then
+      echo "same: $(basename "$x") $flags"
+    else
+      fail "apply cuda != cpu: $(basename "$x") $flags"
+    fi
+  done
+done
+
+if [[ "${1:-all}" != check ]]; then
+  section "benchmarks: dropblock bench and the peers"
+  timeout 200 python3 peers.py --out "$OUT/peers.md" || fail "peers.py"
+fi
+
+section "summary"
+if ((${#failures[@]})); then
+  printf 'FAILED: %s\n' "${failures[@]}"
+  exit 1
+fi
+echo "GPU check passed"
