@@ -5,6 +5,7 @@
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
 set -uo pipefail
+shopt -s nullglob
 B="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$B/logs}"
 mkdir -p "$OUT"
