@@ -277,6 +277,15 @@ impl Shape {
     pub fn numel(&self) -> usize {
         self.n * self.c * self.h * self.w
     }
+
+    /// Errors unless a buffer of `len` elements, named `what` in the error, holds
+    /// exactly this shape.
+    pub fn check_len(&self, what: &'static str, len: usize) -> Result<()> {
+        if len != self.numel() {
+            return Err(Error::LengthMismatch { what, expected: self.numel(), actual: len });
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Shape {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mask::BlockMasks;
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
@@ -108,13 +108,6 @@ impl Saved {
     }
 }
 
-fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
-    if len != shape.numel() {
-        return Err(Error::LengthMismatch { what, expected: shape.numel(), actual: len });
-    }
-    Ok(())
-}
-
 /// Samples the masks and computes the scale(s), without touching any tensor.
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Saved {
     if mode == Mode::Eval || cfg.is_identity() {
@@ -145,8 +138,8 @@ pub fn forward<T: Element>(
     x: &[T],
     y: &mut [T],
 ) -> Result<Saved> {
-    check_len("x", x.len(), shape)?;
-    check_len("y", y.len(), shape)?;
+    shape.check_len("x", x.len())?;
+    shape.check_len("y", y.len())?;
     let saved = sample(cfg, shape, key, mode);
     apply(&saved, x, y)?;
     Ok(saved)
@@ -160,7 +153,7 @@ pub fn forward_inplace<T: Element>(
     mode: Mode,
     x: &mut [T],
 ) -> Result<Saved> {
-    check_len("x", x.len(), shape)?;
+    shape.check_len("x", x.len())?;
     let saved = sample(cfg, shape, key, mode);
     apply_inplace(&saved, x)?;
     Ok(saved)
@@ -179,8 +172,8 @@ pub fn backward_inplace<T: Element>(saved: &Saved, dy: &mut [T]) -> Result<()> {
 /// `dst = src · factor`, elementwise, with the factors of `saved`.
 pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> {
     let shape = saved.shape;
-    check_len("input", src.len(), shape)?;
-    check_len("output", dst.len(), shape)?;
+    shape.check_len("input", src.len())?;
+    shape.check_len("output", dst.len())?;
     if saved.is_identity() {
         dst.copy_from_slice(src);
         return Ok(());
@@ -195,7 +188,7 @@ pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> 
 /// `data = data · factor`, elementwise, with the factors of `saved`.
 pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
     let shape = saved.shape;
-    check_len("input", data.len(), shape)?;
+    shape.check_len("input", data.len())?;
     if saved.is_identity() {
         return Ok(());
     }

@@ -4,7 +4,7 @@ drop_block_2d on the CPU, with the same number of threads for everyone.
 
     pip install torch torchvision timm      # CPU is enough
     cargo build --release
-    python3 scripts/bench/cpu_peers.py --threads 2 [--shapes small]
+    python3 scripts/bench/cpu_peers.py --threads 2 [--shapes small|resnet|ppyolo|all]
 
 Prints one markdown table of median forward times (ms) and our speedup. Bytes are
 the floor: x read once, y written once.
@@ -17,6 +17,8 @@ import subprocess
 import time
 
 import torch
+
+import peer_ops
 
 SHAPES = {
     "resnet": [((256, 1024, 14, 14), 7), ((256, 2048, 7, 7), 7), ((256, 512, 28, 28), 7), ((256, 256, 56, 56), 7)],
@@ -52,21 +54,16 @@ def main():
     ap.add_argument("--shapes", default="small", choices=["small", "resnet", "ppyolo", "all"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from torchvision.ops import drop_block2d
-    from timm.layers import drop_block_2d
-    import timm
-    import torchvision
-
+    tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
     shapes = SHAPES["resnet"] + SHAPES["ppyolo"] if args.shapes == "all" else SHAPES[args.shapes]
-    print(f"CPU: {args.threads} threads; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"timm {timm.__version__}; drop_prob 0.1; forward; median of {args.iters}\n")
+    print(f"CPU: {args.threads} threads; {peer_ops.versions()}; drop_prob 0.1; forward; median of {args.iters}\n")
     print("| shape | k | dtype | dropblock ms | GB/s | torchvision ms | timm ms | × torchvision | × timm |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape, k in shapes:
         for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
             x = torch.randn(shape, dtype=tdtype)
-            tv = median_ms(lambda: drop_block2d(x, 0.1, k, training=True), args.iters)
-            tm = median_ms(lambda: drop_block_2d(x, drop_prob=0.1, block_size=k), args.iters)
+            tv = median_ms(lambda: tv_op(x, 0.1, k), args.iters)
+            tm = median_ms(lambda: timm_op(x, 0.1, k), args.iters)
             ms = ours(shape, k, dtype, args.threads, args.iters)
             gbps = 2 * x.numel() * x.element_size() / ms / 1e6
             print(f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {ms:.2f} | {gbps:.1f} | {tv:.2f} | {tm:.2f} | "

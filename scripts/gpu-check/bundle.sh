@@ -34,7 +34,7 @@ for line in sys.stdin:
     [[ "$name" == dropblock ]] && cp "$exe" "$out/bench-dropblock"
   done
 cp target/release/dropblock "$out/dropblock"
-cp scripts/gpu-check/run.sh scripts/gpu-check/peers.py "$out/"
+cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
 strip --strip-debug "$out/dropblock" "$out"/tests/* "$out/bench-dropblock" 2>/dev/null || true
 git rev-parse HEAD > "$out/COMMIT"
 ls -la "$out" "$out/tests"

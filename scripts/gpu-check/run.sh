@@ -68,7 +68,7 @@ done
 
 if [[ "${1:-all}" != check ]]; then
   section "benchmarks: dropblock bench and the peers"
-  timeout 200 python3 peers.py --out "$OUT/peers.md" || fail "peers.py"
+  timeout 200 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
 fi
 
 section "summary"

@@ -152,8 +152,8 @@ impl DropBlockCuda {
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        check_len("x", x.len(), shape)?;
-        check_len("y", y.len(), shape)?;
+        shape.check_len("x", x.len())?;
+        shape.check_len("y", y.len())?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: xp, y: yp })
@@ -171,7 +171,7 @@ impl DropBlockCuda {
         mode: Mode,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        check_len("x", x.len(), shape)?;
+        shape.check_len("x", x.len())?;
         let (p, _g) = x.device_ptr_mut(stream);
         self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: p, y: p })
     }
@@ -185,8 +185,8 @@ impl DropBlockCuda {
         dy: &impl DevicePtr<T>,
         dx: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        check_len("dy", dy.len(), state.shape)?;
-        check_len("dx", dx.len(), state.shape)?;
+        state.shape.check_len("dy", dy.len())?;
+        state.shape.check_len("dx", dx.len())?;
         let (dyp, _g1) = dy.device_ptr(stream);
         let (dxp, _g2) = dx.device_ptr_mut(stream);
         self.launch_backward::<T>(stream, state, Io { x: dyp, y: dxp })
@@ -199,7 +199,7 @@ impl DropBlockCuda {
         state: &DeviceState,
         dy: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        check_len("dy", dy.len(), state.shape)?;
+        state.shape.check_len("dy", dy.len())?;
         let (p, _g) = dy.device_ptr_mut(stream);
         self.launch_backward::<T>(stream, state, Io { x: p, y: p })
     }
@@ -259,11 +259,7 @@ impl DropBlockCuda {
         };
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
-            if io.x != io.y {
-                let bytes = shape.numel() * std::mem::size_of::<T>();
-                // SAFETY: both pointers hold `numel` elements (checked by the callers).
-                unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }.map_err(driver_error)?;
-            }
+            copy::<T>(stream, shape, &io)?;
             state.call = Some(Call { plan: None, apply });
             return Ok(());
         }
@@ -298,15 +294,7 @@ impl DropBlockCuda {
     fn launch_backward<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.plan {
-            None => {
-                if io.x != io.y {
-                    let bytes = state.shape.numel() * std::mem::size_of::<T>();
-                    // SAFETY: both hold `numel` elements.
-                    unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }
-                        .map_err(driver_error)?;
-                }
-                Ok(())
-            }
+            None => copy::<T>(stream, state.shape, &io),
             Some(plan) => self.launch_apply::<T>(stream, state, plan.geometry(), &call.apply, &io),
         }
     }
@@ -331,6 +319,16 @@ impl DropBlockCuda {
     }
 }
 
+/// `y = x` for an identity call (nothing to do in place).
+fn copy<T: CudaElement>(stream: &Arc<CudaStream>, shape: Shape, io: &Io) -> Result<()> {
+    if io.x != io.y {
+        let bytes = shape.numel() * std::mem::size_of::<T>();
+        // SAFETY: both pointers hold `numel` elements (checked by the callers).
+        unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }.map_err(driver_error)?;
+    }
+    Ok(())
+}
+
 fn normalize_code(n: Normalize) -> u32 {
     match n {
         Normalize::Global => abi::DROPBLOCK_NORM_GLOBAL,
@@ -338,13 +336,6 @@ fn normalize_code(n: Normalize) -> u32 {
         Normalize::Expected => abi::DROPBLOCK_NORM_EXPECTED,
         Normalize::None => abi::DROPBLOCK_NORM_NONE,
     }
-}
-
-fn check_len(what: &'static str, len: usize, shape: Shape) -> Result<()> {
-    if len != shape.numel() {
-        return Err(Error::LengthMismatch { what, expected: shape.numel(), actual: len });
-    }
-    Ok(())
 }
 
 impl DeviceState {

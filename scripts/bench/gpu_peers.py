@@ -3,12 +3,13 @@
 
 Times, with CUDA events and L2 flushed between iterations:
   - a plain device-to-device copy of the same bytes (the roofline),
-  - torchvision.ops.drop_block2d and timm's drop_block_2d (forward, and backward
-    through autograd),
-  - `dropblock bench --device cuda` (forward and backward),
+  - torchvision.ops.drop_block2d and timm's drop_block_2d (mask per channel, as
+    ours), forward and backward through autograd,
+  - `dropblock bench --device cuda`, forward and backward,
 on the ResNet-50 stage shapes (k = 7) and the PP-YOLO shapes (k = 3), in f32 and
 bf16, drop_prob 0.1. Prints one markdown table (also written to --out). Bytes are
-the floor: x read once and y written once.
+the floor: x read once and y written once. Run from the GPU bundle, where the
+`dropblock` binary sits beside this file.
 """
 import argparse
 import os
@@ -18,6 +19,8 @@ import subprocess
 import sys
 
 import torch
+
+import peer_ops
 
 SHAPES = [
     ((256, 256, 56, 56), 7),
@@ -49,17 +52,17 @@ def median_ms(fn, iters, prepare=None):
     return statistics.median(times)
 
 
-def peer_times(op, x, iters):
-    """(forward ms, backward ms) of op through autograd."""
-    fwd = median_ms(lambda: op(x), iters)
+def peer_times(op, x, k, iters):
+    """(forward ms, backward ms) of op(x, 0.1, k), backward through autograd."""
+    fwd = median_ms(lambda: op(x, 0.1, k), iters)
     xg = x.detach().clone().requires_grad_(True)
     g = torch.randn_like(x)
-    holder = {}
+    held = {}
 
     def prepare():
-        holder["y"] = op(xg)
+        held["y"] = op(xg, 0.1, k)
 
-    bwd = median_ms(lambda: holder["y"].backward(g), iters, prepare)
+    bwd = median_ms(lambda: held["y"].backward(g), iters, prepare)
     return fwd, bwd
 
 
@@ -77,20 +80,11 @@ def main():
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--out")
     args = ap.parse_args()
-
-    import torchvision
-    from torchvision.ops import drop_block2d
-    try:
-        from timm.layers import drop_block_2d
-        import timm
-        timm_version = timm.__version__
-    except ImportError:
-        drop_block_2d, timm_version = None, "missing"
-
+    tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
     dev = torch.cuda.get_device_properties(0)
     lines = [
-        f"device: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}, timm {timm_version}; drop_prob 0.1; median of {args.iters}",
+        f"device: {dev.name}, {dev.multi_processor_count} SMs; {peer_ops.versions()}; drop_prob 0.1; "
+        f"median of {args.iters}",
         "",
         "| shape | k | dtype | pass | copy GB/s | dropblock ms | GB/s | % of copy | torchvision ms | timm ms "
         "| × torchvision | × timm |",
@@ -102,11 +96,8 @@ def main():
             x = torch.randn(shape, device="cuda", dtype=tdtype)
             y = torch.empty_like(x)
             nbytes = 2 * x.numel() * x.element_size()
-            copy_ms = median_ms(lambda: y.copy_(x), args.iters)
-            copy_gbps = nbytes / copy_ms / 1e6
-            tv = peer_times(lambda t: drop_block2d(t, 0.1, k, training=True), x, args.iters)
-            tm = (peer_times(lambda t: drop_block_2d(t, drop_prob=0.1, block_size=k), x, args.iters)
-                  if drop_block_2d else (float("nan"),) * 2)
+            copy_gbps = nbytes / median_ms(lambda: y.copy_(x), args.iters) / 1e6
+            tv, tm = peer_times(tv_op, x, k, args.iters), peer_times(timm_op, x, k, args.iters)
             for i, pass_name in enumerate(("forward", "backward")):
                 ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
                 gbps = nbytes / ms / 1e6

@@ -1,0 +1,25 @@
+"""The peers' DropBlock functions, called with dropblock's default semantics where
+they allow it, for the benchmark scripts beside this file."""
+import inspect
+
+
+def torchvision_op():
+    """torchvision.ops.drop_block2d(x, p, k): valid seed region, a mask per channel."""
+    from torchvision.ops import drop_block2d
+    return lambda t, p, k: drop_block2d(t, p, k, training=True)
+
+
+def timm_op():
+    """timm's drop_block_2d with a mask per channel, as the paper and dropblock's
+    default: timm >= 1.0.23 shares one mask across channels unless told not to."""
+    from timm.layers import drop_block_2d
+    if "couple_channels" in inspect.signature(drop_block_2d).parameters:
+        return lambda t, p, k: drop_block_2d(t, drop_prob=p, block_size=k, couple_channels=False)
+    return lambda t, p, k: drop_block_2d(t, drop_prob=p, block_size=k)
+
+
+def versions():
+    import timm
+    import torch
+    import torchvision
+    return f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__} (mask per channel)"
