@@ -20,4 +20,6 @@ mod module;
 mod ops;
 
 pub use module::{built_archs, context, fatbin, ptxas_report};
+#[doc(hidden)]
+pub use ops::launch_plan;
 pub use ops::{CudaElement, DeviceState, DropBlockCuda};

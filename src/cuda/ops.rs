@@ -245,18 +245,7 @@ impl DropBlockCuda {
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
-        let apply = abi::DropBlockApply {
-            numel: shape.numel() as u64,
-            plane_len: shape.plane_len() as u64,
-            plane_words: shape.plane_len().div_ceil(32) as u64,
-            normalize: normalize_code(cfg.normalize()),
-            fixed_scale: match cfg.normalize() {
-                Normalize::Expected => expected_scale(cfg.drop_prob()),
-                _ => 1.0,
-            },
-            uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
-            reserved: 0,
-        };
+        let (apply, fused) = launch_plan(cfg, shape);
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
             copy::<T>(stream, shape, &io)?;
@@ -267,9 +256,6 @@ impl DropBlockCuda {
         let g = *plan.geometry();
         let aligned = (io.x | io.y) % 16 == 0;
         let variant = if aligned { "" } else { "unaligned_" };
-        let fused = matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
-            && cfg.sharing() == Sharing::None
-            && apply.plane_len <= FUSED_MAX_PLANE_LEN;
         if fused {
             let f = self.function(&format!("dropblock2d_fused_{variant}{}", T::KERNEL_SUFFIX))?;
             let mut b = stream.launch_builder(&f);
@@ -317,6 +303,30 @@ impl DropBlockCuda {
         unsafe { b.launch(self.grid(apply.numel / vec)) }.map_err(driver_error)?;
         Ok(())
     }
+}
+
+/// How a forward call is launched: its element-wise parameters, and whether the
+/// single-launch fused kernel serves it (Expected or None normalisation, no
+/// sharing, slices small enough for a warp). Public for tests that run the
+/// kernels off the GPU (tests/kernel_emulation.rs).
+#[doc(hidden)]
+pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape) -> (abi::DropBlockApply, bool) {
+    let apply = abi::DropBlockApply {
+        numel: shape.numel() as u64,
+        plane_len: shape.plane_len() as u64,
+        plane_words: shape.plane_len().div_ceil(32) as u64,
+        normalize: normalize_code(cfg.normalize()),
+        fixed_scale: match cfg.normalize() {
+            Normalize::Expected => expected_scale(cfg.drop_prob()),
+            _ => 1.0,
+        },
+        uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
+        reserved: 0,
+    };
+    let fused = matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
+        && cfg.sharing() == Sharing::None
+        && apply.plane_len <= FUSED_MAX_PLANE_LEN;
+    (apply, fused)
 }
 
 /// `y = x` for an identity call (nothing to do in place).

@@ -1,0 +1,255 @@
+//! The CUDA kernels' logic, run on the CPU: `tests/emulator/` compiles
+//! `kernels/dropblock2d.cu` as host C++ (one OS thread per CUDA thread, real
+//! barriers for `__syncwarp` and `__syncthreads`) and runs the launch sequence of
+//! `src/cuda/ops.rs`. Its keep bits, counts, scales and outputs must equal the CPU
+//! oracle's bit for bit, for random shapes and modes and several grid sizes, so
+//! indexing and warp cooperation are checked on machines without a GPU.
+//!
+//! It needs a C++20 compiler (`CXX`, else `c++`) and the CUDA headers beside nvcc
+//! (found as build.rs finds nvcc). Without them the tests are reported as ignored
+//! with the reason, and fail under `CI` or `DROPBLOCK_REQUIRE_EMULATOR=1`.
+
+mod common;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+fn main() {
+    let args = Arguments::from_args();
+    libtest_mimic::run(&args, emulation::trials()).exit();
+}
+
+#[cfg(not(feature = "cuda"))]
+mod emulation {
+    pub fn trials() -> Vec<libtest_mimic::Trial> {
+        vec![libtest_mimic::Trial::test("kernel_emulation", || Ok(())).with_ignored_flag(true)]
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod emulation {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    use dropblock::cuda::{launch_plan, CudaElement};
+    use dropblock::sampling::Plan;
+    use dropblock::{
+        abi, cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
+    };
+    use half::{bf16, f16};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::{common, Failed, Trial};
+
+    fn required() -> bool {
+        std::env::var_os("CI").is_some() || std::env::var("DROPBLOCK_REQUIRE_EMULATOR").is_ok_and(|v| v == "1")
+    }
+
+    /// The CUDA include directory next to nvcc, found as build.rs finds nvcc.
+    fn cuda_include() -> Option<PathBuf> {
+        let nvcc = std::env::var_os("NVCC").map(PathBuf::from).or_else(|| {
+            ["CUDA_HOME", "CUDA_PATH"]
+                .iter()
+                .filter_map(|v| std::env::var_os(v))
+                .map(|r| PathBuf::from(r).join("bin/nvcc"))
+                .find(|p| p.is_file())
+                .or_else(|| {
+                    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
+                })
+        })?;
+        let inc = nvcc.canonicalize().ok()?.parent()?.parent()?.join("include");
+        inc.join("curand_philox4x32_x.h").is_file().then_some(inc)
+    }
+
+    /// Compiles the driver, or says why it cannot.
+    fn build_driver() -> Result<PathBuf, String> {
+        let inc = cuda_include().ok_or("no CUDA headers found beside nvcc (NVCC, CUDA_HOME, CUDA_PATH, PATH)")?;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let exe = std::env::temp_dir().join(format!("dropblock-emulator-{}", std::process::id()));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-w"])
+            .arg(format!("-I{}", root.join("tests/emulator").display()))
+            .arg(format!("-I{}", root.join("kernels").display()))
+            .arg(format!("-I{}", inc.display()))
+            .arg(root.join("tests/emulator/driver.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("cannot run the C++ compiler `{cxx}`: {e}"))?;
+        if !out.status.success() {
+            // A compile error in the kernels or the emulator is a failure, not a skip.
+            panic!("the emulator did not compile:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(exe)
+    }
+
+    pub fn trials() -> Vec<Trial> {
+        let names =
+            ["emulated_kernels_match_cpu_f32", "emulated_kernels_match_cpu_f16", "emulated_kernels_match_cpu_bf16"];
+        let driver = match build_driver() {
+            Ok(d) => Arc::new(d),
+            Err(why) => {
+                eprintln!("kernel_emulation: cannot run: {why}");
+                return names
+                    .iter()
+                    .map(|n| {
+                        let why = why.clone();
+                        if required() {
+                            Trial::test(*n, move || Err(Failed::from(why)))
+                        } else {
+                            Trial::test(*n, || Ok(())).with_ignored_flag(true)
+                        }
+                    })
+                    .collect();
+            }
+        };
+        let d = driver.clone();
+        let f32_trial = Trial::test(names[0], move || run_cases::<f32>(&d, 0, 1));
+        let d = driver.clone();
+        let f16_trial = Trial::test(names[1], move || run_cases::<f16>(&d, 1, 2));
+        let d = driver;
+        let bf16_trial = Trial::test(names[2], move || run_cases::<bf16>(&d, 2, 3));
+        vec![f32_trial, f16_trial, bf16_trial]
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Case {
+        cfg: DropBlockConfig,
+        shape: Shape,
+        key: RngKey,
+        count_blocks: u32,
+        apply_blocks: u32,
+        in_place: bool,
+        unaligned: bool,
+    }
+
+    fn random_case(rng: &mut StdRng) -> Case {
+        const SIDES: &[usize] = &[1, 2, 3, 5, 7, 9, 13, 14, 19, 33, 64, 65, 70, 129];
+        let shape = loop {
+            let s = Shape::new(
+                rng.random_range(1..=3),
+                rng.random_range(1..=4),
+                SIDES[rng.random_range(0..SIDES.len())],
+                SIDES[rng.random_range(0..SIDES.len())],
+            )
+            .unwrap();
+            if s.numel() <= 40_000 {
+                break s;
+            }
+        };
+        let side =
+            |rng: &mut StdRng| if rng.random_bool(0.1) { rng.random_range(10..=20) } else { rng.random_range(1..=9) };
+        let kh = side(rng);
+        let kw = if rng.random_bool(0.6) { kh } else { side(rng) };
+        let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
+        let cfg = DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.2, 0.5, 1.0][pick(rng, 4)])
+            .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
+            .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
+            .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
+            .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])
+            .build()
+            .unwrap();
+        let offset = if rng.random_bool(0.2) { RngKey::MAX_OFFSET } else { rng.random_range(0..1000) };
+        Case {
+            cfg,
+            shape,
+            key: RngKey::new(rng.random(), offset).unwrap(),
+            count_blocks: rng.random_range(1..=3),
+            apply_blocks: rng.random_range(1..=2),
+            in_place: rng.random_bool(0.3),
+            unaligned: rng.random_bool(0.25),
+        }
+    }
+
+    fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+        // SAFETY: the ABI structs and elements are plain data without padding
+        // bytes that matter (they are written as the kernels read them).
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+    }
+
+    fn take<T: Copy + Default>(buf: &mut &[u8], n: usize) -> Vec<T> {
+        let size = n * std::mem::size_of::<T>();
+        let (head, rest) = buf.split_at(size);
+        *buf = rest;
+        let mut v = vec![T::default(); n];
+        // SAFETY: `v` has room for exactly `size` bytes of plain data.
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), v.as_mut_ptr().cast::<u8>(), size) };
+        v
+    }
+
+    fn same<T: Element>(a: T, b: T) -> bool {
+        let (a, b) = (a.to_f32(), b.to_f32());
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for i in 0..24 {
+            let case = random_case(&mut rng);
+            check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(), String> {
+        let (shape, n) = (c.shape, c.shape.numel());
+        let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
+        let mut y_cpu = vec![T::default(); n];
+        let saved = cpu::forward(&c.cfg, shape, c.key, Mode::Train, &x, &mut y_cpu).unwrap();
+        let plan = Plan::new(&c.cfg, shape, c.key);
+        let (apply, fused) = launch_plan(&c.cfg, shape);
+
+        let mut req = Vec::new();
+        for v in [dtype, fused as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, c.unaligned as u32] {
+            req.extend_from_slice(&v.to_le_bytes());
+        }
+        req.extend_from_slice(bytes_of(plan.geometry()));
+        req.extend_from_slice(bytes_of(plan.sampling()));
+        req.extend_from_slice(bytes_of(&apply));
+        for v in &x {
+            req.extend_from_slice(bytes_of(v));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (rq, rs) = (dir.path().join("request"), dir.path().join("response"));
+        std::fs::write(&rq, &req).unwrap();
+        let out = Command::new(driver).arg(&rq).arg(&rs).output().unwrap();
+        if !out.status.success() {
+            return Err(format!("driver failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let resp = std::fs::read(&rs).unwrap();
+        let mut buf = &resp[..];
+        let words = apply.plane_words as usize;
+        let bits: Vec<u32> = take(&mut buf, shape.n() * shape.c() * words);
+        let counts: Vec<u64> = take(&mut buf, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n());
+        let scales: Vec<f32> = take(&mut buf, shape.n());
+        let y: Vec<T> = take(&mut buf, n);
+
+        let mut mask = vec![0u8; n];
+        for (i, slice) in mask.chunks_mut(shape.plane_len()).enumerate() {
+            let plane = &bits[plan.plane_of(i / shape.c(), i % shape.c()) * words..][..words];
+            for (cell, v) in slice.iter_mut().enumerate() {
+                *v = (plane[cell / 32] >> (cell % 32) & 1) as u8;
+            }
+        }
+        if mask != saved.keep_mask() {
+            let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
+            return Err(format!("keep mask differs first at element {i} (fused={fused})"));
+        }
+        let k = saved.scales().len();
+        if scales[..k] != *saved.scales() {
+            return Err(format!("scales {:?} != cpu {:?} (fused={fused})", &scales[..k], saved.scales()));
+        }
+        if !fused {
+            let total = counts[abi::DROPBLOCK_COUNT_TOTAL as usize];
+            if total != saved.kept() {
+                return Err(format!("device count {total} != cpu kept {}", saved.kept()));
+            }
+        }
+        if let Some(i) = (0..n).find(|&i| !same(y[i], y_cpu[i])) {
+            return Err(format!("y[{i}] = {:?}, cpu {:?} (fused={fused})", y[i], y_cpu[i]));
+        }
+        Ok(())
+    }
+}
