@@ -51,7 +51,7 @@ mod emulation {
         let nvcc = std::env::var_os("NVCC").map(PathBuf::from).or_else(|| {
             ["CUDA_HOME", "CUDA_PATH"]
                 .iter()
-                .filter_map(|v| std::env::var_os(v))
+                .filter_map(std::env::var_os)
                 .map(|r| PathBuf::from(r).join("bin/nvcc"))
                 .find(|p| p.is_file())
                 .or_else(|| {
