@@ -11,7 +11,7 @@
 
 mod common;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 
 fn main() {
     let args = Arguments::from_args();
@@ -40,7 +40,9 @@ mod emulation {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    use super::{common, Failed, Trial};
+    use libtest_mimic::{Failed, Trial};
+
+    use super::common;
 
     fn required() -> bool {
         std::env::var_os("CI").is_some() || std::env::var("DROPBLOCK_REQUIRE_EMULATOR").is_ok_and(|v| v == "1")
