@@ -28,76 +28,93 @@ __device__ __forceinline__ void warp_planes(uint64_t planes, uint64_t warp, uint
 __device__ __forceinline__ uint64_t global_warp() { return (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5; }
 __device__ __forceinline__ uint64_t warps_in_grid() { return (gridDim.x * (uint64_t)blockDim.x) >> 5; }
 
-template <typename T, bool VECTOR>
-__device__ __forceinline__ void apply_flat(const DropBlockGeometry& g, const DropBlockApply& a, const T* x, T* y,
-                                           const uint32_t* keep_bits, const float* scales) {
-    constexpr int VEC = VECTOR ? Vec16<T>::N : 1;
-    const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;
-    const float scale0 = scales[0];
-    const uint64_t nvec = a.numel / VEC;
-    const uint64_t stride = gridDim.x * (uint64_t)blockDim.x;
-    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
+// What an element's factor comes from: its plane's keep bits and its scale.
+struct Factors {
+    const DropBlockGeometry& g;
+    const DropBlockApply& a;
+    const uint32_t* keep_bits;
+    // Scales on the device (Global, PerSample), or nullptr for a.fixed_scale.
+    const float* scales;
+    float scale0;
 
-    auto factor = [&](uint64_t slice, uint64_t cell) {
-        const float scale = per_sample ? scales[slice / g.c] : scale0;
-        return keep_bit(keep_bits + plane_of_slice(g, slice) * a.plane_words, cell) ? scale : 0.0f;
-    };
+    __device__ __forceinline__ Factors(const DropBlockGeometry& g_, const DropBlockApply& a_, const uint32_t* bits,
+                                       const float* s)
+        : g(g_), a(a_), keep_bits(bits), scales(s), scale0(s ? s[0] : a_.fixed_scale) {}
 
-    for (uint64_t v = tid; v < nvec; v += stride) {
-        const uint64_t e = v * VEC;
-        uint64_t slice = e / a.plane_len;
-        uint64_t cell = e - slice * a.plane_len;
-        if constexpr (VECTOR) {
-            Vec16<T> in = reinterpret_cast<const Vec16<T>*>(x)[v];
-            Vec16<T> out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                if (cell == a.plane_len) { ++slice; cell = 0; }
-                out.v[k] = scale_element(in.v[k], factor(slice, cell));
-                ++cell;
-            }
-            reinterpret_cast<Vec16<T>*>(y)[v] = out;
-        } else {
-            y[e] = scale_element(x[e], factor(slice, cell));
-        }
+    __device__ __forceinline__ const uint32_t* words(uint64_t slice) const {
+        return keep_bits + plane_of_slice(g, slice) * a.plane_words;
     }
-    if constexpr (VECTOR) {
-        const uint64_t e = nvec * VEC + tid;
-        if (e < a.numel) {
-            const uint64_t slice = e / a.plane_len;
-            y[e] = scale_element(x[e], factor(slice, e - slice * a.plane_len));
+    __device__ __forceinline__ float scale(uint64_t slice) const {
+        return scales && a.normalize == DROPBLOCK_NORM_PER_SAMPLE ? scales[slice / g.c] : scale0;
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void apply_one(const T* x, T* y, uint64_t e, const Factors& f) {
+    const uint64_t slice = e / f.a.plane_len, cell = e - slice * f.a.plane_len;
+    y[e] = scale_element(x[e], keep_bit(f.words(slice), cell) ? f.scale(slice) : 0.0f);
+}
+
+// y[e] = x[e] * factor(e) for e in [first, last), by `workers` workers of which
+// this is number `worker`. VECTOR: 16-byte accesses (x and y must be 16-byte
+// aligned; they then share their alignment, so one scalar head serves both).
+// Each worker keeps its (slice, cell) position and steps it without dividing.
+template <typename T, bool VECTOR>
+__device__ __forceinline__ void apply_range(const T* x, T* y, uint64_t first, uint64_t last, uint64_t worker,
+                                            uint64_t workers, const Factors& f) {
+    constexpr uint32_t VEC = VECTOR ? 16 / sizeof(T) : 1;
+    using V = Vec<T, VEC>;
+    const uint64_t L = f.a.plane_len;
+    const uint64_t head = min((uint64_t)((VEC - first % VEC) % VEC), last - first);
+    const uint64_t body = first + head;
+    const uint64_t nvec = (last - body) / VEC;
+    const uint64_t tail = body + nvec * VEC;
+    for (uint64_t e = first + worker; e < body; e += workers) apply_one(x, y, e, f);
+    for (uint64_t e = tail + worker; e < last; e += workers) apply_one(x, y, e, f);
+    if (worker >= nvec) return;
+
+    const uint64_t stride = workers * VEC;
+    const uint64_t stride_slices = stride / L, stride_cells = stride - stride_slices * L;
+    const uint64_t e0 = body + worker * VEC;
+    uint64_t slice = e0 / L, cell = e0 - slice * L;
+    const V* xv = reinterpret_cast<const V*>(x + body);
+    V* yv = reinterpret_cast<V*>(y + body);
+    for (uint64_t v = worker; v < nvec; v += workers) {
+        const V in = xv[v];
+        V out;
+        if (cell + VEC <= L) {
+            const uint32_t bits = keep_bits_from(f.words(slice), f.a.plane_words, cell);
+            const float scale = f.scale(slice);
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in.v[k], (bits >> k) & 1u ? scale : 0.0f);
+        } else {
+            // The vector crosses into the next slice(s).
+            uint64_t s = slice, c = cell;
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; ++k) {
+                if (c == L) {
+                    ++s;
+                    c = 0;
+                }
+                out.v[k] = scale_element(in.v[k], keep_bit(f.words(s), c) ? f.scale(s) : 0.0f);
+                ++c;
+            }
+        }
+        yv[v] = out;
+        cell += stride_cells;
+        slice += stride_slices;
+        if (cell >= L) {
+            cell -= L;
+            ++slice;
         }
     }
 }
 
-// Scaled copy of one slice by one warp: scalar head up to 16-byte alignment,
-// vector body, scalar tail. `first` is the slice's first element index.
 template <typename T, bool VECTOR>
-__device__ __forceinline__ void apply_slice_warp(const T* x, T* y, uint64_t first, uint64_t len,
-                                                 const uint32_t* words, float scale) {
-    const uint32_t lane = threadIdx.x & 31;
-    constexpr int VEC = VECTOR ? Vec16<T>::N : 1;
-    uint64_t head = 0, nvec = 0;
-    if constexpr (VECTOR) {
-        head = min((uint64_t)((VEC - first % VEC) % VEC), len);
-        nvec = (len - head) / VEC;
-        for (uint64_t i = lane; i < head; i += 32)
-            y[first + i] = scale_element(x[first + i], keep_bit(words, i) ? scale : 0.0f);
-        const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x + first + head);
-        Vec16<T>* yv = reinterpret_cast<Vec16<T>*>(y + first + head);
-        for (uint64_t v = lane; v < nvec; v += 32) {
-            Vec16<T> in = xv[v];
-            Vec16<T> out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                const uint64_t cell = head + v * VEC + k;
-                out.v[k] = scale_element(in.v[k], keep_bit(words, cell) ? scale : 0.0f);
-            }
-            yv[v] = out;
-        }
-    }
-    for (uint64_t i = head + nvec * VEC + lane; i < len; i += 32)
-        y[first + i] = scale_element(x[first + i], keep_bit(words, i) ? scale : 0.0f);
+__device__ __forceinline__ void apply_flat(const DropBlockGeometry& g, const DropBlockApply& a, const T* x, T* y,
+                                           const uint32_t* keep_bits, const float* scales) {
+    apply_range<T, VECTOR>(x, y, 0, a.numel, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
+                           gridDim.x * (uint64_t)blockDim.x, Factors(g, a, keep_bits, scales));
 }
 
 }  // namespace dropblock
@@ -105,8 +122,9 @@ __device__ __forceinline__ void apply_slice_warp(const T* x, T* y, uint64_t firs
 using namespace dropblock;
 
 // Builds every plane's keep bits, counts what is kept (an exact integer count:
-// one 64-bit atomic per thread block for the total, one per warp and sample run
-// for PerSample), and the last block to finish writes the scales.
+// one 64-bit atomic per thread block for the total, one per lane and sample run
+// for PerSample), and the last block to finish writes the scales. Each warp owns
+// a contiguous run of planes.
 extern "C" __global__ void __launch_bounds__(256)
 dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* keep_bits,
                        unsigned long long* counts, float* scales) {
@@ -117,22 +135,22 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
     const uint64_t total_weight = slices_per_plane(g), sample_weight = sample_weight_of_plane(g);
     const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;
     uint64_t total = 0, run_sum = 0, run_counter = ~0ull;
-    for (uint64_t p = begin; p < end; ++p) {
-        const uint64_t kept = build_plane_keep_bits(g, s, a, p, keep_bits + p * a.plane_words);
+    build_keep_bits(g, s, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) {
         total += kept * total_weight;
         if (per_sample) {
-            const uint64_t ctr = sample_counter_of_plane(g, p);
+            const uint64_t ctr = sample_counter_of_plane(g, plane);
             if (ctr != run_counter) {
-                if (lane == 0 && run_counter != ~0ull && run_sum)
+                if (run_counter != ~0ull && run_sum)
                     atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
                 run_counter = ctr;
                 run_sum = 0;
             }
             run_sum += kept * sample_weight;
         }
-    }
-    if (lane == 0 && run_counter != ~0ull && run_sum)
+    });
+    if (run_counter != ~0ull && run_sum)
         atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
+    total = warp_sum(total);
     // Every thread's per-sample atomics are ordered before the block's ticket
     // below, so the last block reads complete counters.
     __threadfence();
@@ -173,11 +191,11 @@ __device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBloc
                                       const T* x, T* y, uint32_t* keep_bits, float* scales) {
     uint64_t begin, end;
     warp_planes(g.planes, global_warp(), warps_in_grid(), begin, end);
-    for (uint64_t p = begin; p < end; ++p) {
-        uint32_t* words = keep_bits + p * a.plane_words;
-        build_plane_keep_bits(g, s, a, p, words);
-        apply_slice_warp<T, VECTOR>(x, y, p * a.plane_len, a.plane_len, words, a.fixed_scale);
-    }
+    build_keep_bits(g, s, a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
+    // Without sharing, planes [begin, end) are exactly the slices of elements
+    // [begin * L, end * L).
+    apply_range<T, VECTOR>(x, y, begin * a.plane_len, end * a.plane_len, threadIdx.x & 31, 32,
+                           Factors(g, a, keep_bits, nullptr));
     if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = a.fixed_scale;
 }
 

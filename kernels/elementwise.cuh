@@ -31,15 +31,22 @@ __device__ __forceinline__ T scale_element(T x, float factor) {
     return Elem<T>::from_float(__fmul_rn(Elem<T>::to_float(x), factor));
 }
 
-// 16 bytes of elements, for vector loads and stores.
-template <typename T>
-struct alignas(16) Vec16 {
-    static constexpr int N = 16 / sizeof(T);
+// N elements loaded and stored as one access (16 bytes for the vector kernels).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
     T v[N];
 };
 
 __device__ __forceinline__ bool keep_bit(const uint32_t* words, uint64_t cell) {
     return (words[cell >> 5] >> (cell & 31)) & 1u;
+}
+
+// Keep bits of cells [cell, cell + 32) of a plane in the low bits (bits past the
+// plane read as 0): one funnel shift instead of a load per element.
+__device__ __forceinline__ uint32_t keep_bits_from(const uint32_t* words, uint64_t plane_words, uint64_t cell) {
+    const uint64_t w = cell >> 5;
+    const uint32_t hi = w + 1 < plane_words ? words[w + 1] : 0u;
+    return __funnelshift_r(words[w], hi, (uint32_t)(cell & 31));
 }
 
 }  // namespace dropblock

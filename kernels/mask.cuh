@@ -30,21 +30,50 @@ __device__ __forceinline__ void atomic_set_bits(uint32_t* words, uint64_t lo, ui
     }
 }
 
-// Builds the keep bits of `plane` into `words` and returns how many cells are
-// kept. Every lane of the warp must call it; every lane gets the count.
-__device__ __forceinline__ uint64_t build_plane_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
-                                                          const DropBlockApply& a, uint64_t plane, uint32_t* words) {
+// Walks a flattened (plane, index) space with `per` indices per plane, `step`
+// items at a time, without a division per step.
+struct FlatCursor {
+    uint64_t plane, index, per, step_planes, step_index;
+    __device__ __forceinline__ FlatCursor(uint64_t first, uint64_t per_plane, uint64_t step)
+        : plane(first / per_plane),
+          index(first % per_plane),
+          per(per_plane),
+          step_planes(step / per_plane),
+          step_index(step % per_plane) {}
+    __device__ __forceinline__ void advance() {
+        index += step_index;
+        plane += step_planes;
+        if (index >= per) {
+            index -= per;
+            ++plane;
+        }
+    }
+};
+
+// Builds the keep bits of planes [begin, end), a contiguous run owned by one
+// warp, and calls on_word(plane, kept cells in the word) for each of their words.
+// The lanes work on the flattened windows and words of the whole run, so small
+// planes (7x7, 14x14) keep every lane busy. Every lane of the warp must call it.
+template <typename OnWord>
+__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
+                                                const DropBlockApply& a, uint64_t begin, uint64_t end,
+                                                uint32_t* keep_bits, OnWord on_word) {
     const uint32_t lane = threadIdx.x & 31;
-    for (uint64_t i = lane; i < a.plane_words; i += 32) words[i] = 0;
+    uint32_t* run = keep_bits + begin * a.plane_words;
+    const uint64_t words = (end - begin) * a.plane_words;
+    for (uint64_t i = lane; i < words; i += 32) run[i] = 0;
     __syncwarp();
 
-    const uint64_t windows = (uint64_t)g.seed_h * g.windows_per_row;
-    for (uint64_t wl = lane; wl < windows; wl += 32) {
-        const uint32_t y = (uint32_t)(wl / g.windows_per_row);
-        const uint32_t seg = (uint32_t)(wl % g.windows_per_row);
-        const uint32_t len = min(64u, g.seed_w - seg * 64u);
-        uint64_t seeds = sample_window(s, plane * windows + wl, len);
+    const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
+    const uint64_t windows = (end - begin) * per_plane;
+    FlatCursor w(lane, per_plane, 32);
+    for (uint64_t i = lane; i < windows; i += 32, w.advance()) {
+        const uint64_t plane = begin + w.plane;
+        const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
+        const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
+        uint64_t seeds = sample_window(s, plane * per_plane + w.index, min(64u, g.seed_w - seg * 64u));
         if (seeds == 0) continue;
+        uint32_t* plane_bits = keep_bits + plane * a.plane_words;
         const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
         const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
         while (seeds) {
@@ -52,21 +81,21 @@ __device__ __forceinline__ uint64_t build_plane_keep_bits(const DropBlockGeometr
             seeds &= seeds - 1;
             const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
             const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
-            for (int64_t r = r0; r < r1; ++r) atomic_set_bits(words, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
+            for (int64_t r = r0; r < r1; ++r)
+                atomic_set_bits(plane_bits, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
         }
     }
     __syncwarp();
 
-    uint64_t kept = 0;
-    for (uint64_t i = lane; i < a.plane_words; i += 32) {
-        const uint64_t first = i * 32;
+    FlatCursor c(lane, a.plane_words, 32);
+    for (uint64_t i = lane; i < words; i += 32, c.advance()) {
+        const uint64_t first = c.index * 32;
         const uint32_t valid = a.plane_len - first >= 32 ? 0xffffffffu : (1u << (uint32_t)(a.plane_len - first)) - 1u;
-        const uint32_t keep = ~words[i] & valid;
-        words[i] = keep;
-        kept += __popc(keep);
+        const uint32_t keep = ~run[i] & valid;
+        run[i] = keep;
+        on_word(begin + c.plane, (uint32_t)__popc(keep));
     }
     __syncwarp();
-    return warp_sum(kept);
 }
 
 // The plane that slice `slice` = n * C + c reads.
