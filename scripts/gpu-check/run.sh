@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, on the GPU machine, from the bundle that bundle.sh made. Writes
-# every log under $OUT (the device tool's folder) or gpu-bundle/logs. Under 5 min.
+# its logs (check.log, sanitizer.log, ncu.csv, peers.md: the device tool returns
+# at most 8 files) under $OUT, or gpu-bundle/logs. Under 5 minutes.
 #
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
@@ -31,8 +32,9 @@ section "compute-sanitizer on a short parity run"
 for tool in memcheck racecheck initcheck synccheck; do
   echo "--- $tool"
   DROPBLOCK_PARITY_QUICK=1 timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 86 \
-    tests/gpu_parity --test-threads 1 > "$OUT/sanitizer-$tool.log" 2>&1 || fail "compute-sanitizer $tool"
-  tail -n 4 "$OUT/sanitizer-$tool.log"
+    tests/gpu_parity --test-threads 1 > "$OUT/sanitizer-$tool.tmp" 2>&1 || fail "compute-sanitizer $tool"
+  tail -n 4 "$OUT/sanitizer-$tool.tmp"
+  { echo "=== $tool"; cat "$OUT/sanitizer-$tool.tmp"; } >> "$OUT/sanitizer.log" && rm "$OUT/sanitizer-$tool.tmp"
 done
 
 section "dropblock apply --device cuda against --device cpu"
@@ -67,6 +69,17 @@ for x in "$work"/x_*.npy; do
 done
 
 if [[ "${1:-all}" != check ]]; then
+  section "per-kernel times (ncu): the count pass's share of the forward"
+  for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
+    read -r shape k dtype <<<"$args"
+    echo "--- $shape k=$k $dtype"
+    timeout 60 ncu --clock-control none --kernel-name regex:dropblock2d --metrics gpu__time_duration.sum --csv \
+      ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 2 \
+      > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
+    grep -E '"dropblock2d' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $NF}' | tail -n 4
+    { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
+  done
+
   section "benchmarks: dropblock bench and the peers"
   timeout 200 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
 fi
