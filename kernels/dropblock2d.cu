@@ -8,8 +8,9 @@
 //                                and scaled copy in a single launch
 //   dropblock2d_sample_seeds     the raw seed words, for checking the sampler
 //
-// `_unaligned` variants take any pointers; the others need x and y 16-byte aligned
-// and use 16-byte vector loads and stores. Index arithmetic is 64-bit throughout.
+// `_unaligned` variants take any pointers and shapes; the others need x and y
+// 16-byte aligned and slices of at least 16 bytes, and use 16-byte vector loads
+// and stores. Index arithmetic is 64-bit throughout.
 
 #include "elementwise.cuh"
 #include "mask.cuh"
@@ -28,7 +29,14 @@ __device__ __forceinline__ void warp_planes(uint64_t planes, uint64_t warp, uint
 __device__ __forceinline__ uint64_t global_warp() { return (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5; }
 __device__ __forceinline__ uint64_t warps_in_grid() { return (gridDim.x * (uint64_t)blockDim.x) >> 5; }
 
+// A position in the tensor: sample n, channel c, cell of the (n, c) slice.
+struct Position {
+    uint64_t n, c, cell;
+};
+
 // What an element's factor comes from: its plane's keep bits and its scale.
+// Positions are (n, c) rather than the slice n * C + c, so neither the plane nor
+// the per-sample scale needs a division.
 struct Factors {
     const DropBlockGeometry& g;
     const DropBlockApply& a;
@@ -41,30 +49,51 @@ struct Factors {
                                        const float* s)
         : g(g_), a(a_), keep_bits(bits), scales(s), scale0(s ? s[0] : a_.fixed_scale) {}
 
-    __device__ __forceinline__ const uint32_t* words(uint64_t slice) const {
-        return keep_bits + plane_of_slice(g, slice) * a.plane_words;
+    __device__ __forceinline__ const uint32_t* words(const Position& p) const {
+        uint64_t plane;
+        switch (g.sharing) {
+            case DROPBLOCK_SHARE_NONE: plane = p.n * g.c + p.c; break;
+            case DROPBLOCK_SHARE_CHANNELS: plane = p.n; break;
+            case DROPBLOCK_SHARE_BATCH: plane = p.c; break;
+            default: plane = 0;
+        }
+        return keep_bits + plane * a.plane_words;
     }
-    __device__ __forceinline__ float scale(uint64_t slice) const {
-        return scales && a.normalize == DROPBLOCK_NORM_PER_SAMPLE ? scales[slice / g.c] : scale0;
+    __device__ __forceinline__ float scale(const Position& p) const {
+        return scales && a.normalize == DROPBLOCK_NORM_PER_SAMPLE ? scales[p.n] : scale0;
+    }
+    __device__ __forceinline__ Position position(uint64_t e) const {
+        const uint64_t slice = e / a.plane_len;
+        return Position{slice / g.c, slice % g.c, e - slice * a.plane_len};
+    }
+    // The next slice.
+    __device__ __forceinline__ void next_slice(Position& p) const {
+        p.cell = 0;
+        if (++p.c == g.c) {
+            p.c = 0;
+            ++p.n;
+        }
     }
 };
 
 template <typename T>
 __device__ __forceinline__ void apply_one(const T* x, T* y, uint64_t e, const Factors& f) {
-    const uint64_t slice = e / f.a.plane_len, cell = e - slice * f.a.plane_len;
-    y[e] = scale_element(x[e], keep_bit(f.words(slice), cell) ? f.scale(slice) : 0.0f);
+    const Position p = f.position(e);
+    y[e] = scale_element(x[e], keep_bit(f.words(p), p.cell) ? f.scale(p) : 0.0f);
 }
 
 // y[e] = x[e] * factor(e) for e in [first, last), by `workers` workers of which
-// this is number `worker`. VECTOR: 16-byte accesses (x and y must be 16-byte
-// aligned; they then share their alignment, so one scalar head serves both).
-// Each worker keeps its (slice, cell) position and steps it without dividing.
+// this is number `worker`. VECTOR: 16-byte accesses; x and y must be 16-byte
+// aligned (they then share their alignment, so one scalar head serves both) and
+// slices at least a vector long.
+// Each worker keeps its position and steps it by a precomputed stride: no
+// division in the loop.
 template <typename T, bool VECTOR>
 __device__ __forceinline__ void apply_range(const T* x, T* y, uint64_t first, uint64_t last, uint64_t worker,
                                             uint64_t workers, const Factors& f) {
     constexpr uint32_t VEC = VECTOR ? 16 / sizeof(T) : 1;
     using V = Vec<T, VEC>;
-    const uint64_t L = f.a.plane_len;
+    const uint64_t L = f.a.plane_len, C = f.g.c;
     const uint64_t head = min((uint64_t)((VEC - first % VEC) % VEC), last - first);
     const uint64_t body = first + head;
     const uint64_t nvec = (last - body) / VEC;
@@ -73,39 +102,42 @@ __device__ __forceinline__ void apply_range(const T* x, T* y, uint64_t first, ui
     for (uint64_t e = tail + worker; e < last; e += workers) apply_one(x, y, e, f);
     if (worker >= nvec) return;
 
+    // A stride of `workers` vectors moves (dn, dc, dcell), carries aside.
     const uint64_t stride = workers * VEC;
-    const uint64_t stride_slices = stride / L, stride_cells = stride - stride_slices * L;
-    const uint64_t e0 = body + worker * VEC;
-    uint64_t slice = e0 / L, cell = e0 - slice * L;
+    const uint64_t stride_slices = stride / L, dcell = stride - stride_slices * L;
+    const uint64_t dn = stride_slices / C, dc = stride_slices - dn * C;
+    Position p = f.position(body + worker * VEC);
     const V* xv = reinterpret_cast<const V*>(x + body);
     V* yv = reinterpret_cast<V*>(y + body);
     for (uint64_t v = worker; v < nvec; v += workers) {
         const V in = xv[v];
         V out;
-        if (cell + VEC <= L) {
-            const uint32_t bits = keep_bits_from(f.words(slice), f.a.plane_words, cell);
-            const float scale = f.scale(slice);
-#pragma unroll
-            for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in.v[k], (bits >> k) & 1u ? scale : 0.0f);
-        } else {
-            // The vector crosses into the next slice(s).
-            uint64_t s = slice, c = cell;
-#pragma unroll
-            for (uint32_t k = 0; k < VEC; ++k) {
-                if (c == L) {
-                    ++s;
-                    c = 0;
-                }
-                out.v[k] = scale_element(in.v[k], keep_bit(f.words(s), c) ? f.scale(s) : 0.0f);
-                ++c;
-            }
+        // The host runs the vector kernels only when L >= VEC, so a vector spans at
+        // most two slices: `split` elements in p's, the rest in the next one's.
+        const uint32_t split = (uint32_t)min(L - p.cell, (uint64_t)VEC);
+        uint32_t bits = keep_bits_from(f.words(p), f.a.plane_words, p.cell) & ((1u << split) - 1u);
+        const float s0 = f.scale(p);
+        float s1 = s0;
+        if (split < VEC) {
+            Position q = p;
+            f.next_slice(q);
+            bits |= keep_bits_from(f.words(q), f.a.plane_words, 0) << split;
+            s1 = f.scale(q);
         }
+#pragma unroll
+        for (uint32_t k = 0; k < VEC; ++k)
+            out.v[k] = scale_element(in.v[k], (bits >> k) & 1u ? (k < split ? s0 : s1) : 0.0f);
         yv[v] = out;
-        cell += stride_cells;
-        slice += stride_slices;
-        if (cell >= L) {
-            cell -= L;
-            ++slice;
+        p.cell += dcell;
+        p.c += dc;
+        p.n += dn;
+        if (p.cell >= L) {
+            p.cell -= L;
+            ++p.c;
+        }
+        if (p.c >= C) {
+            p.c -= C;
+            ++p.n;
         }
     }
 }

@@ -31,7 +31,7 @@ mod emulation {
     use std::process::Command;
     use std::sync::Arc;
 
-    use dropblock::cuda::{launch_plan, CudaElement};
+    use dropblock::cuda::{launch_plan, vector_kernels, CudaElement};
     use dropblock::sampling::Plan;
     use dropblock::{
         abi, cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
@@ -188,7 +188,7 @@ mod emulation {
 
     fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
-        for i in 0..24 {
+        for i in 0..48 {
             let case = random_case(&mut rng);
             check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
         }
@@ -203,8 +203,9 @@ mod emulation {
         let plan = Plan::new(&c.cfg, shape, c.key);
         let (apply, fused) = launch_plan(&c.cfg, shape);
 
+        let vector = vector_kernels::<T>(!c.unaligned, apply.plane_len);
         let mut req = Vec::new();
-        for v in [dtype, fused as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, c.unaligned as u32] {
+        for v in [dtype, fused as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32] {
             req.extend_from_slice(&v.to_le_bytes());
         }
         req.extend_from_slice(bytes_of(plan.geometry()));

@@ -78,6 +78,12 @@ struct Io {
     y: sys::CUdeviceptr,
 }
 
+impl Io {
+    fn aligned(&self) -> bool {
+        (self.x | self.y) % 16 == 0
+    }
+}
+
 impl DropBlockCuda {
     /// Kernels on device `ordinal` (a new primary-context handle).
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -254,8 +260,7 @@ impl DropBlockCuda {
         }
         let plan = Plan::new(cfg, shape, key);
         let g = *plan.geometry();
-        let aligned = (io.x | io.y) % 16 == 0;
-        let variant = if aligned { "" } else { "unaligned_" };
+        let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "unaligned_" };
         if fused {
             let f = self.function(&format!("dropblock2d_fused_{variant}{}", T::KERNEL_SUFFIX))?;
             let mut b = stream.launch_builder(&f);
@@ -293,10 +298,10 @@ impl DropBlockCuda {
         apply: &abi::DropBlockApply,
         io: &Io,
     ) -> Result<()> {
-        let aligned = (io.x | io.y) % 16 == 0;
-        let name = format!("dropblock2d_apply_{}{}", if aligned { "" } else { "unaligned_" }, T::KERNEL_SUFFIX);
+        let vector = vector_kernels::<T>(io.aligned(), apply.plane_len);
+        let name = format!("dropblock2d_apply_{}{}", if vector { "" } else { "unaligned_" }, T::KERNEL_SUFFIX);
         let f = self.function(&name)?;
-        let vec = if aligned { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
+        let vec = if vector { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
         let mut b = stream.launch_builder(&f);
         b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
         // SAFETY: argument types match the kernel; x and y hold numel elements.
@@ -327,6 +332,13 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape) -> (abi::DropBlockApply,
         && cfg.sharing() == Sharing::None
         && apply.plane_len <= FUSED_MAX_PLANE_LEN;
     (apply, fused)
+}
+
+/// Whether the 16-byte vector kernels may run: both tensors 16-byte aligned, and
+/// slices at least a vector long (so a vector spans at most two slices).
+#[doc(hidden)]
+pub fn vector_kernels<T>(aligned: bool, plane_len: u64) -> bool {
+    aligned && plane_len >= (16 / std::mem::size_of::<T>()) as u64
 }
 
 /// `y = x` for an identity call (nothing to do in place).
