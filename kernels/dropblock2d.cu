@@ -102,32 +102,11 @@ __device__ __forceinline__ void apply_range(const T* x, T* y, uint64_t first, ui
     for (uint64_t e = tail + worker; e < last; e += workers) apply_one(x, y, e, f);
     if (worker >= nvec) return;
 
-    // A stride of `workers` vectors moves (dn, dc, dcell), carries aside.
+    // A stride of `workers` vectors moves a position by (dn, dc, dcell), carries aside.
     const uint64_t stride = workers * VEC;
     const uint64_t stride_slices = stride / L, dcell = stride - stride_slices * L;
     const uint64_t dn = stride_slices / C, dc = stride_slices - dn * C;
-    Position p = f.position(body + worker * VEC);
-    const V* xv = reinterpret_cast<const V*>(x + body);
-    V* yv = reinterpret_cast<V*>(y + body);
-    for (uint64_t v = worker; v < nvec; v += workers) {
-        const V in = xv[v];
-        V out;
-        // The host runs the vector kernels only when L >= VEC, so a vector spans at
-        // most two slices: `split` elements in p's, the rest in the next one's.
-        const uint32_t split = (uint32_t)min(L - p.cell, (uint64_t)VEC);
-        uint32_t bits = keep_bits_from(f.words(p), f.a.plane_words, p.cell) & ((1u << split) - 1u);
-        const float s0 = f.scale(p);
-        float s1 = s0;
-        if (split < VEC) {
-            Position q = p;
-            f.next_slice(q);
-            bits |= keep_bits_from(f.words(q), f.a.plane_words, 0) << split;
-            s1 = f.scale(q);
-        }
-#pragma unroll
-        for (uint32_t k = 0; k < VEC; ++k)
-            out.v[k] = scale_element(in.v[k], (bits >> k) & 1u ? (k < split ? s0 : s1) : 0.0f);
-        yv[v] = out;
+    auto step = [&](Position p) {
         p.cell += dcell;
         p.c += dc;
         p.n += dn;
@@ -139,6 +118,48 @@ __device__ __forceinline__ void apply_range(const T* x, T* y, uint64_t first, ui
             p.c -= C;
             ++p.n;
         }
+        return p;
+    };
+    const V* xv = reinterpret_cast<const V*>(x + body);
+    V* yv = reinterpret_cast<V*>(y + body);
+    // UNROLL vectors per iteration, all loaded before any is stored, so each
+    // thread keeps several 16-byte loads in flight (the compiler cannot hoist a
+    // load over a store to y, which may be x).
+    constexpr int UNROLL = 2;
+    Position p = f.position(body + worker * VEC);
+    for (uint64_t v = worker; v < nvec; v += UNROLL * workers) {
+        V in[UNROLL];
+        Position at[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            at[u] = u == 0 ? p : step(at[u - 1]);
+            if (v + u * workers < nvec) in[u] = xv[v + u * workers];
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (v + u * workers >= nvec) break;
+            const Position& q = at[u];
+            V out;
+            // The host runs the vector kernels only when L >= VEC, so a vector spans
+            // at most two slices: `split` elements in q's, the rest in the next one's.
+            const uint32_t split = (uint32_t)min(L - q.cell, (uint64_t)VEC);
+            uint32_t bits = keep_bits_from(f.words(q), f.a.plane_words, q.cell);
+            const float s0 = f.scale(q);
+            if (split == VEC) {
+#pragma unroll
+                for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in[u].v[k], (bits >> k) & 1u ? s0 : 0.0f);
+            } else {
+                Position r = q;
+                f.next_slice(r);
+                bits = (bits & ((1u << split) - 1u)) | keep_bits_from(f.words(r), f.a.plane_words, 0) << split;
+                const float s1 = f.scale(r);
+#pragma unroll
+                for (uint32_t k = 0; k < VEC; ++k)
+                    out.v[k] = scale_element(in[u].v[k], (bits >> k) & 1u ? (k < split ? s0 : s1) : 0.0f);
+            }
+            yv[v + u * workers] = out;
+        }
+        p = step(at[UNROLL - 1]);
     }
 }
 
@@ -154,10 +175,10 @@ __device__ __forceinline__ void apply_flat(const DropBlockGeometry& g, const Dro
 using namespace dropblock;
 
 // Builds every plane's keep bits, counts what is kept (an exact integer count:
-// one 64-bit atomic per thread block for the total, one per lane and sample run
-// for PerSample), and the last block to finish writes the scales. Each warp owns
-// a contiguous run of planes.
-extern "C" __global__ void __launch_bounds__(256)
+// one 64-bit atomic per thread block for the total; for PerSample one per warp,
+// or one per lane and sample run for a warp whose planes span samples), and the
+// last block to finish writes the scales. Each warp owns a contiguous run of planes.
+extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* keep_bits,
                        unsigned long long* counts, float* scales) {
     const uint32_t lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5;
@@ -166,21 +187,28 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
 
     const uint64_t total_weight = slices_per_plane(g), sample_weight = sample_weight_of_plane(g);
     const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;
-    uint64_t total = 0, run_sum = 0, run_counter = ~0ull;
+    // Usually a warp's planes all belong to one sample: then its lanes' counts
+    // are summed across the warp and added with one atomic.
+    const bool one_sample =
+        begin < end && sample_counter_of_plane(g, begin) == sample_counter_of_plane(g, end - 1);
+    uint64_t total = 0, run_sum = 0, run_counter = one_sample ? sample_counter_of_plane(g, begin) : ~0ull;
     build_keep_bits(g, s, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) {
         total += kept * total_weight;
         if (per_sample) {
-            const uint64_t ctr = sample_counter_of_plane(g, plane);
-            if (ctr != run_counter) {
-                if (run_counter != ~0ull && run_sum)
-                    atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
-                run_counter = ctr;
-                run_sum = 0;
+            if (!one_sample) {
+                const uint64_t ctr = sample_counter_of_plane(g, plane);
+                if (ctr != run_counter) {
+                    if (run_counter != ~0ull && run_sum)
+                        atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
+                    run_counter = ctr;
+                    run_sum = 0;
+                }
             }
             run_sum += kept * sample_weight;
         }
     });
-    if (run_counter != ~0ull && run_sum)
+    if (one_sample) run_sum = warp_sum(run_sum);
+    if ((!one_sample || lane == 0) && run_counter != ~0ull && run_sum)
         atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
     total = warp_sum(total);
     // Every thread's per-sample atomics are ordered before the block's ticket
@@ -234,20 +262,20 @@ __device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBloc
 // x and y may be the same buffer (in place): every element is read and then
 // written by the same thread, so no __restrict__.
 #define DROPBLOCK_ELEMENTWISE_KERNELS(T, NAME)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) dropblock2d_apply_##NAME(                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_apply_##NAME(                                 \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) { \
         apply_flat<T, true>(g, a, x, y, keep_bits, scales);                                                      \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) dropblock2d_apply_unaligned_##NAME(                       \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_apply_unaligned_##NAME(                       \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) { \
         apply_flat<T, false>(g, a, x, y, keep_bits, scales);                                                     \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) dropblock2d_fused_##NAME(                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_fused_##NAME(                                 \
         DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, const T* x, T* y, uint32_t* keep_bits,        \
         float* scales) {                                                                                         \
         fused<T, true>(g, s, a, x, y, keep_bits, scales);                                                        \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) dropblock2d_fused_unaligned_##NAME(                       \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_fused_unaligned_##NAME(                       \
         DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, const T* x, T* y, uint32_t* keep_bits,        \
         float* scales) {                                                                                         \
         fused<T, false>(g, s, a, x, y, keep_bits, scales);                                                       \
@@ -259,7 +287,7 @@ DROPBLOCK_ELEMENTWISE_KERNELS(__nv_bfloat16, bf16)
 
 // One thread per window: the seed words of every plane's seed grid, in window
 // order (plane, seed row, segment).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock2d_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds) {
     const uint64_t windows = g.planes * g.seed_h * g.windows_per_row;
     for (uint64_t w = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; w < windows;

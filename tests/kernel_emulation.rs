@@ -201,7 +201,7 @@ mod emulation {
         let mut y_cpu = vec![T::default(); n];
         let saved = cpu::forward(&c.cfg, shape, c.key, Mode::Train, &x, &mut y_cpu).unwrap();
         let plan = Plan::new(&c.cfg, shape, c.key);
-        let (apply, fused) = launch_plan(&c.cfg, shape);
+        let (apply, fused) = launch_plan(&c.cfg, shape, 0);
 
         let vector = vector_kernels::<T>(!c.unaligned, apply.plane_len);
         let mut req = Vec::new();

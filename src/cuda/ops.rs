@@ -1,10 +1,11 @@
 //! Launch wrappers for the kernels in `kernels/dropblock2d.cu`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use half::{bf16, f16};
 
@@ -39,17 +40,29 @@ impl CudaElement for bf16 {
 
 const THREADS: u32 = 256;
 const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
-/// The fused kernel streams a slice per warp; larger slices go through the
-/// flat two-kernel path, which spreads a slice over the whole grid.
+/// The fused kernel streams a run of slices per warp; larger slices go through
+/// the flat two-kernel path, which spreads a slice over the whole grid.
 const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
+/// With fewer planes than this many per multiprocessor the fused kernel would
+/// leave most warps idle, so the flat path serves.
+const FUSED_MIN_PLANES_PER_SM: u64 = 32;
+const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
 
 /// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
 /// context (it is `Send + Sync`).
 #[derive(Debug, Clone)]
 pub struct DropBlockCuda {
     ctx: Arc<CudaContext>,
-    module: Arc<CudaModule>,
     sm_count: u32,
+    kernels: Arc<HashMap<String, Kernel>>,
+}
+
+/// A kernel and how many of its 256-thread blocks one multiprocessor holds.
+#[derive(Debug)]
+struct Kernel {
+    function: CudaFunction,
+    blocks_per_sm: u32,
 }
 
 /// What forward leaves for backward, on the device: the keep bits of every mask
@@ -96,7 +109,18 @@ impl DropBlockCuda {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error)? as u32;
-        Ok(Self { ctx: ctx.clone(), module, sm_count })
+        let names = ["dropblock2d_count_mask".to_string(), "dropblock2d_sample_seeds".to_string()]
+            .into_iter()
+            .chain(ELEMENTWISE.iter().flat_map(|op| DTYPES.iter().map(move |t| format!("dropblock2d_{op}_{t}"))));
+        let kernels = names
+            .map(|name| {
+                let function = module.load_function(&name).map_err(driver_error)?;
+                let blocks_per_sm =
+                    function.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None).map_err(driver_error)?;
+                Ok((name, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Self { ctx: ctx.clone(), sm_count, kernels: Arc::new(kernels) })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -108,8 +132,15 @@ impl DropBlockCuda {
         self.ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})"))
     }
 
-    fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.module.load_function(name).map_err(driver_error)
+    fn kernel(&self, name: &str) -> Result<&Kernel> {
+        self.kernels.get(name).ok_or_else(|| Error::Driver(format!("kernel {name} is not in the module")))
+    }
+
+    /// A launch of `kernel` with `blocks` blocks at most one wave: every block
+    /// resident at once, each thread striding over the rest of the work.
+    fn launch_config(&self, kernel: &Kernel, blocks: u64) -> LaunchConfig {
+        let wave = self.sm_count as u64 * kernel.blocks_per_sm as u64;
+        LaunchConfig { grid_dim: (blocks.clamp(1, wave) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
@@ -216,25 +247,13 @@ impl DropBlockCuda {
         let g = *plan.geometry();
         let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
         let mut out = stream.alloc_zeros::<u64>(windows).map_err(driver_error)?;
-        let f = self.function("dropblock2d_sample_seeds")?;
-        let cfg = self.grid(windows as u64);
-        let mut b = stream.launch_builder(&f);
+        let k = self.kernel("dropblock2d_sample_seeds")?;
+        let cfg = self.launch_config(k, (windows as u64).div_ceil(THREADS as u64));
+        let mut b = stream.launch_builder(&k.function);
         b.arg(&g).arg(plan.sampling()).arg(&mut out);
         // SAFETY: argument types match the kernel's signature; `out` holds every window.
         unsafe { b.launch(cfg) }.map_err(driver_error)?;
         stream.clone_dtoh(&out).map_err(driver_error)
-    }
-
-    /// A grid-stride launch over `items` threads' worth of work.
-    fn grid(&self, items: u64) -> LaunchConfig {
-        let blocks = items.div_ceil(THREADS as u64).clamp(1, self.sm_count as u64 * 16) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-    }
-
-    /// A launch with one warp per plane (up to a full device's worth of warps).
-    fn warp_grid(&self, planes: u64) -> LaunchConfig {
-        let blocks = planes.div_ceil(WARPS_PER_BLOCK).clamp(1, self.sm_count as u64 * 32) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -251,7 +270,7 @@ impl DropBlockCuda {
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
-        let (apply, fused) = launch_plan(cfg, shape);
+        let (apply, fused) = launch_plan(cfg, shape, self.sm_count as u64 * FUSED_MIN_PLANES_PER_SM);
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
             copy::<T>(stream, shape, &io)?;
@@ -260,22 +279,24 @@ impl DropBlockCuda {
         }
         let plan = Plan::new(cfg, shape, key);
         let g = *plan.geometry();
-        let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "unaligned_" };
+        let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "_unaligned" };
+        // Warp-per-plane-run kernels: a warp per plane at most.
+        let warp_blocks = g.planes.div_ceil(WARPS_PER_BLOCK);
         if fused {
-            let f = self.function(&format!("dropblock2d_fused_{variant}{}", T::KERNEL_SUFFIX))?;
-            let mut b = stream.launch_builder(&f);
+            let k = self.kernel(&format!("dropblock2d_fused{variant}_{}", T::KERNEL_SUFFIX))?;
+            let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&io.x).arg(&io.y).arg(&mut state.keep_bits);
             b.arg(&mut state.scales);
             // SAFETY: argument types match the kernel; the state holds a plane per slice.
-            unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
+            unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
         } else {
             stream.memset_zeros(&mut state.counts).map_err(driver_error)?;
-            let f = self.function("dropblock2d_count_mask")?;
-            let mut b = stream.launch_builder(&f);
+            let k = self.kernel("dropblock2d_count_mask")?;
+            let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts);
             b.arg(&mut state.scales);
             // SAFETY: as above; counts hold 2 + N entries and scales N.
-            unsafe { b.launch(self.warp_grid(g.planes)) }.map_err(driver_error)?;
+            unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
         state.call = Some(Call { plan: Some(plan), apply });
@@ -299,23 +320,25 @@ impl DropBlockCuda {
         io: &Io,
     ) -> Result<()> {
         let vector = vector_kernels::<T>(io.aligned(), apply.plane_len);
-        let name = format!("dropblock2d_apply_{}{}", if vector { "" } else { "unaligned_" }, T::KERNEL_SUFFIX);
-        let f = self.function(&name)?;
+        let k =
+            self.kernel(&format!("dropblock2d_apply{}_{}", if vector { "" } else { "_unaligned" }, T::KERNEL_SUFFIX))?;
         let vec = if vector { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
-        let mut b = stream.launch_builder(&f);
+        let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
         // SAFETY: argument types match the kernel; x and y hold numel elements.
-        unsafe { b.launch(self.grid(apply.numel / vec)) }.map_err(driver_error)?;
+        unsafe { b.launch(self.launch_config(k, (apply.numel / vec).div_ceil(THREADS as u64))) }
+            .map_err(driver_error)?;
         Ok(())
     }
 }
 
 /// How a forward call is launched: its element-wise parameters, and whether the
 /// single-launch fused kernel serves it (Expected or None normalisation, no
-/// sharing, slices small enough for a warp). Public for tests that run the
-/// kernels off the GPU (tests/kernel_emulation.rs).
+/// sharing, slices small enough for a warp, at least `min_fused_planes` planes
+/// to keep the device busy). Public for tests that run the kernels off the GPU
+/// (tests/kernel_emulation.rs).
 #[doc(hidden)]
-pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape) -> (abi::DropBlockApply, bool) {
+pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_fused_planes: u64) -> (abi::DropBlockApply, bool) {
     let apply = abi::DropBlockApply {
         numel: shape.numel() as u64,
         plane_len: shape.plane_len() as u64,
@@ -330,7 +353,8 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape) -> (abi::DropBlockApply,
     };
     let fused = matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
         && cfg.sharing() == Sharing::None
-        && apply.plane_len <= FUSED_MAX_PLANE_LEN;
+        && apply.plane_len <= FUSED_MAX_PLANE_LEN
+        && (shape.n() * shape.c()) as u64 >= min_fused_planes;
     (apply, fused)
 }
 
