@@ -79,7 +79,8 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 7] = [
+        let tests: [GpuTest; 8] = [
+            ("fused_single_launch_matches_cpu", fused_single_launch_matches_cpu),
             ("device_sampler_matches_cpu", device_sampler_matches_cpu),
             ("random_configs_match_cpu_in_every_dtype", random_configs_match_cpu_in_every_dtype),
             ("large_shapes_match_cpu", large_shapes_match_cpu),
@@ -239,6 +240,22 @@ mod gpu {
                     Case { cfg, shape: Shape::new(n, c, h, w).unwrap(), key: RngKey::new(77 + i as u64, 34).unwrap() };
                 check::<f32>(d, s, case, false, i as u64);
                 check::<bf16>(d, s, case, false, i as u64);
+            }
+        }
+    }
+
+    /// Expected and None normalisation without sharing take the single-launch
+    /// fused kernel once there are enough planes to fill the device (32 per SM).
+    fn fused_single_launch_matches_cpu((d, s): &Gpu) {
+        for (i, norm) in [Normalize::Expected, Normalize::None].into_iter().enumerate() {
+            for (n, c, h, w, k) in [(32, 256, 7, 9, 3), (16, 1024, 14, 14, 7), (64, 128, 5, 70, 4)] {
+                let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
+                let shape = Shape::new(n, c, h, w).unwrap();
+                assert!(dropblock::cuda::launch_plan(&cfg, shape, 240 * 32).1, "{shape} should take the fused kernel");
+                let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
+                check::<f32>(d, s, case, false, 1);
+                check::<bf16>(d, s, case, true, 2);
+                check::<f16>(d, s, case, false, 3);
             }
         }
     }
