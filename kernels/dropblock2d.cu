@@ -2,6 +2,8 @@
 // the name, so an Nsight timeline reads plainly:
 //
 //   dropblock2d_count_mask       seeds -> blocks -> keep bits, kept counts, scales
+//   dropblock2d_seed_blocks,     the same in two grid-wide passes, for few large
+//   dropblock2d_count_bits       planes
 //   dropblock2d_apply_<T>        y = x * factor from saved keep bits and scales
 //                                (Global / PerSample forward, and every backward)
 //   dropblock2d_fused_<T>        Expected / None normalisation, no sharing: mask
@@ -17,11 +19,11 @@
 
 namespace dropblock {
 
-// Planes [begin, end) of warp `warp` out of `warps`: contiguous runs, so a warp's
-// planes mostly share a sample and its per-sample counter.
-__device__ __forceinline__ void warp_planes(uint64_t planes, uint64_t warp, uint64_t warps, uint64_t& begin,
-                                            uint64_t& end) {
-    const uint64_t per = planes / warps, rem = planes % warps;
+// Items [begin, end) of warp `warp` out of `warps`: contiguous runs, so a warp's
+// planes (or words) mostly share a sample and its per-sample counter.
+__device__ __forceinline__ void warp_share(uint64_t items, uint64_t warp, uint64_t warps, uint64_t& begin,
+                                           uint64_t& end) {
+    const uint64_t per = items / warps, rem = items % warps;
     begin = warp * per + min(warp, rem);
     end = begin + per + (warp < rem ? 1 : 0);
 }
@@ -170,54 +172,69 @@ __device__ __forceinline__ void apply_flat(const DropBlockGeometry& g, const Dro
                            gridDim.x * (uint64_t)blockDim.x, Factors(g, a, keep_bits, scales));
 }
 
-}  // namespace dropblock
 
-using namespace dropblock;
 
-// Builds every plane's keep bits, counts what is kept (an exact integer count:
-// one 64-bit atomic per thread block for the total; for PerSample one per warp,
-// or one per lane and sample run for a warp whose planes span samples), and the
-// last block to finish writes the scales. Each warp owns a contiguous run of planes.
-extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* keep_bits,
-                       unsigned long long* counts, float* scales) {
-    const uint32_t lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5;
-    uint64_t begin, end;
-    warp_planes(g.planes, global_warp(), warps_in_grid(), begin, end);
+// Kept counts of one warp: the total over the tensor (each plane weighted by the
+// slices that read it) and, under PerSample, per sample. Usually a warp's planes
+// all belong to one sample: then the lanes' sums are added across the warp and
+// sent with one atomic; otherwise each lane sends one per sample run.
+struct WarpCounts {
+    const DropBlockGeometry& g;
+    unsigned long long* counts;
+    bool per_sample, one_sample;
+    uint64_t total_weight, sample_weight, total = 0, run_sum = 0, run_counter = ~0ull;
 
-    const uint64_t total_weight = slices_per_plane(g), sample_weight = sample_weight_of_plane(g);
-    const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;
-    // Usually a warp's planes all belong to one sample: then its lanes' counts
-    // are summed across the warp and added with one atomic.
-    const bool one_sample =
-        begin < end && sample_counter_of_plane(g, begin) == sample_counter_of_plane(g, end - 1);
-    uint64_t total = 0, run_sum = 0, run_counter = one_sample ? sample_counter_of_plane(g, begin) : ~0ull;
-    build_keep_bits(g, s, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) {
+    // The warp's items lie in planes first_plane..=last_plane (`any`: it has items).
+    __device__ __forceinline__ WarpCounts(const DropBlockGeometry& g_, const DropBlockApply& a,
+                                          unsigned long long* c, bool any, uint64_t first_plane, uint64_t last_plane)
+        : g(g_),
+          counts(c),
+          per_sample(a.normalize == DROPBLOCK_NORM_PER_SAMPLE),
+          one_sample(any && sample_counter_of_plane(g_, first_plane) == sample_counter_of_plane(g_, last_plane)),
+          total_weight(slices_per_plane(g_)),
+          sample_weight(sample_weight_of_plane(g_)) {
+        if (one_sample) run_counter = sample_counter_of_plane(g, first_plane);
+    }
+
+    __device__ __forceinline__ void add(uint64_t plane, uint32_t kept) {
         total += kept * total_weight;
-        if (per_sample) {
-            if (!one_sample) {
-                const uint64_t ctr = sample_counter_of_plane(g, plane);
-                if (ctr != run_counter) {
-                    if (run_counter != ~0ull && run_sum)
-                        atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
-                    run_counter = ctr;
-                    run_sum = 0;
-                }
+        if (!per_sample) return;
+        if (!one_sample) {
+            const uint64_t ctr = sample_counter_of_plane(g, plane);
+            if (ctr != run_counter) {
+                flush();
+                run_counter = ctr;
             }
-            run_sum += kept * sample_weight;
         }
-    });
-    if (one_sample) run_sum = warp_sum(run_sum);
-    if ((!one_sample || lane == 0) && run_counter != ~0ull && run_sum)
-        atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
-    total = warp_sum(total);
-    // Every thread's per-sample atomics are ordered before the block's ticket
-    // below, so the last block reads complete counters.
-    __threadfence();
+        run_sum += kept * sample_weight;
+    }
 
+    __device__ __forceinline__ void flush() {
+        if (run_counter != ~0ull && run_sum)
+            atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
+        run_sum = 0;
+    }
+
+    // Sends what is left; every lane must call it. Returns the warp's total.
+    __device__ __forceinline__ uint64_t finish() {
+        if (one_sample) {
+            run_sum = warp_sum(run_sum);
+            if ((threadIdx.x & 31) != 0) run_sum = 0;
+        }
+        flush();
+        return warp_sum(total);
+    }
+};
+
+// Adds the block's total with one atomic; the last block to finish writes the
+// scales from the complete counters. Every thread must call it.
+__device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const DropBlockApply& a,
+                                               uint64_t warp_total, unsigned long long* counts, float* scales) {
+    // Every thread's per-sample atomics are ordered before the block's ticket.
+    __threadfence();
     __shared__ uint64_t warp_totals[32];
     __shared__ bool last_block;
-    if (lane == 0) warp_totals[warp_in_block] = total;
+    if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x >> 5] = warp_total;
     __syncthreads();
     if (threadIdx.x == 0) {
         uint64_t block_total = 0;
@@ -244,13 +261,51 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
     }
 }
 
+}  // namespace dropblock
+
+using namespace dropblock;
+
+// Builds every plane's keep bits and counts what is kept (an exact integer
+// count: one 64-bit atomic per block for the total), each warp owning a
+// contiguous run of planes; the last block writes the scales. For many planes.
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* keep_bits,
+                       unsigned long long* counts, float* scales) {
+    uint64_t begin, end;
+    warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
+    WarpCounts wc(g, a, counts, begin < end, begin, end - 1);
+    build_keep_bits(g, s, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
+    publish_counts(g, a, wc.finish(), counts, scales);
+}
+
+// For few large planes, where a warp per plane run would leave the device idle,
+// the same work in two grid-wide passes: dropblock2d_seed_blocks ORs every
+// window's blocks into dropped bits (zeroed by the host), then
+// dropblock2d_count_bits turns them into keep bits and counts them.
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock2d_seed_blocks(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* bits) {
+    const uint64_t windows = g.planes * g.seed_h * g.windows_per_row;
+    seed_windows(g, s, a, 0, windows, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
+                 gridDim.x * (uint64_t)blockDim.x, bits);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock2d_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, unsigned long long* counts,
+                       float* scales) {
+    uint64_t begin, end;
+    warp_share(g.planes * a.plane_words, global_warp(), warps_in_grid(), begin, end);
+    WarpCounts wc(g, a, counts, begin < end, begin / a.plane_words, (end - 1) / a.plane_words);
+    keep_words(a, begin, end, threadIdx.x & 31, 32, bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
+    publish_counts(g, a, wc.finish(), counts, scales);
+}
+
 // Mask and scaled copy in one launch, for Expected / None normalisation without
 // sharing (each plane is its own slice). Writes the keep bits for backward.
 template <typename T, bool VECTOR>
 __device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBlockSampling& s, const DropBlockApply& a,
                                       const T* x, T* y, uint32_t* keep_bits, float* scales) {
     uint64_t begin, end;
-    warp_planes(g.planes, global_warp(), warps_in_grid(), begin, end);
+    warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
     build_keep_bits(g, s, a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
     // Without sharing, planes [begin, end) are exactly the slices of elements
     // [begin * L, end * L).

@@ -50,30 +50,20 @@ struct FlatCursor {
     }
 };
 
-// Builds the keep bits of planes [begin, end), a contiguous run owned by one
-// warp, and calls on_word(plane, kept cells in the word) for each of their words.
-// The lanes work on the flattened windows and words of the whole run, so small
-// planes (7x7, 14x14) keep every lane busy. Every lane of the warp must call it.
-template <typename OnWord>
-__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
-                                                const DropBlockApply& a, uint64_t begin, uint64_t end,
-                                                uint32_t* keep_bits, OnWord on_word) {
-    const uint32_t lane = threadIdx.x & 31;
-    uint32_t* run = keep_bits + begin * a.plane_words;
-    const uint64_t words = (end - begin) * a.plane_words;
-    for (uint64_t i = lane; i < words; i += 32) run[i] = 0;
-    __syncwarp();
-
+// ORs the blocks of windows [first, last) (global window numbers) into dropped
+// bits, `worker` of `workers` taking every workers-th window. The bits must be
+// zero before, and nothing may read them until every window is done.
+__device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const DropBlockSampling& s,
+                                             const DropBlockApply& a, uint64_t first, uint64_t last,
+                                             uint64_t worker, uint64_t workers, uint32_t* bits) {
     const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
-    const uint64_t windows = (end - begin) * per_plane;
-    FlatCursor w(lane, per_plane, 32);
-    for (uint64_t i = lane; i < windows; i += 32, w.advance()) {
-        const uint64_t plane = begin + w.plane;
+    FlatCursor w(first + worker, per_plane, workers);
+    for (uint64_t i = first + worker; i < last; i += workers, w.advance()) {
         const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
         const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
-        uint64_t seeds = sample_window(s, plane * per_plane + w.index, min(64u, g.seed_w - seg * 64u));
+        uint64_t seeds = sample_window(s, i, min(64u, g.seed_w - seg * 64u));
         if (seeds == 0) continue;
-        uint32_t* plane_bits = keep_bits + plane * a.plane_words;
+        uint32_t* plane_bits = bits + w.plane * a.plane_words;
         const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
         const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
         while (seeds) {
@@ -85,16 +75,39 @@ __device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, cons
                 atomic_set_bits(plane_bits, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
         }
     }
-    __syncwarp();
+}
 
-    FlatCursor c(lane, a.plane_words, 32);
-    for (uint64_t i = lane; i < words; i += 32, c.advance()) {
-        const uint64_t first = c.index * 32;
-        const uint32_t valid = a.plane_len - first >= 32 ? 0xffffffffu : (1u << (uint32_t)(a.plane_len - first)) - 1u;
-        const uint32_t keep = ~run[i] & valid;
-        run[i] = keep;
-        on_word(begin + c.plane, (uint32_t)__popc(keep));
+// Turns dropped bits [first, last) (global word numbers) into keep bits and
+// calls on_word(plane, kept cells in the word) for each, `worker` of `workers`
+// taking every workers-th word.
+template <typename OnWord>
+__device__ __forceinline__ void keep_words(const DropBlockApply& a, uint64_t first, uint64_t last, uint64_t worker,
+                                           uint64_t workers, uint32_t* bits, OnWord on_word) {
+    FlatCursor c(first + worker, a.plane_words, workers);
+    for (uint64_t i = first + worker; i < last; i += workers, c.advance()) {
+        const uint64_t cell = c.index * 32;
+        const uint32_t valid = a.plane_len - cell >= 32 ? 0xffffffffu : (1u << (uint32_t)(a.plane_len - cell)) - 1u;
+        const uint32_t keep = ~bits[i] & valid;
+        bits[i] = keep;
+        on_word(c.plane, (uint32_t)__popc(keep));
     }
+}
+
+// Builds the keep bits of planes [begin, end), a contiguous run owned by one
+// warp, and calls on_word(plane, kept cells in the word) for each of their words.
+// The lanes work on the flattened windows and words of the whole run, so small
+// planes (7x7, 14x14) keep every lane busy. Every lane of the warp must call it.
+template <typename OnWord>
+__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
+                                                const DropBlockApply& a, uint64_t begin, uint64_t end,
+                                                uint32_t* keep_bits, OnWord on_word) {
+    const uint32_t lane = threadIdx.x & 31;
+    for (uint64_t i = begin * a.plane_words + lane; i < end * a.plane_words; i += 32) keep_bits[i] = 0;
+    __syncwarp();
+    const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
+    seed_windows(g, s, a, begin * per_plane, end * per_plane, lane, 32, keep_bits);
+    __syncwarp();
+    keep_words(a, begin * a.plane_words, end * a.plane_words, lane, 32, keep_bits, on_word);
     __syncwarp();
 }
 

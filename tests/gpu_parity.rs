@@ -80,7 +80,7 @@ mod gpu {
             unsafe { d.context().disable_event_tracking() };
         });
         let tests: [GpuTest; 8] = [
-            ("fused_single_launch_matches_cpu", fused_single_launch_matches_cpu),
+            ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
             ("device_sampler_matches_cpu", device_sampler_matches_cpu),
             ("random_configs_match_cpu_in_every_dtype", random_configs_match_cpu_in_every_dtype),
             ("large_shapes_match_cpu", large_shapes_match_cpu),
@@ -244,19 +244,38 @@ mod gpu {
         }
     }
 
-    /// Expected and None normalisation without sharing take the single-launch
-    /// fused kernel once there are enough planes to fill the device (32 per SM).
-    fn fused_single_launch_matches_cpu((d, s): &Gpu) {
-        for (i, norm) in [Normalize::Expected, Normalize::None].into_iter().enumerate() {
-            for (n, c, h, w, k) in [(32, 256, 7, 9, 3), (16, 1024, 14, 14, 7), (64, 128, 5, 70, 4)] {
-                let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
-                let shape = Shape::new(n, c, h, w).unwrap();
-                assert!(dropblock::cuda::launch_plan(&cfg, shape, 240 * 32).1, "{shape} should take the fused kernel");
-                let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
-                check::<f32>(d, s, case, false, 1);
-                check::<bf16>(d, s, case, true, 2);
-                check::<f16>(d, s, case, false, 3);
+    /// Each way of computing the keep bits (dropblock::cuda::LaunchPath), on shapes
+    /// that take it on any GPU of 16 to 240 multiprocessors: the single-launch fused
+    /// kernel, a warp per run of planes, and the grid-wide passes for few planes.
+    fn every_launch_path_matches_cpu((d, s): &Gpu) {
+        use dropblock::cuda::{launch_plan, LaunchPath};
+        let many = [(32, 256, 7, 9, 3), (16, 1024, 14, 14, 7), (64, 128, 5, 70, 4)];
+        let few = [(2, 3, 129, 200, 7), (1, 4, 64, 64, 5)];
+        let mut cases = Vec::new();
+        for &(n, c, h, w, k) in &many {
+            for norm in [Normalize::Expected, Normalize::None, Normalize::Global, Normalize::PerSample] {
+                let path = if matches!(norm, Normalize::Expected | Normalize::None) {
+                    LaunchPath::Fused
+                } else {
+                    LaunchPath::Warps
+                };
+                cases.push((n, c, h, w, k, norm, path));
             }
+        }
+        for &(n, c, h, w, k) in &few {
+            for norm in [Normalize::Global, Normalize::PerSample, Normalize::Expected] {
+                cases.push((n, c, h, w, k, norm, LaunchPath::Grid));
+            }
+        }
+        for (i, (n, c, h, w, k, norm, path)) in cases.into_iter().enumerate() {
+            let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
+            let shape = Shape::new(n, c, h, w).unwrap();
+            let bound = if path == LaunchPath::Grid { 16 * 32 } else { 240 * 32 };
+            assert_eq!(launch_plan(&cfg, shape, bound).1, path, "{shape} {norm:?}");
+            let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
+            check::<f32>(d, s, case, false, 1);
+            check::<bf16>(d, s, case, true, 2);
+            check::<f16>(d, s, case, false, 3);
         }
     }
 

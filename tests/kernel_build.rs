@@ -25,6 +25,8 @@ fn fatbin_entries(fatbin: &[u8]) -> Vec<(u16, u32)> {
 
 const KERNELS: &[&str] = &[
     "dropblock2d_count_mask",
+    "dropblock2d_seed_blocks",
+    "dropblock2d_count_bits",
     "dropblock2d_sample_seeds",
     "dropblock2d_apply_f32",
     "dropblock2d_apply_f16",

@@ -31,7 +31,7 @@ mod emulation {
     use std::process::Command;
     use std::sync::Arc;
 
-    use dropblock::cuda::{launch_plan, vector_kernels, CudaElement};
+    use dropblock::cuda::{launch_plan, vector_kernels, CudaElement, LaunchPath};
     use dropblock::sampling::Plan;
     use dropblock::{
         abi, cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
@@ -125,6 +125,8 @@ mod emulation {
         apply_blocks: u32,
         in_place: bool,
         unaligned: bool,
+        /// Planes below which the grid-wide passes serve: 0 or never.
+        min_planes: u64,
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
@@ -162,6 +164,7 @@ mod emulation {
             apply_blocks: rng.random_range(1..=2),
             in_place: rng.random_bool(0.3),
             unaligned: rng.random_bool(0.25),
+            min_planes: if rng.random_bool(0.4) { u64::MAX } else { 0 },
         }
     }
 
@@ -201,11 +204,11 @@ mod emulation {
         let mut y_cpu = vec![T::default(); n];
         let saved = cpu::forward(&c.cfg, shape, c.key, Mode::Train, &x, &mut y_cpu).unwrap();
         let plan = Plan::new(&c.cfg, shape, c.key);
-        let (apply, fused) = launch_plan(&c.cfg, shape, 0);
+        let (apply, path) = launch_plan(&c.cfg, shape, c.min_planes);
 
         let vector = vector_kernels::<T>(!c.unaligned, apply.plane_len);
         let mut req = Vec::new();
-        for v in [dtype, fused as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32] {
+        for v in [dtype, path as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32] {
             req.extend_from_slice(&v.to_le_bytes());
         }
         req.extend_from_slice(bytes_of(plan.geometry()));
@@ -238,20 +241,20 @@ mod emulation {
         }
         if mask != saved.keep_mask() {
             let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
-            return Err(format!("keep mask differs first at element {i} (fused={fused})"));
+            return Err(format!("keep mask differs first at element {i} ({path:?})"));
         }
         let k = saved.scales().len();
         if scales[..k] != *saved.scales() {
-            return Err(format!("scales {:?} != cpu {:?} (fused={fused})", &scales[..k], saved.scales()));
+            return Err(format!("scales {:?} != cpu {:?} ({path:?})", &scales[..k], saved.scales()));
         }
-        if !fused {
+        if path != LaunchPath::Fused {
             let total = counts[abi::DROPBLOCK_COUNT_TOTAL as usize];
             if total != saved.kept() {
                 return Err(format!("device count {total} != cpu kept {}", saved.kept()));
             }
         }
         if let Some(i) = (0..n).find(|&i| !same(y[i], y_cpu[i])) {
-            return Err(format!("y[{i}] = {:?}, cpu {:?} (fused={fused})", y[i], y_cpu[i]));
+            return Err(format!("y[{i}] = {:?}, cpu {:?} ({path:?})", y[i], y_cpu[i]));
         }
         Ok(())
     }

@@ -21,5 +21,5 @@ mod ops;
 
 pub use module::{built_archs, context, fatbin, ptxas_report};
 #[doc(hidden)]
-pub use ops::{launch_plan, vector_kernels};
+pub use ops::{launch_plan, vector_kernels, LaunchPath};
 pub use ops::{CudaElement, DeviceState, DropBlockCuda};

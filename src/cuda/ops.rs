@@ -43,9 +43,9 @@ const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
 /// The fused kernel streams a run of slices per warp; larger slices go through
 /// the flat two-kernel path, which spreads a slice over the whole grid.
 const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
-/// With fewer planes than this many per multiprocessor the fused kernel would
-/// leave most warps idle, so the flat path serves.
-const FUSED_MIN_PLANES_PER_SM: u64 = 32;
+/// With fewer mask planes than this many per multiprocessor, kernels that give a
+/// warp a run of planes would leave most warps idle: the grid-wide passes serve.
+const MIN_PLANES_PER_SM: u64 = 32;
 const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
 
@@ -270,7 +270,7 @@ impl DropBlockCuda {
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
-        let (apply, fused) = launch_plan(cfg, shape, self.sm_count as u64 * FUSED_MIN_PLANES_PER_SM);
+        let (apply, path) = launch_plan(cfg, shape, self.sm_count as u64 * MIN_PLANES_PER_SM);
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
             copy::<T>(stream, shape, &io)?;
@@ -280,9 +280,9 @@ impl DropBlockCuda {
         let plan = Plan::new(cfg, shape, key);
         let g = *plan.geometry();
         let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "_unaligned" };
-        // Warp-per-plane-run kernels: a warp per plane at most.
+        // Kernels that give each warp a run of planes: a warp per plane at most.
         let warp_blocks = g.planes.div_ceil(WARPS_PER_BLOCK);
-        if fused {
+        if path == LaunchPath::Fused {
             let k = self.kernel(&format!("dropblock2d_fused{variant}_{}", T::KERNEL_SUFFIX))?;
             let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&io.x).arg(&io.y).arg(&mut state.keep_bits);
@@ -291,12 +291,28 @@ impl DropBlockCuda {
             unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
         } else {
             stream.memset_zeros(&mut state.counts).map_err(driver_error)?;
-            let k = self.kernel("dropblock2d_count_mask")?;
-            let mut b = stream.launch_builder(&k.function);
-            b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts);
-            b.arg(&mut state.scales);
-            // SAFETY: as above; counts hold 2 + N entries and scales N.
-            unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
+            if path == LaunchPath::Warps {
+                let k = self.kernel("dropblock2d_count_mask")?;
+                let mut b = stream.launch_builder(&k.function);
+                b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts);
+                b.arg(&mut state.scales);
+                // SAFETY: as above; counts hold 2 + N entries and scales N.
+                unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
+            } else {
+                let words = g.planes * apply.plane_words;
+                stream.memset_zeros(&mut state.keep_bits.slice_mut(..words as usize)).map_err(driver_error)?;
+                let windows = g.planes * g.seed_h as u64 * g.windows_per_row as u64;
+                let k = self.kernel("dropblock2d_seed_blocks")?;
+                let mut b = stream.launch_builder(&k.function);
+                b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits);
+                // SAFETY: as above; the bits hold `words` words, zeroed.
+                unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
+                let k = self.kernel("dropblock2d_count_bits")?;
+                let mut b = stream.launch_builder(&k.function);
+                b.arg(&g).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts).arg(&mut state.scales);
+                // SAFETY: as above.
+                unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
+            }
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
         state.call = Some(Call { plan: Some(plan), apply });
@@ -332,13 +348,26 @@ impl DropBlockCuda {
     }
 }
 
-/// How a forward call is launched: its element-wise parameters, and whether the
-/// single-launch fused kernel serves it (Expected or None normalisation, no
-/// sharing, slices small enough for a warp, at least `min_fused_planes` planes
-/// to keep the device busy). Public for tests that run the kernels off the GPU
-/// (tests/kernel_emulation.rs).
+/// Which kernels compute a forward call's keep bits (the numbers are the
+/// emulator driver's, tests/emulator/driver.cpp).
 #[doc(hidden)]
-pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_fused_planes: u64) -> (abi::DropBlockApply, bool) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchPath {
+    /// Mask and scaled copy in one launch (Expected or None normalisation, no
+    /// sharing, slices small enough for a warp).
+    Fused = 0,
+    /// `count_mask` (a warp per run of planes), then `apply`.
+    Warps = 1,
+    /// `seed_blocks` and `count_bits` over the whole grid, then `apply`: for few
+    /// mask planes.
+    Grid = 2,
+}
+
+/// How a forward call is launched: its element-wise parameters and its path. A
+/// call with fewer than `min_planes` mask planes takes the grid-wide passes.
+/// Public for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
+#[doc(hidden)]
+pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_planes: u64) -> (abi::DropBlockApply, LaunchPath) {
     let apply = abi::DropBlockApply {
         numel: shape.numel() as u64,
         plane_len: shape.plane_len() as u64,
@@ -351,11 +380,23 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_fused_planes: u64) -
         uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
         reserved: 0,
     };
-    let fused = matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
+    let planes = match cfg.sharing() {
+        Sharing::None => shape.n() * shape.c(),
+        Sharing::Channels => shape.n(),
+        Sharing::Batch => shape.c(),
+        Sharing::All => 1,
+    } as u64;
+    let path = if planes < min_planes {
+        LaunchPath::Grid
+    } else if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
         && cfg.sharing() == Sharing::None
         && apply.plane_len <= FUSED_MAX_PLANE_LEN
-        && (shape.n() * shape.c()) as u64 >= min_fused_planes;
-    (apply, fused)
+    {
+        LaunchPath::Fused
+    } else {
+        LaunchPath::Warps
+    };
+    (apply, path)
 }
 
 /// Whether the 16-byte vector kernels may run: both tensors 16-byte aligned, and

@@ -2,7 +2,8 @@
 // call's parameters and input, runs the kernels in the launch sequence of
 // src/cuda/ops.rs under the emulator, and writes what they produced.
 //
-// Request (little-endian): u32 dtype (0 f32, 1 f16, 2 bf16), u32 fused,
+// Request (little-endian): u32 dtype (0 f32, 1 f16, 2 bf16), u32 path (0 fused,
+// 1 count_mask, 2 seed_blocks + count_bits, as LaunchPath in src/cuda/ops.rs),
 // u32 count_blocks, u32 apply_blocks, u32 in_place, u32 unaligned (tensors one
 // element past an aligned start, through the _unaligned kernels), then DropBlockGeometry,
 // DropBlockSampling, DropBlockApply as laid out in kernels/dropblock_abi.h, then
@@ -12,6 +13,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <algorithm>
 #include <iterator>
 
 #include "dropblock2d.cu"
@@ -35,7 +37,7 @@ template <typename T>
 using FusedKernel = void (*)(DropBlockGeometry, DropBlockSampling, DropBlockApply, const T*, T*, uint32_t*, float*);
 
 template <typename T>
-int run(const char* p, const char* end, uint32_t fused, uint32_t count_blocks, uint32_t apply_blocks,
+int run(const char* p, const char* end, uint32_t path, uint32_t count_blocks, uint32_t apply_blocks,
         uint32_t in_place, uint32_t unaligned, const DropBlockGeometry& g, const DropBlockSampling& s,
         const DropBlockApply& a, ApplyKernel<T> apply, FusedKernel<T> fused_k, const char* out_path) {
     if ((size_t)(end - p) != a.numel * sizeof(T)) {
@@ -51,10 +53,16 @@ int run(const char* p, const char* end, uint32_t fused, uint32_t count_blocks, u
     std::vector<float> scales(g.n, -1.0f);
     T* xp = xbuf.data() + off;
     T* yp = in_place ? xp : ybuf.data() + off;
-    if (fused) {
+    if (path == 0) {
         emu::launch(fused_k, count_blocks, 256, g, s, a, xp, yp, bits.data(), scales.data());
     } else {
-        emu::launch(dropblock2d_count_mask, count_blocks, 256, g, s, a, bits.data(), counts.data(), scales.data());
+        if (path == 1) {
+            emu::launch(dropblock2d_count_mask, count_blocks, 256, g, s, a, bits.data(), counts.data(), scales.data());
+        } else {
+            std::fill(bits.begin(), bits.begin() + g.planes * a.plane_words, 0u);
+            emu::launch(dropblock2d_seed_blocks, count_blocks, 256, g, s, a, bits.data());
+            emu::launch(dropblock2d_count_bits, count_blocks, 256, g, a, bits.data(), counts.data(), scales.data());
+        }
         emu::launch(apply, apply_blocks, 256, g, a, xp, yp, (const uint32_t*)bits.data(), (const float*)scales.data());
     }
     std::ofstream out(out_path, std::ios::binary);
@@ -76,12 +84,12 @@ int main(int argc, char** argv) {
     std::vector<char> req((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const char* p = req.data();
     const char* end = p + req.size();
-    uint32_t dtype, fused, count_blocks, apply_blocks, in_place, unaligned;
+    uint32_t dtype, path, count_blocks, apply_blocks, in_place, unaligned;
     DropBlockGeometry g;
     DropBlockSampling s;
     DropBlockApply a;
     read_pod(p, dtype);
-    read_pod(p, fused);
+    read_pod(p, path);
     read_pod(p, count_blocks);
     read_pod(p, apply_blocks);
     read_pod(p, in_place);
@@ -90,7 +98,7 @@ int main(int argc, char** argv) {
     read_pod(p, s);
     read_pod(p, a);
 #define DROPBLOCK_RUN(T, NAME)                                                                       \
-    run<T>(p, end, fused, count_blocks, apply_blocks, in_place, unaligned, g, s, a,                      \
+    run<T>(p, end, path, count_blocks, apply_blocks, in_place, unaligned, g, s, a,                      \
            unaligned ? dropblock2d_apply_unaligned_##NAME : dropblock2d_apply_##NAME,                    \
            unaligned ? dropblock2d_fused_unaligned_##NAME : dropblock2d_fused_##NAME, argv[2])
     switch (dtype) {
