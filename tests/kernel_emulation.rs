@@ -21,6 +21,7 @@ fn main() {
 #[cfg(not(feature = "cuda"))]
 mod emulation {
     pub fn trials() -> Vec<libtest_mimic::Trial> {
+        eprintln!("kernel_emulation: built without the `cuda` feature, so there are no kernels to emulate");
         vec![libtest_mimic::Trial::test("kernel_emulation", || Ok(())).with_ignored_flag(true)]
     }
 }
