@@ -49,6 +49,15 @@ const MIN_PLANES_PER_SM: u64 = 32;
 const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
 
+/// Every kernel the wrappers launch, loaded once per context.
+fn kernel_names() -> Vec<String> {
+    ["count_mask", "seed_blocks", "count_bits", "sample_seeds"]
+        .iter()
+        .map(|k| format!("dropblock2d_{k}"))
+        .chain(ELEMENTWISE.iter().flat_map(|op| DTYPES.iter().map(move |t| format!("dropblock2d_{op}_{t}"))))
+        .collect()
+}
+
 /// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
 /// context (it is `Send + Sync`).
 #[derive(Debug, Clone)]
@@ -109,10 +118,8 @@ impl DropBlockCuda {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error)? as u32;
-        let names = ["dropblock2d_count_mask".to_string(), "dropblock2d_sample_seeds".to_string()]
+        let kernels = kernel_names()
             .into_iter()
-            .chain(ELEMENTWISE.iter().flat_map(|op| DTYPES.iter().map(move |t| format!("dropblock2d_{op}_{t}"))));
-        let kernels = names
             .map(|name| {
                 let function = module.load_function(&name).map_err(driver_error)?;
                 let blocks_per_sm =
@@ -490,5 +497,25 @@ impl DeviceState {
         }
         let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
         stream.clone_dtoh(&self.scales.slice(..n)).map_err(driver_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel the wrappers load is in the fatbin (ptxas reported it), and
+    /// every kernel in the fatbin is loaded.
+    #[test]
+    fn the_kernel_table_matches_the_fatbin() {
+        let report = super::super::ptxas_report();
+        let mut built: Vec<&str> = report
+            .lines()
+            .filter_map(|l| l.split("Compiling entry function '").nth(1))
+            .filter_map(|rest| rest.split('\'').next())
+            .collect();
+        built.sort();
+        built.dedup();
+        let mut names = super::kernel_names();
+        names.sort();
+        assert_eq!(built, names);
     }
 }
