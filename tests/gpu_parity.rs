@@ -50,12 +50,10 @@ mod gpu {
     use cudarc::driver::{sys, CudaStream};
     use dropblock::cuda::{CudaElement, DropBlockCuda};
     use dropblock::sampling::Plan;
-    use dropblock::{
-        cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
-    };
+    use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Normalize, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     use libtest_mimic::{Failed, Trial};
 
@@ -110,14 +108,9 @@ mod gpu {
         (trials, why)
     }
 
-    fn same<T: Element>(a: T, b: T) -> bool {
-        let (a, b) = (a.to_f32(), b.to_f32());
-        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
-    }
-
     fn assert_same<T: Element>(what: &str, gpu: &[T], cpu: &[T], ctx: &str) {
         assert_eq!(gpu.len(), cpu.len());
-        if let Some(i) = (0..gpu.len()).find(|&i| !same(gpu[i], cpu[i])) {
+        if let Some(i) = (0..gpu.len()).find(|&i| !common::same(gpu[i], cpu[i])) {
             panic!("{ctx}: {what}[{i}] differs: gpu {:?} cpu {:?}", gpu[i], cpu[i]);
         }
     }
@@ -131,37 +124,11 @@ mod gpu {
 
     fn random_case(rng: &mut StdRng) -> Case {
         const SIDES: &[usize] = &[1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130];
-        let shape = Shape::new(
-            rng.random_range(1..=4),
-            rng.random_range(1..=6),
-            SIDES[rng.random_range(0..SIDES.len())],
-            SIDES[rng.random_range(0..SIDES.len())],
-        )
-        .unwrap();
-        let side = |rng: &mut StdRng| {
-            if rng.random_bool(0.1) {
-                rng.random_range(10..=20)
-            } else {
-                rng.random_range(1..=9)
-            }
-        };
-        let kh = side(rng);
-        let kw = if rng.random_bool(0.7) { kh } else { side(rng) };
-        let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
-        let cfg = DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)])
-            .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
-            .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
-            .gamma_scale(if rng.random_bool(0.8) { 1.0 } else { rng.random_range(0.25..2.0) })
-            .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
-            .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])
-            .build()
-            .unwrap();
-        let offset = if rng.random_bool(0.1) {
-            RngKey::MAX_OFFSET - rng.random_range(0..100)
-        } else {
-            rng.random_range(0..10_000)
-        };
-        Case { cfg, shape, key: RngKey::new(rng.random(), offset).unwrap() }
+        Case {
+            shape: common::random_shape(rng, 4, 6, SIDES),
+            cfg: common::random_config(rng),
+            key: common::random_key(rng),
+        }
     }
 
     /// Forward and backward on both paths, out of place (optionally on views one

@@ -34,9 +34,7 @@ mod emulation {
 
     use dropblock::cuda::{launch_plan, vector_kernels, CudaElement, LaunchPath};
     use dropblock::sampling::Plan;
-    use dropblock::{
-        abi, cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
-    };
+    use dropblock::{abi, cpu, DropBlockConfig, Mode, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -133,34 +131,15 @@ mod emulation {
     fn random_case(rng: &mut StdRng) -> Case {
         const SIDES: &[usize] = &[1, 2, 3, 5, 7, 9, 13, 14, 19, 33, 64, 65, 70, 129];
         let shape = loop {
-            let s = Shape::new(
-                rng.random_range(1..=3),
-                rng.random_range(1..=4),
-                SIDES[rng.random_range(0..SIDES.len())],
-                SIDES[rng.random_range(0..SIDES.len())],
-            )
-            .unwrap();
+            let s = common::random_shape(rng, 3, 4, SIDES);
             if s.numel() <= 40_000 {
                 break s;
             }
         };
-        let side =
-            |rng: &mut StdRng| if rng.random_bool(0.1) { rng.random_range(10..=20) } else { rng.random_range(1..=9) };
-        let kh = side(rng);
-        let kw = if rng.random_bool(0.6) { kh } else { side(rng) };
-        let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
-        let cfg = DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.2, 0.5, 1.0][pick(rng, 4)])
-            .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
-            .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
-            .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
-            .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])
-            .build()
-            .unwrap();
-        let offset = if rng.random_bool(0.2) { RngKey::MAX_OFFSET } else { rng.random_range(0..1000) };
         Case {
-            cfg,
+            cfg: common::random_config(rng),
             shape,
-            key: RngKey::new(rng.random(), offset).unwrap(),
+            key: common::random_key(rng),
             count_blocks: rng.random_range(1..=3),
             apply_blocks: rng.random_range(1..=2),
             in_place: rng.random_bool(0.3),
@@ -183,11 +162,6 @@ mod emulation {
         // SAFETY: `v` has room for exactly `size` bytes of plain data.
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), v.as_mut_ptr().cast::<u8>(), size) };
         v
-    }
-
-    fn same<T: Element>(a: T, b: T) -> bool {
-        let (a, b) = (a.to_f32(), b.to_f32());
-        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
     }
 
     fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
@@ -254,7 +228,7 @@ mod emulation {
                 return Err(format!("device count {total} != cpu kept {}", saved.kept()));
             }
         }
-        if let Some(i) = (0..n).find(|&i| !same(y[i], y_cpu[i])) {
+        if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
             return Err(format!("y[{i}] = {:?}, cpu {:?} ({path:?})", y[i], y_cpu[i]));
         }
         Ok(())

@@ -1,10 +1,51 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use dropblock::{Block, DropBlockConfig, Element, GammaRule, Normalize, Placement, RngKey, Shape, Sharing};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Deterministic test input: values in [-2, 2) with a few exact zeros.
+/// Deterministic test input: values in [-2, 2).
 pub fn input(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+}
+
+/// Bit equality, with any NaN equal to any NaN (the contract leaves NaN payloads open).
+pub fn same<T: Element>(a: T, b: T) -> bool {
+    let (a, b) = (a.to_f32(), b.to_f32());
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// A shape with N in 1..=max_n, C in 1..=max_c and sides drawn from `sides`.
+pub fn random_shape(rng: &mut StdRng, max_n: usize, max_c: usize, sides: &[usize]) -> Shape {
+    let mut side = || sides[rng.random_range(0..sides.len())];
+    let (h, w) = (side(), side());
+    Shape::new(rng.random_range(1..=max_n), rng.random_range(1..=max_c), h, w).unwrap()
+}
+
+/// A configuration over every mode: blocks 1..=9 (sometimes 10..=20, larger than
+/// small maps), square or rectangular, any placement, γ rule, sharing and
+/// normalisation, and now and then a gamma_scale other than 1.
+pub fn random_config(rng: &mut StdRng) -> DropBlockConfig {
+    let side =
+        |rng: &mut StdRng| if rng.random_bool(0.1) { rng.random_range(10..=20) } else { rng.random_range(1..=9) };
+    let kh = side(rng);
+    let kw = if rng.random_bool(0.65) { kh } else { side(rng) };
+    let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
+    DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)])
+        .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
+        .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
+        .gamma_scale(if rng.random_bool(0.8) { 1.0 } else { rng.random_range(0.25..2.0) })
+        .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
+        .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])
+        .build()
+        .unwrap()
+}
+
+/// A random seed with a small offset, or (one time in ten) one near the largest.
+pub fn random_key(rng: &mut StdRng) -> RngKey {
+    let offset =
+        if rng.random_bool(0.1) { RngKey::MAX_OFFSET - rng.random_range(0..100) } else { rng.random_range(0..10_000) };
+    RngKey::new(rng.random(), offset).unwrap()
 }
