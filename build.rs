@@ -4,7 +4,7 @@
 //! - SASS for every supported arch plus PTX for the newest; `DROPBLOCK_CUDA_ARCHS`
 //!   (e.g. `90` or `80,90`) narrows the list for quick local builds.
 //! - ptxas's resource report is kept in `OUT_DIR/ptxas_report.txt` and embedded as
-//!   `dropblock::cuda::PTXAS_REPORT`, where a test checks it for spills.
+//!   `dropblock::cuda::ptxas_report()`, where a test checks it for spills.
 //! - Without the `cuda` feature nothing is compiled. With it and no nvcc the build
 //!   fails and says how to get one, so kernels are never silently missing.
 
@@ -35,7 +35,7 @@ fn main() {
         return;
     }
     let nvcc = find_nvcc().unwrap_or_else(|| fail_no_nvcc());
-    let archs = archs();
+    let archs = supported(&nvcc, archs());
     let unity = write_unity_source(&out_dir);
 
     let mut cmd = Command::new(&nvcc);
@@ -130,6 +130,23 @@ fn archs() -> Vec<u32> {
         .collect();
     assert!(!archs.is_empty(), "DROPBLOCK_CUDA_ARCHS is set but names no arch");
     archs
+}
+
+/// The archs this nvcc can target (an older toolkit lacks sm_100 and sm_120);
+/// the others are left out with a warning.
+fn supported(nvcc: &Path, wanted: Vec<u32>) -> Vec<u32> {
+    let Ok(out) = Command::new(nvcc).arg("--list-gpu-code").output() else { return wanted };
+    let list = String::from_utf8_lossy(&out.stdout);
+    let known: Vec<u32> = list.split_whitespace().filter_map(|c| c.strip_prefix("sm_")?.parse().ok()).collect();
+    if known.is_empty() {
+        return wanted;
+    }
+    let (keep, drop): (Vec<u32>, Vec<u32>) = wanted.into_iter().partition(|a| known.contains(a));
+    if !drop.is_empty() {
+        println!("cargo::warning=nvcc at {} cannot build sm_{drop:?}; leaving them out", nvcc.display());
+    }
+    assert!(!keep.is_empty(), "nvcc at {} supports none of the requested archs", nvcc.display());
+    keep
 }
 
 /// nvcc compiles one translation unit to one fatbin, so every kernel file is

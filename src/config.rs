@@ -93,6 +93,19 @@ pub enum Sharing {
     All,
 }
 
+impl Sharing {
+    /// How many mask planes a tensor of `shape` has under this sharing.
+    pub fn planes(&self, shape: Shape) -> u64 {
+        let (n, c) = (shape.n() as u64, shape.c() as u64);
+        match self {
+            Sharing::None => n * c,
+            Sharing::Channels => n,
+            Sharing::Batch => c,
+            Sharing::All => 1,
+        }
+    }
+}
+
 /// How kept activations are rescaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Normalize {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape};
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mask::BlockMasks;
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
@@ -69,11 +69,17 @@ impl Saved {
     }
 
     /// Whether element `(n, c, h, w)` was kept.
-    pub fn is_kept(&self, n: usize, c: usize, h: usize, w: usize) -> bool {
-        match &self.state {
-            State::Identity => true,
-            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(n, c), h * self.shape.w() + w),
+    pub fn is_kept(&self, n: usize, c: usize, h: usize, w: usize) -> Result<bool> {
+        let s = self.shape;
+        for (what, value, len) in [("n", n, s.n()), ("c", c, s.c()), ("h", h, s.h()), ("w", w, s.w())] {
+            if value >= len {
+                return Err(Error::OutOfRange { what, value: value as u64, len: len as u64 });
+            }
         }
+        Ok(match &self.state {
+            State::Identity => true,
+            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(n, c), h * s.w() + w),
+        })
     }
 
     /// The keep mask as u8 in NCHW order: 1 where the element was kept.

@@ -44,6 +44,15 @@ pub enum Error {
     #[error("backward called on a state that holds no forward call")]
     NoForwardCall,
 
+    #[error("{what} is {value}, out of range 0..{len}")]
+    OutOfRange { what: &'static str, value: u64, len: u64 },
+
+    #[error("a window holds 1 to 64 cells, not {0}")]
+    InvalidWindowLength(u32),
+
+    #[error("the stream belongs to another CUDA context than the kernels")]
+    WrongContext,
+
     #[error("the CUDA driver library (libcuda) could not be found")]
     NoDriver,
 
@@ -58,3 +67,13 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// cudarc's driver errors, for `?` on cudarc calls next to this crate's.
+#[cfg(feature = "cuda")]
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        // Formatting a DriverError calls into libcuda, which is loaded whenever a
+        // DriverError exists.
+        Error::Driver(e.to_string())
+    }
+}

@@ -63,7 +63,8 @@
 //! - **Draws.** Draw `j` of window `w` is word `j mod 4` of
 //!   `curand_Philox4x32_10(counter, key)` with counter
 //!   `(lo(o + ⌊j/4⌋), hi(o + ⌊j/4⌋), lo(w), hi(w))` and key `(lo(s), hi(s))`: the
-//!   stream `curand_init(s, w, 4·o)` then `curand()` produces.
+//!   stream `curand_init(s, w, 4·o)` then `curand()` produces (where `4·o` fits
+//!   curand's 64-bit offset, i.e. `o < 2^62`).
 //! - **Seeds in a window.** With `r` cells left, take the next draw `u`. If
 //!   `u ≥ T[r-1]` the rest of the window has no seed. Otherwise the next seed is
 //!   `g` cells ahead, `g` the smallest index with `u < T[g]`; mark it, step past it

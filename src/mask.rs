@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use crate::abi;
+use crate::error::{Error, Result};
 use crate::sampling::Plan;
 
 /// The dropped cells of every mask plane. Plane `p` occupies words
@@ -11,7 +12,7 @@ use crate::sampling::Plan;
 /// `i % 64` of word `i / 64`) is set when cell `(h, w)` is dropped. Bits past
 /// `H * W` are always clear.
 #[derive(Debug, Clone)]
-pub struct BlockMasks {
+pub(crate) struct BlockMasks {
     words_per_plane: usize,
     words: Vec<u64>,
     dropped: Vec<u64>,
@@ -19,7 +20,7 @@ pub struct BlockMasks {
 
 impl BlockMasks {
     /// Samples every plane's seeds and grows them into blocks (parallel over planes).
-    pub fn build(plan: &Plan) -> Self {
+    pub(crate) fn build(plan: &Plan) -> Self {
         let g = plan.geometry();
         let words_per_plane = (g.h as usize * g.w as usize).div_ceil(64);
         let mut words = vec![0u64; plan.planes() * words_per_plane];
@@ -29,8 +30,8 @@ impl BlockMasks {
             .map_init(
                 || vec![0u64; g.seed_h as usize * g.windows_per_row as usize],
                 |seeds, (plane, out)| {
-                    plan.seed_grid(plane, seeds);
-                    grow_blocks(g, seeds, out)
+                    plan.fill_seed_grid(plane, seeds);
+                    grow_plane(g, seeds, out)
                 },
             )
             .collect();
@@ -39,18 +40,18 @@ impl BlockMasks {
 
     /// The dropped bits of `plane`.
     #[inline]
-    pub fn plane(&self, plane: usize) -> &[u64] {
+    pub(crate) fn plane(&self, plane: usize) -> &[u64] {
         &self.words[plane * self.words_per_plane..(plane + 1) * self.words_per_plane]
     }
 
     /// How many cells of `plane` are dropped.
     #[inline]
-    pub fn dropped(&self, plane: usize) -> u64 {
+    pub(crate) fn dropped(&self, plane: usize) -> u64 {
         self.dropped[plane]
     }
 
     #[inline]
-    pub fn is_dropped(&self, plane: usize, cell: usize) -> bool {
+    pub(crate) fn is_dropped(&self, plane: usize, cell: usize) -> bool {
         self.plane(plane)[cell / 64] >> (cell % 64) & 1 == 1
     }
 }
@@ -58,12 +59,23 @@ impl BlockMasks {
 /// Grows one plane's seeds into blocks: the seed grid `seeds` (`seed_h` rows of
 /// `windows_per_row` words, bit `x % 64` of word `x / 64` of a row set for a seed
 /// at column `x`) becomes the plane's dropped bits in `out` (`ceil(H·W / 64)`
-/// words, cleared first). Returns the number of dropped cells.
-pub fn grow_blocks(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -> u64 {
+/// words, cleared first). Returns the number of dropped cells, or an error when
+/// a buffer's length does not match the geometry.
+pub fn grow_blocks(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
+    let grid = g.seed_h as usize * g.windows_per_row as usize;
+    if seeds.len() != grid {
+        return Err(Error::LengthMismatch { what: "seed grid", expected: grid, actual: seeds.len() });
+    }
+    let words = (g.h as usize * g.w as usize).div_ceil(64);
+    if out.len() != words {
+        return Err(Error::LengthMismatch { what: "plane words", expected: words, actual: out.len() });
+    }
+    Ok(grow_plane(g, seeds, out))
+}
+
+fn grow_plane(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -> u64 {
     let (h, w) = (g.h as i64, g.w as i64);
     let wpr = g.windows_per_row as usize;
-    assert_eq!(seeds.len(), g.seed_h as usize * wpr, "seed grid size");
-    assert_eq!(out.len(), (g.h as usize * g.w as usize).div_ceil(64), "plane size");
     out.fill(0);
     for (y, row) in seeds.chunks_exact(wpr).enumerate() {
         let r0 = (y as i64 - g.anchor_y as i64).max(0);

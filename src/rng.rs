@@ -51,7 +51,9 @@ impl RngKey {
     /// The largest offset a call accepts.
     pub const MAX_OFFSET: u64 = u64::MAX - abi::DROPBLOCK_COUNTER_BLOCKS_PER_CALL as u64;
 
-    /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`.
+    /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`. Calls
+    /// whose offsets are less than 17 apart share counter blocks, and so draws:
+    /// use a [`Generator`] to step them.
     pub fn new(seed: u64, offset: u64) -> Result<Self> {
         if offset > Self::MAX_OFFSET {
             return Err(Error::OffsetOverflow { offset, max: Self::MAX_OFFSET });
@@ -74,7 +76,8 @@ impl RngKey {
 
     /// Draw `j` (0-based) of window `window`: word `j % 4` of
     /// `Philox(counter = (offset + j/4, window), key = seed)`; the same stream as
-    /// `curand_init(seed, window, 4 * offset)` followed by `curand()` calls.
+    /// `curand_init(seed, window, 4 * offset)` followed by `curand()` calls (for
+    /// `offset < 2^62`, where `4 * offset` fits curand's offset).
     #[inline]
     pub fn draw(&self, window: u64, j: u32) -> u32 {
         self.block(window, j / 4)[(j % 4) as usize]

@@ -7,6 +7,7 @@
 
 use crate::abi;
 use crate::config::{DropBlockConfig, GammaRule, Placement, Shape, Sharing};
+use crate::error::{Error, Result};
 use crate::rng::RngKey;
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
@@ -64,29 +65,60 @@ impl Plan {
     }
 
     /// The seeds of seed-grid row `y` of `plane`, as bits: bit `x % 64` of word
-    /// `x / 64` is set when cell `x` holds a seed. `out` gets `windows_per_row` words.
-    pub fn seed_row(&self, plane: usize, y: u32, out: &mut [u64]) {
-        let g = &self.geometry;
-        let wpr = g.windows_per_row as u64;
-        let row = plane as u64 * g.seed_h as u64 + y as u64;
-        for (s, word) in out.iter_mut().enumerate().take(wpr as usize) {
-            let len = (g.seed_w - s as u32 * WINDOW).min(WINDOW);
-            *word = self.sample_window(row * wpr + s as u64, len);
+    /// `x / 64` is set when cell `x` holds a seed. Returns `windows_per_row` words.
+    pub fn seed_row(&self, plane: usize, y: u32) -> Result<Vec<u64>> {
+        self.check_plane(plane)?;
+        if y >= self.geometry.seed_h {
+            return Err(Error::OutOfRange { what: "seed row", value: y as u64, len: self.geometry.seed_h as u64 });
         }
+        let mut out = vec![0; self.geometry.windows_per_row as usize];
+        self.fill_seed_row(plane, y, &mut out);
+        Ok(out)
     }
 
     /// The whole seed grid of `plane`: `seed_h` rows of `windows_per_row` words.
-    pub fn seed_grid(&self, plane: usize, out: &mut [u64]) {
+    pub fn seed_grid(&self, plane: usize) -> Result<Vec<u64>> {
+        self.check_plane(plane)?;
+        let mut out = vec![0; self.geometry.seed_h as usize * self.geometry.windows_per_row as usize];
+        self.fill_seed_grid(plane, &mut out);
+        Ok(out)
+    }
+
+    fn check_plane(&self, plane: usize) -> Result<()> {
+        if plane as u64 >= self.geometry.planes {
+            return Err(Error::OutOfRange { what: "plane", value: plane as u64, len: self.geometry.planes });
+        }
+        Ok(())
+    }
+
+    fn fill_seed_row(&self, plane: usize, y: u32, out: &mut [u64]) {
+        let g = &self.geometry;
+        let wpr = g.windows_per_row as u64;
+        let row = plane as u64 * g.seed_h as u64 + y as u64;
+        for (s, word) in out.iter_mut().enumerate() {
+            let len = (g.seed_w - s as u32 * WINDOW).min(WINDOW);
+            *word = self.walk_window(row * wpr + s as u64, len);
+        }
+    }
+
+    /// `out` holds `seed_h * windows_per_row` words.
+    pub(crate) fn fill_seed_grid(&self, plane: usize, out: &mut [u64]) {
         let wpr = self.geometry.windows_per_row as usize;
         for (y, row) in out.chunks_exact_mut(wpr).enumerate() {
-            self.seed_row(plane, y as u32, row);
+            self.fill_seed_row(plane, y as u32, row);
         }
     }
 
     /// The contract's window sampler: seeds of window `window`, which has `len`
     /// (1..=64) cells, as bits. One draw per seed plus one stop draw.
-    pub fn sample_window(&self, window: u64, len: u32) -> u64 {
-        debug_assert!((1..=WINDOW).contains(&len));
+    pub fn sample_window(&self, window: u64, len: u32) -> Result<u64> {
+        if !(1..=WINDOW).contains(&len) {
+            return Err(Error::InvalidWindowLength(len));
+        }
+        Ok(self.walk_window(window, len))
+    }
+
+    fn walk_window(&self, window: u64, len: u32) -> u64 {
         let t = &self.sampling.thresholds;
         let key = self.key();
         let mut bits = 0u64;
@@ -120,12 +152,13 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
         Placement::Valid => (0, 0, h - kh + 1, w - kw + 1),
         Placement::Anywhere => (kh / 2, kw / 2, h, w),
     };
-    let (sharing, planes) = match cfg.sharing() {
-        Sharing::None => (abi::DROPBLOCK_SHARE_NONE, n as u64 * c as u64),
-        Sharing::Channels => (abi::DROPBLOCK_SHARE_CHANNELS, n as u64),
-        Sharing::Batch => (abi::DROPBLOCK_SHARE_BATCH, c as u64),
-        Sharing::All => (abi::DROPBLOCK_SHARE_ALL, 1),
+    let sharing = match cfg.sharing() {
+        Sharing::None => abi::DROPBLOCK_SHARE_NONE,
+        Sharing::Channels => abi::DROPBLOCK_SHARE_CHANNELS,
+        Sharing::Batch => abi::DROPBLOCK_SHARE_BATCH,
+        Sharing::All => abi::DROPBLOCK_SHARE_ALL,
     };
+    let planes = cfg.sharing().planes(shape);
     abi::DropBlockGeometry {
         n,
         c,

@@ -149,7 +149,7 @@ fn grow_blocks_matches_pytorch() {
         let seeds = pack_seeds(i, c, &g);
         let (h, w) = (c.h as usize, c.w as usize);
         let mut out = vec![0u64; (h * w).div_ceil(64)];
-        let count = grow_blocks(&g, &seeds, &mut out);
+        let count = grow_blocks(&g, &seeds, &mut out).unwrap();
 
         let what = format!("case {i} ({}, {}x{} map, block {}x{})", c.placement, c.h, c.w, c.kh, c.kw);
         assert_eq!(c.dropped.len(), h, "{what}: fixture has {} dropped rows", c.dropped.len());

@@ -74,9 +74,12 @@ fn bf16_output_is_f32_product_rounded_to_nearest_even() {
 #[test]
 fn f16_ties_round_to_even() {
     // 1 + 2^-11 lies halfway between f16 1.0 and 1 + 2^-10: it must round to 1.0 (even).
-    assert_eq!(f16::from_f32(1.0 + 2f32.powi(-11)).to_bits(), f16::ONE.to_bits());
+    assert_eq!(<f16 as Element>::from_f32(1.0 + 2f32.powi(-11)).to_bits(), f16::ONE.to_bits());
     // 1 + 3·2^-11 lies halfway between 1 + 2^-10 (odd) and 1 + 2^-9: rounds up.
-    assert_eq!(f16::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(), 1.0 + 2f32.powi(-9));
+    assert_eq!(<f16 as Element>::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(), 1.0 + 2f32.powi(-9));
+    // The same ties in bf16 (8 mantissa bits): 1 + 2^-8 rounds to 1, 1 + 3·2^-8 up.
+    assert_eq!(<bf16 as Element>::from_f32(1.0 + 2f32.powi(-8)).to_f32(), 1.0);
+    assert_eq!(<bf16 as Element>::from_f32(1.0 + 3.0 * 2f32.powi(-8)).to_f32(), 1.0 + 2f32.powi(-6));
     // Products that overflow f16 become inf, as rounding the f32 product says.
     assert!(<f16 as Element>::from_f32(70000.0).to_f32().is_infinite());
 }

@@ -23,31 +23,14 @@ fn fatbin_entries(fatbin: &[u8]) -> Vec<(u16, u32)> {
     entries
 }
 
-const KERNELS: &[&str] = &[
-    "dropblock2d_count_mask",
-    "dropblock2d_seed_blocks",
-    "dropblock2d_count_bits",
-    "dropblock2d_sample_seeds",
-    "dropblock2d_apply_f32",
-    "dropblock2d_apply_f16",
-    "dropblock2d_apply_bf16",
-    "dropblock2d_apply_unaligned_f32",
-    "dropblock2d_apply_unaligned_f16",
-    "dropblock2d_apply_unaligned_bf16",
-    "dropblock2d_fused_f32",
-    "dropblock2d_fused_f16",
-    "dropblock2d_fused_bf16",
-    "dropblock2d_fused_unaligned_f32",
-    "dropblock2d_fused_unaligned_f16",
-    "dropblock2d_fused_unaligned_bf16",
-];
-
 #[test]
 fn fatbin_has_sass_for_every_arch_and_ptx_for_the_newest() {
     let archs = cuda::built_archs();
     assert!(!archs.is_empty(), "no archs recorded by build.rs");
     if option_env!("DROPBLOCK_CUDA_ARCHS").is_none() {
-        assert_eq!(archs, [75, 80, 86, 89, 90, 100, 120], "the default arch list");
+        // The default list, less what an older nvcc cannot build (build.rs warns).
+        assert!(archs.iter().all(|a| [75, 80, 86, 89, 90, 100, 120].contains(a)), "{archs:?}");
+        assert!(archs.contains(&90), "H100/H200 SASS missing: {archs:?}");
     }
     let entries = fatbin_entries(cuda::fatbin());
     for a in &archs {
@@ -78,8 +61,8 @@ fn ptxas_report_covers_every_kernel_and_nothing_spills() {
         }
     }
     for a in cuda::built_archs() {
-        for k in KERNELS {
-            assert!(seen.contains(&(k.to_string(), format!("sm_{a}"))), "no ptxas report for {k} on sm_{a}");
+        for k in cuda::kernel_names() {
+            assert!(seen.contains(&(k.clone(), format!("sm_{a}"))), "no ptxas report for {k} on sm_{a}");
         }
     }
 }

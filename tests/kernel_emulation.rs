@@ -67,7 +67,8 @@ mod emulation {
     fn build_driver() -> Result<PathBuf, String> {
         let inc = cuda_include().ok_or("no CUDA headers found beside nvcc (NVCC, CUDA_HOME, CUDA_PATH, PATH)")?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let exe = std::env::temp_dir().join(format!("dropblock-emulator-{}", std::process::id()));
+        // Cargo's scratch directory for integration tests: reused, never left behind in /tmp.
+        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dropblock-emulator");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = Command::new(&cxx)
             .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-w"])
@@ -124,7 +125,7 @@ mod emulation {
         apply_blocks: u32,
         in_place: bool,
         unaligned: bool,
-        /// Planes below which the grid-wide passes serve: 0 or never.
+        /// Planes below which the grid-wide passes serve: 0 (never) or u64::MAX (always).
         min_planes: u64,
     }
 

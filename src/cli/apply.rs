@@ -32,7 +32,10 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     let key = a.config.key()?;
     let (dims, x) = npy::read(&a.input)?;
     let shape = Shape::new(dims[0], dims[1], dims[2], dims[3])?;
-    let (runner, _) = Runner::select(a.device)?;
+    let (runner, fallback) = Runner::select(a.device)?;
+    if let Some(why) = fallback {
+        eprintln!("dropblock: no GPU ({why}): running on the CPU");
+    }
     let (y, mask, kept) = with_tensor!(&x, v => {
         let o = runner.run(&cfg, shape, key, v, false)?;
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)

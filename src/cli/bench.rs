@@ -31,8 +31,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Timed iterations (after 3 warm-up ones).
-    #[arg(long, default_value_t = 20)]
-    iters: usize,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    iters: u32,
     /// Time backward instead of forward.
     #[arg(long)]
     backward: bool,
@@ -52,10 +52,20 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
     let shape = a.shape.shape()?;
     let mut gen = Generator::from_state(a.config.seed, a.config.offset);
-    let iters = a.iters.max(1);
-    let times = match a.device {
+    let iters = a.iters as usize;
+    let device = match a.device {
+        DeviceArg::Auto if cuda_available() => DeviceArg::Cuda,
+        DeviceArg::Auto => DeviceArg::Cpu,
+        d => d,
+    };
+    println!(
+        "bench: {shape} {} on {}, {cfg}",
+        T::DTYPE.name(),
+        if device == DeviceArg::Cpu { "the CPU" } else { "CUDA" }
+    );
+    let times = match device {
         DeviceArg::Cpu => {
-            let x: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect();
+            let x = input::<T>(shape.numel());
             let mut y = vec![T::default(); shape.numel()];
             let mut dx = vec![T::default(); shape.numel()];
             let mut times = Vec::with_capacity(iters);
@@ -90,6 +100,20 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A deterministic input: values -8..8.
+fn input<T: CliElement>(len: usize) -> Vec<T> {
+    (0..len).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect()
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_available() -> bool {
+    dropblock::cuda::DropBlockCuda::new(0).is_ok()
+}
+#[cfg(not(feature = "cuda"))]
+fn cuda_available() -> bool {
+    false
+}
+
 /// CUDA-event times per iteration, rotating over enough input/output copies that
 /// each iteration starts with its tensors out of L2.
 #[cfg(feature = "cuda")]
@@ -102,14 +126,16 @@ fn cuda_times<T: CliElement>(
 ) -> Result<Vec<f64>, CliError> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     let d = dropblock::cuda::DropBlockCuda::new(0)?;
-    let err = |e: cudarc::driver::DriverError| CliError::from(dropblock::Error::Driver(e.to_string()));
-    let s = d.context().new_stream().map_err(err)?;
+    let s = d.context().new_stream().map_err(dropblock::Error::from)?;
     let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
     let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
-    let host: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect();
-    let xs: Vec<_> = (0..copies).map(|_| s.clone_htod(&host)).collect::<Result<_, _>>().map_err(err)?;
-    let mut ys: Vec<_> =
-        (0..copies).map(|_| s.alloc_zeros::<T>(shape.numel())).collect::<Result<_, _>>().map_err(err)?;
+    let host = input::<T>(shape.numel());
+    let xs: Vec<_> =
+        (0..copies).map(|_| s.clone_htod(&host)).collect::<Result<_, _>>().map_err(dropblock::Error::from)?;
+    let mut ys: Vec<_> = (0..copies)
+        .map(|_| s.alloc_zeros::<T>(shape.numel()))
+        .collect::<Result<_, _>>()
+        .map_err(dropblock::Error::from)?;
     let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape)).collect::<Result<_, _>>()?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + 3 {
@@ -118,7 +144,7 @@ fn cuda_times<T: CliElement>(
         if backward {
             d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
-        let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
         if backward {
             // dx overwrites x's buffer: the values do not matter for timing.
             let (x, y) = (&mut ys[k], &states[k]);
@@ -126,8 +152,8 @@ fn cuda_times<T: CliElement>(
         } else {
             d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
-        let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
-        let ms = start.elapsed_ms(&end).map_err(err)? as f64;
+        let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
+        let ms = start.elapsed_ms(&end).map_err(dropblock::Error::from)? as f64;
         if i >= 3 {
             times.push(ms);
         }

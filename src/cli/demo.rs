@@ -48,24 +48,31 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     let x: Vec<f32> = (0..shape.numel()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let o = runner.run(&cfg, shape, key, &x, true)?;
     let bytes = 2.0 * (shape.numel() * 4) as f64;
+    let scale = match o.scales.as_slice() {
+        [one] => format!("scale {one}"),
+        many => {
+            let (lo, hi) = many.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+            format!("per-sample scales {lo}..{hi}")
+        }
+    };
     println!(
-        "kept:   {} of {} (realised drop fraction {:.4}), scale {}",
+        "kept:   {} of {} (realised drop fraction {:.4}), {scale}",
         o.kept,
         shape.numel(),
         1.0 - o.kept as f64 / shape.numel() as f64,
-        o.scales[0]
     );
     println!("forward:  {:8.3} ms ({:.1} GB/s)", o.forward_ms, bytes / o.forward_ms / 1e6);
     if let Some((_, ms)) = &o.backward {
         println!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6);
     }
-    masks_png(&o.keep_mask, shape)?.write_png(&a.png)?;
-    println!("wrote the masks of slices (0, 0..16) to {}", a.png.display());
+    let (img, tiles) = masks_png(&o.keep_mask, shape);
+    img.write_png(&a.png)?;
+    println!("wrote the keep masks of the first {tiles} (n, c) slices to {}", a.png.display());
     Ok(())
 }
 
-/// The keep masks of the first (up to) 16 slices, tiled 4 x 4.
-fn masks_png(mask: &[u8], shape: Shape) -> Result<Image, CliError> {
+/// The keep masks of the first (up to) 16 slices, tiled 4 x 4, and how many.
+fn masks_png(mask: &[u8], shape: Shape) -> (Image, usize) {
     let (h, w) = (shape.h(), shape.w());
     let zoom = (96 / h.max(w)).clamp(1, 8);
     let tiles = (shape.n() * shape.c()).min(16);
@@ -82,5 +89,5 @@ fn masks_png(mask: &[u8], shape: Shape) -> Result<Image, CliError> {
             }
         }
     }
-    Ok(img)
+    (img, tiles)
 }

@@ -104,27 +104,26 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     with_backward: bool,
 ) -> Result<Outcome<T>, dropblock::Error> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-    let err = |e: cudarc::driver::DriverError| dropblock::Error::Driver(e.to_string());
-    let stream = c.context().new_stream().map_err(err)?;
-    let xd = stream.clone_htod(x).map_err(err)?;
-    let mut yd = stream.alloc_zeros::<T>(x.len()).map_err(err)?;
+    let stream = c.context().new_stream()?;
+    let xd = stream.clone_htod(x)?;
+    let mut yd = stream.alloc_zeros::<T>(x.len())?;
     let mut state = c.alloc_state(&stream, shape)?;
-    let start = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+    let start = stream.record_event(Some(CU_EVENT_DEFAULT))?;
     c.forward_into(&stream, &mut state, cfg, shape, key, Mode::Train, &xd, &mut yd)?;
-    let mid = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
-    let forward_ms = start.elapsed_ms(&mid).map_err(err)? as f64;
+    let mid = stream.record_event(Some(CU_EVENT_DEFAULT))?;
+    let forward_ms = start.elapsed_ms(&mid)? as f64;
     let backward = if with_backward {
-        let mut dxd = stream.alloc_zeros::<T>(x.len()).map_err(err)?;
-        let b0 = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let mut dxd = stream.alloc_zeros::<T>(x.len())?;
+        let b0 = stream.record_event(Some(CU_EVENT_DEFAULT))?;
         c.backward(&stream, &state, &yd, &mut dxd)?;
-        let b1 = stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
-        let ms = b0.elapsed_ms(&b1).map_err(err)? as f64;
-        Some((stream.clone_dtoh(&dxd).map_err(err)?, ms))
+        let b1 = stream.record_event(Some(CU_EVENT_DEFAULT))?;
+        let ms = b0.elapsed_ms(&b1)? as f64;
+        Some((stream.clone_dtoh(&dxd)?, ms))
     } else {
         None
     };
     Ok(Outcome {
-        y: stream.clone_dtoh(&yd).map_err(err)?,
+        y: stream.clone_dtoh(&yd)?,
         keep_mask: state.keep_mask(&stream)?,
         kept: state.kept(&stream)?,
         scales: state.scales(&stream)?,

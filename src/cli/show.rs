@@ -17,12 +17,12 @@ pub struct ShowArgs {
     image: Option<PathBuf>,
     /// Feature map size HxW when there is no --image.
     #[arg(long, default_value = "56x56")]
-    size: dropblock::Block,
+    size: MapSize,
     #[command(flatten)]
     config: ConfigArgs,
     /// Pixels per feature-map cell.
-    #[arg(long, default_value_t = 8)]
-    zoom: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    zoom: u32,
     /// Where to write the picture.
     #[arg(long)]
     png: PathBuf,
@@ -31,16 +31,26 @@ pub struct ShowArgs {
 pub fn run(a: ShowArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
     let key = a.config.key()?;
+    let zoom = a.zoom as usize;
+    let too_large = |h: usize, w: usize| {
+        let pixels = h.checked_mul(w).and_then(|p| p.checked_mul(zoom * zoom));
+        match pixels {
+            Some(p) if p <= MAX_PIXELS => Ok(()),
+            _ => Err(CliError::Usage(format!(
+                "a {h}x{w} map at zoom {zoom} is too large a picture (at most {MAX_PIXELS} pixels)"
+            ))),
+        }
+    };
     let background = match &a.image {
         Some(p) => Image::read_png(p)?,
-        None => gradient(a.size.width as usize, a.size.height as usize),
+        None => {
+            too_large(a.size.0, a.size.1)?;
+            gradient(a.size.1, a.size.0)
+        }
     };
     let (h, w) = (background.height, background.width);
+    too_large(h, w)?;
     let shape = Shape::new(1, 1, h, w)?;
-    let zoom = a.zoom.max(1);
-    if h * w * zoom * zoom > 1 << 28 {
-        return Err(CliError::Usage(format!("{h}x{w} at zoom {zoom} is too large a picture; lower --zoom")));
-    }
     let saved = cpu::sample(&cfg, shape, key, Mode::Train);
     let mask = saved.keep_mask();
     let mut img = Image::new(w * zoom, h * zoom, [0; 3]);
@@ -53,7 +63,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     }
     let mut seeds = 0;
     if let Some(plan) = saved.plan() {
-        seeds = draw_seeds(&mut img, plan, zoom);
+        seeds = draw_seeds(&mut img, plan, zoom)?;
     }
     img.write_png(&a.png)?;
     println!(
@@ -67,11 +77,9 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
 
 /// Marks each seed's cell (a seed at (y, x) is the cell its block is anchored at)
 /// and returns how many there are.
-fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> usize {
-    let g = plan.geometry();
-    let wpr = g.windows_per_row as usize;
-    let mut grid = vec![0u64; g.seed_h as usize * wpr];
-    plan.seed_grid(0, &mut grid);
+fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> Result<usize, CliError> {
+    let wpr = plan.geometry().windows_per_row as usize;
+    let grid = plan.seed_grid(0)?;
     let mut count = 0;
     let dot = (zoom / 2).max(1);
     for (y, row) in grid.chunks(wpr).enumerate() {
@@ -85,7 +93,26 @@ fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> usize {
             }
         }
     }
-    count
+    Ok(count)
+}
+
+/// The largest picture `show` draws.
+const MAX_PIXELS: usize = 1 << 28;
+
+/// `HxW`, both at least 1.
+#[derive(Clone, Copy, Debug)]
+struct MapSize(usize, usize);
+
+impl std::str::FromStr for MapSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |t: &str| match t.trim().parse::<usize>() {
+            Ok(v) if v >= 1 => Ok(v),
+            _ => Err(format!("map size `{s}` must be HxW with whole numbers of at least 1")),
+        };
+        let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("map size `{s}` must be HxW"))?;
+        Ok(MapSize(parse(h)?, parse(w)?))
+    }
 }
 
 fn gradient(w: usize, h: usize) -> Image {

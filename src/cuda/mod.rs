@@ -4,10 +4,14 @@
 //! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
 //! - Every launch goes on the stream you pass; nothing synchronises with the host,
-//!   so a forward can be captured into a CUDA graph. (Capture needs cudarc's
-//!   per-buffer event tracking off, `ctx.disable_event_tracking()`, as candle
-//!   does: otherwise cudarc makes the stream wait on events recorded outside the
-//!   capture.)
+//!   so a forward can be captured into a CUDA graph. Two caveats:
+//!   - the key `(seed, offset)` is a kernel parameter, so every replay of a
+//!     captured graph draws the same mask: re-capture per step, or update the
+//!     kernel nodes' parameters, to train with fresh masks;
+//!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
+//!     recorded outside the capture; turn it off first, as candle does
+//!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers
+//!     shared between streams yourself).
 //! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
 //!   let [`DropBlockCuda::forward`] allocate it.
@@ -21,5 +25,5 @@ mod ops;
 
 pub use module::{built_archs, context, fatbin, ptxas_report};
 #[doc(hidden)]
-pub use ops::{launch_plan, vector_kernels, LaunchPath};
+pub use ops::{kernel_names, launch_plan, vector_kernels, LaunchPath};
 pub use ops::{CudaElement, DeviceState, DropBlockCuda};

@@ -50,7 +50,8 @@ const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
 
 /// Every kernel the wrappers launch, loaded once per context.
-fn kernel_names() -> Vec<String> {
+#[doc(hidden)]
+pub fn kernel_names() -> Vec<String> {
     ["count_mask", "seed_blocks", "count_bits", "sample_seeds"]
         .iter()
         .map(|k| format!("dropblock2d_{k}"))
@@ -93,8 +94,8 @@ struct Call {
     apply: abi::DropBlockApply,
 }
 
-/// Raw device pointers of one call's tensors; the guards keep cudarc's stream
-/// bookkeeping alive until the launches are enqueued.
+/// Raw device pointers of one call's tensors. The callers hold cudarc's guards
+/// for them until the launches are enqueued.
 struct Io {
     x: sys::CUdeviceptr,
     y: sys::CUdeviceptr,
@@ -139,6 +140,15 @@ impl DropBlockCuda {
         self.ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})"))
     }
 
+    /// Launching on a stream of another context would fault; refuse it.
+    fn check_context(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        if Arc::ptr_eq(stream.context(), &self.ctx) {
+            Ok(())
+        } else {
+            Err(Error::WrongContext)
+        }
+    }
+
     fn kernel(&self, name: &str) -> Result<&Kernel> {
         self.kernels.get(name).ok_or_else(|| Error::Driver(format!("kernel {name} is not in the module")))
     }
@@ -153,6 +163,7 @@ impl DropBlockCuda {
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
     /// calls. Holds `ceil(H·W/32)` words of keep bits per `(n, c)` slice.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
+        self.check_context(stream)?;
         let planes = shape.n() * shape.c();
         let words = planes * shape.plane_len().div_ceil(32);
         Ok(DeviceState {
@@ -183,7 +194,7 @@ impl DropBlockCuda {
         Ok(state)
     }
 
-    /// Forward into a caller-provided state: no allocation at all.
+    /// Forward into a caller-provided state: no device allocation.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_into<T: CudaElement>(
         &self,
@@ -274,6 +285,7 @@ impl DropBlockCuda {
         mode: Mode,
         io: Io,
     ) -> Result<()> {
+        self.check_context(stream)?;
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
@@ -327,6 +339,7 @@ impl DropBlockCuda {
     }
 
     fn launch_backward<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
+        self.check_context(stream)?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.plan {
             None => copy::<T>(stream, state.shape, &io),
@@ -387,13 +400,7 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_planes: u64) -> (abi
         uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
         reserved: 0,
     };
-    let planes = match cfg.sharing() {
-        Sharing::None => shape.n() * shape.c(),
-        Sharing::Channels => shape.n(),
-        Sharing::Batch => shape.c(),
-        Sharing::All => 1,
-    } as u64;
-    let path = if planes < min_planes {
+    let path = if cfg.sharing().planes(shape) < min_planes {
         LaunchPath::Grid
     } else if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
         && cfg.sharing() == Sharing::None
