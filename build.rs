@@ -112,7 +112,7 @@ fn fail_no_nvcc() -> ! {
          \x20   into ~/.cache/dropblock and runs the command you give it, e.g.\n\
          \x20   ./scripts/cuda-toolchain.sh cargo build\n\
          \x20 - or install a CUDA toolkit and set CUDA_HOME (or put nvcc on PATH),\n\
-         \x20 - or build the CPU-only crate: cargo build --no-default-features\n\n"
+         \x20 - or build the CPU-only crate: cargo build --no-default-features --features cli\n\n"
     )
 }
 
