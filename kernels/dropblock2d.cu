@@ -8,6 +8,7 @@
 //                                (Global / PerSample forward, and every backward)
 //   dropblock2d_fused_<T>        Expected / None normalisation, no sharing: mask
 //                                and scaled copy in a single launch
+//   dropblock2d_advance_key      steps a device generator after a forward
 //   dropblock2d_sample_seeds     the raw seed words, for checking the sampler
 //
 // `_unaligned` variants take any pointers and shapes; the others need x and y
@@ -269,12 +270,13 @@ using namespace dropblock;
 // count: one 64-bit atomic per block for the total), each warp owning a
 // contiguous run of planes; the last block writes the scales. For many planes.
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* keep_bits,
-                       unsigned long long* counts, float* scales) {
+dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
+                       DropBlockApply a, uint32_t* keep_bits, unsigned long long* counts, float* scales) {
+    const Key k = load_key(s, device_key);
     uint64_t begin, end;
     warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
     WarpCounts wc(g, a, counts, begin < end, begin, end - 1);
-    build_keep_bits(g, s, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
+    build_keep_bits(g, s, k, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
     publish_counts(g, a, wc.finish(), counts, scales);
 }
 
@@ -283,9 +285,10 @@ dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, DropBlockApply 
 // window's blocks into dropped bits (zeroed by the host), then
 // dropblock2d_count_bits turns them into keep bits and counts them.
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_seed_blocks(DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, uint32_t* bits) {
+dropblock2d_seed_blocks(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
+                        DropBlockApply a, uint32_t* bits) {
     const uint64_t windows = g.planes * g.seed_h * g.windows_per_row;
-    seed_windows(g, s, a, 0, windows, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
+    seed_windows(g, s, load_key(s, device_key), a, 0, windows, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
                  gridDim.x * (uint64_t)blockDim.x, bits);
 }
 
@@ -302,11 +305,12 @@ dropblock2d_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, un
 // Mask and scaled copy in one launch, for Expected / None normalisation without
 // sharing (each plane is its own slice). Writes the keep bits for backward.
 template <typename T, bool VECTOR>
-__device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBlockSampling& s, const DropBlockApply& a,
-                                      const T* x, T* y, uint32_t* keep_bits, float* scales) {
+__device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBlockSampling& s,
+                                      const unsigned long long* device_key, const DropBlockApply& a, const T* x, T* y,
+                                      uint32_t* keep_bits, float* scales) {
     uint64_t begin, end;
     warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
-    build_keep_bits(g, s, a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
+    build_keep_bits(g, s, load_key(s, device_key), a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
     // Without sharing, planes [begin, end) are exactly the slices of elements
     // [begin * L, end * L).
     apply_range<T, VECTOR>(x, y, begin * a.plane_len, end * a.plane_len, threadIdx.x & 31, 32,
@@ -326,19 +330,25 @@ __device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBloc
         apply_flat<T, false>(g, a, x, y, keep_bits, scales);                                                     \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_fused_##NAME(                                 \
-        DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, const T* x, T* y, uint32_t* keep_bits,        \
-        float* scales) {                                                                                         \
-        fused<T, true>(g, s, a, x, y, keep_bits, scales);                                                        \
+        DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key, DropBlockApply a,          \
+        const T* x, T* y, uint32_t* keep_bits, float* scales) {                                                  \
+        fused<T, true>(g, s, device_key, a, x, y, keep_bits, scales);                                            \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_fused_unaligned_##NAME(                       \
-        DropBlockGeometry g, DropBlockSampling s, DropBlockApply a, const T* x, T* y, uint32_t* keep_bits,        \
-        float* scales) {                                                                                         \
-        fused<T, false>(g, s, a, x, y, keep_bits, scales);                                                       \
+        DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key, DropBlockApply a,          \
+        const T* x, T* y, uint32_t* keep_bits, float* scales) {                                                  \
+        fused<T, false>(g, s, device_key, a, x, y, keep_bits, scales);                                           \
     }
 
 DROPBLOCK_ELEMENTWISE_KERNELS(float, f32)
 DROPBLOCK_ELEMENTWISE_KERNELS(__half, f16)
 DROPBLOCK_ELEMENTWISE_KERNELS(__nv_bfloat16, bf16)
+
+// Steps a device generator ([seed, offset]) to its next call, after the
+// forward's sampling kernels have read it (stream order).
+extern "C" __global__ void __launch_bounds__(32, 1) dropblock2d_advance_key(unsigned long long* device_key) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
+}
 
 // One thread per window: the seed words of every plane's seed grid, in window
 // order (plane, seed row, segment).
@@ -348,6 +358,6 @@ dropblock2d_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* see
     for (uint64_t w = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; w < windows;
          w += (uint64_t)gridDim.x * blockDim.x) {
         const uint32_t segment = (uint32_t)(w % g.windows_per_row);
-        seeds[w] = sample_window(s, w, min(64u, g.seed_w - segment * 64u));
+        seeds[w] = sample_window(s, Key{s.seed, s.offset}, w, min(64u, g.seed_w - segment * 64u));
     }
 }

@@ -9,13 +9,25 @@
 
 namespace dropblock {
 
+// A call's Philox key and first counter block.
+struct Key {
+    uint64_t seed, offset;
+};
+
+// The key from the call's parameters, or from device memory ([seed, offset]) when
+// `device_key` is given: a device generator, which captured graphs replay with a
+// fresh offset each time.
+__device__ __forceinline__ Key load_key(const DropBlockSampling& s, const unsigned long long* device_key) {
+    return device_key ? Key{device_key[0], device_key[1]} : Key{s.seed, s.offset};
+}
+
 // Counter block `offset + b` of window `window`'s subsequence, keyed by the seed:
 // the block that curand_init(seed, window, 4 * (offset + b)) would produce.
-__device__ __forceinline__ uint4 philox_block(const DropBlockSampling& s, uint64_t window, uint32_t b) {
-    const uint64_t c = s.offset + b;
+__device__ __forceinline__ uint4 philox_block(const Key& k, uint64_t window, uint32_t b) {
+    const uint64_t c = k.offset + b;
     return curand_Philox4x32_10(
         make_uint4((uint32_t)c, (uint32_t)(c >> 32), (uint32_t)window, (uint32_t)(window >> 32)),
-        make_uint2((uint32_t)s.seed, (uint32_t)(s.seed >> 32)));
+        make_uint2((uint32_t)k.seed, (uint32_t)(k.seed >> 32)));
 }
 
 __device__ __forceinline__ uint32_t block_word(const uint4& v, uint32_t i) {
@@ -35,13 +47,14 @@ __device__ __forceinline__ uint32_t first_threshold_above(const uint64_t* t, uin
 
 // The seeds of one window of `len` (1..64) cells as bits. One Philox block per
 // four draws; a draw per seed plus one stop draw.
-__device__ __forceinline__ uint64_t sample_window(const DropBlockSampling& s, uint64_t window, uint32_t len) {
+__device__ __forceinline__ uint64_t sample_window(const DropBlockSampling& s, const Key& k, uint64_t window,
+                                                  uint32_t len) {
     uint64_t bits = 0;
     uint32_t pos = 0, j = 0;
     uint4 block = make_uint4(0, 0, 0, 0);
     while (pos < len) {
         const uint32_t r = len - pos;
-        if ((j & 3) == 0) block = philox_block(s, window, j >> 2);
+        if ((j & 3) == 0) block = philox_block(k, window, j >> 2);
         const uint64_t u = block_word(block, j & 3);
         ++j;
         if (u >= s.thresholds[r - 1]) break;

@@ -48,7 +48,7 @@ mod gpu {
     use std::sync::Arc;
 
     use cudarc::driver::{sys, CudaStream};
-    use dropblock::cuda::{CudaElement, DropBlockCuda};
+    use dropblock::cuda::{CudaElement, DeviceGenerator, DropBlockCuda};
     use dropblock::sampling::Plan;
     use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Normalize, RngKey, Shape};
     use half::{bf16, f16};
@@ -262,26 +262,42 @@ mod gpu {
         }
     }
 
+    /// A forward captured into a CUDA graph: with a host key every replay is the
+    /// same call; with a DeviceGenerator each replay draws the next key.
     fn graph_captured_forward_matches_cpu((d, s): &Gpu) {
         let shape = Shape::new(4, 16, 28, 28).unwrap();
-        let key = RngKey::new(11, 0).unwrap();
+        let key = RngKey::new(11, 34).unwrap();
+        let x: Vec<f32> = common::input(shape.numel(), 3);
+        let cpu_y = |cfg: &DropBlockConfig, key: RngKey| {
+            let mut y = vec![0f32; shape.numel()];
+            cpu::forward(cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+            y
+        };
         for norm in [Normalize::Global, Normalize::PerSample, Normalize::Expected] {
             let cfg = DropBlockConfig::builder(Block::square(7).unwrap(), 0.1).normalize(norm).build().unwrap();
-            let x: Vec<f32> = common::input(shape.numel(), 3);
             let xd = s.clone_htod(&x).unwrap();
             let mut yd = s.alloc_zeros::<f32>(shape.numel()).unwrap();
             let mut state = d.alloc_state(s, shape).unwrap();
-            s.synchronize().unwrap();
-            s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
-            d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
-            let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
-            // Replays are idempotent: the counters are reset inside the graph.
-            for _ in 0..3 {
-                graph.launch().unwrap();
+            let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
+            for device in [false, true] {
+                s.synchronize().unwrap();
+                s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+                if device {
+                    d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &xd, &mut yd).unwrap();
+                } else {
+                    d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
+                }
+                let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+                for replay in 0..3u64 {
+                    graph.launch().unwrap();
+                    let k = if device { RngKey::new(key.seed(), key.offset() + 17 * replay).unwrap() } else { key };
+                    let ctx = format!("{norm:?} device={device} replay {replay}");
+                    assert_same("y (graph)", &s.clone_dtoh(&yd).unwrap(), &cpu_y(&cfg, k), &ctx);
+                }
+                if device {
+                    assert_eq!(gen.key(s).unwrap().offset(), key.offset() + 51, "the generator stepped per replay");
+                }
             }
-            let mut y_cpu = vec![0f32; shape.numel()];
-            cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
-            assert_same("y (graph)", &s.clone_dtoh(&yd).unwrap(), &y_cpu, &format!("{norm:?}"));
         }
     }
 

@@ -127,6 +127,8 @@ mod emulation {
         unaligned: bool,
         /// Planes below which the grid-wide passes serve: 0 (never) or u64::MAX (always).
         min_planes: u64,
+        /// Draw from a device generator instead of the kernel parameters.
+        device_key: bool,
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
@@ -146,6 +148,7 @@ mod emulation {
             in_place: rng.random_bool(0.3),
             unaligned: rng.random_bool(0.25),
             min_planes: if rng.random_bool(0.4) { u64::MAX } else { 0 },
+            device_key: rng.random_bool(0.3),
         }
     }
 
@@ -184,7 +187,9 @@ mod emulation {
 
         let vector = vector_kernels::<T>(!c.unaligned, apply.plane_len);
         let mut req = Vec::new();
-        for v in [dtype, path as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32] {
+        for v in
+            [dtype, path as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32, c.device_key as u32]
+        {
             req.extend_from_slice(&v.to_le_bytes());
         }
         req.extend_from_slice(bytes_of(plan.geometry()));
@@ -207,6 +212,11 @@ mod emulation {
         let counts: Vec<u64> = take(&mut buf, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n());
         let scales: Vec<f32> = take(&mut buf, shape.n());
         let y: Vec<T> = take(&mut buf, n);
+        let key_after: Vec<u64> = take(&mut buf, 2);
+        let stepped = if c.device_key { c.key.offset() + 17 } else { c.key.offset() };
+        if key_after != [c.key.seed(), stepped] {
+            return Err(format!("generator after the call {key_after:?}, expected [{}, {stepped}]", c.key.seed()));
+        }
 
         let mut mask = vec![0u8; n];
         for (i, slice) in mask.chunks_mut(shape.plane_len()).enumerate() {

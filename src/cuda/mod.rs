@@ -5,9 +5,9 @@
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
 //! - Every launch goes on the stream you pass; nothing synchronises with the host,
 //!   so a forward can be captured into a CUDA graph. Two caveats:
-//!   - the key `(seed, offset)` is a kernel parameter, so every replay of a
-//!     captured graph draws the same mask: re-capture per step, or update the
-//!     kernel nodes' parameters, to train with fresh masks;
+//!   - a [`RngKey`](crate::RngKey) is a kernel parameter, so every replay of a
+//!     captured graph draws the same mask; draw from a [`DeviceGenerator`]
+//!     instead, which steps its offset on the device at every forward;
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers
@@ -26,4 +26,4 @@ mod ops;
 pub use module::{built_archs, context, fatbin, ptxas_report};
 #[doc(hidden)]
 pub use ops::{kernel_names, launch_plan, vector_kernels, LaunchPath};
-pub use ops::{CudaElement, DeviceState, DropBlockCuda};
+pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

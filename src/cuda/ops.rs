@@ -52,7 +52,7 @@ const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unal
 /// Every kernel the wrappers launch, loaded once per context.
 #[doc(hidden)]
 pub fn kernel_names() -> Vec<String> {
-    ["count_mask", "seed_blocks", "count_bits", "sample_seeds"]
+    ["count_mask", "seed_blocks", "count_bits", "advance_key", "sample_seeds"]
         .iter()
         .map(|k| format!("dropblock2d_{k}"))
         .chain(ELEMENTWISE.iter().flat_map(|op| DTYPES.iter().map(move |t| format!("dropblock2d_{op}_{t}"))))
@@ -73,6 +73,50 @@ pub struct DropBlockCuda {
 struct Kernel {
     function: CudaFunction,
     blocks_per_sm: u32,
+}
+
+/// Where a forward's `(seed, offset)` comes from: the host, as a kernel
+/// parameter, or a [`DeviceGenerator`] in device memory.
+pub enum KeySource<'a> {
+    Host(RngKey),
+    Device(&'a mut DeviceGenerator),
+}
+
+impl From<RngKey> for KeySource<'_> {
+    fn from(k: RngKey) -> Self {
+        KeySource::Host(k)
+    }
+}
+
+impl<'a> From<&'a mut DeviceGenerator> for KeySource<'a> {
+    fn from(g: &'a mut DeviceGenerator) -> Self {
+        KeySource::Device(g)
+    }
+}
+
+/// A `(seed, offset)` pair in device memory. A forward that draws from it reads
+/// the key on the device and then steps the offset by 17 there, so a forward
+/// captured into a CUDA graph draws a fresh mask at every replay (PyTorch's
+/// generator does the same under capture). Eval-mode and `drop_prob == 0`
+/// calls draw nothing and leave it as it is.
+#[derive(Debug)]
+pub struct DeviceGenerator {
+    key: CudaSlice<u64>,
+}
+
+impl DeviceGenerator {
+    /// A generator at `(seed, offset)`; the offset is checked as [`RngKey::new`] does.
+    pub fn new(stream: &Arc<CudaStream>, seed: u64, offset: u64) -> Result<Self> {
+        let key = RngKey::new(seed, offset)?;
+        Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()]).map_err(driver_error)? })
+    }
+
+    /// The key the next forward will draw with (synchronises the stream): with the
+    /// CPU path, the same key reproduces that forward's mask.
+    pub fn key(&self, stream: &Arc<CudaStream>) -> Result<RngKey> {
+        let v = stream.clone_dtoh(&self.key).map_err(driver_error)?;
+        RngKey::new(v[0], v[1])
+    }
 }
 
 /// What forward leaves for backward, on the device: the keep bits of every mask
@@ -179,12 +223,12 @@ impl DropBlockCuda {
 
     /// Forward, `y = round(f32(x) · factor)`, allocating the saved state.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward<T: CudaElement>(
+    pub fn forward<'k, T: CudaElement>(
         &self,
         stream: &Arc<CudaStream>,
         cfg: &DropBlockConfig,
         shape: Shape,
-        key: RngKey,
+        key: impl Into<KeySource<'k>>,
         mode: Mode,
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
@@ -196,13 +240,13 @@ impl DropBlockCuda {
 
     /// Forward into a caller-provided state: no device allocation.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_into<T: CudaElement>(
+    pub fn forward_into<'k, T: CudaElement>(
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
         cfg: &DropBlockConfig,
         shape: Shape,
-        key: RngKey,
+        key: impl Into<KeySource<'k>>,
         mode: Mode,
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
@@ -211,24 +255,24 @@ impl DropBlockCuda {
         shape.check_len("y", y.len())?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: xp, y: yp })
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Io { x: xp, y: yp })
     }
 
     /// Forward in place: `x` is overwritten with `y`.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_inplace<T: CudaElement>(
+    pub fn forward_inplace<'k, T: CudaElement>(
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
         cfg: &DropBlockConfig,
         shape: Shape,
-        key: RngKey,
+        key: impl Into<KeySource<'k>>,
         mode: Mode,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
         shape.check_len("x", x.len())?;
         let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key, mode, Io { x: p, y: p })
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Io { x: p, y: p })
     }
 
     /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
@@ -281,7 +325,7 @@ impl DropBlockCuda {
         state: &mut DeviceState,
         cfg: &DropBlockConfig,
         shape: Shape,
-        key: RngKey,
+        key: KeySource<'_>,
         mode: Mode,
         io: Io,
     ) -> Result<()> {
@@ -296,7 +340,17 @@ impl DropBlockCuda {
             state.call = Some(Call { plan: None, apply });
             return Ok(());
         }
-        let plan = Plan::new(cfg, shape, key);
+        // With a device generator the kernels read (seed, offset) from device
+        // memory; the plan's own key is then a placeholder.
+        let (host_key, generator) = match key {
+            KeySource::Host(k) => (k, None),
+            KeySource::Device(gen) => (RngKey::new(0, 0)?, Some(gen)),
+        };
+        // The guard keeps cudarc's bookkeeping for the generator alive until the
+        // launches below are enqueued; the advance kernel writes it.
+        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
+        let device_key: sys::CUdeviceptr = key_guard.as_ref().map_or(0, |(p, _)| *p);
+        let plan = Plan::new(cfg, shape, host_key);
         let g = *plan.geometry();
         let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "_unaligned" };
         // Kernels that give each warp a run of planes: a warp per plane at most.
@@ -304,8 +358,8 @@ impl DropBlockCuda {
         if path == LaunchPath::Fused {
             let k = self.kernel(&format!("dropblock2d_fused{variant}_{}", T::KERNEL_SUFFIX))?;
             let mut b = stream.launch_builder(&k.function);
-            b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&io.x).arg(&io.y).arg(&mut state.keep_bits);
-            b.arg(&mut state.scales);
+            b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&io.x).arg(&io.y);
+            b.arg(&mut state.keep_bits).arg(&mut state.scales);
             // SAFETY: argument types match the kernel; the state holds a plane per slice.
             unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
         } else {
@@ -313,8 +367,8 @@ impl DropBlockCuda {
             if path == LaunchPath::Warps {
                 let k = self.kernel("dropblock2d_count_mask")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts);
-                b.arg(&mut state.scales);
+                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
+                b.arg(&mut state.counts).arg(&mut state.scales);
                 // SAFETY: as above; counts hold 2 + N entries and scales N.
                 unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
             } else {
@@ -323,7 +377,7 @@ impl DropBlockCuda {
                 let windows = g.planes * g.seed_h as u64 * g.windows_per_row as u64;
                 let k = self.kernel("dropblock2d_seed_blocks")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&apply).arg(&mut state.keep_bits);
+                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
                 // SAFETY: as above; the bits hold `words` words, zeroed.
                 unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
                 let k = self.kernel("dropblock2d_count_bits")?;
@@ -333,6 +387,14 @@ impl DropBlockCuda {
                 unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
             }
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
+        }
+        if device_key != 0 {
+            let k = self.kernel("dropblock2d_advance_key")?;
+            let mut b = stream.launch_builder(&k.function);
+            b.arg(&device_key);
+            // SAFETY: the generator holds [seed, offset]; every kernel above read it first (stream order).
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }
+                .map_err(driver_error)?;
         }
         state.call = Some(Call { plan: Some(plan), apply });
         Ok(())
@@ -445,7 +507,8 @@ impl DeviceState {
     }
 
     /// The plan of the last forward call; `None` before any call or after an
-    /// identity call.
+    /// identity call. After a call that drew from a [`DeviceGenerator`] its key
+    /// fields are placeholders: the generator held the key.
     pub fn plan(&self) -> Option<&Plan> {
         self.call.as_ref().and_then(|c| c.plan.as_ref())
     }
