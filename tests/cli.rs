@@ -163,19 +163,26 @@ fn bad_arguments_and_files_get_one_line_errors() {
 }
 
 #[test]
-fn cuda_device_without_a_gpu_is_a_clean_error() {
-    let gpu = cfg!(feature = "cuda") && dropblock_has_gpu();
-    if gpu {
-        eprintln!("a GPU is present; the no-GPU error path is not reachable here");
-        return;
-    }
+fn device_cuda_matches_the_cpu_or_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.npy");
-    write_npy(&x, "<f4", &[1, 1, 4, 4], &[1f32; 16]);
-    let y = dir.path().join("y.npy");
-    let args = ["apply", "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap(), "--device", "cuda"];
-    let needle = if cfg!(feature = "cuda") { "CUDA" } else { "without the `cuda` feature" };
-    assert_one_line_error(&args, needle);
+    write_npy(&x, "<f4", &[2, 3, 9, 11], &common::input(2 * 3 * 9 * 11, 4));
+    let (yc, yg) = (dir.path().join("y_cpu.npy"), dir.path().join("y_cuda.npy"));
+    let run = |y: &Path, device: &str| {
+        let args = ["apply", "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap(), "--block", "3"];
+        dropblock(&[&args[..], &["--drop-prob", "0.3", "--device", device]].concat())
+    };
+    if cfg!(feature = "cuda") && dropblock_has_gpu() {
+        // With a GPU, --device cuda works and writes the CPU's bytes.
+        assert!(run(&yc, "cpu").status.success());
+        let out = run(&yg, "cuda");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(&yc).unwrap(), std::fs::read(&yg).unwrap());
+    } else {
+        let args = ["apply", "--input", x.to_str().unwrap(), "--output", yg.to_str().unwrap(), "--device", "cuda"];
+        let needle = if cfg!(feature = "cuda") { "CUDA" } else { "without the `cuda` feature" };
+        assert_one_line_error(&args, needle);
+    }
 }
 
 #[cfg(feature = "cuda")]
