@@ -273,10 +273,11 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock2d_count_mask(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
                        DropBlockApply a, uint32_t* keep_bits, unsigned long long* counts, float* scales) {
     const Key k = load_key(s, device_key);
+    const uint64_t* t = shared_thresholds(s);
     uint64_t begin, end;
     warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
     WarpCounts wc(g, a, counts, begin < end, begin, end - 1);
-    build_keep_bits(g, s, k, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
+    build_keep_bits(g, t, k, a, begin, end, keep_bits, [&](uint64_t plane, uint32_t kept) { wc.add(plane, kept); });
     publish_counts(g, a, wc.finish(), counts, scales);
 }
 
@@ -288,7 +289,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock2d_seed_blocks(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
                         DropBlockApply a, uint32_t* bits) {
     const uint64_t windows = g.planes * g.seed_h * g.windows_per_row;
-    seed_windows(g, s, load_key(s, device_key), a, 0, windows, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
+    const uint64_t* t = shared_thresholds(s);
+    seed_windows(g, t, load_key(s, device_key), a, 0, windows, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
                  gridDim.x * (uint64_t)blockDim.x, bits);
 }
 
@@ -310,7 +312,8 @@ __device__ __forceinline__ void fused(const DropBlockGeometry& g, const DropBloc
                                       uint32_t* keep_bits, float* scales) {
     uint64_t begin, end;
     warp_share(g.planes, global_warp(), warps_in_grid(), begin, end);
-    build_keep_bits(g, s, load_key(s, device_key), a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
+    const uint64_t* t = shared_thresholds(s);
+    build_keep_bits(g, t, load_key(s, device_key), a, begin, end, keep_bits, [](uint64_t, uint32_t) {});
     // Without sharing, planes [begin, end) are exactly the slices of elements
     // [begin * L, end * L).
     apply_range<T, VECTOR>(x, y, begin * a.plane_len, end * a.plane_len, threadIdx.x & 31, 32,
@@ -358,6 +361,6 @@ dropblock2d_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* see
     for (uint64_t w = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; w < windows;
          w += (uint64_t)gridDim.x * blockDim.x) {
         const uint32_t segment = (uint32_t)(w % g.windows_per_row);
-        seeds[w] = sample_window(s, Key{s.seed, s.offset}, w, min(64u, g.seed_w - segment * 64u));
+        seeds[w] = sample_window(s.thresholds, Key{s.seed, s.offset}, w, min(64u, g.seed_w - segment * 64u));
     }
 }

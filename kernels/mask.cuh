@@ -53,7 +53,7 @@ struct FlatCursor {
 // ORs the blocks of windows [first, last) (global window numbers) into dropped
 // bits, `worker` of `workers` taking every workers-th window. The bits must be
 // zero before, and nothing may read them until every window is done.
-__device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const DropBlockSampling& s, const Key& k,
+__device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
                                              const DropBlockApply& a, uint64_t first, uint64_t last,
                                              uint64_t worker, uint64_t workers, uint32_t* bits) {
     const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
@@ -61,7 +61,7 @@ __device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const D
     for (uint64_t i = first + worker; i < last; i += workers, w.advance()) {
         const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
         const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
-        uint64_t seeds = sample_window(s, k, i, min(64u, g.seed_w - seg * 64u));
+        uint64_t seeds = sample_window(t, k, i, min(64u, g.seed_w - seg * 64u));
         if (seeds == 0) continue;
         uint32_t* plane_bits = bits + w.plane * a.plane_words;
         const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
@@ -98,14 +98,14 @@ __device__ __forceinline__ void keep_words(const DropBlockApply& a, uint64_t fir
 // The lanes work on the flattened windows and words of the whole run, so small
 // planes (7x7, 14x14) keep every lane busy. Every lane of the warp must call it.
 template <typename OnWord>
-__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const DropBlockSampling& s,
-                                                const Key& k, const DropBlockApply& a, uint64_t begin, uint64_t end,
+__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
+                                                const DropBlockApply& a, uint64_t begin, uint64_t end,
                                                 uint32_t* keep_bits, OnWord on_word) {
     const uint32_t lane = threadIdx.x & 31;
     for (uint64_t i = begin * a.plane_words + lane; i < end * a.plane_words; i += 32) keep_bits[i] = 0;
     __syncwarp();
     const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
-    seed_windows(g, s, k, a, begin * per_plane, end * per_plane, lane, 32, keep_bits);
+    seed_windows(g, t, k, a, begin * per_plane, end * per_plane, lane, 32, keep_bits);
     __syncwarp();
     keep_words(a, begin * a.plane_words, end * a.plane_words, lane, 32, keep_bits, on_word);
     __syncwarp();

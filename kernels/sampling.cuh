@@ -45,10 +45,19 @@ __device__ __forceinline__ uint32_t first_threshold_above(const uint64_t* t, uin
     return lo;
 }
 
-// The seeds of one window of `len` (1..64) cells as bits. One Philox block per
-// four draws; a draw per seed plus one stop draw.
-__device__ __forceinline__ uint64_t sample_window(const DropBlockSampling& s, const Key& k, uint64_t window,
-                                                  uint32_t len) {
+// The thresholds where every lane can index them cheaply: kernel parameters live
+// in constant memory, where lanes reading different entries are served one
+// address at a time. Every thread of the block must call it.
+__device__ __forceinline__ const uint64_t* shared_thresholds(const DropBlockSampling& s) {
+    __shared__ uint64_t t[DROPBLOCK_WINDOW_CELLS];
+    for (uint32_t i = threadIdx.x; i < DROPBLOCK_WINDOW_CELLS; i += blockDim.x) t[i] = s.thresholds[i];
+    __syncthreads();
+    return t;
+}
+
+// The seeds of one window of `len` (1..64) cells as bits, with thresholds `t`.
+// One Philox block per four draws; a draw per seed plus one stop draw.
+__device__ __forceinline__ uint64_t sample_window(const uint64_t* t, const Key& k, uint64_t window, uint32_t len) {
     uint64_t bits = 0;
     uint32_t pos = 0, j = 0;
     uint4 block = make_uint4(0, 0, 0, 0);
@@ -57,8 +66,8 @@ __device__ __forceinline__ uint64_t sample_window(const DropBlockSampling& s, co
         if ((j & 3) == 0) block = philox_block(k, window, j >> 2);
         const uint64_t u = block_word(block, j & 3);
         ++j;
-        if (u >= s.thresholds[r - 1]) break;
-        const uint32_t g = first_threshold_above(s.thresholds, r, u);
+        if (u >= t[r - 1]) break;
+        const uint32_t g = first_threshold_above(t, r, u);
         bits |= 1ull << (pos + g);
         pos += g + 1;
     }
