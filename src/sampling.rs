@@ -205,30 +205,45 @@ fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
     hist
 }
 
+/// How many cells of a plane are covered by exactly `a` seed rows and `b` seed
+/// columns, as `(a * b, cells)`: the expected kept fraction is a sum over these.
+fn coverage(g: &abi::DropBlockGeometry) -> Vec<(f64, f64)> {
+    let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
+    let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
+    let mut terms = Vec::new();
+    for (a, &ca) in rows.iter().enumerate().filter(|(_, &c)| c > 0) {
+        for (b, &cb) in cols.iter().enumerate().filter(|(_, &c)| c > 0) {
+            terms.push(((a * b) as f64, ca as f64 * cb as f64));
+        }
+    }
+    terms
+}
+
+/// `(expected kept cells, its derivative in γ)` for coverage `terms`:
+/// `Σ cells · (1-γ)^m` and `-Σ cells · m · (1-γ)^(m-1)`.
+fn expected_kept(terms: &[(f64, f64)], gamma: f64) -> (f64, f64) {
+    let log_keep = (-gamma).ln_1p();
+    terms.iter().fold((0.0, 0.0), |(kept, slope), &(m, cells)| {
+        if m == 0.0 {
+            return (kept + cells, slope);
+        }
+        let keep = (m * log_keep).exp();
+        let d = if gamma < 1.0 { -cells * m * keep / (1.0 - gamma) } else { 0.0 };
+        (kept + cells * keep, slope + d)
+    })
+}
+
 /// The expected fraction of a plane that is dropped when every seed-grid cell is a
 /// seed with probability `gamma`, independently: `1 - mean over cells of
 /// (1-γ)^(seeds covering the cell)`. Counts overlaps and clipped edges exactly.
 pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> f64 {
-    let gamma = gamma.clamp(0.0, 1.0);
-    let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
-    let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
-    let log_keep = (-gamma).ln_1p();
-    let mut kept = 0.0;
-    for (a, &ca) in rows.iter().enumerate() {
-        for (b, &cb) in cols.iter().enumerate() {
-            if ca == 0 || cb == 0 {
-                continue;
-            }
-            let m = (a * b) as f64;
-            let p_keep = if m == 0.0 { 1.0 } else { (m * log_keep).exp() };
-            kept += ca as f64 * cb as f64 * p_keep;
-        }
-    }
-    1.0 - kept / (g.h as f64 * g.w as f64)
+    1.0 - expected_kept(&coverage(g), gamma.clamp(0.0, 1.0)).0 / (g.h as f64 * g.w as f64)
 }
 
-/// γ whose expected dropped fraction is exactly `p` (bisection; the fraction is
-/// increasing in γ, 0 at γ = 0 and 1 at γ = 1 because every cell is covered).
+/// γ whose expected dropped fraction is exactly `p`. The fraction rises
+/// monotonically from 0 at γ = 0 to 1 at γ = 1 (every cell is covered), so Newton
+/// steps kept inside a shrinking bracket, falling back to bisection, converge in a
+/// handful of evaluations (this runs on the host at every call).
 fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
     if p <= 0.0 {
         return 0.0;
@@ -236,19 +251,29 @@ fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
     if p >= 1.0 {
         return 1.0;
     }
+    let terms = coverage(g);
+    let target = (1.0 - p) * g.h as f64 * g.w as f64;
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let mut x = paper_gamma(p, g).clamp(1e-12, 0.5);
     for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if mid <= lo || mid >= hi {
+        let (kept, slope) = expected_kept(&terms, x);
+        let f = kept - target; // decreasing in γ
+        if f == 0.0 {
+            return x;
+        }
+        if f > 0.0 {
+            lo = x;
+        } else {
+            hi = x;
+        }
+        let newton = x - f / slope;
+        let next = if slope < 0.0 && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+        if next == x || next <= lo || next >= hi {
             break;
         }
-        if expected_drop_fraction(mid, g) < p {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+        x = next;
     }
-    0.5 * (lo + hi)
+    x
 }
 
 /// `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))`: 2^32 times the
