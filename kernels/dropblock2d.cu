@@ -53,14 +53,7 @@ struct Factors {
         : g(g_), a(a_), keep_bits(bits), scales(s), scale0(s ? s[0] : a_.fixed_scale) {}
 
     __device__ __forceinline__ const uint32_t* words(const Position& p) const {
-        uint64_t plane;
-        switch (g.sharing) {
-            case DROPBLOCK_SHARE_NONE: plane = p.n * g.c + p.c; break;
-            case DROPBLOCK_SHARE_CHANNELS: plane = p.n; break;
-            case DROPBLOCK_SHARE_BATCH: plane = p.c; break;
-            default: plane = 0;
-        }
-        return keep_bits + plane * a.plane_words;
+        return keep_bits + plane_of(g, p.n, p.c) * a.plane_words;
     }
     __device__ __forceinline__ float scale(const Position& p) const {
         return scales && a.normalize == DROPBLOCK_NORM_PER_SAMPLE ? scales[p.n] : scale0;

@@ -111,12 +111,12 @@ __device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, cons
     __syncwarp();
 }
 
-// The plane that slice `slice` = n * C + c reads.
-__device__ __forceinline__ uint64_t plane_of_slice(const DropBlockGeometry& g, uint64_t slice) {
+// The mask plane that slice (n, c) reads.
+__device__ __forceinline__ uint64_t plane_of(const DropBlockGeometry& g, uint64_t n, uint64_t c) {
     switch (g.sharing) {
-        case DROPBLOCK_SHARE_NONE: return slice;
-        case DROPBLOCK_SHARE_CHANNELS: return slice / g.c;
-        case DROPBLOCK_SHARE_BATCH: return slice % g.c;
+        case DROPBLOCK_SHARE_NONE: return n * g.c + c;
+        case DROPBLOCK_SHARE_CHANNELS: return n;
+        case DROPBLOCK_SHARE_BATCH: return c;
         default: return 0;
     }
 }

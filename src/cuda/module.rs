@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaModule, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaModule};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
@@ -38,12 +38,6 @@ pub fn ptxas_report() -> &'static str {
     PTXAS_REPORT
 }
 
-/// Formatting a DriverError calls into libcuda; it is only reached once libcuda
-/// has been found.
-pub(crate) fn driver_error(e: DriverError) -> Error {
-    Error::Driver(e.to_string())
-}
-
 /// A context on device `ordinal`, or a typed error: [`Error::NoDriver`] when
 /// libcuda cannot be loaded, [`Error::NoDevice`] when there is no such device,
 /// [`Error::KernelsNotBuilt`] in a build without kernels. Never panics: cudarc
@@ -61,7 +55,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         | sys::CUresult::CUDA_ERROR_INVALID_DEVICE
         | sys::CUresult::CUDA_ERROR_STUB_LIBRARY
         | sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => Error::NoDevice(e.to_string()),
-        _ => driver_error(e),
+        _ => Error::from(e),
     })
 }
 
@@ -70,5 +64,5 @@ pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
     if FATBIN.is_empty() {
         return Err(Error::KernelsNotBuilt);
     }
-    ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(driver_error)
+    Ok(ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))?)
 }

@@ -9,7 +9,7 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
-use super::module::{context, driver_error, load};
+use super::module::{context, load};
 use crate::abi;
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape, Sharing};
 use crate::dtype::Element;
@@ -108,13 +108,13 @@ impl DeviceGenerator {
     /// A generator at `(seed, offset)`; the offset is checked as [`RngKey::new`] does.
     pub fn new(stream: &Arc<CudaStream>, seed: u64, offset: u64) -> Result<Self> {
         let key = RngKey::new(seed, offset)?;
-        Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()]).map_err(driver_error)? })
+        Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])? })
     }
 
     /// The key the next forward will draw with (synchronises the stream): with the
     /// CPU path, the same key reproduces that forward's mask.
     pub fn key(&self, stream: &Arc<CudaStream>) -> Result<RngKey> {
-        let v = stream.clone_dtoh(&self.key).map_err(driver_error)?;
+        let v = stream.clone_dtoh(&self.key)?;
         RngKey::new(v[0], v[1])
     }
 }
@@ -160,15 +160,12 @@ impl DropBlockCuda {
     /// Kernels on an existing context.
     pub fn from_context(ctx: &Arc<CudaContext>) -> Result<Self> {
         let module = load(ctx)?;
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver_error)? as u32;
+        let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let kernels = kernel_names()
             .into_iter()
             .map(|name| {
-                let function = module.load_function(&name).map_err(driver_error)?;
-                let blocks_per_sm =
-                    function.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None).map_err(driver_error)?;
+                let function = module.load_function(&name)?;
+                let blocks_per_sm = function.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?;
                 Ok((name, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
             })
             .collect::<Result<HashMap<_, _>>>()?;
@@ -212,11 +209,9 @@ impl DropBlockCuda {
         let words = planes * shape.plane_len().div_ceil(32);
         Ok(DeviceState {
             shape,
-            keep_bits: stream.alloc_zeros::<u32>(words).map_err(driver_error)?,
-            counts: stream
-                .alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())
-                .map_err(driver_error)?,
-            scales: stream.alloc_zeros::<f32>(shape.n()).map_err(driver_error)?,
+            keep_bits: stream.alloc_zeros::<u32>(words)?,
+            counts: stream.alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())?,
+            scales: stream.alloc_zeros::<f32>(shape.n())?,
             call: None,
         })
     }
@@ -308,14 +303,14 @@ impl DropBlockCuda {
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
         let g = *plan.geometry();
         let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
-        let mut out = stream.alloc_zeros::<u64>(windows).map_err(driver_error)?;
+        let mut out = stream.alloc_zeros::<u64>(windows)?;
         let k = self.kernel("dropblock2d_sample_seeds")?;
         let cfg = self.launch_config(k, (windows as u64).div_ceil(THREADS as u64));
         let mut b = stream.launch_builder(&k.function);
         b.arg(&g).arg(plan.sampling()).arg(&mut out);
         // SAFETY: argument types match the kernel's signature; `out` holds every window.
-        unsafe { b.launch(cfg) }.map_err(driver_error)?;
-        stream.clone_dtoh(&out).map_err(driver_error)
+        unsafe { b.launch(cfg) }?;
+        stream.clone_dtoh(&out).map_err(Error::from)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -361,30 +356,30 @@ impl DropBlockCuda {
             b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&io.x).arg(&io.y);
             b.arg(&mut state.keep_bits).arg(&mut state.scales);
             // SAFETY: argument types match the kernel; the state holds a plane per slice.
-            unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
+            unsafe { b.launch(self.launch_config(k, warp_blocks)) }?;
         } else {
-            stream.memset_zeros(&mut state.counts).map_err(driver_error)?;
+            stream.memset_zeros(&mut state.counts)?;
             if path == LaunchPath::Warps {
                 let k = self.kernel("dropblock2d_count_mask")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
                 b.arg(&mut state.counts).arg(&mut state.scales);
                 // SAFETY: as above; counts hold 2 + N entries and scales N.
-                unsafe { b.launch(self.launch_config(k, warp_blocks)) }.map_err(driver_error)?;
+                unsafe { b.launch(self.launch_config(k, warp_blocks)) }?;
             } else {
                 let words = g.planes * apply.plane_words;
-                stream.memset_zeros(&mut state.keep_bits.slice_mut(..words as usize)).map_err(driver_error)?;
+                stream.memset_zeros(&mut state.keep_bits.slice_mut(..words as usize))?;
                 let windows = g.planes * g.seed_h as u64 * g.windows_per_row as u64;
                 let k = self.kernel("dropblock2d_seed_blocks")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
                 // SAFETY: as above; the bits hold `words` words, zeroed.
-                unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
+                unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }?;
                 let k = self.kernel("dropblock2d_count_bits")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts).arg(&mut state.scales);
                 // SAFETY: as above.
-                unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }.map_err(driver_error)?;
+                unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
             }
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
@@ -393,8 +388,7 @@ impl DropBlockCuda {
             let mut b = stream.launch_builder(&k.function);
             b.arg(&device_key);
             // SAFETY: the generator holds [seed, offset]; every kernel above read it first (stream order).
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }
-                .map_err(driver_error)?;
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }?;
         }
         state.call = Some(Call { plan: Some(plan), apply });
         Ok(())
@@ -424,8 +418,7 @@ impl DropBlockCuda {
         let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
         // SAFETY: argument types match the kernel; x and y hold numel elements.
-        unsafe { b.launch(self.launch_config(k, (apply.numel / vec).div_ceil(THREADS as u64))) }
-            .map_err(driver_error)?;
+        unsafe { b.launch(self.launch_config(k, (apply.numel / vec).div_ceil(THREADS as u64))) }?;
         Ok(())
     }
 }
@@ -487,7 +480,7 @@ fn copy<T: CudaElement>(stream: &Arc<CudaStream>, shape: Shape, io: &Io) -> Resu
     if io.x != io.y {
         let bytes = shape.numel() * std::mem::size_of::<T>();
         // SAFETY: both pointers hold `numel` elements (checked by the callers).
-        unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }.map_err(driver_error)?;
+        unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }?;
     }
     Ok(())
 }
@@ -526,7 +519,7 @@ impl DeviceState {
             return Ok(None);
         };
         let words = plan.planes() * call.apply.plane_words as usize;
-        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words)).map_err(driver_error)?;
+        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words))?;
         Ok(Some((plan, bits)))
     }
 
@@ -566,7 +559,7 @@ impl DeviceState {
             return Ok(vec![1.0]);
         }
         let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
-        stream.clone_dtoh(&self.scales.slice(..n)).map_err(driver_error)
+        stream.clone_dtoh(&self.scales.slice(..n)).map_err(Error::from)
     }
 }
 
