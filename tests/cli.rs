@@ -194,6 +194,31 @@ fn dropblock_has_gpu() -> bool {
     false
 }
 
+/// `bench` prints one line per timed iteration and ends with the line the
+/// benchmark scripts parse; `--device cuda` without a GPU is a one-line error.
+#[test]
+fn bench_prints_the_line_scripts_parse() {
+    for extra in [&[][..], &["--backward", "--dtype", "bf16"][..]] {
+        let args = [&["bench", "--device", "cpu", "--shape", "2,3,9,11", "--block", "3", "--iters", "4"][..], extra];
+        let out = dropblock(&args.concat());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.lines().filter(|l| l.starts_with("iter ")).count(), 4, "{stdout}");
+        let last = stdout.lines().last().unwrap();
+        let fields: Vec<f64> = last
+            .split(' ')
+            .zip(["median_ms=", "gbps="])
+            .map(|(field, name)| field.strip_prefix(name).unwrap_or_else(|| panic!("`{last}`")).parse().unwrap())
+            .collect();
+        assert_eq!(fields.len(), 2, "`{last}`");
+        assert!(fields.iter().all(|v| v.is_finite() && *v > 0.0), "`{last}`");
+    }
+    if !dropblock_has_gpu() {
+        let needle = if cfg!(feature = "cuda") { "CUDA" } else { "without the `cuda` feature" };
+        assert_one_line_error(&["bench", "--device", "cuda", "--shape", "1,1,8,8", "--iters", "1"], needle);
+    }
+}
+
 #[test]
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use dropblock::{cpu, Generator, Mode};
 use half::{bf16, f16};
 
-use super::device::DeviceArg;
+use super::device::{DeviceArg, Runner};
 use super::npy::CliElement;
 use super::{CliError, ConfigArgs, ShapeArg};
 
@@ -53,18 +53,13 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let shape = a.shape.shape()?;
     let mut gen = Generator::from_state(a.config.seed, a.config.offset);
     let iters = a.iters as usize;
-    let device = match a.device {
-        DeviceArg::Auto if cuda_available() => DeviceArg::Cuda,
-        DeviceArg::Auto => DeviceArg::Cpu,
-        d => d,
-    };
-    println!(
-        "bench: {shape} {} on {}, {cfg}",
-        T::DTYPE.name(),
-        if device == DeviceArg::Cpu { "the CPU" } else { "CUDA" }
-    );
-    let times = match device {
-        DeviceArg::Cpu => {
+    let (runner, fallback) = Runner::select(a.device)?;
+    if let Some(why) = fallback {
+        println!("no GPU ({why}): running on the CPU");
+    }
+    println!("bench: {shape} {} on {}, {cfg}", T::DTYPE.name(), runner.name());
+    let times = match &runner {
+        Runner::Cpu => {
             let x = input::<T>(shape.numel());
             let mut y = vec![T::default(); shape.numel()];
             let mut dx = vec![T::default(); shape.numel()];
@@ -85,9 +80,7 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
             times
         }
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda | DeviceArg::Auto => cuda_times::<T>(&cfg, shape, &mut gen, iters, a.backward)?,
-        #[cfg(not(feature = "cuda"))]
-        DeviceArg::Cuda | DeviceArg::Auto => return Err(dropblock::Error::KernelsNotBuilt.into()),
+        Runner::Cuda(d) => cuda_times::<T>(d, &cfg, shape, &mut gen, iters, a.backward)?,
     };
     let bytes = 2.0 * (shape.numel() * std::mem::size_of::<T>()) as f64;
     for (i, ms) in times.iter().enumerate() {
@@ -105,19 +98,11 @@ fn input<T: CliElement>(len: usize) -> Vec<T> {
     (0..len).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect()
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_available() -> bool {
-    dropblock::cuda::DropBlockCuda::new(0).is_ok()
-}
-#[cfg(not(feature = "cuda"))]
-fn cuda_available() -> bool {
-    false
-}
-
 /// CUDA-event times per iteration, rotating over enough input/output copies that
 /// each iteration starts with its tensors out of L2.
 #[cfg(feature = "cuda")]
 fn cuda_times<T: CliElement>(
+    d: &dropblock::cuda::DropBlockCuda,
     cfg: &dropblock::DropBlockConfig,
     shape: dropblock::Shape,
     gen: &mut Generator,
@@ -125,7 +110,6 @@ fn cuda_times<T: CliElement>(
     backward: bool,
 ) -> Result<Vec<f64>, CliError> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-    let d = dropblock::cuda::DropBlockCuda::new(0)?;
     let s = d.context().new_stream().map_err(dropblock::Error::from)?;
     let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
     let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
@@ -146,9 +130,8 @@ fn cuda_times<T: CliElement>(
         }
         let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
         if backward {
-            // dx overwrites x's buffer: the values do not matter for timing.
-            let (x, y) = (&mut ys[k], &states[k]);
-            d.backward_inplace(&s, y, x)?;
+            // dx overwrites dy = y in place: the values do not matter for timing.
+            d.backward_inplace(&s, &states[k], &mut ys[k])?;
         } else {
             d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
