@@ -7,6 +7,8 @@
 //! it is missing the test is reported as ignored, with the reason, unless `CI` or
 //! `DROPBLOCK_REQUIRE_LIBCLANG` is set, when it fails.
 
+mod common;
+
 use std::path::Path;
 
 use libtest_mimic::{Failed, Trial};
@@ -45,21 +47,17 @@ fn main() {
     std::panic::set_hook(Box::new(|_| {}));
     let generated = std::panic::catch_unwind(generate);
     std::panic::set_hook(hook);
+    const NAME: &str = "committed_bindings_match_the_header";
     let trial = match generated {
-        Ok(generated) => Trial::test("committed_bindings_match_the_header", move || check(&generated)),
+        Ok(generated) => Trial::test(NAME, move || check(&generated)),
         Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            if msg.contains("libclang") && !libclang_required() {
-                eprintln!("abi_bindings: bindgen cannot find libclang ({msg}); set LIBCLANG_PATH or run the README's test command");
-                Trial::test("committed_bindings_match_the_header", || Ok(())).with_ignored_flag(true)
+            let msg = common::panic_message(&*e);
+            if msg.contains("libclang") {
+                let why =
+                    format!("bindgen cannot find libclang ({msg}); set LIBCLANG_PATH or run the README's test command");
+                common::cannot_run(NAME, why, libclang_required())
             } else {
-                Trial::test("committed_bindings_match_the_header", move || {
-                    Err(Failed::from(format!("could not regenerate the ABI bindings: {msg}")))
-                })
+                common::cannot_run(NAME, format!("could not regenerate the ABI bindings: {msg}"), true)
             }
         }
     };

@@ -5,8 +5,10 @@
 //! lines for `Placement::Valid`, TF "SAME" / timm >= 1.0.23 max-pool anchoring for
 //! `Placement::Anywhere`). This test only reads the committed JSON.
 
-use dropblock::abi::{DropBlockGeometry, DROPBLOCK_SHARE_NONE};
+use dropblock::abi::DropBlockGeometry;
 use dropblock::mask::grow_blocks;
+use dropblock::sampling::Plan;
+use dropblock::{Block, DropBlockConfig, Placement, RngKey, Shape};
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("fixtures/block_placement.json");
@@ -63,36 +65,17 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// The geometry `sampling::geometry` builds for one `1 × 1 × H × W` plane.
+/// The crate's own geometry for one `1 × 1 × H × W` plane, so the fixtures check
+/// the anchoring `Plan` derives as well as `grow_blocks`.
 fn geometry(i: usize, c: &Case) -> DropBlockGeometry {
-    assert!(
-        c.kh >= 1 && c.kh <= c.h && c.kw >= 1 && c.kw <= c.w,
-        "case {i}: block {}x{} not clipped to {}x{}",
-        c.kh,
-        c.kw,
-        c.h,
-        c.w
-    );
-    let (anchor_y, anchor_x, seed_h, seed_w) = match c.placement.as_str() {
-        "valid" => (0, 0, c.h - c.kh + 1, c.w - c.kw + 1),
-        "anywhere" => (c.kh / 2, c.kw / 2, c.h, c.w),
+    let placement = match c.placement.as_str() {
+        "valid" => Placement::Valid,
+        "anywhere" => Placement::Anywhere,
         other => panic!("case {i}: unknown placement {other:?}"),
     };
-    DropBlockGeometry {
-        n: 1,
-        c: 1,
-        h: c.h,
-        w: c.w,
-        kh: c.kh,
-        kw: c.kw,
-        anchor_y,
-        anchor_x,
-        seed_h,
-        seed_w,
-        windows_per_row: seed_w.div_ceil(64),
-        sharing: DROPBLOCK_SHARE_NONE,
-        planes: 1,
-    }
+    let cfg = DropBlockConfig::builder(Block::new(c.kh, c.kw).unwrap(), 0.1).placement(placement).build().unwrap();
+    let shape = Shape::new(1, 1, c.h as usize, c.w as usize).unwrap();
+    *Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap()).geometry()
 }
 
 /// Seed grid rows packed as `windows_per_row` words each, bit `x % 64` of word `x / 64`.

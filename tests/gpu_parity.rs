@@ -6,28 +6,17 @@
 
 mod common;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 
 fn main() {
     let args = Arguments::from_args();
-    let require = std::env::var("DROPBLOCK_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let require = common::gpu_required();
     let (trials, unavailable) = gpu::trials();
     let trials = match unavailable {
         None => trials,
         Some(why) => {
-            eprintln!("gpu_parity: {} GPU tests cannot run: {why}", trials.len());
-            trials
-                .into_iter()
-                .map(|t| {
-                    let name = t.name().to_string();
-                    if require {
-                        let why = why.clone();
-                        Trial::test(name, move || Err(Failed::from(format!("DROPBLOCK_REQUIRE_GPU=1 but {why}"))))
-                    } else {
-                        Trial::test(name, || Ok(())).with_ignored_flag(true)
-                    }
-                })
-                .collect()
+            let why = if require { format!("DROPBLOCK_REQUIRE_GPU=1 but {why}") } else { why };
+            trials.into_iter().map(|t| common::cannot_run(t.name(), why.clone(), require)).collect()
         }
     };
     libtest_mimic::run(&args, trials).exit();
@@ -87,21 +76,21 @@ mod gpu {
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
-        let why = gpu.as_ref().err().map(|e| format!("no GPU ({e})"));
+        // Only a missing driver or device is "no GPU"; any other error (a module
+        // that does not load, a missing kernel) fails every test.
+        let why = match &gpu {
+            Err(e @ (dropblock::Error::NoDriver | dropblock::Error::NoDevice(_))) => Some(format!("no GPU ({e})")),
+            _ => None,
+        };
         let trials = tests
             .into_iter()
             .map(|(name, f)| {
-                let gpu = gpu.as_ref().ok().cloned();
+                let gpu = gpu.as_ref().map_err(|e| format!("DropBlockCuda::new(0) failed: {e}")).cloned();
                 Trial::test(name, move || {
-                    let d = gpu.ok_or_else(|| Failed::from("no GPU"))?;
+                    let d = gpu.map_err(Failed::from)?;
                     let s = d.context().new_stream().map_err(|e| Failed::from(e.to_string()))?;
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&(d, s)))).map_err(|e| {
-                        let msg = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
-                        Failed::from(msg.unwrap_or_else(|| "panicked".into()))
-                    })
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&(d, s))))
+                        .map_err(|e| Failed::from(common::panic_message(&*e)))
                 })
             })
             .collect();

@@ -21,8 +21,8 @@ fn main() {
 #[cfg(not(feature = "cuda"))]
 mod emulation {
     pub fn trials() -> Vec<libtest_mimic::Trial> {
-        eprintln!("kernel_emulation: built without the `cuda` feature, so there are no kernels to emulate");
-        vec![libtest_mimic::Trial::test("kernel_emulation", || Ok(())).with_ignored_flag(true)]
+        let why = "built without the `cuda` feature, so there are no kernels to emulate";
+        vec![super::common::cannot_run("kernel_emulation", why, false)]
     }
 }
 
@@ -93,18 +93,7 @@ mod emulation {
         let driver = match build_driver() {
             Ok(d) => Arc::new(d),
             Err(why) => {
-                eprintln!("kernel_emulation: cannot run: {why}");
-                return names
-                    .iter()
-                    .map(|n| {
-                        let why = why.clone();
-                        if required() {
-                            Trial::test(*n, move || Err(Failed::from(why)))
-                        } else {
-                            Trial::test(*n, || Ok(())).with_ignored_flag(true)
-                        }
-                    })
-                    .collect();
+                return names.iter().map(|n| common::cannot_run(*n, why.clone(), required())).collect();
             }
         };
         let d = driver.clone();

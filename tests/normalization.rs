@@ -108,18 +108,13 @@ fn shared_planes_drop_the_same_cells() {
         let mask = saved.keep_mask();
         let slice = |n: usize, c: usize| &mask[(n * shape.c() + c) * shape.plane_len()..][..shape.plane_len()];
         let pairs: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..4).map(move |c| (n, c))).collect();
-        let mut distinct = 0;
+        // Slices match exactly when they share a mask plane: independent 10x12
+        // masks at p = 0.3 coincide with negligible probability.
         for &a in &pairs {
             for &b in &pairs {
-                if same(a, b) {
-                    assert_eq!(slice(a.0, a.1), slice(b.0, b.1), "{sharing:?}: slices {a:?} and {b:?} must match");
-                } else if slice(a.0, a.1) != slice(b.0, b.1) {
-                    distinct += 1;
-                }
+                let equal = slice(a.0, a.1) == slice(b.0, b.1);
+                assert_eq!(equal, same(a, b), "{sharing:?}: slices {a:?} and {b:?}: equal {equal}");
             }
-        }
-        if sharing != Sharing::All {
-            assert!(distinct > 0, "{sharing:?}: unshared slices should differ");
         }
     }
 }

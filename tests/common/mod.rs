@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::any::Any;
+
 use dropblock::{Block, DropBlockConfig, Element, GammaRule, Normalize, Placement, RngKey, Shape, Sharing};
+use libtest_mimic::{Completion, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -48,4 +51,30 @@ pub fn random_key(rng: &mut StdRng) -> RngKey {
     let offset =
         if rng.random_bool(0.1) { RngKey::MAX_OFFSET - rng.random_range(0..100) } else { rng.random_range(0..10_000) };
     RngKey::new(rng.random(), offset).unwrap()
+}
+
+/// `DROPBLOCK_REQUIRE_GPU=1` (self-hosted GPU runners): a test that needs a GPU
+/// and finds none fails instead of skipping.
+pub fn gpu_required() -> bool {
+    std::env::var("DROPBLOCK_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// A test of a `harness = false` binary that cannot run here: failed with `why`
+/// when `required`, else ignored at run time with `why` on its line. It is not
+/// flagged `#[ignore]`, so `--include-ignored` cannot turn the skip into a pass.
+pub fn cannot_run(name: impl Into<String>, why: impl Into<String>, required: bool) -> Trial {
+    let why = why.into();
+    Trial::ignorable_test(
+        name,
+        move || if required { Err(Failed::from(why)) } else { Ok(Completion::ignored_with(why)) },
+    )
+}
+
+/// The message of a caught panic, for turning it into a test failure.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
 }
