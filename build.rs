@@ -25,15 +25,13 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
+    if env::var_os("DOCS_RS").is_some() {
+        // docs.rs has no nvcc; docs need no kernels (the crate builds as one without them).
+        return;
+    }
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let fatbin = out_dir.join("dropblock.fatbin");
     let report = out_dir.join("ptxas_report.txt");
-    if env::var_os("DOCS_RS").is_some() {
-        // docs.rs has no nvcc; docs need no kernels.
-        fs::write(&fatbin, []).unwrap();
-        fs::write(&report, "").unwrap();
-        return;
-    }
     let nvcc = find_nvcc().unwrap_or_else(|| fail_no_nvcc());
     let archs = supported(&nvcc, archs());
     let unity = write_unity_source(&out_dir);

@@ -166,8 +166,6 @@ __device__ __forceinline__ void apply_flat(const DropBlockGeometry& g, const Dro
                            gridDim.x * (uint64_t)blockDim.x, Factors(g, a, keep_bits, scales));
 }
 
-
-
 // Kept counts of one warp: the total over the tensor (each plane weighted by the
 // slices that read it) and, under PerSample, per sample. Usually a warp's planes
 // all belong to one sample: then the lanes' sums are added across the warp and
@@ -248,7 +246,7 @@ __device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const
         case DROPBLOCK_NORM_PER_SAMPLE:
             for (uint64_t n = threadIdx.x; n < g.n; n += blockDim.x)
                 scales[n] = count_scale((uint64_t)g.c * a.plane_len,
-                                        c[DROPBLOCK_COUNT_SAMPLES + (a.uniform_samples ? 0 : n)]);
+                                        c[DROPBLOCK_COUNT_SAMPLES + sample_counter_of_sample(g, n)]);
             break;
         default:
             if (threadIdx.x == 0) scales[0] = a.fixed_scale;
@@ -350,10 +348,13 @@ extern "C" __global__ void __launch_bounds__(32, 1) dropblock2d_advance_key(unsi
 // order (plane, seed row, segment).
 extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock2d_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds) {
+    // The production kernels' way to the thresholds and key, so this check covers it.
+    const uint64_t* t = shared_thresholds(s);
+    const Key k = load_key(s, nullptr);
     const uint64_t windows = g.planes * g.seed_h * g.windows_per_row;
     for (uint64_t w = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; w < windows;
          w += (uint64_t)gridDim.x * blockDim.x) {
         const uint32_t segment = (uint32_t)(w % g.windows_per_row);
-        seeds[w] = sample_window(s.thresholds, Key{s.seed, s.offset}, w, min(64u, g.seed_w - segment * 64u));
+        seeds[w] = sample_window(t, k, w, min(64u, g.seed_w - segment * 64u));
     }
 }

@@ -75,10 +75,6 @@ typedef struct DropBlockApply {
     uint32_t normalize;
     /* The scale for Expected and None normalisation (computed on the host). */
     float fixed_scale;
-    /* 1 when every sample has the same kept count (Batch or All sharing), so
-     * PerSample keeps a single counter. */
-    uint32_t uniform_samples;
-    uint32_t reserved;
 } DropBlockApply;
 
 /* The random part of a call. */

@@ -141,6 +141,11 @@ __device__ __forceinline__ uint64_t sample_counter_of_plane(const DropBlockGeome
     }
 }
 
+// The counter that holds sample `n`'s kept count: the one its planes add to.
+__device__ __forceinline__ uint64_t sample_counter_of_sample(const DropBlockGeometry& g, uint64_t n) {
+    return g.sharing == DROPBLOCK_SHARE_BATCH || g.sharing == DROPBLOCK_SHARE_ALL ? 0 : n;
+}
+
 __device__ __forceinline__ uint64_t sample_weight_of_plane(const DropBlockGeometry& g) {
     return g.sharing == DROPBLOCK_SHARE_CHANNELS || g.sharing == DROPBLOCK_SHARE_ALL ? g.c : 1;
 }

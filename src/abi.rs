@@ -74,12 +74,10 @@ pub struct DropBlockApply {
     pub plane_words: u64,
     pub normalize: u32,
     pub fixed_scale: f32,
-    pub uniform_samples: u32,
-    pub reserved: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DropBlockApply"][::core::mem::size_of::<DropBlockApply>() - 40usize];
+    ["Size of DropBlockApply"][::core::mem::size_of::<DropBlockApply>() - 32usize];
     ["Alignment of DropBlockApply"][::core::mem::align_of::<DropBlockApply>() - 8usize];
     ["Offset of field: DropBlockApply::numel"]
         [::core::mem::offset_of!(DropBlockApply, numel) - 0usize];
@@ -91,10 +89,6 @@ const _: () = {
         [::core::mem::offset_of!(DropBlockApply, normalize) - 24usize];
     ["Offset of field: DropBlockApply::fixed_scale"]
         [::core::mem::offset_of!(DropBlockApply, fixed_scale) - 28usize];
-    ["Offset of field: DropBlockApply::uniform_samples"]
-        [::core::mem::offset_of!(DropBlockApply, uniform_samples) - 32usize];
-    ["Offset of field: DropBlockApply::reserved"]
-        [::core::mem::offset_of!(DropBlockApply, reserved) - 36usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -114,7 +114,8 @@ pub enum Normalize {
     Global,
     /// `C·H·W / kept_n` per sample.
     PerSample,
-    /// `1 / (1 - drop_prob)`: no reduction, so the forward is a single pass.
+    /// `1 / (1 - drop_prob)`: no reduction, so on the GPU an unshared mask over
+    /// enough planes (32 per SM), each small enough for a warp, takes a single fused pass.
     Expected,
     /// No rescaling.
     None,

@@ -336,5 +336,16 @@ mod gpu {
         let mut other = d.alloc_state(s, Shape::new(1, 1, 4, 8).unwrap()).unwrap();
         let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
         assert!(matches!(err, dropblock::Error::ShapeMismatch { .. }), "{err}");
+
+        let err = DeviceGenerator::new(s, 1, DeviceGenerator::MAX_START_OFFSET + 1).unwrap_err();
+        assert!(matches!(err, dropblock::Error::OffsetOverflow { .. }), "{err}");
+        // A generator or stream of another context is refused before any launch.
+        let foreign = cudarc::driver::CudaContext::new(0).unwrap().default_stream();
+        let mut gen = DeviceGenerator::new(&foreign, 1, 0).unwrap();
+        let mut state = d.alloc_state(s, shape).unwrap();
+        let err = d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        let plan = Plan::new(&cfg, shape, key);
+        assert!(matches!(d.sample_seeds(&foreign, &plan), Err(dropblock::Error::WrongContext)));
     }
 }

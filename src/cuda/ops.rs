@@ -105,8 +105,17 @@ pub struct DeviceGenerator {
 }
 
 impl DeviceGenerator {
-    /// A generator at `(seed, offset)`; the offset is checked as [`RngKey::new`] does.
+    /// The largest starting offset. The device steps the offset without a check
+    /// (a kernel cannot return an error), so a generator starts with half the
+    /// offset space ahead of it: 5·10^17 forwards before its counter blocks could
+    /// wrap onto ones already drawn.
+    pub const MAX_START_OFFSET: u64 = RngKey::MAX_OFFSET / 2;
+
+    /// A generator at `(seed, offset)`, with `offset <= MAX_START_OFFSET`.
     pub fn new(stream: &Arc<CudaStream>, seed: u64, offset: u64) -> Result<Self> {
+        if offset > Self::MAX_START_OFFSET {
+            return Err(Error::OffsetOverflow { offset, max: Self::MAX_START_OFFSET });
+        }
         let key = RngKey::new(seed, offset)?;
         Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])? })
     }
@@ -301,6 +310,7 @@ impl DropBlockCuda {
     /// The raw seed words of every plane's seed grid (window order), computed by
     /// the device sampler: for checking it against [`Plan::seed_grid`].
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
+        self.check_context(stream)?;
         let g = *plan.geometry();
         let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
         let mut out = stream.alloc_zeros::<u64>(windows)?;
@@ -339,7 +349,8 @@ impl DropBlockCuda {
         // memory; the plan's own key is then a placeholder.
         let (host_key, generator) = match key {
             KeySource::Host(k) => (k, None),
-            KeySource::Device(gen) => (RngKey::new(0, 0)?, Some(gen)),
+            KeySource::Device(gen) if Arc::ptr_eq(gen.key.context(), &self.ctx) => (RngKey::new(0, 0)?, Some(gen)),
+            KeySource::Device(_) => return Err(Error::WrongContext),
         };
         // The guard keeps cudarc's bookkeeping for the generator alive until the
         // launches below are enqueued; the advance kernel writes it.
@@ -452,8 +463,6 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_planes: u64) -> (abi
             Normalize::Expected => expected_scale(cfg.drop_prob()),
             _ => 1.0,
         },
-        uniform_samples: matches!(cfg.sharing(), Sharing::Batch | Sharing::All) as u32,
-        reserved: 0,
     };
     let path = if cfg.sharing().planes(shape) < min_planes {
         LaunchPath::Grid
