@@ -15,17 +15,11 @@
 //! half the shift a γ 10% too high would cause, and for even blocks under Anywhere
 //! placement asserts that the per-cell check rejects the other anchoring.
 
+mod common;
+
+use common::bernstein_tol;
 use dropblock::sampling::{expected_drop_fraction, Plan};
 use dropblock::{cpu, Block, DropBlockConfig, GammaRule, Mode, Placement, RngKey, Shape};
-
-const FAIL_P: f64 = 1e-12;
-
-/// Bernstein: the `t` with `2 exp(-t^2 / (2 (var + range t / 3))) = FAIL_P`.
-fn bernstein_tol(var: f64, range: f64) -> f64 {
-    let l = (2.0 / FAIL_P).ln();
-    let a = l * range / 3.0;
-    a + (a * a + 2.0 * l * var).sqrt()
-}
 
 /// The geometry the crate docs define, computed here independently.
 #[derive(Debug, Clone, Copy)]

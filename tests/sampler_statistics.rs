@@ -8,24 +8,15 @@
 //! `statistics_reject_broken_samplers` (off-by-one window walks, a skipped cell,
 //! a reused draw, a γ 3% off) at sample sizes no larger than those used here.
 
+mod common;
+
+use common::bernstein_tol;
 use dropblock::sampling::{thresholds, Plan};
 use dropblock::{Block, DropBlockConfig, Generator, Placement, RngKey, Shape};
 
 const TWO_POW_32: u64 = 1 << 32;
 
-/// Per check: the probability that a correct implementation fails it.
-const FAIL_P: f64 = 1e-12;
-
 // ---------------------------------------------------------------- helpers
-
-/// Bernstein: for a sum of independent terms, each within `range` of its mean,
-/// with total variance `var`, `P(|S - ES| >= t) <= 2 exp(-t^2 / (2 (var + range t / 3)))`.
-/// Returns the `t` at which the bound equals `FAIL_P`.
-fn bernstein_tol(var: f64, range: f64) -> f64 {
-    let l = (2.0 / FAIL_P).ln();
-    let a = l * range / 3.0;
-    a + (a * a + 2.0 * l * var).sqrt()
-}
 
 /// Tolerance on a Binomial(n, p) count.
 fn binom_tol(n: f64, p: f64) -> f64 {

@@ -14,6 +14,18 @@ pub fn input(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
 }
 
+/// Per statistical check: the probability that a correct implementation fails it.
+pub const FAIL_P: f64 = 1e-12;
+
+/// Bernstein: for a sum of independent terms, each within `range` of its mean,
+/// with total variance `var`, `P(|S - ES| >= t) <= 2 exp(-t^2 / (2 (var + range t / 3)))`.
+/// Returns the `t` at which the bound equals `FAIL_P`.
+pub fn bernstein_tol(var: f64, range: f64) -> f64 {
+    let l = (2.0 / FAIL_P).ln();
+    let a = l * range / 3.0;
+    a + (a * a + 2.0 * l * var).sqrt()
+}
+
 /// Bit equality, with any NaN equal to any NaN (the contract leaves NaN payloads open).
 pub fn same<T: Element>(a: T, b: T) -> bool {
     let (a, b) = (a.to_f32(), b.to_f32());
