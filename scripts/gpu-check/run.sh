@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, on the GPU machine, from the bundle that bundle.sh made. Writes
 # its logs (check.log, sanitizer.log, ncu.csv, peers.md: the device tool returns
-# at most 8 files) under $OUT, or gpu-bundle/logs. The timeouts below add up to
-# under 9 minutes (a device command gets 10); a normal run takes about 4.
+# at most 8 files) under $OUT, or gpu-bundle/logs, with clocks.csv (the SM and
+# memory clocks while the benchmarks run). The timeouts below add up to 9 minutes
+# (a device command gets 10); a normal run takes about 2.
 #
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
+#   run.sh bench     the benchmarks alone
 set -uo pipefail
 shopt -s nullglob
 B="$(cd "$(dirname "$0")" && pwd)"
@@ -13,6 +15,7 @@ OUT="${OUT:-$B/logs}"
 mkdir -p "$OUT"
 cd "$B"
 main() {
+  mode="${1:-all}"
   section() { echo; echo "=== $* ($(date -u +%FT%TZ))"; }
   failures=()
   fail() { failures+=("$1"); echo "FAILED: $1"; }
@@ -22,17 +25,29 @@ main() {
   nvidia-smi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 
+  [[ "$mode" == bench ]] || checks
+  [[ "$mode" == check ]] || benchmarks
+
+  section "summary"
+  if ((${#failures[@]})); then
+    printf 'FAILED: %s\n' "${failures[@]}"
+    exit 1
+  fi
+  echo "GPU check passed ($mode)"
+}
+
+checks() {
   section "GPU tests, DROPBLOCK_REQUIRE_GPU=1"
   export DROPBLOCK_REQUIRE_GPU=1
   for t in tests/kernel_build tests/gpu_parity; do
     echo "--- $t"
-    timeout 120 "$t" --test-threads 4 || fail "$t"
+    timeout 60 "$t" --test-threads 4 || fail "$t"
   done
 
   section "compute-sanitizer on a short parity run"
   for tool in memcheck racecheck initcheck synccheck; do
     echo "--- $tool"
-    DROPBLOCK_PARITY_QUICK=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 86 \
+    DROPBLOCK_PARITY_QUICK=1 timeout 45 compute-sanitizer --tool "$tool" --error-exitcode 86 \
       tests/gpu_parity --test-threads 1 --skip large_shapes --skip every_launch_path \
       > "$OUT/sanitizer-$tool.tmp" 2>&1 || fail "compute-sanitizer $tool"
     tail -n 4 "$OUT/sanitizer-$tool.tmp"
@@ -70,28 +85,30 @@ PY
     done
   done
 
-  if [[ "${1:-all}" != check ]]; then
-    section "per-kernel times (ncu): the count pass's share of the forward"
-    for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
-      read -r shape k dtype <<<"$args"
-      echo "--- $shape k=$k $dtype"
-      timeout 25 ncu --clock-control none --kernel-name regex:dropblock2d --metrics gpu__time_duration.sum --csv \
-        ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 2 \
-        > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
-      grep -E '"dropblock2d' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $NF}' | tail -n 4
-      { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
-    done
+}
 
-    section "benchmarks: dropblock bench and the peers"
-    timeout 150 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
-  fi
+benchmarks() {
+  # The clocks while the benchmarks run: a kernel timed before the GPU has left
+  # its idle clock reads several times slow (dropblock bench warms up for 300 ms).
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw --format=csv -lms 50 > "$OUT/clocks.csv" &
+  local clocks=$!
 
-  section "summary"
-  if ((${#failures[@]})); then
-    printf 'FAILED: %s\n' "${failures[@]}"
-    exit 1
-  fi
-  echo "GPU check passed"
+  section "per-kernel times (ncu): the count pass's share of the forward"
+  # Past the bench's warm-up (300 ms, hundreds of launches even under ncu).
+  for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
+    read -r shape k dtype <<<"$args"
+    echo "--- $shape k=$k $dtype"
+    timeout 25 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 1000 --launch-count 4 \
+      --metrics gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second --csv \
+      ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 600 \
+      > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
+    grep -E '"dropblock2d' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $(NF-2), $NF}' | tail -n 8
+    { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
+  done
+
+  section "benchmarks: dropblock bench and the peers"
+  timeout 140 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
+  kill "$clocks"
 }
 
 main "$@" 2>&1 | tee -a "$OUT/check.log"

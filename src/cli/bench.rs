@@ -4,7 +4,7 @@
 //! compares directly with a device-to-device copy. The last line is
 //! `median_ms=<float> gbps=<float>`, for scripts.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use dropblock::{cpu, Generator, Mode};
@@ -30,7 +30,7 @@ pub struct BenchArgs {
     shape: ShapeArg,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
-    /// Timed iterations (after 3 warm-up ones).
+    /// Timed iterations (after a warm-up of at least 3 iterations and 300 ms).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     iters: u32,
     /// Time backward instead of forward.
@@ -63,21 +63,16 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
             let x = input::<T>(shape.numel());
             let mut y = vec![T::default(); shape.numel()];
             let mut dx = vec![T::default(); shape.numel()];
-            let mut times = Vec::with_capacity(iters);
-            for i in 0..iters + 3 {
+            timed(iters, || {
                 let t = Instant::now();
                 let saved = cpu::forward(&cfg, shape, gen.next_key()?, Mode::Train, &x, &mut y)?;
-                let mut ms = t.elapsed().as_secs_f64() * 1e3;
                 if a.backward {
                     let t = Instant::now();
                     cpu::backward(&saved, &y, &mut dx)?;
-                    ms = t.elapsed().as_secs_f64() * 1e3;
+                    return Ok(t.elapsed().as_secs_f64() * 1e3);
                 }
-                if i >= 3 {
-                    times.push(ms);
-                }
-            }
-            times
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            })?
         }
         #[cfg(feature = "cuda")]
         Runner::Cuda(d) => cuda_times::<T>(d, &cfg, shape, &mut gen, iters, a.backward)?,
@@ -91,6 +86,25 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let median = sorted[sorted.len() / 2];
     println!("median_ms={median:.6} gbps={:.3}", bytes / median / 1e6);
     Ok(())
+}
+
+/// Untimed warm-up before any measurement: at least this long and this many
+/// iterations. A GPU idles at a fraction of its boost clock (an H200 at 345 of
+/// 1980 MHz) and takes a while to ramp up; a few warm-up launches (a millisecond of
+/// work) leave the timed ones at a low clock, which slows clock-bound kernels the
+/// most. The CPU's thread pool and caches warm up too.
+const WARM_UP: Duration = Duration::from_millis(300);
+const WARM_UP_ITERS: usize = 3;
+
+/// `iters` results of `one()` (each its own time in ms) after the warm-up.
+fn timed(iters: usize, mut one: impl FnMut() -> Result<f64, CliError>) -> Result<Vec<f64>, CliError> {
+    let start = Instant::now();
+    let mut warm = 0;
+    while warm < WARM_UP_ITERS || start.elapsed() < WARM_UP {
+        one()?;
+        warm += 1;
+    }
+    (0..iters).map(|_| one()).collect()
 }
 
 /// A deterministic input: values -8..8.
@@ -121,9 +135,10 @@ fn cuda_times<T: CliElement>(
         .collect::<Result<_, _>>()
         .map_err(dropblock::Error::from)?;
     let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape)).collect::<Result<_, _>>()?;
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..iters + 3 {
+    let mut i = 0;
+    timed(iters, || {
         let k = i % copies;
+        i += 1;
         let key = gen.next_key()?;
         if backward {
             d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
@@ -136,10 +151,6 @@ fn cuda_times<T: CliElement>(
             d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
         }
         let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
-        let ms = start.elapsed_ms(&end).map_err(dropblock::Error::from)? as f64;
-        if i >= 3 {
-            times.push(ms);
-        }
-    }
-    Ok(times)
+        Ok(start.elapsed_ms(&end).map_err(dropblock::Error::from)? as f64)
+    })
 }
