@@ -51,29 +51,40 @@ struct FlatCursor {
 };
 
 // ORs the blocks of windows [first, last) (global window numbers) into dropped
-// bits, `worker` of `workers` taking every workers-th window. The bits must be
-// zero before, and nothing may read them until every window is done.
+// bits, `worker` of `workers` taking every workers-th window. Workers are numbered
+// so that each warp's 32 lanes are 32 consecutive workers (workers is a multiple
+// of 32), and every lane of each warp must call it. The bits must be zero before,
+// and nothing may read them until every window is done.
+//
+// The lanes of a warp run the same iterations (a lane past `last` idles) and meet
+// at a __syncwarp after each window. Without that, the first lane to find a seed
+// split the warp and it never reconverged inside the loop: on an H200 the loop ran
+// with 2-6 of 32 lanes active, 5x the instructions (docs/PERF.md, v3 measured).
 __device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
                                              const DropBlockApply& a, uint64_t first, uint64_t last,
                                              uint64_t worker, uint64_t workers, uint32_t* bits) {
     const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
+    const uint64_t lane = worker & 31;
     FlatCursor w(first + worker, per_plane, workers);
-    for (uint64_t i = first + worker; i < last; i += workers, w.advance()) {
-        const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
-        const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
-        uint64_t seeds = sample_window(t, k, i, min(64u, g.seed_w - seg * 64u));
-        if (seeds == 0) continue;
-        uint32_t* plane_bits = bits + w.plane * a.plane_words;
-        const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
-        const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
-        while (seeds) {
-            const int64_t x = (int64_t)seg * 64 + __ffsll((long long)seeds) - 1;
-            seeds &= seeds - 1;
-            const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
-            const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
-            for (int64_t r = r0; r < r1; ++r)
-                atomic_set_bits(plane_bits, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
+    for (uint64_t warp_first = first + worker - lane; warp_first < last; warp_first += workers, w.advance()) {
+        const uint64_t i = warp_first + lane;
+        if (i < last) {
+            const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
+            const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
+            uint64_t seeds = sample_window(t, k, i, min(64u, g.seed_w - seg * 64u));
+            uint32_t* plane_bits = bits + w.plane * a.plane_words;
+            const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
+            const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
+            while (seeds) {
+                const int64_t x = (int64_t)seg * 64 + __ffsll((long long)seeds) - 1;
+                seeds &= seeds - 1;
+                const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
+                const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
+                for (int64_t r = r0; r < r1; ++r)
+                    atomic_set_bits(plane_bits, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
+            }
         }
+        __syncwarp();
     }
 }
 
