@@ -88,19 +88,19 @@ PY
 }
 
 benchmarks() {
-  # The clocks while the benchmarks run: a kernel timed before the GPU has left
-  # its idle clock reads several times slow (dropblock bench warms up for 300 ms).
+  # The clocks while the benchmarks run, so each figure can be read against them.
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw --format=csv -lms 50 > "$OUT/clocks.csv" &
   local clocks=$!
 
   section "per-kernel times (ncu): the count pass's share of the forward"
-  # Past the bench's warm-up (300 ms, hundreds of launches even under ncu).
+  # Four launches past the first 20 (each forward is two matching launches, and
+  # the bench runs at least 3 + 20 forwards); sm__cycles... is the SM clock.
   for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
     read -r shape k dtype <<<"$args"
     echo "--- $shape k=$k $dtype"
-    timeout 25 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 1000 --launch-count 4 \
+    timeout 25 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 20 --launch-count 4 \
       --metrics gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second --csv \
-      ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 600 \
+      ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 20 \
       > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
     grep -E '"dropblock2d' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $(NF-2), $NF}' | tail -n 8
     { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
@@ -108,7 +108,7 @@ benchmarks() {
 
   section "benchmarks: dropblock bench and the peers"
   timeout 140 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
-  kill "$clocks"
+  kill "$clocks" 2>/dev/null
 }
 
 main "$@" 2>&1 | tee -a "$OUT/check.log"

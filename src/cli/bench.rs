@@ -88,11 +88,11 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Untimed warm-up before any measurement: at least this long and this many
-/// iterations. A GPU idles at a fraction of its boost clock (an H200 at 345 of
-/// 1980 MHz) and takes a while to ramp up; a few warm-up launches (a millisecond of
-/// work) leave the timed ones at a low clock, which slows clock-bound kernels the
-/// most. The CPU's thread pool and caches warm up too.
+/// Untimed warm-up before any measurement, by time as well as by count: module
+/// load, first-touch allocations and the clock ramp stay out of the numbers. (On
+/// the H200 measured on 2026-11-27 the SM clock had already left its 345 MHz idle
+/// for 1980 MHz during context creation, and 3 warm-up iterations gave the same
+/// median as 300 ms; other cards and drivers may ramp later.)
 const WARM_UP: Duration = Duration::from_millis(300);
 const WARM_UP_ITERS: usize = 3;
 
