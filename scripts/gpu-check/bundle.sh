@@ -3,16 +3,33 @@
 # (git-ignored, well under 64 MiB) with the runner for the GPU machine, which has
 # nvcc, PyTorch, torchvision, timm, compute-sanitizer and ncu but no Rust.
 #
-#   ./scripts/gpu-check/bundle.sh          # then, on the GPU machine:
+#   ./scripts/gpu-check/bundle.sh [REV]    # then, on the GPU machine:
 #   ./gpu-bundle/run.sh                    # logs go to $OUT (or gpu-bundle/logs)
+#
+# With REV (a commit, e.g. the last one measured), the CLI built at REV goes in too,
+# as baseline/dropblock, and run.sh times it against this tree on the same card in
+# the same call: the only comparison worth reporting (another card or call is not).
 #
 # Kernels are built for sm_90 (H100/H200) unless DROPBLOCK_CUDA_ARCHS says otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export DROPBLOCK_CUDA_ARCHS="${DROPBLOCK_CUDA_ARCHS:-90}"
+repo=$PWD
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/tests"
+
+if (($#)); then
+  rev=$(git rev-parse --verify "$1^{commit}")
+  tree=$(mktemp -d)
+  git worktree add --detach "$tree" "$rev" >/dev/null
+  # This tree's target dir: the dependencies are built once for both.
+  (cd "$tree" && CARGO_TARGET_DIR="$repo/target" ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock)
+  mkdir -p "$out/baseline"
+  cp target/release/dropblock "$out/baseline/dropblock"
+  echo "$rev" > "$out/baseline/COMMIT"
+  git worktree remove --force "$tree"
+fi
 
 # The executables of the test and bench targets, from cargo's JSON messages.
 executables() {
@@ -35,7 +52,7 @@ for line in sys.stdin:
   done
 cp target/release/dropblock "$out/dropblock"
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
-strip --strip-debug "$out/dropblock" "$out"/tests/* "$out/bench-dropblock" 2>/dev/null || true
+strip --strip-debug "$out/dropblock" "$out"/tests/* "$out/bench-dropblock" "$out"/baseline/dropblock 2>/dev/null || true
 git rev-parse HEAD > "$out/COMMIT"
 ls -la "$out" "$out/tests"
 du -sh "$out"

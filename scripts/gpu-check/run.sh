@@ -3,7 +3,7 @@
 # its logs (check.log, sanitizer.log, ncu.csv, peers.md: the device tool returns
 # at most 8 files) under $OUT, or gpu-bundle/logs, with clocks.csv (the SM and
 # memory clocks while the benchmarks run). The timeouts below add up to 9 minutes
-# (a device command gets 10); a normal run takes about 2.
+# (a device command gets 10); a normal run takes about 2, 3 with a baseline.
 #
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
@@ -41,13 +41,13 @@ checks() {
   export DROPBLOCK_REQUIRE_GPU=1
   for t in tests/kernel_build tests/gpu_parity; do
     echo "--- $t"
-    timeout 60 "$t" --test-threads 4 || fail "$t"
+    timeout 45 "$t" --test-threads 4 || fail "$t"
   done
 
   section "compute-sanitizer on a short parity run"
   for tool in memcheck racecheck initcheck synccheck; do
     echo "--- $tool"
-    DROPBLOCK_PARITY_QUICK=1 timeout 45 compute-sanitizer --tool "$tool" --error-exitcode 86 \
+    DROPBLOCK_PARITY_QUICK=1 timeout 40 compute-sanitizer --tool "$tool" --error-exitcode 86 \
       tests/gpu_parity --test-threads 1 --skip large_shapes --skip every_launch_path \
       > "$OUT/sanitizer-$tool.tmp" 2>&1 || fail "compute-sanitizer $tool"
     tail -n 4 "$OUT/sanitizer-$tool.tmp"
@@ -98,7 +98,7 @@ benchmarks() {
   for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
     read -r shape k dtype <<<"$args"
     echo "--- $shape k=$k $dtype"
-    timeout 25 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 20 --launch-count 4 \
+    timeout 20 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 20 --launch-count 4 \
       --metrics gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second --csv \
       ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 20 \
       > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
@@ -106,8 +106,30 @@ benchmarks() {
     { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
   done
 
+  if [[ -x baseline/dropblock ]]; then
+    section "this tree against the baseline $(cat baseline/COMMIT), same card, same call"
+    local deadline=$((SECONDS + 80))
+    echo "| shape | k | dtype | pass | baseline ms | this ms | × |"
+    echo "|---|---|---|---|---|---|---|"
+    for args in "256,256,56,56 7" "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "24,1024,19,19 3"; do
+      read -r shape k <<<"$args"
+      for dtype in f32 bf16; do
+        for pass in forward backward; do
+          if ((SECONDS > deadline)); then fail "baseline comparison: out of time at $shape $dtype $pass"; break 3; fi
+          flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
+          [[ $pass == backward ]] && flags+=(--backward)
+          # Alternating, so a drift of the clock or temperature hits both alike.
+          base=$(timeout 10 baseline/dropblock "${flags[@]}" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
+          this=$(timeout 10 ./dropblock "${flags[@]}" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
+          [[ -n $base && -n $this ]] || fail "baseline comparison $shape $dtype $pass"
+          echo "| $shape | $k | $dtype | $pass | $base | $this | $(python3 -c "print(f'{$base / $this:.2f}')" 2>/dev/null) |"
+        done
+      done
+    done
+  fi
+
   section "benchmarks: dropblock bench and the peers"
-  timeout 140 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
+  timeout 110 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
   kill "$clocks" 2>/dev/null
 }
 
