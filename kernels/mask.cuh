@@ -59,7 +59,7 @@ struct FlatCursor {
 // The lanes of a warp run the same iterations (a lane past `last` idles) and meet
 // at a __syncwarp after each window. Without that, the first lane to find a seed
 // split the warp and it never reconverged inside the loop: on an H200 the loop ran
-// with 2-6 of 32 lanes active, 5x the instructions (docs/PERF.md, v3 measured).
+// with 1-8 of 32 lanes active, 5x the instructions (docs/PERF.md, v3 measured).
 __device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
                                              const DropBlockApply& a, uint64_t first, uint64_t last,
                                              uint64_t worker, uint64_t workers, uint32_t* bits) {

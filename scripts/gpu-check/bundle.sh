@@ -23,12 +23,13 @@ if (($#)); then
   rev=$(git rev-parse --verify "$1^{commit}")
   tree=$(mktemp -d)
   git worktree add --detach "$tree" "$rev" >/dev/null
+  # Removed even when the build fails, so no stale worktree stays registered.
+  trap 'git worktree remove --force "$tree"' EXIT
   # This tree's target dir: the dependencies are built once for both.
   (cd "$tree" && CARGO_TARGET_DIR="$repo/target" ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock)
   mkdir -p "$out/baseline"
   cp target/release/dropblock "$out/baseline/dropblock"
   echo "$rev" > "$out/baseline/COMMIT"
-  git worktree remove --force "$tree"
 fi
 
 # The executables of the test and bench targets, from cargo's JSON messages.

@@ -14,11 +14,12 @@ B="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$B/logs}"
 mkdir -p "$OUT"
 cd "$B"
+failures=()
+section() { echo; echo "=== $* ($(date -u +%FT%TZ))"; }
+fail() { failures+=("$1"); echo "FAILED: $1"; }
+
 main() {
-  mode="${1:-all}"
-  section() { echo; echo "=== $* ($(date -u +%FT%TZ))"; }
-  failures=()
-  fail() { failures+=("$1"); echo "FAILED: $1"; }
+  local mode="${1:-all}"
 
   section "machine"
   echo "bundle commit: $(cat COMMIT 2>/dev/null)"
