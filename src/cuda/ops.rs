@@ -46,17 +46,31 @@ const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
 /// With fewer mask planes than this many per multiprocessor, kernels that give a
 /// warp a run of planes would leave most warps idle: the grid-wide passes serve.
 const MIN_PLANES_PER_SM: u64 = 32;
-const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "advance_key", "sample_seeds"];
 const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
+const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+
+/// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
+/// finding a kernel on the launch path neither formats nor allocates.
+type KernelKey = (&'static str, &'static str);
+
+fn kernel_keys() -> impl Iterator<Item = KernelKey> {
+    UNTYPED.iter().map(|&op| (op, "")).chain(ELEMENTWISE.iter().flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
+}
+
+/// `dropblock2d_<op>[_<dtype>]`, the name in the fatbin.
+fn kernel_name((op, dtype): KernelKey) -> String {
+    if dtype.is_empty() {
+        format!("dropblock2d_{op}")
+    } else {
+        format!("dropblock2d_{op}_{dtype}")
+    }
+}
 
 /// Every kernel the wrappers launch, loaded once per context.
 #[doc(hidden)]
 pub fn kernel_names() -> Vec<String> {
-    ["count_mask", "seed_blocks", "count_bits", "advance_key", "sample_seeds"]
-        .iter()
-        .map(|k| format!("dropblock2d_{k}"))
-        .chain(ELEMENTWISE.iter().flat_map(|op| DTYPES.iter().map(move |t| format!("dropblock2d_{op}_{t}"))))
-        .collect()
+    kernel_keys().map(kernel_name).collect()
 }
 
 /// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
@@ -65,7 +79,7 @@ pub fn kernel_names() -> Vec<String> {
 pub struct DropBlockCuda {
     ctx: Arc<CudaContext>,
     sm_count: u32,
-    kernels: Arc<HashMap<String, Kernel>>,
+    kernels: Arc<HashMap<KernelKey, Kernel>>,
 }
 
 /// A kernel and how many of its 256-thread blocks one multiprocessor holds.
@@ -170,12 +184,11 @@ impl DropBlockCuda {
     pub fn from_context(ctx: &Arc<CudaContext>) -> Result<Self> {
         let module = load(ctx)?;
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let kernels = kernel_names()
-            .into_iter()
-            .map(|name| {
-                let function = module.load_function(&name)?;
+        let kernels = kernel_keys()
+            .map(|key| {
+                let function = module.load_function(&kernel_name(key))?;
                 let blocks_per_sm = function.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?;
-                Ok((name, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
+                Ok((key, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
             })
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(Self { ctx: ctx.clone(), sm_count, kernels: Arc::new(kernels) })
@@ -199,8 +212,10 @@ impl DropBlockCuda {
         }
     }
 
-    fn kernel(&self, name: &str) -> Result<&Kernel> {
-        self.kernels.get(name).ok_or_else(|| Error::Driver(format!("kernel {name} is not in the module")))
+    fn kernel(&self, op: &'static str, dtype: &'static str) -> Result<&Kernel> {
+        self.kernels
+            .get(&(op, dtype))
+            .ok_or_else(|| Error::Driver(format!("kernel {} is not in the table", kernel_name((op, dtype)))))
     }
 
     /// A launch of `kernel` with `blocks` blocks at most one wave: every block
@@ -314,7 +329,7 @@ impl DropBlockCuda {
         let g = *plan.geometry();
         let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
         let mut out = stream.alloc_zeros::<u64>(windows)?;
-        let k = self.kernel("dropblock2d_sample_seeds")?;
+        let k = self.kernel("sample_seeds", "")?;
         let cfg = self.launch_config(k, (windows as u64).div_ceil(THREADS as u64));
         let mut b = stream.launch_builder(&k.function);
         b.arg(&g).arg(plan.sampling()).arg(&mut out);
@@ -358,11 +373,11 @@ impl DropBlockCuda {
         let device_key: sys::CUdeviceptr = key_guard.as_ref().map_or(0, |(p, _)| *p);
         let plan = Plan::new(cfg, shape, host_key);
         let g = *plan.geometry();
-        let variant = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "" } else { "_unaligned" };
         // Kernels that give each warp a run of planes: a warp per plane at most.
         let warp_blocks = g.planes.div_ceil(WARPS_PER_BLOCK);
         if path == LaunchPath::Fused {
-            let k = self.kernel(&format!("dropblock2d_fused{variant}_{}", T::KERNEL_SUFFIX))?;
+            let op = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "fused" } else { "fused_unaligned" };
+            let k = self.kernel(op, T::KERNEL_SUFFIX)?;
             let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&io.x).arg(&io.y);
             b.arg(&mut state.keep_bits).arg(&mut state.scales);
@@ -371,7 +386,7 @@ impl DropBlockCuda {
         } else {
             stream.memset_zeros(&mut state.counts)?;
             if path == LaunchPath::Warps {
-                let k = self.kernel("dropblock2d_count_mask")?;
+                let k = self.kernel("count_mask", "")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
                 b.arg(&mut state.counts).arg(&mut state.scales);
@@ -381,12 +396,12 @@ impl DropBlockCuda {
                 let words = g.planes * apply.plane_words;
                 stream.memset_zeros(&mut state.keep_bits.slice_mut(..words as usize))?;
                 let windows = g.planes * g.seed_h as u64 * g.windows_per_row as u64;
-                let k = self.kernel("dropblock2d_seed_blocks")?;
+                let k = self.kernel("seed_blocks", "")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
                 // SAFETY: as above; the bits hold `words` words, zeroed.
                 unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }?;
-                let k = self.kernel("dropblock2d_count_bits")?;
+                let k = self.kernel("count_bits", "")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts).arg(&mut state.scales);
                 // SAFETY: as above.
@@ -395,7 +410,7 @@ impl DropBlockCuda {
             self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
         if device_key != 0 {
-            let k = self.kernel("dropblock2d_advance_key")?;
+            let k = self.kernel("advance_key", "")?;
             let mut b = stream.launch_builder(&k.function);
             b.arg(&device_key);
             // SAFETY: the generator holds [seed, offset]; every kernel above read it first (stream order).
@@ -423,8 +438,7 @@ impl DropBlockCuda {
         io: &Io,
     ) -> Result<()> {
         let vector = vector_kernels::<T>(io.aligned(), apply.plane_len);
-        let k =
-            self.kernel(&format!("dropblock2d_apply{}_{}", if vector { "" } else { "_unaligned" }, T::KERNEL_SUFFIX))?;
+        let k = self.kernel(if vector { "apply" } else { "apply_unaligned" }, T::KERNEL_SUFFIX)?;
         let vec = if vector { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
         let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
@@ -589,5 +603,22 @@ mod tests {
         let mut names = super::kernel_names();
         names.sort();
         assert_eq!(built, names);
+    }
+
+    /// The launch paths find the element-wise kernels by each dtype's suffix.
+    #[test]
+    fn every_cuda_element_has_its_elementwise_kernels() {
+        fn check<T: super::CudaElement>() {
+            for op in super::ELEMENTWISE {
+                assert!(
+                    super::kernel_keys().any(|k| k == (op, T::KERNEL_SUFFIX)),
+                    "no {op} kernel for {}",
+                    T::KERNEL_SUFFIX
+                );
+            }
+        }
+        check::<f32>();
+        check::<half::f16>();
+        check::<half::bf16>();
     }
 }
