@@ -3,7 +3,8 @@
 //!
 //! Throughput is the floor, x read once plus y written once, so GB/s compares with
 //! a device-to-device copy. CUDA times are CUDA events on the launch stream, with
-//! inputs rotated over more than 512 MiB so every iteration starts out of L2.
+//! inputs rotated so every iteration starts out of L2 (`src/cli/cuda_timing.rs`,
+//! shared with `dropblock bench`).
 //! Without a GPU the CUDA group says why and is skipped.
 //!
 //! `DROPBLOCK_BENCH_SHAPES=small` runs the four smallest shapes only.
@@ -66,44 +67,29 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 #[cfg(feature = "cuda")]
+#[path = "../src/cli/cuda_timing.rs"]
+mod cuda_timing;
+
+#[cfg(feature = "cuda")]
 fn cuda_typed<T: dropblock::cuda::CudaElement>(c: &mut Criterion, d: &dropblock::cuda::DropBlockCuda, dtype: &str) {
-    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-    let s = d.context().new_stream().unwrap();
     let mut g = c.benchmark_group("cuda");
     g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     for (shape, k) in shapes() {
         let cfg = DropBlockConfig::paper(k, 0.1).unwrap();
-        let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
-        let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
         let host: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 13) as f32 - 6.0)).collect();
-        let xs: Vec<_> = (0..copies).map(|_| s.clone_htod(&host).unwrap()).collect();
-        let mut ys: Vec<_> = (0..copies).map(|_| s.alloc_zeros::<T>(shape.numel()).unwrap()).collect();
-        let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape).unwrap()).collect();
+        let mut timer = cuda_timing::CudaTimer::new(d, shape, &host).unwrap();
         let mut gen = Generator::new(7);
-        g.throughput(Throughput::Bytes(bytes as u64));
+        g.throughput(Throughput::Bytes(2 * (shape.numel() * std::mem::size_of::<T>()) as u64));
         for backward in [false, true] {
             let pass = if backward { "backward" } else { "forward" };
             g.bench_function(id(shape, k, dtype, pass), |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for i in 0..iters as usize {
-                        let j = i % copies;
-                        let key = gen.next_key().unwrap();
-                        if backward {
-                            d.forward_into(&s, &mut states[j], &cfg, shape, key, Mode::Train, &xs[j], &mut ys[j])
-                                .unwrap();
-                        }
-                        let start = s.record_event(Some(CU_EVENT_DEFAULT)).unwrap();
-                        if backward {
-                            d.backward_inplace(&s, &states[j], &mut ys[j]).unwrap();
-                        } else {
-                            d.forward_into(&s, &mut states[j], &cfg, shape, key, Mode::Train, &xs[j], &mut ys[j])
-                                .unwrap();
-                        }
-                        let end = s.record_event(Some(CU_EVENT_DEFAULT)).unwrap();
-                        total += Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3);
-                    }
-                    total
+                    (0..iters)
+                        .map(|_| {
+                            let ms = timer.time(d, &cfg, gen.next_key().unwrap(), backward).unwrap();
+                            Duration::from_secs_f64(ms * 1e-3)
+                        })
+                        .sum()
                 })
             });
         }
@@ -118,7 +104,8 @@ fn cuda_benches(c: &mut Criterion) {
             cuda_typed::<f32>(c, &d, "f32");
             cuda_typed::<bf16>(c, &d, "bf16");
         }
-        Err(e) => eprintln!("cuda benchmarks skipped: no GPU ({e})"),
+        Err(e) if e.is_no_gpu() => eprintln!("cuda benchmarks skipped: no GPU ({e})"),
+        Err(e) => panic!("a GPU is there but DropBlockCuda::new(0) failed: {e}"),
     }
 }
 

@@ -308,24 +308,26 @@ impl fmt::Display for Shape {
     }
 }
 
-/// Names of the semantic choices, as the CLI and logs spell them.
+/// Names of the choices (the semantic options, the dtypes), as the CLI, the logs
+/// and the kernel names spell them: `NAMES`, `name()`, `Display` and `FromStr`
+/// from one table.
 macro_rules! named_choices {
     ($($ty:ident { $($variant:ident = $name:literal),+ $(,)? })+) => {$(
         impl $ty {
             /// Every accepted name, in declaration order.
             pub const NAMES: &'static [&'static str] = &[$($name),+];
-            pub fn name(&self) -> &'static str {
+            pub const fn name(&self) -> &'static str {
                 match self { $($ty::$variant => $name),+ }
             }
         }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.name())
             }
         }
-        impl FromStr for $ty {
+        impl ::std::str::FromStr for $ty {
             type Err = String;
-            fn from_str(s: &str) -> std::result::Result<Self, String> {
+            fn from_str(s: &str) -> ::std::result::Result<Self, String> {
                 match s {
                     $($name => Ok($ty::$variant),)+
                     _ => Err(format!("`{s}` is not one of: {}", Self::NAMES.join(", "))),
@@ -334,6 +336,7 @@ macro_rules! named_choices {
         }
     )+};
 }
+pub(crate) use named_choices;
 
 named_choices! {
     Placement { Valid = "valid", Anywhere = "anywhere" }

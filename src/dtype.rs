@@ -11,15 +11,11 @@ pub enum DType {
     BF16,
 }
 
-impl DType {
-    pub fn name(&self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-        }
-    }
+crate::config::named_choices! {
+    DType { F32 = "f32", F16 = "f16", BF16 = "bf16" }
+}
 
+impl DType {
     pub fn size_bytes(&self) -> usize {
         match self {
             DType::F32 => 4,

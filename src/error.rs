@@ -38,9 +38,6 @@ pub enum Error {
     #[error("offset {offset} too large: a call reads 16 counter blocks past it, so it must be at most {max}")]
     OffsetOverflow { offset: u64, max: u64 },
 
-    #[error("workspace too small: {what} needs {needed} elements, it has {available}")]
-    WorkspaceTooSmall { what: &'static str, needed: usize, available: usize },
-
     #[error("backward called on a state that holds no forward call")]
     NoForwardCall,
 
@@ -66,6 +63,16 @@ pub enum Error {
     Driver(String),
 }
 
+impl Error {
+    /// Whether the CUDA path cannot run here at all: no driver, no device, or a
+    /// build without kernels. Any other error from setting up the CUDA path (a
+    /// module that does not load, a missing kernel) is a failure, never a reason
+    /// to fall back to the CPU or to skip a GPU test.
+    pub fn is_no_gpu(&self) -> bool {
+        matches!(self, Error::NoDriver | Error::NoDevice(_) | Error::KernelsNotBuilt)
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// cudarc's driver errors, for `?` on cudarc calls next to this crate's.
@@ -75,5 +82,22 @@ impl From<cudarc::driver::DriverError> for Error {
         // Formatting a DriverError calls into libcuda, which is loaded whenever a
         // DriverError exists.
         Error::Driver(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    /// A CUDA stack that is there but broken is not "no GPU": falling back to the
+    /// CPU or skipping on it would hide the failure.
+    #[test]
+    fn only_a_missing_driver_device_or_build_is_no_gpu() {
+        for e in [Error::NoDriver, Error::NoDevice("none".into()), Error::KernelsNotBuilt] {
+            assert!(e.is_no_gpu(), "{e}");
+        }
+        for e in [Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()), Error::WrongContext, Error::NoForwardCall] {
+            assert!(!e.is_no_gpu(), "{e}");
+        }
     }
 }

@@ -56,12 +56,15 @@ impl BlockMasks {
     }
 }
 
-/// Grows one plane's seeds into blocks: the seed grid `seeds` (`seed_h` rows of
-/// `windows_per_row` words, bit `x % 64` of word `x / 64` of a row set for a seed
-/// at column `x`) becomes the plane's dropped bits in `out` (`ceil(H·W / 64)`
-/// words, cleared first). Returns the number of dropped cells, or an error when
-/// a buffer's length does not match the geometry.
-pub fn grow_blocks(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
+/// Grows one plane's seeds into blocks with `plan`'s geometry: the seed grid
+/// `seeds` (`seed_h` rows of `windows_per_row` words, bit `x % 64` of word
+/// `x / 64` of a row set for a seed at column `x`) becomes the plane's dropped
+/// bits in `out` (`ceil(H·W / 64)` words, cleared first). Returns the number of
+/// dropped cells, or an error when a buffer's length does not match the geometry.
+/// Takes a [`Plan`], not a bare geometry, so the geometry is one `Plan::new`
+/// derived and checked.
+pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
+    let g = plan.geometry();
     let grid = g.seed_h as usize * g.windows_per_row as usize;
     if seeds.len() != grid {
         return Err(Error::LengthMismatch { what: "seed grid", expected: grid, actual: seeds.len() });

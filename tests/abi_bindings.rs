@@ -4,8 +4,8 @@
 //!
 //! `DROPBLOCK_BLESS=1 cargo test --test abi_bindings` rewrites the file.
 //! bindgen needs libclang (the README's test command installs one from PyPI). Where
-//! it is missing the test is reported as ignored, with the reason, unless `CI` or
-//! `DROPBLOCK_REQUIRE_LIBCLANG` is set, when it fails.
+//! it is missing the test is reported as ignored, with the reason, unless in `CI` or
+//! under `DROPBLOCK_REQUIRE_LIBCLANG=1`, when it fails.
 
 mod common;
 
@@ -36,10 +36,6 @@ fn strip_ws(s: &str) -> String {
     s.chars().filter(|c| !c.is_whitespace()).collect()
 }
 
-fn libclang_required() -> bool {
-    std::env::var_os("CI").is_some() || std::env::var_os("DROPBLOCK_REQUIRE_LIBCLANG").is_some()
-}
-
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     // bindgen reports a missing libclang by panicking; keep that quiet here.
@@ -55,7 +51,7 @@ fn main() {
             if msg.contains("libclang") {
                 let why =
                     format!("bindgen cannot find libclang ({msg}); set LIBCLANG_PATH or run the README's test command");
-                common::cannot_run(NAME, why, libclang_required())
+                common::cannot_run(NAME, why, common::required_in_ci("DROPBLOCK_REQUIRE_LIBCLANG"))
             } else {
                 common::cannot_run(NAME, format!("could not regenerate the ABI bindings: {msg}"), true)
             }

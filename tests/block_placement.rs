@@ -65,9 +65,9 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// The crate's own geometry for one `1 × 1 × H × W` plane, so the fixtures check
+/// The crate's own plan for one `1 × 1 × H × W` plane, so the fixtures check
 /// the anchoring `Plan` derives as well as `grow_blocks`.
-fn geometry(i: usize, c: &Case) -> DropBlockGeometry {
+fn plan(i: usize, c: &Case) -> Plan {
     let placement = match c.placement.as_str() {
         "valid" => Placement::Valid,
         "anywhere" => Placement::Anywhere,
@@ -75,7 +75,7 @@ fn geometry(i: usize, c: &Case) -> DropBlockGeometry {
     };
     let cfg = DropBlockConfig::builder(Block::new(c.kh, c.kw).unwrap(), 0.1).placement(placement).build().unwrap();
     let shape = Shape::new(1, 1, c.h as usize, c.w as usize).unwrap();
-    *Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap()).geometry()
+    Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap())
 }
 
 /// Seed grid rows packed as `windows_per_row` words each, bit `x % 64` of word `x / 64`.
@@ -128,11 +128,11 @@ fn fixtures_cover_both_placements_and_even_blocks() {
 #[test]
 fn grow_blocks_matches_pytorch() {
     for (i, c) in cases().iter().enumerate() {
-        let g = geometry(i, c);
-        let seeds = pack_seeds(i, c, &g);
+        let plan = plan(i, c);
+        let seeds = pack_seeds(i, c, plan.geometry());
         let (h, w) = (c.h as usize, c.w as usize);
         let mut out = vec![0u64; (h * w).div_ceil(64)];
-        let count = grow_blocks(&g, &seeds, &mut out).unwrap();
+        let count = grow_blocks(&plan, &seeds, &mut out).unwrap();
 
         let what = format!("case {i} ({}, {}x{} map, block {}x{})", c.placement, c.h, c.w, c.kh, c.kw);
         assert_eq!(c.dropped.len(), h, "{what}: fixture has {} dropped rows", c.dropped.len());

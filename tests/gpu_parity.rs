@@ -76,10 +76,10 @@ mod gpu {
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
-        // Only a missing driver or device is "no GPU"; any other error (a module
-        // that does not load, a missing kernel) fails every test.
+        // Only "no GPU" (Error::is_no_gpu) skips; any other error (a module that
+        // does not load, a missing kernel) fails every test.
         let why = match &gpu {
-            Err(e @ (dropblock::Error::NoDriver | dropblock::Error::NoDevice(_))) => Some(format!("no GPU ({e})")),
+            Err(e) if e.is_no_gpu() => Some(format!("no GPU ({e})")),
             _ => None,
         };
         let trials = tests
@@ -112,19 +112,27 @@ mod gpu {
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
+        random_case_of(rng, common::random_config)
+    }
+
+    fn random_case_of(rng: &mut StdRng, config: fn(&mut StdRng) -> DropBlockConfig) -> Case {
         const SIDES: &[usize] = &[1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130];
-        Case {
-            shape: common::random_shape(rng, 4, 6, SIDES),
-            cfg: common::random_config(rng),
-            key: common::random_key(rng),
-        }
+        Case { shape: common::random_shape(rng, 4, 6, SIDES), cfg: config(rng), key: common::random_key(rng) }
     }
 
     /// Forward and backward on both paths, out of place (optionally on views one
     /// element past an aligned start, which takes the unaligned kernels) and in
     /// place; everything must agree bit for bit.
-    fn check<T: CudaElement>(d: &DropBlockCuda, s: &Arc<CudaStream>, case: Case, unaligned: bool, seed: u64) {
-        let ctx = format!("{case:?} {} unaligned={unaligned}", T::DTYPE.name());
+    /// Returns the dtype's name.
+    fn check<T: CudaElement>(
+        d: &DropBlockCuda,
+        s: &Arc<CudaStream>,
+        case: Case,
+        unaligned: bool,
+        seed: u64,
+    ) -> &'static str {
+        let ctx =
+            format!("{case:?} {} unaligned={unaligned} {:?}", T::DTYPE.name(), d.launch_path(&case.cfg, case.shape));
         let (cfg, shape, key) = (case.cfg, case.shape, case.key);
         let n = shape.numel();
         let off = unaligned as usize;
@@ -156,6 +164,7 @@ mod gpu {
         let mut g = s.clone_htod(&dy).unwrap();
         d.backward_inplace(s, &state2, &mut g.slice_mut(off..)).unwrap();
         assert_same("dx (in place)", &s.clone_dtoh(&g).unwrap()[off..], &dx_cpu, &ctx);
+        T::DTYPE.name()
     }
 
     fn device_sampler_matches_cpu((d, s): &Gpu) {
@@ -163,25 +172,37 @@ mod gpu {
         for _ in 0..40 {
             let case = random_case(&mut rng);
             let plan = Plan::new(&case.cfg, case.shape, case.key);
-            let g = plan.geometry();
-            let per_plane = g.seed_h as usize * g.windows_per_row as usize;
-            let mut cpu = vec![0u64; per_plane * plan.planes()];
-            for (p, chunk) in cpu.chunks_mut(per_plane).enumerate() {
-                chunk.copy_from_slice(&plan.seed_grid(p).unwrap());
-            }
-            assert_eq!(d.sample_seeds(s, &plan).unwrap(), cpu, "{case:?}");
+            assert_eq!(d.sample_seeds(s, &plan).unwrap(), common::seed_grids(&plan), "{case:?}");
         }
     }
 
+    /// Random modes on every launch path: these shapes have too few planes for
+    /// the warp-per-plane-run kernels on a large GPU, so the path is set by the
+    /// bound (a fused-eligible config with no bound, any config with no bound, or
+    /// the grid-wide passes always), and the sweep checks it ran each path in each
+    /// dtype.
     fn random_configs_match_cpu_in_every_dtype((d, s): &Gpu) {
+        use dropblock::cuda::LaunchPath;
         let mut rng = StdRng::seed_from_u64(2);
+        let mut seen = std::collections::HashSet::new();
         for i in 0..if quick() { 24 } else { 240u64 } {
-            let case = random_case(&mut rng);
+            let (case, min_planes) = match i % 4 {
+                0 => (random_case_of(&mut rng, common::random_fusable_config), 0),
+                2 => (random_case(&mut rng), 0),
+                _ => (random_case(&mut rng), u64::MAX),
+            };
+            let d = d.clone().with_min_planes(min_planes);
             let unaligned = i % 5 == 4;
-            match i % 3 {
-                0 => check::<f32>(d, s, case, unaligned, i),
-                1 => check::<f16>(d, s, case, unaligned, i),
-                _ => check::<bf16>(d, s, case, unaligned, i),
+            let dtype = match i % 3 {
+                0 => check::<f32>(&d, s, case, unaligned, i),
+                1 => check::<f16>(&d, s, case, unaligned, i),
+                _ => check::<bf16>(&d, s, case, unaligned, i),
+            };
+            seen.insert((d.launch_path(&case.cfg, case.shape), dtype));
+        }
+        for path in [LaunchPath::Fused, LaunchPath::Warps, LaunchPath::Grid] {
+            for dtype in ["f32", "f16", "bf16"] {
+                assert!(seen.contains(&(path, dtype)), "no {path:?} case in {dtype}");
             }
         }
     }
@@ -204,7 +225,7 @@ mod gpu {
     /// that take it on any GPU of 16 to 240 multiprocessors: the single-launch fused
     /// kernel, a warp per run of planes, and the grid-wide passes for few planes.
     fn every_launch_path_matches_cpu((d, s): &Gpu) {
-        use dropblock::cuda::{launch_plan, LaunchPath};
+        use dropblock::cuda::LaunchPath;
         let many = [(32, 256, 7, 9, 3), (16, 1024, 14, 14, 7), (64, 128, 5, 70, 4)];
         let few = [(2, 3, 129, 200, 7), (1, 4, 64, 64, 5)];
         let mut cases = Vec::new();
@@ -226,8 +247,7 @@ mod gpu {
         for (i, (n, c, h, w, k, norm, path)) in cases.into_iter().enumerate() {
             let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
             let shape = Shape::new(n, c, h, w).unwrap();
-            let bound = if path == LaunchPath::Grid { 16 * 32 } else { 240 * 32 };
-            assert_eq!(launch_plan(&cfg, shape, bound).1, path, "{shape} {norm:?}");
+            assert_eq!(d.launch_path(&cfg, shape), path, "{shape} {norm:?}");
             let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
             check::<f32>(d, s, case, false, 1);
             check::<bf16>(d, s, case, true, 2);
@@ -290,8 +310,14 @@ mod gpu {
         }
     }
 
+    /// Two streams at once, the second from another handle to the same primary
+    /// context (as a framework holding its own `CudaContext::new(0)` would pass):
+    /// accepted, and each stream's calls are its own.
     fn two_streams_at_once((d, s1): &Gpu) {
-        let s2 = d.context().new_stream().unwrap();
+        let other = cudarc::driver::CudaContext::new(0).unwrap();
+        // SAFETY: as for `d`'s handle: every buffer here belongs to one stream.
+        unsafe { other.disable_event_tracking() };
+        let s2 = other.new_stream().unwrap();
         let shape = Shape::new(8, 64, 28, 28).unwrap();
         let cfg = DropBlockConfig::paper(5, 0.2).unwrap();
         let keys = [RngKey::new(1, 0).unwrap(), RngKey::new(2, 17).unwrap()];
@@ -339,8 +365,9 @@ mod gpu {
 
         let err = DeviceGenerator::new(s, 1, DeviceGenerator::MAX_START_OFFSET + 1).unwrap_err();
         assert!(matches!(err, dropblock::Error::OffsetOverflow { .. }), "{err}");
-        // A generator or stream of another context is refused before any launch.
-        let foreign = cudarc::driver::CudaContext::new(0).unwrap().default_stream();
+        // A generator or stream of another context (a non-primary one on the same
+        // device) is refused before any launch.
+        let foreign = cudarc::driver::CudaContext::new_non_primary(0, 0).unwrap().default_stream();
         let mut gen = DeviceGenerator::new(&foreign, 1, 0).unwrap();
         let mut state = d.alloc_state(s, shape).unwrap();
         let err = d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap_err();

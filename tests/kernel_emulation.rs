@@ -43,10 +43,6 @@ mod emulation {
 
     use super::common;
 
-    fn required() -> bool {
-        std::env::var_os("CI").is_some() || std::env::var("DROPBLOCK_REQUIRE_EMULATOR").is_ok_and(|v| v == "1")
-    }
-
     /// The CUDA include directory next to nvcc, found as build.rs finds nvcc.
     fn cuda_include() -> Option<PathBuf> {
         let nvcc = std::env::var_os("NVCC").map(PathBuf::from).or_else(|| {
@@ -93,7 +89,10 @@ mod emulation {
         let driver = match build_driver() {
             Ok(d) => Arc::new(d),
             Err(why) => {
-                return names.iter().map(|n| common::cannot_run(*n, why.clone(), required())).collect();
+                return names
+                    .iter()
+                    .map(|n| common::cannot_run(*n, why.clone(), common::required_in_ci("DROPBLOCK_REQUIRE_EMULATOR")))
+                    .collect();
             }
         };
         let d = driver.clone();
@@ -128,15 +127,18 @@ mod emulation {
                 break s;
             }
         };
+        // Fused-eligible configs a third of the time: random ones alone reach the
+        // fused kernels in only ~1 case in 13.
+        let fusable = rng.random_bool(0.3);
         Case {
-            cfg: common::random_config(rng),
+            cfg: if fusable { common::random_fusable_config(rng) } else { common::random_config(rng) },
             shape,
             key: common::random_key(rng),
             count_blocks: rng.random_range(1..=3),
             apply_blocks: rng.random_range(1..=2),
             in_place: rng.random_bool(0.3),
             unaligned: rng.random_bool(0.25),
-            min_planes: if rng.random_bool(0.4) { u64::MAX } else { 0 },
+            min_planes: if !fusable && rng.random_bool(0.4) { u64::MAX } else { 0 },
             device_key: rng.random_bool(0.3),
         }
     }
@@ -157,16 +159,27 @@ mod emulation {
         v
     }
 
+    /// Random cases, which must between them take every launch path with both the
+    /// vector and the unaligned kernels.
     fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
+        let mut seen = std::collections::HashSet::new();
         for i in 0..48 {
             let case = random_case(&mut rng);
-            check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            seen.insert(check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?);
+        }
+        for path in [LaunchPath::Fused, LaunchPath::Warps, LaunchPath::Grid] {
+            for vector in [true, false] {
+                if !seen.contains(&(path, vector)) {
+                    return Err(format!("no case took {path:?} with vector={vector}: widen random_case").into());
+                }
+            }
         }
         Ok(())
     }
 
-    fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(), String> {
+    /// Returns the launch path the case took and whether it used the vector kernels.
+    fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(LaunchPath, bool), String> {
         let (shape, n) = (c.shape, c.shape.numel());
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
         let mut y_cpu = vec![T::default(); n];
@@ -231,6 +244,6 @@ mod emulation {
         if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
             return Err(format!("y[{i}] = {:?}, cpu {:?} ({path:?})", y[i], y_cpu[i]));
         }
-        Ok(())
+        Ok((path, vector))
     }
 }

@@ -589,15 +589,7 @@ fn offsets_give_independent_grids_and_keys_replay() {
     let gamma = 0.1;
     let shape = Shape::new(2, 2, 100, 100).unwrap();
     let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
-    let grids = |key: RngKey| -> Vec<u64> {
-        let plan = Plan::new(&cfg, shape, key);
-        let per_plane = plan.geometry().seed_h as usize * plan.geometry().windows_per_row as usize;
-        let mut all = vec![0u64; per_plane * plan.planes()];
-        for (p, chunk) in all.chunks_exact_mut(per_plane).enumerate() {
-            chunk.copy_from_slice(&plan.seed_grid(p).unwrap());
-        }
-        all
-    };
+    let grids = |key: RngKey| common::seed_grids(&Plan::new(&cfg, shape, key));
     let cells = 4 * 100 * 100u64;
     let seeds = |g: &[u64]| g.iter().map(|w| w.count_ones() as u64).sum::<u64>();
     let both = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| (x & y).count_ones() as u64).sum::<u64>();

@@ -83,3 +83,21 @@ fn offsets() {
     assert!(matches!(err, Error::OffsetOverflow { .. }));
     assert!(err.to_string().contains("offset"));
 }
+
+#[test]
+fn grow_blocks_buffers() {
+    // 10x10 map, 3x3 block, Valid: an 8x8 seed grid, one window per row; 2 words of 64 bits.
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    let plan = dropblock::sampling::Plan::new(&cfg, Shape::new(1, 1, 10, 10).unwrap(), RngKey::new(0, 0).unwrap());
+    let mut out = vec![0u64; 2];
+    assert_eq!(
+        dropblock::mask::grow_blocks(&plan, &[0; 7], &mut out),
+        Err(Error::LengthMismatch { what: "seed grid", expected: 8, actual: 7 })
+    );
+    assert_eq!(
+        dropblock::mask::grow_blocks(&plan, &[1; 8], &mut [0; 1]),
+        Err(Error::LengthMismatch { what: "plane words", expected: 2, actual: 1 })
+    );
+    // A seed at (0, 0) of every row drops columns 0..3 of every row.
+    assert_eq!(dropblock::mask::grow_blocks(&plan, &[1; 8], &mut out), Ok(30));
+}

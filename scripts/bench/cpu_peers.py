@@ -3,7 +3,7 @@
 drop_block_2d on the CPU, with the same number of threads for everyone.
 
     pip install torch torchvision timm      # CPU is enough
-    cargo build --release
+    ./scripts/cuda-toolchain.sh cargo build --release   # or: cargo build --release --no-default-features --features cli
     python3 scripts/bench/cpu_peers.py --threads 2 [--shapes small|resnet|ppyolo|all]
 
 Prints one markdown table of median forward times (ms) and our speedup. Bytes are

@@ -32,7 +32,7 @@ if (($#)); then
   echo "$rev" > "$out/baseline/COMMIT"
 fi
 
-# The executables of the test and bench targets, from cargo's JSON messages.
+# The executables of the test targets, from cargo's JSON messages.
 executables() {
   python3 -c '
 import json, sys
@@ -47,13 +47,9 @@ for line in sys.stdin:
   while read -r name exe; do
     case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
   done
-./scripts/cuda-toolchain.sh cargo bench --no-run --message-format=json 2>/dev/null | executables |
-  while read -r name exe; do
-    [[ "$name" == dropblock ]] && cp "$exe" "$out/bench-dropblock"
-  done
 cp target/release/dropblock "$out/dropblock"
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
-strip --strip-debug "$out/dropblock" "$out"/tests/* "$out/bench-dropblock" "$out"/baseline/dropblock 2>/dev/null || true
+strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/baseline/dropblock 2>/dev/null || true
 git rev-parse HEAD > "$out/COMMIT"
 ls -la "$out" "$out/tests"
 du -sh "$out"

@@ -75,8 +75,14 @@ PY
                  "--block 3 --drop-prob 0.3 --normalize expected --seed 9 --offset 170"; do
       for dev in cpu cuda; do
         # shellcheck disable=SC2086
-        ./dropblock apply --input "$x" --output "$work/y_$dev.npy" --keep-mask "$work/m_$dev.npy" $flags --device $dev \
-          || fail "apply $dev $(basename "$x") $flags"
+        timeout 10 ./dropblock apply --input "$x" --output "$work/y_$dev.npy" --keep-mask "$work/m_$dev.npy" $flags \
+          --device $dev
+        rc=$?
+        if ((rc)); then
+          fail "apply $dev $(basename "$x") $flags (exit $rc)"
+          # One hang is enough to know; the rest would only spend the budget.
+          ((rc == 124)) && break 3
+        fi
       done
       if cmp -s "$work/y_cpu.npy" "$work/y_cuda.npy" && cmp -s "$work/m_cpu.npy" "$work/m_cuda.npy"; then
         echo "same: $(basename "$x") $flags"

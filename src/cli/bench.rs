@@ -6,20 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
-use dropblock::{cpu, Generator, Mode};
+use clap::Args;
+use dropblock::{cpu, DType, Generator, Mode};
 use half::{bf16, f16};
 
 use super::device::{DeviceArg, Runner};
 use super::npy::CliElement;
 use super::{CliError, ConfigArgs, ShapeArg};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DTypeArg {
-    F32,
-    F16,
-    Bf16,
-}
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -28,8 +21,9 @@ pub struct BenchArgs {
     /// N,C,H,W.
     #[arg(long, default_value = "256,1024,14,14")]
     shape: ShapeArg,
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeArg,
+    /// Element type: f32 | f16 | bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
     /// Timed iterations (after a warm-up of at least 3 iterations and 300 ms).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     iters: u32,
@@ -42,9 +36,9 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<(), CliError> {
     match a.dtype {
-        DTypeArg::F32 => run_typed::<f32>(&a),
-        DTypeArg::F16 => run_typed::<f16>(&a),
-        DTypeArg::Bf16 => run_typed::<bf16>(&a),
+        DType::F32 => run_typed::<f32>(&a),
+        DType::F16 => run_typed::<f16>(&a),
+        DType::BF16 => run_typed::<bf16>(&a),
     }
 }
 
@@ -112,8 +106,7 @@ fn input<T: CliElement>(len: usize) -> Vec<T> {
     (0..len).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect()
 }
 
-/// CUDA-event times per iteration, rotating over enough input/output copies that
-/// each iteration starts with its tensors out of L2.
+/// CUDA-event times per iteration (see `CudaTimer`).
 #[cfg(feature = "cuda")]
 fn cuda_times<T: CliElement>(
     d: &dropblock::cuda::DropBlockCuda,
@@ -123,34 +116,6 @@ fn cuda_times<T: CliElement>(
     iters: usize,
     backward: bool,
 ) -> Result<Vec<f64>, CliError> {
-    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-    let s = d.context().new_stream().map_err(dropblock::Error::from)?;
-    let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
-    let copies = (512usize << 20).div_ceil(bytes).clamp(1, 16);
-    let host = input::<T>(shape.numel());
-    let xs: Vec<_> =
-        (0..copies).map(|_| s.clone_htod(&host)).collect::<Result<_, _>>().map_err(dropblock::Error::from)?;
-    let mut ys: Vec<_> = (0..copies)
-        .map(|_| s.alloc_zeros::<T>(shape.numel()))
-        .collect::<Result<_, _>>()
-        .map_err(dropblock::Error::from)?;
-    let mut states: Vec<_> = (0..copies).map(|_| d.alloc_state(&s, shape)).collect::<Result<_, _>>()?;
-    let mut i = 0;
-    timed(iters, || {
-        let k = i % copies;
-        i += 1;
-        let key = gen.next_key()?;
-        if backward {
-            d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
-        }
-        let start = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
-        if backward {
-            // dx overwrites dy = y in place: the values do not matter for timing.
-            d.backward_inplace(&s, &states[k], &mut ys[k])?;
-        } else {
-            d.forward_into(&s, &mut states[k], cfg, shape, key, Mode::Train, &xs[k], &mut ys[k])?;
-        }
-        let end = s.record_event(Some(CU_EVENT_DEFAULT)).map_err(dropblock::Error::from)?;
-        Ok(start.elapsed_ms(&end).map_err(dropblock::Error::from)? as f64)
-    })
+    let mut timer = super::cuda_timing::CudaTimer::new(d, shape, &input::<T>(shape.numel()))?;
+    timed(iters, || Ok(timer.time(d, cfg, gen.next_key()?, backward)?))
 }

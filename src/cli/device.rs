@@ -35,14 +35,16 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// The runner for `arg`, and for Auto a note saying why it fell back to the CPU.
+    /// The runner for `arg`, and for Auto a note saying why it fell back to the
+    /// CPU: only when there is no GPU (any other CUDA error is reported).
     pub fn select(arg: DeviceArg) -> Result<(Runner, Option<String>), CliError> {
         match arg {
             DeviceArg::Cpu => Ok((Runner::Cpu, None)),
             DeviceArg::Cuda => Ok((cuda_runner()?, None)),
             DeviceArg::Auto => match cuda_runner() {
                 Ok(r) => Ok((r, None)),
-                Err(e) => Ok((Runner::Cpu, Some(e.to_string()))),
+                Err(CliError::DropBlock(e)) if e.is_no_gpu() => Ok((Runner::Cpu, Some(e.to_string()))),
+                Err(e) => Err(e),
             },
         }
     }

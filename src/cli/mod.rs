@@ -2,6 +2,8 @@
 
 mod apply;
 mod bench;
+#[cfg(feature = "cuda")]
+mod cuda_timing;
 mod demo;
 mod device;
 mod image;

@@ -16,7 +16,7 @@ pub struct ShowArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Feature map size HxW when there is no --image.
-    #[arg(long, default_value = "56x56")]
+    #[arg(long, default_value = "56x56", conflicts_with = "image")]
     size: MapSize,
     #[command(flatten)]
     config: ConfigArgs,

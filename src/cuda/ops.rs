@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use super::module::{context, load};
 use crate::abi;
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape, Sharing};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::rng::RngKey;
 use crate::sampling::{expected_scale, Plan};
@@ -22,21 +22,13 @@ unsafe impl DeviceRepr for abi::DropBlockGeometry {}
 unsafe impl DeviceRepr for abi::DropBlockSampling {}
 unsafe impl DeviceRepr for abi::DropBlockApply {}
 
-/// An element type with kernels: f32, f16, bf16.
-pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {
-    /// The dtype part of the kernel names (`dropblock2d_apply_<suffix>`).
-    const KERNEL_SUFFIX: &'static str;
-}
+/// An element type with kernels: f32, f16, bf16. Its kernels are named by its
+/// dtype (`dropblock2d_apply_<DType::name>`).
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
 
-impl CudaElement for f32 {
-    const KERNEL_SUFFIX: &'static str = "f32";
-}
-impl CudaElement for f16 {
-    const KERNEL_SUFFIX: &'static str = "f16";
-}
-impl CudaElement for bf16 {
-    const KERNEL_SUFFIX: &'static str = "bf16";
-}
+impl CudaElement for f32 {}
+impl CudaElement for f16 {}
+impl CudaElement for bf16 {}
 
 const THREADS: u32 = 256;
 const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
@@ -48,10 +40,9 @@ const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
 const MIN_PLANES_PER_SM: u64 = 32;
 const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "advance_key", "sample_seeds"];
 const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
-/// The element types' kernel suffixes: the table takes them from the impls, so a
-/// suffix that names no kernel fails `the_kernel_table_matches_the_fatbin`.
-const DTYPES: [&str; 3] =
-    [<f32 as CudaElement>::KERNEL_SUFFIX, <f16 as CudaElement>::KERNEL_SUFFIX, <bf16 as CudaElement>::KERNEL_SUFFIX];
+/// The element-wise kernels' dtype suffixes are the dtypes' names, so a dtype
+/// without kernels fails `the_kernel_table_matches_the_fatbin`.
+const DTYPES: &[&str] = DType::NAMES;
 
 /// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
 /// finding a kernel on the launch path neither formats nor allocates.
@@ -82,6 +73,8 @@ pub fn kernel_names() -> Vec<String> {
 pub struct DropBlockCuda {
     ctx: Arc<CudaContext>,
     sm_count: u32,
+    /// Mask planes below which a forward takes the grid-wide passes.
+    min_planes: u64,
     kernels: Arc<HashMap<KernelKey, Kernel>>,
 }
 
@@ -194,7 +187,23 @@ impl DropBlockCuda {
                 Ok((key, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Self { ctx: ctx.clone(), sm_count, kernels: Arc::new(kernels) })
+        let min_planes = sm_count as u64 * MIN_PLANES_PER_SM;
+        Ok(Self { ctx: ctx.clone(), sm_count, min_planes, kernels: Arc::new(kernels) })
+    }
+
+    /// The same kernels with the grid-wide passes taken below `min_planes` mask
+    /// planes instead of the device's own bound: 0 never takes them, `u64::MAX`
+    /// always does. For tests, to reach every launch path on any device.
+    #[doc(hidden)]
+    pub fn with_min_planes(mut self, min_planes: u64) -> Self {
+        self.min_planes = min_planes;
+        self
+    }
+
+    /// The launch path a forward of `cfg` on `shape` takes.
+    #[doc(hidden)]
+    pub fn launch_path(&self, cfg: &DropBlockConfig, shape: Shape) -> LaunchPath {
+        launch_plan(cfg, shape, self.min_planes).1
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -206,9 +215,13 @@ impl DropBlockCuda {
         self.ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})"))
     }
 
-    /// Launching on a stream of another context would fault; refuse it.
-    fn check_context(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        if Arc::ptr_eq(stream.context(), &self.ctx) {
+    /// Launching on a stream of another context would fault; refuse it. Contexts
+    /// compare by the CUDA context they wrap, not by handle: every
+    /// `CudaContext::new(ordinal)` is a new handle to the device's one primary
+    /// context (a framework's and ours, say), and kernels loaded through one
+    /// launch on streams of any of them.
+    fn check_context(&self, ctx: &Arc<CudaContext>) -> Result<()> {
+        if **ctx == *self.ctx {
             Ok(())
         } else {
             Err(Error::WrongContext)
@@ -231,7 +244,7 @@ impl DropBlockCuda {
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
     /// calls. Holds `ceil(H·W/32)` words of keep bits per `(n, c)` slice.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
-        self.check_context(stream)?;
+        self.check_context(stream.context())?;
         let planes = shape.n() * shape.c();
         let words = planes * shape.plane_len().div_ceil(32);
         Ok(DeviceState {
@@ -328,7 +341,7 @@ impl DropBlockCuda {
     /// The raw seed words of every plane's seed grid (window order), computed by
     /// the device sampler: for checking it against [`Plan::seed_grid`].
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
-        self.check_context(stream)?;
+        self.check_context(stream.context())?;
         let g = *plan.geometry();
         let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
         let mut out = stream.alloc_zeros::<u64>(windows)?;
@@ -352,11 +365,11 @@ impl DropBlockCuda {
         mode: Mode,
         io: Io,
     ) -> Result<()> {
-        self.check_context(stream)?;
+        self.check_context(stream.context())?;
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
-        let (apply, path) = launch_plan(cfg, shape, self.sm_count as u64 * MIN_PLANES_PER_SM);
+        let (apply, path) = launch_plan(cfg, shape, self.min_planes);
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
             copy::<T>(stream, shape, &io)?;
@@ -367,8 +380,10 @@ impl DropBlockCuda {
         // memory; the plan's own key is then a placeholder.
         let (host_key, generator) = match key {
             KeySource::Host(k) => (k, None),
-            KeySource::Device(gen) if Arc::ptr_eq(gen.key.context(), &self.ctx) => (RngKey::new(0, 0)?, Some(gen)),
-            KeySource::Device(_) => return Err(Error::WrongContext),
+            KeySource::Device(gen) => {
+                self.check_context(gen.key.context())?;
+                (RngKey::new(0, 0)?, Some(gen))
+            }
         };
         // The guard keeps cudarc's bookkeeping for the generator alive until the
         // launches below are enqueued; the advance kernel writes it.
@@ -380,7 +395,7 @@ impl DropBlockCuda {
         let warp_blocks = g.planes.div_ceil(WARPS_PER_BLOCK);
         if path == LaunchPath::Fused {
             let op = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "fused" } else { "fused_unaligned" };
-            let k = self.kernel(op, T::KERNEL_SUFFIX)?;
+            let k = self.kernel(op, T::DTYPE.name())?;
             let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&io.x).arg(&io.y);
             b.arg(&mut state.keep_bits).arg(&mut state.scales);
@@ -424,7 +439,7 @@ impl DropBlockCuda {
     }
 
     fn launch_backward<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
-        self.check_context(stream)?;
+        self.check_context(stream.context())?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.plan {
             None => copy::<T>(stream, state.shape, &io),
@@ -441,7 +456,7 @@ impl DropBlockCuda {
         io: &Io,
     ) -> Result<()> {
         let vector = vector_kernels::<T>(io.aligned(), apply.plane_len);
-        let k = self.kernel(if vector { "apply" } else { "apply_unaligned" }, T::KERNEL_SUFFIX)?;
+        let k = self.kernel(if vector { "apply" } else { "apply_unaligned" }, T::DTYPE.name())?;
         let vec = if vector { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
         let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
@@ -454,7 +469,7 @@ impl DropBlockCuda {
 /// Which kernels compute a forward call's keep bits (the numbers are the
 /// emulator driver's, tests/emulator/driver.cpp).
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LaunchPath {
     /// Mask and scaled copy in one launch (Expected or None normalisation, no
     /// sharing, slices small enough for a warp).

@@ -58,6 +58,17 @@ pub fn random_config(rng: &mut StdRng) -> DropBlockConfig {
         .unwrap()
 }
 
+/// A random configuration that the single-launch fused kernels serve (no sharing,
+/// Expected or None normalisation), over every other mode.
+pub fn random_fusable_config(rng: &mut StdRng) -> DropBlockConfig {
+    loop {
+        let cfg = random_config(rng);
+        if cfg.sharing() == Sharing::None && matches!(cfg.normalize(), Normalize::Expected | Normalize::None) {
+            return cfg;
+        }
+    }
+}
+
 /// A random seed with a small offset, or (one time in ten) one near the largest.
 pub fn random_key(rng: &mut StdRng) -> RngKey {
     let offset =
@@ -69,6 +80,19 @@ pub fn random_key(rng: &mut StdRng) -> RngKey {
 /// and finds none fails instead of skipping.
 pub fn gpu_required() -> bool {
     std::env::var("DROPBLOCK_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Whether a test whose tool is missing must fail rather than skip: in CI (`CI`
+/// set and not `false` or `0`), where the README's command installs every tool,
+/// or when `var=1`.
+pub fn required_in_ci(var: &str) -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "false" | "0"))
+        || std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Every plane's seed grid of `plan`, in window order (plane, seed row, segment).
+pub fn seed_grids(plan: &dropblock::sampling::Plan) -> Vec<u64> {
+    (0..plan.planes()).flat_map(|p| plan.seed_grid(p).unwrap()).collect()
 }
 
 /// A test of a `harness = false` binary that cannot run here: failed with `why`

@@ -1,0 +1,65 @@
+//! Timing forward or backward on the CUDA path, one call at a time, by CUDA
+//! events on the launch stream. Shared by `dropblock bench` and the criterion
+//! benchmarks (`benches/dropblock.rs` includes this file), so both measure the
+//! same thing.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use cudarc::driver::{CudaSlice, CudaStream};
+use dropblock::cuda::{CudaElement, DeviceState, DropBlockCuda};
+use dropblock::{DropBlockConfig, Mode, Result, RngKey, Shape};
+
+/// The calls rotate over copies of x, y and the state holding at least this many
+/// bytes of x and y in all (ten times an H100's 50 MB L2), so each call starts
+/// with its tensors out of L2, as in training.
+const ROTATED_BYTES: usize = 512 << 20;
+/// The copies are capped: below 2 MiB per call (512 MiB / 256) a call is bound by
+/// launch latency, and where its tensors sit no longer moves its time.
+const MAX_COPIES: usize = 256;
+
+pub struct CudaTimer<T: CudaElement> {
+    stream: Arc<CudaStream>,
+    shape: Shape,
+    xs: Vec<CudaSlice<T>>,
+    ys: Vec<CudaSlice<T>>,
+    states: Vec<DeviceState>,
+    next: usize,
+}
+
+impl<T: CudaElement> CudaTimer<T> {
+    /// Copies of `x` (of `shape`) on a new stream of `d`'s context.
+    pub fn new(d: &DropBlockCuda, shape: Shape, x: &[T]) -> Result<Self> {
+        let stream = d.context().new_stream()?;
+        let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
+        let copies = ROTATED_BYTES.div_ceil(bytes).clamp(1, MAX_COPIES);
+        let mut t = Self { stream, shape, xs: Vec::new(), ys: Vec::new(), states: Vec::new(), next: 0 };
+        for _ in 0..copies {
+            t.xs.push(t.stream.clone_htod(x)?);
+            t.ys.push(t.stream.alloc_zeros::<T>(shape.numel())?);
+            t.states.push(d.alloc_state(&t.stream, shape)?);
+        }
+        Ok(t)
+    }
+
+    /// The time in ms of one forward with `key`, or with `backward` of one
+    /// backward after an untimed forward with `key`.
+    pub fn time(&mut self, d: &DropBlockCuda, cfg: &DropBlockConfig, key: RngKey, backward: bool) -> Result<f64> {
+        let k = self.next;
+        self.next = (k + 1) % self.xs.len();
+        let (s, shape) = (&self.stream, self.shape);
+        let (x, y, state) = (&self.xs[k], &mut self.ys[k], &mut self.states[k]);
+        if backward {
+            d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?;
+        }
+        let start = s.record_event(Some(CU_EVENT_DEFAULT))?;
+        if backward {
+            // dx overwrites dy = y in place: the values do not matter for timing.
+            d.backward_inplace(s, state, y)?;
+        } else {
+            d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?;
+        }
+        let end = s.record_event(Some(CU_EVENT_DEFAULT))?;
+        Ok(start.elapsed_ms(&end)? as f64)
+    }
+}
