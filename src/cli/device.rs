@@ -124,10 +124,12 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     } else {
         None
     };
+    // The kept count from the downloaded mask: one download of the keep bits.
+    let keep_mask = state.keep_mask(&stream)?;
     Ok(Outcome {
         y: stream.clone_dtoh(&yd)?,
-        keep_mask: state.keep_mask(&stream)?,
-        kept: state.kept(&stream)?,
+        kept: keep_mask.iter().map(|&k| k as u64).sum(),
+        keep_mask,
         scales: state.scales(&stream)?,
         forward_ms,
         backward,

@@ -553,24 +553,24 @@ impl DeviceState {
         &self.keep_bits
     }
 
-    /// The keep bits of the used planes, copied to the host (synchronises).
-    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, Vec<u32>)>> {
+    /// The keep bits of the used planes, copied to the host (synchronises), with
+    /// the words per plane.
+    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, usize, Vec<u32>)>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
         let Some(plan) = call.plan else {
             return Ok(None);
         };
-        let words = plan.planes() * call.apply.plane_words as usize;
-        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words))?;
-        Ok(Some((plan, bits)))
+        let plane_words = call.apply.plane_words as usize;
+        let bits = stream.clone_dtoh(&self.keep_bits.slice(..plan.planes() * plane_words))?;
+        Ok(Some((plan, plane_words, bits)))
     }
 
     /// Kept elements over the tensor, from the keep bits (synchronises the stream).
     pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
         let s = self.shape;
-        let Some((plan, bits)) = self.host_bits(stream)? else {
+        let Some((plan, words, bits)) = self.host_bits(stream)? else {
             return Ok(s.numel() as u64);
         };
-        let words = s.plane_len().div_ceil(32);
         let per_plane: Vec<u64> = bits.chunks(words).map(|p| p.iter().map(|w| w.count_ones() as u64).sum()).collect();
         Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
     }
@@ -578,10 +578,9 @@ impl DeviceState {
     /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
     pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
         let s = self.shape;
-        let Some((plan, bits)) = self.host_bits(stream)? else {
+        let Some((plan, words, bits)) = self.host_bits(stream)? else {
             return Ok(vec![1; s.numel()]);
         };
-        let words = s.plane_len().div_ceil(32);
         let mut out = vec![0u8; s.numel()];
         for (i, slice) in out.chunks_mut(s.plane_len()).enumerate() {
             let plane = &bits[plan.plane_of(i / s.c(), i % s.c()) * words..][..words];
