@@ -15,8 +15,12 @@
 extern "C" {
 #endif
 
-/* A seed-grid row is cut into windows of this many cells; one window's seeds
- * fit in one 64-bit word. */
+/* The version of the sampling contract (src/lib.rs): the mask of a call is a
+ * pure function of the configuration, the shape and (seed, offset) under it.
+ * Version 2 cuts windows along whole planes instead of seed-grid rows. */
+#define DROPBLOCK_CONTRACT_VERSION 2
+/* A window holds at most this many seed cells; one window's seeds fit in one
+ * 64-bit word. */
 #define DROPBLOCK_WINDOW_CELLS 64
 /* One Philox block gives 4 draws, a window needs at most 64 draws (one per
  * seed; the stop draw is skipped when the window is full), so a call reads
@@ -38,9 +42,11 @@ extern "C" {
 #define DROPBLOCK_NORM_EXPECTED 2
 #define DROPBLOCK_NORM_NONE 3
 
-/* Layout of the 64-bit counter array of a call's saved state. */
+/* Layout of the 64-bit counter array of a call's saved state. The kernels
+ * accumulate into it and the last block to finish reads it, writes the scales
+ * and zeroes it again, so a call needs no host-side reset. */
 #define DROPBLOCK_COUNT_TOTAL 0   /* kept elements over the tensor */
-#define DROPBLOCK_COUNT_DONE 1    /* blocks finished (the last one writes the scales) */
+#define DROPBLOCK_COUNT_DONE 1    /* blocks finished (the ticket of the last block) */
 #define DROPBLOCK_COUNT_SAMPLES 2 /* kept per sample: N entries, or 1 when every sample is alike */
 
 /* The shape-dependent part of a call, derived once on the host. */
@@ -52,30 +58,52 @@ typedef struct DropBlockGeometry {
      * columns [x - anchor_x, x - anchor_x + kw), clipped to the map.
      * Valid placement: 0. Anywhere placement: kh / 2 and kw / 2. */
     uint32_t anchor_y, anchor_x;
-    /* The seed grid of one plane: seed_h rows of seed_w cells. */
+    /* The seed grid of one plane: seed_h rows of seed_w cells, numbered
+     * row-major (cell i = y * seed_w + x). */
     uint32_t seed_h, seed_w;
-    /* ceil(seed_w / DROPBLOCK_WINDOW_CELLS). */
-    uint32_t windows_per_row;
     /* One of DROPBLOCK_SHARE_*. */
     uint32_t sharing;
+    /* q = max(1, floor(64 / seed_cells)): planes are grouped q at a time, and a
+     * group's cells (plane-major, then by cell number) are cut into windows of
+     * DROPBLOCK_WINDOW_CELLS. So no window holds part of a plane and another. */
+    uint32_t planes_per_window;
+    /* S = seed_h * seed_w. */
+    uint64_t seed_cells;
+    /* m = ceil(S / 64): windows per group. Window w is window w % m of group w / m. */
+    uint64_t windows_per_group;
     /* Number of mask planes (see DROPBLOCK_SHARE_*). */
     uint64_t planes;
+    /* ceil(planes / q) * m. */
+    uint64_t windows;
 } DropBlockGeometry;
 
 /* The element-wise part of a call. */
 typedef struct DropBlockApply {
     /* n * c * h * w. */
     uint64_t numel;
-    /* h * w: elements of one (n, c) slice and cells of one mask plane. */
+    /* L = h * w: elements of one (n, c) slice and cells of one mask plane.
+     * The keep bits of a call are dense: bit b = plane * L + cell (bit b % 32
+     * of 32-bit word b / 32) is set when that cell is kept, so without sharing
+     * bit e belongs to element e. */
     uint64_t plane_len;
-    /* 32-bit words of keep bits per mask plane: ceil(plane_len / 32). Bit
-     * i % 32 of word i / 32 is set when cell i = h * w_dim + w is kept. */
-    uint64_t plane_words;
     /* One of DROPBLOCK_NORM_*. */
     uint32_t normalize;
     /* The scale for Expected and None normalisation (computed on the host). */
     float fixed_scale;
 } DropBlockApply;
+
+/* How the tiled kernels cut the planes: a thread block builds a tile of
+ * planes_per_tile consecutive planes (a multiple of planes_per_window, so a
+ * tile holds whole windows) in shared memory. Launch parameters only: the mask
+ * does not depend on them. */
+/* Shared-memory words of a tile's bits (8 KiB). A tile starts at any bit of
+ * a word, so it holds at most 32 * DROPBLOCK_TILE_WORDS - 31 cells. */
+#define DROPBLOCK_TILE_WORDS 2048
+
+typedef struct DropBlockTiles {
+    uint64_t planes_per_tile;
+    uint64_t tiles;
+} DropBlockTiles;
 
 /* The random part of a call. */
 typedef struct DropBlockSampling {

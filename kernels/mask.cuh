@@ -1,10 +1,12 @@
-// Growing a plane's seeds into its keep bits, one warp per plane.
+// Seeds grown into keep bits, and the kept counts.
 //
-// The plane's bits live in global memory (plane_words 32-bit words, bit i of the
-// plane = cell h * W + w). They are private to the warp that builds them, so the
-// warp clears them, ORs every seed's block in with atomicOr (lanes' blocks
-// overlap), inverts to keep bits and counts them. Seeds are sparse (γ is ~1e-3..
-// 1e-2), so the work follows the seeds, not the cells.
+// The keep bits are dense over the mask planes: bit b = plane * L + cell (bit
+// b % 32 of 32-bit word b / 32), one bit per mask cell. The tiled kernels build a
+// tile of whole planes in shared memory, where blocks are ORed with shared
+// atomics, then invert, count and store the tile's words coalesced; a tile's
+// first and last words may be shared with the neighbouring tiles, and are merged
+// with atomics. Planes too large for a tile take grid-wide passes over global
+// memory instead.
 #pragma once
 
 #include "sampling.cuh"
@@ -12,6 +14,11 @@
 namespace dropblock {
 
 constexpr unsigned FULL_WARP = 0xffffffffu;
+// Seeds a tile queues for growing; more (dense seeds) are grown by the thread that
+// found them.
+constexpr uint32_t SEED_QUEUE = 1024;
+// A tile may start at any bit of its first word.
+constexpr uint32_t TILE_CELLS = 32 * DROPBLOCK_TILE_WORDS - 31;
 
 __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
 #pragma unroll
@@ -19,107 +26,31 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
     return v;
 }
 
-// ORs ones into bits [lo, hi) of `words`.
-__device__ __forceinline__ void atomic_set_bits(uint32_t* words, uint64_t lo, uint64_t hi) {
-    while (lo < hi) {
-        const uint32_t bit = (uint32_t)(lo & 31);
-        const uint32_t n = (uint32_t)min((uint64_t)(32 - bit), hi - lo);
-        const uint32_t run = n == 32 ? 0xffffffffu : ((1u << n) - 1u) << bit;
-        atomicOr(&words[lo >> 5], run);
-        lo += n;
-    }
-}
-
-// Walks a flattened (plane, index) space with `per` indices per plane, `step`
-// items at a time, without a division per step.
-struct FlatCursor {
-    uint64_t plane, index, per, step_planes, step_index;
-    __device__ __forceinline__ FlatCursor(uint64_t first, uint64_t per_plane, uint64_t step)
-        : plane(first / per_plane),
-          index(first % per_plane),
-          per(per_plane),
-          step_planes(step / per_plane),
-          step_index(step % per_plane) {}
-    __device__ __forceinline__ void advance() {
-        index += step_index;
-        plane += step_planes;
-        if (index >= per) {
-            index -= per;
-            ++plane;
-        }
-    }
+// Division of 32-bit numbers by a divisor fixed for the launch, as one multiply
+// (Lemire, Kaser & Kurz 2019: with M = ceil(2^64 / d), floor(a / d) is the high
+// word of M * a for every 32-bit a). Built once per thread, outside every loop.
+struct FastDiv {
+    uint64_t magic;
+    uint32_t d;
+    __device__ __forceinline__ explicit FastDiv(uint32_t divisor)
+        : magic(divisor > 1 ? ~0ull / divisor + 1 : 0), d(divisor) {}
+    __device__ __forceinline__ uint32_t div(uint32_t a) const { return magic ? (uint32_t)__umul64hi(magic, a) : a; }
 };
 
-// ORs the blocks of windows [first, last) (global window numbers) into dropped
-// bits, `worker` of `workers` taking every workers-th window. Workers are numbered
-// so that each warp's 32 lanes are 32 consecutive workers (workers is a multiple
-// of 32), and every lane of each warp must call it. The bits must be zero before,
-// and nothing may read them until every window is done.
-//
-// The lanes of a warp run the same iterations (a lane past `last` idles) and meet
-// at a __syncwarp after each window. Without that, the first lane to find a seed
-// split the warp and it never reconverged inside the loop: on an H200 the loop ran
-// with 1-8 of 32 lanes active, 5x the instructions (docs/PERF.md, v3 measured).
-__device__ __forceinline__ void seed_windows(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
-                                             const DropBlockApply& a, uint64_t first, uint64_t last,
-                                             uint64_t worker, uint64_t workers, uint32_t* bits) {
-    const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
-    const uint64_t lane = worker & 31;
-    FlatCursor w(first + worker, per_plane, workers);
-    for (uint64_t warp_first = first + worker - lane; warp_first < last; warp_first += workers, w.advance()) {
-        const uint64_t i = warp_first + lane;
-        if (i < last) {
-            const uint32_t y = (uint32_t)(w.index / g.windows_per_row);
-            const uint32_t seg = (uint32_t)(w.index % g.windows_per_row);
-            uint64_t seeds = sample_window(t, k, i, min(64u, g.seed_w - seg * 64u));
-            uint32_t* plane_bits = bits + w.plane * a.plane_words;
-            const int64_t r0 = max((int64_t)y - (int64_t)g.anchor_y, (int64_t)0);
-            const int64_t r1 = min((int64_t)y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
-            while (seeds) {
-                const int64_t x = (int64_t)seg * 64 + __ffsll((long long)seeds) - 1;
-                seeds &= seeds - 1;
-                const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
-                const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
-                for (int64_t r = r0; r < r1; ++r)
-                    atomic_set_bits(plane_bits, (uint64_t)(r * g.w + c0), (uint64_t)(r * g.w + c1));
-            }
-        }
-        __syncwarp();
-    }
+// Mask of bits [lo, hi) of a 32-bit word, 0 <= lo <= hi <= 32.
+__device__ __forceinline__ uint32_t bit_range(uint32_t lo, uint32_t hi) {
+    return hi - lo == 32 ? 0xffffffffu : ((1u << (hi - lo)) - 1u) << lo;
 }
 
-// Turns dropped bits [first, last) (global word numbers) into keep bits and
-// calls on_word(plane, kept cells in the word) for each, `worker` of `workers`
-// taking every workers-th word.
-template <typename OnWord>
-__device__ __forceinline__ void keep_words(const DropBlockApply& a, uint64_t first, uint64_t last, uint64_t worker,
-                                           uint64_t workers, uint32_t* bits, OnWord on_word) {
-    FlatCursor c(first + worker, a.plane_words, workers);
-    for (uint64_t i = first + worker; i < last; i += workers, c.advance()) {
-        const uint64_t cell = c.index * 32;
-        const uint32_t valid = a.plane_len - cell >= 32 ? 0xffffffffu : (1u << (uint32_t)(a.plane_len - cell)) - 1u;
-        const uint32_t keep = ~bits[i] & valid;
-        bits[i] = keep;
-        on_word(c.plane, (uint32_t)__popc(keep));
+// ORs ones into bits [lo, hi) of `words` (shared or global memory).
+template <typename Index>
+__device__ __forceinline__ void atomic_set_bits(uint32_t* words, Index lo, Index hi) {
+    while (lo < hi) {
+        const uint32_t bit = (uint32_t)(lo & 31);
+        const uint32_t n = (uint32_t)min((Index)(32 - bit), hi - lo);
+        atomicOr(&words[lo >> 5], bit_range(bit, bit + n));
+        lo += n;
     }
-}
-
-// Builds the keep bits of planes [begin, end), a contiguous run owned by one
-// warp, and calls on_word(plane, kept cells in the word) for each of their words.
-// The lanes work on the flattened windows and words of the whole run, so small
-// planes (7x7, 14x14) keep every lane busy. Every lane of the warp must call it.
-template <typename OnWord>
-__device__ __forceinline__ void build_keep_bits(const DropBlockGeometry& g, const uint64_t* t, const Key& k,
-                                                const DropBlockApply& a, uint64_t begin, uint64_t end,
-                                                uint32_t* keep_bits, OnWord on_word) {
-    const uint32_t lane = threadIdx.x & 31;
-    for (uint64_t i = begin * a.plane_words + lane; i < end * a.plane_words; i += 32) keep_bits[i] = 0;
-    __syncwarp();
-    const uint64_t per_plane = (uint64_t)g.seed_h * g.windows_per_row;
-    seed_windows(g, t, k, a, begin * per_plane, end * per_plane, lane, 32, keep_bits);
-    __syncwarp();
-    keep_words(a, begin * a.plane_words, end * a.plane_words, lane, 32, keep_bits, on_word);
-    __syncwarp();
 }
 
 // The mask plane that slice (n, c) reads.
@@ -165,6 +96,258 @@ __device__ __forceinline__ uint64_t sample_weight_of_plane(const DropBlockGeomet
 // count_scale in src/sampling.rs bit for bit (IEEE division and rounding).
 __device__ __forceinline__ float count_scale(uint64_t numerator, uint64_t kept) {
     return kept == 0 ? 0.0f : __double2float_rn((double)numerator / (double)kept);
+}
+
+// A thread's kept counts: cells over the planes (weighted at the end by the
+// slices that read each plane), and, under PerSample, a run of cells for one
+// sample counter, sent with one atomic when the counter changes. When a warp's
+// cells all go to one counter (`one_counter`, uniform over the warp), its lanes'
+// runs are summed first and sent as one.
+struct Counts {
+    const DropBlockGeometry& g;
+    unsigned long long* counts;
+    bool per_sample;
+    uint64_t kept = 0, run_sum = 0, run_counter = ~0ull;
+
+    __device__ __forceinline__ Counts(const DropBlockGeometry& g_, const DropBlockApply& a, unsigned long long* c)
+        : g(g_), counts(c), per_sample(a.normalize == DROPBLOCK_NORM_PER_SAMPLE) {}
+
+    // Kept cells `cells` of `plane`.
+    __device__ __forceinline__ void add_sample(uint64_t plane, uint32_t cells) {
+        const uint64_t ctr = sample_counter_of_plane(g, plane);
+        if (ctr != run_counter) {
+            flush();
+            run_counter = ctr;
+        }
+        run_sum += cells * sample_weight_of_plane(g);
+    }
+
+    // Bits [lo, hi) of `keep` are cells `cell`.. of `plane`, then of the planes after
+    // it (`plane_len` cells each).
+    __device__ __forceinline__ void add_word(uint32_t keep, uint32_t lo, uint32_t hi, uint64_t plane, uint64_t cell,
+                                             uint64_t plane_len) {
+        kept += __popc(keep & bit_range(lo, hi));
+        if (!per_sample) return;
+        while (lo < hi) {
+            const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), plane_len - cell);
+            add_sample(plane, __popc(keep & bit_range(lo, lo + n)));
+            lo += n;
+            cell = 0;
+            ++plane;
+        }
+    }
+
+    __device__ __forceinline__ void flush() {
+        if (run_counter != ~0ull && run_sum)
+            atomicAdd(&counts[DROPBLOCK_COUNT_SAMPLES + run_counter], (unsigned long long)run_sum);
+        run_sum = 0;
+    }
+
+    // Ends the runs of a stretch of work over planes first..=last. When those all
+    // feed one counter, the warp's runs are summed and sent once. Every lane of the
+    // warp must call it.
+    __device__ __forceinline__ void end_runs(uint64_t first, uint64_t last) {
+        if (!per_sample) return;
+        const uint64_t ctr = sample_counter_of_plane(g, first);
+        if (ctr == sample_counter_of_plane(g, last)) {
+            run_sum = warp_sum(run_sum);
+            run_counter = (threadIdx.x & 31) == 0 ? ctr : ~0ull;
+        }
+        flush();
+        run_counter = ~0ull;
+    }
+};
+
+// Adds the block's kept cells to the total with one atomic. The last block to
+// finish writes the scales from the complete counters, zeroes them for the next
+// call and steps a device generator past the call. Every thread must call it.
+__device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const DropBlockApply& a, uint64_t kept,
+                                               unsigned long long* counts, float* scales,
+                                               unsigned long long* device_key) {
+    __shared__ uint64_t warp_totals[32];
+    __shared__ bool last_block;
+    kept = warp_sum(kept);
+    if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x >> 5] = kept;
+    // Orders every thread's counter atomics before thread 0's fence and ticket.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint64_t block_total = 0;
+        for (uint32_t w = 0; w < blockDim.x / 32; ++w) block_total += warp_totals[w];
+        if (block_total)
+            atomicAdd(&counts[DROPBLOCK_COUNT_TOTAL], (unsigned long long)(block_total * slices_per_plane(g)));
+        __threadfence();
+        last_block = atomicAdd(&counts[DROPBLOCK_COUNT_DONE], 1ull) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    volatile unsigned long long* c = counts;
+    switch (a.normalize) {
+        case DROPBLOCK_NORM_GLOBAL:
+            if (threadIdx.x == 0) scales[0] = count_scale(a.numel, c[DROPBLOCK_COUNT_TOTAL]);
+            break;
+        case DROPBLOCK_NORM_PER_SAMPLE:
+            for (uint64_t n = threadIdx.x; n < g.n; n += blockDim.x)
+                scales[n] = count_scale((uint64_t)g.c * a.plane_len,
+                                        c[DROPBLOCK_COUNT_SAMPLES + sample_counter_of_sample(g, n)]);
+            break;
+        default:
+            if (threadIdx.x == 0) scales[0] = a.fixed_scale;
+    }
+    __syncthreads();
+    for (uint64_t i = threadIdx.x; i < DROPBLOCK_COUNT_SAMPLES + (uint64_t)g.n; i += blockDim.x) c[i] = 0;
+    if (device_key && threadIdx.x == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
+}
+
+// The launch-invariant divisors of the tiled kernels, built once per thread.
+struct TileDivisors {
+    FastDiv seed_cells, windows_per_group, seed_w, kh, plane_len;
+    __device__ __forceinline__ explicit TileDivisors(const DropBlockGeometry& g, const DropBlockApply& a)
+        : seed_cells((uint32_t)g.seed_cells),
+          windows_per_group((uint32_t)g.windows_per_group),
+          seed_w(g.seed_w),
+          kh(g.kh),
+          plane_len((uint32_t)a.plane_len) {}
+};
+
+// One tile: planes [first, first + planes) of the call, whose bits are mask bits
+// [first * L, (first + planes) * L), i.e. shared bits [phase, phase + cells) over
+// global words [word0, word0 + words).
+struct Tile {
+    uint64_t first, word0;
+    uint32_t planes, phase, cells, words;
+
+    __device__ __forceinline__ Tile(const DropBlockTiles& tiles, const DropBlockGeometry& g, const DropBlockApply& a,
+                                    uint64_t t) {
+        first = t * tiles.planes_per_tile;
+        planes = (uint32_t)min(tiles.planes_per_tile, g.planes - first);
+        const uint64_t bit0 = first * a.plane_len;
+        word0 = bit0 >> 5;
+        phase = (uint32_t)(bit0 & 31);
+        cells = planes * (uint32_t)a.plane_len;
+        words = (phase + cells + 31) >> 5;
+    }
+};
+
+// Grows queued seed `u` (the tile's seed cell number: plane in tile * S + cell)
+// into row `row` of its block, in the tile's shared bits.
+__device__ __forceinline__ void grow_row(const DropBlockGeometry& g, const TileDivisors& d, const Tile& tile,
+                                         uint32_t u, uint32_t row, uint32_t* bits) {
+    const uint32_t plane = d.seed_cells.div(u);
+    const uint32_t cell = u - plane * (uint32_t)g.seed_cells;
+    const uint32_t y = d.seed_w.div(cell), x = cell - y * g.seed_w;
+    const int32_t r = (int32_t)(y + row) - (int32_t)g.anchor_y;
+    if (r < 0 || r >= (int32_t)g.h) return;
+    const uint32_t c0 = (uint32_t)max((int32_t)x - (int32_t)g.anchor_x, 0);
+    const uint32_t c1 = (uint32_t)min((int32_t)(x + g.kw) - (int32_t)g.anchor_x, (int32_t)g.w);
+    const uint32_t base = tile.phase + plane * d.plane_len.d + (uint32_t)r * g.w;
+    atomic_set_bits(bits, base + c0, base + c1);
+}
+
+// Builds the dropped bits of `tile` in shared `bits`: samples the tile's windows
+// (a thread each), queues their seeds, then grows the queued seeds with one
+// (seed, row) item per thread, so every lane has work however the seeds fall.
+// Every thread of the block must call it; the bits are complete on return.
+__device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const DropBlockTiles& tiles,
+                                           const TileDivisors& d, const Thresholds& th, const Key& k,
+                                           const Tile& tile, uint64_t t, uint32_t* bits) {
+    __shared__ uint32_t queue[SEED_QUEUE];
+    __shared__ uint32_t queued;
+    for (uint32_t i = threadIdx.x; i < tile.words; i += blockDim.x) bits[i] = 0;
+    if (threadIdx.x == 0) queued = 0;
+    __syncthreads();
+
+    const uint32_t q = g.planes_per_window, m = (uint32_t)g.windows_per_group, s = (uint32_t)g.seed_cells;
+    // Tiles hold whole groups of q planes: the tile's first window is a group's.
+    const uint64_t window0 = t * (tiles.planes_per_tile / q) * m;
+    const uint32_t windows = (tile.planes + q - 1) / q * m;
+    for (uint32_t i = threadIdx.x; i < windows; i += blockDim.x) {
+        // The window's first seed cell in the tile, and its length.
+        uint32_t first, len;
+        if (s <= DROPBLOCK_WINDOW_CELLS) {
+            first = i * q * s;
+            len = min(q, tile.planes - i * q) * s;
+        } else {
+            const uint32_t plane = d.windows_per_group.div(i), part = i - plane * m;
+            first = plane * s + part * DROPBLOCK_WINDOW_CELLS;
+            len = min((uint32_t)DROPBLOCK_WINDOW_CELLS, s - part * DROPBLOCK_WINDOW_CELLS);
+        }
+        uint64_t seeds = sample_window(th, k, window0 + i, len);
+        while (seeds) {
+            const uint32_t u = first + (uint32_t)(__ffsll((long long)seeds) - 1);
+            seeds &= seeds - 1;
+            const uint32_t slot = atomicAdd(&queued, 1u);
+            if (slot < SEED_QUEUE) {
+                queue[slot] = u;
+            } else {
+                for (uint32_t row = 0; row < g.kh; ++row) grow_row(g, d, tile, u, row, bits);
+            }
+        }
+    }
+    __syncthreads();
+    const uint32_t items = min(queued, SEED_QUEUE) * g.kh;
+    for (uint32_t i = threadIdx.x; i < items; i += blockDim.x) {
+        const uint32_t seed = d.kh.div(i);
+        grow_row(g, d, tile, queue[seed], i - seed * g.kh, bits);
+    }
+    __syncthreads();
+}
+
+// Turns the tile's dropped bits into keep bits (in shared memory too, with
+// `keep_in_shared`), stores them to `keep_bits` coalesced and counts them. Words
+// the tile shares with its neighbours are merged with two atomics (the tiles' bits
+// are disjoint, so the order does not matter). Every thread must call it.
+__device__ __forceinline__ void store_tile(const DropBlockGeometry& g, const DropBlockApply& a,
+                                           const TileDivisors& d, const Tile& tile, uint32_t* bits,
+                                           bool keep_in_shared, uint32_t* keep_bits, Counts& counts) {
+    for (uint32_t i = threadIdx.x; i < tile.words; i += blockDim.x) {
+        // Bits [lo, hi) of word i belong to the tile; bit lo is tile cell `cell`.
+        const uint32_t lo = i == 0 ? tile.phase : 0;
+        const uint32_t hi = min(32u, tile.phase + tile.cells - i * 32);
+        const uint32_t valid = bit_range(lo, hi);
+        const uint32_t keep = ~bits[i] & valid;
+        if (keep_in_shared) bits[i] = keep;
+        uint32_t* out = &keep_bits[tile.word0 + i];
+        if (valid == 0xffffffffu) {
+            *out = keep;
+        } else {
+            atomicAnd(out, ~valid);
+            atomicOr(out, keep);
+        }
+        const uint32_t cell = i * 32 + lo - tile.phase;
+        const uint32_t plane = d.plane_len.div(cell);
+        counts.add_word(keep, lo, hi, tile.first + plane, cell - plane * d.plane_len.d, a.plane_len);
+    }
+    counts.end_runs(tile.first, tile.first + tile.planes - 1);
+}
+
+// The grid-wide passes, for planes too large for a tile: ORs the blocks of
+// windows [worker, worker + workers, ...) into the dropped bits in global memory
+// (zeroed beforehand). 64-bit positions throughout.
+__device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, const Thresholds& th, const Key& k,
+                                                    const DropBlockApply& a, uint64_t worker, uint64_t workers,
+                                                    uint32_t* bits) {
+    for (uint64_t w = worker; w < g.windows; w += workers) {
+        const uint64_t group = w / g.windows_per_group, part = w - group * g.windows_per_group;
+        // The window's first cell, as (plane, seed cell).
+        const uint64_t plane0 = group * g.planes_per_window;
+        const uint64_t cell0 = part * DROPBLOCK_WINDOW_CELLS;
+        uint64_t seeds = sample_window(th, k, w, window_len(g, w));
+        while (seeds) {
+            const uint64_t j = (uint64_t)(__ffsll((long long)seeds) - 1);
+            seeds &= seeds - 1;
+            const uint64_t at = cell0 + j;
+            const uint64_t plane = plane0 + at / g.seed_cells, cell = at % g.seed_cells;
+            const int64_t y = (int64_t)(cell / g.seed_w), x = (int64_t)(cell % g.seed_w);
+            const int64_t r0 = max(y - (int64_t)g.anchor_y, (int64_t)0);
+            const int64_t r1 = min(y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
+            const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
+            const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
+            const uint64_t base = plane * a.plane_len;
+            for (int64_t r = r0; r < r1; ++r)
+                atomic_set_bits(bits, base + (uint64_t)(r * g.w + c0), base + (uint64_t)(r * g.w + c1));
+        }
+    }
 }
 
 }  // namespace dropblock

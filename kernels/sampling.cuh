@@ -34,44 +34,69 @@ __device__ __forceinline__ uint32_t block_word(const uint4& v, uint32_t i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Smallest g < r with u < t[g] (the caller has checked u < t[r - 1]). A binary
-// search over the monotone thresholds; six steps cover 64 entries.
-__device__ __forceinline__ uint32_t first_threshold_above(const uint64_t* t, uint32_t r, uint64_t u) {
-    uint32_t lo = 0, hi = r - 1;
-    while (lo < hi) {
-        const uint32_t mid = (lo + hi) >> 1;
-        if (u < t[mid]) hi = mid; else lo = mid + 1;
-    }
-    return lo;
-}
+// The thresholds and, for each value of a draw's top 8 bits, the first threshold
+// that such a draw can fall under, in shared memory: lanes at different points of
+// their walks index them differently, which parameter (constant) memory would
+// serve one address at a time.
+struct Thresholds {
+    const uint64_t* t;     // the call's 64 thresholds
+    const uint8_t* first;  // first[b] = smallest g with t[g] > b * 2^24 (64 if none)
 
-// The thresholds where every lane can index them cheaply: kernel parameters live
-// in constant memory, where lanes reading different entries are served one
-// address at a time. Every thread of the block must call it.
-__device__ __forceinline__ const uint64_t* shared_thresholds(const DropBlockSampling& s) {
+    // Smallest g < r with u < t[g], given u < t[r - 1]. The table starts the scan
+    // at the bucket of u's top bits; at the rates DropBlock uses, thresholds lie
+    // more than 2^24 apart, so the scan takes one or two compares.
+    __device__ __forceinline__ uint32_t seed_gap(uint32_t u) const {
+        uint32_t g = first[u >> 24];
+        while (u >= t[g]) ++g;
+        return g;
+    }
+};
+
+// Every thread of the block must call it (it synchronises the block).
+__device__ __forceinline__ Thresholds shared_thresholds(const DropBlockSampling& s) {
     __shared__ uint64_t t[DROPBLOCK_WINDOW_CELLS];
+    __shared__ uint8_t first[256];
     for (uint32_t i = threadIdx.x; i < DROPBLOCK_WINDOW_CELLS; i += blockDim.x) t[i] = s.thresholds[i];
     __syncthreads();
-    return t;
+    for (uint32_t b = threadIdx.x; b < 256; b += blockDim.x) {
+        // Binary search for the first threshold above b * 2^24 (t is monotone).
+        const uint64_t v = (uint64_t)b << 24;
+        uint32_t lo = 0, hi = DROPBLOCK_WINDOW_CELLS;
+        while (lo < hi) {
+            const uint32_t mid = (lo + hi) >> 1;
+            if (t[mid] > v) hi = mid; else lo = mid + 1;
+        }
+        first[b] = (uint8_t)lo;
+    }
+    __syncthreads();
+    return Thresholds{t, first};
 }
 
-// The seeds of one window of `len` (1..64) cells as bits, with thresholds `t`.
-// One Philox block per four draws; a draw per seed plus one stop draw.
-__device__ __forceinline__ uint64_t sample_window(const uint64_t* t, const Key& k, uint64_t window, uint32_t len) {
+// The seeds of window `window`, of `len` (1..64) cells, as bits. One Philox block
+// per four draws; a draw per seed plus one stop draw.
+__device__ __forceinline__ uint64_t sample_window(const Thresholds& th, const Key& k, uint64_t window, uint32_t len) {
     uint64_t bits = 0;
     uint32_t pos = 0, j = 0;
     uint4 block = make_uint4(0, 0, 0, 0);
     while (pos < len) {
-        const uint32_t r = len - pos;
         if ((j & 3) == 0) block = philox_block(k, window, j >> 2);
-        const uint64_t u = block_word(block, j & 3);
+        const uint32_t u = block_word(block, j & 3);
         ++j;
-        if (u >= t[r - 1]) break;
-        const uint32_t g = first_threshold_above(t, r, u);
+        if (u >= th.t[len - pos - 1]) break;
+        const uint32_t g = th.seed_gap(u);
         bits |= 1ull << (pos + g);
         pos += g + 1;
     }
     return bits;
+}
+
+// Cells of window `w` (below g.windows): whole planes when a plane has at most 64
+// seed cells (the last group may be short), else 64 or the plane's remainder.
+__device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t w) {
+    if (g.seed_cells <= DROPBLOCK_WINDOW_CELLS)
+        return (uint32_t)(min((uint64_t)g.planes_per_window, g.planes - w * g.planes_per_window) * g.seed_cells);
+    const uint64_t i = w % g.windows_per_group;
+    return (uint32_t)min((uint64_t)DROPBLOCK_WINDOW_CELLS, g.seed_cells - i * DROPBLOCK_WINDOW_CELLS);
 }
 
 }  // namespace dropblock

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::abi;
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -84,14 +85,12 @@ impl Saved {
 
     /// The keep mask as u8 in NCHW order: 1 where the element was kept.
     pub fn keep_mask(&self) -> Vec<u8> {
-        let s = self.shape;
-        let mut out = vec![1u8; s.numel()];
-        if let State::Masked { plan, masks, .. } = &self.state {
-            out.par_chunks_mut(s.plane_len()).enumerate().for_each(|(slice, dst)| {
-                let plane = plan.plane_of(slice / s.c(), slice % s.c());
-                for (cell, v) in dst.iter_mut().enumerate() {
-                    *v = !masks.is_dropped(plane, cell) as u8;
-                }
+        let mut out = vec![1u8; self.shape.numel()];
+        if !self.is_identity() {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, dst)| {
+                self.for_each_run(k * CHUNK, dst.len(), |j0, bit, len, _| {
+                    for_each_bit(masks_of(self), bit, len, |i, kept| dst[j0 + i] = kept as u8);
+                });
             });
         }
         out
@@ -101,38 +100,101 @@ impl Saved {
         matches!(self.state, State::Identity)
     }
 
-    /// The dropped bits and the scale of `(n, c)` slice number `slice`.
-    fn slice_factors(&self, slice: usize) -> (&[u64], f32) {
-        match &self.state {
-            State::Identity => unreachable!("identity calls copy instead"),
-            State::Masked { plan, masks, per_sample, scales, .. } => {
-                let (n, c) = (slice / self.shape.c(), slice % self.shape.c());
-                let scale = if *per_sample { scales[n] } else { scales[0] };
-                (masks.plane(plan.plane_of(n, c)), scale)
-            }
+    /// Calls `f(j, factor)` for elements `e0 + j`, `j < len`: 0 where dropped, the
+    /// scale elsewhere.
+    #[inline(always)]
+    fn for_each_factor(&self, e0: usize, len: usize, mut f: impl FnMut(usize, f32)) {
+        let masks = masks_of(self);
+        self.for_each_run(e0, len, |j0, bit, n, scale| {
+            for_each_bit(masks, bit, n, |i, kept| f(j0 + i, if kept { scale } else { 0.0 }));
+        });
+    }
+
+    /// Walks elements `e0 .. e0 + len` in runs that share a scale and whose mask
+    /// bits are consecutive, calling `f(j0, bit, run_len, scale)` for the run that
+    /// starts at element `e0 + j0`: without sharing the whole range at once (bit `e`
+    /// is element `e`'s), else one `(n, c)` slice at a time.
+    #[inline(always)]
+    fn for_each_run(&self, e0: usize, len: usize, mut f: impl FnMut(usize, usize, usize, f32)) {
+        let State::Masked { plan, per_sample, scales, .. } = &self.state else {
+            unreachable!("identity calls copy instead")
+        };
+        let (c, l) = (self.shape.c(), self.shape.plane_len());
+        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE;
+        let mut j = 0;
+        while j < len {
+            let e = e0 + j;
+            let (slice, cell) = (e / l, e % l);
+            let n = slice / c;
+            let end = match (flat, *per_sample) {
+                (true, false) => len,
+                (true, true) => ((n + 1) * c * l - e0).min(len),
+                (false, _) => (j + l - cell).min(len),
+            };
+            let bit = if flat { e } else { plan.plane_of(n, slice % c) * l + cell };
+            let scale = if *per_sample { scales[n] } else { scales[0] };
+            f(j, bit, end - j, scale);
+            j = end;
         }
     }
 }
 
+/// Elements per parallel task of the element-wise passes: large enough to amortise
+/// the task, a multiple of 64 so that tasks start on a mask word without sharing.
+const CHUNK: usize = 1 << 15;
+
+fn masks_of(saved: &Saved) -> &BlockMasks {
+    match &saved.state {
+        State::Masked { masks, .. } => masks,
+        State::Identity => unreachable!("identity calls copy instead"),
+    }
+}
+
+/// `f(i, kept)` for `i < len`, for the cell whose mask bit is `bit + i`.
+#[inline(always)]
+fn for_each_bit(masks: &BlockMasks, bit: usize, len: usize, mut f: impl FnMut(usize, bool)) {
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(64);
+        let dropped = masks.bits_from(bit + i) & (u64::MAX >> (64 - n));
+        if dropped == 0 {
+            (i..i + n).for_each(|k| f(k, true));
+        } else {
+            (i..i + n).for_each(|k| f(k, dropped >> (k - i) & 1 == 0));
+        }
+        i += n;
+    }
+}
+
 /// Samples the masks and computes the scale(s), without touching any tensor.
-pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Saved {
+/// Errors only when the host cannot hold the masks (one bit per mask cell).
+pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {
     if mode == Mode::Eval || cfg.is_identity() {
-        return Saved { shape, state: State::Identity };
+        return Ok(Saved { shape, state: State::Identity });
     }
     let plan = Plan::new(cfg, shape, key);
-    let masks = BlockMasks::build(&plan);
-    let (n, c, hw) = (shape.n(), shape.c(), shape.plane_len() as u64);
-    let kept_per_sample: Vec<u64> =
-        (0..n).map(|ni| (0..c).map(|ci| hw - masks.dropped(plan.plane_of(ni, ci))).sum()).collect();
+    let masks = BlockMasks::build(&plan)?;
+    let (c, l) = (shape.c(), shape.plane_len());
+    let slice_kept = |plane: usize| l as u64 - masks.dropped(plane);
+    // Kept elements of sample n: its planes' bits are one run without sharing.
+    let kept_per_sample: Vec<u64> = match plan.geometry().sharing {
+        abi::DROPBLOCK_SHARE_NONE => (0..shape.n())
+            .into_par_iter()
+            .map(|n| (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l))
+            .collect(),
+        abi::DROPBLOCK_SHARE_CHANNELS => (0..shape.n()).map(|n| c as u64 * slice_kept(n)).collect(),
+        abi::DROPBLOCK_SHARE_BATCH => vec![(c * l) as u64 - masks.dropped_in(0, c * l); shape.n()],
+        _ => vec![c as u64 * slice_kept(0); shape.n()],
+    };
     let kept: u64 = kept_per_sample.iter().sum();
     let per_sample = cfg.normalize() == Normalize::PerSample;
     let scales = match cfg.normalize() {
         Normalize::Global => vec![count_scale(shape.numel() as u64, kept)],
-        Normalize::PerSample => kept_per_sample.iter().map(|&k| count_scale(c as u64 * hw, k)).collect(),
+        Normalize::PerSample => kept_per_sample.iter().map(|&k| count_scale((c * l) as u64, k)).collect(),
         Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
         Normalize::None => vec![1.0],
     };
-    Saved { shape, state: State::Masked { plan: Box::new(plan), masks, kept, per_sample, scales } }
+    Ok(Saved { shape, state: State::Masked { plan: Box::new(plan), masks, kept, per_sample, scales } })
 }
 
 /// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.
@@ -146,7 +208,7 @@ pub fn forward<T: Element>(
 ) -> Result<Saved> {
     shape.check_len("x", x.len())?;
     shape.check_len("y", y.len())?;
-    let saved = sample(cfg, shape, key, mode);
+    let saved = sample(cfg, shape, key, mode)?;
     apply(&saved, x, y)?;
     Ok(saved)
 }
@@ -160,7 +222,7 @@ pub fn forward_inplace<T: Element>(
     x: &mut [T],
 ) -> Result<Saved> {
     shape.check_len("x", x.len())?;
-    let saved = sample(cfg, shape, key, mode);
+    let saved = sample(cfg, shape, key, mode)?;
     apply_inplace(&saved, x)?;
     Ok(saved)
 }
@@ -184,9 +246,8 @@ pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> 
         dst.copy_from_slice(src);
         return Ok(());
     }
-    dst.par_chunks_mut(shape.plane_len()).zip(src.par_chunks(shape.plane_len())).enumerate().for_each(|(i, (d, s))| {
-        let (bits, scale) = saved.slice_factors(i);
-        for_each_factor(bits, s.len(), scale, |j, f| d[j] = T::from_f32(s[j].to_f32() * f));
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
+        saved.for_each_factor(k * CHUNK, d.len(), |j, f| d[j] = T::from_f32(s[j].to_f32() * f));
     });
     Ok(())
 }
@@ -198,24 +259,8 @@ pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
     if saved.is_identity() {
         return Ok(());
     }
-    data.par_chunks_mut(shape.plane_len()).enumerate().for_each(|(i, d)| {
-        let (bits, scale) = saved.slice_factors(i);
-        for_each_factor(bits, d.len(), scale, |j, f| d[j] = T::from_f32(d[j].to_f32() * f));
+    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
+        saved.for_each_factor(k * CHUNK, d.len(), |j, f| d[j] = T::from_f32(d[j].to_f32() * f));
     });
     Ok(())
-}
-
-/// Calls `f(cell, factor)` for every cell of a slice: 0 where `dropped` has the
-/// bit set, `scale` elsewhere.
-#[inline(always)]
-fn for_each_factor(dropped: &[u64], len: usize, scale: f32, mut f: impl FnMut(usize, f32)) {
-    for (k, &word) in dropped.iter().enumerate() {
-        let base = k * 64;
-        let end = (base + 64).min(len);
-        if word == 0 {
-            (base..end).for_each(|j| f(j, scale));
-        } else {
-            (base..end).for_each(|j| f(j, if word >> (j - base) & 1 == 1 { 0.0 } else { scale }));
-        }
-    }
 }

@@ -47,6 +47,9 @@ pub enum Error {
     #[error("a window holds 1 to 64 cells, not {0}")]
     InvalidWindowLength(u32),
 
+    #[error("could not allocate {bytes} bytes of host memory for the masks")]
+    HostAllocation { bytes: u64 },
+
     #[error("the stream belongs to another CUDA context than the kernels")]
     WrongContext,
 

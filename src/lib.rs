@@ -52,14 +52,28 @@
 //! expected dropped fraction, counting overlaps and edges, is exactly `p`, then
 //! multiplies by `gamma_scale`. γ outside `[0, 1]` acts as its clamp.
 //!
-//! ## Sampling
+//! ## Sampling (contract version 2)
+//!
+//! The contract carries a version ([`abi::DROPBLOCK_CONTRACT_VERSION`]); the masks
+//! for a given key change only with it. Version 2 (crate 0.2) cuts windows along
+//! whole planes; version 1 (crate 0.1) cut them per seed-grid row.
 //!
 //! - **Thresholds**, once on the host, as u64:
-//!   `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))` for `j = 0..63`.
-//!   γ ≤ 0 gives all zeros, γ ≥ 1 all `2^32`.
-//! - **Windows.** Every seed-grid row is cut into windows of 64 cells (the last may
-//!   be shorter). Window `w = row · windows_per_row + segment` with
-//!   `row = plane · Hs + y`, `Hs` the seed grid's height.
+//!   `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))` for `j = 0..63`,
+//!   made monotone (`T[j] = max(T[j], T[j-1])`). γ ≤ 0 gives all zeros, γ ≥ 1 all
+//!   `2^32`.
+//! - **Seed cells.** A plane's seed grid has `S` cells, numbered in row-major
+//!   order (in 2D, cell `i = y · Ws + x`; for any number of spatial dimensions, C
+//!   order over the seed grid's axes).
+//! - **Windows.** Planes are grouped `q = max(1, ⌊64/S⌋)` at a time: group `g`
+//!   holds planes `[q·g, min(q·g + q, P))`. A group's cells, plane-major then by
+//!   cell number, are cut into windows of 64 consecutive cells, the last one
+//!   possibly shorter; with `m = ⌈S/64⌉`, window `w = g·m + i` is window `i` of group
+//!   `g`, and there are `⌈P/q⌉·m` windows. So when `S ≤ 64` a window holds the
+//!   whole planes `[q·w, min(q·w + q, P))` (cell `j` is cell `j mod S` of plane
+//!   `q·w + ⌊j/S⌋`), and when `S > 64` window `w = p·m + i` holds cells
+//!   `[64i, min(64i + 64, S))` of plane `p`. No window holds part of a plane and
+//!   part of another, so whoever owns whole planes owns their windows.
 //! - **Draws.** Draw `j` of window `w` is word `j mod 4` of
 //!   `curand_Philox4x32_10(counter, key)` with counter
 //!   `(lo(o + ⌊j/4⌋), hi(o + ⌊j/4⌋), lo(w), hi(w))` and key `(lo(s), hi(s))`: the

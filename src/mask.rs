@@ -1,127 +1,201 @@
 //! The block masks of a call, built on the CPU from the contract's seeds: the
 //! oracle for the GPU's keep bits.
+//!
+//! The masks are dense, as on the device: bit `b = plane · L + cell` (`L = H·W`)
+//! stands for one cell of one plane, so they take one bit per mask cell whatever
+//! the plane size. They are built in parallel over tiles of whole planes, each
+//! tile holding whole windows (a multiple of `q` planes) and starting on a word.
 
 use rayon::prelude::*;
 
 use crate::abi;
 use crate::error::{Error, Result};
-use crate::sampling::Plan;
+use crate::sampling::{window_len, Plan};
 
-/// The dropped cells of every mask plane. Plane `p` occupies words
-/// `[p * words_per_plane, (p + 1) * words_per_plane)`; bit `i = h * W + w` (bit
-/// `i % 64` of word `i / 64`) is set when cell `(h, w)` is dropped. Bits past
-/// `H * W` are always clear.
+const WORD: usize = 64;
+/// A CPU tile's bits, about: large enough that per-tile work is amortised, small
+/// enough to stay in a core's L2 while its blocks are ORed in.
+const TILE_BITS: usize = 1 << 20;
+
+/// The dropped cells of every mask plane: bit `b % 64` of word `b / 64` is set
+/// when bit `b = plane · L + cell` is dropped. Bits past the last plane are clear.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockMasks {
-    words_per_plane: usize,
+    plane_len: usize,
     words: Vec<u64>,
-    dropped: Vec<u64>,
 }
 
 impl BlockMasks {
-    /// Samples every plane's seeds and grows them into blocks (parallel over planes).
-    pub(crate) fn build(plan: &Plan) -> Self {
+    /// Samples every plane's seeds and grows them into blocks (parallel over tiles).
+    pub(crate) fn build(plan: &Plan) -> Result<Self> {
         let g = plan.geometry();
-        let words_per_plane = (g.h as usize * g.w as usize).div_ceil(64);
-        let mut words = vec![0u64; plan.planes() * words_per_plane];
-        let dropped = words
-            .par_chunks_mut(words_per_plane)
-            .enumerate()
-            .map_init(
-                || vec![0u64; g.seed_h as usize * g.windows_per_row as usize],
-                |seeds, (plane, out)| {
-                    plan.fill_seed_grid(plane, seeds);
-                    grow_plane(g, seeds, out)
-                },
-            )
-            .collect();
-        Self { words_per_plane, words, dropped }
+        let plane_len = g.h as usize * g.w as usize;
+        let planes = plan.planes();
+        let bits = planes.checked_mul(plane_len).ok_or(Error::HostAllocation { bytes: u64::MAX })?;
+        let mut words = Vec::new();
+        let len = bits.div_ceil(WORD);
+        words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
+        words.resize(len, 0u64);
+        let tile = tile_planes(g, plane_len, rayon::current_num_threads());
+        let tile_words = tile * plane_len / WORD;
+        words.par_chunks_mut(tile_words).enumerate().for_each(|(t, out)| {
+            let first = t * tile;
+            build_tile(plan, first, tile.min(planes - first), plane_len, out);
+        });
+        Ok(Self { plane_len, words })
     }
 
-    /// The dropped bits of `plane`.
-    #[inline]
-    pub(crate) fn plane(&self, plane: usize) -> &[u64] {
-        &self.words[plane * self.words_per_plane..(plane + 1) * self.words_per_plane]
+    /// How many of bits `[lo, hi)` are set.
+    pub(crate) fn dropped_in(&self, lo: usize, hi: usize) -> u64 {
+        count_range(&self.words, lo, hi)
     }
 
-    /// How many cells of `plane` are dropped.
-    #[inline]
+    /// The dropped cells of `plane`.
     pub(crate) fn dropped(&self, plane: usize) -> u64 {
-        self.dropped[plane]
+        self.dropped_in(plane * self.plane_len, (plane + 1) * self.plane_len)
     }
 
     #[inline]
     pub(crate) fn is_dropped(&self, plane: usize, cell: usize) -> bool {
-        self.plane(plane)[cell / 64] >> (cell % 64) & 1 == 1
+        let b = plane * self.plane_len + cell;
+        self.words[b / WORD] >> (b % WORD) & 1 == 1
+    }
+
+    /// The 64 bits starting at bit `b` (bits past the end read as 0).
+    #[inline]
+    pub(crate) fn bits_from(&self, b: usize) -> u64 {
+        let (i, s) = (b / WORD, b % WORD);
+        let lo = self.words[i] >> s;
+        if s == 0 {
+            return lo;
+        }
+        lo | self.words.get(i + 1).map_or(0, |hi| hi << (WORD - s))
     }
 }
 
-/// Grows one plane's seeds into blocks with `plan`'s geometry: the seed grid
-/// `seeds` (`seed_h` rows of `windows_per_row` words, bit `x % 64` of word
-/// `x / 64` of a row set for a seed at column `x`) becomes the plane's dropped
-/// bits in `out` (`ceil(H·W / 64)` words, cleared first). Returns the number of
-/// dropped cells, or an error when a buffer's length does not match the geometry.
-/// Takes a [`Plan`], not a bare geometry, so the geometry is one `Plan::new`
-/// derived and checked.
+/// Planes per CPU tile: a multiple of `q` (whole windows) and of
+/// `64 / gcd(L, 64)` (a tile starts on a word), about TILE_BITS, and small enough
+/// that every thread gets several tiles.
+fn tile_planes(g: &abi::DropBlockGeometry, plane_len: usize, threads: usize) -> usize {
+    let q = g.planes_per_window as usize;
+    let word_align = WORD / gcd(plane_len, WORD);
+    let align = q / gcd(q, word_align) * word_align;
+    let by_size = (TILE_BITS / (align * plane_len)).max(1);
+    let by_threads = (g.planes as usize).div_ceil(align * 4 * threads.max(1)).max(1);
+    align * by_size.min(by_threads)
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Builds planes `[first, first + planes)` into `out`, whose bit 0 is bit
+/// `first · L` of the masks: samples the tile's windows and grows each seed.
+fn build_tile(plan: &Plan, first: usize, planes: usize, plane_len: usize, out: &mut [u64]) {
+    out.fill(0);
+    let g = plan.geometry();
+    let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
+    let first_window = first as u64 / q * m;
+    let windows = (planes as u64).div_ceil(q) * m;
+    for k in 0..windows {
+        let window = first_window + k;
+        let mut seeds = plan.walk_window(window, window_len(g, window));
+        while seeds != 0 {
+            let j = seeds.trailing_zeros() as u64;
+            seeds &= seeds - 1;
+            // Plane in the tile and seed cell of the window's j-th cell.
+            let (plane, cell) =
+                if s <= WORD as u64 { (k * q + j / s, j % s) } else { (k / m, k % m * WORD as u64 + j) };
+            grow_seed(g, plane as usize * plane_len, cell, out);
+        }
+    }
+}
+
+/// ORs the block of the seed at seed cell `cell` into `out`, for the plane whose
+/// cell 0 is bit `base`.
+#[inline]
+fn grow_seed(g: &abi::DropBlockGeometry, base: usize, cell: u64, out: &mut [u64]) {
+    let (y, x) = ((cell / g.seed_w as u64) as i64, (cell % g.seed_w as u64) as i64);
+    let (h, w) = (g.h as i64, g.w as i64);
+    let r0 = (y - g.anchor_y as i64).max(0);
+    let r1 = (y - g.anchor_y as i64 + g.kh as i64).min(h);
+    let c0 = (x - g.anchor_x as i64).max(0);
+    let c1 = (x - g.anchor_x as i64 + g.kw as i64).min(w);
+    for r in r0..r1 {
+        set_bits(out, base + (r * w + c0) as usize, base + (r * w + c1) as usize);
+    }
+}
+
+/// Grows one plane's seeds into blocks with `plan`'s geometry: `seeds` as
+/// [`Plan::seed_plane`] gives them (`⌈S/64⌉` words, bit `i` for seed cell
+/// `i = y · seed_w + x`) become the plane's dropped cells in `out` (`⌈H·W/64⌉`
+/// words, bit `h · W + w`, cleared first). Returns the number of dropped cells, or
+/// an error when a buffer's length does not match the geometry.
 pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
     let g = plan.geometry();
-    let grid = g.seed_h as usize * g.windows_per_row as usize;
-    if seeds.len() != grid {
-        return Err(Error::LengthMismatch { what: "seed grid", expected: grid, actual: seeds.len() });
+    let seed_words = g.seed_cells.div_ceil(WORD as u64) as usize;
+    if seeds.len() != seed_words {
+        return Err(Error::LengthMismatch { what: "seed words", expected: seed_words, actual: seeds.len() });
     }
-    let words = (g.h as usize * g.w as usize).div_ceil(64);
-    if out.len() != words {
-        return Err(Error::LengthMismatch { what: "plane words", expected: words, actual: out.len() });
+    let cells = g.h as usize * g.w as usize;
+    if out.len() != cells.div_ceil(WORD) {
+        return Err(Error::LengthMismatch { what: "plane words", expected: cells.div_ceil(WORD), actual: out.len() });
     }
-    Ok(grow_plane(g, seeds, out))
-}
-
-fn grow_plane(g: &abi::DropBlockGeometry, seeds: &[u64], out: &mut [u64]) -> u64 {
-    let (h, w) = (g.h as i64, g.w as i64);
-    let wpr = g.windows_per_row as usize;
     out.fill(0);
-    for (y, row) in seeds.chunks_exact(wpr).enumerate() {
-        let r0 = (y as i64 - g.anchor_y as i64).max(0);
-        let r1 = (y as i64 - g.anchor_y as i64 + g.kh as i64).min(h);
-        for (s, &word) in row.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let x = (s * 64) as i64 + bits.trailing_zeros() as i64;
-                bits &= bits - 1;
-                let c0 = (x - g.anchor_x as i64).max(0);
-                let c1 = (x - g.anchor_x as i64 + g.kw as i64).min(w);
-                for r in r0..r1 {
-                    set_bits(out, (r * w + c0) as usize, (r * w + c1) as usize);
-                }
+    for (k, &word) in seeds.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let cell = (k * WORD) as u64 + bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            if cell < g.seed_cells {
+                grow_seed(g, 0, cell, out);
             }
         }
     }
-    out.iter().map(|v| v.count_ones() as u64).sum()
+    Ok(count_range(out, 0, cells))
 }
 
 /// Sets bits `[lo, hi)`.
 fn set_bits(words: &mut [u64], lo: usize, hi: usize) {
     let mut i = lo;
     while i < hi {
-        let bit = i % 64;
-        let n = (64 - bit).min(hi - i);
-        let run = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
-        words[i / 64] |= run;
+        let bit = i % WORD;
+        let n = (WORD - bit).min(hi - i);
+        words[i / WORD] |= (u64::MAX >> (WORD - n)) << bit;
         i += n;
     }
 }
 
+/// How many of bits `[lo, hi)` are set.
+fn count_range(words: &[u64], lo: usize, hi: usize) -> u64 {
+    let mut i = lo;
+    let mut count = 0u64;
+    while i < hi {
+        let bit = i % WORD;
+        let n = (WORD - bit).min(hi - i);
+        count += ((words[i / WORD] >> bit) & (u64::MAX >> (WORD - n))).count_ones() as u64;
+        i += n;
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
-    use super::set_bits;
+    use super::{count_range, set_bits};
 
     #[test]
-    fn set_bits_spans_words() {
+    fn set_and_count_span_words() {
         let mut w = [0u64; 3];
         set_bits(&mut w, 60, 130);
         assert_eq!(w[0], 0xF000_0000_0000_0000);
         assert_eq!(w[1], u64::MAX);
         assert_eq!(w[2], 0b11);
+        assert_eq!(count_range(&w, 0, 192), 70);
+        assert_eq!(count_range(&w, 61, 129), 68);
+        assert_eq!(count_range(&w, 64, 64), 0);
         let mut v = [0u64; 1];
         set_bits(&mut v, 3, 3);
         assert_eq!(v[0], 0);

@@ -52,6 +52,15 @@ impl Plan {
         self.geometry.planes as usize
     }
 
+    /// The same plan with another key: what a call with a new key needs, without
+    /// deriving γ and the thresholds again.
+    pub fn with_key(&self, key: RngKey) -> Self {
+        let mut plan = *self;
+        plan.sampling.seed = key.seed();
+        plan.sampling.offset = key.offset();
+        plan
+    }
+
     /// The mask plane that slice `(n, c)` reads.
     #[inline]
     pub fn plane_of(&self, n: usize, c: usize) -> usize {
@@ -64,53 +73,51 @@ impl Plan {
         }
     }
 
-    /// The seeds of seed-grid row `y` of `plane`, as bits: bit `x % 64` of word
-    /// `x / 64` is set when cell `x` holds a seed. Returns `windows_per_row` words.
-    pub fn seed_row(&self, plane: usize, y: u32) -> Result<Vec<u64>> {
-        self.check_plane(plane)?;
-        if y >= self.geometry.seed_h {
-            return Err(Error::OutOfRange { what: "seed row", value: y as u64, len: self.geometry.seed_h as u64 });
+    /// Seed cells per plane, `S = seed_h · seed_w`.
+    pub fn seed_cells(&self) -> u64 {
+        self.geometry.seed_cells
+    }
+
+    /// Windows of the call: `⌈planes / q⌉ · m`.
+    pub fn windows(&self) -> u64 {
+        self.geometry.windows
+    }
+
+    /// How many cells window `window` holds (1..=64).
+    pub fn window_len(&self, window: u64) -> Result<u32> {
+        if window >= self.geometry.windows {
+            return Err(Error::OutOfRange { what: "window", value: window, len: self.geometry.windows });
         }
-        let mut out = vec![0; self.geometry.windows_per_row as usize];
-        self.fill_seed_row(plane, y, &mut out);
-        Ok(out)
+        Ok(window_len(&self.geometry, window))
     }
 
-    /// The whole seed grid of `plane`: `seed_h` rows of `windows_per_row` words.
-    pub fn seed_grid(&self, plane: usize) -> Result<Vec<u64>> {
-        self.check_plane(plane)?;
-        let mut out = vec![0; self.geometry.seed_h as usize * self.geometry.windows_per_row as usize];
-        self.fill_seed_grid(plane, &mut out);
-        Ok(out)
-    }
-
-    fn check_plane(&self, plane: usize) -> Result<()> {
+    /// The seeds of `plane` as bits: bit `i % 64` of word `i / 64` is set when seed
+    /// cell `i = y · seed_w + x` holds a seed. Returns `⌈S / 64⌉` words.
+    pub fn seed_plane(&self, plane: usize) -> Result<Vec<u64>> {
         if plane as u64 >= self.geometry.planes {
             return Err(Error::OutOfRange { what: "plane", value: plane as u64, len: self.geometry.planes });
         }
-        Ok(())
-    }
-
-    fn fill_seed_row(&self, plane: usize, y: u32, out: &mut [u64]) {
         let g = &self.geometry;
-        let wpr = g.windows_per_row as u64;
-        let row = plane as u64 * g.seed_h as u64 + y as u64;
-        for (s, word) in out.iter_mut().enumerate() {
-            let len = (g.seed_w - s as u32 * WINDOW).min(WINDOW);
-            *word = self.walk_window(row * wpr + s as u64, len);
+        let mut out = vec![0u64; g.seed_cells.div_ceil(WINDOW as u64) as usize];
+        let q = g.planes_per_window as u64;
+        if g.seed_cells <= WINDOW as u64 {
+            let window = plane as u64 / q;
+            let shift = (plane as u64 % q) * g.seed_cells;
+            let word = self.walk_window(window, window_len(g, window)) >> shift;
+            out[0] = word & low_bits(g.seed_cells as u32);
+        } else {
+            for (i, word) in out.iter_mut().enumerate() {
+                let window = plane as u64 * g.windows_per_group + i as u64;
+                *word = self.walk_window(window, window_len(g, window));
+            }
         }
+        Ok(out)
     }
 
-    /// `out` holds `seed_h * windows_per_row` words.
-    pub(crate) fn fill_seed_grid(&self, plane: usize, out: &mut [u64]) {
-        let wpr = self.geometry.windows_per_row as usize;
-        for (y, row) in out.chunks_exact_mut(wpr).enumerate() {
-            self.fill_seed_row(plane, y as u32, row);
-        }
-    }
-
-    /// The contract's window sampler: seeds of window `window`, which has `len`
-    /// (1..=64) cells, as bits. One draw per seed plus one stop draw.
+    /// The contract's walk over a window of `len` (1..=64) cells numbered
+    /// `window`: its seeds as bits, bit `j` for the window's `j`-th cell. One draw
+    /// per seed plus one stop draw. (Any window number is accepted, so the walk can
+    /// be studied on its own; [`Plan::window_len`] gives the calls' lengths.)
     pub fn sample_window(&self, window: u64, len: u32) -> Result<u64> {
         if !(1..=WINDOW).contains(&len) {
             return Err(Error::InvalidWindowLength(len));
@@ -118,7 +125,7 @@ impl Plan {
         Ok(self.walk_window(window, len))
     }
 
-    fn walk_window(&self, window: u64, len: u32) -> u64 {
+    pub(crate) fn walk_window(&self, window: u64, len: u32) -> u64 {
         let t = &self.sampling.thresholds;
         let key = self.key();
         let mut bits = 0u64;
@@ -144,6 +151,28 @@ impl Plan {
     }
 }
 
+/// `n` low bits set (n in 0..=64).
+pub(crate) fn low_bits(n: u32) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// Cells of window `window` (which must be below `g.windows`).
+pub(crate) fn window_len(g: &abi::DropBlockGeometry, window: u64) -> u32 {
+    let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
+    if s <= WINDOW as u64 {
+        // One window per group of q whole planes; the last group may be short.
+        let planes = (g.planes - window * q).min(q);
+        (planes * s) as u32
+    } else {
+        let i = window % m;
+        (s - i * WINDOW as u64).min(WINDOW as u64) as u32
+    }
+}
+
 fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
     let (n, c, h, w) = (shape.n() as u32, shape.c() as u32, shape.h() as u32, shape.w() as u32);
     let kh = cfg.block().height.min(h);
@@ -159,6 +188,9 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
         Sharing::All => abi::DROPBLOCK_SHARE_ALL,
     };
     let planes = cfg.sharing().planes(shape);
+    let seed_cells = seed_h as u64 * seed_w as u64;
+    let planes_per_window = (WINDOW as u64 / seed_cells).max(1) as u32;
+    let windows_per_group = seed_cells.div_ceil(WINDOW as u64);
     abi::DropBlockGeometry {
         n,
         c,
@@ -170,9 +202,12 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
         anchor_x,
         seed_h,
         seed_w,
-        windows_per_row: seed_w.div_ceil(WINDOW),
         sharing,
+        planes_per_window,
+        seed_cells,
+        windows_per_group,
         planes,
+        windows: planes.div_ceil(planes_per_window as u64) * windows_per_group,
     }
 }
 

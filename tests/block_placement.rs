@@ -78,9 +78,9 @@ fn plan(i: usize, c: &Case) -> Plan {
     Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap())
 }
 
-/// Seed grid rows packed as `windows_per_row` words each, bit `x % 64` of word `x / 64`.
+/// The seed grid as [`Plan::seed_plane`] lays it out: bit `i % 64` of word `i / 64`
+/// for seed cell `i = y · seed_w + x`.
 fn pack_seeds(i: usize, c: &Case, g: &DropBlockGeometry) -> Vec<u64> {
-    let wpr = g.windows_per_row as usize;
     assert_eq!(
         c.seeds.len(),
         g.seed_h as usize,
@@ -89,7 +89,7 @@ fn pack_seeds(i: usize, c: &Case, g: &DropBlockGeometry) -> Vec<u64> {
         c.seeds.len(),
         g.seed_h
     );
-    let mut words = vec![0u64; g.seed_h as usize * wpr];
+    let mut words = vec![0u64; (g.seed_cells as usize).div_ceil(64)];
     for (y, row) in c.seeds.iter().enumerate() {
         assert_eq!(
             row.len(),
@@ -101,7 +101,8 @@ fn pack_seeds(i: usize, c: &Case, g: &DropBlockGeometry) -> Vec<u64> {
         );
         for (x, &b) in row.iter().enumerate() {
             if b == 1 {
-                words[y * wpr + x / 64] |= 1 << (x % 64);
+                let cell = y * g.seed_w as usize + x;
+                words[cell / 64] |= 1 << (cell % 64);
             }
         }
     }

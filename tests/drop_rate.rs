@@ -102,7 +102,9 @@ fn check_geometry(plan: &Plan, g: &Geo) {
         (g.h as u32, g.w as u32, g.kh as u32, g.kw as u32, g.ay as u32, g.ax as u32, g.sh as u32, g.sw as u32),
         "geometry of {g:?}"
     );
-    assert_eq!(pg.windows_per_row, (g.sw as u32).div_ceil(64));
+    let cells = (g.sh * g.sw) as u64;
+    let q = (64 / cells).max(1) as u32;
+    assert_eq!((pg.seed_cells, pg.planes_per_window, pg.windows_per_group), (cells, q, cells.div_ceil(64)));
 }
 
 /// Samples `planes` planes of `cfg` on an `h x w` map and checks (a) the mean
@@ -138,7 +140,7 @@ fn check_realised(cfg: &DropBlockConfig, h: usize, w: usize, min_planes: usize, 
     let tol = tol_for(planes);
 
     let shape = shape_for(planes, h, w);
-    let saved = cpu::sample(cfg, shape, key, Mode::Train);
+    let saved = cpu::sample(cfg, shape, key, Mode::Train).unwrap();
     let realised = saved.drop_fraction();
     let desc = format!(
         "{:?} {:?} {h}x{w} block {}x{} p {}: γ {gamma}",
@@ -162,7 +164,7 @@ fn check_realised(cfg: &DropBlockConfig, h: usize, w: usize, min_planes: usize, 
     let planes = planes.min(8_192);
     let n = planes as f64;
     let key = RngKey::new(key.seed(), key.offset() + 17).unwrap();
-    let saved = cpu::sample(cfg, shape_for(planes, h, w), key, Mode::Train);
+    let saved = cpu::sample(cfg, shape_for(planes, h, w), key, Mode::Train).unwrap();
     let mask = saved.keep_mask();
     let mut kept = vec![0u64; h * w];
     for plane in mask.chunks_exact(h * w) {
@@ -401,7 +403,8 @@ fn degenerate_block_covers_the_map() {
     // drop_prob 1 under ExactRate: γ = 1, everything dropped, exactly.
     for placement in [Placement::Anywhere, Placement::Valid] {
         let all = cfg(3, 3, 1.0, placement, GammaRule::ExactRate);
-        let saved = cpu::sample(&all, Shape::new(2, 3, 13, 70).unwrap(), RngKey::new(5, 0).unwrap(), Mode::Train);
+        let saved =
+            cpu::sample(&all, Shape::new(2, 3, 13, 70).unwrap(), RngKey::new(5, 0).unwrap(), Mode::Train).unwrap();
         assert_eq!(saved.kept(), 0);
         assert_eq!(saved.drop_fraction(), 1.0);
     }

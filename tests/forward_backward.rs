@@ -106,10 +106,10 @@ fn eval_mode_and_zero_drop_prob_are_identities() {
 #[test]
 fn same_key_same_mask_new_offset_new_mask() {
     let shape = shape();
-    let a = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).keep_mask();
-    let b = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).keep_mask();
-    let c = cpu::sample(&cfg(), shape, RngKey::new(5, 17).unwrap(), Mode::Train).keep_mask();
-    let d = cpu::sample(&cfg(), shape, RngKey::new(6, 0).unwrap(), Mode::Train).keep_mask();
+    let a = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask();
+    let b = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask();
+    let c = cpu::sample(&cfg(), shape, RngKey::new(5, 17).unwrap(), Mode::Train).unwrap().keep_mask();
+    let d = cpu::sample(&cfg(), shape, RngKey::new(6, 0).unwrap(), Mode::Train).unwrap().keep_mask();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_ne!(a, d);
@@ -140,7 +140,7 @@ fn block_larger_than_the_map_is_clipped() {
     // either wholly dropped or wholly kept.
     let shape = Shape::new(4, 16, 3, 5).unwrap();
     let cfg = DropBlockConfig::paper(7, 0.5).unwrap();
-    let saved = cpu::sample(&cfg, shape, RngKey::new(4, 0).unwrap(), Mode::Train);
+    let saved = cpu::sample(&cfg, shape, RngKey::new(4, 0).unwrap(), Mode::Train).unwrap();
     let plan = saved.plan().unwrap();
     assert_eq!((plan.geometry().kh, plan.geometry().kw), (3, 5));
     assert_eq!((plan.geometry().seed_h, plan.geometry().seed_w), (1, 1));

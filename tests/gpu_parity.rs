@@ -66,8 +66,10 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 8] = [
+        let tests: [GpuTest; 10] = [
             ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
+            ("sampling_alone_then_apply_matches_forward", sampling_alone_then_apply_matches_forward),
+            ("counters_are_reset_by_the_kernels", counters_are_reset_by_the_kernels),
             ("device_sampler_matches_cpu", device_sampler_matches_cpu),
             ("random_configs_match_cpu_in_every_dtype", random_configs_match_cpu_in_every_dtype),
             ("large_shapes_match_cpu", large_shapes_match_cpu),
@@ -131,8 +133,11 @@ mod gpu {
         unaligned: bool,
         seed: u64,
     ) -> &'static str {
-        let ctx =
-            format!("{case:?} {} unaligned={unaligned} {:?}", T::DTYPE.name(), d.launch_path(&case.cfg, case.shape));
+        let ctx = format!(
+            "{case:?} {} unaligned={unaligned} {:?}",
+            T::DTYPE.name(),
+            d.launch_plan(&case.cfg, case.shape).path
+        );
         let (cfg, shape, key) = (case.cfg, case.shape, case.key);
         let n = shape.numel();
         let off = unaligned as usize;
@@ -152,6 +157,7 @@ mod gpu {
         d.backward(s, &state, &dyd.slice(off..), &mut dxd.slice_mut(off..)).unwrap();
 
         assert_eq!(state.keep_mask(s).unwrap(), saved.keep_mask(), "{ctx}: keep mask");
+        assert!(state.counters(s).unwrap().iter().all(|&c| c == 0), "{ctx}: counters left non-zero");
         assert_eq!(state.kept(s).unwrap(), saved.kept(), "{ctx}: kept");
         assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
         assert_same("y", &s.clone_dtoh(&yd).unwrap()[off..], &y_cpu, &ctx);
@@ -172,35 +178,35 @@ mod gpu {
         for _ in 0..40 {
             let case = random_case(&mut rng);
             let plan = Plan::new(&case.cfg, case.shape, case.key);
-            assert_eq!(d.sample_seeds(s, &plan).unwrap(), common::seed_grids(&plan), "{case:?}");
+            assert_eq!(d.sample_seeds(s, &plan).unwrap(), common::seed_windows(&plan), "{case:?}");
         }
     }
 
-    /// Random modes on every launch path: these shapes have too few planes for
-    /// the warp-per-plane-run kernels on a large GPU, so the path is set by the
-    /// bound (a fused-eligible config with no bound, any config with no bound, or
-    /// the grid-wide passes always), and the sweep checks it ran each path in each
+    /// Random modes on every launch path: these shapes have too few tiles for
+    /// the tiled kernels on a large GPU, so the path is set by the bound (a
+    /// fused-eligible config with no bound, any config with no bound, or the
+    /// grid-wide passes always), and the sweep checks it ran each path in each
     /// dtype.
     fn random_configs_match_cpu_in_every_dtype((d, s): &Gpu) {
         use dropblock::cuda::LaunchPath;
         let mut rng = StdRng::seed_from_u64(2);
         let mut seen = std::collections::HashSet::new();
         for i in 0..if quick() { 24 } else { 240u64 } {
-            let (case, min_planes) = match i % 4 {
+            let (case, min_tiles) = match i % 4 {
                 0 => (random_case_of(&mut rng, common::random_fusable_config), 0),
                 2 => (random_case(&mut rng), 0),
                 _ => (random_case(&mut rng), u64::MAX),
             };
-            let d = d.clone().with_min_planes(min_planes);
+            let d = d.clone().with_min_tiles(min_tiles);
             let unaligned = i % 5 == 4;
             let dtype = match i % 3 {
                 0 => check::<f32>(&d, s, case, unaligned, i),
                 1 => check::<f16>(&d, s, case, unaligned, i),
                 _ => check::<bf16>(&d, s, case, unaligned, i),
             };
-            seen.insert((d.launch_path(&case.cfg, case.shape), dtype));
+            seen.insert((d.launch_plan(&case.cfg, case.shape).path, dtype));
         }
-        for path in [LaunchPath::Fused, LaunchPath::Warps, LaunchPath::Grid] {
+        for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for dtype in ["f32", "f16", "bf16"] {
                 assert!(seen.contains(&(path, dtype)), "no {path:?} case in {dtype}");
             }
@@ -223,7 +229,7 @@ mod gpu {
 
     /// Each way of computing the keep bits (dropblock::cuda::LaunchPath), on shapes
     /// that take it on any GPU of 16 to 240 multiprocessors: the single-launch fused
-    /// kernel, a warp per run of planes, and the grid-wide passes for few planes.
+    /// kernel, a tile of planes per block, and the grid-wide passes for few planes.
     fn every_launch_path_matches_cpu((d, s): &Gpu) {
         use dropblock::cuda::LaunchPath;
         let many = [(32, 256, 7, 9, 3), (16, 1024, 14, 14, 7), (64, 128, 5, 70, 4)];
@@ -234,7 +240,7 @@ mod gpu {
                 let path = if matches!(norm, Normalize::Expected | Normalize::None) {
                     LaunchPath::Fused
                 } else {
-                    LaunchPath::Warps
+                    LaunchPath::Tiles
                 };
                 cases.push((n, c, h, w, k, norm, path));
             }
@@ -247,11 +253,69 @@ mod gpu {
         for (i, (n, c, h, w, k, norm, path)) in cases.into_iter().enumerate() {
             let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
             let shape = Shape::new(n, c, h, w).unwrap();
-            assert_eq!(d.launch_path(&cfg, shape), path, "{shape} {norm:?}");
+            assert_eq!(d.launch_plan(&cfg, shape).path, path, "{shape} {norm:?}");
             let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
             check::<f32>(d, s, case, false, 1);
             check::<bf16>(d, s, case, true, 2);
             check::<f16>(d, s, case, false, 3);
+        }
+    }
+
+    /// `sample_into` then `apply` gives the forward's keep bits, scales and y, in
+    /// every normalisation, with a host key and with a device generator.
+    fn sampling_alone_then_apply_matches_forward((d, s): &Gpu) {
+        let shape = Shape::new(8, 96, 14, 14).unwrap();
+        let x: Vec<bf16> = common::input(shape.numel(), 21).into_iter().map(bf16::from_f32).collect();
+        let xd = s.clone_htod(&x).unwrap();
+        for (i, norm) in
+            [Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None].into_iter().enumerate()
+        {
+            let cfg = DropBlockConfig::builder(Block::square(5).unwrap(), 0.15).normalize(norm).build().unwrap();
+            let key = RngKey::new(40 + i as u64, 17).unwrap();
+            let mut y_cpu = vec![bf16::ZERO; shape.numel()];
+            let saved = cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
+            let ctx = format!("{norm:?}");
+            for device in [false, true] {
+                let mut state = d.alloc_state(s, shape).unwrap();
+                let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
+                if device {
+                    d.sample_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train).unwrap();
+                    assert_eq!(gen.key(s).unwrap().offset(), key.offset() + 17, "{ctx}: generator stepped");
+                } else {
+                    d.sample_into(s, &mut state, &cfg, shape, key, Mode::Train).unwrap();
+                }
+                assert_eq!(state.keep_mask(s).unwrap(), saved.keep_mask(), "{ctx}: keep mask");
+                assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
+                let mut yd = s.alloc_zeros::<bf16>(shape.numel()).unwrap();
+                d.apply(s, &state, &xd, &mut yd).unwrap();
+                assert_same("y (sample, then apply)", &s.clone_dtoh(&yd).unwrap(), &y_cpu, &ctx);
+            }
+        }
+    }
+
+    /// The kernels zero the counters for the next call: the second and third
+    /// forwards on one state, with no host reset, count as the first did, on every
+    /// path that counts.
+    fn counters_are_reset_by_the_kernels((d, s): &Gpu) {
+        let shape = Shape::new(16, 64, 14, 14).unwrap();
+        let x: Vec<f32> = common::input(shape.numel(), 8);
+        let xd = s.clone_htod(&x).unwrap();
+        let mut yd = s.alloc_zeros::<f32>(shape.numel()).unwrap();
+        for norm in [Normalize::Global, Normalize::PerSample] {
+            for min_tiles in [0, u64::MAX] {
+                let d = d.clone().with_min_tiles(min_tiles);
+                let cfg = DropBlockConfig::builder(Block::square(7).unwrap(), 0.2).normalize(norm).build().unwrap();
+                let mut state = d.alloc_state(s, shape).unwrap();
+                let mut gen = dropblock::Generator::new(3);
+                for call in 0..3 {
+                    let key = gen.next_key().unwrap();
+                    d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
+                    let saved = cpu::sample(&cfg, shape, key, Mode::Train).unwrap();
+                    let ctx = format!("{norm:?} {:?} call {call}", d.launch_plan(&cfg, shape).path);
+                    assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
+                    assert!(state.counters(s).unwrap().iter().all(|&c| c == 0), "{ctx}: counters left non-zero");
+                }
+            }
         }
     }
 

@@ -32,7 +32,7 @@ mod emulation {
     use std::process::Command;
     use std::sync::Arc;
 
-    use dropblock::cuda::{launch_plan, vector_kernels, CudaElement, LaunchPath};
+    use dropblock::cuda::{apply_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS};
     use dropblock::sampling::Plan;
     use dropblock::{abi, cpu, DropBlockConfig, Mode, RngKey, Shape};
     use half::{bf16, f16};
@@ -113,10 +113,17 @@ mod emulation {
         apply_blocks: u32,
         in_place: bool,
         unaligned: bool,
-        /// Planes below which the grid-wide passes serve: 0 (never) or u64::MAX (always).
-        min_planes: u64,
+        /// Tiles below which the grid-wide passes serve: 0 (only for planes too
+        /// large for a tile) or u64::MAX (always).
+        min_tiles: u64,
+        /// Resident blocks the tiles are balanced over (sets their size), or with
+        /// `smallest_tiles` the smallest tile of `q` planes.
+        blocks: u64,
+        smallest_tiles: bool,
         /// Draw from a device generator instead of the kernel parameters.
         device_key: bool,
+        /// Forwards run back to back on one state, with no reset between.
+        calls: u32,
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
@@ -138,8 +145,11 @@ mod emulation {
             apply_blocks: rng.random_range(1..=2),
             in_place: rng.random_bool(0.3),
             unaligned: rng.random_bool(0.25),
-            min_planes: if !fusable && rng.random_bool(0.4) { u64::MAX } else { 0 },
+            min_tiles: if !fusable && rng.random_bool(0.4) { u64::MAX } else { 0 },
+            blocks: rng.random_range(1..=8),
+            smallest_tiles: rng.random_bool(0.3),
             device_key: rng.random_bool(0.3),
+            calls: rng.random_range(1..=3),
         }
     }
 
@@ -168,7 +178,7 @@ mod emulation {
             let case = random_case(&mut rng);
             seen.insert(check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?);
         }
-        for path in [LaunchPath::Fused, LaunchPath::Warps, LaunchPath::Grid] {
+        for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for vector in [true, false] {
                 if !seen.contains(&(path, vector)) {
                     return Err(format!("no case took {path:?} with vector={vector}: widen random_case").into());
@@ -182,19 +192,40 @@ mod emulation {
     fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(LaunchPath, bool), String> {
         let (shape, n) = (c.shape, c.shape.numel());
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
+        // After `calls` calls a device generator has stepped to the last call's key
+        // (one call where that would pass the largest offset).
+        let last = |calls: u32| RngKey::new(c.key.seed(), c.key.offset().checked_add(17 * (calls as u64 - 1))?).ok();
+        let (key, calls) = match (c.device_key, last(c.calls)) {
+            (false, _) => (c.key, c.calls),
+            (true, Some(k)) => (k, c.calls),
+            (true, None) => (c.key, 1),
+        };
         let mut y_cpu = vec![T::default(); n];
-        let saved = cpu::forward(&c.cfg, shape, c.key, Mode::Train, &x, &mut y_cpu).unwrap();
+        let saved = cpu::forward(&c.cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
         let plan = Plan::new(&c.cfg, shape, c.key);
-        let (apply, path) = launch_plan(&c.cfg, shape, c.min_planes);
+        let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks);
+        if c.smallest_tiles && launch.path != LaunchPath::Grid {
+            launch.tiles = tiles_with(plan.geometry(), plan.geometry().planes_per_window as u64);
+        }
+        let (apply, path) = (launch.apply, launch.path);
+        let op = apply_op::<T>(!c.unaligned, plan.geometry(), &apply);
 
-        let vector = vector_kernels::<T>(!c.unaligned, apply.plane_len);
         let mut req = Vec::new();
-        for v in
-            [dtype, path as u32, c.count_blocks, c.apply_blocks, c.in_place as u32, !vector as u32, c.device_key as u32]
-        {
+        for v in [
+            dtype,
+            path as u32,
+            op as u32,
+            c.count_blocks,
+            c.apply_blocks,
+            c.in_place as u32,
+            c.unaligned as u32,
+            c.device_key as u32,
+            calls,
+        ] {
             req.extend_from_slice(&v.to_le_bytes());
         }
         req.extend_from_slice(bytes_of(plan.geometry()));
+        req.extend_from_slice(bytes_of(&launch.tiles));
         req.extend_from_slice(bytes_of(plan.sampling()));
         req.extend_from_slice(bytes_of(&apply));
         for v in &x {
@@ -209,41 +240,43 @@ mod emulation {
         }
         let resp = std::fs::read(&rs).unwrap();
         let mut buf = &resp[..];
-        let words = apply.plane_words as usize;
-        let bits: Vec<u32> = take(&mut buf, shape.n() * shape.c() * words);
+        let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
         let counts: Vec<u64> = take(&mut buf, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n());
         let scales: Vec<f32> = take(&mut buf, shape.n());
         let y: Vec<T> = take(&mut buf, n);
         let key_after: Vec<u64> = take(&mut buf, 2);
-        let stepped = if c.device_key { c.key.offset() + 17 } else { c.key.offset() };
+        let stepped = if c.device_key { c.key.offset() + 17 * calls as u64 } else { c.key.offset() };
+        let tag = format!("{path:?}, {:?}, {calls} call(s)", APPLY_OPS[op]);
         if key_after != [c.key.seed(), stepped] {
-            return Err(format!("generator after the call {key_after:?}, expected [{}, {stepped}]", c.key.seed()));
+            return Err(format!(
+                "generator after the calls {key_after:?}, expected [{}, {stepped}] ({tag})",
+                c.key.seed()
+            ));
         }
 
+        let l = shape.plane_len();
         let mut mask = vec![0u8; n];
-        for (i, slice) in mask.chunks_mut(shape.plane_len()).enumerate() {
-            let plane = &bits[plan.plane_of(i / shape.c(), i % shape.c()) * words..][..words];
+        for (i, slice) in mask.chunks_mut(l).enumerate() {
+            let base = plan.plane_of(i / shape.c(), i % shape.c()) * l;
             for (cell, v) in slice.iter_mut().enumerate() {
-                *v = (plane[cell / 32] >> (cell % 32) & 1) as u8;
+                let b = base + cell;
+                *v = (bits[b / 32] >> (b % 32) & 1) as u8;
             }
         }
         if mask != saved.keep_mask() {
             let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
-            return Err(format!("keep mask differs first at element {i} ({path:?})"));
+            return Err(format!("keep mask differs first at element {i} ({tag})"));
         }
         let k = saved.scales().len();
         if scales[..k] != *saved.scales() {
-            return Err(format!("scales {:?} != cpu {:?} ({path:?})", &scales[..k], saved.scales()));
+            return Err(format!("scales {:?} != cpu {:?} ({tag})", &scales[..k], saved.scales()));
         }
-        if path != LaunchPath::Fused {
-            let total = counts[abi::DROPBLOCK_COUNT_TOTAL as usize];
-            if total != saved.kept() {
-                return Err(format!("device count {total} != cpu kept {}", saved.kept()));
-            }
+        if counts.iter().any(|&v| v != 0) {
+            return Err(format!("counters {counts:?} left non-zero after the call ({tag})"));
         }
         if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
-            return Err(format!("y[{i}] = {:?}, cpu {:?} ({path:?})", y[i], y_cpu[i]));
+            return Err(format!("y[{i}] = {:?}, cpu {:?} ({tag})", y[i], y_cpu[i]));
         }
-        Ok((path, vector))
+        Ok((path, op != 4))
     }
 }

@@ -104,7 +104,7 @@ fn shared_planes_drop_the_same_cells() {
             .placement(Placement::Anywhere)
             .build()
             .unwrap();
-        let saved = cpu::sample(&cfg, shape, RngKey::new(8, 0).unwrap(), Mode::Train);
+        let saved = cpu::sample(&cfg, shape, RngKey::new(8, 0).unwrap(), Mode::Train).unwrap();
         let mask = saved.keep_mask();
         let slice = |n: usize, c: usize| &mask[(n * shape.c() + c) * shape.plane_len()..][..shape.plane_len()];
         let pairs: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..4).map(move |c| (n, c))).collect();

@@ -427,91 +427,146 @@ fn statistics_reject_broken_samplers() {
     check_bernoulli(&stats, gamma).unwrap();
 }
 
-// ---------------------------------------------------------------- rows of several windows
+// ---------------------------------------------------------------- windows and planes
 
-#[test]
-fn rows_longer_than_a_window() {
-    // Valid placement, W = 206 and a 1x7 block: a seed grid 200 cells wide, cut into
-    // windows of 64, 64, 64 and 8 cells.
-    let gamma = 0.05;
-    let (planes, h, w) = (40usize, 2_500usize, 206usize);
-    let cfg = DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0).placement(Placement::Valid).build().unwrap();
-    let shape = Shape::new(2, planes / 2, h, w).unwrap();
-    let probe = Plan::new(&cfg, shape, RngKey::new(7, 0).unwrap());
-    // Paper γ of this config, scaled to the rate wanted.
+/// A plan of `cfg`'s geometry on `shape` whose γ is exactly `gamma` (the Paper γ of
+/// the configuration, scaled).
+fn plan_scaled_to(gamma: f64, block: Block, placement: Placement, shape: Shape, key: RngKey) -> Plan {
+    let base = DropBlockConfig::builder(block, 1.0).placement(placement).build().unwrap();
+    let probe = Plan::new(&base, shape, key);
     let cfg =
-        DropBlockConfig::builder(Block::new(1, 7).unwrap(), 1.0).gamma_scale(gamma / probe.gamma()).build().unwrap();
-    let plan = Plan::new(&cfg, shape, RngKey::new(0x5EED_0004, 17 * 3).unwrap());
-    let gamma = plan.gamma();
-    assert!((gamma - 0.05).abs() < 1e-12);
-    let g = *plan.geometry();
-    assert_eq!((g.seed_h, g.seed_w, g.windows_per_row), (h as u32, 200, 4));
-    assert_eq!(plan.planes(), planes);
+        DropBlockConfig::builder(block, 1.0).placement(placement).gamma_scale(gamma / probe.gamma()).build().unwrap();
+    let plan = Plan::new(&cfg, shape, key);
+    assert!((plan.gamma() - gamma).abs() < 1e-12, "γ {} instead of {gamma}", plan.gamma());
+    plan
+}
 
-    let wpr = 4usize;
-    let mut grid: Vec<u64>;
-    let mut row: Vec<u64>;
-    let mut prev_plane_row0 = vec![0u64; wpr];
-    let mut col = vec![0u64; 200];
-    // Joint counts: columns c and c + 64 of one row (distinct windows), column c of
-    // rows y and y + 1, columns 63/64, 127/128, 191/192 and row 0 of neighbouring planes.
-    let mut same_col_next_window = 0u64;
-    let mut pairs_across_window = 0u64;
-    let mut pairs_next_row = 0u64;
-    let mut pairs_next_plane = 0u64;
-    let bit = |r: &[u64], x: usize| (r[x / 64] >> (x % 64)) & 1;
+/// Planes longer than a window (contract v2, S > 64): a 25 x 200 seed grid is 79
+/// windows, the last of 8 cells. The rate at each position of a window, in the
+/// short last window, and independence across window and plane boundaries.
+#[test]
+fn planes_longer_than_a_window() {
+    let gamma = 0.05;
+    let (planes, h, w) = (3_000usize, 25usize, 206usize);
+    let shape = Shape::new(3, planes / 3, h, w).unwrap();
+    let plan = plan_scaled_to(
+        gamma,
+        Block::new(1, 7).unwrap(),
+        Placement::Valid,
+        shape,
+        RngKey::new(0x5EED_0004, 51).unwrap(),
+    );
+    let g = *plan.geometry();
+    assert_eq!((g.seed_cells, g.planes_per_window, g.windows_per_group), (5_000, 1, 79));
+    assert_eq!(plan.windows(), 79 * planes as u64);
+
+    let mut at = [0u64; 64];
+    let (mut full, mut last_cells, mut pairs_across, mut pairs_next_window, mut pairs_across_planes) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut prev_plane_last = 0u64;
     for p in 0..planes {
-        grid = plan.seed_grid(p).unwrap();
-        for y in 0..h {
-            let r = &grid[y * wpr..(y + 1) * wpr];
-            assert_eq!(r[3] >> 8, 0, "seed past column 199 (plane {p}, row {y}): {:#x}", r[3]);
-            // seed_row and the window numbering of the contract agree with seed_grid.
-            if y % 97 == 0 {
-                row = plan.seed_row(p, y as u32).unwrap();
-                assert_eq!(&row[..], r, "seed_row vs seed_grid, plane {p}, row {y}");
-                for (s, &word) in r.iter().enumerate() {
-                    let len = if s == 3 { 8 } else { 64 };
-                    let window = ((p * h + y) * wpr + s) as u64;
-                    assert_eq!(word, plan.sample_window(window, len).unwrap(), "window {s} of plane {p} row {y}");
+        let seeds = plan.seed_plane(p).unwrap();
+        assert_eq!(seeds.len(), 79);
+        for (i, &word) in seeds.iter().enumerate() {
+            // The plane's words are its windows p·m + i, in order.
+            let window = (p * 79 + i) as u64;
+            let len = plan.window_len(window).unwrap();
+            assert_eq!(len, if i == 78 { 8 } else { 64 });
+            assert_eq!(word, plan.sample_window(window, len).unwrap(), "plane {p} window {i}");
+            if i < 78 {
+                full += 1;
+                for (x, a) in at.iter_mut().enumerate() {
+                    *a += word >> x & 1;
                 }
-            }
-            for (x, cx) in col.iter_mut().enumerate() {
-                let b = bit(r, x);
-                *cx += b;
-                if x + 64 < 200 {
-                    same_col_next_window += b & bit(r, x + 64);
+                // The last cell of this window and the first of the next.
+                pairs_across += (word >> 63) & seeds[i + 1] & 1;
+                // Cell c of this window and cell c of the next (full windows only).
+                if i + 1 < 78 {
+                    pairs_next_window += (word & seeds[i + 1]).count_ones() as u64;
                 }
-                if y + 1 < h {
-                    pairs_next_row += b & bit(&grid[(y + 1) * wpr..(y + 2) * wpr], x);
-                }
-            }
-            for x in [63usize, 127, 191] {
-                pairs_across_window += bit(r, x) & bit(r, x + 1);
+            } else {
+                assert_eq!(word >> 8, 0, "a seed past the plane's last cell (plane {p})");
+                last_cells += word.count_ones() as u64;
             }
         }
         if p > 0 {
-            for x in 0..200 {
-                pairs_next_plane += bit(&grid[..wpr], x) & bit(&prev_plane_row0, x);
+            pairs_across_planes += prev_plane_last & seeds[0] & 1;
+        }
+        prev_plane_last = seeds[78] >> 7 & 1;
+    }
+    for (x, &c) in at.iter().enumerate() {
+        check_count(&format!("seeds at window position {x}"), c, full, gamma).unwrap();
+    }
+    check_count("seeds in the 8-cell windows", last_cells, 8 * planes as u64, gamma).unwrap();
+    check_count("seeds at both sides of a window boundary", pairs_across, full, gamma * gamma).unwrap();
+    check_count("seeds at c of adjacent windows", pairs_next_window, 64 * (full - planes as u64), gamma * gamma)
+        .unwrap();
+    check_count("seeds at both sides of a plane boundary", pairs_across_planes, planes as u64 - 1, gamma * gamma)
+        .unwrap();
+}
+
+/// Windows holding several planes (contract v2, S <= 64): a 3 x 3 seed grid puts
+/// q = 7 planes in a window of 63 cells, and a plane count that is not a multiple
+/// of 7 leaves a last window of 3 planes. Rates per position, in the short last
+/// window, and independence between neighbouring planes inside a window and
+/// across windows.
+#[test]
+fn windows_of_several_planes() {
+    let gamma = 0.05;
+    let planes = 7 * 30_000 + 3;
+    let shape = Shape::new(1, planes, 5, 5).unwrap();
+    let plan =
+        plan_scaled_to(gamma, Block::square(3).unwrap(), Placement::Valid, shape, RngKey::new(0x5EED_0008, 0).unwrap());
+    let g = *plan.geometry();
+    assert_eq!((g.seed_cells, g.planes_per_window, g.windows_per_group), (9, 7, 1));
+    let windows = plan.windows();
+    assert_eq!(windows, 30_001);
+    assert_eq!(plan.window_len(windows - 1).unwrap(), 27);
+    assert!(plan.window_len(windows).is_err());
+
+    let mut at = [0u64; 63];
+    let (mut inside, mut across, mut short) = (0u64, 0u64, 0u64);
+    let mut prev = 0u64;
+    for w in 0..windows {
+        let len = plan.window_len(w).unwrap();
+        let word = plan.sample_window(w, len).unwrap();
+        assert_eq!(word >> len, 0, "a seed past the window's last cell (window {w})");
+        if len == 63 {
+            for (x, a) in at.iter_mut().enumerate() {
+                *a += word >> x & 1;
+            }
+            // Cell c of plane j and cell c of plane j + 1 in the same window.
+            inside += (word & word >> 9 & ((1u64 << 54) - 1)).count_ones() as u64;
+        } else {
+            short += word.count_ones() as u64;
+        }
+        if w > 0 {
+            // Cell c of the previous window's last plane and of this window's first.
+            across += (prev >> 54 & word & 0x1ff).count_ones() as u64;
+        }
+        prev = word;
+        // The planes read their own 9 bits of the window.
+        if w % 1_000 == 0 {
+            for j in 0..(len / 9) as usize {
+                let p = w as usize * 7 + j;
+                assert_eq!(plan.seed_plane(p).unwrap(), vec![word >> (9 * j) & 0x1ff], "plane {p}");
             }
         }
-        prev_plane_row0.copy_from_slice(&grid[..wpr]);
     }
-    let rows = (planes * h) as u64;
-    for (x, &c) in col.iter().enumerate() {
-        check_count(&format!("seeds in column {x}"), c, rows, gamma).unwrap();
+    let full = windows - 1;
+    for (x, &c) in at.iter().enumerate() {
+        check_count(&format!("seeds at window position {x}"), c, full, gamma).unwrap();
     }
-    // Pooled: the cells next to window boundaries, and the short last window.
-    let boundary: u64 = [0usize, 63, 64, 127, 128, 191, 192].iter().map(|&x| col[x]).sum();
-    check_count("seeds at window boundaries", boundary, 7 * rows, gamma).unwrap();
-    let last: u64 = col[192..200].iter().sum();
-    check_count("seeds in the 8-cell window", last, 8 * rows, gamma).unwrap();
-    let first: u64 = col[..64].iter().sum();
-    check_count("seeds in the first window", first, 64 * rows, gamma).unwrap();
-    // Independence between windows, rows and planes.
-    check_count("seeds at c and c+64", same_col_next_window, 136 * rows, gamma * gamma).unwrap();
-    check_count("seeds at both sides of a boundary", pairs_across_window, 3 * rows, gamma * gamma).unwrap();
-    check_count("seeds at (y, x) and (y+1, x)", pairs_next_row, 200 * (rows - planes as u64), gamma * gamma).unwrap();
-    check_count("row 0 of planes p and p+1", pairs_next_plane, 200 * (planes as u64 - 1), gamma * gamma).unwrap();
+    // The short last window, over many keys (one window per key is too few).
+    let keys = 20_000u64;
+    for o in 0..keys {
+        let key = RngKey::new(0x5EED_0009, 17 * o).unwrap();
+        short += plan.with_key(key).sample_window(windows - 1, 27).unwrap().count_ones() as u64;
+    }
+    check_count("seeds in the 27-cell window", short, 27 * (keys + 1), gamma).unwrap();
+    check_count("seeds at c of planes j, j+1 of a window", inside, 54 * full, gamma * gamma).unwrap();
+    check_count("seeds at c of the last and first planes of adjacent windows", across, 9 * full, gamma * gamma)
+        .unwrap();
 }
 
 // ---------------------------------------------------------------- extreme rates
@@ -589,7 +644,7 @@ fn offsets_give_independent_grids_and_keys_replay() {
     let gamma = 0.1;
     let shape = Shape::new(2, 2, 100, 100).unwrap();
     let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
-    let grids = |key: RngKey| common::seed_grids(&Plan::new(&cfg, shape, key));
+    let grids = |key: RngKey| common::seed_windows(&Plan::new(&cfg, shape, key));
     let cells = 4 * 100 * 100u64;
     let seeds = |g: &[u64]| g.iter().map(|w| w.count_ones() as u64).sum::<u64>();
     let both = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| (x & y).count_ones() as u64).sum::<u64>();

@@ -86,18 +86,21 @@ fn offsets() {
 
 #[test]
 fn grow_blocks_buffers() {
-    // 10x10 map, 3x3 block, Valid: an 8x8 seed grid, one window per row; 2 words of 64 bits.
+    // 10x10 map, 3x3 block, Valid: an 8x8 seed grid (64 cells, one word); the plane
+    // is 2 words of 64 bits.
     let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
     let plan = dropblock::sampling::Plan::new(&cfg, Shape::new(1, 1, 10, 10).unwrap(), RngKey::new(0, 0).unwrap());
     let mut out = vec![0u64; 2];
     assert_eq!(
-        dropblock::mask::grow_blocks(&plan, &[0; 7], &mut out),
-        Err(Error::LengthMismatch { what: "seed grid", expected: 8, actual: 7 })
+        dropblock::mask::grow_blocks(&plan, &[0; 2], &mut out),
+        Err(Error::LengthMismatch { what: "seed words", expected: 1, actual: 2 })
     );
     assert_eq!(
-        dropblock::mask::grow_blocks(&plan, &[1; 8], &mut [0; 1]),
+        dropblock::mask::grow_blocks(&plan, &[1], &mut [0; 1]),
         Err(Error::LengthMismatch { what: "plane words", expected: 2, actual: 1 })
     );
-    // A seed at (0, 0) of every row drops columns 0..3 of every row.
-    assert_eq!(dropblock::mask::grow_blocks(&plan, &[1; 8], &mut out), Ok(30));
+    // A seed at (y, 0) of every seed row (cells 0, 8, .., 56) drops columns 0..3 of
+    // every row.
+    let column0 = (0..8).fold(0u64, |w, y| w | 1 << (8 * y));
+    assert_eq!(dropblock::mask::grow_blocks(&plan, &[column0], &mut out), Ok(30));
 }

@@ -51,7 +51,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     let (h, w) = (background.height, background.width);
     too_large(h, w)?;
     let shape = Shape::new(1, 1, h, w)?;
-    let saved = cpu::sample(&cfg, shape, key, Mode::Train);
+    let saved = cpu::sample(&cfg, shape, key, Mode::Train)?;
     let mask = saved.keep_mask();
     let mut img = Image::new(w * zoom, h * zoom, [0; 3]);
     for y in 0..h {
@@ -78,19 +78,17 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
 /// Marks each seed's cell (a seed at (y, x) is the cell its block is anchored at)
 /// and returns how many there are.
 fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> Result<usize, CliError> {
-    let wpr = plan.geometry().windows_per_row as usize;
-    let grid = plan.seed_grid(0)?;
+    let seed_w = plan.geometry().seed_w as usize;
     let mut count = 0;
     let dot = (zoom / 2).max(1);
-    for (y, row) in grid.chunks(wpr).enumerate() {
-        for (s, &word) in row.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let x = s * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                count += 1;
-                img.fill_rect(x * zoom + (zoom - dot) / 2, y * zoom + (zoom - dot) / 2, dot, dot, image::SEED);
-            }
+    for (k, &word) in plan.seed_plane(0)?.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let cell = k * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let (y, x) = (cell / seed_w, cell % seed_w);
+            count += 1;
+            img.fill_rect(x * zoom + (zoom - dot) / 2, y * zoom + (zoom - dot) / 2, dot, dot, image::SEED);
         }
     }
     Ok(count)

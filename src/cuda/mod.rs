@@ -25,5 +25,5 @@ mod ops;
 
 pub use module::{built_archs, context, fatbin, ptxas_report};
 #[doc(hidden)]
-pub use ops::{kernel_names, launch_plan, vector_kernels, LaunchPath};
+pub use ops::{apply_op, kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath, APPLY_OPS};
 pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

@@ -1,7 +1,7 @@
 //! Launch wrappers for the kernels in `kernels/dropblock2d.cu`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
@@ -21,6 +21,7 @@ use crate::sampling::{expected_scale, Plan};
 unsafe impl DeviceRepr for abi::DropBlockGeometry {}
 unsafe impl DeviceRepr for abi::DropBlockSampling {}
 unsafe impl DeviceRepr for abi::DropBlockApply {}
+unsafe impl DeviceRepr for abi::DropBlockTiles {}
 
 /// An element type with kernels: f32, f16, bf16. Its kernels are named by its
 /// dtype (`dropblock2d_apply_<DType::name>`).
@@ -31,25 +32,29 @@ impl CudaElement for f16 {}
 impl CudaElement for bf16 {}
 
 const THREADS: u32 = 256;
-const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
-/// The fused kernel streams a run of slices per warp; larger slices go through
-/// the flat two-kernel path, which spreads a slice over the whole grid.
-const FUSED_MAX_PLANE_LEN: u64 = 1 << 16;
-/// With fewer mask planes than this many per multiprocessor, kernels that give a
-/// warp a run of planes would leave most warps idle: the grid-wide passes serve.
-const MIN_PLANES_PER_SM: u64 = 32;
-const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "advance_key", "sample_seeds"];
-const ELEMENTWISE: [&str; 4] = ["apply", "apply_unaligned", "fused", "fused_unaligned"];
+const UNTYPED: [&str; 4] = ["count_mask", "seed_blocks", "count_bits", "sample_seeds"];
+/// The scaled copies from saved keep bits, by layout of the bits and scales
+/// (tests/emulator/driver.cpp indexes them in this order).
+#[doc(hidden)]
+pub const APPLY_OPS: [&str; 5] =
+    ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "apply_unaligned"];
+const FUSED_OPS: [&str; 2] = ["fused", "fused_unaligned"];
 /// The element-wise kernels' dtype suffixes are the dtypes' names, so a dtype
 /// without kernels fails `the_kernel_table_matches_the_fatbin`.
 const DTYPES: &[&str] = DType::NAMES;
+/// Cells a tile holds: `DROPBLOCK_TILE_WORDS` words, starting at any bit of the
+/// first (kernels/mask.cuh, TILE_CELLS).
+const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
+/// Windows per tile at most: one per thread of a block.
+const TILE_WINDOWS: u64 = THREADS as u64;
 
 /// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
 /// finding a kernel on the launch path neither formats nor allocates.
 type KernelKey = (&'static str, &'static str);
 
 fn kernel_keys() -> impl Iterator<Item = KernelKey> {
-    UNTYPED.iter().map(|&op| (op, "")).chain(ELEMENTWISE.iter().flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
+    let typed = APPLY_OPS.iter().chain(&FUSED_OPS);
+    UNTYPED.iter().map(|&op| (op, "")).chain(typed.flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
 }
 
 /// `dropblock2d_<op>[_<dtype>]`, the name in the fatbin.
@@ -73,8 +78,8 @@ pub fn kernel_names() -> Vec<String> {
 pub struct DropBlockCuda {
     ctx: Arc<CudaContext>,
     sm_count: u32,
-    /// Mask planes below which a forward takes the grid-wide passes.
-    min_planes: u64,
+    /// Tiles below which a forward takes the grid-wide passes.
+    min_tiles: u64,
     kernels: Arc<HashMap<KernelKey, Kernel>>,
 }
 
@@ -141,20 +146,35 @@ impl DeviceGenerator {
 /// What forward leaves for backward, on the device: the keep bits of every mask
 /// plane, the kept counts and the scale(s). Owned by the caller and reusable
 /// across calls of the same shape.
+///
+/// The kernels reach its buffers by raw pointer, without cudarc's per-buffer
+/// events: the state remembers the stream of its last call, and a call on
+/// another stream first makes that stream wait for it.
 #[derive(Debug)]
 pub struct DeviceState {
     shape: Shape,
     keep_bits: CudaSlice<u32>,
     counts: CudaSlice<u64>,
     scales: CudaSlice<f32>,
+    ptrs: StatePtrs,
+    last_stream: Mutex<Option<Arc<CudaStream>>>,
     call: Option<Call>,
+    /// The last configuration's plan and launch, reused while it does not change.
+    cached: Option<(DropBlockConfig, Plan, CallPlan)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StatePtrs {
+    keep_bits: sys::CUdeviceptr,
+    counts: sys::CUdeviceptr,
+    scales: sys::CUdeviceptr,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Call {
-    /// `None` for an identity call (eval mode or drop_prob 0).
-    plan: Option<Plan>,
-    apply: abi::DropBlockApply,
+    /// The plan and launch of a call that drew a mask; `None` for an identity call
+    /// (eval mode or drop_prob 0).
+    masked: Option<(Plan, CallPlan)>,
 }
 
 /// Raw device pointers of one call's tensors. The callers hold cudarc's guards
@@ -187,23 +207,25 @@ impl DropBlockCuda {
                 Ok((key, Kernel { function, blocks_per_sm: blocks_per_sm.max(1) }))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        let min_planes = sm_count as u64 * MIN_PLANES_PER_SM;
-        Ok(Self { ctx: ctx.clone(), sm_count, min_planes, kernels: Arc::new(kernels) })
+        Ok(Self { ctx: ctx.clone(), sm_count, min_tiles: sm_count as u64, kernels: Arc::new(kernels) })
     }
 
-    /// The same kernels with the grid-wide passes taken below `min_planes` mask
-    /// planes instead of the device's own bound: 0 never takes them, `u64::MAX`
-    /// always does. For tests, to reach every launch path on any device.
+    /// The same kernels with the grid-wide passes taken below `min_tiles` tiles
+    /// instead of one per multiprocessor: 0 takes them only for planes too large
+    /// for a tile, `u64::MAX` always. For tests, to reach every launch path on any
+    /// device.
     #[doc(hidden)]
-    pub fn with_min_planes(mut self, min_planes: u64) -> Self {
-        self.min_planes = min_planes;
+    pub fn with_min_tiles(mut self, min_tiles: u64) -> Self {
+        self.min_tiles = min_tiles;
         self
     }
 
-    /// The launch path a forward of `cfg` on `shape` takes.
+    /// How a forward of `cfg` on `shape` is launched on this device.
     #[doc(hidden)]
-    pub fn launch_path(&self, cfg: &DropBlockConfig, shape: Shape) -> LaunchPath {
-        launch_plan(cfg, shape, self.min_planes).1
+    pub fn launch_plan(&self, cfg: &DropBlockConfig, shape: Shape) -> CallPlan {
+        // Tiles are balanced over the count pass's resident blocks.
+        let per_sm = self.kernels.get(&("count_mask", "")).map_or(1, |k| k.blocks_per_sm);
+        launch_plan(cfg, shape, self.min_tiles, self.sm_count as u64 * per_sm as u64)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -242,17 +264,28 @@ impl DropBlockCuda {
     }
 
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
-    /// calls. Holds `ceil(H·W/32)` words of keep bits per `(n, c)` slice.
+    /// calls: one keep bit per element (the most any sharing needs), N + 2
+    /// counters and N scales.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
         self.check_context(stream.context())?;
-        let planes = shape.n() * shape.c();
-        let words = planes * shape.plane_len().div_ceil(32);
+        let keep_bits = stream.alloc_zeros::<u32>(shape.numel().div_ceil(32))?;
+        let counts = stream.alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())?;
+        let scales = stream.alloc_zeros::<f32>(shape.n())?;
+        // The raw pointers, taken once; DeviceState orders its own uses by stream.
+        let ptrs = StatePtrs {
+            keep_bits: keep_bits.device_ptr(stream).0,
+            counts: counts.device_ptr(stream).0,
+            scales: scales.device_ptr(stream).0,
+        };
         Ok(DeviceState {
             shape,
-            keep_bits: stream.alloc_zeros::<u32>(words)?,
-            counts: stream.alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())?,
-            scales: stream.alloc_zeros::<f32>(shape.n())?,
+            keep_bits,
+            counts,
+            scales,
+            ptrs,
+            last_stream: Mutex::new(Some(stream.clone())),
             call: None,
+            cached: None,
         })
     }
 
@@ -290,7 +323,7 @@ impl DropBlockCuda {
         shape.check_len("y", y.len())?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Io { x: xp, y: yp })
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(Io { x: xp, y: yp }))
     }
 
     /// Forward in place: `x` is overwritten with `y`.
@@ -307,7 +340,54 @@ impl DropBlockCuda {
     ) -> Result<()> {
         shape.check_len("x", x.len())?;
         let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Io { x: p, y: p })
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(Io { x: p, y: p }))
+    }
+
+    /// The first half of a forward on its own: fills the state's keep bits and
+    /// scales from the key alone. The mask does not depend on x, so a pipeline can
+    /// sample on one stream while the layer before runs on another, then call
+    /// [`DropBlockCuda::apply`] (or [`DropBlockCuda::apply_inplace`]) once x is
+    /// ready. The result is the forward's, bit for bit.
+    pub fn sample_into<'k>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        cfg: &DropBlockConfig,
+        shape: Shape,
+        key: impl Into<KeySource<'k>>,
+        mode: Mode,
+    ) -> Result<()> {
+        // The element type does not matter without tensors.
+        self.launch_forward::<f32>(stream, state, cfg, shape, key.into(), mode, None)
+    }
+
+    /// `y = round(f32(x) · factor)` with the factors of the state's last call:
+    /// the second half of a forward after [`DropBlockCuda::sample_into`], or a
+    /// backward (`dx` from `dy`).
+    pub fn apply<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        state.shape.check_len("x", x.len())?;
+        state.shape.check_len("y", y.len())?;
+        let (xp, _g1) = x.device_ptr(stream);
+        let (yp, _g2) = y.device_ptr_mut(stream);
+        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp })
+    }
+
+    /// [`DropBlockCuda::apply`] in place: `x` is overwritten with `y`.
+    pub fn apply_inplace<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        x: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        state.shape.check_len("x", x.len())?;
+        let (p, _g) = x.device_ptr_mut(stream);
+        self.launch_saved::<T>(stream, state, Io { x: p, y: p })
     }
 
     /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
@@ -319,11 +399,7 @@ impl DropBlockCuda {
         dy: &impl DevicePtr<T>,
         dx: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        state.shape.check_len("dy", dy.len())?;
-        state.shape.check_len("dx", dx.len())?;
-        let (dyp, _g1) = dy.device_ptr(stream);
-        let (dxp, _g2) = dx.device_ptr_mut(stream);
-        self.launch_backward::<T>(stream, state, Io { x: dyp, y: dxp })
+        self.apply(stream, state, dy, dx)
     }
 
     /// Backward in place: `dy` is overwritten with `dx`.
@@ -333,20 +409,17 @@ impl DropBlockCuda {
         state: &DeviceState,
         dy: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        state.shape.check_len("dy", dy.len())?;
-        let (p, _g) = dy.device_ptr_mut(stream);
-        self.launch_backward::<T>(stream, state, Io { x: p, y: p })
+        self.apply_inplace(stream, state, dy)
     }
 
-    /// The raw seed words of every plane's seed grid (window order), computed by
-    /// the device sampler: for checking it against [`Plan::seed_grid`].
+    /// The raw seed words of every window of the call, in window order, computed
+    /// by the device sampler: for checking it against [`Plan::sample_window`].
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
         self.check_context(stream.context())?;
         let g = *plan.geometry();
-        let windows = (g.planes * g.seed_h as u64 * g.windows_per_row as u64) as usize;
-        let mut out = stream.alloc_zeros::<u64>(windows)?;
+        let mut out = stream.alloc_zeros::<u64>(g.windows as usize)?;
         let k = self.kernel("sample_seeds", "")?;
-        let cfg = self.launch_config(k, (windows as u64).div_ceil(THREADS as u64));
+        let cfg = self.launch_config(k, g.windows.div_ceil(THREADS as u64));
         let mut b = stream.launch_builder(&k.function);
         b.arg(&g).arg(plan.sampling()).arg(&mut out);
         // SAFETY: argument types match the kernel's signature; `out` holds every window.
@@ -354,6 +427,7 @@ impl DropBlockCuda {
         stream.clone_dtoh(&out).map_err(Error::from)
     }
 
+    /// A forward's launches: sampling, and with `io` the scaled copy.
     #[allow(clippy::too_many_arguments)]
     fn launch_forward<T: CudaElement>(
         &self,
@@ -363,21 +437,22 @@ impl DropBlockCuda {
         shape: Shape,
         key: KeySource<'_>,
         mode: Mode,
-        io: Io,
+        io: Option<Io>,
     ) -> Result<()> {
         self.check_context(stream.context())?;
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
         }
-        let (apply, path) = launch_plan(cfg, shape, self.min_planes);
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
-            copy::<T>(stream, shape, &io)?;
-            state.call = Some(Call { plan: None, apply });
+            if let Some(io) = &io {
+                copy::<T>(stream, shape, io)?;
+            }
+            state.call = Some(Call { masked: None });
             return Ok(());
         }
         // With a device generator the kernels read (seed, offset) from device
-        // memory; the plan's own key is then a placeholder.
+        // memory, and the last block steps it; the plan's own key is a placeholder.
         let (host_key, generator) = match key {
             KeySource::Host(k) => (k, None),
             KeySource::Device(gen) => {
@@ -385,65 +460,73 @@ impl DropBlockCuda {
                 (RngKey::new(0, 0)?, Some(gen))
             }
         };
-        // The guard keeps cudarc's bookkeeping for the generator alive until the
-        // launches below are enqueued; the advance kernel writes it.
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         let device_key: sys::CUdeviceptr = key_guard.as_ref().map_or(0, |(p, _)| *p);
-        let plan = Plan::new(cfg, shape, host_key);
-        let g = *plan.geometry();
-        // Kernels that give each warp a run of planes: a warp per plane at most.
-        let warp_blocks = g.planes.div_ceil(WARPS_PER_BLOCK);
-        if path == LaunchPath::Fused {
-            let op = if vector_kernels::<T>(io.aligned(), apply.plane_len) { "fused" } else { "fused_unaligned" };
-            let k = self.kernel(op, T::DTYPE.name())?;
-            let mut b = stream.launch_builder(&k.function);
-            b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&io.x).arg(&io.y);
-            b.arg(&mut state.keep_bits).arg(&mut state.scales);
-            // SAFETY: argument types match the kernel; the state holds a plane per slice.
-            unsafe { b.launch(self.launch_config(k, warp_blocks)) }?;
-        } else {
-            stream.memset_zeros(&mut state.counts)?;
-            if path == LaunchPath::Warps {
+        let (plan, launch) = match &state.cached {
+            Some((c, plan, launch)) if c == cfg => (plan.with_key(host_key), *launch),
+            _ => {
+                let plan = Plan::new(cfg, shape, host_key);
+                let launch = self.launch_plan(cfg, shape);
+                state.cached = Some((*cfg, plan, launch));
+                (plan, launch)
+            }
+        };
+        state.enter(stream)?;
+        let (g, a, tiles, p) = (*plan.geometry(), launch.apply, launch.tiles, state.ptrs);
+        match (launch.path, &io) {
+            (LaunchPath::Fused, Some(io)) => {
+                let op = if io.aligned() { "fused" } else { "fused_unaligned" };
+                let k = self.kernel(op, T::DTYPE.name())?;
+                let mut b = stream.launch_builder(&k.function);
+                b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&io.x).arg(&io.y);
+                b.arg(&p.keep_bits).arg(&p.counts).arg(&p.scales);
+                // SAFETY: argument types match the kernel; the state holds a bit per
+                // element, N + 2 counters and N scales; x and y hold numel elements.
+                unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
+            }
+            (LaunchPath::Fused | LaunchPath::Tiles, _) => {
                 let k = self.kernel("count_mask", "")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
-                b.arg(&mut state.counts).arg(&mut state.scales);
-                // SAFETY: as above; counts hold 2 + N entries and scales N.
-                unsafe { b.launch(self.launch_config(k, warp_blocks)) }?;
-            } else {
-                let words = g.planes * apply.plane_words;
-                stream.memset_zeros(&mut state.keep_bits.slice_mut(..words as usize))?;
-                let windows = g.planes * g.seed_h as u64 * g.windows_per_row as u64;
+                b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a);
+                b.arg(&p.keep_bits).arg(&p.counts).arg(&p.scales);
+                // SAFETY: as above.
+                unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
+            }
+            (LaunchPath::Grid, _) => {
+                let words = (g.planes * a.plane_len).div_ceil(32);
+                // SAFETY: the state's bits hold at least `words` words (a bit per element).
+                unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
                 let k = self.kernel("seed_blocks", "")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&apply).arg(&mut state.keep_bits);
-                // SAFETY: as above; the bits hold `words` words, zeroed.
-                unsafe { b.launch(self.launch_config(k, windows.div_ceil(THREADS as u64))) }?;
+                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&p.keep_bits);
+                // SAFETY: as above; the bits are zeroed.
+                unsafe { b.launch(self.launch_config(k, g.windows.div_ceil(THREADS as u64))) }?;
                 let k = self.kernel("count_bits", "")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&apply).arg(&mut state.keep_bits).arg(&mut state.counts).arg(&mut state.scales);
+                b.arg(&g).arg(&a).arg(&p.keep_bits).arg(&p.counts).arg(&p.scales).arg(&device_key);
                 // SAFETY: as above.
                 unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
             }
-            self.launch_apply::<T>(stream, state, &g, &apply, &io)?;
         }
-        if device_key != 0 {
-            let k = self.kernel("advance_key", "")?;
-            let mut b = stream.launch_builder(&k.function);
-            b.arg(&device_key);
-            // SAFETY: the generator holds [seed, offset]; every kernel above read it first (stream order).
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }?;
+        state.call = Some(Call { masked: Some((plan, launch)) });
+        if let Some(io) = &io {
+            if launch.path != LaunchPath::Fused {
+                self.launch_apply::<T>(stream, state, &g, &a, io)?;
+            }
         }
-        state.call = Some(Call { plan: Some(plan), apply });
         Ok(())
     }
 
-    fn launch_backward<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
+    /// The scaled copy with the state's last call's factors.
+    fn launch_saved<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
         self.check_context(stream.context())?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
-        match call.plan {
+        match call.masked {
             None => copy::<T>(stream, state.shape, &io),
-            Some(plan) => self.launch_apply::<T>(stream, state, plan.geometry(), &call.apply, &io),
+            Some((plan, launch)) => {
+                state.enter(stream)?;
+                self.launch_apply::<T>(stream, state, plan.geometry(), &launch.apply, &io)
+            }
         }
     }
 
@@ -452,16 +535,18 @@ impl DropBlockCuda {
         stream: &Arc<CudaStream>,
         state: &DeviceState,
         g: &abi::DropBlockGeometry,
-        apply: &abi::DropBlockApply,
+        a: &abi::DropBlockApply,
         io: &Io,
     ) -> Result<()> {
-        let vector = vector_kernels::<T>(io.aligned(), apply.plane_len);
-        let k = self.kernel(if vector { "apply" } else { "apply_unaligned" }, T::DTYPE.name())?;
-        let vec = if vector { 16 / std::mem::size_of::<T>() as u64 } else { 1 };
+        let op = apply_op::<T>(io.aligned(), g, a);
+        let k = self.kernel(APPLY_OPS[op], T::DTYPE.name())?;
+        let vec = if op == 4 { 1 } else { 16 / std::mem::size_of::<T>() as u64 };
+        let p = state.ptrs;
         let mut b = stream.launch_builder(&k.function);
-        b.arg(g).arg(apply).arg(&io.x).arg(&io.y).arg(&state.keep_bits).arg(&state.scales);
-        // SAFETY: argument types match the kernel; x and y hold numel elements.
-        unsafe { b.launch(self.launch_config(k, (apply.numel / vec).div_ceil(THREADS as u64))) }?;
+        b.arg(g).arg(a).arg(&io.x).arg(&io.y).arg(&p.keep_bits).arg(&p.scales);
+        // SAFETY: argument types match the kernel; x and y hold numel elements, the
+        // state a bit per element and N scales.
+        unsafe { b.launch(self.launch_config(k, (a.numel / vec).div_ceil(THREADS as u64))) }?;
         Ok(())
     }
 }
@@ -471,49 +556,88 @@ impl DropBlockCuda {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LaunchPath {
-    /// Mask and scaled copy in one launch (Expected or None normalisation, no
-    /// sharing, slices small enough for a warp).
+    /// A tile's mask and its scaled copy in one launch (Expected or None
+    /// normalisation, no sharing).
     Fused = 0,
-    /// `count_mask` (a warp per run of planes), then `apply`.
-    Warps = 1,
-    /// `seed_blocks` and `count_bits` over the whole grid, then `apply`: for few
-    /// mask planes.
+    /// `count_mask` (a tile of planes per block), then `apply`.
+    Tiles = 1,
+    /// `seed_blocks` and `count_bits` over the whole grid, then `apply`: for planes
+    /// too large for a tile, or too few tiles to fill the device.
     Grid = 2,
 }
 
-/// How a forward call is launched: its element-wise parameters and its path. A
-/// call with fewer than `min_planes` mask planes takes the grid-wide passes.
-/// Public for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
+/// How a forward call is launched: its element-wise parameters, its tiles and its
+/// path. None of it changes the mask.
 #[doc(hidden)]
-pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_planes: u64) -> (abi::DropBlockApply, LaunchPath) {
+#[derive(Debug, Clone, Copy)]
+pub struct CallPlan {
+    pub apply: abi::DropBlockApply,
+    pub tiles: abi::DropBlockTiles,
+    pub path: LaunchPath,
+}
+
+/// The launch of a forward of `cfg` on `shape`: tiles of whole windows, sized to
+/// spread over `blocks` resident blocks; the grid-wide passes when a group of `q`
+/// planes does not fit a tile or there are fewer than `min_tiles` tiles. Public
+/// for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
+#[doc(hidden)]
+pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> CallPlan {
     let apply = abi::DropBlockApply {
         numel: shape.numel() as u64,
         plane_len: shape.plane_len() as u64,
-        plane_words: shape.plane_len().div_ceil(32) as u64,
         normalize: normalize_code(cfg.normalize()),
         fixed_scale: match cfg.normalize() {
             Normalize::Expected => expected_scale(cfg.drop_prob()),
             _ => 1.0,
         },
     };
-    let path = if cfg.sharing().planes(shape) < min_planes {
-        LaunchPath::Grid
-    } else if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
-        && cfg.sharing() == Sharing::None
-        && apply.plane_len <= FUSED_MAX_PLANE_LEN
-    {
-        LaunchPath::Fused
-    } else {
-        LaunchPath::Warps
+    let g = Plan::new(cfg, shape, RngKey::new(0, 0).expect("offset 0 is valid")).geometry().to_owned();
+    let tiles = tiles_of(&g, apply.plane_len, blocks);
+    let path = match tiles {
+        Some(t) if t.tiles >= min_tiles => {
+            if matches!(cfg.normalize(), Normalize::Expected | Normalize::None) && cfg.sharing() == Sharing::None {
+                LaunchPath::Fused
+            } else {
+                LaunchPath::Tiles
+            }
+        }
+        _ => LaunchPath::Grid,
     };
-    (apply, path)
+    CallPlan { apply, tiles: tiles.unwrap_or_default(), path }
 }
 
-/// Whether the 16-byte vector kernels may run: both tensors 16-byte aligned, and
-/// slices at least a vector long (so a vector spans at most two slices).
+/// Tiles of whole groups of `q` planes: as many planes as fit
+/// `TILE_CELLS`, at most a window per thread, and small enough for two tiles per
+/// resident block. `None` when `q` planes do not fit.
 #[doc(hidden)]
-pub fn vector_kernels<T>(aligned: bool, plane_len: u64) -> bool {
-    aligned && plane_len >= (16 / std::mem::size_of::<T>()) as u64
+pub fn tiles_of(g: &abi::DropBlockGeometry, plane_len: u64, blocks: u64) -> Option<abi::DropBlockTiles> {
+    let q = g.planes_per_window as u64;
+    let fit = TILE_CELLS / plane_len / q * q;
+    if fit == 0 {
+        return None;
+    }
+    let by_windows = (TILE_WINDOWS / g.windows_per_group).max(1) * q;
+    let by_balance = g.planes.div_ceil(2 * blocks.max(1)).div_ceil(q) * q;
+    Some(tiles_with(g, fit.min(by_windows).min(by_balance)))
+}
+
+/// Tiles of `planes_per_tile` planes (a multiple of `q` that fits a tile).
+#[doc(hidden)]
+pub fn tiles_with(g: &abi::DropBlockGeometry, planes_per_tile: u64) -> abi::DropBlockTiles {
+    abi::DropBlockTiles { planes_per_tile, tiles: g.planes.div_ceil(planes_per_tile) }
+}
+
+/// The apply kernel for a call (an index into [`APPLY_OPS`]): by sharing and
+/// normalisation, on 16-byte vectors when both tensors are 16-byte aligned and,
+/// with sharing, slices are at least a vector long (so a vector spans at most two).
+#[doc(hidden)]
+pub fn apply_op<T>(aligned: bool, g: &abi::DropBlockGeometry, a: &abi::DropBlockApply) -> usize {
+    let shared = g.sharing != abi::DROPBLOCK_SHARE_NONE;
+    let per_sample = a.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE;
+    if !aligned || (shared && a.plane_len < (16 / std::mem::size_of::<T>()) as u64) {
+        return 4;
+    }
+    2 * shared as usize + per_sample as usize
 }
 
 /// `y = x` for an identity call (nothing to do in place).
@@ -540,52 +664,69 @@ impl DeviceState {
         self.shape
     }
 
+    /// Orders this call after the state's last one: a call on another stream
+    /// waits for that stream's work so far.
+    fn enter(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let mut last = self.last_stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = last.as_ref() {
+            if !Arc::ptr_eq(prev, stream) && prev.cu_stream() != stream.cu_stream() {
+                stream.join(prev)?;
+            }
+        }
+        *last = Some(stream.clone());
+        Ok(())
+    }
+
+    /// The stream the state's buffers were last used on: read [`Self::keep_bits`]
+    /// there, or after synchronising it.
+    pub fn last_stream(&self) -> Option<Arc<CudaStream>> {
+        self.last_stream.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The plan of the last forward call; `None` before any call or after an
     /// identity call. After a call that drew from a [`DeviceGenerator`] its key
     /// fields are placeholders: the generator held the key.
     pub fn plan(&self) -> Option<&Plan> {
-        self.call.as_ref().and_then(|c| c.plan.as_ref())
+        self.call.as_ref().and_then(|c| c.masked.as_ref()).map(|(plan, _)| plan)
     }
 
-    /// The keep bits on the device: `ceil(H·W/32)` words per mask plane, bit
-    /// `i % 32` of word `i / 32` set when cell `i = h·W + w` is kept.
+    /// The keep bits on the device, dense over the mask planes: bit `i % 32` of
+    /// word `i / 32` is set when bit `i = plane · H·W + h·W + w` is kept. Written by
+    /// kernels on [`Self::last_stream`], outside cudarc's event tracking.
     pub fn keep_bits(&self) -> &CudaSlice<u32> {
         &self.keep_bits
     }
 
-    /// The keep bits of the used planes, copied to the host (synchronises), with
-    /// the words per plane.
-    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, usize, Vec<u32>)>> {
+    /// The keep bits of the used planes, copied to the host (synchronises).
+    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, Vec<u32>)>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
-        let Some(plan) = call.plan else {
+        let Some((plan, _)) = call.masked else {
             return Ok(None);
         };
-        let plane_words = call.apply.plane_words as usize;
-        let bits = stream.clone_dtoh(&self.keep_bits.slice(..plan.planes() * plane_words))?;
-        Ok(Some((plan, plane_words, bits)))
+        self.enter(stream)?;
+        let words = (plan.planes() * self.shape.plane_len()).div_ceil(32);
+        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words))?;
+        Ok(Some((plan, bits)))
     }
 
     /// Kept elements over the tensor, from the keep bits (synchronises the stream).
     pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
-        let s = self.shape;
-        let Some((plan, words, bits)) = self.host_bits(stream)? else {
-            return Ok(s.numel() as u64);
-        };
-        let per_plane: Vec<u64> = bits.chunks(words).map(|p| p.iter().map(|w| w.count_ones() as u64).sum()).collect();
-        Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
+        Ok(self.keep_mask(stream)?.iter().map(|&v| v as u64).sum())
     }
 
     /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
     pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
         let s = self.shape;
-        let Some((plan, words, bits)) = self.host_bits(stream)? else {
+        let Some((plan, bits)) = self.host_bits(stream)? else {
             return Ok(vec![1; s.numel()]);
         };
+        let l = s.plane_len();
         let mut out = vec![0u8; s.numel()];
-        for (i, slice) in out.chunks_mut(s.plane_len()).enumerate() {
-            let plane = &bits[plan.plane_of(i / s.c(), i % s.c()) * words..][..words];
+        for (i, slice) in out.chunks_mut(l).enumerate() {
+            let base = plan.plane_of(i / s.c(), i % s.c()) * l;
             for (cell, v) in slice.iter_mut().enumerate() {
-                *v = (plane[cell / 32] >> (cell % 32) & 1) as u8;
+                let b = base + cell;
+                *v = (bits[b / 32] >> (b % 32) & 1) as u8;
             }
         }
         Ok(out)
@@ -595,11 +736,34 @@ impl DeviceState {
     /// PerSample normalisation (synchronises the stream).
     pub fn scales(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
-        if call.plan.is_none() {
+        let Some((_, launch)) = call.masked else {
             return Ok(vec![1.0]);
-        }
-        let n = if call.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
+        };
+        self.enter(stream)?;
+        let n = if launch.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
         stream.clone_dtoh(&self.scales.slice(..n)).map_err(Error::from)
+    }
+
+    /// The counters, which every call leaves zeroed for the next (synchronises).
+    #[doc(hidden)]
+    pub fn counters(&self, stream: &Arc<CudaStream>) -> Result<Vec<u64>> {
+        self.enter(stream)?;
+        stream.clone_dtoh(&self.counts).map_err(Error::from)
+    }
+}
+
+impl Drop for DeviceState {
+    /// The buffers are freed on the stream they were allocated on, after the work
+    /// of the stream they were last used on.
+    fn drop(&mut self) {
+        let last = self.last_stream.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(last) = last {
+            let own = self.keep_bits.stream();
+            if own.cu_stream() != last.cu_stream() {
+                // A failure here is recorded on the context by cudarc; a drop cannot return it.
+                let _ = own.join(&last);
+            }
+        }
     }
 }
 

@@ -90,9 +90,9 @@ pub fn required_in_ci(var: &str) -> bool {
         || std::env::var(var).is_ok_and(|v| v == "1")
 }
 
-/// Every plane's seed grid of `plan`, in window order (plane, seed row, segment).
-pub fn seed_grids(plan: &dropblock::sampling::Plan) -> Vec<u64> {
-    (0..plan.planes()).flat_map(|p| plan.seed_grid(p).unwrap()).collect()
+/// Every window's seed word of `plan`, in window order.
+pub fn seed_windows(plan: &dropblock::sampling::Plan) -> Vec<u64> {
+    (0..plan.windows()).map(|w| plan.sample_window(w, plan.window_len(w).unwrap()).unwrap()).collect()
 }
 
 /// A test of a `harness = false` binary that cannot run here: failed with `why`

@@ -4,18 +4,21 @@
 //
 // Request (little-endian): u32 dtype (0 f32, 1 f16, 2 bf16), u32 path (0 fused,
 // 1 count_mask, 2 seed_blocks + count_bits, as LaunchPath in src/cuda/ops.rs),
+// u32 apply (the apply kernel, an index into APPLY_OPS below, as ops.rs chose it),
 // u32 count_blocks, u32 apply_blocks, u32 in_place, u32 unaligned (tensors one
-// element past an aligned start, through the _unaligned kernels), u32 device_key
-// (the key is read from a device generator, stepped after the call; the
-// sampling struct's own key is then zeroed), then DropBlockGeometry,
-// DropBlockSampling, DropBlockApply as laid out in kernels/dropblock_abi.h, then
-// numel elements of x. Response: the keep bits (n*c planes), the counts (2 + n),
-// the scales (n), y, then the generator's [seed, offset] after the call.
+// element past an aligned start), u32 device_key (the key is read from a device
+// generator, which the kernels step; the sampling struct's own key is then
+// zeroed), u32 calls (the whole sequence runs this many times on the same state,
+// with no reset between: the counters must come back zeroed), then
+// DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
+// in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
+// (ceil(numel / 32) words), the counts (2 + n), the scales (n), y, then the
+// generator's [seed, offset] after the calls.
 #include "cuda_host.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <algorithm>
 #include <iterator>
 
 #include "dropblock2d.cu"
@@ -36,43 +39,59 @@ void write_vec(std::ofstream& out, const std::vector<T>& v) {
 template <typename T>
 using ApplyKernel = void (*)(DropBlockGeometry, DropBlockApply, const T*, T*, const uint32_t*, const float*);
 template <typename T>
-using FusedKernel = void (*)(DropBlockGeometry, DropBlockSampling, const unsigned long long*, DropBlockApply, const T*,
-                             T*, uint32_t*, float*);
+using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSampling, unsigned long long*,
+                             DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
+
+struct Request {
+    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls;
+    DropBlockGeometry g;
+    DropBlockTiles tiles;
+    DropBlockSampling s;
+    DropBlockApply a;
+};
 
 template <typename T>
-int run(const char* p, const char* end, uint32_t path, uint32_t count_blocks, uint32_t apply_blocks,
-        uint32_t in_place, uint32_t unaligned, uint32_t device_key, const DropBlockGeometry& g, DropBlockSampling s,
-        const DropBlockApply& a, ApplyKernel<T> apply, FusedKernel<T> fused_k, const char* out_path) {
+int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FusedKernel<T> fused_k,
+        const char* out_path) {
+    const DropBlockApply& a = r.a;
+    const DropBlockGeometry& g = r.g;
     if ((size_t)(end - p) != a.numel * sizeof(T)) {
         std::fprintf(stderr, "x has %zu bytes, expected %llu\n", (size_t)(end - p),
                      (unsigned long long)(a.numel * sizeof(T)));
         return 2;
     }
-    const size_t off = unaligned ? 1 : 0;
+    const size_t off = r.unaligned ? 1 : 0;
     std::vector<T> xbuf(a.numel + off), ybuf(a.numel + off);
     std::memcpy(xbuf.data() + off, p, a.numel * sizeof(T));
-    std::vector<uint32_t> bits((uint64_t)g.n * g.c * a.plane_words, 0xdeadbeefu);  // kernels must overwrite
+    std::vector<uint32_t> bits((a.numel + 31) / 32, 0xdeadbeefu);  // kernels must overwrite
     std::vector<unsigned long long> counts(DROPBLOCK_COUNT_SAMPLES + g.n, 0);
     std::vector<float> scales(g.n, -1.0f);
-    unsigned long long key[2] = {s.seed, s.offset};
-    const unsigned long long* kp = device_key ? key : nullptr;
-    if (device_key) s.seed = s.offset = 0;
-    T* xp = xbuf.data() + off;
-    T* yp = in_place ? xp : ybuf.data() + off;
-    if (path == 0) {
-        emu::launch(fused_k, count_blocks, 256, g, s, kp, a, xp, yp, bits.data(), scales.data());
-    } else {
-        if (path == 1) {
-            emu::launch(dropblock2d_count_mask, count_blocks, 256, g, s, kp, a, bits.data(), counts.data(),
+    unsigned long long key[2] = {r.s.seed, r.s.offset};
+    unsigned long long* kp = r.device_key ? key : nullptr;
+    if (r.device_key) r.s.seed = r.s.offset = 0;
+    for (uint32_t call = 0; call < r.calls; ++call) {
+        T* xp = xbuf.data() + off;
+        T* yp = r.in_place ? xp : ybuf.data() + off;
+        if (r.in_place) std::memcpy(xp, p, a.numel * sizeof(T));
+        if (r.path == 0) {
+            emu::launch(fused_k, r.count_blocks, 256, g, r.tiles, r.s, kp, a, xp, yp, bits.data(), counts.data(),
                         scales.data());
-        } else {
-            std::fill(bits.begin(), bits.begin() + g.planes * a.plane_words, 0u);
-            emu::launch(dropblock2d_seed_blocks, count_blocks, 256, g, s, kp, a, bits.data());
-            emu::launch(dropblock2d_count_bits, count_blocks, 256, g, a, bits.data(), counts.data(), scales.data());
+            continue;
         }
-        emu::launch(apply, apply_blocks, 256, g, a, xp, yp, (const uint32_t*)bits.data(), (const float*)scales.data());
+        if (r.path == 1) {
+            emu::launch(dropblock2d_count_mask, r.count_blocks, 256, g, r.tiles, r.s, kp, a, bits.data(),
+                        counts.data(), scales.data());
+        } else {
+            std::fill(bits.begin(), bits.begin() + (g.planes * a.plane_len + 31) / 32, 0u);
+            emu::launch(dropblock2d_seed_blocks, r.count_blocks, 256, g, r.s, (const unsigned long long*)kp, a,
+                        bits.data());
+            emu::launch(dropblock2d_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
+                        kp);
+        }
+        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, g, a, (const T*)xp, yp, (const uint32_t*)bits.data(),
+                    (const float*)scales.data());
     }
-    if (device_key) emu::launch(dropblock2d_advance_key, 1, 32, key);
+    const T* yp = r.in_place ? xbuf.data() + off : ybuf.data() + off;
     std::ofstream out(out_path, std::ios::binary);
     write_vec(out, bits);
     write_vec(out, counts);
@@ -93,25 +112,28 @@ int main(int argc, char** argv) {
     std::vector<char> req((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const char* p = req.data();
     const char* end = p + req.size();
-    uint32_t dtype, path, count_blocks, apply_blocks, in_place, unaligned, device_key;
-    DropBlockGeometry g;
-    DropBlockSampling s;
-    DropBlockApply a;
-    read_pod(p, dtype);
-    read_pod(p, path);
-    read_pod(p, count_blocks);
-    read_pod(p, apply_blocks);
-    read_pod(p, in_place);
-    read_pod(p, unaligned);
-    read_pod(p, device_key);
-    read_pod(p, g);
-    read_pod(p, s);
-    read_pod(p, a);
-#define DROPBLOCK_RUN(T, NAME)                                                                       \
-    run<T>(p, end, path, count_blocks, apply_blocks, in_place, unaligned, device_key, g, s, a,                      \
-           unaligned ? dropblock2d_apply_unaligned_##NAME : dropblock2d_apply_##NAME,                    \
-           unaligned ? dropblock2d_fused_unaligned_##NAME : dropblock2d_fused_##NAME, argv[2])
-    switch (dtype) {
+    Request r;
+    for (uint32_t* f : {&r.dtype, &r.path, &r.apply, &r.count_blocks, &r.apply_blocks, &r.in_place, &r.unaligned,
+                        &r.device_key, &r.calls})
+        read_pod(p, *f);
+    read_pod(p, r.g);
+    read_pod(p, r.tiles);
+    read_pod(p, r.s);
+    read_pod(p, r.a);
+    if (r.apply > 4) {
+        std::fprintf(stderr, "unknown apply kernel %u\n", r.apply);
+        return 2;
+    }
+    // APPLY_OPS: the order of APPLY_OPS in src/cuda/ops.rs.
+#define DROPBLOCK_RUN(T, NAME)                                                                                   \
+    [&] {                                                                                                        \
+        const ApplyKernel<T> ops[] = {dropblock2d_apply_##NAME, dropblock2d_apply_per_sample_##NAME,             \
+                                      dropblock2d_apply_shared_##NAME, dropblock2d_apply_shared_per_sample_##NAME, \
+                                      dropblock2d_apply_unaligned_##NAME};                                       \
+        return run<T>(p, end, r, ops, r.unaligned ? dropblock2d_fused_unaligned_##NAME : dropblock2d_fused_##NAME, \
+                      argv[2]);                                                                                  \
+    }()
+    switch (r.dtype) {
         case 0: return DROPBLOCK_RUN(float, f32);
         case 1: return DROPBLOCK_RUN(__half, f16);
         default: return DROPBLOCK_RUN(__nv_bfloat16, bf16);
