@@ -36,20 +36,24 @@ __device__ __forceinline__ void tiled(const DropBlockGeometry& g, const DropBloc
                                       const DropBlockSampling& s, unsigned long long* device_key,
                                       const DropBlockApply& a, uint32_t* keep_bits, unsigned long long* counts,
                                       float* scales, ApplyTile apply_tile) {
-    __shared__ uint32_t bits[DROPBLOCK_TILE_WORDS];
+    __shared__ TileShared sh;
+    for (uint32_t i = threadIdx.x; i < DROPBLOCK_TILE_WORDS; i += blockDim.x) sh.bits[i] = 0;
+    if (threadIdx.x == 0) sh.queued = 0;
     const Key k = load_key(s, device_key);
+    // Synchronises the block, so the zeroed tile is seen too.
     const Thresholds th = shared_thresholds(s);
-    const TileDivisors d(g, a);
+    const TileDivisors d(g, tiles, a);
     Counts c(g, a, counts);
     for (uint64_t t = blockIdx.x; t < tiles.tiles; t += gridDim.x) {
         const Tile tile(tiles, g, a, t);
-        build_tile(g, tiles, d, th, k, tile, t, bits);
-        store_tile(g, a, d, tile, bits, apply_tile.uses_bits, keep_bits, c);
+        build_tile(g, tiles, d, th, k, tile, t, sh);
+        store_tile(g, a, d, tile, sh, apply_tile.uses_bits, keep_bits, c);
         if (apply_tile.uses_bits) {
             __syncthreads();
-            apply_tile(tile, bits);
+            apply_tile(tile, sh.bits);
+            __syncthreads();
+            for (uint32_t i = threadIdx.x; i < tile.words; i += blockDim.x) sh.bits[i] = 0;
         }
-        // The next tile clears the bits.
         __syncthreads();
     }
     publish_counts(g, a, c.kept, counts, scales, device_key);
@@ -111,8 +115,9 @@ dropblock2d_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, un
         const uint32_t hi = (uint32_t)min((uint64_t)32, cells - i * 32);
         const uint32_t keep = ~bits[i] & bit_range(0, hi);
         bits[i] = keep;
-        const uint64_t plane = i * 32 / a.plane_len;
-        c.add_word(keep, 0, hi, plane, i * 32 - plane * a.plane_len, a.plane_len);
+        const uint64_t plane = c.per_sample ? i * 32 / a.plane_len : 0;
+        c.kept += __popc(keep);
+        if (c.per_sample) c.add_samples(keep, 0, hi, plane, i * 32 - plane * a.plane_len, a.plane_len);
     }
     // Lanes' words are far apart: never summed across the warp.
     c.end_runs(0, g.planes - 1 + (g.planes > 1 || g.sharing == DROPBLOCK_SHARE_NONE ? 0 : 1));

@@ -103,6 +103,13 @@ typedef struct DropBlockApply {
 typedef struct DropBlockTiles {
     uint64_t planes_per_tile;
     uint64_t tiles;
+    /* planes_per_tile / planes_per_window: tile t's first window is
+     * t * groups_per_tile * windows_per_group. */
+    uint64_t groups_per_tile;
+    /* For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,
+     * seed_w, kh and the plane length (all below 2^16 when planes fit a tile):
+     * ceil(2^64 / d), or 0 for d = 1 (kernels/mask.cuh, FastDiv). */
+    uint64_t magic_seed_cells, magic_windows_per_group, magic_seed_w, magic_kh, magic_plane_len;
 } DropBlockTiles;
 
 /* The random part of a call. */

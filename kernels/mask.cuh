@@ -28,12 +28,10 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
 
 // Division of 32-bit numbers by a divisor fixed for the launch, as one multiply
 // (Lemire, Kaser & Kurz 2019: with M = ceil(2^64 / d), floor(a / d) is the high
-// word of M * a for every 32-bit a). Built once per thread, outside every loop.
+// word of M * a for every 32-bit a). The host computes M (DropBlockTiles).
 struct FastDiv {
-    uint64_t magic;
+    uint64_t magic;  // 0 for d = 1
     uint32_t d;
-    __device__ __forceinline__ explicit FastDiv(uint32_t divisor)
-        : magic(divisor > 1 ? ~0ull / divisor + 1 : 0), d(divisor) {}
     __device__ __forceinline__ uint32_t div(uint32_t a) const { return magic ? (uint32_t)__umul64hi(magic, a) : a; }
 };
 
@@ -123,11 +121,9 @@ struct Counts {
     }
 
     // Bits [lo, hi) of `keep` are cells `cell`.. of `plane`, then of the planes after
-    // it (`plane_len` cells each).
-    __device__ __forceinline__ void add_word(uint32_t keep, uint32_t lo, uint32_t hi, uint64_t plane, uint64_t cell,
-                                             uint64_t plane_len) {
-        kept += __popc(keep & bit_range(lo, hi));
-        if (!per_sample) return;
+    // it (`plane_len` cells each): their kept cells go to their samples' counters.
+    __device__ __forceinline__ void add_samples(uint32_t keep, uint32_t lo, uint32_t hi, uint64_t plane,
+                                                uint64_t cell, uint64_t plane_len) {
         while (lo < hi) {
             const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), plane_len - cell);
             add_sample(plane, __popc(keep & bit_range(lo, lo + n)));
@@ -199,15 +195,15 @@ __device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const
     if (device_key && threadIdx.x == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
 }
 
-// The launch-invariant divisors of the tiled kernels, built once per thread.
+// The launch-invariant divisors of the tiled kernels.
 struct TileDivisors {
     FastDiv seed_cells, windows_per_group, seed_w, kh, plane_len;
-    __device__ __forceinline__ explicit TileDivisors(const DropBlockGeometry& g, const DropBlockApply& a)
-        : seed_cells((uint32_t)g.seed_cells),
-          windows_per_group((uint32_t)g.windows_per_group),
-          seed_w(g.seed_w),
-          kh(g.kh),
-          plane_len((uint32_t)a.plane_len) {}
+    __device__ __forceinline__ TileDivisors(const DropBlockGeometry& g, const DropBlockTiles& t, const DropBlockApply& a)
+        : seed_cells{t.magic_seed_cells, (uint32_t)g.seed_cells},
+          windows_per_group{t.magic_windows_per_group, (uint32_t)g.windows_per_group},
+          seed_w{t.magic_seed_w, g.seed_w},
+          kh{t.magic_kh, g.kh},
+          plane_len{t.magic_plane_len, (uint32_t)a.plane_len} {}
 };
 
 // One tile: planes [first, first + planes) of the call, whose bits are mask bits
@@ -229,37 +225,46 @@ struct Tile {
     }
 };
 
-// Grows queued seed `u` (the tile's seed cell number: plane in tile * S + cell)
-// into row `row` of its block, in the tile's shared bits.
-__device__ __forceinline__ void grow_row(const DropBlockGeometry& g, const TileDivisors& d, const Tile& tile,
-                                         uint32_t u, uint32_t row, uint32_t* bits) {
+// A tile's shared memory: its bits, and the seeds waiting to grow, each as the
+// shared bit of its block's top-left cell and (rows << 16 | columns) of the block
+// clipped to the map (both below 2^16 when planes fit a tile).
+struct TileShared {
+    uint32_t bits[DROPBLOCK_TILE_WORDS];
+    uint2 queue[SEED_QUEUE];
+    uint32_t queued;
+};
+
+// The queue entry of the seed at the tile's seed cell `u` (plane in tile * S + cell).
+__device__ __forceinline__ uint2 seed_block(const DropBlockGeometry& g, const TileDivisors& d, const Tile& tile,
+                                            uint32_t u) {
     const uint32_t plane = d.seed_cells.div(u);
-    const uint32_t cell = u - plane * (uint32_t)g.seed_cells;
+    const uint32_t cell = u - plane * d.seed_cells.d;
     const uint32_t y = d.seed_w.div(cell), x = cell - y * g.seed_w;
-    const int32_t r = (int32_t)(y + row) - (int32_t)g.anchor_y;
-    if (r < 0 || r >= (int32_t)g.h) return;
+    const uint32_t r0 = (uint32_t)max((int32_t)y - (int32_t)g.anchor_y, 0);
+    const uint32_t r1 = (uint32_t)min((int32_t)(y + g.kh) - (int32_t)g.anchor_y, (int32_t)g.h);
     const uint32_t c0 = (uint32_t)max((int32_t)x - (int32_t)g.anchor_x, 0);
     const uint32_t c1 = (uint32_t)min((int32_t)(x + g.kw) - (int32_t)g.anchor_x, (int32_t)g.w);
-    const uint32_t base = tile.phase + plane * d.plane_len.d + (uint32_t)r * g.w;
-    atomic_set_bits(bits, base + c0, base + c1);
+    return make_uint2(tile.phase + plane * d.plane_len.d + r0 * g.w + c0, (r1 - r0) << 16 | (c1 - c0));
 }
 
-// Builds the dropped bits of `tile` in shared `bits`: samples the tile's windows
-// (a thread each), queues their seeds, then grows the queued seeds with one
-// (seed, row) item per thread, so every lane has work however the seeds fall.
-// Every thread of the block must call it; the bits are complete on return.
+// ORs row `row` of a queued block into the shared bits.
+__device__ __forceinline__ void grow_row(const DropBlockGeometry& g, uint2 block, uint32_t row, uint32_t* bits) {
+    if (row >= block.y >> 16) return;
+    const uint32_t lo = block.x + row * g.w;
+    atomic_set_bits(bits, lo, lo + (block.y & 0xffffu));
+}
+
+// Builds the dropped bits of `tile` in `sh.bits`, which must be zero (and
+// `sh.queued` 0): samples the tile's windows (a thread each), queues their seeds'
+// blocks, then grows them with one (seed, row) item per thread, so every lane has
+// work however the seeds fall. Every thread of the block must call it; the bits
+// are complete on return.
 __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const DropBlockTiles& tiles,
                                            const TileDivisors& d, const Thresholds& th, const Key& k,
-                                           const Tile& tile, uint64_t t, uint32_t* bits) {
-    __shared__ uint32_t queue[SEED_QUEUE];
-    __shared__ uint32_t queued;
-    for (uint32_t i = threadIdx.x; i < tile.words; i += blockDim.x) bits[i] = 0;
-    if (threadIdx.x == 0) queued = 0;
-    __syncthreads();
-
-    const uint32_t q = g.planes_per_window, m = (uint32_t)g.windows_per_group, s = (uint32_t)g.seed_cells;
+                                           const Tile& tile, uint64_t t, TileShared& sh) {
+    const uint32_t q = g.planes_per_window, m = d.windows_per_group.d, s = d.seed_cells.d;
     // Tiles hold whole groups of q planes: the tile's first window is a group's.
-    const uint64_t window0 = t * (tiles.planes_per_tile / q) * m;
+    const uint64_t window0 = t * tiles.groups_per_tile * m;
     const uint32_t windows = (tile.planes + q - 1) / q * m;
     for (uint32_t i = threadIdx.x; i < windows; i += blockDim.x) {
         // The window's first seed cell in the tile, and its length.
@@ -274,39 +279,41 @@ __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const Dro
         }
         uint64_t seeds = sample_window(th, k, window0 + i, len);
         while (seeds) {
-            const uint32_t u = first + (uint32_t)(__ffsll((long long)seeds) - 1);
+            const uint2 block = seed_block(g, d, tile, first + (uint32_t)(__ffsll((long long)seeds) - 1));
             seeds &= seeds - 1;
-            const uint32_t slot = atomicAdd(&queued, 1u);
+            const uint32_t slot = atomicAdd(&sh.queued, 1u);
             if (slot < SEED_QUEUE) {
-                queue[slot] = u;
+                sh.queue[slot] = block;
             } else {
-                for (uint32_t row = 0; row < g.kh; ++row) grow_row(g, d, tile, u, row, bits);
+                for (uint32_t row = 0; row < g.kh; ++row) grow_row(g, block, row, sh.bits);
             }
         }
     }
     __syncthreads();
-    const uint32_t items = min(queued, SEED_QUEUE) * g.kh;
+    const uint32_t items = min(sh.queued, SEED_QUEUE) * g.kh;
     for (uint32_t i = threadIdx.x; i < items; i += blockDim.x) {
         const uint32_t seed = d.kh.div(i);
-        grow_row(g, d, tile, queue[seed], i - seed * g.kh, bits);
+        grow_row(g, sh.queue[seed], i - seed * g.kh, sh.bits);
     }
     __syncthreads();
 }
 
-// Turns the tile's dropped bits into keep bits (in shared memory too, with
-// `keep_in_shared`), stores them to `keep_bits` coalesced and counts them. Words
-// the tile shares with its neighbours are merged with two atomics (the tiles' bits
-// are disjoint, so the order does not matter). Every thread must call it.
+// Turns the tile's dropped bits into keep bits, stores them to `keep_bits`
+// coalesced and counts them; leaves the shared bits holding the keep bits
+// (`keep_in_shared`, for a fused apply) or zeroed for the next tile, and the
+// queue empty. Words the tile shares with its neighbours are merged with two
+// atomics (the tiles' bits are disjoint, so the order does not matter). Every
+// thread must call it.
 __device__ __forceinline__ void store_tile(const DropBlockGeometry& g, const DropBlockApply& a,
-                                           const TileDivisors& d, const Tile& tile, uint32_t* bits,
+                                           const TileDivisors& d, const Tile& tile, TileShared& sh,
                                            bool keep_in_shared, uint32_t* keep_bits, Counts& counts) {
+    const uint32_t last = tile.words - 1, end = (tile.phase + tile.cells) & 31;
     for (uint32_t i = threadIdx.x; i < tile.words; i += blockDim.x) {
-        // Bits [lo, hi) of word i belong to the tile; bit lo is tile cell `cell`.
-        const uint32_t lo = i == 0 ? tile.phase : 0;
-        const uint32_t hi = min(32u, tile.phase + tile.cells - i * 32);
-        const uint32_t valid = bit_range(lo, hi);
-        const uint32_t keep = ~bits[i] & valid;
-        if (keep_in_shared) bits[i] = keep;
+        uint32_t valid = 0xffffffffu;
+        if (i == 0) valid <<= tile.phase;
+        if (i == last && end) valid &= (1u << end) - 1u;
+        const uint32_t keep = ~sh.bits[i] & valid;
+        sh.bits[i] = keep_in_shared ? keep : 0u;
         uint32_t* out = &keep_bits[tile.word0 + i];
         if (valid == 0xffffffffu) {
             *out = keep;
@@ -314,10 +321,15 @@ __device__ __forceinline__ void store_tile(const DropBlockGeometry& g, const Dro
             atomicAnd(out, ~valid);
             atomicOr(out, keep);
         }
-        const uint32_t cell = i * 32 + lo - tile.phase;
-        const uint32_t plane = d.plane_len.div(cell);
-        counts.add_word(keep, lo, hi, tile.first + plane, cell - plane * d.plane_len.d, a.plane_len);
+        counts.kept += __popc(keep);
+        if (counts.per_sample) {
+            // Bits [lo, hi) of the word; bit lo is tile cell `cell`.
+            const uint32_t lo = i == 0 ? tile.phase : 0, hi = 32 - __clz(valid);
+            const uint32_t cell = i * 32 + lo - tile.phase, plane = d.plane_len.div(cell);
+            counts.add_samples(keep, lo, hi, tile.first + plane, cell - plane * d.plane_len.d, a.plane_len);
+        }
     }
+    if (threadIdx.x == 0) sh.queued = 0;
     counts.end_runs(tile.first, tile.first + tile.planes - 1);
 }
 

@@ -103,15 +103,33 @@ const _: () = {
 pub struct DropBlockTiles {
     pub planes_per_tile: u64,
     pub tiles: u64,
+    pub groups_per_tile: u64,
+    pub magic_seed_cells: u64,
+    pub magic_windows_per_group: u64,
+    pub magic_seed_w: u64,
+    pub magic_kh: u64,
+    pub magic_plane_len: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DropBlockTiles"][::core::mem::size_of::<DropBlockTiles>() - 16usize];
+    ["Size of DropBlockTiles"][::core::mem::size_of::<DropBlockTiles>() - 64usize];
     ["Alignment of DropBlockTiles"][::core::mem::align_of::<DropBlockTiles>() - 8usize];
     ["Offset of field: DropBlockTiles::planes_per_tile"]
         [::core::mem::offset_of!(DropBlockTiles, planes_per_tile) - 0usize];
     ["Offset of field: DropBlockTiles::tiles"]
         [::core::mem::offset_of!(DropBlockTiles, tiles) - 8usize];
+    ["Offset of field: DropBlockTiles::groups_per_tile"]
+        [::core::mem::offset_of!(DropBlockTiles, groups_per_tile) - 16usize];
+    ["Offset of field: DropBlockTiles::magic_seed_cells"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_seed_cells) - 24usize];
+    ["Offset of field: DropBlockTiles::magic_windows_per_group"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_windows_per_group) - 32usize];
+    ["Offset of field: DropBlockTiles::magic_seed_w"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_seed_w) - 40usize];
+    ["Offset of field: DropBlockTiles::magic_kh"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_kh) - 48usize];
+    ["Offset of field: DropBlockTiles::magic_plane_len"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_plane_len) - 56usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -205,7 +205,8 @@ mod emulation {
         let plan = Plan::new(&c.cfg, shape, c.key);
         let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks);
         if c.smallest_tiles && launch.path != LaunchPath::Grid {
-            launch.tiles = tiles_with(plan.geometry(), plan.geometry().planes_per_window as u64);
+            launch.tiles =
+                tiles_with(plan.geometry(), launch.apply.plane_len, plan.geometry().planes_per_window as u64);
         }
         let (apply, path) = (launch.apply, launch.path);
         let op = apply_op::<T>(!c.unaligned, plan.geometry(), &apply);

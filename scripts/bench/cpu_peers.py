@@ -1,13 +1,30 @@
 #!/usr/bin/env python3
-"""dropblock's CPU path against torchvision.ops.drop_block2d and timm's
-drop_block_2d on the CPU, with the same number of threads for everyone.
+"""dropblock's CPU path against a plain copy of the same bytes, and against
+torchvision.ops.drop_block2d and timm's drop_block_2d, with the same number of
+threads for everyone.
 
     pip install torch torchvision timm      # CPU is enough
     ./scripts/cuda-toolchain.sh cargo build --release   # or: cargo build --release --no-default-features --features cli
-    python3 scripts/bench/cpu_peers.py --threads 2 [--shapes small|resnet|ppyolo|all]
+    python3 scripts/bench/cpu_peers.py --threads 2 [--shapes small|resnet|ppyolo|pr17|all]
+        [--dtypes f32,bf16] [--iters 7] [--no-peers] [--exe target/release/dropblock]
 
-Prints one markdown table of median forward times (ms) and our speedup. Bytes are
-the floor: x read once, y written once.
+Prints one markdown table, one row per shape and dtype; times are medians (ms)
+after a warm-up, bytes are the floor (x read once, y written once):
+
+  copy ms          torch's `y.copy_(x)` into a preallocated y, torch.set_num_threads(--threads):
+                   torch's copy is parallel, so this is the floor with the same threads
+                   (a single-threaded numpy copy is a different, slower number; not used)
+  copy GB/s        the floor's bytes over copy ms
+  dropblock fwd ms `dropblock bench --device cpu` forward, RAYON_NUM_THREADS=--threads
+  × copy           dropblock fwd ms / copy ms (target <= 2)
+  bwd ms           `dropblock bench --backward`: the apply alone, the same bytes
+  sampling ms      estimated as max(0, fwd ms - bwd ms): the CLI cannot time the
+                   sampling alone, so it is the forward less an apply of the same bytes
+  sampling share   sampling ms / dropblock fwd ms (target <= 15%)
+  torchvision ms, timm ms
+                   their forward with a mask per channel (peer_ops.py); "-" with --no-peers
+  × torchvision, × timm
+                   their ms / dropblock fwd ms (target >= 50 for torchvision)
 """
 import argparse
 import os
@@ -24,7 +41,9 @@ SHAPES = {
     "resnet": [((256, 1024, 14, 14), 7), ((256, 2048, 7, 7), 7), ((256, 512, 28, 28), 7), ((256, 256, 56, 56), 7)],
     "ppyolo": [((24, 256, 76, 76), 3), ((24, 512, 38, 38), 3), ((24, 1024, 19, 19), 3)],
     "small": [((64, 1024, 14, 14), 7), ((64, 2048, 7, 7), 7), ((8, 256, 76, 76), 3), ((8, 1024, 19, 19), 3)],
+    "pr17": [((64, 1024, 14, 14), 7), ((64, 2048, 7, 7), 7), ((8, 256, 76, 76), 3)],
 }
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -38,10 +57,9 @@ def median_ms(fn, iters):
     return statistics.median(times)
 
 
-def ours(shape, k, dtype, threads, iters):
-    exe = os.path.join(ROOT, "target", "release", "dropblock")
+def ours(exe, shape, k, dtype, threads, iters, backward=False):
     cmd = [exe, "bench", "--device", "cpu", "--shape", ",".join(map(str, shape)), "--block", str(k),
-           "--drop-prob", "0.1", "--dtype", dtype, "--iters", str(iters)]
+           "--drop-prob", "0.1", "--dtype", dtype, "--iters", str(iters)] + (["--backward"] if backward else [])
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return float(re.search(r"median_ms=([0-9.]+)", out).group(1))
@@ -51,24 +69,41 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--iters", type=int, default=7)
-    ap.add_argument("--shapes", default="small", choices=["small", "resnet", "ppyolo", "all"])
+    ap.add_argument("--shapes", default="small", choices=["small", "resnet", "ppyolo", "pr17", "all"])
+    ap.add_argument("--dtypes", default="f32,bf16", help="comma-separated, of: f32, bf16")
+    ap.add_argument("--no-peers", action="store_true", help="skip torchvision and timm (slow); '-' in their columns")
+    ap.add_argument("--exe", default=os.path.join(ROOT, "target", "release", "dropblock"))
     args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= DTYPES.keys():
+        ap.error(f"--dtypes: expected a comma-separated list of {', '.join(DTYPES)}")
     torch.set_num_threads(args.threads)
-    tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
+    if not args.no_peers:
+        tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
     shapes = SHAPES["resnet"] + SHAPES["ppyolo"] if args.shapes == "all" else SHAPES[args.shapes]
-    print(f"CPU: {args.threads} threads; {peer_ops.versions()}; drop_prob 0.1; forward; median of {args.iters}\n")
-    print("| shape | k | dtype | dropblock ms | GB/s | torchvision ms | timm ms | × torchvision | × timm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    peers = "no peers" if args.no_peers else peer_ops.versions()
+    print(f"CPU: {args.threads} threads; torch {torch.__version__}; {peers}; drop_prob 0.1; forward; "
+          f"median of {args.iters}; {args.exe}\n")
+    print("| shape | k | dtype | copy ms | copy GB/s | dropblock fwd ms | × copy | bwd ms | sampling ms | sampling share "
+          "| torchvision ms | × torchvision | timm ms | × timm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, k in shapes:
-        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-            x = torch.randn(shape, dtype=tdtype)
-            tv = median_ms(lambda: tv_op(x, 0.1, k), args.iters)
-            tm = median_ms(lambda: timm_op(x, 0.1, k), args.iters)
-            ms = ours(shape, k, dtype, args.threads, args.iters)
-            gbps = 2 * x.numel() * x.element_size() / ms / 1e6
-            print(f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {ms:.2f} | {gbps:.1f} | {tv:.2f} | {tm:.2f} | "
-                  f"{tv / ms:.1f} | {tm / ms:.1f} |", flush=True)
-            del x
+        for dtype in dtypes:
+            x = torch.randn(shape, dtype=DTYPES[dtype])
+            y = torch.empty_like(x)
+            copy = median_ms(lambda: y.copy_(x), args.iters)
+            gbps = 2 * x.numel() * x.element_size() / copy / 1e6
+            fwd = ours(args.exe, shape, k, dtype, args.threads, args.iters)
+            bwd = ours(args.exe, shape, k, dtype, args.threads, args.iters, backward=True)
+            sampling = max(0.0, fwd - bwd)
+            peer_cols = "| - | - | - | - |"
+            if not args.no_peers:
+                tv = median_ms(lambda: tv_op(x, 0.1, k), args.iters)
+                tm = median_ms(lambda: timm_op(x, 0.1, k), args.iters)
+                peer_cols = f"| {tv:.2f} | {tv / fwd:.1f} | {tm:.2f} | {tm / fwd:.1f} |"
+            print(f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {copy:.2f} | {gbps:.1f} | {fwd:.2f} | "
+                  f"{fwd / copy:.2f} | {bwd:.2f} | {sampling:.2f} | {sampling / fwd:.0%} {peer_cols}", flush=True)
+            del x, y
 
 
 if __name__ == "__main__":

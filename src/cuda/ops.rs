@@ -45,8 +45,6 @@ const DTYPES: &[&str] = DType::NAMES;
 /// Cells a tile holds: `DROPBLOCK_TILE_WORDS` words, starting at any bit of the
 /// first (kernels/mask.cuh, TILE_CELLS).
 const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
-/// Windows per tile at most: one per thread of a block.
-const TILE_WINDOWS: u64 = THREADS as u64;
 
 /// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
 /// finding a kernel on the launch path neither formats nor allocates.
@@ -606,25 +604,47 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
     CallPlan { apply, tiles: tiles.unwrap_or_default(), path }
 }
 
-/// Tiles of whole groups of `q` planes: as many planes as fit
-/// `TILE_CELLS`, at most a window per thread, and small enough for two tiles per
-/// resident block. `None` when `q` planes do not fit.
+/// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells each; `None`
+/// when `q` planes do not fit. The tiled kernels run one tile per block at a time,
+/// so the time is about the rounds of tiles (`⌈tiles / blocks⌉`) times a tile's
+/// work, plus a fixed cost per tile (zeroing, three barriers, the seed queue):
+/// among tiles that fill the resident blocks a whole number of times, the one
+/// that minimises that wins.
 #[doc(hidden)]
 pub fn tiles_of(g: &abi::DropBlockGeometry, plane_len: u64, blocks: u64) -> Option<abi::DropBlockTiles> {
+    /// A tile's fixed cost, in cells of work.
+    const TILE_OVERHEAD_CELLS: u64 = 4096;
     let q = g.planes_per_window as u64;
     let fit = TILE_CELLS / plane_len / q * q;
     if fit == 0 {
         return None;
     }
-    let by_windows = (TILE_WINDOWS / g.windows_per_group).max(1) * q;
-    let by_balance = g.planes.div_ceil(2 * blocks.max(1)).div_ceil(q) * q;
-    Some(tiles_with(g, fit.min(by_windows).min(by_balance)))
+    let blocks = blocks.max(1);
+    let cost = |t: u64| g.planes.div_ceil(t).div_ceil(blocks) * (t * plane_len + TILE_OVERHEAD_CELLS);
+    let best = (1..=64u64)
+        .map(|rounds| g.planes.div_ceil(rounds * blocks).div_ceil(q) * q)
+        .chain([fit])
+        .filter(|&t| t <= fit)
+        .min_by_key(|&t| (cost(t), std::cmp::Reverse(t)))
+        .unwrap_or(q);
+    Some(tiles_with(g, plane_len, best))
 }
 
-/// Tiles of `planes_per_tile` planes (a multiple of `q` that fits a tile).
+/// Tiles of `planes_per_tile` planes (a multiple of `q` whose cells fit a tile).
 #[doc(hidden)]
-pub fn tiles_with(g: &abi::DropBlockGeometry, planes_per_tile: u64) -> abi::DropBlockTiles {
-    abi::DropBlockTiles { planes_per_tile, tiles: g.planes.div_ceil(planes_per_tile) }
+pub fn tiles_with(g: &abi::DropBlockGeometry, plane_len: u64, planes_per_tile: u64) -> abi::DropBlockTiles {
+    // ceil(2^64 / d) for the kernels' 32-bit divisions; 0 stands for d = 1.
+    let magic = |d: u64| if d <= 1 { 0 } else { u64::MAX / d + 1 };
+    abi::DropBlockTiles {
+        planes_per_tile,
+        tiles: g.planes.div_ceil(planes_per_tile),
+        groups_per_tile: planes_per_tile / g.planes_per_window as u64,
+        magic_seed_cells: magic(g.seed_cells),
+        magic_windows_per_group: magic(g.windows_per_group),
+        magic_seed_w: magic(g.seed_w as u64),
+        magic_kh: magic(g.kh as u64),
+        magic_plane_len: magic(plane_len),
+    }
 }
 
 /// The apply kernel for a call (an index into [`APPLY_OPS`]): by sharing and

@@ -68,6 +68,7 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
 inline int __ffsll(long long v) { return __builtin_ffsll(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __double2float_rn(double d) { return (float)d; }
