@@ -81,8 +81,8 @@ def main():
     if not args.no_peers:
         tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
     shapes = SHAPES["resnet"] + SHAPES["ppyolo"] if args.shapes == "all" else SHAPES[args.shapes]
-    peers = "no peers" if args.no_peers else peer_ops.versions()
-    print(f"CPU: {args.threads} threads; torch {torch.__version__}; {peers}; drop_prob 0.1; forward; "
+    peers = f"torch {torch.__version__}, no peers" if args.no_peers else peer_ops.versions()
+    print(f"CPU: {args.threads} threads; {peers}; drop_prob 0.1; forward; "
           f"median of {args.iters}; {args.exe}\n")
     print("| shape | k | dtype | copy ms | copy GB/s | dropblock fwd ms | × copy | bwd ms | sampling ms | sampling share "
           "| torchvision ms | × torchvision | timm ms | × timm |")

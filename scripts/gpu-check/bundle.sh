@@ -25,10 +25,13 @@ if (($#)); then
   git worktree add --detach "$tree" "$rev" >/dev/null
   # Removed even when the build fails, so no stale worktree stays registered.
   trap 'git worktree remove --force "$tree"' EXIT
-  # This tree's target dir: the dependencies are built once for both.
-  (cd "$tree" && CARGO_TARGET_DIR="$repo/target" ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock)
+  # A target dir of its own. Sharing this tree's once embedded the wrong kernels:
+  # both checkouts of one package version get the same build-script OUT_DIR, and
+  # build.rs's rerun-if-changed=kernels, compared with the other checkout's run,
+  # counted as fresh, so one binary carried the other's fatbin (2026-11-30).
+  (cd "$tree" && CARGO_TARGET_DIR="$repo/target/baseline" ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock)
   mkdir -p "$out/baseline"
-  cp target/release/dropblock "$out/baseline/dropblock"
+  cp target/baseline/release/dropblock "$out/baseline/dropblock"
   echo "$rev" > "$out/baseline/COMMIT"
 fi
 
@@ -42,6 +45,9 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])'
 }
 
+# A fatbin built from another checkout's kernels could count as fresh here (see
+# above): rebuild it from this tree's.
+touch kernels/*
 ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock
 ./scripts/cuda-toolchain.sh cargo test --release --no-run --message-format=json 2>/dev/null | executables |
   while read -r name exe; do

@@ -604,27 +604,34 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
     CallPlan { apply, tiles: tiles.unwrap_or_default(), path }
 }
 
-/// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells each; `None`
-/// when `q` planes do not fit. The tiled kernels run one tile per block at a time,
-/// so the time is about the rounds of tiles (`⌈tiles / blocks⌉`) times a tile's
-/// work, plus a fixed cost per tile (zeroing, three barriers, the seed queue):
-/// among tiles that fill the resident blocks a whole number of times, the one
-/// that minimises that wins.
+/// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells and (where a
+/// group allows) `THREADS` windows each; `None` when `q` planes do not fit. The
+/// tiled kernels run one tile per block at a time, so the time is about the rounds
+/// of tiles (`⌈tiles / blocks⌉`) times a tile's work. Measured on an H200 (v6,
+/// docs/PERF.md): a round of window sampling costs about as much as 70 000 cells
+/// of growing and storing, so a tile samples its windows in one round (a thread
+/// each), and among the tile sizes that fill the resident blocks a whole number of
+/// times the one with the least work per block wins.
 #[doc(hidden)]
 pub fn tiles_of(g: &abi::DropBlockGeometry, plane_len: u64, blocks: u64) -> Option<abi::DropBlockTiles> {
-    /// A tile's fixed cost, in cells of work.
-    const TILE_OVERHEAD_CELLS: u64 = 4096;
+    /// A round of window sampling, in cells of growing and storing.
+    const SAMPLING_ROUND_CELLS: u64 = 70_000;
     let q = g.planes_per_window as u64;
     let fit = TILE_CELLS / plane_len / q * q;
     if fit == 0 {
         return None;
     }
+    let one_round = (THREADS as u64 / g.windows_per_group).max(1) * q;
+    let cap = fit.min(one_round);
     let blocks = blocks.max(1);
-    let cost = |t: u64| g.planes.div_ceil(t).div_ceil(blocks) * (t * plane_len + TILE_OVERHEAD_CELLS);
+    let cost = |t: u64| {
+        let sampling_rounds = (t.div_ceil(q) * g.windows_per_group).div_ceil(THREADS as u64);
+        g.planes.div_ceil(t).div_ceil(blocks) * (t * plane_len + sampling_rounds * SAMPLING_ROUND_CELLS)
+    };
     let best = (1..=64u64)
         .map(|rounds| g.planes.div_ceil(rounds * blocks).div_ceil(q) * q)
-        .chain([fit])
-        .filter(|&t| t <= fit)
+        .chain([cap])
+        .filter(|&t| t <= cap)
         .min_by_key(|&t| (cost(t), std::cmp::Reverse(t)))
         .unwrap_or(q);
     Some(tiles_with(g, plane_len, best))
