@@ -100,13 +100,32 @@ impl Saved {
         matches!(self.state, State::Identity)
     }
 
-    /// Calls `f(j, factor)` for elements `e0 + j`, `j < len`: 0 where dropped, the
-    /// scale elsewhere.
+    /// `dst = src · factor` (or `dst = dst · factor` without `src`) for the
+    /// elements from `e0` on, 64 at a time with one mask word each; slices, not
+    /// indices, so the kept-word loop has no bounds checks.
     #[inline(always)]
-    fn for_each_factor(&self, e0: usize, len: usize, mut f: impl FnMut(usize, f32)) {
+    fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T]) {
         let masks = masks_of(self);
-        self.for_each_run(e0, len, |j0, bit, n, scale| {
-            for_each_bit(masks, bit, n, |i, kept| f(j0 + i, if kept { scale } else { 0.0 }));
+        self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
+            for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
+                let dropped = masks.bits_from(bit + 64 * k);
+                let factor = |i: usize| if dropped >> i & 1 == 1 { 0.0 } else { scale };
+                match src {
+                    Some(s) => {
+                        let s = &s[j0 + 64 * k..][..d.len()];
+                        if dropped == 0 {
+                            d.iter_mut().zip(s).for_each(|(d, s)| *d = T::from_f32(s.to_f32() * scale));
+                        } else {
+                            d.iter_mut()
+                                .zip(s)
+                                .enumerate()
+                                .for_each(|(i, (d, s))| *d = T::from_f32(s.to_f32() * factor(i)));
+                        }
+                    }
+                    None if dropped == 0 => d.iter_mut().for_each(|d| *d = T::from_f32(d.to_f32() * scale)),
+                    None => d.iter_mut().enumerate().for_each(|(i, d)| *d = T::from_f32(d.to_f32() * factor(i))),
+                }
+            }
         });
     }
 
@@ -247,7 +266,7 @@ pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> 
         return Ok(());
     }
     dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
-        saved.for_each_factor(k * CHUNK, d.len(), |j, f| d[j] = T::from_f32(s[j].to_f32() * f));
+        saved.scale_chunk(k * CHUNK, Some(s), d);
     });
     Ok(())
 }
@@ -259,8 +278,6 @@ pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
     if saved.is_identity() {
         return Ok(());
     }
-    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
-        saved.for_each_factor(k * CHUNK, d.len(), |j, f| d[j] = T::from_f32(d[j].to_f32() * f));
-    });
+    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d));
     Ok(())
 }

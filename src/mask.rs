@@ -92,10 +92,9 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-/// Builds planes `[first, first + planes)` into `out`, whose bit 0 is bit
-/// `first · L` of the masks: samples the tile's windows and grows each seed.
+/// Builds planes `[first, first + planes)` into `out` (zeroed), whose bit 0 is
+/// bit `first · L` of the masks: samples the tile's windows and grows each seed.
 fn build_tile(plan: &Plan, first: usize, planes: usize, plane_len: usize, out: &mut [u64]) {
-    out.fill(0);
     let g = plan.geometry();
     let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
     let first_window = first as u64 / q * m;
