@@ -157,8 +157,9 @@ pub struct DeviceState {
     ptrs: StatePtrs,
     last_stream: Mutex<Option<Arc<CudaStream>>>,
     call: Option<Call>,
-    /// The last configuration's plan and launch, reused while it does not change.
-    cached: Option<(DropBlockConfig, Plan, CallPlan)>,
+    /// The last configuration's plan and launch (and the grid-path bound it was
+    /// planned with), reused while neither changes.
+    cached: Option<(DropBlockConfig, u64, Plan, CallPlan)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -461,11 +462,13 @@ impl DropBlockCuda {
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         let device_key: sys::CUdeviceptr = key_guard.as_ref().map_or(0, |(p, _)| *p);
         let (plan, launch) = match &state.cached {
-            Some((c, plan, launch)) if c == cfg => (plan.with_key(host_key), *launch),
+            Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => {
+                (plan.with_key(host_key), *launch)
+            }
             _ => {
                 let plan = Plan::new(cfg, shape, host_key);
                 let launch = self.launch_plan(cfg, shape);
-                state.cached = Some((*cfg, plan, launch));
+                state.cached = Some((*cfg, self.min_tiles, plan, launch));
                 (plan, launch)
             }
         };
