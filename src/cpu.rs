@@ -101,30 +101,14 @@ impl Saved {
     }
 
     /// `dst = src · factor` (or `dst = dst · factor` without `src`) for the
-    /// elements from `e0` on, 64 at a time with one mask word each; slices, not
-    /// indices, so the kept-word loop has no bounds checks.
+    /// elements from `e0` on, 64 at a time with one mask word each.
     #[inline(always)]
     fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T]) {
         let masks = masks_of(self);
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
-                let dropped = masks.bits_from(bit + 64 * k);
-                let factor = |i: usize| if dropped >> i & 1 == 1 { 0.0 } else { scale };
-                match src {
-                    Some(s) => {
-                        let s = &s[j0 + 64 * k..][..d.len()];
-                        if dropped == 0 {
-                            d.iter_mut().zip(s).for_each(|(d, s)| *d = T::from_f32(s.to_f32() * scale));
-                        } else {
-                            d.iter_mut()
-                                .zip(s)
-                                .enumerate()
-                                .for_each(|(i, (d, s))| *d = T::from_f32(s.to_f32() * factor(i)));
-                        }
-                    }
-                    None if dropped == 0 => d.iter_mut().for_each(|d| *d = T::from_f32(d.to_f32() * scale)),
-                    None => d.iter_mut().enumerate().for_each(|(i, d)| *d = T::from_f32(d.to_f32() * factor(i))),
-                }
+                let s = src.map(|s| &s[j0 + 64 * k..][..d.len()]);
+                scale_group(masks.bits_from(bit + 64 * k), scale, s, d);
             }
         });
     }
@@ -161,6 +145,47 @@ impl Saved {
 /// Elements per parallel task of the element-wise passes: large enough to amortise
 /// the task, a multiple of 64 so that tasks start on a mask word without sharing.
 const CHUNK: usize = 1 << 15;
+
+/// `d = s · factor` (`d = d · factor` without `s`) for up to 64 elements, the
+/// factor 0 where `dropped` has the bit and `scale` elsewhere. Every element is
+/// multiplied by one factor in a loop the compiler vectorises, and the few dropped
+/// ones among kept ones are multiplied by 0 from their original values: after the
+/// loop out of place, before it in place, where the loop then takes them from
+/// `x · 0` (±0 or NaN) to `x · 0 · scale`, the same, as the scale is finite and
+/// non-negative. So NaN, infinities and signed zeros come out exactly as `x · 0`
+/// (a kept value times the scale could overflow to infinity, and infinity times 0
+/// is NaN).
+#[inline(always)]
+fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) {
+    let all = u64::MAX >> (64 - d.len());
+    let dropped = dropped & all;
+    let (factor, fixups) = match dropped {
+        0 => (scale, 0),
+        _ if dropped == all => (0.0, 0),
+        _ => (scale, dropped),
+    };
+    match s {
+        Some(s) => {
+            d.iter_mut().zip(s).for_each(|(d, s)| *d = T::from_f32(s.to_f32() * factor));
+            times_zero(fixups, Some(s), d);
+        }
+        None => {
+            times_zero(fixups, None, d);
+            d.iter_mut().for_each(|d| *d = T::from_f32(d.to_f32() * factor));
+        }
+    }
+}
+
+/// `d[i] = x_i · 0` for each bit `i` of `bits`, `x` from `s`, or in place from `d`.
+#[inline(always)]
+fn times_zero<T: Element>(mut bits: u64, s: Option<&[T]>, d: &mut [T]) {
+    while bits != 0 {
+        let i = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        let x = s.map_or(d[i], |s| s[i]);
+        d[i] = T::from_f32(x.to_f32() * 0.0);
+    }
+}
 
 fn masks_of(saved: &Saved) -> &BlockMasks {
     match &saved.state {

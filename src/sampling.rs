@@ -20,6 +20,9 @@ pub struct Plan {
     pub(crate) geometry: abi::DropBlockGeometry,
     pub(crate) sampling: abi::DropBlockSampling,
     gamma: f64,
+    /// For each value of a draw's top 8 bits, the first threshold such a draw can
+    /// fall under (as the kernels' `Thresholds::first`): where a seed's search starts.
+    first_gap: [u8; 256],
 }
 
 impl Plan {
@@ -27,7 +30,9 @@ impl Plan {
         let geometry = geometry(cfg, shape);
         let gamma = gamma(cfg, &geometry);
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
-        Self { geometry, sampling, gamma }
+        let t = &sampling.thresholds;
+        let first_gap = std::array::from_fn(|b| t.partition_point(|&tg| tg <= (b as u64) << 24) as u8);
+        Self { geometry, sampling, gamma, first_gap }
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -142,8 +147,14 @@ impl Plan {
             if u >= t[r - 1] {
                 break;
             }
-            // Smallest g with u < t[g]; g < r because u < t[r - 1].
-            let g = t[..r].partition_point(|&tg| tg <= u) as u32;
+            // Smallest g with u < t[g]; g < r because u < t[r - 1]. At DropBlock's
+            // rates thresholds lie over 2^24 apart, so the scan from the table's
+            // start takes one or two steps.
+            let mut g = self.first_gap[(u >> 24) as usize] as usize;
+            while u >= t[g] {
+                g += 1;
+            }
+            let g = g as u32;
             bits |= 1u64 << (pos + g);
             pos += g + 1;
         }
