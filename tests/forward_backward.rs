@@ -134,6 +134,31 @@ fn nan_and_inf_propagate_as_x_times_factor() {
     }
 }
 
+/// Values whose product with the scale overflows, negative values and zeros, at
+/// dropped and kept cells, out of place and in place: each element is exactly
+/// `x · factor` (so a dropped huge value gives ±0, never the NaN of `(x·scale)·0`,
+/// and a dropped negative value gives -0).
+#[test]
+fn huge_negative_and_zero_values_are_x_times_factor() {
+    let shape = Shape::new(2, 2, 16, 40).unwrap();
+    let cfg = DropBlockConfig::builder(Block::square(3).unwrap(), 0.4).build().unwrap();
+    let pattern = [f32::MAX, -f32::MAX, -2.5, 0.0, -0.0, 3.0e38, -1e-45, 7.0];
+    let x: Vec<f32> = (0..shape.numel()).map(|i| pattern[i % pattern.len()]).collect();
+    let key = RngKey::new(6, 0).unwrap();
+    let mut y = vec![0.0; shape.numel()];
+    let saved = cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+    let mut in_place = x.clone();
+    cpu::forward_inplace(&cfg, shape, key, Mode::Train, &mut in_place).unwrap();
+    assert!(saved.scales()[0] > 1.0, "the scale must be able to overflow f32::MAX");
+    let f = factors(&saved);
+    assert!(f.contains(&0.0) && f.iter().any(|&v| v > 1.0));
+    for i in 0..x.len() {
+        let want = (x[i] * f[i]).to_bits();
+        assert_eq!(y[i].to_bits(), want, "element {i}: x {} factor {} gave {}", x[i], f[i], y[i]);
+        assert_eq!(in_place[i].to_bits(), want, "element {i} in place: x {} factor {}", x[i], f[i]);
+    }
+}
+
 #[test]
 fn block_larger_than_the_map_is_clipped() {
     // 3x5 map, 7x7 block: clipped to 3x5, one valid seed cell per plane, so a plane is
