@@ -178,6 +178,13 @@ mod emulation {
             let case = random_case(&mut rng);
             seen.insert(check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?);
         }
+        for (i, case) in exact_threshold_cases().into_iter().enumerate() {
+            let saved = cpu::sample(&case.cfg, case.shape, case.key, Mode::Train).unwrap();
+            if saved.kept() != case.shape.numel() as u64 {
+                return Err(format!("{case:?}: the CPU placed a seed on a draw equal to T[len-1]").into());
+            }
+            check::<T>(driver, dtype, case, 1000 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+        }
         for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for vector in [true, false] {
                 if !seen.contains(&(path, vector)) {
@@ -186,6 +193,34 @@ mod emulation {
             }
         }
         Ok(())
+    }
+
+    /// Calls whose only window's first draw equals its last threshold (the stop
+    /// test's equality, which random γs never reach): one cell, and 64 planes of
+    /// one cell in one window, on the tiled and the grid-wide paths.
+    fn exact_threshold_cases() -> Vec<Case> {
+        let key = RngKey::new(9, 3).unwrap();
+        let u = key.draw(0, 0) as u64;
+        let mut cases = Vec::new();
+        for (shape, len) in [(Shape::new(1, 1, 1, 1).unwrap(), 1usize), (Shape::new(2, 32, 1, 1).unwrap(), 64)] {
+            for min_tiles in [0, u64::MAX] {
+                cases.push(Case {
+                    cfg: common::config_with_gamma(common::gamma_with_threshold(len - 1, u)),
+                    shape,
+                    key,
+                    count_blocks: 1,
+                    apply_blocks: 1,
+                    in_place: false,
+                    unaligned: false,
+                    min_tiles,
+                    blocks: 1,
+                    smallest_tiles: false,
+                    device_key: false,
+                    calls: 1,
+                });
+            }
+        }
+        cases
     }
 
     /// Returns the launch path the case took and whether it used the vector kernels.

@@ -58,7 +58,7 @@ fn binomial_pmf(n: u32, p: f64) -> Vec<f64> {
 /// A plan whose γ is exactly `gamma`: a 1x1 block with `drop_prob` 1 gives a Paper γ
 /// of exactly 1, which `gamma_scale` then scales.
 fn plan_with_gamma(gamma: f64, shape: Shape, seed: u64, offset: u64) -> Plan {
-    let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
+    let cfg = common::config_with_gamma(gamma);
     let plan = Plan::new(&cfg, shape, RngKey::new(seed, offset).unwrap());
     assert_eq!(plan.gamma(), gamma, "a 1x1 block with p = 1 must give γ = gamma_scale");
     plan
@@ -285,6 +285,29 @@ fn sample_window_follows_the_documented_walk() {
                     "γ {gamma}, seed {seed}, offset {offset}, window {w}, len {len}"
                 );
             }
+        }
+    }
+}
+
+/// A draw exactly equal to `T[len-1]` ends the walk with no seed (the stop test is
+/// `u >= T[r-1]`); one threshold step higher, the same draw places a seed. Random
+/// γs never produce the equality, so γ is solved for it.
+#[test]
+fn a_draw_equal_to_the_last_threshold_stops_the_walk() {
+    for (seed, window) in [(1u64, 0u64), (77, 5), (u64::MAX, 1 << 40)] {
+        let key = RngKey::new(seed, 0).unwrap();
+        let u = key.draw(window, 0) as u64;
+        assert!(u > 0, "pick another key");
+        for len in [1u32, 7, 64] {
+            let at = common::gamma_with_threshold(len as usize - 1, u);
+            let plan = plan_with_gamma(at, one_cell(), seed, 0);
+            let ctx = format!("seed {seed}, window {window}, len {len}, γ {at}");
+            assert_eq!(plan.sampling().thresholds[len as usize - 1], u, "{ctx}");
+            assert_eq!(plan.sample_window(window, len).unwrap(), 0, "{ctx}: a draw equal to T[len-1] placed a seed");
+            assert_eq!(reference_window(key, &thresholds(at), window, len), 0, "{ctx}: the documented walk");
+            let above = common::gamma_with_threshold(len as usize - 1, u + 1);
+            let plan = plan_with_gamma(above, one_cell(), seed, 0);
+            assert_ne!(plan.sample_window(window, len).unwrap(), 0, "{ctx}: a draw below T[len-1] placed no seed");
         }
     }
 }

@@ -114,3 +114,26 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panicked".into())
 }
+
+/// The γ whose threshold `T[j]` is exactly `target` (in `1..2^32`): the smallest
+/// γ, by bisection, with `T[j] >= target`, checked to hit it. For tests of a draw
+/// that equals a threshold, which random γs never produce.
+pub fn gamma_with_threshold(j: usize, target: u64) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if dropblock::sampling::thresholds(mid)[j] >= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    assert_eq!(dropblock::sampling::thresholds(hi)[j], target, "no γ gives T[{j}] = {target}");
+    hi
+}
+
+/// A configuration whose γ is exactly `gamma`: a 1x1 block with p = 1 gives a Paper
+/// γ of exactly 1, which `gamma_scale` scales.
+pub fn config_with_gamma(gamma: f64) -> DropBlockConfig {
+    DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap()
+}
