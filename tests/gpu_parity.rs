@@ -214,8 +214,16 @@ mod gpu {
     }
 
     fn large_shapes_match_cpu((d, s): &Gpu) {
-        let big = [(8, 256, 56, 56, 7), (24, 64, 76, 76, 3), (2, 8, 300, 257, 9), (1, 2, 1, 100_000, 5)];
-        let big = if quick() { &big[2..] } else { &big[..] };
+        // 1x4097x65x65: an odd element count past 2^24, where a Global scale divided
+        // in f32 instead of f64 can be one ulp off.
+        let big = [
+            (1, 4097, 65, 65, 7),
+            (8, 256, 56, 56, 7),
+            (24, 64, 76, 76, 3),
+            (2, 8, 300, 257, 9),
+            (1, 2, 1, 100_000, 5),
+        ];
+        let big = if quick() { &big[3..] } else { &big[..] };
         for (i, &(n, c, h, w, k)) in big.iter().enumerate() {
             for norm in [Normalize::Global, Normalize::Expected] {
                 let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.1).normalize(norm).build().unwrap();

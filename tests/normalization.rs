@@ -47,6 +47,28 @@ fn global_scale_is_numel_over_kept() {
     check_output(&saved, &x, &y, |_| scale);
 }
 
+/// Over more than 2^24 elements the Global scale `numel / kept` must be divided in
+/// f64: an f32 division rounds both counts first and can land one ulp off. Keys are
+/// tried until the two differ, so the check can fail on an f32 division.
+#[test]
+fn global_scale_is_divided_in_f64_past_2_pow_24_elements() {
+    // Odd counts past 2^24 are not f32 numbers: an f32 division would round both.
+    let shape = Shape::new(1, 4_097, 65, 65).unwrap();
+    assert!(shape.numel() > 1 << 24 && shape.numel() % 2 == 1);
+    let cfg = DropBlockConfig::builder(Block::square(7).unwrap(), 0.02).build().unwrap();
+    let numel = shape.numel() as u64;
+    for seed in 0..20 {
+        let saved = cpu::sample(&cfg, shape, RngKey::new(seed, 0).unwrap(), Mode::Train).unwrap();
+        let kept = saved.kept();
+        let f64_scale = (numel as f64 / kept as f64) as f32;
+        assert_eq!(saved.scales(), &[f64_scale], "seed {seed}: numel {numel}, kept {kept}");
+        if numel as f32 / kept as f32 != f64_scale {
+            return;
+        }
+    }
+    panic!("no key in 20 gave a kept count where the f32 and f64 divisions differ");
+}
+
 #[test]
 fn per_sample_scale_uses_each_samples_count() {
     let shape = Shape::new(4, 3, 11, 9).unwrap();
