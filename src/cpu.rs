@@ -220,21 +220,30 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
     let masks = BlockMasks::build(&plan)?;
     let (c, l) = (shape.c(), shape.plane_len());
     let slice_kept = |plane: usize| l as u64 - masks.dropped(plane);
-    // Kept elements of sample n: its planes' bits are one run without sharing.
-    let kept_per_sample: Vec<u64> = match plan.geometry().sharing {
-        abi::DROPBLOCK_SHARE_NONE => (0..shape.n())
-            .into_par_iter()
-            .map(|n| (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l))
-            .collect(),
-        abi::DROPBLOCK_SHARE_CHANNELS => (0..shape.n()).map(|n| c as u64 * slice_kept(n)).collect(),
-        abi::DROPBLOCK_SHARE_BATCH => vec![(c * l) as u64 - masks.dropped_in(0, c * l); shape.n()],
-        _ => vec![c as u64 * slice_kept(0); shape.n()],
-    };
+    // Kept elements of sample n: its planes' bits are one run without sharing. N is
+    // up to 2^32: the per-sample counts are reserved, not assumed to fit.
+    let mut kept_per_sample = Vec::new();
+    kept_per_sample.try_reserve_exact(shape.n()).map_err(|_| Error::HostAllocation { bytes: shape.n() as u64 * 8 })?;
+    match plan.geometry().sharing {
+        abi::DROPBLOCK_SHARE_NONE => kept_per_sample.par_extend(
+            (0..shape.n()).into_par_iter().map(|n| (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l)),
+        ),
+        abi::DROPBLOCK_SHARE_CHANNELS => {
+            kept_per_sample.par_extend((0..shape.n()).into_par_iter().map(|n| c as u64 * slice_kept(n)))
+        }
+        abi::DROPBLOCK_SHARE_BATCH => kept_per_sample.resize(shape.n(), (c * l) as u64 - masks.dropped_in(0, c * l)),
+        _ => kept_per_sample.resize(shape.n(), c as u64 * slice_kept(0)),
+    }
     let kept: u64 = kept_per_sample.iter().sum();
     let per_sample = cfg.normalize() == Normalize::PerSample;
     let scales = match cfg.normalize() {
         Normalize::Global => vec![count_scale(shape.numel() as u64, kept)],
-        Normalize::PerSample => kept_per_sample.iter().map(|&k| count_scale((c * l) as u64, k)).collect(),
+        Normalize::PerSample => {
+            let mut s = Vec::new();
+            s.try_reserve_exact(shape.n()).map_err(|_| Error::HostAllocation { bytes: shape.n() as u64 * 4 })?;
+            s.extend(kept_per_sample.iter().map(|&k| count_scale((c * l) as u64, k)));
+            s
+        }
         Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
         Normalize::None => vec![1.0],
     };

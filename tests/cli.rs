@@ -162,6 +162,141 @@ fn bad_arguments_and_files_get_one_line_errors() {
     assert_one_line_error(&["apply", "--input", garbage.to_str().unwrap(), "--output", ys], "g.npy");
 }
 
+/// A `.npy` file with `header` (padded as numpy pads it) and `data` bytes after it.
+fn raw_npy(path: &Path, header: &str, data: &[u8]) {
+    let mut h = header.as_bytes().to_vec();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(b' ');
+    }
+    h.push(b'\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    if h.len() > u16::MAX as usize {
+        bytes[6] = 2;
+        bytes.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    } else {
+        bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    }
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A run that must fail with one short line, and within `seconds` (a hang or an
+/// abort on a hostile file is the bug these guard against).
+fn assert_fails_fast(args: &[&str], needle: &str, seconds: u64) {
+    let start = std::time::Instant::now();
+    let out = dropblock(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: exit status {:?}, stderr: {err}", out.status);
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(err.len() < 400, "{args:?}: a {}-byte message", err.len());
+    assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
+    assert!(start.elapsed().as_secs() < seconds, "{args:?} took {:?}", start.elapsed());
+}
+
+#[test]
+fn hostile_npy_files_fail_fast_with_short_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let y = dir.path().join("y.npy");
+    let ys = y.to_str().unwrap();
+    let case = |name: &str, header: &str, data: &[u8], needle: &str| {
+        let p = dir.path().join(name);
+        raw_npy(&p, header, data);
+        assert_fails_fast(&["apply", "--input", p.to_str().unwrap(), "--output", ys], needle, 10);
+        assert!(!y.exists(), "{name}: a failed run left an output");
+    };
+    // Nested lists made the header parser's time double per level (depth 30: minutes).
+    let nested = format!(
+        "{{'descr': {}'<f4'{}, 'fortran_order': False, 'shape': (1, 1, 2, 2), }}",
+        "[".repeat(30),
+        "]".repeat(30)
+    );
+    case("nested.npy", &nested, &[0; 16], "nests deeper");
+    // A 10 MB header is refused at numpy's bound, and not echoed back.
+    let long = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 2), 'x': '{}', }}",
+        "a".repeat(10_000_000)
+    );
+    case("long.npy", &long, &[0; 16], "10000");
+    // A shape of 2^40 elements over 16 bytes of data: refused before allocating.
+    case(
+        "huge.npy",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1024, 1024, 1024, 1024), }",
+        &[0; 16],
+        "bytes of data",
+    );
+    // Too little and too much data for the shape.
+    case("short.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 2), }", &[0; 12], "needs 16");
+    case("long_data.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 2), }", &[0; 20], "needs 16");
+}
+
+/// A minimal PNG whose header claims `w` x `h` pixels (an empty IDAT follows).
+fn png_claiming(path: &Path, w: u32, h: u32) {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 == 1 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend_from_slice(&13u32.to_be_bytes());
+    bytes.extend_from_slice(&ihdr);
+    bytes.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    for chunk in [b"IDAT", b"IEND"] {
+        bytes.extend_from_slice(&[0, 0, 0, 0]);
+        bytes.extend_from_slice(chunk);
+        bytes.extend_from_slice(&crc32(chunk).to_be_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn oversized_images_and_shapes_are_typed_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("huge.png");
+    png_claiming(&png, 100_000, 100_000);
+    let out = dir.path().join("out.png");
+    assert_fails_fast(&["show", "--image", png.to_str().unwrap(), "--png", out.to_str().unwrap()], "larger than", 10);
+    assert!(!out.exists());
+    // Shapes the library accepts but no host holds: refused when the buffers are made.
+    for shape in ["2147483648,2147483648,1,1", "1048576,1048576,1,1"] {
+        assert_fails_fast(&["bench", "--device", "cpu", "--shape", shape, "--iters", "1"], "allocate", 10);
+    }
+}
+
+#[test]
+fn outputs_never_clobber_inputs_and_are_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy(&x, "<f4", &[1, 2, 8, 8], &[1f32; 128]);
+    let before = std::fs::read(&x).unwrap();
+    let (xs, y) = (x.to_str().unwrap(), dir.path().join("y.npy"));
+    let ys = y.to_str().unwrap();
+    assert_fails_fast(&["apply", "--input", xs, "--output", xs], "--input", 10);
+    assert_fails_fast(&["apply", "--input", xs, "--output", ys, "--keep-mask", ys], "--output", 10);
+    assert_fails_fast(&["apply", "--input", xs, "--output", ys, "--keep-mask", xs], "--input", 10);
+    // The same file through another spelling of its path.
+    let other = format!("{}/./x.npy", dir.path().display());
+    assert_fails_fast(&["apply", "--input", xs, "--output", &other], "--input", 10);
+    assert_eq!(std::fs::read(&x).unwrap(), before, "the input changed");
+    assert!(!y.exists());
+    // A keep mask that cannot be written: no y either.
+    let bad = dir.path().join("missing-dir").join("m.npy");
+    assert_fails_fast(&["apply", "--input", xs, "--output", ys, "--keep-mask", bad.to_str().unwrap()], "m.npy", 10);
+    assert!(!y.exists(), "y was left behind by a failed run");
+    // No temporary files are left beside the outputs.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("x.npy")], "{names:?}");
+}
+
 #[test]
 fn device_cuda_matches_the_cpu_or_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,18 @@ pub struct ApplyArgs {
 }
 
 pub fn run(a: ApplyArgs) -> Result<(), CliError> {
+    let clash = |what: &str, p: &std::path::Path, q: &std::path::Path, other: &str| {
+        if super::same_file(p, q) {
+            Err(CliError::Usage(format!("--{what} {} is also the {other}; give it a path of its own", p.display())))
+        } else {
+            Ok(())
+        }
+    };
+    clash("output", &a.output, &a.input, "--input")?;
+    if let Some(m) = &a.keep_mask {
+        clash("keep-mask", m, &a.input, "--input")?;
+        clash("keep-mask", m, &a.output, "--output")?;
+    }
     let cfg = a.config.config()?;
     let key = a.config.key()?;
     let (dims, x) = npy::read(&a.input)?;
@@ -40,9 +52,12 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
         let o = runner.run(&cfg, shape, key, v, false)?;
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)
     });
-    npy::write(&a.output, dims, &y)?;
-    if let Some(path) = &a.keep_mask {
-        npy::write_u8(path, dims, &mask)?;
+    // Both files are written in full before either is put in place.
+    let y_file = npy::write(&a.output, dims, &y)?;
+    let mask_file = a.keep_mask.as_ref().map(|path| npy::write_u8(path, dims, &mask)).transpose()?;
+    y_file.commit()?;
+    if let Some(f) = mask_file {
+        f.commit()?;
     }
     eprintln!(
         "dropblock: {} {} on {}: kept {} of {} ({:.4} dropped)",

@@ -54,9 +54,9 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     println!("bench: {shape} {} on {}, {cfg}", T::DTYPE.name(), runner.name());
     let times = match &runner {
         Runner::Cpu => {
-            let x = input::<T>(shape.numel());
-            let mut y = vec![T::default(); shape.numel()];
-            let mut dx = vec![T::default(); shape.numel()];
+            let x = input::<T>(shape.numel())?;
+            let mut y = super::host_vec(shape.numel(), |_| T::default())?;
+            let mut dx = super::host_vec(shape.numel(), |_| T::default())?;
             timed(iters, || {
                 let t = Instant::now();
                 let saved = cpu::forward(&cfg, shape, gen.next_key()?, Mode::Train, &x, &mut y)?;
@@ -102,8 +102,8 @@ fn timed(iters: usize, mut one: impl FnMut() -> Result<f64, CliError>) -> Result
 }
 
 /// A deterministic input: values -8..8.
-fn input<T: CliElement>(len: usize) -> Vec<T> {
-    (0..len).map(|i| T::from_f32((i % 17) as f32 - 8.0)).collect()
+fn input<T: CliElement>(len: usize) -> Result<Vec<T>, CliError> {
+    super::host_vec(len, |i| T::from_f32((i % 17) as f32 - 8.0))
 }
 
 /// CUDA-event times per iteration (see `CudaTimer`).
@@ -116,6 +116,6 @@ fn cuda_times<T: CliElement>(
     iters: usize,
     backward: bool,
 ) -> Result<Vec<f64>, CliError> {
-    let mut timer = super::cuda_timing::CudaTimer::new(d, shape, &input::<T>(shape.numel()))?;
+    let mut timer = super::cuda_timing::CudaTimer::new(d, shape, &input::<T>(shape.numel())?)?;
     timed(iters, || Ok(timer.time(d, cfg, gen.next_key()?, backward)?))
 }

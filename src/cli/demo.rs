@@ -45,7 +45,7 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     );
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.config.seed);
-    let x: Vec<f32> = (0..shape.numel()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let x: Vec<f32> = super::host_vec(shape.numel(), |_| rng.random_range(-1.0f32..1.0))?;
     let o = runner.run(&cfg, shape, key, &x, true)?;
     let bytes = 2.0 * (shape.numel() * 4) as f64;
     let scale = match o.scales.as_slice() {

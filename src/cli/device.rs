@@ -67,12 +67,12 @@ impl Runner {
     ) -> Result<Outcome<T>, CliError> {
         match self {
             Runner::Cpu => {
-                let mut y = vec![T::default(); x.len()];
+                let mut y = super::host_vec(x.len(), |_| T::default())?;
                 let t = Instant::now();
                 let saved = cpu::forward(cfg, shape, key, Mode::Train, x, &mut y)?;
                 let forward_ms = t.elapsed().as_secs_f64() * 1e3;
                 let backward = if with_backward {
-                    let mut dx = vec![T::default(); x.len()];
+                    let mut dx = super::host_vec(x.len(), |_| T::default())?;
                     let t = Instant::now();
                     cpu::backward(&saved, &y, &mut dx)?;
                     Some((dx, t.elapsed().as_secs_f64() * 1e3))

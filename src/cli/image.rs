@@ -4,9 +4,12 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
-use super::CliError;
+use super::{CliError, Output};
 
 pub type Rgb = [u8; 3];
+
+/// The largest picture read or drawn.
+pub const MAX_PIXELS: u64 = 1 << 28;
 
 /// An 8-bit RGB raster, row-major.
 pub struct Image {
@@ -45,7 +48,14 @@ impl Image {
         let mut decoder = png::Decoder::new(file);
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         let mut reader = decoder.read_info().map_err(|e| err(&e))?;
-        let mut buf = vec![0; reader.output_buffer_size()];
+        // The header's claim is checked before a buffer of its size is made.
+        let (w, h) = (reader.info().width as u64, reader.info().height as u64);
+        if w * h > MAX_PIXELS {
+            return Err(err(&format!("a {w}x{h} image is larger than the {MAX_PIXELS} pixels `show` reads")));
+        }
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(reader.output_buffer_size()).map_err(|_| err(&"cannot hold the decoded image"))?;
+        buf.resize(reader.output_buffer_size(), 0);
         let info = reader.next_frame(&mut buf).map_err(|e| err(&e))?;
         let (w, h) = (info.width as usize, info.height as usize);
         let channels = info.color_type.samples();
@@ -60,14 +70,19 @@ impl Image {
         Ok(img)
     }
 
+    /// Writes the image whole, or nothing (see [`Output`]).
     pub fn write_png(&self, path: &Path) -> Result<(), CliError> {
         let err = |e: &dyn std::fmt::Display| CliError::File(format!("{}: {e}", path.display()));
-        let file = File::create(path).map_err(|e| err(&e))?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| err(&e))?;
-        w.write_image_data(&self.data).map_err(|e| err(&e))
+        let mut out = Output::create(path)?;
+        {
+            let mut enc = png::Encoder::new(BufWriter::new(out.file()), self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().map_err(|e| err(&e))?;
+            w.write_image_data(&self.data).map_err(|e| err(&e))?;
+            w.finish().map_err(|e| err(&e))?;
+        }
+        out.commit()
     }
 }
 

@@ -100,6 +100,64 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// An output file written whole or not at all: the data goes to a temporary file
+/// beside `path`, which [`Output::commit`] renames onto it, so a failed run leaves
+/// no half-written file and never clobbers what was there.
+pub struct Output {
+    file: tempfile::NamedTempFile,
+    path: std::path::PathBuf,
+}
+
+impl Output {
+    pub fn create(path: &std::path::Path) -> Result<Self, CliError> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let file = tempfile::NamedTempFile::new_in(dir)
+            .map_err(|e| CliError::File(format!("{}: cannot create a file there: {e}", path.display())))?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+
+    pub fn file(&mut self) -> &mut std::fs::File {
+        self.file.as_file_mut()
+    }
+
+    pub fn commit(self) -> Result<(), CliError> {
+        let path = self.path;
+        self.file.persist(&path).map_err(|e| CliError::File(format!("{}: {}", path.display(), e.error)))?;
+        Ok(())
+    }
+}
+
+/// `len` elements from `fill(i)`, in memory reserved first: a typed error, not an
+/// abort, when a shape from the command line is more than the host can hold.
+pub fn host_vec<T>(len: usize, fill: impl FnMut(usize) -> T) -> Result<Vec<T>, CliError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| dropblock::Error::HostAllocation {
+        bytes: (len as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+    })?;
+    v.extend((0..len).map(fill));
+    Ok(v)
+}
+
+/// Whether two paths name the same file, whether or not it exists yet.
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let canonical = |p: &std::path::Path| {
+        p.canonicalize().ok().or_else(|| {
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            Some(parent.canonicalize().ok()?.join(p.file_name()?))
+        })
+    };
+    match (canonical(a), canonical(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// `N,C,H,W` on the command line.
 #[derive(Clone, Copy, Debug)]
 pub struct ShapeArg([usize; 4]);

@@ -4,13 +4,13 @@
 //! two-byte void (`|V2`), so that is what bf16 reads from and writes to.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use half::{bf16, f16};
 use npyz::{DType, FixedSizeBytes, TypeStr, WriterBuilder};
 
-use super::CliError;
+use super::{CliError, Output};
 
 /// A host tensor in one of the supported dtypes.
 pub enum Tensor {
@@ -62,13 +62,68 @@ impl Tensor {
     }
 }
 
+/// An error about `path`, cut to a line: a message may quote a hostile header.
 fn npy_err(path: &Path, e: impl std::fmt::Display) -> CliError {
-    CliError::File(format!("{}: {e}", path.display()))
+    const MAX_CHARS: usize = 200;
+    let msg = e.to_string();
+    let msg = match msg.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}...", &msg[..cut]),
+        None => msg,
+    };
+    CliError::File(format!("{}: {msg}", path.display()))
 }
 
-/// Reads an N,C,H,W array.
+/// numpy's own bound on a header (`np.load`'s `max_header_size`).
+const MAX_HEADER_BYTES: usize = 10_000;
+/// Brackets a supported header nests: the dict and the shape tuple. A deeper one
+/// is refused before the header parser sees it (its time grows exponentially with
+/// the depth of nested lists).
+const MAX_HEADER_NESTING: usize = 2;
+
+/// Checks the preamble and header of a `.npy` file before any parser reads it, and
+/// returns the header's length and where the data starts.
+fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
+    let mut pre = [0u8; 12];
+    file.read_exact(&mut pre[..10]).map_err(|_| npy_err(path, "too short for a .npy file"))?;
+    if &pre[..6] != b"\x93NUMPY" {
+        return Err(npy_err(path, "not a .npy file (no \\x93NUMPY magic)"));
+    }
+    let (len, start) = match pre[6] {
+        1 => (u16::from_le_bytes([pre[8], pre[9]]) as usize, 10u64),
+        2 | 3 => {
+            file.read_exact(&mut pre[10..12]).map_err(|_| npy_err(path, "truncated .npy header"))?;
+            (u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as usize, 12u64)
+        }
+        v => return Err(npy_err(path, format!(".npy format version {v} is not supported"))),
+    };
+    if len > MAX_HEADER_BYTES {
+        return Err(npy_err(path, format!("a {len}-byte header is over numpy's limit of {MAX_HEADER_BYTES}")));
+    }
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).map_err(|_| npy_err(path, "truncated .npy header"))?;
+    let mut depth = 0usize;
+    for &b in &header {
+        match b {
+            b'{' | b'(' | b'[' => {
+                depth += 1;
+                if depth > MAX_HEADER_NESTING {
+                    return Err(npy_err(path, "the header nests deeper than a dict holding a shape tuple"));
+                }
+            }
+            b'}' | b')' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| npy_err(path, e))?;
+    Ok(start + len as u64)
+}
+
+/// Reads an N,C,H,W array. The header is bounded before it is parsed, and the data's
+/// size is checked against the shape before anything of that size is allocated.
 pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
-    let file = File::open(path).map_err(|e| npy_err(path, e))?;
+    let mut file = File::open(path).map_err(|e| npy_err(path, e))?;
+    let data_start = check_header(path, &mut file)?;
+    let file_len = file.metadata().map_err(|e| npy_err(path, e))?.len();
     let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(|e| npy_err(path, e))?;
     let shape = npy.shape().to_vec();
     if shape.len() != 4 {
@@ -77,15 +132,18 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
     if npy.order() != npyz::Order::C {
         return Err(npy_err(path, "Fortran-ordered arrays are not supported; save a C-ordered array"));
     }
-    let dims = [shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize];
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| npy_err(path, format!("shape {shape:?} does not fit this machine")))?;
+    let dims = [dims[0], dims[1], dims[2], dims[3]];
+    // A valid shape (no zero, each dimension 32-bit, the count 63-bit) before sizes.
+    let shape_ok = dropblock::Shape::new(dims[0], dims[1], dims[2], dims[3])?;
     let descr = npy.dtype().descr();
-    let tensor = match descr.trim_matches('\'') {
-        "<f4" => Tensor::F32(npy.into_vec().map_err(|e| npy_err(path, e))?),
-        "<f2" => Tensor::F16(npy.into_vec().map_err(|e| npy_err(path, e))?),
-        "|V2" | "<V2" => {
-            let raw: Vec<FixedSizeBytes<2>> = npy.into_vec().map_err(|e| npy_err(path, e))?;
-            Tensor::BF16(raw.into_iter().map(|b| bf16::from_le_bytes(b.0)).collect())
-        }
+    let item = match descr.trim_matches('\'') {
+        "<f4" => 4,
+        "<f2" | "|V2" | "<V2" => 2,
         other => {
             return Err(npy_err(
                 path,
@@ -93,11 +151,48 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
             ))
         }
     };
+    let need = (shape_ok.numel() as u64).checked_mul(item);
+    if need != Some(file_len.saturating_sub(data_start)) {
+        return Err(npy_err(
+            path,
+            format!(
+                "holds {} bytes of data but shape {shape:?} of {}-byte elements needs {}",
+                file_len.saturating_sub(data_start),
+                item,
+                need.map_or("more than 2^64".to_string(), |n| n.to_string())
+            ),
+        ));
+    }
+    let n = shape_ok.numel();
+    let tensor = if item == 4 {
+        Tensor::F32(read_vec(path, npy, n, |v: f32| v)?)
+    } else if descr.trim_matches('\'') == "<f2" {
+        Tensor::F16(read_vec(path, npy, n, |v: f16| v)?)
+    } else {
+        Tensor::BF16(read_vec(path, npy, n, |b: FixedSizeBytes<2>| bf16::from_le_bytes(b.0))?)
+    };
     Ok((dims, tensor))
 }
 
-/// Writes `tensor` with shape `dims`, in its own dtype.
-pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<(), CliError> {
+/// The `n` elements of `npy` as `T`, into memory reserved up front (a typed error,
+/// not an abort, when the host cannot hold them).
+fn read_vec<R: Read, E: npyz::Deserialize, T>(
+    path: &Path,
+    npy: npyz::NpyFile<R>,
+    n: usize,
+    convert: impl Fn(E) -> T,
+) -> Result<Vec<T>, CliError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| npy_err(path, format!("cannot hold {n} elements in memory")))?;
+    for v in npy.data::<E>().map_err(|e| npy_err(path, e))? {
+        out.push(convert(v.map_err(|e| npy_err(path, e))?));
+    }
+    Ok(out)
+}
+
+/// Writes `tensor` with shape `dims`, in its own dtype, to a file that
+/// [`Output::commit`] puts in place.
+pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<Output, CliError> {
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     match tensor {
         Tensor::F32(v) => write_as(path, &shape, "<f4", v.iter().copied()),
@@ -106,8 +201,8 @@ pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<(), CliEr
     }
 }
 
-/// Writes a u8 array (the keep mask).
-pub fn write_u8(path: &Path, dims: [usize; 4], data: &[u8]) -> Result<(), CliError> {
+/// Writes a u8 array (the keep mask), like [`write`].
+pub fn write_u8(path: &Path, dims: [usize; 4], data: &[u8]) -> Result<Output, CliError> {
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     write_as(path, &shape, "|u1", data.iter().copied())
 }
@@ -117,15 +212,16 @@ fn write_as<T: npyz::Serialize>(
     shape: &[u64],
     descr: &str,
     data: impl IntoIterator<Item = T>,
-) -> Result<(), CliError> {
+) -> Result<Output, CliError> {
     let ts: TypeStr = descr.parse().expect("a valid type string");
-    let file = File::create(path).map_err(|e| npy_err(path, e))?;
+    let mut out = Output::create(path)?;
     let mut w = npyz::WriteOptions::new()
         .dtype(DType::Plain(ts))
         .shape(shape)
-        .writer(BufWriter::new(file))
+        .writer(BufWriter::new(out.file()))
         .begin_nd()
         .map_err(|e| npy_err(path, e))?;
     w.extend(data).map_err(|e| npy_err(path, e))?;
-    w.finish().map_err(|e| npy_err(path, e))
+    w.finish().map_err(|e| npy_err(path, e))?;
+    Ok(out)
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use dropblock::sampling::Plan;
 use dropblock::{cpu, Mode, Shape};
 
-use super::image::{self, Image};
+use super::image::{self, Image, MAX_PIXELS};
 use super::{CliError, ConfigArgs};
 
 #[derive(Args)]
@@ -35,7 +35,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     let too_large = |h: usize, w: usize| {
         let pixels = h.checked_mul(w).and_then(|p| p.checked_mul(zoom * zoom));
         match pixels {
-            Some(p) if p <= MAX_PIXELS => Ok(()),
+            Some(p) if p as u64 <= MAX_PIXELS => Ok(()),
             _ => Err(CliError::Usage(format!(
                 "a {h}x{w} map at zoom {zoom} is too large a picture (at most {MAX_PIXELS} pixels)"
             ))),
@@ -93,9 +93,6 @@ fn draw_seeds(img: &mut Image, plan: &Plan, zoom: usize) -> Result<usize, CliErr
     }
     Ok(count)
 }
-
-/// The largest picture `show` draws.
-const MAX_PIXELS: usize = 1 << 28;
 
 /// `HxW`, both at least 1.
 #[derive(Clone, Copy, Debug)]
