@@ -41,7 +41,13 @@ impl fmt::Display for Block {
 impl FromStr for Block {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parse = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("block size `{t}` is not a whole number"));
+        let parse = |t: &str| {
+            let t = t.trim();
+            t.parse::<u32>().map_err(|e| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => format!("block size `{t}` is over the largest, {}", u32::MAX),
+                _ => format!("block size `{t}` is not a whole number"),
+            })
+        };
         let (h, w) = match s.split_once(['x', 'X']) {
             Some((h, w)) => (parse(h)?, parse(w)?),
             None => {

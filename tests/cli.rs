@@ -144,6 +144,10 @@ fn bad_arguments_and_files_get_one_line_errors() {
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--drop-prob", "1.5"], "drop_prob");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "0"], "block");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "3x"], "block");
+    // A negative number is a value, not a flag, and gets the range error.
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--drop-prob", "-0.1"], "[0, 1]");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--gamma-scale", "-1"], "gamma_scale");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "4294967296"], "largest");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--placement", "middle"], "valid, anywhere");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--offset", "18446744073709551615"], "offset");
     assert_one_line_error(&["apply", "--input", "/nonexistent/x.npy", "--output", ys], "/nonexistent/x.npy");

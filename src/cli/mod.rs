@@ -50,7 +50,7 @@ pub struct ConfigArgs {
     #[arg(long, default_value = "7")]
     block: Block,
     /// Probability that a unit is dropped, in [0, 1].
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     drop_prob: f64,
     /// Where seeds may fall: valid | anywhere.
     #[arg(long, default_value = "valid")]
@@ -59,7 +59,7 @@ pub struct ConfigArgs {
     #[arg(long, default_value = "paper")]
     gamma: GammaRule,
     /// Multiplies γ.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     gamma_scale: f64,
     /// Mask sharing: none | channels | batch | all.
     #[arg(long, default_value = "none")]
