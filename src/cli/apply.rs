@@ -49,12 +49,15 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
         eprintln!("dropblock: no GPU ({why}): running on the CPU");
     }
     let (y, mask, kept) = with_tensor!(&x, v => {
-        let o = runner.run(&cfg, shape, key, v, false)?;
+        let o = runner.run(&cfg, shape, key, v, false, a.keep_mask.is_some())?;
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)
     });
     // Both files are written in full before either is put in place.
     let y_file = npy::write(&a.output, dims, &y)?;
-    let mask_file = a.keep_mask.as_ref().map(|path| npy::write_u8(path, dims, &mask)).transpose()?;
+    let mask_file = match (&a.keep_mask, &mask) {
+        (Some(path), Some(mask)) => Some(npy::write_u8(path, dims, mask)?),
+        _ => None,
+    };
     y_file.commit()?;
     if let Some(f) = mask_file {
         f.commit()?;

@@ -46,7 +46,7 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.config.seed);
     let x: Vec<f32> = super::host_vec(shape.numel(), |_| rng.random_range(-1.0f32..1.0))?;
-    let o = runner.run(&cfg, shape, key, &x, true)?;
+    let o = runner.run(&cfg, shape, key, &x, true, true)?;
     let bytes = 2.0 * (shape.numel() * 4) as f64;
     let scale = match o.scales.as_slice() {
         [one] => format!("scale {one}"),
@@ -65,7 +65,8 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     if let Some((_, ms)) = &o.backward {
         println!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6);
     }
-    let (img, tiles) = masks_png(&o.keep_mask, shape);
+    let mask = o.keep_mask.as_deref().ok_or_else(|| CliError::Usage("the runner returned no keep mask".into()))?;
+    let (img, tiles) = masks_png(mask, shape);
     img.write_png(&a.png)?;
     println!("wrote the keep masks of the first {tiles} (n, c) slices to {}", a.png.display());
     Ok(())

@@ -20,7 +20,8 @@ pub enum DeviceArg {
 /// The result of one forward (and optionally backward) call.
 pub struct Outcome<T> {
     pub y: Vec<T>,
-    pub keep_mask: Vec<u8>,
+    /// The keep mask, u8 NCHW, when it was asked for (a byte per element).
+    pub keep_mask: Option<Vec<u8>>,
     pub kept: u64,
     pub scales: Vec<f32>,
     pub forward_ms: f64,
@@ -64,6 +65,7 @@ impl Runner {
         key: RngKey,
         x: &[T],
         with_backward: bool,
+        with_mask: bool,
     ) -> Result<Outcome<T>, CliError> {
         match self {
             Runner::Cpu => {
@@ -80,7 +82,7 @@ impl Runner {
                     None
                 };
                 Ok(Outcome {
-                    keep_mask: saved.keep_mask(),
+                    keep_mask: with_mask.then(|| saved.keep_mask()),
                     kept: saved.kept(),
                     scales: saved.scales().to_vec(),
                     y,
@@ -89,7 +91,7 @@ impl Runner {
                 })
             }
             #[cfg(feature = "cuda")]
-            Runner::Cuda(c) => Ok(run_cuda(c, cfg, shape, key, x, with_backward)?),
+            Runner::Cuda(c) => Ok(run_cuda(c, cfg, shape, key, x, with_backward, with_mask)?),
         }
     }
 }
@@ -104,6 +106,7 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     key: RngKey,
     x: &[T],
     with_backward: bool,
+    with_mask: bool,
 ) -> Result<Outcome<T>, dropblock::Error> {
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     let stream = c.context().new_stream()?;
@@ -124,12 +127,10 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     } else {
         None
     };
-    // The kept count from the downloaded mask: one download of the keep bits.
-    let keep_mask = state.keep_mask(&stream)?;
     Ok(Outcome {
         y: stream.clone_dtoh(&yd)?,
-        kept: keep_mask.iter().map(|&k| k as u64).sum(),
-        keep_mask,
+        kept: state.kept(&stream)?,
+        keep_mask: if with_mask { Some(state.keep_mask(&stream)?) } else { None },
         scales: state.scales(&stream)?,
         forward_ms,
         backward,

@@ -739,9 +739,21 @@ impl DeviceState {
         Ok(Some((plan, bits)))
     }
 
-    /// Kept elements over the tensor, from the keep bits (synchronises the stream).
+    /// Kept elements over the tensor, counted from the keep bits (synchronises the
+    /// stream; no mask the size of the tensor is made).
     pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
-        Ok(self.keep_mask(stream)?.iter().map(|&v| v as u64).sum())
+        let s = self.shape;
+        let Some((plan, bits)) = self.host_bits(stream)? else {
+            return Ok(s.numel() as u64);
+        };
+        if plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE {
+            return Ok(bits.iter().map(|w| w.count_ones() as u64).sum());
+        }
+        // With sharing there are at most max(N, C) planes, each read by several slices.
+        let l = s.plane_len();
+        let count = |lo: usize, hi: usize| (lo..hi).filter(|&b| bits[b / 32] >> (b % 32) & 1 == 1).count() as u64;
+        let per_plane: Vec<u64> = (0..plan.planes()).map(|p| count(p * l, (p + 1) * l)).collect();
+        Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
     }
 
     /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
