@@ -14,7 +14,14 @@
 //!     shared between streams yourself).
 //! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
-//!   let [`DropBlockCuda::forward`] allocate it.
+//!   let [`DropBlockCuda::forward`] allocate it. The kernels reach its buffers
+//!   without cudarc's events; the state orders its own calls instead (a call on
+//!   another stream than the last one first waits for that stream's work), and
+//!   the kernels leave its counters zeroed for the next call, so a forward is one
+//!   launch (Expected / None normalisation without sharing) or two.
+//! - A forward can be split: [`DropBlockCuda::sample_into`] draws the mask and the
+//!   scales from the key alone, [`DropBlockCuda::apply`] applies them once x is
+//!   ready, with the same result bit for bit.
 //! - Statistics (kept count, scales, the keep mask) are read only when you ask.
 //!
 //! [`DevicePtr`]: cudarc::driver::DevicePtr
