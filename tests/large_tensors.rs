@@ -5,7 +5,7 @@
 
 mod common;
 
-use dropblock::{cpu, DropBlockConfig, Element, Mode, RngKey, Shape};
+use dropblock::{cpu, DropBlockConfig, Mode, RngKey, Shape};
 use half::bf16;
 use libtest_mimic::{Arguments, Failed, Trial};
 
