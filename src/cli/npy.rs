@@ -62,10 +62,11 @@ impl Tensor {
     }
 }
 
-/// An error about `path`, cut to a line: a message may quote a hostile header.
+/// An error about `path`, cut to one short line: a parser's message may span lines
+/// and quote a hostile header.
 fn npy_err(path: &Path, e: impl std::fmt::Display) -> CliError {
     const MAX_CHARS: usize = 200;
-    let msg = e.to_string();
+    let msg = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
     let msg = match msg.char_indices().nth(MAX_CHARS) {
         Some((cut, _)) => format!("{}...", &msg[..cut]),
         None => msg,
@@ -114,8 +115,31 @@ fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
             _ => {}
         }
     }
+    check_shape(path, &String::from_utf8_lossy(&header))?;
     file.seek(SeekFrom::Start(0)).map_err(|e| npy_err(path, e))?;
     Ok(start + len as u64)
+}
+
+/// The header's shape must be 4 dimensions that make a valid [`dropblock::Shape`]
+/// before the header parser multiplies them (npyz's product can overflow).
+fn check_shape(path: &Path, header: &str) -> Result<(), CliError> {
+    let Some(at) = header.find("'shape'").or_else(|| header.find("\"shape\"")) else {
+        return Ok(()); // the parser reports the missing key
+    };
+    let rest = header[at + 7..].trim_start().strip_prefix(':').unwrap_or("").trim_start();
+    let Some(tuple) = rest.strip_prefix('(').and_then(|r| r.split_once(')')).map(|(t, _)| t) else {
+        return Err(npy_err(path, "the header's shape is not a tuple"));
+    };
+    let dims: Vec<&str> = tuple.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    if dims.len() != 4 {
+        return Err(npy_err(path, format!("expected a 4-d N,C,H,W array, got shape ({tuple})")));
+    }
+    let mut parsed = [0usize; 4];
+    for (p, d) in parsed.iter_mut().zip(&dims) {
+        *p = d.parse().map_err(|_| npy_err(path, format!("shape ({tuple}) holds `{d}`, not a dimension")))?;
+    }
+    dropblock::Shape::new(parsed[0], parsed[1], parsed[2], parsed[3])?;
+    Ok(())
 }
 
 /// Reads an N,C,H,W array. The header is bounded before it is parsed, and the data's
