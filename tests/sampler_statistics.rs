@@ -231,6 +231,14 @@ fn thresholds_match_closed_form() {
     ];
     for &gamma in &gammas {
         let t = thresholds(gamma);
+        // Exactly the documented formula, written out here.
+        let mut prev = 0u64;
+        for (j, &tj) in t.iter().enumerate() {
+            let q = -((j as f64 + 1.0) * (-gamma).ln_1p()).exp_m1();
+            let want = ((4_294_967_296.0 * q).floor() as u64).min(TWO_POW_32).max(prev);
+            assert_eq!(tj, want, "γ {gamma}: T[{j}] is not the documented value");
+            prev = want;
+        }
         for j in 0..64 {
             assert!(t[j] <= TWO_POW_32, "γ {gamma}: T[{j}] = {} > 2^32", t[j]);
             if j > 0 {
