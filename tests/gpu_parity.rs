@@ -55,6 +55,10 @@ mod gpu {
     }
 
     type Gpu = (DropBlockCuda, Arc<CudaStream>);
+
+    /// Held for reading by every test, and for writing by the one that fills the
+    /// device's memory, so that no other test runs out of memory beside it.
+    static DEVICE: std::sync::RwLock<()> = std::sync::RwLock::new(());
     type GpuTest = (&'static str, fn(&Gpu));
 
     /// Every GPU test, and why none can run here (if so).
@@ -66,7 +70,8 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 10] = [
+        let tests: [GpuTest; 11] = [
+            ("out_of_device_memory_is_a_typed_error", out_of_device_memory_is_a_typed_error),
             ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
             ("sampling_alone_then_apply_matches_forward", sampling_alone_then_apply_matches_forward),
             ("counters_are_reset_by_the_kernels", counters_are_reset_by_the_kernels),
@@ -89,6 +94,10 @@ mod gpu {
             .map(|(name, f)| {
                 let gpu = gpu.as_ref().map_err(|e| format!("DropBlockCuda::new(0) failed: {e}")).cloned();
                 Trial::test(name, move || {
+                    // The test that fills the device runs alone; the others share it.
+                    let _alone = (name == "out_of_device_memory_is_a_typed_error")
+                        .then(|| DEVICE.write().unwrap_or_else(|e| e.into_inner()));
+                    let _shared = _alone.is_none().then(|| DEVICE.read().unwrap_or_else(|e| e.into_inner()));
                     let d = gpu.map_err(Failed::from)?;
                     let s = d.context().new_stream().map_err(|e| Failed::from(e.to_string()))?;
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&(d, s))))
@@ -325,6 +334,41 @@ mod gpu {
                 }
             }
         }
+    }
+
+    /// With the device's memory taken, allocating a state is a typed error, not a
+    /// crash; once memory is free again, the same handle and a state made before run
+    /// and match the CPU.
+    fn out_of_device_memory_is_a_typed_error((d, s): &Gpu) {
+        let shape = Shape::new(4, 64, 28, 28).unwrap();
+        let cfg = DropBlockConfig::paper(5, 0.2).unwrap();
+        let key = RngKey::new(12, 0).unwrap();
+        let x: Vec<f32> = common::input(shape.numel(), 4);
+        let xd = s.clone_htod(&x).unwrap();
+        let mut yd = s.alloc_zeros::<f32>(shape.numel()).unwrap();
+        let mut state = d.alloc_state(s, shape).unwrap();
+        s.synchronize().unwrap();
+        // Take the memory in shrinking chunks until even 64 KiB fails.
+        let mut hog = Vec::new();
+        let mut chunk = 1usize << 30;
+        while chunk >= 1 << 16 {
+            // SAFETY: never read; held only to occupy memory.
+            match unsafe { s.alloc::<u8>(chunk) } {
+                Ok(b) => hog.push(b),
+                Err(_) => chunk /= 2,
+            }
+        }
+        let big = Shape::new(64, 256, 56, 56).unwrap();
+        let err = d.alloc_state(s, big).unwrap_err();
+        assert!(matches!(err, dropblock::Error::Driver(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
+        let err = d.forward(s, &cfg, big, key, Mode::Train, &xd, &mut yd).unwrap_err();
+        assert!(matches!(err, dropblock::Error::LengthMismatch { .. } | dropblock::Error::Driver(_)), "{err}");
+        drop(hog);
+        s.synchronize().unwrap();
+        d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
+        let mut y_cpu = vec![0f32; shape.numel()];
+        cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
+        assert_same("y after running out of memory", &s.clone_dtoh(&yd).unwrap(), &y_cpu, "oom");
     }
 
     fn eval_mode_and_zero_drop_prob_copy((d, s): &Gpu) {
