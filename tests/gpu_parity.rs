@@ -70,7 +70,8 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 11] = [
+        let tests: [GpuTest; 12] = [
+            ("past_2_pow_31_elements_matches_cpu", past_2_pow_31_elements_matches_cpu),
             ("out_of_device_memory_is_a_typed_error", out_of_device_memory_is_a_typed_error),
             ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
             ("sampling_alone_then_apply_matches_forward", sampling_alone_then_apply_matches_forward),
@@ -334,6 +335,27 @@ mod gpu {
                 }
             }
         }
+    }
+
+    /// A bf16 tensor past 2^31 elements (4.3 GB), in place: 64-bit indexing through
+    /// the count pass, the keep bits and the apply pass. Skipped in quick runs.
+    fn past_2_pow_31_elements_matches_cpu((d, s): &Gpu) {
+        if quick() {
+            return;
+        }
+        let shape = Shape::new(1, 2, 32_768, 32_769).unwrap();
+        assert!(shape.numel() > 1 << 31);
+        let cfg = DropBlockConfig::paper(7, 0.1).unwrap();
+        let key = RngKey::new(31, 0).unwrap();
+        let x: Vec<bf16> = (0..shape.numel()).map(|e| bf16::from_f32(((e % 251) as f32 - 125.0) / 8.0)).collect();
+        let mut xd = s.clone_htod(&x).unwrap();
+        let mut state = d.alloc_state(s, shape).unwrap();
+        d.forward_inplace(s, &mut state, &cfg, shape, key, Mode::Train, &mut xd).unwrap();
+        let mut y_cpu = x;
+        let saved = cpu::forward_inplace(&cfg, shape, key, Mode::Train, &mut y_cpu).unwrap();
+        assert_eq!(state.kept(s).unwrap(), saved.kept(), "kept");
+        assert_eq!(state.scales(s).unwrap(), saved.scales(), "scales");
+        assert_same("y past 2^31", &s.clone_dtoh(&xd).unwrap(), &y_cpu, "1x2x32768x32769 bf16");
     }
 
     /// With the device's memory taken, allocating a state is a typed error, not a

@@ -104,3 +104,15 @@ fn grow_blocks_buffers() {
     let column0 = (0..8).fold(0u64, |w, y| w | 1 << (8 * y));
     assert_eq!(dropblock::mask::grow_blocks(&plan, &[column0], &mut out), Ok(30));
 }
+
+/// Shapes that `Shape::new` accepts but no host holds the masks of: a typed error
+/// from `cpu::sample`, not a panic or an abort.
+#[test]
+fn sampling_too_large_a_shape_is_a_typed_error() {
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    for (n, c, h, w) in [(1usize << 31, 1usize << 31, 1usize, 1usize), (1, 1, 1 << 20, 1 << 20)] {
+        let shape = Shape::new(n, c, h, w).unwrap();
+        let err = cpu::sample(&cfg, shape, RngKey::new(0, 0).unwrap(), Mode::Train).unwrap_err();
+        assert!(matches!(err, Error::HostAllocation { .. }), "{shape}: {err}");
+    }
+}
