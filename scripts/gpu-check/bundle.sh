@@ -54,8 +54,11 @@ touch kernels/*
     case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
   done
 cp target/release/dropblock "$out/dropblock"
+mkdir -p "$out/examples"
+./scripts/cuda-toolchain.sh cargo build --release --examples
+for e in training_step graph_replay side_stream_sampling; do cp "target/release/examples/$e" "$out/examples/"; done
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
-strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/baseline/dropblock 2>/dev/null || true
+strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/examples/* "$out"/baseline/dropblock 2>/dev/null || true
 git rev-parse HEAD > "$out/COMMIT"
 ls -la "$out" "$out/tests"
 du -sh "$out"

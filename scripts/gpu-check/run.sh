@@ -47,6 +47,12 @@ checks() {
     timeout 150 "$t" --test-threads 4 || fail "$t"
   done
 
+  section "the examples"
+  for e in examples/*; do
+    echo "--- $e"
+    timeout 60 "$e" || fail "$e"
+  done
+
   section "compute-sanitizer on a short parity run"
   for tool in memcheck racecheck initcheck synccheck; do
     echo "--- $tool"

@@ -1,0 +1,48 @@
+//! A training step on the GPU with cudarc buffers: forward and backward on the
+//! caller's stream, a drop rate ramped by a `LinearSchedule`, and a
+//! `DeviceGenerator` that steps its key on the device at every forward.
+//!
+//! `cargo run --release --example training_step` (says so and exits 0 without a GPU)
+
+use dropblock::cuda::{DeviceGenerator, DropBlockCuda};
+use dropblock::{DropBlockConfig, LinearSchedule, Mode, Shape};
+
+fn main() -> dropblock::Result<()> {
+    let db = match DropBlockCuda::new(0) {
+        Ok(db) => db,
+        // DROPBLOCK_REQUIRE_GPU=1 (a GPU runner): no GPU is a failure.
+        Err(e) if e.is_no_gpu() && std::env::var("DROPBLOCK_REQUIRE_GPU").as_deref() != Ok("1") => {
+            println!("no GPU ({e}): nothing to show; the CPU path is in examples/cpu_batch.rs");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let stream = db.context().new_stream()?;
+    let shape = Shape::new(32, 512, 28, 28)?;
+    let x_host: Vec<f32> = (0..shape.numel()).map(|i| ((i % 89) as f32 - 44.0) / 8.0).collect();
+    let x = stream.clone_htod(&x_host)?;
+    let mut y = stream.alloc_zeros::<f32>(shape.numel())?;
+    let dy = stream.clone_htod(&x_host)?;
+    let mut dx = stream.alloc_zeros::<f32>(shape.numel())?;
+    let mut state = db.alloc_state(&stream, shape)?;
+    let mut gen = DeviceGenerator::new(&stream, 2018, 0)?;
+    // The paper ramps the drop rate from 0 to 0.1.
+    let schedule = LinearSchedule::drop_prob(0.0, 0.1, 4)?;
+    let block = DropBlockConfig::paper(7, 0.1)?;
+    println!("{} on {}", shape, db.device_name());
+    for step in 0..6 {
+        let cfg = block.with_drop_prob(schedule.drop_prob_at(step))?;
+        db.forward_into(&stream, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y)?;
+        db.backward(&stream, &state, &dy, &mut dx)?;
+        // Statistics only when asked: these synchronise the stream.
+        let kept = state.kept(&stream)?;
+        println!(
+            "step {step}: drop_prob {:.3}, dropped {:.4}, scale {:?}, next key offset {}",
+            cfg.drop_prob(),
+            1.0 - kept as f64 / shape.numel() as f64,
+            state.scales(&stream)?,
+            gen.key(&stream)?.offset()
+        );
+    }
+    Ok(())
+}
