@@ -3,19 +3,15 @@
 //!
 //! `cargo run --release --example graph_replay` (says so and exits 0 without a GPU)
 
+mod common;
+
 use cudarc::driver::sys;
-use dropblock::cuda::{DeviceGenerator, DropBlockCuda};
+use dropblock::cuda::DeviceGenerator;
 use dropblock::{DropBlockConfig, Mode, Shape};
 
 fn main() -> dropblock::Result<()> {
-    let db = match DropBlockCuda::new(0) {
-        Ok(db) => db,
-        // DROPBLOCK_REQUIRE_GPU=1 (a GPU runner): no GPU is a failure.
-        Err(e) if e.is_no_gpu() && std::env::var("DROPBLOCK_REQUIRE_GPU").as_deref() != Ok("1") => {
-            println!("no GPU ({e}): nothing to show");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(db) = common::gpu()? else {
+        return Ok(());
     };
     // Captured work must not wait on events recorded outside the capture: like
     // candle, run without cudarc's per-buffer events (every buffer here belongs to

@@ -4,18 +4,13 @@
 //!
 //! `cargo run --release --example side_stream_sampling` (says so and exits 0 without a GPU)
 
-use dropblock::cuda::DropBlockCuda;
+mod common;
+
 use dropblock::{DropBlockConfig, Mode, RngKey, Shape};
 
 fn main() -> dropblock::Result<()> {
-    let db = match DropBlockCuda::new(0) {
-        Ok(db) => db,
-        // DROPBLOCK_REQUIRE_GPU=1 (a GPU runner): no GPU is a failure.
-        Err(e) if e.is_no_gpu() && std::env::var("DROPBLOCK_REQUIRE_GPU").as_deref() != Ok("1") => {
-            println!("no GPU ({e}): nothing to show");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(db) = common::gpu()? else {
+        return Ok(());
     };
     let main = db.context().new_stream()?;
     let side = db.context().new_stream()?;

@@ -4,18 +4,14 @@
 //!
 //! `cargo run --release --example training_step` (says so and exits 0 without a GPU)
 
-use dropblock::cuda::{DeviceGenerator, DropBlockCuda};
+mod common;
+
+use dropblock::cuda::DeviceGenerator;
 use dropblock::{DropBlockConfig, LinearSchedule, Mode, Shape};
 
 fn main() -> dropblock::Result<()> {
-    let db = match DropBlockCuda::new(0) {
-        Ok(db) => db,
-        // DROPBLOCK_REQUIRE_GPU=1 (a GPU runner): no GPU is a failure.
-        Err(e) if e.is_no_gpu() && std::env::var("DROPBLOCK_REQUIRE_GPU").as_deref() != Ok("1") => {
-            println!("no GPU ({e}): nothing to show; the CPU path is in examples/cpu_batch.rs");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(db) = common::gpu()? else {
+        return Ok(());
     };
     let stream = db.context().new_stream()?;
     let shape = Shape::new(32, 512, 28, 28)?;
