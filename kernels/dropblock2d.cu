@@ -119,8 +119,9 @@ dropblock2d_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, un
         c.kept += __popc(keep);
         if (c.per_sample) c.add_samples(keep, 0, hi, plane, i * 32 - plane * a.plane_len, a.plane_len);
     }
-    // Lanes' words are far apart: never summed across the warp.
-    c.end_runs(0, g.planes - 1 + (g.planes > 1 || g.sharing == DROPBLOCK_SHARE_NONE ? 0 : 1));
+    // A lane's words span the whole call: its runs are summed across the warp only
+    // when every plane feeds one counter.
+    c.end_runs(0, g.planes - 1);
     publish_counts(g, a, c.kept, counts, scales, device_key);
 }
 

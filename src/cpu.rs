@@ -87,9 +87,13 @@ impl Saved {
     pub fn keep_mask(&self) -> Vec<u8> {
         let mut out = vec![1u8; self.shape.numel()];
         if !self.is_identity() {
+            let masks = masks_of(self);
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, dst)| {
-                self.for_each_run(k * CHUNK, dst.len(), |j0, bit, len, _| {
-                    for_each_bit(masks_of(self), bit, len, |i, kept| dst[j0 + i] = kept as u8);
+                self.for_each_run(k * CHUNK, dst.len(), |j0, bit, n, _| {
+                    for (w, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
+                        let dropped = masks.bits_from(bit + 64 * w);
+                        d.iter_mut().enumerate().for_each(|(i, v)| *v = (dropped >> i & 1 == 0) as u8);
+                    }
                 });
             });
         }
@@ -191,22 +195,6 @@ fn masks_of(saved: &Saved) -> &BlockMasks {
     match &saved.state {
         State::Masked { masks, .. } => masks,
         State::Identity => unreachable!("identity calls copy instead"),
-    }
-}
-
-/// `f(i, kept)` for `i < len`, for the cell whose mask bit is `bit + i`.
-#[inline(always)]
-fn for_each_bit(masks: &BlockMasks, bit: usize, len: usize, mut f: impl FnMut(usize, bool)) {
-    let mut i = 0;
-    while i < len {
-        let n = (len - i).min(64);
-        let dropped = masks.bits_from(bit + i) & (u64::MAX >> (64 - n));
-        if dropped == 0 {
-            (i..i + n).for_each(|k| f(k, true));
-        } else {
-            (i..i + n).for_each(|k| f(k, dropped >> (k - i) & 1 == 0));
-        }
-        i += n;
     }
 }
 
