@@ -1,6 +1,9 @@
 //! Compiles `kernels/*.cu` into one fatbin, embedded by `src/cuda/module.rs`.
 //!
 //! - nvcc is found through `NVCC`, `CUDA_HOME`, `CUDA_PATH`, then `PATH`.
+//! - The host C++ compiler nvcc runs (`-ccbin`) is the one the `cc` crate picks for
+//!   the target, as for the rest of a Rust build: `CXX_<target>`, `TARGET_CXX` or
+//!   `HOST_CXX`, `CXX`, then the platform's default. nvcc's own `NVCC_CCBIN` wins.
 //! - SASS for every supported arch plus PTX for the newest; `DROPBLOCK_CUDA_ARCHS`
 //!   (e.g. `90` or `80,90`) narrows the list for quick local builds.
 //! - ptxas's resource report is kept in `OUT_DIR/ptxas_report.txt` and embedded as
@@ -22,6 +25,9 @@ fn main() {
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "DROPBLOCK_CUDA_ARCHS", "DOCS_RS"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
+    // The emulator test (tests/kernel_emulation.rs) builds host C++ for the same target.
+    println!("cargo::rustc-env=DROPBLOCK_BUILD_TARGET={}", env::var("TARGET").unwrap());
+    println!("cargo::rustc-env=DROPBLOCK_BUILD_HOST={}", env::var("HOST").unwrap());
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -49,6 +55,9 @@ fn main() {
         "-Werror",
         "all-warnings",
     ]);
+    if let Some(ccbin) = host_compiler() {
+        cmd.arg("-ccbin").arg(ccbin);
+    }
     cmd.arg(format!("-I{}", Path::new("kernels").canonicalize().unwrap().display()));
     if let Some(include) = nvcc.parent().and_then(Path::parent).map(|root| root.join("include")) {
         if include.is_dir() {
@@ -99,6 +108,18 @@ fn find_nvcc() -> Option<PathBuf> {
         }
     }
     env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join(exe)).find(|p| p.is_file()))
+}
+
+/// The target's C++ compiler as `cc` resolves it (None when `NVCC_CCBIN` is set,
+/// which nvcc reads itself).
+fn host_compiler() -> Option<PathBuf> {
+    println!("cargo::rerun-if-env-changed=NVCC_CCBIN");
+    if env::var_os("NVCC_CCBIN").is_some() {
+        return None;
+    }
+    let tool =
+        cc::Build::new().cpp(true).try_get_compiler().unwrap_or_else(|e| panic!("no C++ compiler for nvcc: {e}"));
+    Some(tool.path().to_path_buf())
 }
 
 fn fail_no_nvcc() -> ! {

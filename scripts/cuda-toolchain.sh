@@ -59,6 +59,11 @@ fi
 if [[ -z "${LIBCLANG_PATH:-}" ]] && ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so'; then
   pip_into "$CACHE/libclang-18.1.1" "$LIBCLANG_WHEEL"
   export LIBCLANG_PATH="$CACHE/libclang-18.1.1/clang/native"
+  # The wheel has no clang resource headers (stddef.h, which nvtx-sys's bindgen
+  # run needs); the host C compiler's serve.
+  if resource=$(${CC:-cc} -print-file-name=include 2>/dev/null) && [[ -f "$resource/stddef.h" ]]; then
+    export BINDGEN_EXTRA_CLANG_ARGS="${BINDGEN_EXTRA_CLANG_ARGS:-} -I$resource"
+  fi
 fi
 export DROPBLOCK_REQUIRE_LIBCLANG=1
 

@@ -11,11 +11,14 @@ use crate::error::{Error, Result};
 /// `kh = min(height, H)`, `kw = min(width, W)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Block {
+    /// Rows of the block, at least 1.
     pub height: u32,
+    /// Columns of the block, at least 1.
     pub width: u32,
 }
 
 impl Block {
+    /// A `height x width` block; errors ([`Error::InvalidBlock`]) if a side is 0.
     pub fn new(height: u32, width: u32) -> Result<Self> {
         if height == 0 {
             return Err(Error::InvalidBlock { axis: "height", value: height });
@@ -26,6 +29,7 @@ impl Block {
         Ok(Self { height, width })
     }
 
+    /// A `size x size` block; errors if `size` is 0.
     pub fn square(size: u32) -> Result<Self> {
         Self::new(size, size)
     }
@@ -130,8 +134,10 @@ pub enum Normalize {
 /// Training applies DropBlock; evaluation returns the input unchanged and draws nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
+    /// Draw a mask and apply it (the default).
     #[default]
     Train,
+    /// Return the input unchanged; nothing is drawn.
     Eval,
 }
 
@@ -169,24 +175,31 @@ impl DropBlockConfig {
         Self::builder(Block::square(block_size)?, drop_prob).build()
     }
 
+    /// The block, before clipping to the map.
     pub fn block(&self) -> Block {
         self.block
     }
+    /// The target fraction of activations to drop, in `[0, 1]`.
     pub fn drop_prob(&self) -> f64 {
         self.drop_prob
     }
+    /// Where seeds may fall.
     pub fn placement(&self) -> Placement {
         self.placement
     }
+    /// How γ follows from `drop_prob`.
     pub fn gamma_rule(&self) -> GammaRule {
         self.gamma_rule
     }
+    /// The factor γ is multiplied by, finite and non-negative.
     pub fn gamma_scale(&self) -> f64 {
         self.gamma_scale
     }
+    /// Which `(n, c)` slices share one mask plane.
     pub fn sharing(&self) -> Sharing {
         self.sharing
     }
+    /// How kept activations are rescaled.
     pub fn normalize(&self) -> Normalize {
         self.normalize
     }
@@ -209,27 +222,36 @@ pub struct DropBlockConfigBuilder {
 }
 
 impl DropBlockConfigBuilder {
+    /// Where seeds may fall; default [`Placement::Valid`].
     pub fn placement(mut self, v: Placement) -> Self {
         self.cfg.placement = v;
         self
     }
+    /// How γ follows from `drop_prob`; default [`GammaRule::Paper`].
     pub fn gamma_rule(mut self, v: GammaRule) -> Self {
         self.cfg.gamma_rule = v;
         self
     }
+    /// A factor on γ under either rule; default 1. Must be finite and
+    /// non-negative (checked by `build`).
     pub fn gamma_scale(mut self, v: f64) -> Self {
         self.cfg.gamma_scale = v;
         self
     }
+    /// Which `(n, c)` slices share one mask plane; default [`Sharing::None`] (a
+    /// plane per slice).
     pub fn sharing(mut self, v: Sharing) -> Self {
         self.cfg.sharing = v;
         self
     }
+    /// How kept activations are rescaled; default [`Normalize::Global`].
     pub fn normalize(mut self, v: Normalize) -> Self {
         self.cfg.normalize = v;
         self
     }
 
+    /// The validated configuration. Errors if a block side is 0, `drop_prob` is not
+    /// in `[0, 1]`, or `gamma_scale` is negative or not finite.
     pub fn build(self) -> Result<DropBlockConfig> {
         let c = self.cfg;
         Block::new(c.block.height, c.block.width)?;
@@ -254,6 +276,8 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// An `N x C x H x W` shape. Errors if a dimension is 0 or over `u32::MAX`, or
+    /// if `N·C·H·W` does not fit `usize` and `i64::MAX`.
     pub fn new(n: usize, c: usize, h: usize, w: usize) -> Result<Self> {
         for (dim, v) in [("N", n), ("C", c), ("H", h), ("W", w)] {
             if v == 0 {
@@ -275,18 +299,23 @@ impl Shape {
         Ok(Self { n, c, h, w })
     }
 
+    /// Batch size N.
     pub fn n(&self) -> usize {
         self.n
     }
+    /// Channels C.
     pub fn c(&self) -> usize {
         self.c
     }
+    /// Height H.
     pub fn h(&self) -> usize {
         self.h
     }
+    /// Width W.
     pub fn w(&self) -> usize {
         self.w
     }
+    /// `[N, C, H, W]`.
     pub fn dims(&self) -> [usize; 4] {
         [self.n, self.c, self.h, self.w]
     }
@@ -294,6 +323,7 @@ impl Shape {
     pub fn plane_len(&self) -> usize {
         self.h * self.w
     }
+    /// Elements of the whole tensor, `N·C·H·W`.
     pub fn numel(&self) -> usize {
         self.n * self.c * self.h * self.w
     }
@@ -322,6 +352,7 @@ macro_rules! named_choices {
         impl $ty {
             /// Every accepted name, in declaration order.
             pub const NAMES: &'static [&'static str] = &[$($name),+];
+            /// The name of this choice, as [`Self::NAMES`] lists it.
             pub const fn name(&self) -> &'static str {
                 match self { $($ty::$variant => $name),+ }
             }

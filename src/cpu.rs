@@ -35,6 +35,7 @@ enum State {
 }
 
 impl Saved {
+    /// The shape of the forward call.
     pub fn shape(&self) -> Shape {
         self.shape
     }

@@ -6,8 +6,11 @@ use half::{bf16, f16};
 /// Element dtypes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE 754 single precision (`f32`).
     F32,
+    /// IEEE 754 half precision (`half::f16`).
     F16,
+    /// bfloat16 (`half::bf16`).
     BF16,
 }
 
@@ -16,6 +19,7 @@ crate::config::named_choices! {
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_bytes(&self) -> usize {
         match self {
             DType::F32 => 4,
@@ -30,7 +34,9 @@ mod sealed {
 
 /// A tensor element: f32, f16 or bf16.
 pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static + sealed::Sealed {
+    /// The dtype of this element type.
     const DTYPE: DType;
+    /// The value as f32 (exact for every element type).
     fn to_f32(self) -> f32;
     /// Round to nearest even. NaN stays NaN (its payload is not specified).
     fn from_f32(v: f32) -> Self;

@@ -5,63 +5,139 @@
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A block side is 0.
     #[error("block {axis} must be at least 1, got {value}")]
-    InvalidBlock { axis: &'static str, value: u32 },
+    InvalidBlock {
+        /// The side: `"height"` or `"width"`.
+        axis: &'static str,
+        /// The value given.
+        value: u32,
+    },
 
+    /// `drop_prob` is NaN or outside `[0, 1]`; holds the value given.
     #[error("drop_prob must be a number in [0, 1], got {0}")]
     InvalidDropProb(f64),
 
+    /// `gamma_scale` is negative, NaN or infinite; holds the value given.
     #[error("gamma_scale must be finite and non-negative, got {0}")]
     InvalidGammaScale(f64),
 
+    /// A keep probability (of a schedule or a TPU group rate) is NaN or outside
+    /// `[0, 1]`; holds the value given.
     #[error("keep_prob must be a number in [0, 1], got {0}")]
     InvalidKeepProb(f64),
 
+    /// A ResNet group outside 1..=4 was passed to
+    /// [`tpu_group_keep_prob`](crate::tpu_group_keep_prob); holds the group given.
     #[error("ResNet group must be 1, 2, 3 or 4, got {0}")]
     InvalidGroup(u32),
 
+    /// A dimension of a shape is 0.
     #[error("dimension {dim} is zero; every dimension of N,C,H,W must be at least 1")]
-    ZeroDimension { dim: &'static str },
+    ZeroDimension {
+        /// The dimension: `"N"`, `"C"`, `"H"` or `"W"`.
+        dim: &'static str,
+    },
 
+    /// A dimension of a shape does not fit the kernels' 32-bit geometry.
     #[error("dimension {dim} = {value} exceeds the supported maximum {max}")]
-    DimensionTooLarge { dim: &'static str, value: u64, max: u64 },
+    DimensionTooLarge {
+        /// The dimension: `"N"`, `"C"`, `"H"` or `"W"`.
+        dim: &'static str,
+        /// The value given.
+        value: u64,
+        /// The largest value allowed (`u32::MAX`).
+        max: u64,
+    },
 
+    /// The element count `N·C·H·W` overflows `usize` or the device's 63-bit indexing.
     #[error("element count of shape {n}x{c}x{h}x{w} overflows")]
-    ElementCountOverflow { n: u64, c: u64, h: u64, w: u64 },
+    ElementCountOverflow {
+        /// The batch size N.
+        n: u64,
+        /// The channel count C.
+        c: u64,
+        /// The height H.
+        h: u64,
+        /// The width W.
+        w: u64,
+    },
 
+    /// A buffer's length does not match what the shape implies.
     #[error("{what} holds {actual} elements but the shape needs {expected}")]
-    LengthMismatch { what: &'static str, expected: usize, actual: usize },
+    LengthMismatch {
+        /// The buffer, e.g. `"x"` or `"dy"`.
+        what: &'static str,
+        /// The length the shape implies.
+        expected: usize,
+        /// The buffer's length.
+        actual: usize,
+    },
 
+    /// A call's shape differs from the shape the state it reuses was made for.
     #[error("saved state was made for shape {expected:?}, not {actual:?}")]
-    ShapeMismatch { expected: [usize; 4], actual: [usize; 4] },
+    ShapeMismatch {
+        /// The state's shape, `[N, C, H, W]`.
+        expected: [usize; 4],
+        /// The call's shape, `[N, C, H, W]`.
+        actual: [usize; 4],
+    },
 
+    /// A key's offset leaves too few counter blocks for a call.
     #[error("offset {offset} too large: a call reads 16 counter blocks past it, so it must be at most {max}")]
-    OffsetOverflow { offset: u64, max: u64 },
+    OffsetOverflow {
+        /// The offset given.
+        offset: u64,
+        /// The largest offset allowed (e.g. [`RngKey::MAX_OFFSET`](crate::RngKey::MAX_OFFSET)).
+        max: u64,
+    },
 
+    /// Backward, apply or a statistic was asked of a state that no forward has
+    /// completed on.
     #[error("backward called on a state that holds no forward call")]
     NoForwardCall,
 
+    /// An index (element coordinate, plane or window) is out of range.
     #[error("{what} is {value}, out of range 0..{len}")]
-    OutOfRange { what: &'static str, value: u64, len: u64 },
+    OutOfRange {
+        /// The index, e.g. `"h"`, `"plane"` or `"window"`.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The number of valid values; `value` must be below it.
+        len: u64,
+    },
 
+    /// A window length outside 1..=64 was given; holds the length given.
     #[error("a window holds 1 to 64 cells, not {0}")]
     InvalidWindowLength(u32),
 
+    /// A host allocation (masks, per-sample counts or scales) failed.
     #[error("could not allocate {bytes} bytes of host memory for the masks")]
-    HostAllocation { bytes: u64 },
+    HostAllocation {
+        /// The size asked for, in bytes (`u64::MAX` when the size itself overflows).
+        bytes: u64,
+    },
 
+    /// A stream or device generator belongs to another CUDA context than the kernels.
     #[error("the stream belongs to another CUDA context than the kernels")]
     WrongContext,
 
+    /// libcuda could not be loaded.
     #[error("the CUDA driver library (libcuda) could not be found")]
     NoDriver,
 
+    /// libcuda loaded but gives no usable device at the ordinal asked for (none, an
+    /// invalid ordinal, a stub library, a driver mismatch); holds the driver's message.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
 
+    /// The CUDA path was asked for in a build without kernels.
     #[error("this build of dropblock has no CUDA kernels (built without the `cuda` feature)")]
     KernelsNotBuilt,
 
+    /// Any other failure of the CUDA stack (a driver call, a module that does not
+    /// load, a missing kernel); holds the message.
     #[error("CUDA driver error: {0}")]
     Driver(String),
 }
@@ -76,6 +152,7 @@ impl Error {
     }
 }
 
+/// `std::result::Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// cudarc's driver errors, for `?` on cudarc calls next to this crate's.

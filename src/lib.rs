@@ -107,6 +107,8 @@
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
 //! - [`schedule`]: drop-rate schedules.
 
+#![deny(missing_docs)]
+
 #[rustfmt::skip]
 pub mod abi;
 pub mod config;

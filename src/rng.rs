@@ -66,10 +66,12 @@ impl RngKey {
         Self { seed: rand::random(), offset: 0 }
     }
 
+    /// The Philox key.
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
+    /// The first counter block the call reads, at most [`Self::MAX_OFFSET`].
     pub fn offset(&self) -> u64 {
         self.offset
     }
@@ -104,6 +106,7 @@ pub struct Generator {
 }
 
 impl Generator {
+    /// A generator for `seed`, starting at offset 0.
     pub fn new(seed: u64) -> Self {
         Self { seed, offset: 0 }
     }
@@ -113,10 +116,12 @@ impl Generator {
         Self { seed, offset }
     }
 
+    /// The seed every key it hands out carries.
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
+    /// The offset of the next key.
     pub fn offset(&self) -> u64 {
         self.offset
     }

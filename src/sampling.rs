@@ -26,6 +26,7 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of a call of `cfg` on `shape` with `key`: geometry, γ and thresholds.
     pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Self {
         let geometry = geometry(cfg, shape);
         let gamma = gamma(cfg, &geometry);
@@ -40,14 +41,17 @@ impl Plan {
         self.gamma
     }
 
+    /// The geometry the kernels receive: shape, clipped block, seed grid, planes, windows.
     pub fn geometry(&self) -> &abi::DropBlockGeometry {
         &self.geometry
     }
 
+    /// The sampling parameters the kernels receive: seed, offset and thresholds.
     pub fn sampling(&self) -> &abi::DropBlockSampling {
         &self.sampling
     }
 
+    /// The call's `(seed, offset)`.
     pub fn key(&self) -> RngKey {
         RngKey::new(self.sampling.seed, self.sampling.offset).expect("validated when the key was made")
     }
@@ -139,7 +143,7 @@ impl Plan {
         let mut block = [0u32; 4];
         while pos < len {
             let r = (len - pos) as usize;
-            if j % 4 == 0 {
+            if j.is_multiple_of(4) {
                 block = key.block(window, j / 4);
             }
             let u = block[(j % 4) as usize] as u64;

@@ -169,7 +169,7 @@ fn bad_arguments_and_files_get_one_line_errors() {
 /// A `.npy` file with `header` (padded as numpy pads it) and `data` bytes after it.
 fn raw_npy(path: &Path, header: &str, data: &[u8]) {
     let mut h = header.as_bytes().to_vec();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');

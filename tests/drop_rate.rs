@@ -91,7 +91,7 @@ fn cfg(bh: u32, bw: u32, p: f64, placement: Placement, rule: GammaRule) -> DropB
 
 /// Splits `planes` into an N x C shape with C <= 64.
 fn shape_for(planes: usize, h: usize, w: usize) -> Shape {
-    let c = (1..=64).rev().find(|c| planes % c == 0).unwrap();
+    let c = (1..=64).rev().find(|c| planes.is_multiple_of(*c)).unwrap();
     Shape::new(planes / c, c, h, w).unwrap()
 }
 
@@ -189,7 +189,7 @@ fn check_realised(cfg: &DropBlockConfig, h: usize, w: usize, min_planes: usize, 
     }
     // The per-cell check has teeth: for an even block under Anywhere placement, the
     // other anchoring (⌊(k-1)/2⌋ instead of ⌊k/2⌋) is rejected by some cell.
-    if cfg.placement() == Placement::Anywhere && (g.kh % 2 == 0 || g.kw % 2 == 0) && gamma > 0.005 {
+    if cfg.placement() == Placement::Anywhere && (g.kh.is_multiple_of(2) || g.kw.is_multiple_of(2)) && gamma > 0.005 {
         let alt = Geo { ay: (g.kh - 1) / 2, ax: (g.kw - 1) / 2, ..g };
         let alt_count = coverage(&alt);
         assert!(
@@ -355,7 +355,7 @@ fn exact_rate_realised_drop_fraction() {
     let mut i = 0u64;
     for &(h, w, bh, bw, planes) in &SHAPES {
         for placement in [Placement::Valid, Placement::Anywhere] {
-            let p = if i % 2 == 0 { 0.1 } else { 0.25 };
+            let p = if i.is_multiple_of(2) { 0.1 } else { 0.25 };
             let c = cfg(bh, bw, p, placement, GammaRule::ExactRate);
             let key = RngKey::new(0xE8AC_7000 + i, 17 * i).unwrap();
             i += 1;

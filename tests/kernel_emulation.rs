@@ -5,7 +5,8 @@
 //! oracle's bit for bit, for random shapes and modes and several grid sizes, so
 //! indexing and warp cooperation are checked on machines without a GPU.
 //!
-//! It needs a C++20 compiler (`CXX`, else `c++`) and the CUDA headers beside nvcc
+//! It needs a C++20 compiler (the target's, as the `cc` crate picks it: `CXX`, else
+//! `c++`) and the CUDA headers beside nvcc
 //! (found as build.rs finds nvcc). Without them the tests are reported as ignored
 //! with the reason, and fail under `CI` or `DROPBLOCK_REQUIRE_EMULATOR=1`.
 
@@ -65,17 +66,32 @@ mod emulation {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         // Cargo's scratch directory for integration tests: reused, never left behind in /tmp.
         let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dropblock-emulator");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-w"])
-            .arg(format!("-I{}", root.join("tests/emulator").display()))
-            .arg(format!("-I{}", root.join("kernels").display()))
-            .arg(format!("-I{}", inc.display()))
+        // The target's C++ compiler as `cc` picks it for a build (CXX_<target>, CXX,
+        // CXXFLAGS, ...), with the flags the emulator needs.
+        let compiler = cc::Build::new()
+            .cpp(true)
+            .std("c++20")
+            .target(env!("DROPBLOCK_BUILD_TARGET"))
+            .host(env!("DROPBLOCK_BUILD_HOST"))
+            .opt_level(1)
+            .debug(false)
+            .warnings(false)
+            .cargo_metadata(false)
+            .flag("-ffp-contract=off")
+            .flag("-pthread")
+            .flag("-w")
+            .include(root.join("tests/emulator"))
+            .include(root.join("kernels"))
+            .include(&inc)
+            .try_get_compiler()
+            .map_err(|e| format!("no C++ compiler: {e}"))?;
+        let mut cmd = compiler.to_command();
+        let out = cmd
             .arg(root.join("tests/emulator/driver.cpp"))
             .arg("-o")
             .arg(&exe)
             .output()
-            .map_err(|e| format!("cannot run the C++ compiler `{cxx}`: {e}"))?;
+            .map_err(|e| format!("cannot run the C++ compiler {:?}: {e}", compiler.path()))?;
         if !out.status.success() {
             // A compile error in the kernels or the emulator is a failure, not a skip.
             panic!("the emulator did not compile:\n{}", String::from_utf8_lossy(&out.stderr));

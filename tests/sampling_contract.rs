@@ -239,12 +239,12 @@ fn fixture_covers_the_contract_edges() {
         assert!(cases.iter().any(f), "no fixture case covers: {what}");
     };
     let short_last = |c: &Case| c.window_lens.last().is_some_and(|&l| l < c.window_lens[0]);
-    let even_block = |c: &Case| c.kh.min(c.h as u32) % 2 == 0 || c.kw.min(c.w as u32) % 2 == 0;
+    let even_block = |c: &Case| c.kh.min(c.h as u32).is_multiple_of(2) || c.kw.min(c.w as u32).is_multiple_of(2);
 
-    any("S = 1 with P not a multiple of q = 64", &|c| c.s == 1 && c.q == 64 && c.planes as u64 % c.q != 0);
-    any("S < 64, 64 mod S != 0, q = 1", &|c| c.s < 64 && WINDOW % c.s != 0 && c.q == 1);
+    any("S = 1 with P not a multiple of q = 64", &|c| c.s == 1 && c.q == 64 && !(c.planes as u64).is_multiple_of(c.q));
+    any("S < 64, 64 mod S != 0, q = 1", &|c| c.s < 64 && !WINDOW.is_multiple_of(c.s) && c.q == 1);
     any("S < 64, 64 mod S != 0, q > 1, P not a multiple of q", &|c| {
-        c.s < 64 && WINDOW % c.s != 0 && c.q > 1 && c.planes as u64 % c.q != 0 && short_last(c)
+        c.s < 64 && !WINDOW.is_multiple_of(c.s) && c.q > 1 && !(c.planes as u64).is_multiple_of(c.q) && short_last(c)
     });
     any("S = 64", &|c| c.s == 64);
     any("S = 65 (m = 2, second window of 1 cell)", &|c| c.s == 65 && c.m == 2 && c.window_lens[1] == 1);

@@ -54,11 +54,15 @@ touch kernels/*
     case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
   done
 cp target/release/dropblock "$out/dropblock"
-mkdir -p "$out/examples"
+mkdir -p "$out/examples" "$out/examples-nvtx"
+# The examples again with NVTX ranges, for run.sh's nsys capture (the same target
+# dir: cargo keeps each feature set's artifacts apart, only the binary's name is shared).
+./scripts/cuda-toolchain.sh cargo build --release --features nvtx --example training_step --example side_stream_sampling
+for e in training_step side_stream_sampling; do cp "target/release/examples/$e" "$out/examples-nvtx/"; done
 ./scripts/cuda-toolchain.sh cargo build --release --examples
 for e in training_step graph_replay side_stream_sampling; do cp "target/release/examples/$e" "$out/examples/"; done
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
-strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/examples/* "$out"/baseline/dropblock 2>/dev/null || true
+strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/examples/* "$out"/examples-nvtx/* "$out"/baseline/dropblock 2>/dev/null || true
 git rev-parse HEAD > "$out/COMMIT"
 ls -la "$out" "$out/tests"
 du -sh "$out"

@@ -23,12 +23,17 @@
 //!   scales from the key alone, [`DropBlockCuda::apply`] applies them once x is
 //!   ready, with the same result bit for bit.
 //! - Statistics (kept count, scales, the keep mask) are read only when you ask.
+//! - With the `nvtx` feature each call is an NVTX range in the `dropblock` domain
+//!   (`dropblock::forward`, `dropblock::sample`, `dropblock::apply`,
+//!   `dropblock::backward`), its message naming the dtype, shape and config, so an
+//!   Nsight Systems timeline groups a call's memset and launches under it.
 //!
 //! [`DevicePtr`]: cudarc::driver::DevicePtr
 //! [`DevicePtrMut`]: cudarc::driver::DevicePtrMut
 
 mod module;
 mod ops;
+mod ranges;
 
 pub use module::{built_archs, context, fatbin, ptxas_report};
 #[doc(hidden)]

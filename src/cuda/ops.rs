@@ -10,6 +10,7 @@ use cudarc::driver::{
 use half::{bf16, f16};
 
 use super::module::{context, load};
+use super::ranges;
 use crate::abi;
 use crate::config::{DropBlockConfig, Mode, Normalize, Shape, Sharing};
 use crate::dtype::{DType, Element};
@@ -91,7 +92,9 @@ struct Kernel {
 /// Where a forward's `(seed, offset)` comes from: the host, as a kernel
 /// parameter, or a [`DeviceGenerator`] in device memory.
 pub enum KeySource<'a> {
+    /// A key from the host, passed by value.
     Host(RngKey),
+    /// A generator on the device, read and stepped there by the forward.
     Device(&'a mut DeviceGenerator),
 }
 
@@ -185,7 +188,7 @@ struct Io {
 
 impl Io {
     fn aligned(&self) -> bool {
-        (self.x | self.y) % 16 == 0
+        (self.x | self.y).is_multiple_of(16)
     }
 }
 
@@ -227,6 +230,7 @@ impl DropBlockCuda {
         launch_plan(cfg, shape, self.min_tiles, self.sm_count as u64 * per_sm as u64)
     }
 
+    /// The CUDA context the kernels are loaded on; calls take streams of it.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -370,11 +374,7 @@ impl DropBlockCuda {
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        state.shape.check_len("x", x.len())?;
-        state.shape.check_len("y", y.len())?;
-        let (xp, _g1) = x.device_ptr(stream);
-        let (yp, _g2) = y.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp })
+        self.saved_into(stream, state, x, y, "dropblock::apply")
     }
 
     /// [`DropBlockCuda::apply`] in place: `x` is overwritten with `y`.
@@ -384,9 +384,7 @@ impl DropBlockCuda {
         state: &DeviceState,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        state.shape.check_len("x", x.len())?;
-        let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: p, y: p })
+        self.saved_inplace(stream, state, x, "dropblock::apply")
     }
 
     /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
@@ -398,7 +396,7 @@ impl DropBlockCuda {
         dy: &impl DevicePtr<T>,
         dx: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.apply(stream, state, dy, dx)
+        self.saved_into(stream, state, dy, dx, "dropblock::backward")
     }
 
     /// Backward in place: `dy` is overwritten with `dx`.
@@ -408,7 +406,34 @@ impl DropBlockCuda {
         state: &DeviceState,
         dy: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.apply_inplace(stream, state, dy)
+        self.saved_inplace(stream, state, dy, "dropblock::backward")
+    }
+
+    fn saved_into<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        x: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
+        op: &'static str,
+    ) -> Result<()> {
+        state.shape.check_len("x", x.len())?;
+        state.shape.check_len("y", y.len())?;
+        let (xp, _g1) = x.device_ptr(stream);
+        let (yp, _g2) = y.device_ptr_mut(stream);
+        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp }, op)
+    }
+
+    fn saved_inplace<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        x: &mut impl DevicePtrMut<T>,
+        op: &'static str,
+    ) -> Result<()> {
+        state.shape.check_len("x", x.len())?;
+        let (p, _g) = x.device_ptr_mut(stream);
+        self.launch_saved::<T>(stream, state, Io { x: p, y: p }, op)
     }
 
     /// The raw seed words of every window of the call, in window order, computed
@@ -438,6 +463,10 @@ impl DropBlockCuda {
         mode: Mode,
         io: Option<Io>,
     ) -> Result<()> {
+        let _range = match io {
+            Some(_) => ranges::range("dropblock::forward", || format!("{} {shape} {mode:?}: {cfg}", T::DTYPE.name())),
+            None => ranges::range("dropblock::sample", || format!("{shape} {mode:?}: {cfg}")),
+        };
         self.check_context(stream.context())?;
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
@@ -519,7 +548,14 @@ impl DropBlockCuda {
     }
 
     /// The scaled copy with the state's last call's factors.
-    fn launch_saved<T: CudaElement>(&self, stream: &Arc<CudaStream>, state: &DeviceState, io: Io) -> Result<()> {
+    fn launch_saved<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        io: Io,
+        op: &'static str,
+    ) -> Result<()> {
+        let _range = ranges::range(op, || format!("{} {}", T::DTYPE.name(), state.shape));
         self.check_context(stream.context())?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.masked {
@@ -690,6 +726,7 @@ fn normalize_code(n: Normalize) -> u32 {
 }
 
 impl DeviceState {
+    /// The shape the state was made for; every call on it must have this shape.
     pub fn shape(&self) -> Shape {
         self.shape
     }
