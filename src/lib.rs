@@ -106,11 +106,14 @@
 //! - [`cpu`]: forward and backward on host slices.
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
 //! - [`schedule`]: drop-rate schedules.
+//! - `candle` (feature `candle`): a candle layer, `candle::DropBlock`.
 
 #![deny(missing_docs)]
 
 #[rustfmt::skip]
 pub mod abi;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -1,0 +1,249 @@
+//! DropBlock as a candle layer (feature `candle`).
+//!
+//! ```ignore
+//! let drop = dropblock::candle::DropBlock::new(DropBlockConfig::paper(7, 0.1)?, 1234);
+//! let ys = xs.apply_t(&drop, train)?;                 // ModuleT, like candle_nn::Dropout
+//! ```
+//!
+//! - Training draws a fresh mask per forward from the layer's [`Generator`] state,
+//!   which [`DropBlock::generator_state`] reads and [`DropBlock::set_generator_state`]
+//!   restores, so a resumed run draws the masks an uninterrupted one would.
+//! - Eval mode, or a drop probability of 0, returns the input tensor itself and
+//!   draws nothing.
+//! - The mask is the crate's: the same key gives [`crate::cpu::forward`]'s output bit
+//!   for bit. The backward uses the keep bits the forward saved (no float mask).
+//! - Tensors are `(N, C, H, W)` in f32, f16 or bf16. A non-contiguous or offset
+//!   input is made contiguous first (candle's differentiable copy), so the op always
+//!   reads the elements the tensor names.
+//! - CPU tensors only for now; a CUDA tensor gets candle's "no cuda implementation"
+//!   error.
+
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType as CandleDType, Layout, ModuleT, Tensor, WithDType};
+use half::{bf16, f16};
+
+use crate::config::{DropBlockConfig, Mode, Shape};
+use crate::cpu;
+use crate::dtype::Element;
+use crate::rng::{Generator, RngKey};
+use crate::schedule::LinearSchedule;
+
+impl From<crate::Error> for candle_core::Error {
+    fn from(e: crate::Error) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+/// What a resumed run needs to draw the same masks: the generator's seed and
+/// offset, and the schedule's step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GeneratorState {
+    /// The Philox seed.
+    pub seed: u64,
+    /// The counter offset of the next forward's key.
+    pub offset: u64,
+    /// The training step the schedule reads (0 without a schedule).
+    pub step: u64,
+}
+
+/// A DropBlock layer for candle models; see the module docs.
+#[derive(Debug)]
+pub struct DropBlock {
+    cfg: DropBlockConfig,
+    schedule: Option<LinearSchedule>,
+    state: Mutex<GeneratorState>,
+}
+
+impl DropBlock {
+    /// A layer applying `cfg`, its generator seeded with `seed` at offset 0.
+    pub fn new(cfg: DropBlockConfig, seed: u64) -> Self {
+        Self { cfg, schedule: None, state: Mutex::new(GeneratorState { seed, offset: 0, step: 0 }) }
+    }
+
+    /// The same layer with its drop probability taken from `schedule` at the step
+    /// set by [`DropBlock::set_step`] (the config's own drop probability is unused).
+    pub fn with_schedule(mut self, schedule: LinearSchedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Sets the training step the schedule reads.
+    pub fn set_step(&self, step: u64) {
+        self.lock().step = step;
+    }
+
+    /// The configuration the next training forward applies: the layer's, with the
+    /// schedule's drop probability at the current step when there is a schedule.
+    pub fn config(&self) -> crate::Result<DropBlockConfig> {
+        match &self.schedule {
+            Some(s) => self.cfg.with_drop_prob(s.drop_prob_at(self.lock().step)),
+            None => Ok(self.cfg),
+        }
+    }
+
+    /// The generator's seed and offset and the schedule's step.
+    pub fn generator_state(&self) -> GeneratorState {
+        *self.lock()
+    }
+
+    /// Restores a state read by [`DropBlock::generator_state`].
+    pub fn set_generator_state(&self, state: GeneratorState) {
+        *self.lock() = state;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GeneratorState> {
+        // The state is three integers, each written whole: a panic elsewhere cannot
+        // leave it half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next forward's key; the generator advances only when one is drawn.
+    fn next_key(&self) -> crate::Result<RngKey> {
+        let mut state = self.lock();
+        let mut gen = Generator::from_state(state.seed, state.offset);
+        let key = gen.next_key()?;
+        state.offset = gen.offset();
+        Ok(key)
+    }
+}
+
+impl ModuleT for DropBlock {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train {
+            return Ok(xs.clone());
+        }
+        let cfg = self.config()?;
+        if cfg.is_identity() {
+            return Ok(xs.clone());
+        }
+        // Checked before a key is drawn, so a refused call leaves the generator as it was.
+        check_dtype(xs.dtype())?;
+        shape_of(xs.dims())?;
+        let op = ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new() };
+        xs.contiguous()?.apply_op1(op)
+    }
+}
+
+fn check_dtype(dtype: CandleDType) -> candle_core::Result<()> {
+    match dtype {
+        CandleDType::F32 | CandleDType::F16 | CandleDType::BF16 => Ok(()),
+        other => Err(unsupported(other)),
+    }
+}
+
+fn unsupported(dtype: CandleDType) -> candle_core::Error {
+    candle_core::Error::UnsupportedDTypeForOp(dtype, "dropblock (f32, f16 and bf16 only)")
+}
+
+fn shape_of(dims: &[usize]) -> candle_core::Result<Shape> {
+    match *dims {
+        [n, c, h, w] => Ok(Shape::new(n, c, h, w)?),
+        _ => Err(candle_core::Error::Msg(format!(
+            "dropblock: expected an (N, C, H, W) tensor of rank 4, got shape {dims:?}"
+        ))),
+    }
+}
+
+/// An element-wise pass over a contiguous `(N, C, H, W)` slice, for any of the
+/// supported dtypes ([`on_cpu`] dispatches on the storage's).
+trait CpuPass {
+    fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>>;
+}
+
+fn on_cpu(
+    pass: &impl CpuPass,
+    storage: &CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    fn typed<T: WithDType + Element>(
+        pass: &impl CpuPass,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<CpuStorage> {
+        let shape = shape_of(layout.dims())?;
+        // The callers pass contiguous tensors; an offset is honoured, a stride never guessed.
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::RequiresContiguous { op: "dropblock" }.bt())?;
+        let x = &T::cpu_storage_as_slice(storage)?[start..end];
+        Ok(T::to_cpu_storage_owned(pass.run(shape, x)?))
+    }
+    let out = match storage.dtype() {
+        CandleDType::F32 => typed::<f32>(pass, storage, layout)?,
+        CandleDType::F16 => typed::<f16>(pass, storage, layout)?,
+        CandleDType::BF16 => typed::<bf16>(pass, storage, layout)?,
+        other => return Err(unsupported(other)),
+    };
+    Ok((out, layout.shape().clone()))
+}
+
+fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
+    let mut v = Vec::new();
+    let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+    v.try_reserve_exact(len).map_err(|_| crate::Error::HostAllocation { bytes })?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// One training forward: its key is fixed when the layer draws it, and its keep
+/// bits are saved for the backward (which candle runs on this same op, once per
+/// `backward()` call).
+struct ForwardOp {
+    cfg: DropBlockConfig,
+    key: RngKey,
+    saved: OnceLock<cpu::Saved>,
+}
+
+impl CpuPass for ForwardOp {
+    fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>> {
+        let mut y = zeroed(x.len())?;
+        let saved = cpu::forward(&self.cfg, shape, self.key, Mode::Train, x, &mut y)?;
+        // The layer makes one op per forward; a second run would orphan the first's bits.
+        if self.saved.set(saved).is_err() {
+            candle_core::bail!("dropblock: a forward op ran twice");
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for ForwardOp {
+    fn name(&self) -> &'static str {
+        "dropblock-forward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        on_cpu(self, storage, layout)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let saved = self.saved.get().ok_or(crate::Error::NoForwardCall)?;
+        // The gradient may arrive transposed or broadcast: made contiguous first.
+        let dx = grad_res.contiguous()?.apply_op1_no_bwd(&BackwardOp { saved })?;
+        Ok(Some(dx))
+    }
+}
+
+/// `dx = dy · factor` with the factors a forward saved.
+struct BackwardOp<'a> {
+    saved: &'a cpu::Saved,
+}
+
+impl CpuPass for BackwardOp<'_> {
+    fn run<T: WithDType + Element>(&self, _shape: Shape, dy: &[T]) -> candle_core::Result<Vec<T>> {
+        let mut dx = zeroed(dy.len())?;
+        cpu::backward(self.saved, dy, &mut dx)?;
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for BackwardOp<'_> {
+    fn name(&self) -> &'static str {
+        "dropblock-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        on_cpu(self, storage, layout)
+    }
+}
