@@ -2,7 +2,8 @@
 //! synthetic data made here (so the loss can really fall), the drop rate ramped
 //! linearly from 0 to its target as the paper does.
 //!
-//! `cargo run --release --features candle --example candle_train`
+//! `cargo run --release --features candle --example candle_train [-- --device cuda]`
+//! (`--device cuda` needs the `candle-cuda` feature and a GPU)
 //!
 //! The task: 24x24 images of noise with one bright 6x6 square; the class is the
 //! quadrant the square lies in. Every few steps it prints the loss, the scheduled
@@ -26,16 +27,15 @@ const TARGET_DROP: f64 = 0.15;
 fn main() -> candle_core::Result<()> {
     let device = match std::env::args().nth(1).as_deref() {
         None | Some("--device=cpu") => Device::Cpu,
-        Some("--device") => {
-            match std::env::args().nth(2).as_deref() {
-                Some("cpu") => Device::Cpu,
-                Some("cuda") => {
-                    eprintln!("--device cuda: the candle layer runs on CPU tensors only for now (no `candle-cuda` feature yet)");
-                    std::process::exit(2);
-                }
-                other => candle_core::bail!("unknown device {other:?}: cpu or cuda"),
+        Some("--device") => match std::env::args().nth(2).as_deref() {
+            Some("cpu") => Device::Cpu,
+            Some("cuda") if cfg!(feature = "candle-cuda") => Device::new_cuda(0)?,
+            Some("cuda") => {
+                eprintln!("--device cuda: built without the `candle-cuda` feature");
+                std::process::exit(2);
             }
-        }
+            other => candle_core::bail!("unknown device {other:?}: cpu or cuda"),
+        },
         Some(other) => candle_core::bail!("unknown argument {other}: the only option is --device cpu|cuda"),
     };
     let mut rng = StdRng::seed_from_u64(2018);

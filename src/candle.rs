@@ -15,14 +15,16 @@
 //! - Tensors are `(N, C, H, W)` in f32, f16 or bf16. A non-contiguous or offset
 //!   input is made contiguous first (candle's differentiable copy), so the op always
 //!   reads the elements the tensor names.
-//! - CPU tensors only for now; a CUDA tensor gets candle's "no cuda implementation"
-//!   error.
+//! - CPU tensors; with the `candle-cuda` feature CUDA tensors too: the crate's
+//!   kernels run on candle's own buffers and stream (no copy, no host sync), one
+//!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per device, and the backward
+//!   runs from the forward's [`DeviceState`](crate::cuda::DeviceState). Without
+//!   that feature a CUDA tensor gets candle's "no cuda implementation" error.
 
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType as CandleDType, Layout, ModuleT, Tensor, WithDType};
-use half::{bf16, f16};
 
 use crate::config::{DropBlockConfig, Mode, Shape};
 use crate::cpu;
@@ -152,6 +154,28 @@ trait CpuPass {
     fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>>;
 }
 
+/// The shape and element range of a layout. The callers pass contiguous tensors:
+/// an offset is honoured, a stride never guessed.
+fn contiguous(layout: &Layout) -> candle_core::Result<(Shape, std::ops::Range<usize>)> {
+    let shape = shape_of(layout.dims())?;
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| candle_core::Error::RequiresContiguous { op: "dropblock" }.bt())?;
+    Ok((shape, start..end))
+}
+
+/// `$typed::<T>(args)` with `T` the element type of `$dtype`, or the refusal of an
+/// unsupported dtype.
+macro_rules! by_dtype {
+    ($dtype:expr, $typed:ident($($arg:expr),*)) => {
+        match $dtype {
+            CandleDType::F32 => $typed::<f32>($($arg),*),
+            CandleDType::F16 => $typed::<half::f16>($($arg),*),
+            CandleDType::BF16 => $typed::<half::bf16>($($arg),*),
+            other => Err(unsupported(other)),
+        }
+    };
+}
+
 fn on_cpu(
     pass: &impl CpuPass,
     storage: &CpuStorage,
@@ -162,21 +186,11 @@ fn on_cpu(
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<CpuStorage> {
-        let shape = shape_of(layout.dims())?;
-        // The callers pass contiguous tensors; an offset is honoured, a stride never guessed.
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::RequiresContiguous { op: "dropblock" }.bt())?;
-        let x = &T::cpu_storage_as_slice(storage)?[start..end];
+        let (shape, range) = contiguous(layout)?;
+        let x = &T::cpu_storage_as_slice(storage)?[range];
         Ok(T::to_cpu_storage_owned(pass.run(shape, x)?))
     }
-    let out = match storage.dtype() {
-        CandleDType::F32 => typed::<f32>(pass, storage, layout)?,
-        CandleDType::F16 => typed::<f16>(pass, storage, layout)?,
-        CandleDType::BF16 => typed::<bf16>(pass, storage, layout)?,
-        other => return Err(unsupported(other)),
-    };
-    Ok((out, layout.shape().clone()))
+    Ok((by_dtype!(storage.dtype(), typed(pass, storage, layout))?, layout.shape().clone()))
 }
 
 fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
@@ -187,23 +201,70 @@ fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
     Ok(v)
 }
 
+/// What a forward saved for its backward: the keep bits and scales, on the device
+/// the forward ran on.
+enum Saved {
+    Cpu(cpu::Saved),
+    #[cfg(feature = "candle-cuda")]
+    Cuda(Box<crate::cuda::DeviceState>),
+}
+
+impl Saved {
+    fn cpu(&self) -> candle_core::Result<&cpu::Saved> {
+        match self {
+            Saved::Cpu(s) => Ok(s),
+            #[cfg(feature = "candle-cuda")]
+            Saved::Cuda(_) => candle_core::bail!("dropblock: a CPU gradient for a forward that ran on CUDA"),
+        }
+    }
+}
+
+/// `CustomOp1::cpu_fwd` (and `cuda_fwd`) of an op that is a [`CpuPass`] (and a
+/// `CudaPass`): the same two entries for the forward and the backward op.
+macro_rules! device_fwds {
+    () => {
+        fn cpu_fwd(
+            &self,
+            storage: &CpuStorage,
+            layout: &Layout,
+        ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+            on_cpu(self, storage, layout)
+        }
+
+        #[cfg(feature = "candle-cuda")]
+        fn cuda_fwd(
+            &self,
+            storage: &candle_core::CudaStorage,
+            layout: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            on_cuda::run(self, storage, layout)
+        }
+    };
+}
+
 /// One training forward: its key is fixed when the layer draws it, and its keep
 /// bits are saved for the backward (which candle runs on this same op, once per
 /// `backward()` call).
 struct ForwardOp {
     cfg: DropBlockConfig,
     key: RngKey,
-    saved: OnceLock<cpu::Saved>,
+    saved: OnceLock<Saved>,
+}
+
+impl ForwardOp {
+    /// The layer makes one op per forward; a second run would orphan the first's bits.
+    fn save(&self, saved: Saved) -> candle_core::Result<()> {
+        if self.saved.set(saved).is_err() {
+            candle_core::bail!("dropblock: a forward op ran twice");
+        }
+        Ok(())
+    }
 }
 
 impl CpuPass for ForwardOp {
     fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>> {
         let mut y = zeroed(x.len())?;
-        let saved = cpu::forward(&self.cfg, shape, self.key, Mode::Train, x, &mut y)?;
-        // The layer makes one op per forward; a second run would orphan the first's bits.
-        if self.saved.set(saved).is_err() {
-            candle_core::bail!("dropblock: a forward op ran twice");
-        }
+        self.save(Saved::Cpu(cpu::forward(&self.cfg, shape, self.key, Mode::Train, x, &mut y)?))?;
         Ok(y)
     }
 }
@@ -213,9 +274,7 @@ impl CustomOp1 for ForwardOp {
         "dropblock-forward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        on_cpu(self, storage, layout)
-    }
+    device_fwds!();
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let saved = self.saved.get().ok_or(crate::Error::NoForwardCall)?;
@@ -227,13 +286,13 @@ impl CustomOp1 for ForwardOp {
 
 /// `dx = dy · factor` with the factors a forward saved.
 struct BackwardOp<'a> {
-    saved: &'a cpu::Saved,
+    saved: &'a Saved,
 }
 
 impl CpuPass for BackwardOp<'_> {
     fn run<T: WithDType + Element>(&self, _shape: Shape, dy: &[T]) -> candle_core::Result<Vec<T>> {
         let mut dx = zeroed(dy.len())?;
-        cpu::backward(self.saved, dy, &mut dx)?;
+        cpu::backward(self.saved.cpu()?, dy, &mut dx)?;
         Ok(dx)
     }
 }
@@ -243,7 +302,100 @@ impl CustomOp1 for BackwardOp<'_> {
         "dropblock-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        on_cpu(self, storage, layout)
+    device_fwds!();
+}
+
+/// The CUDA side: the crate's kernels on candle's buffers and stream.
+#[cfg(feature = "candle-cuda")]
+mod on_cuda {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::{CudaDType, CudaDevice, DeviceId};
+    use candle_core::{CudaStorage, DType as CandleDType, Layout, WithDType};
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+
+    use super::{contiguous, unsupported, BackwardOp, ForwardOp, Saved};
+    use crate::config::{Mode, Shape};
+    use crate::cuda::{CudaElement, DropBlockCuda};
+
+    /// A pass from a contiguous `(N, C, H, W)` device buffer into a fresh one, for
+    /// any supported dtype; it writes every element of `y`.
+    pub(super) trait CudaPass {
+        fn run<T: CudaElement + CudaDType + WithDType>(
+            &self,
+            db: &DropBlockCuda,
+            stream: &Arc<CudaStream>,
+            shape: Shape,
+            x: &CudaView<'_, T>,
+            y: &mut CudaSlice<T>,
+        ) -> candle_core::Result<()>;
+    }
+
+    /// One `DropBlockCuda` (kernels loaded, launch tables built) per device, made on
+    /// the device's first use and kept: a forward is then launches only.
+    fn engine(device: &CudaDevice) -> candle_core::Result<Arc<DropBlockCuda>> {
+        static ENGINES: OnceLock<Mutex<HashMap<DeviceId, Arc<DropBlockCuda>>>> = OnceLock::new();
+        let mut engines = ENGINES.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = engines.get(&device.id()) {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(DropBlockCuda::from_context(device.cuda_stream().context())?);
+        engines.insert(device.id(), db.clone());
+        Ok(db)
+    }
+
+    pub(super) fn run(
+        pass: &impl CudaPass,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        fn typed<T: CudaElement + CudaDType + WithDType>(
+            pass: &impl CudaPass,
+            storage: &CudaStorage,
+            layout: &Layout,
+        ) -> candle_core::Result<CudaStorage> {
+            let (shape, range) = contiguous(layout)?;
+            let device = &storage.device;
+            // candle's stream: the launches queue behind the ops that made x.
+            let stream = device.cuda_stream();
+            let x = storage.as_cuda_slice::<T>()?.slice(range);
+            // SAFETY: every pass writes all of y before anything reads it.
+            let mut y = unsafe { stream.alloc::<T>(shape.numel()) }.map_err(crate::Error::from)?;
+            pass.run(&*engine(device)?, &stream, shape, &x, &mut y)?;
+            Ok(CudaStorage::wrap_cuda_slice(y, device.clone()))
+        }
+        Ok((by_dtype!(storage.dtype(), typed(pass, storage, layout))?, layout.shape().clone()))
+    }
+
+    impl CudaPass for ForwardOp {
+        fn run<T: CudaElement + CudaDType + WithDType>(
+            &self,
+            db: &DropBlockCuda,
+            stream: &Arc<CudaStream>,
+            shape: Shape,
+            x: &CudaView<'_, T>,
+            y: &mut CudaSlice<T>,
+        ) -> candle_core::Result<()> {
+            let state = db.forward(stream, &self.cfg, shape, self.key, Mode::Train, x, y)?;
+            self.save(Saved::Cuda(Box::new(state)))
+        }
+    }
+
+    impl CudaPass for BackwardOp<'_> {
+        fn run<T: CudaElement + CudaDType + WithDType>(
+            &self,
+            db: &DropBlockCuda,
+            stream: &Arc<CudaStream>,
+            _shape: Shape,
+            dy: &CudaView<'_, T>,
+            dx: &mut CudaSlice<T>,
+        ) -> candle_core::Result<()> {
+            let Saved::Cuda(state) = self.saved else {
+                candle_core::bail!("dropblock: a CUDA gradient for a forward that ran on the CPU");
+            };
+            Ok(db.backward(stream, state, dy, dx)?)
+        }
     }
 }

@@ -69,8 +69,7 @@ fn ptxas_report_covers_every_kernel_and_nothing_spills() {
 
 #[test]
 fn no_driver_or_device_is_a_typed_error() {
-    // SAFETY: only probes for libcuda.
-    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    let driver = cuda::driver_present();
     match cuda::DropBlockCuda::new(0) {
         Ok(d) => assert!(driver, "a context without a driver: {}", d.device_name()),
         Err(dropblock::Error::NoDriver) => assert!(!driver),

@@ -54,6 +54,15 @@ touch kernels/*
     case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
   done
 cp target/release/dropblock "$out/dropblock"
+# The candle layer on CUDA (tests/candle_cuda.rs): linked against libcuda, cuBLAS and
+# cudart through candle, and large (candle-kernels' PTX), so stripped and gzipped.
+mkdir -p "$out/candle"
+./scripts/cuda-toolchain.sh cargo test --release --features candle-cuda --test candle_cuda --no-run \
+  --message-format=json 2>/dev/null | executables |
+  while read -r name exe; do
+    [[ $name == candle_cuda ]] && strip --strip-all -o "$out/candle/candle_cuda" "$exe" && gzip -9 "$out/candle/candle_cuda"
+  done
+[[ -f "$out/candle/candle_cuda.gz" ]] || { echo "bundle: the candle_cuda test did not build" >&2; exit 1; }
 mkdir -p "$out/examples" "$out/examples-nvtx"
 # The examples again with NVTX ranges, for run.sh's nsys capture (the same target
 # dir: cargo keeps each feature set's artifacts apart, only the binary's name is shared).

@@ -56,6 +56,22 @@ checks() {
     timeout 150 "$t" --test-threads 4 || fail "$t"
   done
 
+  section "the candle layer on CUDA (candle/candle_cuda), DROPBLOCK_REQUIRE_GPU=1"
+  if [[ -f candle/candle_cuda.gz ]]; then
+    local bin lib
+    bin=$(mktemp -d)/candle_cuda
+    gunzip -c candle/candle_cuda.gz > "$bin" && chmod +x "$bin"
+    # It links cuBLAS, cuRAND and cudart 13: the toolkit's, beside nvcc.
+    lib=$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")/../lib64
+    if LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}" ldd "$bin" | grep "not found"; then
+      fail "candle_cuda cannot load its libraries (above; looked in $lib)"
+    else
+      LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}" timeout 120 "$bin" --test-threads 1 || fail "candle_cuda"
+    fi
+  else
+    skip "the candle layer on CUDA (no candle/candle_cuda.gz in this bundle)"
+  fi
+
   section "the examples"
   for e in examples/*; do
     echo "--- $e"

@@ -35,7 +35,7 @@ mod module;
 mod ops;
 mod ranges;
 
-pub use module::{built_archs, context, fatbin, ptxas_report};
+pub use module::{built_archs, context, driver_present, fatbin, ptxas_report};
 #[doc(hidden)]
 pub use ops::{apply_op, kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath, APPLY_OPS};
 pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

@@ -38,6 +38,19 @@ pub fn ptxas_report() -> &'static str {
     PTXAS_REPORT
 }
 
+/// Whether the CUDA driver library (libcuda, or nvcuda on Windows) can be loaded.
+///
+/// Probed here rather than with cudarc's `is_culib_present`, which exists only when
+/// cudarc loads libcuda at run time; a crate that makes it link libcuda instead
+/// (candle's `cuda` feature) removes it. A binary linked that way does not start
+/// without libcuda, so there the answer is always yes.
+pub fn driver_present() -> bool {
+    let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
+    // SAFETY: loading the driver library runs only its initialisers, as cudarc's
+    // own first use does; no CUDA call is made, and the handle is closed again.
+    names.iter().any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
+}
+
 /// A context on device `ordinal`, or a typed error: [`Error::NoDriver`] when
 /// libcuda cannot be loaded, [`Error::NoDevice`] when there is no such device,
 /// [`Error::KernelsNotBuilt`] in a build without kernels. Never panics: cudarc
@@ -46,8 +59,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if FATBIN.is_empty() {
         return Err(Error::KernelsNotBuilt);
     }
-    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::NoDriver);
     }
     CudaContext::new(ordinal).map_err(|e| match e.0 {

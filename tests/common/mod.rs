@@ -3,6 +3,9 @@
 
 use std::any::Any;
 
+#[cfg(feature = "candle")]
+pub mod candle;
+
 use dropblock::{Block, DropBlockConfig, Element, GammaRule, Normalize, Placement, RngKey, Shape, Sharing};
 use libtest_mimic::{Completion, Failed, Trial};
 use rand::rngs::StdRng;

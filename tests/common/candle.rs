@@ -1,0 +1,152 @@
+//! The candle layer's checks against the CPU path, for any candle device: the
+//! CPU tests (tests/candle_layer.rs) and the CUDA ones (tests/candle_cuda.rs) run
+//! the same checks.
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var, WithDType};
+use dropblock::candle::DropBlock;
+use dropblock::{cpu, Block, DropBlockConfig, Element, Generator, Mode, Normalize, Placement, RngKey, Shape, Sharing};
+
+pub type R<T = ()> = candle_core::Result<T>;
+
+pub const SEED: u64 = 20261130;
+
+pub fn paper() -> DropBlockConfig {
+    DropBlockConfig::paper(3, 0.2).unwrap()
+}
+
+/// A variant far from the defaults: uneven block, seeds anywhere, a mask per
+/// sample, per-sample normalisation.
+pub fn variant() -> DropBlockConfig {
+    DropBlockConfig::builder(Block::new(4, 2).unwrap(), 0.15)
+        .placement(Placement::Anywhere)
+        .sharing(Sharing::Channels)
+        .normalize(Normalize::PerSample)
+        .build()
+        .unwrap()
+}
+
+/// Normal values made on the CPU (so every device sees the same ones), then moved.
+pub fn randn(dims: &[usize], dtype: DType, device: &Device) -> R<Tensor> {
+    Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+}
+
+/// Expected normalisation without sharing: on CUDA the one-launch fused path.
+pub fn fused() -> DropBlockConfig {
+    DropBlockConfig::builder(Block::square(5).unwrap(), 0.2).normalize(Normalize::Expected).build().unwrap()
+}
+
+/// The tensor's elements in logical order.
+pub fn host<T: WithDType>(t: &Tensor) -> R<Vec<T>> {
+    t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<T>()
+}
+
+/// Bits of each element (f32 holds f16 and bf16 exactly, so equal bits here are
+/// equal bits there).
+pub fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_f32().to_bits()).collect()
+}
+
+/// What candle's gradient store makes of a gradient: it accumulates into a zero
+/// tensor (`GradStore::or_insert`, then `add`), so `-0` becomes `+0` and every
+/// other value stays as it is.
+pub fn accumulated<T: Element>(dx: &[T]) -> Vec<u32> {
+    dx.iter().map(|x| (x.to_f32() + 0.0).to_bits()).collect()
+}
+
+pub fn shape_of(t: &Tensor) -> Shape {
+    let d = t.dims();
+    Shape::new(d[0], d[1], d[2], d[3]).unwrap()
+}
+
+/// The k-th key the layer's generator draws (k from 0).
+pub fn key(seed: u64, k: usize) -> RngKey {
+    let mut g = Generator::new(seed);
+    for _ in 0..k {
+        g.next_key().unwrap();
+    }
+    g.next_key().unwrap()
+}
+
+/// The CPU path's forward of `x` (in logical order), and what it saved.
+pub fn cpu_forward<T: WithDType + Element>(cfg: &DropBlockConfig, x: &Tensor, key: RngKey) -> (Vec<T>, cpu::Saved) {
+    let xs = host::<T>(x).unwrap();
+    let mut y = vec![T::default(); xs.len()];
+    let saved = cpu::forward(cfg, shape_of(x), key, Mode::Train, &xs, &mut y).unwrap();
+    (y, saved)
+}
+
+/// The layer's forward equals `cpu::forward` for the keys its generator draws.
+pub fn forward_matches_cpu<T: WithDType + Element>(device: &Device, dtype: DType) -> R {
+    for cfg in [paper(), variant(), fused()] {
+        let layer = DropBlock::new(cfg, SEED);
+        let x = randn(&[2, 3, 9, 11], dtype, device)?;
+        for call in 0..2 {
+            let y = layer.forward_t(&x, true)?;
+            assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));
+            let (want, saved) = cpu_forward::<T>(&cfg, &x, key(SEED, call));
+            assert!(saved.drop_fraction() > 0.0, "the case must drop something");
+            assert_eq!(bits(&host::<T>(&y)?), bits(&want), "{dtype:?} {cfg} call {call}");
+        }
+    }
+    Ok(())
+}
+
+/// candle's backprop through the layer equals `cpu::backward`, twice over.
+pub fn gradients_match_cpu<T: WithDType + Element>(device: &Device, dtype: DType) -> R {
+    let cfg = variant();
+    let layer = DropBlock::new(cfg, SEED);
+    let x = Var::from_tensor(&randn(&[2, 4, 8, 8], dtype, device)?)?;
+    let y = layer.forward_t(x.as_tensor(), true)?;
+    // d(sum(y · w))/dy = w exactly, so dx must be cpu::backward of w.
+    let w = randn(&[2, 4, 8, 8], dtype, device)?;
+    let loss = (&y * &w)?.sum_all()?;
+    let (_, saved) = cpu_forward::<T>(&cfg, x.as_tensor(), key(SEED, 0));
+    let ws = host::<T>(&w)?;
+    let mut want = vec![T::default(); ws.len()];
+    cpu::backward(&saved, &ws, &mut want)?;
+    // Backprop twice: the op keeps its saved bits for every call.
+    for round in 0..2 {
+        let grads = loss.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("x has a gradient");
+        assert_eq!(bits(&host::<T>(dx)?), accumulated(&want), "{dtype:?} backward {round}");
+    }
+    Ok(())
+}
+
+/// Offset, strided and transposed inputs are read in logical order.
+pub fn strided_inputs_match_cpu(device: &Device) -> R {
+    let cfg = paper();
+    let big = randn(&[3, 5, 9, 11], DType::F32, device)?;
+    let cases = [
+        ("offset (narrowed batch, contiguous)", big.narrow(0, 1, 2)?),
+        ("narrowed channels (strided)", big.narrow(1, 1, 3)?),
+        ("transposed H and W", big.transpose(2, 3)?),
+    ];
+    for (what, x) in cases {
+        assert!(what.starts_with("offset") || !x.is_contiguous(), "{what} must exercise a strided layout");
+        let layer = DropBlock::new(cfg, SEED);
+        let y = layer.forward_t(&x, true)?;
+        let (want, _) = cpu_forward::<f32>(&cfg, &x, key(SEED, 0));
+        assert_eq!(bits(&host::<f32>(&y)?), bits(&want), "{what}");
+    }
+    Ok(())
+}
+
+/// A gradient that arrives transposed is read in logical order.
+pub fn transposed_gradient_matches_cpu(device: &Device) -> R {
+    let cfg = paper();
+    let layer = DropBlock::new(cfg, SEED);
+    let x = Var::from_tensor(&randn(&[2, 3, 9, 11], DType::F32, device)?)?;
+    let y = layer.forward_t(x.as_tensor(), true)?;
+    // The gradient reaching the layer is w_t transposed back: not contiguous.
+    let w_t = randn(&[2, 3, 11, 9], DType::F32, device)?;
+    let loss = (y.transpose(2, 3)? * &w_t)?.sum_all()?;
+    let grads = loss.backward()?;
+    let dx = grads.get(x.as_tensor()).expect("x has a gradient");
+    let (_, saved) = cpu_forward::<f32>(&cfg, x.as_tensor(), key(SEED, 0));
+    let dy = host::<f32>(&w_t.transpose(2, 3)?)?;
+    let mut want = vec![0f32; dy.len()];
+    cpu::backward(&saved, &dy, &mut want)?;
+    assert_eq!(bits(&host::<f32>(dx)?), accumulated(&want));
+    Ok(())
+}
