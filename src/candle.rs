@@ -1,8 +1,14 @@
 //! DropBlock as a candle layer (feature `candle`).
 //!
-//! ```ignore
-//! let drop = dropblock::candle::DropBlock::new(DropBlockConfig::paper(7, 0.1)?, 1234);
-//! let ys = xs.apply_t(&drop, train)?;                 // ModuleT, like candle_nn::Dropout
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use dropblock::{candle::DropBlock, DropBlockConfig};
+//!
+//! let drop = DropBlock::new(DropBlockConfig::paper(3, 0.1)?, 1234);
+//! let xs = Tensor::ones((2, 4, 8, 8), DType::F32, &Device::Cpu)?;
+//! let ys = xs.apply_t(&drop, true)?; // ModuleT, like candle_nn::Dropout
+//! assert_eq!(ys.dims(), xs.dims());
+//! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
 //! - Training draws a fresh mask per forward from the layer's [`Generator`] state,

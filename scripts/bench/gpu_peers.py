@@ -7,7 +7,9 @@ Times, with CUDA events and L2 flushed between iterations:
     ours), forward and backward through autograd,
   - `dropblock bench --device cuda`, forward and backward,
 on the ResNet-50 stage shapes (k = 7) and the PP-YOLO shapes (k = 3), in f32 and
-bf16, drop_prob 0.1. Prints one markdown table (also written to --out). Bytes are
+bf16, drop_prob 0.1. Then torch.compile'd torchvision (Inductor's fused Triton
+kernels) on COMPILED_SHAPES in bf16: each shape is compiled and warmed up first, and
+the compile time is reported apart from, never inside, the timed figures. Prints one markdown table (also written to --out). Bytes are
 the floor: x read once and y written once. Run from the GPU bundle, where the
 `dropblock` binary sits beside this file.
 """
@@ -17,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -31,6 +34,8 @@ SHAPES = [
     ((24, 512, 38, 38), 3),
     ((24, 1024, 19, 19), 3),
 ]
+# A subset: each shape costs a compilation of the forward and of the backward.
+COMPILED_SHAPES = [((256, 1024, 14, 14), 7), ((256, 2048, 7, 7), 7), ((24, 256, 76, 76), 3)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -64,6 +69,20 @@ def peer_times(op, x, k, iters):
 
     bwd = median_ms(lambda: held["y"].backward(g), iters, prepare)
     return fwd, bwd
+
+
+def compiled_times(op, x, k, iters):
+    """(compile s, forward ms, backward ms) of a torch.compile'd op: the first
+    forward and backward compile, and a few more calls settle, all untimed."""
+    t0 = time.perf_counter()
+    xg = x.detach().clone().requires_grad_(True)
+    for _ in range(3):
+        op(x, 0.1, k)
+        op(xg, 0.1, k).backward(torch.ones_like(x))
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    fwd, bwd = peer_times(op, x, k, iters)
+    return compile_s, fwd, bwd
 
 
 def ours(shape, k, dtype, backward, iters):
@@ -108,9 +127,40 @@ def main():
                 print(row, flush=True)
             del x, y
             torch.cuda.empty_cache()
+    compiled_table(args, lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def compiled_table(args, lines):
+    """The compiled peer, bf16, against dropblock; a failure is reported, not fatal."""
+    head = ["", "torch.compile(torchvision.ops.drop_block2d), bf16, compiled and warmed up before timing:", "",
+            "| shape | k | pass | compile s | compiled ms | dropblock ms | × compiled |", "|---|---|---|---|---|---|---|"]
+    lines += head
+    print("\n".join(head), flush=True)
+    try:
+        op = peer_ops.torchvision_compiled_op()
+    except Exception as e:  # an old torch, or no Triton: say so in the table
+        lines.append(f"torch.compile unavailable: {type(e).__name__}: {e}")
+        print(lines[-1], flush=True)
+        return
+    for shape, k in COMPILED_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        try:
+            compile_s, *peer = compiled_times(op, x, k, args.iters)
+        except Exception as e:
+            lines.append(f"| {'x'.join(map(str, shape))} | {k} | - | failed: {type(e).__name__}: {e} | | | |")
+            print(lines[-1], flush=True)
+            continue
+        for i, pass_name in enumerate(("forward", "backward")):
+            ms = ours(shape, k, "bf16", pass_name == "backward", args.iters)
+            row = (f"| {'x'.join(map(str, shape))} | {k} | {pass_name} | {compile_s:.1f} | {peer[i]:.4f} | "
+                   f"{ms:.4f} | {peer[i] / ms:.1f} |")
+            lines.append(row)
+            print(row, flush=True)
+        del x
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ def torchvision_op():
     return lambda t, p, k: drop_block2d(t, p, k, training=True)
 
 
+def torchvision_compiled_op():
+    """torchvision's drop_block2d under torch.compile (Inductor fuses it into Triton
+    kernels): the strongest peer a PyTorch user has. Its ops are all tensor ops, so
+    it compiles whole; each new shape or dtype compiles once (dynamic=False), so the
+    caller warms it up before timing."""
+    import torch
+    from torchvision.ops import drop_block2d
+    return torch.compile(lambda t, p, k: drop_block2d(t, p, k, training=True), dynamic=False)
+
+
 def timm_op():
     """timm's drop_block_2d with a mask per channel, as the paper and dropblock's
     default: timm >= 1.0.23 shares one mask across channels unless told not to."""

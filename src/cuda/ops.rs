@@ -663,9 +663,12 @@ pub fn tiles_of(g: &abi::DropBlockGeometry, plane_len: u64, blocks: u64) -> Opti
     let one_round = (THREADS as u64 / g.windows_per_group).max(1) * q;
     let cap = fit.min(one_round);
     let blocks = blocks.max(1);
+    // Saturating: past 2^62 elements on a device of a block or two the product
+    // overflows u64, and every such choice is equally hopeless anyway.
     let cost = |t: u64| {
         let sampling_rounds = (t.div_ceil(q) * g.windows_per_group).div_ceil(THREADS as u64);
-        g.planes.div_ceil(t).div_ceil(blocks) * (t * plane_len + sampling_rounds * SAMPLING_ROUND_CELLS)
+        let work = (t * plane_len).saturating_add(sampling_rounds.saturating_mul(SAMPLING_ROUND_CELLS));
+        g.planes.div_ceil(t).div_ceil(blocks).saturating_mul(work)
     };
     let best = (1..=64u64)
         .map(|rounds| g.planes.div_ceil(rounds * blocks).div_ceil(q) * q)
@@ -863,5 +866,40 @@ mod tests {
         let mut names = super::kernel_names();
         names.sort();
         assert_eq!(built, names);
+    }
+
+    /// Launch plans past 2^32 planes and 2^33 elements (docs/INDEXING.md): the
+    /// tiles cover every plane with whole groups of `q` that fit a tile, and no
+    /// arithmetic overflows (a debug build traps on overflow).
+    #[test]
+    fn plans_past_2_pow_32_planes_cover_every_plane() {
+        use super::{launch_plan, LaunchPath, TILE_CELLS};
+        use crate::{DropBlockConfig, Sharing};
+        let shapes =
+            [(1 << 17, 1 << 16, 1, 1), (65_600, 65_600, 1, 1), (1, 66_100, 255, 255), (1 << 31, 1 << 31, 1, 1)];
+        let configs = [
+            DropBlockConfig::paper(1, 0.1).unwrap(),
+            DropBlockConfig::paper(3, 0.1).unwrap(),
+            DropBlockConfig::builder(crate::Block::square(7).unwrap(), 0.1).sharing(Sharing::Batch).build().unwrap(),
+        ];
+        for (n, c, h, w) in shapes {
+            let shape = crate::Shape::new(n, c, h, w).unwrap();
+            for cfg in &configs {
+                for blocks in [1, 2, 1_056, 1 << 20] {
+                    let plan = launch_plan(cfg, shape, 1, blocks);
+                    if plan.path == LaunchPath::Grid {
+                        continue;
+                    }
+                    let g = *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).geometry();
+                    let (t, q) = (plan.tiles, g.planes_per_window as u64);
+                    let what = format!("{shape} {cfg} blocks {blocks}: {t:?}");
+                    assert!(t.planes_per_tile > 0 && t.planes_per_tile % q == 0, "{what}");
+                    assert!(t.planes_per_tile * plan.apply.plane_len <= TILE_CELLS, "{what}");
+                    assert!(t.tiles * t.planes_per_tile >= g.planes, "{what}");
+                    assert!((t.tiles - 1) * t.planes_per_tile < g.planes, "{what}");
+                    assert_eq!(t.groups_per_tile * q, t.planes_per_tile, "{what}");
+                }
+            }
+        }
     }
 }
