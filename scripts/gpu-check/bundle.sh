@@ -60,7 +60,10 @@ mkdir -p "$out/candle"
 ./scripts/cuda-toolchain.sh cargo test --release --features candle-cuda --test candle_cuda --no-run \
   --message-format=json 2>/dev/null | executables |
   while read -r name exe; do
-    [[ $name == candle_cuda ]] && strip --strip-all -o "$out/candle/candle_cuda" "$exe" && gzip -9 "$out/candle/candle_cuda"
+    # (an `if`: a false `[[ ]] &&` as the loop's last command fails the pipeline)
+    if [[ $name == candle_cuda ]]; then
+      strip --strip-all -o "$out/candle/candle_cuda" "$exe" && gzip -9 "$out/candle/candle_cuda"
+    fi
   done
 [[ -f "$out/candle/candle_cuda.gz" ]] || { echo "bundle: the candle_cuda test did not build" >&2; exit 1; }
 mkdir -p "$out/examples" "$out/examples-nvtx"
