@@ -49,25 +49,30 @@ extern "C" {
 #define DROPBLOCK_COUNT_DONE 1    /* blocks finished (the ticket of the last block) */
 #define DROPBLOCK_COUNT_SAMPLES 2 /* kept per sample: N entries, or 1 when every sample is alike */
 
-/* The shape-dependent part of a call, derived once on the host. */
+/* The shape-dependent part of a call, derived once on the host. Every spatial
+ * rank is a D x H x W volume: 1D is 1 x 1 x L, 2D is 1 x H x W (unit axes in
+ * front), so one geometry, one sampler and one set of kernels serve all three,
+ * and a 2D call's mask is the same as it was before 3D existed. */
 typedef struct DropBlockGeometry {
-    uint32_t n, c, h, w;
-    /* The block, already clipped to the map: kh <= h, kw <= w. */
-    uint32_t kh, kw;
-    /* A seed at (y, x) drops rows [y - anchor_y, y - anchor_y + kh) and
-     * columns [x - anchor_x, x - anchor_x + kw), clipped to the map.
-     * Valid placement: 0. Anywhere placement: kh / 2 and kw / 2. */
-    uint32_t anchor_y, anchor_x;
-    /* The seed grid of one plane: seed_h rows of seed_w cells, numbered
-     * row-major (cell i = y * seed_w + x). */
-    uint32_t seed_h, seed_w;
+    uint32_t n, c;
+    uint32_t d, h, w;
+    /* The block's extent along each axis, at most twice the axis: a seed at
+     * (z, y, x) drops [z - anchor_z, z - anchor_z + kd) x [y - anchor_y,
+     * y - anchor_y + kh) x [x - anchor_x, x - anchor_x + kw), clipped to the map.
+     * Valid placement: the clipped block, anchors 0. Anywhere: the clipped block
+     * anchored at half of it, or (CenteredRight) the unclipped block's reach. */
+    uint32_t kd, kh, kw;
+    uint32_t anchor_z, anchor_y, anchor_x;
+    /* The seed grid of one plane: seed_d x seed_h x seed_w cells, numbered
+     * row-major (cell i = (z * seed_h + y) * seed_w + x). */
+    uint32_t seed_d, seed_h, seed_w;
     /* One of DROPBLOCK_SHARE_*. */
     uint32_t sharing;
     /* q = max(1, floor(64 / seed_cells)): planes are grouped q at a time, and a
      * group's cells (plane-major, then by cell number) are cut into windows of
      * DROPBLOCK_WINDOW_CELLS. So no window holds part of a plane and another. */
     uint32_t planes_per_window;
-    /* S = seed_h * seed_w. */
+    /* S = seed_d * seed_h * seed_w. */
     uint64_t seed_cells;
     /* m = ceil(S / 64): windows per group. Window w is window w % m of group w / m. */
     uint64_t windows_per_group;
@@ -79,9 +84,9 @@ typedef struct DropBlockGeometry {
 
 /* The element-wise part of a call. */
 typedef struct DropBlockApply {
-    /* n * c * h * w. */
+    /* n * c * d * h * w. */
     uint64_t numel;
-    /* L = h * w: elements of one (n, c) slice and cells of one mask plane.
+    /* L = d * h * w: elements of one (n, c) slice and cells of one mask plane.
      * The keep bits of a call are dense: bit b = plane * L + cell (bit b % 32
      * of 32-bit word b / 32) is set when that cell is kept, so without sharing
      * bit e belongs to element e. */
@@ -107,9 +112,11 @@ typedef struct DropBlockTiles {
      * t * groups_per_tile * windows_per_group. */
     uint64_t groups_per_tile;
     /* For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,
-     * seed_w, kh and the plane length (all below 2^16 when planes fit a tile):
-     * ceil(2^64 / d), or 0 for d = 1 (kernels/mask.cuh, FastDiv). */
-    uint64_t magic_seed_cells, magic_windows_per_group, magic_seed_w, magic_kh, magic_plane_len;
+     * seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18
+     * when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/mask.cuh,
+     * FastDiv). */
+    uint64_t magic_seed_cells, magic_windows_per_group, magic_seed_hw, magic_seed_w, magic_block_rows, magic_kh,
+        magic_plane_len;
 } DropBlockTiles;
 
 /* The random part of a call. */

@@ -197,11 +197,13 @@ __device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const
 
 // The launch-invariant divisors of the tiled kernels.
 struct TileDivisors {
-    FastDiv seed_cells, windows_per_group, seed_w, kh, plane_len;
+    FastDiv seed_cells, windows_per_group, seed_hw, seed_w, block_rows, kh, plane_len;
     __device__ __forceinline__ TileDivisors(const DropBlockGeometry& g, const DropBlockTiles& t, const DropBlockApply& a)
         : seed_cells{t.magic_seed_cells, (uint32_t)g.seed_cells},
           windows_per_group{t.magic_windows_per_group, (uint32_t)g.windows_per_group},
+          seed_hw{t.magic_seed_hw, g.seed_h * g.seed_w},
           seed_w{t.magic_seed_w, g.seed_w},
+          block_rows{t.magic_block_rows, g.kd * g.kh},
           kh{t.magic_kh, g.kh},
           plane_len{t.magic_plane_len, (uint32_t)a.plane_len} {}
 };
@@ -225,32 +227,40 @@ struct Tile {
     }
 };
 
-// A tile's shared memory: its bits, and the seeds waiting to grow, each as the
-// shared bit of its block's top-left cell and (rows << 16 | columns) of the block
-// clipped to the map (both below 2^16 when planes fit a tile).
+// A queued block: the shared bit of its first cell (its front top-left corner)
+// and its extents clipped to the map. A tile holds under 2^16 cells, so each
+// field fits 16 bits: x = bit | depth << 16, y = rows << 16 | columns.
 struct TileShared {
     uint32_t bits[DROPBLOCK_TILE_WORDS];
     uint2 queue[SEED_QUEUE];
     uint32_t queued;
 };
 
+// [lo, hi) of a block along one axis of `size` cells, for a seed at `i`.
+__device__ __forceinline__ uint2 block_reach(uint32_t i, uint32_t anchor, uint32_t extent, uint32_t size) {
+    const int32_t lo = (int32_t)i - (int32_t)anchor;
+    return make_uint2((uint32_t)max(lo, 0), (uint32_t)min(lo + (int32_t)extent, (int32_t)size));
+}
+
 // The queue entry of the seed at the tile's seed cell `u` (plane in tile * S + cell).
 __device__ __forceinline__ uint2 seed_block(const DropBlockGeometry& g, const TileDivisors& d, const Tile& tile,
                                             uint32_t u) {
     const uint32_t plane = d.seed_cells.div(u);
     const uint32_t cell = u - plane * d.seed_cells.d;
-    const uint32_t y = d.seed_w.div(cell), x = cell - y * g.seed_w;
-    const uint32_t r0 = (uint32_t)max((int32_t)y - (int32_t)g.anchor_y, 0);
-    const uint32_t r1 = (uint32_t)min((int32_t)(y + g.kh) - (int32_t)g.anchor_y, (int32_t)g.h);
-    const uint32_t c0 = (uint32_t)max((int32_t)x - (int32_t)g.anchor_x, 0);
-    const uint32_t c1 = (uint32_t)min((int32_t)(x + g.kw) - (int32_t)g.anchor_x, (int32_t)g.w);
-    return make_uint2(tile.phase + plane * d.plane_len.d + r0 * g.w + c0, (r1 - r0) << 16 | (c1 - c0));
+    const uint32_t z = d.seed_hw.div(cell), rest = cell - z * d.seed_hw.d;
+    const uint32_t y = d.seed_w.div(rest), x = rest - y * g.seed_w;
+    const uint2 zs = block_reach(z, g.anchor_z, g.kd, g.d);
+    const uint2 rs = block_reach(y, g.anchor_y, g.kh, g.h);
+    const uint2 cs = block_reach(x, g.anchor_x, g.kw, g.w);
+    const uint32_t bit = tile.phase + plane * d.plane_len.d + (zs.x * g.h + rs.x) * g.w + cs.x;
+    return make_uint2(bit | (zs.y - zs.x) << 16, (rs.y - rs.x) << 16 | (cs.y - cs.x));
 }
 
-// ORs row `row` of a queued block into the shared bits.
-__device__ __forceinline__ void grow_row(const DropBlockGeometry& g, uint2 block, uint32_t row, uint32_t* bits) {
-    if (row >= block.y >> 16) return;
-    const uint32_t lo = block.x + row * g.w;
+// ORs row `row` of depth slice `slice` of a queued block into the shared bits.
+__device__ __forceinline__ void grow_row(const DropBlockGeometry& g, uint2 block, uint32_t slice, uint32_t row,
+                                         uint32_t* bits) {
+    if (slice >= block.x >> 16 || row >= block.y >> 16) return;
+    const uint32_t lo = (block.x & 0xffffu) + (slice * g.h + row) * g.w;
     atomic_set_bits(bits, lo, lo + (block.y & 0xffffu));
 }
 
@@ -285,15 +295,18 @@ __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const Dro
             if (slot < SEED_QUEUE) {
                 sh.queue[slot] = block;
             } else {
-                for (uint32_t row = 0; row < g.kh; ++row) grow_row(g, block, row, sh.bits);
+                for (uint32_t slice = 0; slice < g.kd; ++slice)
+                    for (uint32_t row = 0; row < g.kh; ++row) grow_row(g, block, slice, row, sh.bits);
             }
         }
     }
     __syncthreads();
-    const uint32_t items = min(sh.queued, SEED_QUEUE) * g.kh;
+    // One item per (seed, depth slice, row): kd * kh < 2^18 and the queue 2^10.
+    const uint32_t rows = d.block_rows.d, items = min(sh.queued, SEED_QUEUE) * rows;
     for (uint32_t i = threadIdx.x; i < items; i += blockDim.x) {
-        const uint32_t seed = d.kh.div(i);
-        grow_row(g, sh.queue[seed], i - seed * g.kh, sh.bits);
+        const uint32_t seed = d.block_rows.div(i), r = i - seed * rows;
+        const uint32_t slice = d.kh.div(r);
+        grow_row(g, sh.queue[seed], slice, r - slice * g.kh, sh.bits);
     }
     __syncthreads();
 }
@@ -350,14 +363,20 @@ __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, 
             seeds &= seeds - 1;
             const uint64_t at = cell0 + j;
             const uint64_t plane = plane0 + at / g.seed_cells, cell = at % g.seed_cells;
-            const int64_t y = (int64_t)(cell / g.seed_w), x = (int64_t)(cell % g.seed_w);
+            const uint64_t seed_hw = (uint64_t)g.seed_h * g.seed_w, rest = cell % seed_hw;
+            const int64_t z = (int64_t)(cell / seed_hw), y = (int64_t)(rest / g.seed_w), x = (int64_t)(rest % g.seed_w);
+            const int64_t z0 = max(z - (int64_t)g.anchor_z, (int64_t)0);
+            const int64_t z1 = min(z - (int64_t)g.anchor_z + (int64_t)g.kd, (int64_t)g.d);
             const int64_t r0 = max(y - (int64_t)g.anchor_y, (int64_t)0);
             const int64_t r1 = min(y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
             const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
             const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
             const uint64_t base = plane * a.plane_len;
-            for (int64_t r = r0; r < r1; ++r)
-                atomic_set_bits(bits, base + (uint64_t)(r * g.w + c0), base + (uint64_t)(r * g.w + c1));
+            for (int64_t zz = z0; zz < z1; ++zz)
+                for (int64_t r = r0; r < r1; ++r) {
+                    const int64_t row = (zz * g.h + r) * g.w;
+                    atomic_set_bits(bits, base + (uint64_t)(row + c0), base + (uint64_t)(row + c1));
+                }
         }
     }
 }

@@ -25,12 +25,16 @@ pub const DROPBLOCK_TILE_WORDS: u32 = 2048;
 pub struct DropBlockGeometry {
     pub n: u32,
     pub c: u32,
+    pub d: u32,
     pub h: u32,
     pub w: u32,
+    pub kd: u32,
     pub kh: u32,
     pub kw: u32,
+    pub anchor_z: u32,
     pub anchor_y: u32,
     pub anchor_x: u32,
+    pub seed_d: u32,
     pub seed_h: u32,
     pub seed_w: u32,
     pub sharing: u32,
@@ -42,40 +46,31 @@ pub struct DropBlockGeometry {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DropBlockGeometry"][::core::mem::size_of::<DropBlockGeometry>() - 80usize];
+    ["Size of DropBlockGeometry"][::core::mem::size_of::<DropBlockGeometry>() - 96usize];
     ["Alignment of DropBlockGeometry"][::core::mem::align_of::<DropBlockGeometry>() - 8usize];
-    ["Offset of field: DropBlockGeometry::n"]
-        [::core::mem::offset_of!(DropBlockGeometry, n) - 0usize];
-    ["Offset of field: DropBlockGeometry::c"]
-        [::core::mem::offset_of!(DropBlockGeometry, c) - 4usize];
-    ["Offset of field: DropBlockGeometry::h"]
-        [::core::mem::offset_of!(DropBlockGeometry, h) - 8usize];
-    ["Offset of field: DropBlockGeometry::w"]
-        [::core::mem::offset_of!(DropBlockGeometry, w) - 12usize];
-    ["Offset of field: DropBlockGeometry::kh"]
-        [::core::mem::offset_of!(DropBlockGeometry, kh) - 16usize];
-    ["Offset of field: DropBlockGeometry::kw"]
-        [::core::mem::offset_of!(DropBlockGeometry, kw) - 20usize];
-    ["Offset of field: DropBlockGeometry::anchor_y"]
-        [::core::mem::offset_of!(DropBlockGeometry, anchor_y) - 24usize];
-    ["Offset of field: DropBlockGeometry::anchor_x"]
-        [::core::mem::offset_of!(DropBlockGeometry, anchor_x) - 28usize];
-    ["Offset of field: DropBlockGeometry::seed_h"]
-        [::core::mem::offset_of!(DropBlockGeometry, seed_h) - 32usize];
-    ["Offset of field: DropBlockGeometry::seed_w"]
-        [::core::mem::offset_of!(DropBlockGeometry, seed_w) - 36usize];
-    ["Offset of field: DropBlockGeometry::sharing"]
-        [::core::mem::offset_of!(DropBlockGeometry, sharing) - 40usize];
+    ["Offset of field: DropBlockGeometry::n"][::core::mem::offset_of!(DropBlockGeometry, n) - 0usize];
+    ["Offset of field: DropBlockGeometry::c"][::core::mem::offset_of!(DropBlockGeometry, c) - 4usize];
+    ["Offset of field: DropBlockGeometry::d"][::core::mem::offset_of!(DropBlockGeometry, d) - 8usize];
+    ["Offset of field: DropBlockGeometry::h"][::core::mem::offset_of!(DropBlockGeometry, h) - 12usize];
+    ["Offset of field: DropBlockGeometry::w"][::core::mem::offset_of!(DropBlockGeometry, w) - 16usize];
+    ["Offset of field: DropBlockGeometry::kd"][::core::mem::offset_of!(DropBlockGeometry, kd) - 20usize];
+    ["Offset of field: DropBlockGeometry::kh"][::core::mem::offset_of!(DropBlockGeometry, kh) - 24usize];
+    ["Offset of field: DropBlockGeometry::kw"][::core::mem::offset_of!(DropBlockGeometry, kw) - 28usize];
+    ["Offset of field: DropBlockGeometry::anchor_z"][::core::mem::offset_of!(DropBlockGeometry, anchor_z) - 32usize];
+    ["Offset of field: DropBlockGeometry::anchor_y"][::core::mem::offset_of!(DropBlockGeometry, anchor_y) - 36usize];
+    ["Offset of field: DropBlockGeometry::anchor_x"][::core::mem::offset_of!(DropBlockGeometry, anchor_x) - 40usize];
+    ["Offset of field: DropBlockGeometry::seed_d"][::core::mem::offset_of!(DropBlockGeometry, seed_d) - 44usize];
+    ["Offset of field: DropBlockGeometry::seed_h"][::core::mem::offset_of!(DropBlockGeometry, seed_h) - 48usize];
+    ["Offset of field: DropBlockGeometry::seed_w"][::core::mem::offset_of!(DropBlockGeometry, seed_w) - 52usize];
+    ["Offset of field: DropBlockGeometry::sharing"][::core::mem::offset_of!(DropBlockGeometry, sharing) - 56usize];
     ["Offset of field: DropBlockGeometry::planes_per_window"]
-        [::core::mem::offset_of!(DropBlockGeometry, planes_per_window) - 44usize];
+        [::core::mem::offset_of!(DropBlockGeometry, planes_per_window) - 60usize];
     ["Offset of field: DropBlockGeometry::seed_cells"]
-        [::core::mem::offset_of!(DropBlockGeometry, seed_cells) - 48usize];
+        [::core::mem::offset_of!(DropBlockGeometry, seed_cells) - 64usize];
     ["Offset of field: DropBlockGeometry::windows_per_group"]
-        [::core::mem::offset_of!(DropBlockGeometry, windows_per_group) - 56usize];
-    ["Offset of field: DropBlockGeometry::planes"]
-        [::core::mem::offset_of!(DropBlockGeometry, planes) - 64usize];
-    ["Offset of field: DropBlockGeometry::windows"]
-        [::core::mem::offset_of!(DropBlockGeometry, windows) - 72usize];
+        [::core::mem::offset_of!(DropBlockGeometry, windows_per_group) - 72usize];
+    ["Offset of field: DropBlockGeometry::planes"][::core::mem::offset_of!(DropBlockGeometry, planes) - 80usize];
+    ["Offset of field: DropBlockGeometry::windows"][::core::mem::offset_of!(DropBlockGeometry, windows) - 88usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -89,14 +84,10 @@ pub struct DropBlockApply {
 const _: () = {
     ["Size of DropBlockApply"][::core::mem::size_of::<DropBlockApply>() - 24usize];
     ["Alignment of DropBlockApply"][::core::mem::align_of::<DropBlockApply>() - 8usize];
-    ["Offset of field: DropBlockApply::numel"]
-        [::core::mem::offset_of!(DropBlockApply, numel) - 0usize];
-    ["Offset of field: DropBlockApply::plane_len"]
-        [::core::mem::offset_of!(DropBlockApply, plane_len) - 8usize];
-    ["Offset of field: DropBlockApply::normalize"]
-        [::core::mem::offset_of!(DropBlockApply, normalize) - 16usize];
-    ["Offset of field: DropBlockApply::fixed_scale"]
-        [::core::mem::offset_of!(DropBlockApply, fixed_scale) - 20usize];
+    ["Offset of field: DropBlockApply::numel"][::core::mem::offset_of!(DropBlockApply, numel) - 0usize];
+    ["Offset of field: DropBlockApply::plane_len"][::core::mem::offset_of!(DropBlockApply, plane_len) - 8usize];
+    ["Offset of field: DropBlockApply::normalize"][::core::mem::offset_of!(DropBlockApply, normalize) - 16usize];
+    ["Offset of field: DropBlockApply::fixed_scale"][::core::mem::offset_of!(DropBlockApply, fixed_scale) - 20usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -106,30 +97,33 @@ pub struct DropBlockTiles {
     pub groups_per_tile: u64,
     pub magic_seed_cells: u64,
     pub magic_windows_per_group: u64,
+    pub magic_seed_hw: u64,
     pub magic_seed_w: u64,
+    pub magic_block_rows: u64,
     pub magic_kh: u64,
     pub magic_plane_len: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DropBlockTiles"][::core::mem::size_of::<DropBlockTiles>() - 64usize];
+    ["Size of DropBlockTiles"][::core::mem::size_of::<DropBlockTiles>() - 80usize];
     ["Alignment of DropBlockTiles"][::core::mem::align_of::<DropBlockTiles>() - 8usize];
     ["Offset of field: DropBlockTiles::planes_per_tile"]
         [::core::mem::offset_of!(DropBlockTiles, planes_per_tile) - 0usize];
-    ["Offset of field: DropBlockTiles::tiles"]
-        [::core::mem::offset_of!(DropBlockTiles, tiles) - 8usize];
+    ["Offset of field: DropBlockTiles::tiles"][::core::mem::offset_of!(DropBlockTiles, tiles) - 8usize];
     ["Offset of field: DropBlockTiles::groups_per_tile"]
         [::core::mem::offset_of!(DropBlockTiles, groups_per_tile) - 16usize];
     ["Offset of field: DropBlockTiles::magic_seed_cells"]
         [::core::mem::offset_of!(DropBlockTiles, magic_seed_cells) - 24usize];
     ["Offset of field: DropBlockTiles::magic_windows_per_group"]
         [::core::mem::offset_of!(DropBlockTiles, magic_windows_per_group) - 32usize];
-    ["Offset of field: DropBlockTiles::magic_seed_w"]
-        [::core::mem::offset_of!(DropBlockTiles, magic_seed_w) - 40usize];
-    ["Offset of field: DropBlockTiles::magic_kh"]
-        [::core::mem::offset_of!(DropBlockTiles, magic_kh) - 48usize];
+    ["Offset of field: DropBlockTiles::magic_seed_hw"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_seed_hw) - 40usize];
+    ["Offset of field: DropBlockTiles::magic_seed_w"][::core::mem::offset_of!(DropBlockTiles, magic_seed_w) - 48usize];
+    ["Offset of field: DropBlockTiles::magic_block_rows"]
+        [::core::mem::offset_of!(DropBlockTiles, magic_block_rows) - 56usize];
+    ["Offset of field: DropBlockTiles::magic_kh"][::core::mem::offset_of!(DropBlockTiles, magic_kh) - 64usize];
     ["Offset of field: DropBlockTiles::magic_plane_len"]
-        [::core::mem::offset_of!(DropBlockTiles, magic_plane_len) - 56usize];
+        [::core::mem::offset_of!(DropBlockTiles, magic_plane_len) - 72usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -142,10 +136,8 @@ pub struct DropBlockSampling {
 const _: () = {
     ["Size of DropBlockSampling"][::core::mem::size_of::<DropBlockSampling>() - 528usize];
     ["Alignment of DropBlockSampling"][::core::mem::align_of::<DropBlockSampling>() - 8usize];
-    ["Offset of field: DropBlockSampling::seed"]
-        [::core::mem::offset_of!(DropBlockSampling, seed) - 0usize];
-    ["Offset of field: DropBlockSampling::offset"]
-        [::core::mem::offset_of!(DropBlockSampling, offset) - 8usize];
+    ["Offset of field: DropBlockSampling::seed"][::core::mem::offset_of!(DropBlockSampling, seed) - 0usize];
+    ["Offset of field: DropBlockSampling::offset"][::core::mem::offset_of!(DropBlockSampling, offset) - 8usize];
     ["Offset of field: DropBlockSampling::thresholds"]
         [::core::mem::offset_of!(DropBlockSampling, thresholds) - 16usize];
 };

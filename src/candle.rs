@@ -18,7 +18,7 @@
 //!   draws nothing.
 //! - The mask is the crate's: the same key gives [`crate::cpu::forward`]'s output bit
 //!   for bit. The backward uses the keep bits the forward saved (no float mask).
-//! - Tensors are `(N, C, H, W)` in f32, f16 or bf16. A non-contiguous or offset
+//! - Tensors are `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)` in f32, f16 or bf16. A non-contiguous or offset
 //!   input is made contiguous first (candle's differentiable copy), so the op always
 //!   reads the elements the tensor names.
 //! - CPU tensors; with the `candle-cuda` feature CUDA tensors too: the crate's
@@ -128,7 +128,7 @@ impl ModuleT for DropBlock {
         }
         // Checked before a key is drawn, so a refused call leaves the generator as it was.
         check_dtype(xs.dtype())?;
-        shape_of(xs.dims())?;
+        cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
         let op = ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new() };
         xs.contiguous()?.apply_op1(op)
     }
@@ -146,15 +146,10 @@ fn unsupported(dtype: CandleDType) -> candle_core::Error {
 }
 
 fn shape_of(dims: &[usize]) -> candle_core::Result<Shape> {
-    match *dims {
-        [n, c, h, w] => Ok(Shape::new(n, c, h, w)?),
-        _ => Err(candle_core::Error::Msg(format!(
-            "dropblock: expected an (N, C, H, W) tensor of rank 4, got shape {dims:?}"
-        ))),
-    }
+    Ok(Shape::from_dims(dims)?)
 }
 
-/// An element-wise pass over a contiguous `(N, C, H, W)` slice, for any of the
+/// An element-wise pass over a contiguous `(N, C, spatial...)` slice, for any of the
 /// supported dtypes ([`on_cpu`] dispatches on the storage's).
 trait CpuPass {
     fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>>;
@@ -326,7 +321,7 @@ mod on_cuda {
     use crate::config::{Mode, Shape};
     use crate::cuda::{CudaElement, DropBlockCuda};
 
-    /// A pass from a contiguous `(N, C, H, W)` device buffer into a fresh one, for
+    /// A pass from a contiguous `(N, C, spatial...)` device buffer into a fresh one, for
     /// any supported dtype; it writes every element of `y`.
     pub(super) trait CudaPass {
         fn run<T: CudaElement + CudaDType + WithDType>(

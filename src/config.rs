@@ -6,87 +6,157 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-/// The block, `(height, width)` before clipping. Each side is at least 1; odd,
-/// even and rectangular blocks are all allowed. Per call it is clipped to the map:
-/// `kh = min(height, H)`, `kw = min(width, W)`.
+/// The block's size along each spatial axis, before clipping: `(k)` in 1D,
+/// `(kh, kw)` in 2D, `(kd, kh, kw)` in 3D, or one size `k` for every axis of any
+/// rank ([`Block::uniform`], what `DropBlockConfig::paper` and the CLI's `--block 7`
+/// give). Each size is at least 1; odd, even and unequal sizes are all allowed. A
+/// block of a fixed rank only fits shapes of that spatial rank (else
+/// [`Error::BlockRankMismatch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Block {
-    /// Rows of the block, at least 1.
-    pub height: u32,
-    /// Columns of the block, at least 1.
-    pub width: u32,
+    /// `(depth, height, width)`, the axes a rank-r block lacks set to 1.
+    sizes: [u32; 3],
+    /// 1, 2 or 3; 0 for a uniform block, which fits any rank.
+    rank: u8,
 }
 
+const AXES: [&str; 3] = ["depth", "height", "width"];
+
 impl Block {
-    /// A `height x width` block; errors ([`Error::InvalidBlock`]) if a side is 0.
-    pub fn new(height: u32, width: u32) -> Result<Self> {
-        if height == 0 {
-            return Err(Error::InvalidBlock { axis: "height", value: height });
+    /// Sizes along the last `sizes.len()` (1..=3) axes, e.g. `[3, 7, 7]` for a 3D
+    /// block. Errors ([`Error::InvalidBlock`]) if a size is 0 or the rank is not 1 to 3.
+    pub fn from_sizes(sizes: &[u32]) -> Result<Self> {
+        if !(1..=3).contains(&sizes.len()) {
+            return Err(Error::InvalidRank { what: "block", rank: sizes.len() });
         }
-        if width == 0 {
-            return Err(Error::InvalidBlock { axis: "width", value: width });
+        let mut all = [1u32; 3];
+        all[3 - sizes.len()..].copy_from_slice(sizes);
+        for (axis, &v) in AXES[3 - sizes.len()..].iter().zip(sizes) {
+            if v == 0 {
+                return Err(Error::InvalidBlock { axis, value: v });
+            }
         }
-        Ok(Self { height, width })
+        Ok(Self { sizes: all, rank: sizes.len() as u8 })
     }
 
-    /// A `size x size` block; errors if `size` is 0.
+    /// A 2D `height x width` block; errors if a side is 0.
+    pub fn new(height: u32, width: u32) -> Result<Self> {
+        Self::from_sizes(&[height, width])
+    }
+
+    /// A 2D `size x size` block; errors if `size` is 0.
     pub fn square(size: u32) -> Result<Self> {
         Self::new(size, size)
+    }
+
+    /// `size` along every spatial axis of whatever rank the call has (torchvision's
+    /// and miguelvr's single `block_size`); errors if `size` is 0.
+    pub fn uniform(size: u32) -> Result<Self> {
+        if size == 0 {
+            return Err(Error::InvalidBlock { axis: "size", value: 0 });
+        }
+        Ok(Self { sizes: [size; 3], rank: 0 })
+    }
+
+    /// The block's spatial rank, or `None` for a uniform block.
+    pub fn rank(&self) -> Option<usize> {
+        (self.rank > 0).then_some(self.rank as usize)
+    }
+
+    /// `(depth, height, width)` for shapes of spatial rank `rank` (1..=3), the axes
+    /// it lacks set to 1. Errors if a block of a fixed rank meets another rank.
+    pub fn sizes_for(&self, rank: usize) -> Result<[u32; 3]> {
+        match self.rank() {
+            Some(r) if r != rank => Err(Error::BlockRankMismatch { block: r, shape: rank }),
+            _ => {
+                let mut s = self.sizes;
+                s[..3 - rank].fill(1);
+                Ok(s)
+            }
+        }
     }
 }
 
 impl fmt::Display for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}", self.height, self.width)
+        match self.rank() {
+            None => write!(f, "{}", self.sizes[2]),
+            Some(r) => {
+                let s: Vec<String> = self.sizes[3 - r..].iter().map(u32::to_string).collect();
+                f.write_str(&s.join("x"))
+            }
+        }
     }
 }
 
-/// Parses `7` (square) or `7x5` (height x width).
+/// Parses `7` (that size on every axis, [`Block::uniform`]), `7x5` (2D, height x
+/// width) or `3x7x7` (3D, depth x height x width).
 impl FromStr for Block {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parse = |t: &str| {
-            let t = t.trim();
-            t.parse::<u32>().map_err(|e| match e.kind() {
-                std::num::IntErrorKind::PosOverflow => format!("block size `{t}` is over the largest, {}", u32::MAX),
-                _ => format!("block size `{t}` is not a whole number"),
+        let sizes = s
+            .split(['x', 'X'])
+            .map(|t| {
+                let t = t.trim();
+                t.parse::<u32>().map_err(|e| match e.kind() {
+                    std::num::IntErrorKind::PosOverflow => {
+                        format!("block size `{t}` is over the largest, {}", u32::MAX)
+                    }
+                    _ => format!("block size `{t}` is not a whole number"),
+                })
             })
-        };
-        let (h, w) = match s.split_once(['x', 'X']) {
-            Some((h, w)) => (parse(h)?, parse(w)?),
-            None => {
-                let k = parse(s)?;
-                (k, k)
-            }
-        };
-        Block::new(h, w).map_err(|e| e.to_string())
+            .collect::<std::result::Result<Vec<u32>, String>>()?;
+        match sizes.as_slice() {
+            [k] => Block::uniform(*k),
+            _ => Block::from_sizes(&sizes),
+        }
+        .map_err(|e| e.to_string())
     }
 }
 
-/// Where seeds may fall.
+/// Where seeds may fall. Per spatial axis of size `S` with block size `k`, clipped
+/// to `kc = min(k, S)`:
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Placement {
-    /// Only where a whole block fits (the paper, torchvision, mmdet): an
-    /// `(H-kh+1) x (W-kw+1)` seed grid; a seed at `(y, x)` drops `[y, y+kh) x [x, x+kw)`.
+    /// Only where a whole block fits (the paper, torchvision, mmdet, DHZS): `S - kc + 1`
+    /// seed positions; a seed at `i` drops `[i, i + kc)`.
     #[default]
     Valid,
-    /// Anywhere on the `H x W` map, blocks clipped at the edges, anchored as TF
-    /// "SAME" pooling and timm >= 1.0.23: a seed at `y` drops rows
-    /// `[y - kh/2, y - kh/2 + kh)`, likewise for columns.
+    /// Anywhere on the map, `S` seed positions, blocks clipped at the edges and
+    /// anchored as [`Anchor`] says.
     Anywhere,
+}
+
+/// How a block sits on its seed under [`Placement::Anywhere`]; the two differ
+/// for even sizes only (and for blocks larger than the map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Anchor {
+    /// TF "SAME" pooling, as in the TPU reference, keras-cv and timm >= 1.0.23: the
+    /// block is clipped to the map first, then a seed at `i` drops
+    /// `[i - kc/2, i - kc/2 + kc)`.
+    #[default]
+    Centered,
+    /// miguelvr/dropblock's max-pool with padding `k/2` and the last row cropped: a
+    /// seed at `i` drops `[i - (k-1)/2, i + k/2]` with the *unclipped* `k`, clipped
+    /// to the map afterwards.
+    CenteredRight,
 }
 
 /// How the seed rate γ follows from `drop_prob`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GammaRule {
-    /// The paper's Eq. 1 with the clipped block:
-    /// `γ = gamma_scale · p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`.
+    /// The paper's Eq. 1 with the clipped block, over every spatial axis:
+    /// `γ = gamma_scale · p·∏S / (∏kc · ∏(S-kc+1))` (in 2D
+    /// `p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`, in 3D torchvision's `drop_block3d`).
     #[default]
     Paper,
     /// γ solved on the host so that the *expected* dropped fraction, counting block
     /// overlaps and clipped edges for this shape and placement, equals `drop_prob`
     /// exactly (then multiplied by `gamma_scale`).
     ExactRate,
+    /// miguelvr/dropblock's `γ = gamma_scale · p / ∏k` with the unclipped block
+    /// (`p / k²` in 2D, `p / k³` in 3D).
+    PerBlock,
 }
 
 /// Which `(n, c)` slices share one mask plane.
@@ -122,7 +192,7 @@ pub enum Normalize {
     /// `numel / kept` over the whole tensor (every peer).
     #[default]
     Global,
-    /// `C·H·W / kept_n` per sample.
+    /// `C·L / kept_n` per sample (`L` the elements of one slice, e.g. `H·W`).
     PerSample,
     /// `1 / (1 - drop_prob)`: no reduction, so on the GPU an unshared mask over
     /// enough planes (32 per SM), each small enough for a warp, takes a single fused pass.
@@ -147,6 +217,7 @@ pub struct DropBlockConfig {
     block: Block,
     drop_prob: f64,
     placement: Placement,
+    anchor: Anchor,
     gamma_rule: GammaRule,
     gamma_scale: f64,
     sharing: Sharing,
@@ -162,6 +233,7 @@ impl DropBlockConfig {
                 block,
                 drop_prob,
                 placement: Placement::default(),
+                anchor: Anchor::default(),
                 gamma_rule: GammaRule::default(),
                 gamma_scale: 1.0,
                 sharing: Sharing::default(),
@@ -170,9 +242,9 @@ impl DropBlockConfig {
         }
     }
 
-    /// The paper's configuration for a square block.
+    /// The paper's configuration with `block_size` along every spatial axis.
     pub fn paper(block_size: u32, drop_prob: f64) -> Result<Self> {
-        Self::builder(Block::square(block_size)?, drop_prob).build()
+        Self::builder(Block::uniform(block_size)?, drop_prob).build()
     }
 
     /// The block, before clipping to the map.
@@ -186,6 +258,10 @@ impl DropBlockConfig {
     /// Where seeds may fall.
     pub fn placement(&self) -> Placement {
         self.placement
+    }
+    /// How blocks sit on their seeds under Anywhere placement.
+    pub fn anchor(&self) -> Anchor {
+        self.anchor
     }
     /// How γ follows from `drop_prob`.
     pub fn gamma_rule(&self) -> GammaRule {
@@ -227,6 +303,12 @@ impl DropBlockConfigBuilder {
         self.cfg.placement = v;
         self
     }
+    /// How blocks sit on their seeds under Anywhere placement; default
+    /// [`Anchor::Centered`].
+    pub fn anchor(mut self, v: Anchor) -> Self {
+        self.cfg.anchor = v;
+        self
+    }
     /// How γ follows from `drop_prob`; default [`GammaRule::Paper`].
     pub fn gamma_rule(mut self, v: GammaRule) -> Self {
         self.cfg.gamma_rule = v;
@@ -250,11 +332,10 @@ impl DropBlockConfigBuilder {
         self
     }
 
-    /// The validated configuration. Errors if a block side is 0, `drop_prob` is not
-    /// in `[0, 1]`, or `gamma_scale` is negative or not finite.
+    /// The validated configuration. Errors if `drop_prob` is not in `[0, 1]` or
+    /// `gamma_scale` is negative or not finite (a [`Block`] is valid when made).
     pub fn build(self) -> Result<DropBlockConfig> {
         let c = self.cfg;
-        Block::new(c.block.height, c.block.width)?;
         if !(0.0..=1.0).contains(&c.drop_prob) {
             return Err(Error::InvalidDropProb(c.drop_prob));
         }
@@ -265,21 +346,48 @@ impl DropBlockConfigBuilder {
     }
 }
 
-/// An NCHW shape, validated: no zero dimension, every dimension fits the kernels'
-/// 32-bit geometry, and the element count fits `usize` (64-bit indexing beyond 2^31).
+/// A channels-first shape, validated: `(N, C, L)`, `(N, C, H, W)` or
+/// `(N, C, D, H, W)`, spatial rank 1, 2 or 3. No dimension is zero, every one fits
+/// the kernels' 32-bit geometry, and the element count fits `usize` and 63-bit
+/// device indexing.
+///
+/// Lower ranks are the 3D geometry with unit axes in front: a 1D length is the
+/// width of a `1 x 1 x L` volume, a 2D map a `1 x H x W` one, so one
+/// implementation serves every rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
+    /// `[N, C, dims...]`, then zeros past `2 + rank`.
+    dims: [usize; 5],
+    rank: u8,
 }
 
 impl Shape {
     /// An `N x C x H x W` shape. Errors if a dimension is 0 or over `u32::MAX`, or
-    /// if `N·C·H·W` does not fit `usize` and `i64::MAX`.
+    /// if the element count does not fit `usize` and `i64::MAX`.
     pub fn new(n: usize, c: usize, h: usize, w: usize) -> Result<Self> {
-        for (dim, v) in [("N", n), ("C", c), ("H", h), ("W", w)] {
+        Self::from_dims(&[n, c, h, w])
+    }
+
+    /// An `N x C x L` shape (sequences); errors as [`Shape::new`].
+    pub fn new_1d(n: usize, c: usize, l: usize) -> Result<Self> {
+        Self::from_dims(&[n, c, l])
+    }
+
+    /// An `N x C x D x H x W` shape (volumes, video); errors as [`Shape::new`].
+    pub fn new_3d(n: usize, c: usize, d: usize, h: usize, w: usize) -> Result<Self> {
+        Self::from_dims(&[n, c, d, h, w])
+    }
+
+    /// The shape of a channels-first array of dimensions `dims`: 3, 4 or 5 of them
+    /// (spatial rank 1, 2 or 3), else [`Error::InvalidRank`].
+    pub fn from_dims(dims: &[usize]) -> Result<Self> {
+        let names: &[&'static str] = match dims.len() {
+            3 => &["N", "C", "L"],
+            4 => &["N", "C", "H", "W"],
+            5 => &["N", "C", "D", "H", "W"],
+            _ => return Err(Error::InvalidRank { what: "tensor", rank: dims.len().saturating_sub(2) }),
+        };
+        for (&dim, &v) in names.iter().zip(dims) {
             if v == 0 {
                 return Err(Error::ZeroDimension { dim });
             }
@@ -287,45 +395,59 @@ impl Shape {
                 return Err(Error::DimensionTooLarge { dim, value: v as u64, max: u32::MAX as u64 });
             }
         }
-        let overflow = || Error::ElementCountOverflow { n: n as u64, c: c as u64, h: h as u64, w: w as u64 };
-        // numel must also fit i64-style 63-bit indexing on the device.
-        let numel = n
-            .checked_mul(c)
-            .and_then(|v| v.checked_mul(h))
-            .and_then(|v| v.checked_mul(w))
+        // The element count must also fit 63-bit indexing on the device.
+        dims.iter()
+            .try_fold(1usize, |acc, &v| acc.checked_mul(v))
             .filter(|&v| v as u64 <= i64::MAX as u64)
-            .ok_or_else(overflow)?;
-        let _ = numel;
-        Ok(Self { n, c, h, w })
+            .ok_or_else(|| Error::ElementCountOverflow { dims: dims.iter().map(|&v| v as u64).collect() })?;
+        let mut all = [0usize; 5];
+        all[..dims.len()].copy_from_slice(dims);
+        Ok(Self { dims: all, rank: (dims.len() - 2) as u8 })
     }
 
     /// Batch size N.
     pub fn n(&self) -> usize {
-        self.n
+        self.dims[0]
     }
     /// Channels C.
     pub fn c(&self) -> usize {
-        self.c
+        self.dims[1]
     }
-    /// Height H.
+    /// The spatial rank: 1, 2 or 3.
+    pub fn spatial_rank(&self) -> usize {
+        self.rank as usize
+    }
+    /// The spatial dimensions as a volume `[D, H, W]`, the axes the rank lacks
+    /// set to 1 (a 1D length is W).
+    pub fn volume(&self) -> [usize; 3] {
+        let r = self.spatial_rank();
+        let mut v = [1usize; 3];
+        v[3 - r..].copy_from_slice(&self.dims[2..2 + r]);
+        v
+    }
+    /// Depth D (1 below rank 3).
+    pub fn d(&self) -> usize {
+        self.volume()[0]
+    }
+    /// Height H (1 in 1D).
     pub fn h(&self) -> usize {
-        self.h
+        self.volume()[1]
     }
-    /// Width W.
+    /// Width W (the length L in 1D).
     pub fn w(&self) -> usize {
-        self.w
+        self.volume()[2]
     }
-    /// `[N, C, H, W]`.
-    pub fn dims(&self) -> [usize; 4] {
-        [self.n, self.c, self.h, self.w]
+    /// `[N, C, spatial...]`: 3, 4 or 5 dimensions.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims[..2 + self.spatial_rank()]
     }
-    /// Elements of one `(n, c)` slice.
+    /// Elements of one `(n, c)` slice: the product of the spatial dimensions.
     pub fn plane_len(&self) -> usize {
-        self.h * self.w
+        self.volume().iter().product()
     }
-    /// Elements of the whole tensor, `N·C·H·W`.
+    /// Elements of the whole tensor.
     pub fn numel(&self) -> usize {
-        self.n * self.c * self.h * self.w
+        self.dims().iter().product()
     }
 
     /// Errors unless a buffer of `len` elements, named `what` in the error, holds
@@ -338,9 +460,11 @@ impl Shape {
     }
 }
 
+/// `N x C x ...`, e.g. `8x64x56x56`.
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}x{}x{}", self.n, self.c, self.h, self.w)
+        let s: Vec<String> = self.dims().iter().map(usize::to_string).collect();
+        f.write_str(&s.join("x"))
     }
 }
 
@@ -377,7 +501,8 @@ pub(crate) use named_choices;
 
 named_choices! {
     Placement { Valid = "valid", Anywhere = "anywhere" }
-    GammaRule { Paper = "paper", ExactRate = "exact" }
+    Anchor { Centered = "centered", CenteredRight = "centered-right" }
+    GammaRule { Paper = "paper", ExactRate = "exact", PerBlock = "per-block" }
     Sharing { None = "none", Channels = "channels", Batch = "batch", All = "all" }
     Normalize { Global = "global", PerSample = "per-sample", Expected = "expected", None = "none" }
 }
@@ -386,8 +511,15 @@ impl fmt::Display for DropBlockConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "block {}, drop_prob {}, placement {}, gamma {} (scale {}), share {}, normalize {}",
-            self.block, self.drop_prob, self.placement, self.gamma_rule, self.gamma_scale, self.sharing, self.normalize
+            "block {}, drop_prob {}, placement {}{}, gamma {} (scale {}), share {}, normalize {}",
+            self.block,
+            self.drop_prob,
+            self.placement,
+            if self.placement == Placement::Anywhere { format!(" ({})", self.anchor) } else { String::new() },
+            self.gamma_rule,
+            self.gamma_scale,
+            self.sharing,
+            self.normalize
         )
     }
 }

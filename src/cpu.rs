@@ -1,4 +1,5 @@
-//! The CPU path: the complete 2D semantics, parallel over planes with rayon.
+//! The CPU path: the complete semantics for every spatial rank, parallel over
+//! planes with rayon.
 //!
 //! It is the oracle that the CUDA path matches bit for bit, and a full fallback
 //! where no GPU is present.
@@ -70,21 +71,30 @@ impl Saved {
         }
     }
 
-    /// Whether element `(n, c, h, w)` was kept.
-    pub fn is_kept(&self, n: usize, c: usize, h: usize, w: usize) -> Result<bool> {
-        let s = self.shape;
-        for (what, value, len) in [("n", n, s.n()), ("c", c, s.c()), ("h", h, s.h()), ("w", w, s.w())] {
+    /// Whether the element at `index`, `[n, c, spatial...]` as the shape's
+    /// dimensions (`[n, c, h, w]` in 2D), was kept.
+    pub fn is_kept(&self, index: &[usize]) -> Result<bool> {
+        let dims = self.shape.dims();
+        if index.len() != dims.len() {
+            return Err(Error::InvalidRank { what: "index", rank: index.len().saturating_sub(2) });
+        }
+        const NAMES: [&str; 5] = ["n", "c", "spatial 0", "spatial 1", "spatial 2"];
+        let mut cell = 0;
+        for (i, (&value, &len)) in index.iter().zip(dims).enumerate() {
             if value >= len {
-                return Err(Error::OutOfRange { what, value: value as u64, len: len as u64 });
+                return Err(Error::OutOfRange { what: NAMES[i], value: value as u64, len: len as u64 });
+            }
+            if i >= 2 {
+                cell = cell * len + value;
             }
         }
         Ok(match &self.state {
             State::Identity => true,
-            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(n, c), h * s.w() + w),
+            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(index[0], index[1]), cell),
         })
     }
 
-    /// The keep mask as u8 in NCHW order: 1 where the element was kept.
+    /// The keep mask as u8 in the tensor's order: 1 where the element was kept.
     pub fn keep_mask(&self) -> Vec<u8> {
         let mut out = vec![1u8; self.shape.numel()];
         if !self.is_identity() {
@@ -205,7 +215,7 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
     if mode == Mode::Eval || cfg.is_identity() {
         return Ok(Saved { shape, state: State::Identity });
     }
-    let plan = Plan::new(cfg, shape, key);
+    let plan = Plan::new(cfg, shape, key)?;
     let masks = BlockMasks::build(&plan)?;
     let (c, l) = (shape.c(), shape.plane_len());
     let slice_kept = |plane: usize| l as u64 - masks.dropped(plane);

@@ -5,13 +5,33 @@
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A block side is 0.
+    /// A block size is 0.
     #[error("block {axis} must be at least 1, got {value}")]
     InvalidBlock {
-        /// The side: `"height"` or `"width"`.
+        /// The axis: `"depth"`, `"height"`, `"width"`, or `"size"` for a uniform block.
         axis: &'static str,
         /// The value given.
         value: u32,
+    },
+
+    /// A tensor or a block has a spatial rank other than 1, 2 or 3.
+    #[error(
+        "{what} has spatial rank {rank}; DropBlock takes 1, 2 or 3 spatial dimensions (N,C,L / N,C,H,W / N,C,D,H,W)"
+    )]
+    InvalidRank {
+        /// `"tensor"` or `"block"`.
+        what: &'static str,
+        /// The spatial rank given (dimensions past N and C for a tensor).
+        rank: usize,
+    },
+
+    /// A block of one spatial rank was used on a tensor of another.
+    #[error("a {block}D block does not fit a tensor of spatial rank {shape}; give {shape} block sizes, or one size for every axis")]
+    BlockRankMismatch {
+        /// The block's rank.
+        block: usize,
+        /// The tensor's spatial rank.
+        shape: usize,
     },
 
     /// `drop_prob` is NaN or outside `[0, 1]`; holds the value given.
@@ -33,16 +53,16 @@ pub enum Error {
     InvalidGroup(u32),
 
     /// A dimension of a shape is 0.
-    #[error("dimension {dim} is zero; every dimension of N,C,H,W must be at least 1")]
+    #[error("dimension {dim} is zero; every dimension must be at least 1")]
     ZeroDimension {
-        /// The dimension: `"N"`, `"C"`, `"H"` or `"W"`.
+        /// The dimension: `"N"`, `"C"`, `"D"`, `"H"`, `"W"` or `"L"`.
         dim: &'static str,
     },
 
     /// A dimension of a shape does not fit the kernels' 32-bit geometry.
     #[error("dimension {dim} = {value} exceeds the supported maximum {max}")]
     DimensionTooLarge {
-        /// The dimension: `"N"`, `"C"`, `"H"` or `"W"`.
+        /// The dimension: `"N"`, `"C"`, `"D"`, `"H"`, `"W"` or `"L"`.
         dim: &'static str,
         /// The value given.
         value: u64,
@@ -50,17 +70,11 @@ pub enum Error {
         max: u64,
     },
 
-    /// The element count `N·C·H·W` overflows `usize` or the device's 63-bit indexing.
-    #[error("element count of shape {n}x{c}x{h}x{w} overflows")]
+    /// The element count of a shape overflows `usize` or the device's 63-bit indexing.
+    #[error("element count of shape {dims:?} overflows")]
     ElementCountOverflow {
-        /// The batch size N.
-        n: u64,
-        /// The channel count C.
-        c: u64,
-        /// The height H.
-        h: u64,
-        /// The width W.
-        w: u64,
+        /// The dimensions given, `[N, C, spatial...]`.
+        dims: Vec<u64>,
     },
 
     /// A buffer's length does not match what the shape implies.
@@ -77,10 +91,10 @@ pub enum Error {
     /// A call's shape differs from the shape the state it reuses was made for.
     #[error("saved state was made for shape {expected:?}, not {actual:?}")]
     ShapeMismatch {
-        /// The state's shape, `[N, C, H, W]`.
-        expected: [usize; 4],
-        /// The call's shape, `[N, C, H, W]`.
-        actual: [usize; 4],
+        /// The state's shape, `[N, C, spatial...]`.
+        expected: Vec<usize>,
+        /// The call's shape, `[N, C, spatial...]`.
+        actual: Vec<usize>,
     },
 
     /// A key's offset leaves too few counter blocks for a call.

@@ -126,7 +126,7 @@ pub mod sampling;
 pub mod schedule;
 
 pub use config::{
-    Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape, Sharing,
+    Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape, Sharing,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -1,7 +1,7 @@
 //! The block masks of a call, built on the CPU from the contract's seeds: the
 //! oracle for the GPU's keep bits.
 //!
-//! The masks are dense, as on the device: bit `b = plane · L + cell` (`L = H·W`)
+//! The masks are dense, as on the device: bit `b = plane · L + cell` (`L = D·H·W`)
 //! stands for one cell of one plane, so they take one bit per mask cell whatever
 //! the plane size. They are built in parallel over tiles of whole planes, each
 //! tile holding whole windows (a multiple of `q` planes) and starting on a word.
@@ -29,7 +29,7 @@ impl BlockMasks {
     /// Samples every plane's seeds and grows them into blocks (parallel over tiles).
     pub(crate) fn build(plan: &Plan) -> Result<Self> {
         let g = plan.geometry();
-        let plane_len = g.h as usize * g.w as usize;
+        let plane_len = plane_cells(g);
         let planes = plan.planes();
         let bits = planes.checked_mul(plane_len).ok_or(Error::HostAllocation { bytes: u64::MAX })?;
         let mut words = Vec::new();
@@ -113,25 +113,41 @@ fn build_tile(plan: &Plan, first: usize, planes: usize, plane_len: usize, out: &
     }
 }
 
+/// Cells of one mask plane, `D·H·W`.
+fn plane_cells(g: &abi::DropBlockGeometry) -> usize {
+    g.d as usize * g.h as usize * g.w as usize
+}
+
+/// `[start, end)` of the block along one axis of `size` cells, for a seed at `i`.
+#[inline]
+fn reach(i: u64, anchor: u32, extent: u32, size: u32) -> (usize, usize) {
+    let lo = i as i64 - anchor as i64;
+    (lo.max(0) as usize, (lo + extent as i64).min(size as i64) as usize)
+}
+
 /// ORs the block of the seed at seed cell `cell` into `out`, for the plane whose
-/// cell 0 is bit `base`.
+/// cell 0 is bit `base`: a run of the block's width per (depth, row) it covers.
 #[inline]
 fn grow_seed(g: &abi::DropBlockGeometry, base: usize, cell: u64, out: &mut [u64]) {
-    let (y, x) = ((cell / g.seed_w as u64) as i64, (cell % g.seed_w as u64) as i64);
-    let (h, w) = (g.h as i64, g.w as i64);
-    let r0 = (y - g.anchor_y as i64).max(0);
-    let r1 = (y - g.anchor_y as i64 + g.kh as i64).min(h);
-    let c0 = (x - g.anchor_x as i64).max(0);
-    let c1 = (x - g.anchor_x as i64 + g.kw as i64).min(w);
-    for r in r0..r1 {
-        set_bits(out, base + (r * w + c0) as usize, base + (r * w + c1) as usize);
+    let seed_hw = g.seed_h as u64 * g.seed_w as u64;
+    let (z, rest) = (cell / seed_hw, cell % seed_hw);
+    let (y, x) = (rest / g.seed_w as u64, rest % g.seed_w as u64);
+    let (z0, z1) = reach(z, g.anchor_z, g.kd, g.d);
+    let (r0, r1) = reach(y, g.anchor_y, g.kh, g.h);
+    let (c0, c1) = reach(x, g.anchor_x, g.kw, g.w);
+    let (h, w) = (g.h as usize, g.w as usize);
+    for z in z0..z1 {
+        for r in r0..r1 {
+            let row = base + (z * h + r) * w;
+            set_bits(out, row + c0, row + c1);
+        }
     }
 }
 
 /// Grows one plane's seeds into blocks with `plan`'s geometry: `seeds` as
 /// [`Plan::seed_plane`] gives them (`⌈S/64⌉` words, bit `i` for seed cell
-/// `i = y · seed_w + x`) become the plane's dropped cells in `out` (`⌈H·W/64⌉`
-/// words, bit `h · W + w`, cleared first). Returns the number of dropped cells, or
+/// `i = (z · seed_h + y) · seed_w + x`) become the plane's dropped cells in `out`
+/// (`⌈D·H·W/64⌉` words, bit `(d · H + h) · W + w`, cleared first). Returns the number of dropped cells, or
 /// an error when a buffer's length does not match the geometry.
 pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
     let g = plan.geometry();
@@ -139,7 +155,7 @@ pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
     if seeds.len() != seed_words {
         return Err(Error::LengthMismatch { what: "seed words", expected: seed_words, actual: seeds.len() });
     }
-    let cells = g.h as usize * g.w as usize;
+    let cells = plane_cells(g);
     if out.len() != cells.div_ceil(WORD) {
         return Err(Error::LengthMismatch { what: "plane words", expected: cells.div_ceil(WORD), actual: out.len() });
     }

@@ -6,7 +6,7 @@
 //! documentation for the contract in prose.
 
 use crate::abi;
-use crate::config::{DropBlockConfig, GammaRule, Placement, Shape, Sharing};
+use crate::config::{Anchor, DropBlockConfig, GammaRule, Placement, Shape, Sharing};
 use crate::error::{Error, Result};
 use crate::rng::RngKey;
 
@@ -26,14 +26,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of a call of `cfg` on `shape` with `key`: geometry, γ and thresholds.
-    pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Self {
-        let geometry = geometry(cfg, shape);
-        let gamma = gamma(cfg, &geometry);
+    /// The plan of a call of `cfg` on `shape` with `key`: geometry, γ and
+    /// thresholds. Errors if the block's rank is not the shape's.
+    pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Result<Self> {
+        let block = cfg.block().sizes_for(shape.spatial_rank())?;
+        let geometry = geometry(cfg, shape, block);
+        let gamma = gamma(cfg, shape, block, &geometry);
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
         let t = &sampling.thresholds;
         let first_gap = std::array::from_fn(|b| t.partition_point(|&tg| tg <= (b as u64) << 24) as u8);
-        Self { geometry, sampling, gamma, first_gap }
+        Ok(Self { geometry, sampling, gamma, first_gap })
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -82,7 +84,7 @@ impl Plan {
         }
     }
 
-    /// Seed cells per plane, `S = seed_h · seed_w`.
+    /// Seed cells per plane, `S = seed_d · seed_h · seed_w`.
     pub fn seed_cells(&self) -> u64 {
         self.geometry.seed_cells
     }
@@ -101,7 +103,7 @@ impl Plan {
     }
 
     /// The seeds of `plane` as bits: bit `i % 64` of word `i / 64` is set when seed
-    /// cell `i = y · seed_w + x` holds a seed. Returns `⌈S / 64⌉` words.
+    /// cell `i = (z · seed_h + y) · seed_w + x` holds a seed. Returns `⌈S / 64⌉` words.
     pub fn seed_plane(&self, plane: usize) -> Result<Vec<u64>> {
         if plane as u64 >= self.geometry.planes {
             return Err(Error::OutOfRange { what: "plane", value: plane as u64, len: self.geometry.planes });
@@ -188,14 +190,33 @@ pub(crate) fn window_len(g: &abi::DropBlockGeometry, window: u64) -> u32 {
     }
 }
 
-fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
-    let (n, c, h, w) = (shape.n() as u32, shape.c() as u32, shape.h() as u32, shape.w() as u32);
-    let kh = cfg.block().height.min(h);
-    let kw = cfg.block().width.min(w);
-    let (anchor_y, anchor_x, seed_h, seed_w) = match cfg.placement() {
-        Placement::Valid => (0, 0, h - kh + 1, w - kw + 1),
-        Placement::Anywhere => (kh / 2, kw / 2, h, w),
-    };
+/// One spatial axis of the geometry: the block's extent and anchor, and the seed
+/// positions, for an axis of `size` cells and a block of `k` before clipping.
+struct Axis {
+    extent: u32,
+    anchor: u32,
+    seeds: u32,
+}
+
+fn axis(cfg: &DropBlockConfig, size: u32, k: u32) -> Axis {
+    let kc = k.min(size);
+    match (cfg.placement(), cfg.anchor()) {
+        (Placement::Valid, _) => Axis { extent: kc, anchor: 0, seeds: size - kc + 1 },
+        (Placement::Anywhere, Anchor::Centered) => Axis { extent: kc, anchor: kc / 2, seeds: size },
+        // [i - (k-1)/2, i + k/2] with the unclipped k; a reach past the map's far
+        // side changes nothing, so each side is cut to size - 1 (keeping the
+        // extent within 2·size - 1 and k).
+        (Placement::Anywhere, Anchor::CenteredRight) => {
+            let before = ((k - 1) / 2).min(size - 1);
+            let after = (k / 2).min(size - 1);
+            Axis { extent: before + after + 1, anchor: before, seeds: size }
+        }
+    }
+}
+
+fn geometry(cfg: &DropBlockConfig, shape: Shape, block: [u32; 3]) -> abi::DropBlockGeometry {
+    let size = shape.volume().map(|v| v as u32);
+    let [z, y, x] = std::array::from_fn(|i| axis(cfg, size[i], block[i]));
     let sharing = match cfg.sharing() {
         Sharing::None => abi::DROPBLOCK_SHARE_NONE,
         Sharing::Channels => abi::DROPBLOCK_SHARE_CHANNELS,
@@ -203,20 +224,24 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
         Sharing::All => abi::DROPBLOCK_SHARE_ALL,
     };
     let planes = cfg.sharing().planes(shape);
-    let seed_cells = seed_h as u64 * seed_w as u64;
+    let seed_cells = z.seeds as u64 * y.seeds as u64 * x.seeds as u64;
     let planes_per_window = (WINDOW as u64 / seed_cells).max(1) as u32;
     let windows_per_group = seed_cells.div_ceil(WINDOW as u64);
     abi::DropBlockGeometry {
-        n,
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        anchor_y,
-        anchor_x,
-        seed_h,
-        seed_w,
+        n: shape.n() as u32,
+        c: shape.c() as u32,
+        d: size[0],
+        h: size[1],
+        w: size[2],
+        kd: z.extent,
+        kh: y.extent,
+        kw: x.extent,
+        anchor_z: z.anchor,
+        anchor_y: y.anchor,
+        anchor_x: x.anchor,
+        seed_d: z.seeds,
+        seed_h: y.seeds,
+        seed_w: x.seeds,
         sharing,
         planes_per_window,
         seed_cells,
@@ -226,26 +251,33 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockGeometry {
     }
 }
 
-/// γ for this configuration and geometry, in f64.
-fn gamma(cfg: &DropBlockConfig, g: &abi::DropBlockGeometry) -> f64 {
+/// γ for this configuration, shape and geometry, in f64.
+fn gamma(cfg: &DropBlockConfig, shape: Shape, block: [u32; 3], g: &abi::DropBlockGeometry) -> f64 {
     let p = cfg.drop_prob();
+    let size = shape.volume().map(|v| v as u32);
+    let clipped: [u32; 3] = std::array::from_fn(|i| block[i].min(size[i]));
     let base = match cfg.gamma_rule() {
-        GammaRule::Paper => paper_gamma(p, g),
-        GammaRule::ExactRate => exact_rate_gamma(p, g),
+        GammaRule::Paper => paper_gamma(p, size, clipped),
+        GammaRule::ExactRate => exact_rate_gamma(p, g, paper_gamma(p, size, clipped)),
+        GammaRule::PerBlock => p / block.iter().fold(1.0, |acc, &k| acc * k as f64),
     };
     cfg.gamma_scale() * base
 }
 
-/// The paper's Eq. 1 with the clipped block: `p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`.
-fn paper_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
-    let (h, w, kh, kw) = (g.h as f64, g.w as f64, g.kh as f64, g.kw as f64);
-    p * h * w / (kh * kw * (h - kh + 1.0) * (w - kw + 1.0))
+/// The paper's Eq. 1 with the clipped block `k`: `p·∏S / (∏k · ∏(S-k+1))`. The
+/// products run over all three axes in order; a unit axis multiplies by exactly
+/// 1, so a 2D γ is what it was before 3D existed, bit for bit.
+fn paper_gamma(p: f64, size: [u32; 3], k: [u32; 3]) -> f64 {
+    let numerator = size.iter().fold(p, |acc, &s| acc * s as f64);
+    let blocks = k.iter().fold(1.0, |acc, &k| acc * k as f64);
+    let positions = size.iter().zip(&k).fold(blocks, |acc, (&s, &k)| acc * (s as f64 - k as f64 + 1.0));
+    numerator / positions
 }
 
-/// For each count m, how many rows (or columns) of the map are covered by exactly
-/// m seed rows (columns): `covered[m]`.
+/// For each count m, how many positions along one axis of the map are covered by
+/// exactly m seed positions: `covered[m]`.
 fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
-    let mut hist = vec![0u64; k as usize + 1];
+    let mut hist = vec![0u64; k.min(seeds) as usize + 1];
     for i in 0..len as i64 {
         // Seeds s with s - anchor <= i < s - anchor + k.
         let lo = (i + anchor as i64 - k as i64 + 1).max(0);
@@ -255,18 +287,31 @@ fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
     hist
 }
 
-/// How many cells of a plane are covered by exactly `a` seed rows and `b` seed
-/// columns, as `(a * b, cells)`: the expected kept fraction is a sum over these.
+/// How many cells of a plane are covered by exactly `a`, `b` and `c` seed positions
+/// along the three axes, as `(a·b·c, cells)`: the expected kept fraction is a sum
+/// over these. (A unit axis contributes the one factor `(1, 1)`, so the 2D terms
+/// and their order are what they were before 3D.)
 fn coverage(g: &abi::DropBlockGeometry) -> Vec<(f64, f64)> {
+    let depth = coverage_histogram(g.d, g.kd, g.anchor_z, g.seed_d);
     let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
     let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
+    let present = |h: &[u64]| h.iter().enumerate().filter(|(_, &n)| n > 0).map(|(m, &n)| (m, n)).collect::<Vec<_>>();
+    let (depth, rows, cols) = (present(&depth), present(&rows), present(&cols));
     let mut terms = Vec::new();
-    for (a, &ca) in rows.iter().enumerate().filter(|(_, &c)| c > 0) {
-        for (b, &cb) in cols.iter().enumerate().filter(|(_, &c)| c > 0) {
-            terms.push(((a * b) as f64, ca as f64 * cb as f64));
+    for &(c, cc) in &depth {
+        for &(a, ca) in &rows {
+            for &(b, cb) in &cols {
+                terms.push(((c * a * b) as f64, cc as f64 * ca as f64 * cb as f64));
+            }
         }
     }
     terms
+}
+
+/// `x · D · H · W`, multiplied left to right (so with `D = 1` it is `x · H · W`
+/// exactly as in 2D).
+fn times_plane_cells(x: f64, g: &abi::DropBlockGeometry) -> f64 {
+    [g.d, g.h, g.w].iter().fold(x, |acc, &v| acc * v as f64)
 }
 
 /// `(expected kept cells, its derivative in γ)` for coverage `terms`:
@@ -287,14 +332,14 @@ fn expected_kept(terms: &[(f64, f64)], gamma: f64) -> (f64, f64) {
 /// seed with probability `gamma`, independently: `1 - mean over cells of
 /// (1-γ)^(seeds covering the cell)`. Counts overlaps and clipped edges exactly.
 pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> f64 {
-    1.0 - expected_kept(&coverage(g), gamma.clamp(0.0, 1.0)).0 / (g.h as f64 * g.w as f64)
+    1.0 - expected_kept(&coverage(g), gamma.clamp(0.0, 1.0)).0 / times_plane_cells(1.0, g)
 }
 
 /// γ whose expected dropped fraction is exactly `p`. The fraction rises
 /// monotonically from 0 at γ = 0 to 1 at γ = 1 (every cell is covered), so Newton
 /// steps kept inside a shrinking bracket, falling back to bisection, converge in a
 /// handful of evaluations (this runs on the host at every call).
-fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
+fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> f64 {
     if p <= 0.0 {
         return 0.0;
     }
@@ -302,9 +347,9 @@ fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry) -> f64 {
         return 1.0;
     }
     let terms = coverage(g);
-    let target = (1.0 - p) * g.h as f64 * g.w as f64;
+    let target = times_plane_cells(1.0 - p, g);
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    let mut x = paper_gamma(p, g).clamp(1e-12, 0.5);
+    let mut x = paper.clamp(1e-12, 0.5);
     for _ in 0..200 {
         let (kept, slope) = expected_kept(&terms, x);
         let f = kept - target; // decreasing in γ

@@ -75,7 +75,7 @@ fn plan(i: usize, c: &Case) -> Plan {
     };
     let cfg = DropBlockConfig::builder(Block::new(c.kh, c.kw).unwrap(), 0.1).placement(placement).build().unwrap();
     let shape = Shape::new(1, 1, c.h as usize, c.w as usize).unwrap();
-    Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap())
+    Plan::new(&cfg, shape, RngKey::new(0, 0).unwrap()).unwrap()
 }
 
 /// The seed grid as [`Plan::seed_plane`] lays it out: bit `i % 64` of word `i / 64`

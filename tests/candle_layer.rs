@@ -102,11 +102,15 @@ fn unsupported_dtypes_and_ranks_are_refused_with_what_is_supported() -> R {
         let e = layer.forward_t(&x, true).unwrap_err().to_string();
         assert!(e.contains("f32, f16 and bf16"), "{dtype:?}: {e}");
     }
-    for dims in [vec![2, 5, 5], vec![1, 2, 3, 5, 5], vec![25]] {
+    for dims in [vec![5, 5], vec![1, 2, 3, 4, 5, 5], vec![25]] {
         let x = Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu)?;
         let e = layer.forward_t(&x, true).unwrap_err().to_string();
-        assert!(e.contains("rank 4") && e.contains(&format!("{dims:?}")), "{dims:?}: {e}");
+        assert!(e.contains("N,C,L / N,C,H,W / N,C,D,H,W"), "{dims:?}: {e}");
     }
+    // A 2D block on a 3D tensor.
+    let square = DropBlock::new(variant(), SEED);
+    let e = square.forward_t(&Tensor::zeros((1, 2, 3, 5, 5), DType::F32, &Device::Cpu)?, true).unwrap_err();
+    assert!(e.to_string().contains("a 2D block does not fit a tensor of spatial rank 3"), "{e}");
     assert_eq!(layer.generator_state().offset, 0, "a refused call draws no key");
     Ok(())
 }

@@ -5,7 +5,9 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use dropblock::{cpu, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing};
+use dropblock::{
+    cpu, Anchor, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
+};
 use half::{bf16, f16};
 use npyz::WriterBuilder;
 
@@ -125,6 +127,40 @@ fn apply_bf16_reads_and_writes_void2() {
     assert!(got.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
+/// `apply` on 1D and 3D arrays, with miguelvr's variant options, equals the library.
+#[test]
+fn apply_1d_and_3d_match_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
+    for (dims, block) in [(&[2usize, 3, 200][..], "9"), (&[2, 3, 5, 9, 11][..], "2x3x4"), (&[1, 2, 6, 7, 8][..], "3")] {
+        let shape = Shape::from_dims(dims).unwrap();
+        let x: Vec<f32> = common::input(shape.numel(), 9);
+        let dims64: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        write_npy(&xp, "<f4", &dims64, &x);
+        let flags = ["--block", block, "--drop-prob", "0.3", "--placement", "anywhere", "--anchor", "centered-right"];
+        let mut args = vec!["apply", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
+        args.extend(["--keep-mask", mp.to_str().unwrap(), "--gamma", "per-block", "--device", "cpu", "--seed", "11"]);
+        args.extend_from_slice(&flags);
+        let out = dropblock(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let cfg = DropBlockConfig::builder(block.parse().unwrap(), 0.3)
+            .placement(Placement::Anywhere)
+            .anchor(Anchor::CenteredRight)
+            .gamma_rule(GammaRule::PerBlock)
+            .build()
+            .unwrap();
+        let mut y = vec![0f32; shape.numel()];
+        let saved = cpu::forward(&cfg, shape, RngKey::new(11, 0).unwrap(), Mode::Train, &x, &mut y).unwrap();
+        let (yshape, _, ygot) = read_npy::<f32>(&yp);
+        assert_eq!(yshape, dims64);
+        assert!(ygot.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{dims:?}: y differs");
+        let (mshape, _, mask) = read_npy::<u8>(&mp);
+        assert_eq!(mshape, dims64);
+        assert_eq!(mask, saved.keep_mask());
+        assert!(mask.contains(&0), "{dims:?}: the config should drop something");
+    }
+}
+
 /// A failing run: non-zero exit and exactly one line on stderr that mentions `needle`.
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let out = dropblock(args);
@@ -152,9 +188,15 @@ fn bad_arguments_and_files_get_one_line_errors() {
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--offset", "18446744073709551615"], "offset");
     assert_one_line_error(&["apply", "--input", "/nonexistent/x.npy", "--output", ys], "/nonexistent/x.npy");
 
-    let three_d = dir.path().join("t.npy");
-    write_npy(&three_d, "<f4", &[2, 4, 4], &[1f32; 32]);
-    assert_one_line_error(&["apply", "--input", three_d.to_str().unwrap(), "--output", ys], "4-d");
+    let two_d = dir.path().join("t.npy");
+    write_npy(&two_d, "<f4", &[4, 4], &[1f32; 16]);
+    assert_one_line_error(&["apply", "--input", two_d.to_str().unwrap(), "--output", ys], "N,C,L / N,C,H,W");
+    let volume = dir.path().join("v.npy");
+    write_npy(&volume, "<f4", &[1, 2, 2, 4, 4], &[1f32; 64]);
+    let v = volume.to_str().unwrap();
+    assert_one_line_error(&["apply", "--input", v, "--output", ys, "--block", "3x3"], "a 2D block");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "1x2x3x4"], "rank 4");
+    assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--anchor", "left"], "centered, centered-right");
     let ints = dir.path().join("i.npy");
     write_npy(&ints, "<i4", &[1, 1, 2, 2], &[1i32, 2, 3, 4]);
     assert_one_line_error(&["apply", "--input", ints.to_str().unwrap(), "--output", ys], "not supported");

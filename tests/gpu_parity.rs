@@ -146,7 +146,7 @@ mod gpu {
         let ctx = format!(
             "{case:?} {} unaligned={unaligned} {:?}",
             T::DTYPE.name(),
-            d.launch_plan(&case.cfg, case.shape).path
+            d.launch_plan(&case.cfg, case.shape).unwrap().path
         );
         let (cfg, shape, key) = (case.cfg, case.shape, case.key);
         let n = shape.numel();
@@ -187,7 +187,7 @@ mod gpu {
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..40 {
             let case = random_case(&mut rng);
-            let plan = Plan::new(&case.cfg, case.shape, case.key);
+            let plan = Plan::new(&case.cfg, case.shape, case.key).unwrap();
             assert_eq!(d.sample_seeds(s, &plan).unwrap(), common::seed_windows(&plan), "{case:?}");
         }
     }
@@ -214,7 +214,7 @@ mod gpu {
                 1 => check::<f16>(&d, s, case, unaligned, i),
                 _ => check::<bf16>(&d, s, case, unaligned, i),
             };
-            seen.insert((d.launch_plan(&case.cfg, case.shape).path, dtype));
+            seen.insert((d.launch_plan(&case.cfg, case.shape).unwrap().path, dtype));
         }
         for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for dtype in ["f32", "f16", "bf16"] {
@@ -271,7 +271,7 @@ mod gpu {
         for (i, (n, c, h, w, k, norm, path)) in cases.into_iter().enumerate() {
             let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.2).normalize(norm).build().unwrap();
             let shape = Shape::new(n, c, h, w).unwrap();
-            assert_eq!(d.launch_plan(&cfg, shape).path, path, "{shape} {norm:?}");
+            assert_eq!(d.launch_plan(&cfg, shape).unwrap().path, path, "{shape} {norm:?}");
             let case = Case { cfg, shape, key: RngKey::new(5 + i as u64, 51).unwrap() };
             check::<f32>(d, s, case, false, 1);
             check::<bf16>(d, s, case, true, 2);
@@ -329,7 +329,7 @@ mod gpu {
                     let key = gen.next_key().unwrap();
                     d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
                     let saved = cpu::sample(&cfg, shape, key, Mode::Train).unwrap();
-                    let ctx = format!("{norm:?} {:?} call {call}", d.launch_plan(&cfg, shape).path);
+                    let ctx = format!("{norm:?} {:?} call {call}", d.launch_plan(&cfg, shape).unwrap().path);
                     assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
                     assert!(state.counters(s).unwrap().iter().all(|&c| c == 0), "{ctx}: counters left non-zero");
                 }
@@ -508,7 +508,7 @@ mod gpu {
         let mut state = d.alloc_state(s, shape).unwrap();
         let err = d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap_err();
         assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
-        let plan = Plan::new(&cfg, shape, key);
+        let plan = Plan::new(&cfg, shape, key).unwrap();
         assert!(matches!(d.sample_seeds(&foreign, &plan), Err(dropblock::Error::WrongContext)));
     }
 }

@@ -1,5 +1,5 @@
 //! The CUDA kernels' logic, run on the CPU: `tests/emulator/` compiles
-//! `kernels/dropblock2d.cu` as host C++ (one OS thread per CUDA thread, real
+//! `kernels/dropblock.cu` as host C++ (one OS thread per CUDA thread, real
 //! barriers for `__syncwarp` and `__syncthreads`) and runs the launch sequence of
 //! `src/cuda/ops.rs`. Its keep bits, counts, scales and outputs must equal the CPU
 //! oracle's bit for bit, for random shapes and modes and several grid sizes, so
@@ -253,8 +253,8 @@ mod emulation {
         };
         let mut y_cpu = vec![T::default(); n];
         let saved = cpu::forward(&c.cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
-        let plan = Plan::new(&c.cfg, shape, c.key);
-        let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks);
+        let plan = Plan::new(&c.cfg, shape, c.key).unwrap();
+        let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks).unwrap();
         if c.smallest_tiles && launch.path != LaunchPath::Grid {
             launch.tiles =
                 tiles_with(plan.geometry(), launch.apply.plane_len, plan.geometry().planes_per_window as u64);

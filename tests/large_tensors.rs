@@ -34,7 +34,7 @@ fn past_2_pow_31() -> Result<(), Failed> {
     let (mut kept, mut dropped) = (0u64, 0u64);
     let check = |e: usize| -> Result<bool, Failed> {
         let (c, cell) = (e / hw, e % hw);
-        let keep = saved.is_kept(0, c, cell / w, cell % w).unwrap();
+        let keep = saved.is_kept(&[0, c, cell / w, cell % w]).unwrap();
         let want = bf16::from_f32(value(e).to_f32() * if keep { scale } else { 0.0 });
         if !common::same(data[e], want) {
             return Err(format!("element {e}: {} instead of {}", data[e], want).into());

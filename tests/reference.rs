@@ -8,39 +8,64 @@
 mod common;
 
 use dropblock::sampling::Plan;
-use dropblock::{cpu, DropBlockConfig, Element, Mode, Normalize, RngKey, Shape, Sharing};
+use dropblock::{cpu, Anchor, DropBlockConfig, Element, Mode, Normalize, Placement, RngKey, Shape, Sharing};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// The keep mask of every (n, c) slice, NCHW, by brute force.
+/// The cells `[lo, hi)` along an axis of `size` that the block of a seed at `i`
+/// covers, from the docs: Valid `[i, i+kc)`, Anywhere Centered `[i - kc/2, i -
+/// kc/2 + kc)` with `kc = min(k, size)`, CenteredRight `[i - (k-1)/2, i + k/2]`
+/// with the unclipped `k`, clipped to the map.
+fn covers(cfg: &DropBlockConfig, size: i64, k: i64, i: i64, cell: i64) -> bool {
+    let kc = k.min(size);
+    let (lo, hi) = match (cfg.placement(), cfg.anchor()) {
+        (Placement::Valid, _) => (i, i + kc),
+        (Placement::Anywhere, Anchor::Centered) => (i - kc / 2, i - kc / 2 + kc),
+        (Placement::Anywhere, Anchor::CenteredRight) => (i - (k - 1) / 2, i + k / 2 + 1),
+    };
+    (lo..hi).contains(&cell)
+}
+
+/// The keep mask of every (n, c) slice, in the tensor's order, by brute force over
+/// every (cell, seed) pair of each plane.
 fn reference_mask(cfg: &DropBlockConfig, shape: Shape, plan: &Plan) -> Vec<u8> {
-    let g = plan.geometry();
-    let (h, w) = (shape.h() as i64, shape.w() as i64);
-    let (sh, sw) = (g.seed_h as i64, g.seed_w as i64);
-    // Blocks clipped to the map; Anywhere anchors a block's top-left ⌊k/2⌋ before its seed.
-    let (kh, kw) = (cfg.block().height.min(shape.h() as u32) as i64, cfg.block().width.min(shape.w() as u32) as i64);
-    let (ay, ax) = (g.anchor_y as i64, g.anchor_x as i64);
+    let rank = shape.spatial_rank();
+    let size: Vec<i64> = shape.dims()[2..].iter().map(|&v| v as i64).collect();
+    let block: Vec<i64> = match cfg.block().rank() {
+        Some(_) => cfg.block().sizes_for(rank).unwrap()[3 - rank..].iter().map(|&k| k as i64).collect(),
+        None => vec![cfg.block().to_string().parse().unwrap(); rank],
+    };
+    // Seed positions per axis, from the docs.
+    let seeds: Vec<i64> = size
+        .iter()
+        .zip(&block)
+        .map(|(&s, &k)| if cfg.placement() == Placement::Valid { s - k.min(s) + 1 } else { s })
+        .collect();
+    let index = |at: usize, dims: &[i64]| {
+        let mut rest = at as i64;
+        let mut out = vec![0i64; dims.len()];
+        for a in (0..dims.len()).rev() {
+            out[a] = rest % dims[a];
+            rest /= dims[a];
+        }
+        out
+    };
+    let cells: usize = size.iter().product::<i64>() as usize;
+    let seed_cells: usize = seeds.iter().product::<i64>() as usize;
     let planes: Vec<Vec<u8>> = (0..plan.planes())
         .map(|p| {
             let words = plan.seed_plane(p).unwrap();
-            let seed = |y: i64, x: i64| {
-                let i = (y * sw + x) as usize;
-                words[i / 64] >> (i % 64) & 1 == 1
-            };
-            let mut keep = vec![1u8; (h * w) as usize];
-            for r in 0..h {
-                for c in 0..w {
-                    // Seeds (y, x) whose block rows [y - ay, y - ay + kh) hold r, likewise columns.
-                    let covered = (r + ay - kh + 1..=r + ay)
-                        .filter(|&y| (0..sh).contains(&y))
-                        .any(|y| (c + ax - kw + 1..=c + ax).filter(|&x| (0..sw).contains(&x)).any(|x| seed(y, x)));
-                    if covered {
-                        keep[(r * w + c) as usize] = 0;
-                    }
-                }
-            }
-            keep
+            let seed_list: Vec<Vec<i64>> =
+                (0..seed_cells).filter(|&i| words[i / 64] >> (i % 64) & 1 == 1).map(|i| index(i, &seeds)).collect();
+            (0..cells)
+                .map(|at| {
+                    let cell = index(at, &size);
+                    let covered =
+                        seed_list.iter().any(|s| (0..rank).all(|a| covers(cfg, size[a], block[a], s[a], cell[a])));
+                    (!covered) as u8
+                })
+                .collect()
         })
         .collect();
     let mut mask = Vec::with_capacity(shape.numel());
@@ -82,7 +107,7 @@ fn check<T: Element>(cfg: &DropBlockConfig, shape: Shape, key: RngKey, seed: u64
     let mut dx = vec![T::default(); shape.numel()];
     cpu::backward(&saved, &dy, &mut dx).unwrap();
 
-    let plan = Plan::new(cfg, shape, key);
+    let plan = Plan::new(cfg, shape, key).unwrap();
     let mask = reference_mask(cfg, shape, &plan);
     assert_eq!(saved.keep_mask(), mask, "{ctx}: keep mask");
     assert_eq!(saved.kept(), mask.iter().map(|&k| k as u64).sum::<u64>(), "{ctx}: kept count");
@@ -97,13 +122,11 @@ fn check<T: Element>(cfg: &DropBlockConfig, shape: Shape, key: RngKey, seed: u64
     }
 }
 
-#[test]
-fn random_configs_match_the_dense_reference() {
-    let mut rng = StdRng::seed_from_u64(0xD0_2018);
-    const SIDES: &[usize] = &[1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 17, 20];
-    for i in 0..120u64 {
-        let shape = common::random_shape(&mut rng, 3, 4, SIDES);
-        let cfg = common::random_config(&mut rng);
+fn random_configs_of_rank(rank: usize, seed: u64, cases: u64, sides: &[usize]) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..cases {
+        let shape = common::random_shape_of_rank(&mut rng, rank, 3, 4, sides);
+        let cfg = common::random_config_of_rank(&mut rng, rank);
         let key = common::random_key(&mut rng);
         if rng.random_bool(0.5) {
             check::<f32>(&cfg, shape, key, i);
@@ -111,6 +134,21 @@ fn random_configs_match_the_dense_reference() {
             check::<bf16>(&cfg, shape, key, i);
         }
     }
+}
+
+#[test]
+fn random_2d_configs_match_the_dense_reference() {
+    random_configs_of_rank(2, 0xD0_2018, 120, &[1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 17, 20]);
+}
+
+#[test]
+fn random_1d_configs_match_the_dense_reference() {
+    random_configs_of_rank(1, 0x1D, 150, &[1, 2, 3, 5, 8, 15, 31, 64, 65, 100, 200]);
+}
+
+#[test]
+fn random_3d_configs_match_the_dense_reference() {
+    random_configs_of_rank(3, 0x3D, 80, &[1, 2, 3, 4, 5, 6, 9]);
 }
 
 #[test]

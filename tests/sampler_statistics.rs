@@ -59,7 +59,7 @@ fn binomial_pmf(n: u32, p: f64) -> Vec<f64> {
 /// of exactly 1, which `gamma_scale` then scales.
 fn plan_with_gamma(gamma: f64, shape: Shape, seed: u64, offset: u64) -> Plan {
     let cfg = common::config_with_gamma(gamma);
-    let plan = Plan::new(&cfg, shape, RngKey::new(seed, offset).unwrap());
+    let plan = Plan::new(&cfg, shape, RngKey::new(seed, offset).unwrap()).unwrap();
     assert_eq!(plan.gamma(), gamma, "a 1x1 block with p = 1 must give γ = gamma_scale");
     plan
 }
@@ -464,10 +464,10 @@ fn statistics_reject_broken_samplers() {
 /// the configuration, scaled).
 fn plan_scaled_to(gamma: f64, block: Block, placement: Placement, shape: Shape, key: RngKey) -> Plan {
     let base = DropBlockConfig::builder(block, 1.0).placement(placement).build().unwrap();
-    let probe = Plan::new(&base, shape, key);
+    let probe = Plan::new(&base, shape, key).unwrap();
     let cfg =
         DropBlockConfig::builder(block, 1.0).placement(placement).gamma_scale(gamma / probe.gamma()).build().unwrap();
-    let plan = Plan::new(&cfg, shape, key);
+    let plan = Plan::new(&cfg, shape, key).unwrap();
     assert!((plan.gamma() - gamma).abs() < 1e-12, "γ {} instead of {gamma}", plan.gamma());
     plan
 }
@@ -675,7 +675,7 @@ fn offsets_give_independent_grids_and_keys_replay() {
     let gamma = 0.1;
     let shape = Shape::new(2, 2, 100, 100).unwrap();
     let cfg = DropBlockConfig::builder(Block::new(1, 1).unwrap(), 1.0).gamma_scale(gamma).build().unwrap();
-    let grids = |key: RngKey| common::seed_windows(&Plan::new(&cfg, shape, key));
+    let grids = |key: RngKey| common::seed_windows(&Plan::new(&cfg, shape, key).unwrap());
     let cells = 4 * 100 * 100u64;
     let seeds = |g: &[u64]| g.iter().map(|w| w.count_ones() as u64).sum::<u64>();
     let both = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| (x & y).count_ones() as u64).sum::<u64>();

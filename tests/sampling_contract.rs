@@ -90,7 +90,7 @@ impl Case {
     }
 
     fn plan(&self) -> Plan {
-        Plan::new(&self.config(), self.shape(), self.key())
+        Plan::new(&self.config(), self.shape(), self.key()).unwrap()
     }
 }
 

@@ -6,13 +6,59 @@ use dropblock::{cpu, Block, DropBlockConfig, Error, Mode, RngKey, Shape};
 fn block_sizes() {
     assert_eq!(Block::new(0, 3), Err(Error::InvalidBlock { axis: "height", value: 0 }));
     assert_eq!(Block::new(3, 0), Err(Error::InvalidBlock { axis: "width", value: 0 }));
-    assert_eq!("7".parse::<Block>().unwrap(), Block::new(7, 7).unwrap());
+    assert_eq!(Block::from_sizes(&[3, 0, 3]), Err(Error::InvalidBlock { axis: "height", value: 0 }));
+    assert_eq!(Block::from_sizes(&[0, 3, 3]), Err(Error::InvalidBlock { axis: "depth", value: 0 }));
+    assert_eq!(Block::from_sizes(&[0]), Err(Error::InvalidBlock { axis: "width", value: 0 }));
+    assert_eq!(Block::uniform(0), Err(Error::InvalidBlock { axis: "size", value: 0 }));
+    assert_eq!(Block::from_sizes(&[]), Err(Error::InvalidRank { what: "block", rank: 0 }));
+    assert_eq!(Block::from_sizes(&[1, 2, 3, 4]), Err(Error::InvalidRank { what: "block", rank: 4 }));
+    assert_eq!("7".parse::<Block>().unwrap(), Block::uniform(7).unwrap());
     assert_eq!("7x5".parse::<Block>().unwrap(), Block::new(7, 5).unwrap());
-    for bad in ["0", "3x0", "x3", "seven", "-1", ""] {
+    assert_eq!("3x7X5".parse::<Block>().unwrap(), Block::from_sizes(&[3, 7, 5]).unwrap());
+    for bad in ["0", "3x0", "x3", "seven", "-1", "", "1x2x3x4", "3x0x3"] {
         assert!(bad.parse::<Block>().is_err(), "{bad:?} must not parse");
     }
-    let raw = Block { height: 0, width: 2 };
-    assert!(matches!(DropBlockConfig::builder(raw, 0.1).build(), Err(Error::InvalidBlock { axis: "height", .. })));
+    // Display round-trips through FromStr.
+    for b in [Block::uniform(5).unwrap(), Block::new(7, 5).unwrap(), Block::from_sizes(&[2, 3, 4]).unwrap()] {
+        assert_eq!(b.to_string().parse::<Block>().unwrap(), b);
+    }
+}
+
+/// A block of one rank on a tensor of another is refused on every path; a uniform
+/// block fits every rank.
+#[test]
+fn block_and_tensor_ranks() {
+    let key = RngKey::new(0, 0).unwrap();
+    let shapes =
+        [Shape::new_1d(1, 2, 9).unwrap(), Shape::new(1, 2, 9, 9).unwrap(), Shape::new_3d(1, 2, 9, 9, 9).unwrap()];
+    let blocks = [Block::from_sizes(&[3]).unwrap(), Block::new(3, 3).unwrap(), Block::from_sizes(&[3, 3, 3]).unwrap()];
+    for (r, shape) in shapes.iter().enumerate() {
+        let x = vec![1f32; shape.numel()];
+        let mut y = vec![0f32; shape.numel()];
+        for (b, block) in blocks.iter().enumerate() {
+            let cfg = DropBlockConfig::builder(*block, 0.5).build().unwrap();
+            let got = cpu::forward(&cfg, *shape, key, Mode::Train, &x, &mut y);
+            if r == b {
+                assert!(got.is_ok(), "{shape} {block}");
+            } else {
+                let err = got.unwrap_err();
+                assert_eq!(err, Error::BlockRankMismatch { block: b + 1, shape: r + 1 }, "{shape} {block}");
+                assert!(err.to_string().contains(&format!("a {}D block", b + 1)), "{err}");
+            }
+        }
+        let uniform = DropBlockConfig::paper(3, 0.5).unwrap();
+        assert!(cpu::forward(&uniform, *shape, key, Mode::Train, &x, &mut y).is_ok(), "{shape}");
+    }
+    for dims in [&[4usize, 4][..], &[1, 1, 1, 1, 1, 1], &[]] {
+        let err = Shape::from_dims(dims).unwrap_err();
+        assert!(matches!(err, Error::InvalidRank { what: "tensor", .. }), "{dims:?}: {err}");
+    }
+    for (dims, name) in [(&[1usize, 1, 0][..], "L"), (&[1, 1, 0, 2, 2], "D"), (&[1, 1, 2, 0, 2], "H")] {
+        assert_eq!(Shape::from_dims(dims), Err(Error::ZeroDimension { dim: name }));
+    }
+    let e = Shape::new_3d(1 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20).unwrap_err();
+    assert!(matches!(e, Error::ElementCountOverflow { .. }), "{e}");
+    assert!(Shape::new_1d(1, 1, 1 << 40).is_err(), "L over 32 bits");
 }
 
 #[test]
@@ -89,7 +135,8 @@ fn grow_blocks_buffers() {
     // 10x10 map, 3x3 block, Valid: an 8x8 seed grid (64 cells, one word); the plane
     // is 2 words of 64 bits.
     let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
-    let plan = dropblock::sampling::Plan::new(&cfg, Shape::new(1, 1, 10, 10).unwrap(), RngKey::new(0, 0).unwrap());
+    let plan =
+        dropblock::sampling::Plan::new(&cfg, Shape::new(1, 1, 10, 10).unwrap(), RngKey::new(0, 0).unwrap()).unwrap();
     let mut out = vec![0u64; 2];
     assert_eq!(
         dropblock::mask::grow_blocks(&plan, &[0; 2], &mut out),

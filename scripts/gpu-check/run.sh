@@ -157,11 +157,11 @@ benchmarks() {
   for args in "256,2048,7,7 7 bf16" "256,1024,14,14 7 bf16" "256,1024,14,14 7 f32" "24,256,76,76 3 bf16"; do
     read -r shape k dtype <<<"$args"
     echo "--- $shape k=$k $dtype"
-    timeout 20 ncu --clock-control none --kernel-name regex:dropblock2d --launch-skip 20 --launch-count 4 \
+    timeout 20 ncu --clock-control none --kernel-name regex:"^dropblock" --launch-skip 20 --launch-count 4 \
       --metrics gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second --csv \
       ./dropblock bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 20 \
       > "$OUT/ncu.tmp" 2>&1 || fail "ncu $shape $dtype"
-    grep -E '"dropblock2d' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $(NF-2), $NF}' | tail -n 8
+    grep -E '"dropblock' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $(NF-2), $NF}' | tail -n 8
     { echo "=== $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu.csv" && rm "$OUT/ncu.tmp"
   done
 

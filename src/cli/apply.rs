@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use dropblock::Shape;
 
 use super::device::{DeviceArg, Runner};
 use super::npy::{self, with_tensor, CliElement};
@@ -42,8 +41,7 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     }
     let cfg = a.config.config()?;
     let key = a.config.key()?;
-    let (dims, x) = npy::read(&a.input)?;
-    let shape = Shape::new(dims[0], dims[1], dims[2], dims[3])?;
+    let (shape, x) = npy::read(&a.input)?;
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
         eprintln!("dropblock: no GPU ({why}): running on the CPU");
@@ -53,9 +51,9 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)
     });
     // Both files are written in full before either is put in place.
-    let y_file = npy::write(&a.output, dims, &y)?;
+    let y_file = npy::write(&a.output, shape.dims(), &y)?;
     let mask_file = match (&a.keep_mask, &mask) {
-        (Some(path), Some(mask)) => Some(npy::write_u8(path, dims, mask)?),
+        (Some(path), Some(mask)) => Some(npy::write_u8(path, shape.dims(), mask)?),
         _ => None,
     };
     y_file.commit()?;

@@ -35,7 +35,7 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
         Some(why) => println!("no GPU ({why}): running on the CPU"),
         None => println!("running on {}", runner.name()),
     }
-    let plan = Plan::new(&cfg, shape, key);
+    let plan = Plan::new(&cfg, shape, key)?;
     println!("config: {cfg}");
     println!("shape:  {shape} f32 ({:.1} M elements)", shape.numel() as f64 / 1e6);
     println!(

@@ -20,7 +20,7 @@ pub enum DeviceArg {
 /// The result of one forward (and optionally backward) call.
 pub struct Outcome<T> {
     pub y: Vec<T>,
-    /// The keep mask, u8 NCHW, when it was asked for (a byte per element).
+    /// The keep mask, u8 in the tensor's order, when it was asked for (a byte per element).
     pub keep_mask: Option<Vec<u8>>,
     pub kept: u64,
     pub scales: Vec<f32>,

@@ -11,7 +11,7 @@ pub mod npy;
 mod show;
 
 use clap::{Args, Parser, Subcommand};
-use dropblock::{Block, DropBlockConfig, GammaRule, Normalize, Placement, Sharing};
+use dropblock::{Anchor, Block, DropBlockConfig, GammaRule, Normalize, Placement, Sharing};
 
 /// What can go wrong in the CLI; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub struct Cli {
 enum Command {
     /// Forward and backward on a ResNet-sized tensor, on the GPU if there is one; writes a PNG of the masks.
     Demo(demo::DemoArgs),
-    /// Apply DropBlock to an N,C,H,W .npy file (f32, f16 or bf16).
+    /// Apply DropBlock to an N,C,L / N,C,H,W / N,C,D,H,W .npy file (f32, f16 or bf16).
     Apply(apply::ApplyArgs),
     /// Draw the seeds and blocks of a configuration over an image.
     Show(show::ShowArgs),
@@ -46,7 +46,8 @@ enum Command {
 /// The configuration flags shared by every subcommand.
 #[derive(Args, Clone)]
 pub struct ConfigArgs {
-    /// Block size: `7`, or `7x5` for height x width.
+    /// Block size: `7` (on every spatial axis), `7x5` (height x width) or `3x7x7`
+    /// (depth x height x width).
     #[arg(long, default_value = "7")]
     block: Block,
     /// Probability that a unit is dropped, in [0, 1].
@@ -55,7 +56,10 @@ pub struct ConfigArgs {
     /// Where seeds may fall: valid | anywhere.
     #[arg(long, default_value = "valid")]
     placement: Placement,
-    /// γ rule: paper | exact.
+    /// How anywhere-placed blocks sit on their seeds: centered (TF SAME) | centered-right (miguelvr).
+    #[arg(long, default_value = "centered")]
+    anchor: Anchor,
+    /// γ rule: paper | exact | per-block.
     #[arg(long, default_value = "paper")]
     gamma: GammaRule,
     /// Multiplies γ.
@@ -79,6 +83,7 @@ impl ConfigArgs {
     fn config(&self) -> Result<DropBlockConfig, CliError> {
         Ok(DropBlockConfig::builder(self.block, self.drop_prob)
             .placement(self.placement)
+            .anchor(self.anchor)
             .gamma_rule(self.gamma)
             .gamma_scale(self.gamma_scale)
             .sharing(self.share)
@@ -158,9 +163,9 @@ pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     }
 }
 
-/// `N,C,H,W` on the command line.
-#[derive(Clone, Copy, Debug)]
-pub struct ShapeArg([usize; 4]);
+/// `N,C,L`, `N,C,H,W` or `N,C,D,H,W` on the command line.
+#[derive(Clone, Debug)]
+pub struct ShapeArg(Vec<usize>);
 
 impl std::str::FromStr for ShapeArg {
     type Err = String;
@@ -169,14 +174,15 @@ impl std::str::FromStr for ShapeArg {
             .split(',')
             .map(|d| d.trim().parse().map_err(|_| format!("`{d}` in shape `{s}` is not a whole number")))
             .collect::<Result<_, _>>()?;
-        let dims: [usize; 4] = dims.try_into().map_err(|_| format!("shape `{s}` must be N,C,H,W"))?;
+        if !(3..=5).contains(&dims.len()) {
+            return Err(format!("shape `{s}` must be N,C,L or N,C,H,W or N,C,D,H,W"));
+        }
         Ok(ShapeArg(dims))
     }
 }
 
 impl ShapeArg {
     fn shape(&self) -> Result<dropblock::Shape, CliError> {
-        let [n, c, h, w] = self.0;
-        Ok(dropblock::Shape::new(n, c, h, w)?)
+        Ok(dropblock::Shape::from_dims(&self.0)?)
     }
 }

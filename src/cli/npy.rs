@@ -131,27 +131,27 @@ fn check_shape(path: &Path, header: &str) -> Result<(), CliError> {
         return Err(npy_err(path, "the header's shape is not a tuple"));
     };
     let dims: Vec<&str> = tuple.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
-    if dims.len() != 4 {
-        return Err(npy_err(path, format!("expected a 4-d N,C,H,W array, got shape ({tuple})")));
+    if !(3..=5).contains(&dims.len()) {
+        return Err(npy_err(path, format!("expected an N,C,L / N,C,H,W / N,C,D,H,W array, got shape ({tuple})")));
     }
-    let mut parsed = [0usize; 4];
-    for (p, d) in parsed.iter_mut().zip(&dims) {
-        *p = d.parse().map_err(|_| npy_err(path, format!("shape ({tuple}) holds `{d}`, not a dimension")))?;
-    }
-    dropblock::Shape::new(parsed[0], parsed[1], parsed[2], parsed[3])?;
+    let parsed = dims
+        .iter()
+        .map(|d| d.parse().map_err(|_| npy_err(path, format!("shape ({tuple}) holds `{d}`, not a dimension"))))
+        .collect::<Result<Vec<usize>, _>>()?;
+    dropblock::Shape::from_dims(&parsed)?;
     Ok(())
 }
 
-/// Reads an N,C,H,W array. The header is bounded before it is parsed, and the data's
+/// Reads an N,C,L / N,C,H,W / N,C,D,H,W array. The header is bounded before it is parsed, and the data's
 /// size is checked against the shape before anything of that size is allocated.
-pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
+pub fn read(path: &Path) -> Result<(dropblock::Shape, Tensor), CliError> {
     let mut file = File::open(path).map_err(|e| npy_err(path, e))?;
     let data_start = check_header(path, &mut file)?;
     let file_len = file.metadata().map_err(|e| npy_err(path, e))?.len();
     let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(|e| npy_err(path, e))?;
     let shape = npy.shape().to_vec();
-    if shape.len() != 4 {
-        return Err(npy_err(path, format!("expected a 4-d N,C,H,W array, got shape {shape:?}")));
+    if !(3..=5).contains(&shape.len()) {
+        return Err(npy_err(path, format!("expected an N,C,L / N,C,H,W / N,C,D,H,W array, got shape {shape:?}")));
     }
     if npy.order() != npyz::Order::C {
         return Err(npy_err(path, "Fortran-ordered arrays are not supported; save a C-ordered array"));
@@ -161,9 +161,8 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
         .map(|&d| usize::try_from(d))
         .collect::<Result<_, _>>()
         .map_err(|_| npy_err(path, format!("shape {shape:?} does not fit this machine")))?;
-    let dims = [dims[0], dims[1], dims[2], dims[3]];
     // A valid shape (no zero, each dimension 32-bit, the count 63-bit) before sizes.
-    let shape_ok = dropblock::Shape::new(dims[0], dims[1], dims[2], dims[3])?;
+    let shape_ok = dropblock::Shape::from_dims(&dims)?;
     let descr = npy.dtype().descr();
     let item = match descr.trim_matches('\'') {
         "<f4" => 4,
@@ -195,7 +194,7 @@ pub fn read(path: &Path) -> Result<([usize; 4], Tensor), CliError> {
     } else {
         Tensor::BF16(read_vec(path, npy, n, |b: FixedSizeBytes<2>| bf16::from_le_bytes(b.0))?)
     };
-    Ok((dims, tensor))
+    Ok((shape_ok, tensor))
 }
 
 /// The `n` elements of `npy` as `T`, into memory reserved up front (a typed error,
@@ -216,7 +215,7 @@ fn read_vec<R: Read, E: npyz::Deserialize, T>(
 
 /// Writes `tensor` with shape `dims`, in its own dtype, to a file that
 /// [`Output::commit`] puts in place.
-pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<Output, CliError> {
+pub fn write(path: &Path, dims: &[usize], tensor: &Tensor) -> Result<Output, CliError> {
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     match tensor {
         Tensor::F32(v) => write_as(path, &shape, "<f4", v.iter().copied()),
@@ -226,7 +225,7 @@ pub fn write(path: &Path, dims: [usize; 4], tensor: &Tensor) -> Result<Output, C
 }
 
 /// Writes a u8 array (the keep mask), like [`write`].
-pub fn write_u8(path: &Path, dims: [usize; 4], data: &[u8]) -> Result<Output, CliError> {
+pub fn write_u8(path: &Path, dims: &[usize], data: &[u8]) -> Result<Output, CliError> {
     let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     write_as(path, &shape, "|u1", data.iter().copied())
 }

@@ -1,4 +1,4 @@
-//! Launch wrappers for the kernels in `kernels/dropblock2d.cu`.
+//! Launch wrappers for the kernels in `kernels/dropblock.cu`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ unsafe impl DeviceRepr for abi::DropBlockApply {}
 unsafe impl DeviceRepr for abi::DropBlockTiles {}
 
 /// An element type with kernels: f32, f16, bf16. Its kernels are named by its
-/// dtype (`dropblock2d_apply_<DType::name>`).
+/// dtype (`dropblock_apply_<DType::name>`).
 pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
 
 impl CudaElement for f32 {}
@@ -56,12 +56,12 @@ fn kernel_keys() -> impl Iterator<Item = KernelKey> {
     UNTYPED.iter().map(|&op| (op, "")).chain(typed.flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
 }
 
-/// `dropblock2d_<op>[_<dtype>]`, the name in the fatbin.
+/// `dropblock_<op>[_<dtype>]`, the name in the fatbin.
 fn kernel_name((op, dtype): KernelKey) -> String {
     if dtype.is_empty() {
-        format!("dropblock2d_{op}")
+        format!("dropblock_{op}")
     } else {
-        format!("dropblock2d_{op}_{dtype}")
+        format!("dropblock_{op}_{dtype}")
     }
 }
 
@@ -224,7 +224,7 @@ impl DropBlockCuda {
 
     /// How a forward of `cfg` on `shape` is launched on this device.
     #[doc(hidden)]
-    pub fn launch_plan(&self, cfg: &DropBlockConfig, shape: Shape) -> CallPlan {
+    pub fn launch_plan(&self, cfg: &DropBlockConfig, shape: Shape) -> Result<CallPlan> {
         // Tiles are balanced over the count pass's resident blocks.
         let per_sm = self.kernels.get(&("count_mask", "")).map_or(1, |k| k.blocks_per_sm);
         launch_plan(cfg, shape, self.min_tiles, self.sm_count as u64 * per_sm as u64)
@@ -469,7 +469,7 @@ impl DropBlockCuda {
         };
         self.check_context(stream.context())?;
         if state.shape != shape {
-            return Err(Error::ShapeMismatch { expected: state.shape.dims(), actual: shape.dims() });
+            return Err(Error::ShapeMismatch { expected: state.shape.dims().to_vec(), actual: shape.dims().to_vec() });
         }
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
@@ -495,8 +495,8 @@ impl DropBlockCuda {
                 (plan.with_key(host_key), *launch)
             }
             _ => {
-                let plan = Plan::new(cfg, shape, host_key);
-                let launch = self.launch_plan(cfg, shape);
+                let plan = Plan::new(cfg, shape, host_key)?;
+                let launch = self.launch_plan(cfg, shape)?;
                 state.cached = Some((*cfg, self.min_tiles, plan, launch));
                 (plan, launch)
             }
@@ -618,7 +618,7 @@ pub struct CallPlan {
 /// planes does not fit a tile or there are fewer than `min_tiles` tiles. Public
 /// for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
 #[doc(hidden)]
-pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> CallPlan {
+pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> Result<CallPlan> {
     let apply = abi::DropBlockApply {
         numel: shape.numel() as u64,
         plane_len: shape.plane_len() as u64,
@@ -628,7 +628,7 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
             _ => 1.0,
         },
     };
-    let g = Plan::new(cfg, shape, RngKey::new(0, 0).expect("offset 0 is valid")).geometry().to_owned();
+    let g = *Plan::new(cfg, shape, RngKey::new(0, 0)?)?.geometry();
     let tiles = tiles_of(&g, apply.plane_len, blocks);
     let path = match tiles {
         Some(t) if t.tiles >= min_tiles => {
@@ -640,7 +640,7 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
         }
         _ => LaunchPath::Grid,
     };
-    CallPlan { apply, tiles: tiles.unwrap_or_default(), path }
+    Ok(CallPlan { apply, tiles: tiles.unwrap_or_default(), path })
 }
 
 /// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells and (where a
@@ -690,7 +690,9 @@ pub fn tiles_with(g: &abi::DropBlockGeometry, plane_len: u64, planes_per_tile: u
         groups_per_tile: planes_per_tile / g.planes_per_window as u64,
         magic_seed_cells: magic(g.seed_cells),
         magic_windows_per_group: magic(g.windows_per_group),
+        magic_seed_hw: magic(g.seed_h as u64 * g.seed_w as u64),
         magic_seed_w: magic(g.seed_w as u64),
+        magic_block_rows: magic(g.kd as u64 * g.kh as u64),
         magic_kh: magic(g.kh as u64),
         magic_plane_len: magic(plane_len),
     }
@@ -886,11 +888,12 @@ mod tests {
             let shape = crate::Shape::new(n, c, h, w).unwrap();
             for cfg in &configs {
                 for blocks in [1, 2, 1_056, 1 << 20] {
-                    let plan = launch_plan(cfg, shape, 1, blocks);
+                    let plan = launch_plan(cfg, shape, 1, blocks).unwrap();
                     if plan.path == LaunchPath::Grid {
                         continue;
                     }
-                    let g = *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).geometry();
+                    let g =
+                        *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).unwrap().geometry();
                     let (t, q) = (plan.tiles, g.planes_per_window as u64);
                     let what = format!("{shape} {cfg} blocks {blocks}: {t:?}");
                     assert!(t.planes_per_tile > 0 && t.planes_per_tile % q == 0, "{what}");

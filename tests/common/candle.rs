@@ -4,7 +4,10 @@
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var, WithDType};
 use dropblock::candle::DropBlock;
-use dropblock::{cpu, Block, DropBlockConfig, Element, Generator, Mode, Normalize, Placement, RngKey, Shape, Sharing};
+use dropblock::{
+    cpu, Anchor, Block, DropBlockConfig, Element, GammaRule, Generator, Mode, Normalize, Placement, RngKey, Shape,
+    Sharing,
+};
 
 pub type R<T = ()> = candle_core::Result<T>;
 
@@ -20,6 +23,27 @@ pub fn variant() -> DropBlockConfig {
     DropBlockConfig::builder(Block::new(4, 2).unwrap(), 0.15)
         .placement(Placement::Anywhere)
         .sharing(Sharing::Channels)
+        .normalize(Normalize::PerSample)
+        .build()
+        .unwrap()
+}
+
+/// miguelvr's DropBlock3D on a rank-3 block: seeds anywhere, his anchoring and γ
+/// rule, a mask per sample.
+pub fn variant_3d() -> DropBlockConfig {
+    DropBlockConfig::builder(Block::from_sizes(&[2, 3, 4]).unwrap(), 0.3)
+        .placement(Placement::Anywhere)
+        .anchor(Anchor::CenteredRight)
+        .gamma_rule(GammaRule::PerBlock)
+        .sharing(Sharing::Channels)
+        .build()
+        .unwrap()
+}
+
+/// A 1D block under ExactRate, normalised per sample.
+pub fn variant_1d() -> DropBlockConfig {
+    DropBlockConfig::builder(Block::from_sizes(&[6]).unwrap(), 0.2)
+        .gamma_rule(GammaRule::ExactRate)
         .normalize(Normalize::PerSample)
         .build()
         .unwrap()
@@ -54,8 +78,7 @@ pub fn accumulated<T: Element>(dx: &[T]) -> Vec<u32> {
 }
 
 pub fn shape_of(t: &Tensor) -> Shape {
-    let d = t.dims();
-    Shape::new(d[0], d[1], d[2], d[3]).unwrap()
+    Shape::from_dims(t.dims()).unwrap()
 }
 
 /// The k-th key the layer's generator draws (k from 0).
@@ -75,11 +98,22 @@ pub fn cpu_forward<T: WithDType + Element>(cfg: &DropBlockConfig, x: &Tensor, ke
     (y, saved)
 }
 
-/// The layer's forward equals `cpu::forward` for the keys its generator draws.
+/// The layer's forward equals `cpu::forward` for the keys its generator draws, on
+/// 1D, 2D and 3D tensors.
 pub fn forward_matches_cpu<T: WithDType + Element>(device: &Device, dtype: DType) -> R {
-    for cfg in [paper(), variant(), fused()] {
+    let (d1, d2, d3) = (&[2usize, 3, 37][..], &[2usize, 3, 9, 11][..], &[2usize, 3, 4, 5, 6][..]);
+    let cases = [
+        (paper(), d1),
+        (variant_1d(), d1),
+        (paper(), d2),
+        (variant(), d2),
+        (fused(), d2),
+        (paper(), d3),
+        (variant_3d(), d3),
+    ];
+    for (cfg, dims) in cases {
         let layer = DropBlock::new(cfg, SEED);
-        let x = randn(&[2, 3, 9, 11], dtype, device)?;
+        let x = randn(dims, dtype, device)?;
         for call in 0..2 {
             let y = layer.forward_t(&x, true)?;
             assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));

@@ -6,7 +6,7 @@ use std::any::Any;
 #[cfg(feature = "candle")]
 pub mod candle;
 
-use dropblock::{Block, DropBlockConfig, Element, GammaRule, Normalize, Placement, RngKey, Shape, Sharing};
+use dropblock::{Anchor, Block, DropBlockConfig, Element, GammaRule, Normalize, Placement, RngKey, Shape, Sharing};
 use libtest_mimic::{Completion, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,25 +35,43 @@ pub fn same<T: Element>(a: T, b: T) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
 
-/// A shape with N in 1..=max_n, C in 1..=max_c and sides drawn from `sides`.
+/// A 2D shape with N in 1..=max_n, C in 1..=max_c and sides drawn from `sides`.
 pub fn random_shape(rng: &mut StdRng, max_n: usize, max_c: usize, sides: &[usize]) -> Shape {
-    let mut side = || sides[rng.random_range(0..sides.len())];
-    let (h, w) = (side(), side());
-    Shape::new(rng.random_range(1..=max_n), rng.random_range(1..=max_c), h, w).unwrap()
+    random_shape_of_rank(rng, 2, max_n, max_c, sides)
 }
 
-/// A configuration over every mode: blocks 1..=9 (sometimes 10..=20, larger than
-/// small maps), square or rectangular, any placement, γ rule, sharing and
-/// normalisation, and now and then a gamma_scale other than 1.
+/// A shape of spatial rank `rank` (1..=3) with N in 1..=max_n, C in 1..=max_c and
+/// each spatial side drawn from `sides`.
+pub fn random_shape_of_rank(rng: &mut StdRng, rank: usize, max_n: usize, max_c: usize, sides: &[usize]) -> Shape {
+    let mut dims = vec![rng.random_range(1..=max_n), rng.random_range(1..=max_c)];
+    dims.extend((0..rank).map(|_| sides[rng.random_range(0..sides.len())]));
+    Shape::from_dims(&dims).unwrap()
+}
+
+/// A 2D configuration over every mode; see [`random_config_of_rank`].
 pub fn random_config(rng: &mut StdRng) -> DropBlockConfig {
+    random_config_of_rank(rng, 2)
+}
+
+/// A configuration for shapes of spatial rank `rank` over every mode: block sizes
+/// 1..=9 (sometimes 10..=20, larger than small maps), equal or not along the axes,
+/// now and then one uniform size; any placement, anchor, γ rule, sharing and
+/// normalisation, and now and then a gamma_scale other than 1.
+pub fn random_config_of_rank(rng: &mut StdRng, rank: usize) -> DropBlockConfig {
     let side =
         |rng: &mut StdRng| if rng.random_bool(0.1) { rng.random_range(10..=20) } else { rng.random_range(1..=9) };
-    let kh = side(rng);
-    let kw = if rng.random_bool(0.65) { kh } else { side(rng) };
+    let k = side(rng);
+    let block = if rng.random_bool(0.15) {
+        Block::uniform(k).unwrap()
+    } else {
+        let sizes: Vec<u32> = (0..rank).map(|_| if rng.random_bool(0.65) { k } else { side(rng) }).collect();
+        Block::from_sizes(&sizes).unwrap()
+    };
     let pick = |rng: &mut StdRng, n: usize| rng.random_range(0..n);
-    DropBlockConfig::builder(Block::new(kh, kw).unwrap(), [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)])
+    DropBlockConfig::builder(block, [0.05, 0.1, 0.3, 0.7, 1.0][pick(rng, 5)])
         .placement([Placement::Valid, Placement::Anywhere][pick(rng, 2)])
-        .gamma_rule([GammaRule::Paper, GammaRule::ExactRate][pick(rng, 2)])
+        .anchor([Anchor::Centered, Anchor::CenteredRight][pick(rng, 2)])
+        .gamma_rule([GammaRule::Paper, GammaRule::ExactRate, GammaRule::PerBlock][pick(rng, 3)])
         .gamma_scale(if rng.random_bool(0.8) { 1.0 } else { rng.random_range(0.25..2.0) })
         .sharing([Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][pick(rng, 4)])
         .normalize([Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][pick(rng, 4)])

@@ -21,7 +21,7 @@
 #include <fstream>
 #include <iterator>
 
-#include "dropblock2d.cu"
+#include "dropblock.cu"
 
 namespace {
 
@@ -79,13 +79,13 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
             continue;
         }
         if (r.path == 1) {
-            emu::launch(dropblock2d_count_mask, r.count_blocks, 256, g, r.tiles, r.s, kp, a, bits.data(),
+            emu::launch(dropblock_count_mask, r.count_blocks, 256, g, r.tiles, r.s, kp, a, bits.data(),
                         counts.data(), scales.data());
         } else {
             std::fill(bits.begin(), bits.begin() + (g.planes * a.plane_len + 31) / 32, 0u);
-            emu::launch(dropblock2d_seed_blocks, r.count_blocks, 256, g, r.s, (const unsigned long long*)kp, a,
+            emu::launch(dropblock_seed_blocks, r.count_blocks, 256, g, r.s, (const unsigned long long*)kp, a,
                         bits.data());
-            emu::launch(dropblock2d_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
+            emu::launch(dropblock_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
                         kp);
         }
         emu::launch(apply_ops[r.apply], r.apply_blocks, 256, g, a, (const T*)xp, yp, (const uint32_t*)bits.data(),
@@ -127,10 +127,10 @@ int main(int argc, char** argv) {
     // APPLY_OPS: the order of APPLY_OPS in src/cuda/ops.rs.
 #define DROPBLOCK_RUN(T, NAME)                                                                                   \
     [&] {                                                                                                        \
-        const ApplyKernel<T> ops[] = {dropblock2d_apply_##NAME, dropblock2d_apply_per_sample_##NAME,             \
-                                      dropblock2d_apply_shared_##NAME, dropblock2d_apply_shared_per_sample_##NAME, \
-                                      dropblock2d_apply_unaligned_##NAME};                                       \
-        return run<T>(p, end, r, ops, r.unaligned ? dropblock2d_fused_unaligned_##NAME : dropblock2d_fused_##NAME, \
+        const ApplyKernel<T> ops[] = {dropblock_apply_##NAME, dropblock_apply_per_sample_##NAME,             \
+                                      dropblock_apply_shared_##NAME, dropblock_apply_shared_per_sample_##NAME, \
+                                      dropblock_apply_unaligned_##NAME};                                       \
+        return run<T>(p, end, r, ops, r.unaligned ? dropblock_fused_unaligned_##NAME : dropblock_fused_##NAME, \
                       argv[2]);                                                                                  \
     }()
     switch (r.dtype) {

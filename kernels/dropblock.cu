@@ -1,18 +1,18 @@
-// DropBlock 2D kernels. Entry points are extern "C" with the op and the dtype in
+// DropBlock kernels (every spatial rank: a 1D or 2D call is a volume with unit axes). Entry points are extern "C" with the op and the dtype in
 // the name, so an Nsight timeline reads plainly:
 //
-//   dropblock2d_count_mask             seeds -> blocks -> keep bits, kept counts,
+//   dropblock_count_mask             seeds -> blocks -> keep bits, kept counts,
 //                                      scales, a tile of whole planes per block
-//   dropblock2d_seed_blocks,           the same in two grid-wide passes, for planes
-//   dropblock2d_count_bits             too large for a tile
-//   dropblock2d_apply_<T>              y = x * factor from saved keep bits and scales
-//   dropblock2d_apply_per_sample_<T>     (forward after a count pass, and backward):
-//   dropblock2d_apply_shared_<T>         the bits of element e are bit e without
-//   dropblock2d_apply_shared_per_sample_<T>  sharing, else looked up per slice;
-//   dropblock2d_apply_unaligned_<T>      one scale or one per sample
-//   dropblock2d_fused_<T>              Expected / None normalisation, no sharing:
+//   dropblock_seed_blocks,           the same in two grid-wide passes, for planes
+//   dropblock_count_bits             too large for a tile
+//   dropblock_apply_<T>              y = x * factor from saved keep bits and scales
+//   dropblock_apply_per_sample_<T>     (forward after a count pass, and backward):
+//   dropblock_apply_shared_<T>         the bits of element e are bit e without
+//   dropblock_apply_shared_per_sample_<T>  sharing, else looked up per slice;
+//   dropblock_apply_unaligned_<T>      one scale or one per sample
+//   dropblock_fused_<T>              Expected / None normalisation, no sharing:
 //                                      a tile's mask and its scaled copy in one launch
-//   dropblock2d_sample_seeds           the raw seed words, for checking the sampler
+//   dropblock_sample_seeds           the raw seed words, for checking the sampler
 //
 // `_unaligned` variants take any pointers and shapes; the others need x and y
 // 16-byte aligned and use 16-byte vector loads and stores (the shared variants
@@ -90,24 +90,24 @@ struct ApplyTileFlat {
 using namespace dropblock;
 
 extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM)
-dropblock2d_count_mask(DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s,
+dropblock_count_mask(DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s,
                        unsigned long long* device_key, DropBlockApply a, uint32_t* keep_bits,
                        unsigned long long* counts, float* scales) {
     tiled(g, tiles, s, device_key, a, keep_bits, counts, scales, NoApply{});
 }
 
-// For planes too large for a tile: dropblock2d_seed_blocks ORs every window's
+// For planes too large for a tile: dropblock_seed_blocks ORs every window's
 // blocks into dropped bits (zeroed by the host) over the whole grid, then
-// dropblock2d_count_bits turns them into keep bits and counts them.
+// dropblock_count_bits turns them into keep bits and counts them.
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_seed_blocks(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
+dropblock_seed_blocks(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
                         DropBlockApply a, uint32_t* bits) {
     const Thresholds th = shared_thresholds(s);
     seed_windows_global(g, th, load_key(s, device_key), a, global_thread(), threads_in_grid(), bits);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, unsigned long long* counts,
+dropblock_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, unsigned long long* counts,
                        float* scales, unsigned long long* device_key) {
     const uint64_t cells = g.planes * a.plane_len, words = (cells + 31) / 32;
     Counts c(g, a, counts);
@@ -148,7 +148,7 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
 // x and y may be the same buffer (in place): every element is read and then
 // written by the same thread, so no __restrict__.
 #define DROPBLOCK_APPLY_KERNEL(T, NAME, OP, SHARED, PER_SAMPLE)                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_##OP##_##NAME(                              \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_##OP##_##NAME(                              \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) { \
         apply<T, SHARED, PER_SAMPLE>(g, a, x, y, keep_bits, scales);                                             \
     }
@@ -158,19 +158,19 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_per_sample, false, true)                                                \
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_shared, true, false)                                                    \
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_shared_per_sample, true, true)                                          \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock2d_apply_unaligned_##NAME(                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_apply_unaligned_##NAME(                        \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) {  \
         const PlaneBits pb{g, keep_bits, a.plane_len, (g.planes * a.plane_len + 31) / 32};                        \
         const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;                                         \
         apply_scalar<T>(x, y, a.numel, global_thread(), threads_in_grid(), pb,                                    \
                         Scales{per_sample ? scales : nullptr, scales[0], 0});                                     \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock2d_fused_##NAME(              \
+    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_##NAME(              \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \
         DropBlockApply a, const T* x, T* y, uint32_t* keep_bits, unsigned long long* counts, float* scales) {     \
         fused<T, true>(g, tiles, s, device_key, a, x, y, keep_bits, counts, scales);                              \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock2d_fused_unaligned_##NAME(    \
+    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_unaligned_##NAME(    \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \
         DropBlockApply a, const T* x, T* y, uint32_t* keep_bits, unsigned long long* counts, float* scales) {     \
         fused<T, false>(g, tiles, s, device_key, a, x, y, keep_bits, counts, scales);                             \
@@ -183,7 +183,7 @@ DROPBLOCK_ELEMENTWISE_KERNELS(__nv_bfloat16, bf16)
 // One thread per window: the seed words of every window of the call, in window
 // order.
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock2d_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds) {
+dropblock_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds) {
     // The production kernels' way to the thresholds and key, so this check covers it.
     const Thresholds th = shared_thresholds(s);
     const Key k = load_key(s, nullptr);
