@@ -47,6 +47,11 @@ pub enum Error {
     #[error("keep_prob must be a number in [0, 1], got {0}")]
     InvalidKeepProb(f64),
 
+    /// A schedule of no steps was asked for (`numpy.linspace` with `num = 0` has no
+    /// value to hold).
+    #[error("a schedule needs at least one step")]
+    EmptySchedule,
+
     /// A ResNet group outside 1..=4 was passed to
     /// [`tpu_group_keep_prob`](crate::tpu_group_keep_prob); holds the group given.
     #[error("ResNet group must be 1, 2, 3 or 4, got {0}")]

@@ -77,7 +77,7 @@ fn the_generator_advances_and_a_restored_state_redraws_the_same_masks() -> R {
 #[test]
 fn the_schedule_sets_the_drop_probability_of_each_step() -> R {
     let cfg = paper();
-    let layer = DropBlock::new(cfg, SEED).with_schedule(LinearSchedule::drop_prob(0.0, 0.2, 10)?);
+    let layer = DropBlock::new(cfg, SEED).with_schedule(LinearSchedule::drop_prob(0.0, 0.2, 11)?);
     let x = randn(&[2, 4, 12, 12], DType::F32, &CPU)?;
     layer.set_step(0);
     assert_eq!(layer.forward_t(&x, true)?.id(), x.id(), "step 0 of a ramp from 0 drops nothing");

@@ -42,7 +42,7 @@ mod gpu {
     use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Normalize, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
 
     use libtest_mimic::{Failed, Trial};
 
@@ -124,12 +124,19 @@ mod gpu {
     }
 
     fn random_case(rng: &mut StdRng) -> Case {
-        random_case_of(rng, common::random_config)
+        random_case_of(rng, common::random_config_of_rank)
     }
 
-    fn random_case_of(rng: &mut StdRng, config: fn(&mut StdRng) -> DropBlockConfig) -> Case {
-        const SIDES: &[usize] = &[1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130];
-        Case { shape: common::random_shape(rng, 4, 6, SIDES), cfg: config(rng), key: common::random_key(rng) }
+    /// A case of a random spatial rank (2D half the time), with sides for it.
+    fn random_case_of(rng: &mut StdRng, config: fn(&mut StdRng, usize) -> DropBlockConfig) -> Case {
+        let rank = [2, 2, 1, 3][rng.random_range(0..4)];
+        let sides: &[usize] = match rank {
+            1 => &[1, 2, 3, 5, 15, 64, 65, 200, 1000, 4096, 70_000],
+            2 => &[1, 2, 3, 5, 7, 8, 13, 14, 19, 28, 33, 56, 63, 64, 65, 70, 97, 130],
+            _ => &[1, 2, 3, 5, 8, 13, 16, 28],
+        };
+        let shape = common::random_shape_of_rank(rng, rank, 4, 6, sides);
+        Case { shape, cfg: config(rng, rank), key: common::random_key(rng) }
     }
 
     /// Forward and backward on both paths, out of place (optionally on views one
@@ -201,9 +208,10 @@ mod gpu {
         use dropblock::cuda::LaunchPath;
         let mut rng = StdRng::seed_from_u64(2);
         let mut seen = std::collections::HashSet::new();
+        let mut seen_rank = std::collections::HashSet::new();
         for i in 0..if quick() { 24 } else { 240u64 } {
             let (case, min_tiles) = match i % 4 {
-                0 => (random_case_of(&mut rng, common::random_fusable_config), 0),
+                0 => (random_case_of(&mut rng, common::random_fusable_config_of_rank), 0),
                 2 => (random_case(&mut rng), 0),
                 _ => (random_case(&mut rng), u64::MAX),
             };
@@ -214,11 +222,18 @@ mod gpu {
                 1 => check::<f16>(&d, s, case, unaligned, i),
                 _ => check::<bf16>(&d, s, case, unaligned, i),
             };
-            seen.insert((d.launch_plan(&case.cfg, case.shape).unwrap().path, dtype));
+            let path = d.launch_plan(&case.cfg, case.shape).unwrap().path;
+            seen.insert((path, dtype));
+            seen_rank.insert((case.shape.spatial_rank(), path));
         }
         for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for dtype in ["f32", "f16", "bf16"] {
                 assert!(seen.contains(&(path, dtype)), "no {path:?} case in {dtype}");
+            }
+            if !quick() {
+                for rank in 1..=3 {
+                    assert!(seen_rank.contains(&(rank, path)), "no {rank}D case took {path:?}");
+                }
             }
         }
     }
@@ -226,19 +241,24 @@ mod gpu {
     fn large_shapes_match_cpu((d, s): &Gpu) {
         // 1x4097x65x65: an odd element count past 2^24, where a Global scale divided
         // in f32 instead of f64 can be one ulp off.
-        let big = [
-            (1, 4097, 65, 65, 7),
-            (8, 256, 56, 56, 7),
-            (24, 64, 76, 76, 3),
-            (2, 8, 300, 257, 9),
-            (1, 2, 1, 100_000, 5),
+        // 3D planes of 32x64x64 cells (grid-wide passes) and the video and sequence
+        // benchmark shapes of issue 21.
+        let big: [(&[usize], u32); 8] = [
+            (&[1, 4097, 65, 65], 7),
+            (&[8, 256, 56, 56], 7),
+            (&[24, 64, 76, 76], 3),
+            (&[8, 256, 16, 28, 28], 5),
+            (&[64, 512, 4096], 15),
+            (&[2, 8, 300, 257], 9),
+            (&[1, 2, 1, 100_000], 5),
+            (&[2, 3, 32, 64, 64], 7),
         ];
-        let big = if quick() { &big[3..] } else { &big[..] };
-        for (i, &(n, c, h, w, k)) in big.iter().enumerate() {
+        let big = if quick() { &big[5..] } else { &big[..] };
+        for (i, &(dims, k)) in big.iter().enumerate() {
             for norm in [Normalize::Global, Normalize::Expected] {
-                let cfg = DropBlockConfig::builder(Block::square(k).unwrap(), 0.1).normalize(norm).build().unwrap();
+                let cfg = DropBlockConfig::builder(Block::uniform(k).unwrap(), 0.1).normalize(norm).build().unwrap();
                 let case =
-                    Case { cfg, shape: Shape::new(n, c, h, w).unwrap(), key: RngKey::new(77 + i as u64, 34).unwrap() };
+                    Case { cfg, shape: Shape::from_dims(dims).unwrap(), key: RngKey::new(77 + i as u64, 34).unwrap() };
                 check::<f32>(d, s, case, false, i as u64);
                 check::<bf16>(d, s, case, false, i as u64);
             }

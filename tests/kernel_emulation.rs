@@ -142,11 +142,17 @@ mod emulation {
         calls: u32,
     }
 
-    fn random_case(rng: &mut StdRng) -> Case {
-        const SIDES: &[usize] = &[1, 2, 3, 5, 7, 9, 13, 14, 19, 33, 64, 65, 70, 129];
+    /// A case of spatial rank `rank`: 1D lengths from 1 to past a tile, 2D maps,
+    /// and 3D volumes from a cell to 13^3.
+    fn random_case(rng: &mut StdRng, rank: usize) -> Case {
+        let sides: &[usize] = match rank {
+            1 => &[1, 2, 3, 5, 15, 64, 65, 129, 300, 1000, 4096, 70_000],
+            2 => &[1, 2, 3, 5, 7, 9, 13, 14, 19, 33, 64, 65, 70, 129],
+            _ => &[1, 2, 3, 4, 5, 7, 9, 13],
+        };
         let shape = loop {
-            let s = common::random_shape(rng, 3, 4, SIDES);
-            if s.numel() <= 40_000 {
+            let s = common::random_shape_of_rank(rng, rank, 3, 4, sides);
+            if s.numel() <= 40_000 || (s.numel() <= 140_000 && s.n() * s.c() <= 2) {
                 break s;
             }
         };
@@ -154,7 +160,11 @@ mod emulation {
         // fused kernels in only ~1 case in 13.
         let fusable = rng.random_bool(0.3);
         Case {
-            cfg: if fusable { common::random_fusable_config(rng) } else { common::random_config(rng) },
+            cfg: if fusable {
+                common::random_fusable_config_of_rank(rng, rank)
+            } else {
+                common::random_config_of_rank(rng, rank)
+            },
             shape,
             key: common::random_key(rng),
             count_blocks: rng.random_range(1..=3),
@@ -185,14 +195,27 @@ mod emulation {
         v
     }
 
-    /// Random cases, which must between them take every launch path with both the
-    /// vector and the unaligned kernels.
+    /// Random cases of every spatial rank, which must between them take every
+    /// launch path with both the vector and the unaligned kernels, and in every
+    /// rank both the tiled and the grid-wide passes.
     fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
-        for i in 0..48 {
-            let case = random_case(&mut rng);
-            seen.insert(check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?);
+        let mut seen_rank = std::collections::HashSet::new();
+        for i in 0..72 {
+            let rank = [2, 1, 3][i as usize % 3];
+            let case = random_case(&mut rng, rank);
+            let (path, vector) =
+                check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            seen.insert((path, vector));
+            seen_rank.insert((rank, path == LaunchPath::Grid));
+        }
+        for rank in 1..=3 {
+            for grid in [false, true] {
+                if !seen_rank.contains(&(rank, grid)) {
+                    return Err(format!("no {rank}D case took grid={grid}: widen random_case").into());
+                }
+            }
         }
         for (i, case) in exact_threshold_cases().into_iter().enumerate() {
             let saved = cpu::sample(&case.cfg, case.shape, case.key, Mode::Train).unwrap();

@@ -82,8 +82,13 @@ pub fn random_config_of_rank(rng: &mut StdRng, rank: usize) -> DropBlockConfig {
 /// A random configuration that the single-launch fused kernels serve (no sharing,
 /// Expected or None normalisation), over every other mode.
 pub fn random_fusable_config(rng: &mut StdRng) -> DropBlockConfig {
+    random_fusable_config_of_rank(rng, 2)
+}
+
+/// [`random_fusable_config`] for shapes of spatial rank `rank`.
+pub fn random_fusable_config_of_rank(rng: &mut StdRng, rank: usize) -> DropBlockConfig {
     loop {
-        let cfg = random_config(rng);
+        let cfg = random_config_of_rank(rng, rank);
         if cfg.sharing() == Sharing::None && matches!(cfg.normalize(), Normalize::Expected | Normalize::None) {
             return cfg;
         }
