@@ -1,17 +1,21 @@
-//! `mask::grow_blocks` against block placements computed by PyTorch.
+//! `mask::grow_blocks` against block placements computed by the peers' own code.
 //!
 //! `tests/fixtures/block_placement.json` is written by
 //! `scripts/fixtures/block_placement.py` (real torch: torchvision's `drop_block2d`
 //! lines for `Placement::Valid`, TF "SAME" / timm >= 1.0.23 max-pool anchoring for
-//! `Placement::Anywhere`). This test only reads the committed JSON.
+//! `Placement::Anywhere`). `tests/fixtures/nd_placement.json` is written by
+//! `scripts/fixtures/nd_placement.py` (torchvision's `drop_block3d`, miguelvr's
+//! DropBlock2D/3D and keras-drop-block's DropBlock1D). This test only reads the
+//! committed JSON.
 
 use dropblock::abi::DropBlockGeometry;
 use dropblock::mask::grow_blocks;
 use dropblock::sampling::Plan;
-use dropblock::{Block, DropBlockConfig, Placement, RngKey, Shape};
+use dropblock::{Anchor, Block, DropBlockConfig, Placement, RngKey, Shape};
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("fixtures/block_placement.json");
+const ND_FIXTURE: &str = include_str!("fixtures/nd_placement.json");
 
 struct Case {
     placement: String,
@@ -164,4 +168,68 @@ fn grow_blocks_matches_pytorch() {
         }
         assert_eq!(count, expected, "{what}: grow_blocks counted {count} dropped cells, PyTorch {expected}");
     }
+}
+
+/// 1D, 2D and 3D placements from torchvision's `drop_block3d`, miguelvr's
+/// DropBlock2D/3D (even sizes and blocks larger than the map included) and
+/// keras-drop-block's DropBlock1D: the crate, configured as the README's table
+/// says for each, grows the same seeds into the same cells.
+#[test]
+fn grow_blocks_matches_the_originals_in_1d_2d_and_3d() {
+    let root: Value = serde_json::from_str(ND_FIXTURE).expect("tests/fixtures/nd_placement.json parses");
+    let cases = root.as_array().expect("the fixture file is a list");
+    let mut sources = std::collections::BTreeMap::new();
+    let mut even_or_larger = 0;
+    for (i, v) in cases.iter().enumerate() {
+        let list = |key: &str| -> Vec<u64> {
+            v[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("case {i}: no `{key}`"))
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        };
+        let (size, block, seed_grid) = (list("size"), list("block"), list("seed_grid"));
+        let (seeds, dropped) = (list("seeds"), list("dropped"));
+        let source = v["source"].as_str().unwrap();
+        *sources.entry(source).or_insert(0) += 1;
+        let placement: Placement = v["placement"].as_str().unwrap().parse().unwrap();
+        let anchor: Anchor = v["anchor"].as_str().unwrap().parse().unwrap();
+        even_or_larger += block.iter().zip(&size).any(|(&k, &s)| k % 2 == 0 || k > s) as usize;
+
+        let sizes: Vec<u32> = block.iter().map(|&k| k as u32).collect();
+        let cfg = DropBlockConfig::builder(Block::from_sizes(&sizes).unwrap(), 0.1)
+            .placement(placement)
+            .anchor(anchor)
+            .build()
+            .unwrap();
+        let mut dims = vec![1usize, 1];
+        dims.extend(size.iter().map(|&s| s as usize));
+        let plan = Plan::new(&cfg, Shape::from_dims(&dims).unwrap(), RngKey::new(0, 0).unwrap()).unwrap();
+        let g = plan.geometry();
+        let what = format!("case {i} ({source}, map {size:?}, block {block:?})");
+        let rank = size.len();
+        let grid = [g.seed_d, g.seed_h, g.seed_w].map(u64::from);
+        assert_eq!(&grid[3 - rank..], &seed_grid[..], "{what}: seed grid");
+        let mut words = vec![0u64; (g.seed_cells as usize).div_ceil(64)];
+        for (cell, _) in seeds.iter().enumerate().filter(|(_, &b)| b == 1) {
+            words[cell / 64] |= 1 << (cell % 64);
+        }
+        let cells = dropped.len();
+        let mut out = vec![0u64; cells.div_ceil(64)];
+        let count = grow_blocks(&plan, &words, &mut out).unwrap();
+        let got: Vec<u64> = (0..cells).map(|b| out[b / 64] >> (b % 64) & 1).collect();
+        if let Some(at) = (0..cells).find(|&b| got[b] != dropped[b]) {
+            panic!(
+                "{what}: {} cells differ; first at cell {at}: the original says {}",
+                (0..cells).filter(|&b| got[b] != dropped[b]).count(),
+                dropped[at]
+            );
+        }
+        assert_eq!(count, dropped.iter().sum::<u64>(), "{what}: count");
+    }
+    for source in ["torchvision_3d", "miguelvr_2d", "miguelvr_3d", "keras_1d"] {
+        assert!(sources.get(source).copied().unwrap_or(0) >= 4, "too few {source} fixtures: {sources:?}");
+    }
+    assert!(even_or_larger >= 6, "too few even or larger-than-the-map blocks");
 }

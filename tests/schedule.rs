@@ -20,7 +20,8 @@ fn values_are_numpy_linspace_bit_for_bit() {
     let cases: Vec<Value> = serde_json::from_str(FIXTURE).expect("tests/fixtures/schedule.json parses");
     assert!(cases.len() >= 9);
     for case in &cases {
-        let (start, stop, n) = (case["start"].as_f64().unwrap(), case["stop"].as_f64().unwrap(), case["n"].as_u64().unwrap());
+        let (start, stop, n) =
+            (case["start"].as_f64().unwrap(), case["stop"].as_f64().unwrap(), case["n"].as_u64().unwrap());
         let linspace: Vec<f64> = case["linspace"].as_array().unwrap().iter().map(float).collect();
         assert_eq!(linspace.len() as u64, n);
         let drop = LinearSchedule::drop_prob(start, stop, n).unwrap();
@@ -28,7 +29,12 @@ fn values_are_numpy_linspace_bit_for_bit() {
         for step in 0..n + 3 {
             let want = linspace[step.min(n - 1) as usize];
             let ctx = format!("linspace({start}, {stop}, {n}) at step {step}");
-            assert_eq!(drop.drop_prob_at(step).to_bits(), want.to_bits(), "{ctx}: {} vs {want}", drop.drop_prob_at(step));
+            assert_eq!(
+                drop.drop_prob_at(step).to_bits(),
+                want.to_bits(),
+                "{ctx}: {} vs {want}",
+                drop.drop_prob_at(step)
+            );
             assert_eq!(keep.keep_prob_at(step).to_bits(), want.to_bits(), "{ctx} (keep)");
             assert_eq!(keep.drop_prob_at(step), 1.0 - want, "{ctx} (keep as drop)");
         }
