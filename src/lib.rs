@@ -27,10 +27,18 @@
 //! Both paths follow this exactly, whatever the launch configuration; the mask of
 //! a call is a pure function of the configuration, the shape and `(seed, offset)`.
 //!
-//! ## Blocks and mask planes
+//! ## Shapes, blocks and mask planes
 //!
-//! The block `(kh, kw)` is clipped per axis: `kh = min(kh, H)`, `kw = min(kw, W)`.
-//! A *mask plane* is what one seed grid covers; [`Sharing`] decides how many:
+//! Tensors are channels-first with 1, 2 or 3 spatial dimensions: `(N, C, L)`,
+//! `(N, C, H, W)` or `(N, C, D, H, W)` ([`Shape`]). Every rank is a `D × H × W`
+//! volume with unit axes in front (1D is `1 × 1 × L`, 2D is `1 × H × W`), and
+//! everything below is stated per axis, so it reads the same in every rank; a 2D
+//! call gives the mask it gave before 1D and 3D existed.
+//!
+//! The block ([`Block`]) has a size `k` per spatial axis, or one size for every
+//! axis; a block of a fixed rank must meet a tensor of that rank. On an axis of
+//! `S` cells it is clipped to `kc = min(k, S)`. A *mask plane* is what one seed
+//! grid covers; [`Sharing`] decides how many:
 //!
 //! | sharing | planes | plane of slice `(n, c)` |
 //! |---|---|---|
@@ -39,18 +47,23 @@
 //! | `Batch` | `C` | `c` |
 //! | `All` | 1 | 0 |
 //!
-//! Each plane has a seed grid. [`Placement::Valid`] (default): `(H-kh+1) × (W-kw+1)`
-//! cells, a seed at `(y, x)` drops rows `[y, y+kh)` and columns `[x, x+kw)`.
-//! [`Placement::Anywhere`]: `H × W` cells, a seed at `(y, x)` drops rows
-//! `[y - ⌊kh/2⌋, y - ⌊kh/2⌋ + kh)` and likewise columns, clipped to the map (TF
-//! "SAME" anchoring for even sizes).
+//! Each plane has a seed grid, the product of one range of seed positions per
+//! axis, and a seed drops the product of one interval per axis, clipped to the map:
+//!
+//! | [`Placement`] / [`Anchor`] | seed positions | a seed at `i` drops |
+//! |---|---|---|
+//! | `Valid` (default) | `S - kc + 1` | `[i, i + kc)` |
+//! | `Anywhere`, `Centered` (default) | `S` | `[i - ⌊kc/2⌋, i - ⌊kc/2⌋ + kc)` (TF "SAME") |
+//! | `Anywhere`, `CenteredRight` | `S` | `[i - ⌊(k-1)/2⌋, i + ⌊k/2⌋]`, unclipped `k` (miguelvr) |
 //!
 //! ## γ
 //!
-//! [`GammaRule::Paper`] (default): `γ = gamma_scale · p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))`
-//! in f64 with the clipped block. [`GammaRule::ExactRate`] solves for the γ whose
-//! expected dropped fraction, counting overlaps and edges, is exactly `p`, then
-//! multiplies by `gamma_scale`. γ outside `[0, 1]` acts as its clamp.
+//! [`GammaRule::Paper`] (default): `γ = gamma_scale · p·∏S / (∏kc · ∏(S-kc+1))` in
+//! f64 over the three axes in order (`p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))` in 2D).
+//! [`GammaRule::ExactRate`] solves for the γ whose expected dropped fraction,
+//! counting overlaps and edges, is exactly `p`, then multiplies by `gamma_scale`.
+//! [`GammaRule::PerBlock`]: `γ = gamma_scale · p / ∏k` with the unclipped block
+//! (miguelvr). γ outside `[0, 1]` acts as its clamp.
 //!
 //! ## Sampling (contract version 2)
 //!
@@ -63,8 +76,8 @@
 //!   made monotone (`T[j] = max(T[j], T[j-1])`). γ ≤ 0 gives all zeros, γ ≥ 1 all
 //!   `2^32`.
 //! - **Seed cells.** A plane's seed grid has `S` cells, numbered in row-major
-//!   order (in 2D, cell `i = y · Ws + x`; for any number of spatial dimensions, C
-//!   order over the seed grid's axes).
+//!   order (C order over the seed grid's axes: in 2D cell `i = y · Ws + x`, in 3D
+//!   `i = (z · Hs + y) · Ws + x`).
 //! - **Windows.** Planes are grouped `q = max(1, ⌊64/S⌋)` at a time: group `g`
 //!   holds planes `[q·g, min(q·g + q, P))`. A group's cells, plane-major then by
 //!   cell number, are cut into windows of 64 consecutive cells, the last one
@@ -91,7 +104,7 @@
 //! ## Output
 //!
 //! The scale, computed in f64 and rounded to f32 ([`Normalize`]): Global
-//! `numel / kept`; PerSample `C·H·W / kept_n`; Expected `1 / (1 - p)`; None 1. A
+//! `numel / kept`; PerSample `C·L / kept_n` (`L` the elements of a slice); Expected `1 / (1 - p)`; None 1. A
 //! kept count of 0, or `p = 1` under Expected, gives scale 0: zeros, never NaN.
 //! `y = round_to_dtype(f32(x) · (kept ? scale : 0))`, round to nearest even; NaN or
 //! Inf in a dropped position give what `x · 0` gives (the payload of a NaN output
@@ -105,7 +118,7 @@
 //!   thresholds, the window sampler. [`mask`]: seeds grown into block masks.
 //! - [`cpu`]: forward and backward on host slices.
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
-//! - [`schedule`]: drop-rate schedules.
+//! - [`schedule`]: drop-rate schedules (the originals' `linspace` ramp).
 //! - `candle` (feature `candle`): a candle layer, `candle::DropBlock`.
 
 #![deny(missing_docs)]
