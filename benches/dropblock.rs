@@ -1,5 +1,7 @@
 //! Criterion benchmarks: forward and backward, CPU and CUDA, on the ResNet-50
-//! stage shapes (block 7) and the PP-YOLO shapes (block 3), in f32 and bf16.
+//! stage shapes (block 7), the PP-YOLO shapes (block 3), a video volume (3D, block
+//! 5) and a sequence (1D, block 15), each beside the 2D shape of the same element
+//! count and seed density, in f32 and bf16.
 //!
 //! Throughput is the floor, x read once plus y written once, so GB/s compares with
 //! a device-to-device copy. CUDA times are CUDA events on the launch stream, with
@@ -16,19 +18,26 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dropblock::{cpu, DropBlockConfig, Element, Generator, Mode, Shape};
 use half::bf16;
 
-const SHAPES: &[([usize; 4], u32)] = &[
-    ([256, 256, 56, 56], 7),
-    ([256, 512, 28, 28], 7),
-    ([256, 1024, 14, 14], 7),
-    ([256, 2048, 7, 7], 7),
-    ([24, 256, 76, 76], 3),
-    ([24, 512, 38, 38], 3),
-    ([24, 1024, 19, 19], 3),
+/// `(dims, k)`. The 3D and 1D shapes follow the 2D shapes of the same element
+/// count whose paper γ is within 5% of theirs (3D 8x256x16x28x28 at k = 5: γ =
+/// 0.00145; 2D 8x256x112x112 at k = 9: 0.00143. 1D 64x512x4096 at k = 15: 0.00669;
+/// 2D 64x512x64x64 at k = 4: 0.00688), for the rank ratio of docs/PERF.md.
+const SHAPES: &[(&[usize], u32)] = &[
+    (&[256, 256, 56, 56], 7),
+    (&[256, 512, 28, 28], 7),
+    (&[256, 1024, 14, 14], 7),
+    (&[256, 2048, 7, 7], 7),
+    (&[24, 256, 76, 76], 3),
+    (&[24, 512, 38, 38], 3),
+    (&[24, 1024, 19, 19], 3),
+    (&[8, 256, 112, 112], 9),
+    (&[8, 256, 16, 28, 28], 5),
+    (&[64, 512, 64, 64], 4),
+    (&[64, 512, 4096], 15),
 ];
 
 fn shapes() -> Vec<(Shape, u32)> {
-    let mut v: Vec<(Shape, u32)> =
-        SHAPES.iter().map(|&([n, c, h, w], k)| (Shape::new(n, c, h, w).unwrap(), k)).collect();
+    let mut v: Vec<(Shape, u32)> = SHAPES.iter().map(|&(dims, k)| (Shape::from_dims(dims).unwrap(), k)).collect();
     if std::env::var("DROPBLOCK_BENCH_SHAPES").is_ok_and(|s| s == "small") {
         v.sort_by_key(|(s, _)| s.numel());
         v.truncate(4);

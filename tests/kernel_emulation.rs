@@ -217,6 +217,18 @@ mod emulation {
                 }
             }
         }
+        // The extremes of the ranks: 1D planes of 3 cells (21 planes to a window)
+        // and a 3D plane larger than a tile (the grid-wide passes).
+        for (i, dims) in [&[3usize, 7, 3][..], &[1, 1, 20, 60, 60]].into_iter().enumerate() {
+            let rank = dims.len() - 2;
+            let mut case = random_case(&mut rng, rank);
+            case.shape = Shape::from_dims(dims).unwrap();
+            let check_case = check::<T>(driver, dtype, case, 500 + i as u64);
+            let (path, _) = check_case.map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            if rank == 3 && path != LaunchPath::Grid {
+                return Err(format!("{case:?}: a plane past a tile took {path:?}").into());
+            }
+        }
         for (i, case) in exact_threshold_cases().into_iter().enumerate() {
             let saved = cpu::sample(&case.cfg, case.shape, case.key, Mode::Train).unwrap();
             if saved.kept() != case.shape.numel() as u64 {

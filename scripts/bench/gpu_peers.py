@@ -7,7 +7,9 @@ Times, with CUDA events and L2 flushed between iterations:
     ours), forward and backward through autograd,
   - `dropblock bench --device cuda`, forward and backward,
 on the ResNet-50 stage shapes (k = 7) and the PP-YOLO shapes (k = 3), in f32 and
-bf16, drop_prob 0.1. Then torch.compile'd torchvision (Inductor's fused Triton
+bf16, drop_prob 0.1; then a 3D video and a 1D sequence shape beside the 2D shape of
+the same element count and seed density, with torchvision's drop_block3d and
+miguelvr's DropBlock3D on the 3D one. Then torch.compile'd torchvision (Inductor's fused Triton
 kernels) on COMPILED_SHAPES in bf16: each shape is compiled and warmed up first, and
 the compile time is reported apart from, never inside, the timed figures. Prints one markdown table (also written to --out). Bytes are
 the floor: x read once and y written once. Run from the GPU bundle, where the
@@ -33,6 +35,15 @@ SHAPES = [
     ((24, 256, 76, 76), 3),
     ((24, 512, 38, 38), 3),
     ((24, 1024, 19, 19), 3),
+]
+# Issue 21's 3D (video) and 1D (sequence) shapes, each after the 2D shape of the same
+# element count and paper γ within 5% (docs/PERF.md, "1D and 3D"): dropblock's
+# rank ratio, and the 3D peers (torchvision's drop_block3d, miguelvr's DropBlock3D).
+ND_SHAPES = [
+    ((8, 256, 112, 112), 9),
+    ((8, 256, 16, 28, 28), 5),
+    ((64, 512, 64, 64), 4),
+    ((64, 512, 4096), 15),
 ]
 # A subset: each shape costs a compilation of the forward and of the backward.
 COMPILED_SHAPES = [((256, 1024, 14, 14), 7), ((256, 2048, 7, 7), 7), ((24, 256, 76, 76), 3)]
@@ -128,9 +139,39 @@ def main():
             del x, y
             torch.cuda.empty_cache()
     compiled_table(args, lines)
+    nd_table(args, lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def nd_table(args, lines):
+    """1D and 3D against the 2D shape of the same size, and the 3D peers; bf16 and f32."""
+    head = ["", "1D and 3D (issue 21) beside 2D of the same element count and seed density; 3D peers:", "",
+            "| shape | k | dtype | pass | copy GB/s | dropblock ms | % of copy | torchvision 3d ms | miguelvr 3d ms "
+            "| × torchvision | × miguelvr |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += head
+    print("\n".join(head), flush=True)
+    tv3, mv3 = peer_ops.torchvision_3d_op(), peer_ops.miguelvr_3d_op()
+    for shape, k in ND_SHAPES:
+        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            x = torch.randn(shape, device="cuda", dtype=tdtype)
+            y = torch.empty_like(x)
+            nbytes = 2 * x.numel() * x.element_size()
+            copy_gbps = nbytes / median_ms(lambda: y.copy_(x), args.iters) / 1e6
+            peers = [None, None]
+            if len(shape) == 5:
+                peers = [peer_times(tv3, x, k, args.iters), peer_times(mv3, x, k, args.iters)]
+            for i, pass_name in enumerate(("forward", "backward")):
+                ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
+                pct = 100 * nbytes / ms / 1e6 / copy_gbps
+                cells = [f"{p[i]:.4f}" if p else "-" for p in peers] + [f"{p[i] / ms:.1f}" if p else "-" for p in peers]
+                row = (f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | {ms:.4f} | "
+                       f"{pct:.1f} | " + " | ".join(cells) + " |")
+                lines.append(row)
+                print(row, flush=True)
+            del x, y
+            torch.cuda.empty_cache()
 
 
 def compiled_table(args, lines):

@@ -28,6 +28,39 @@ def timm_op():
     return lambda t, p, k: drop_block_2d(t, drop_prob=p, block_size=k)
 
 
+def torchvision_3d_op():
+    """torchvision.ops.drop_block3d(x, p, k): valid seed region, a mask per channel."""
+    from torchvision.ops import drop_block3d
+    return lambda t, p, k: drop_block3d(t, p, k, training=True)
+
+
+def miguelvr_3d_op():
+    """miguelvr/dropblock 0.3.0's DropBlock3D.forward in training mode, copied line
+    for line (MIT licence, Copyright (c) 2018 Miguel Varela Ramos): the GPU
+    machines have no network to install the package. Its semantics, not ours: a
+    mask per sample drawn with the CPU generator and copied to the device (as the
+    original does), γ = p / k³, global normalisation over the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    def forward(x, drop_prob, block_size):
+        gamma = drop_prob / (block_size ** 3)
+        mask = (torch.rand(x.shape[0], *x.shape[2:]) < gamma).float()
+        mask = mask.to(x.device)
+        block_mask = F.max_pool3d(input=mask[:, None, :, :, :],
+                                  kernel_size=(block_size, block_size, block_size),
+                                  stride=(1, 1, 1),
+                                  padding=block_size // 2)
+        if block_size % 2 == 0:
+            block_mask = block_mask[:, :, :-1, :-1, :-1]
+        block_mask = 1 - block_mask.squeeze(1)
+        out = x * block_mask[:, None, :, :, :]
+        out = out * block_mask.numel() / block_mask.sum()
+        return out
+
+    return forward
+
+
 def versions():
     import timm
     import torch

@@ -114,6 +114,8 @@ d = sys.argv[1]
 rng = np.random.default_rng(0)
 np.save(f"{d}/x_f32.npy", rng.standard_normal((4, 64, 28, 28)).astype(np.float32))
 np.save(f"{d}/x_f16.npy", rng.standard_normal((2, 32, 19, 19)).astype(np.float16))
+np.save(f"{d}/x_f32_3d.npy", rng.standard_normal((2, 8, 6, 14, 14)).astype(np.float32))
+np.save(f"{d}/x_f16_1d.npy", rng.standard_normal((4, 16, 300)).astype(np.float16))
 try:
     import ml_dtypes
     np.save(f"{d}/x_bf16.npy", rng.standard_normal((2, 16, 56, 70)).astype(ml_dtypes.bfloat16))
@@ -123,7 +125,10 @@ PY
   for x in "$work"/x_*.npy; do
     for flags in "--block 7 --drop-prob 0.1" \
                  "--block 4x6 --drop-prob 0.2 --placement anywhere --share channels --normalize per-sample --gamma exact" \
+                 "--block 4 --drop-prob 0.2 --placement anywhere --anchor centered-right --gamma per-block --share channels" \
                  "--block 3 --drop-prob 0.3 --normalize expected --seed 9 --offset 170"; do
+      # The 4x6 block is 2D; the 1D and 3D files take the uniform blocks.
+      [[ $flags == *4x6* && $x == *_[13]d.npy ]] && continue
       for dev in cpu cuda; do
         # shellcheck disable=SC2086
         timeout 10 ./dropblock apply --input "$x" --output "$work/y_$dev.npy" --keep-mask "$work/m_$dev.npy" $flags \
@@ -190,7 +195,7 @@ benchmarks() {
   section "benchmarks: dropblock bench and the peers"
   if python3 -c "import torch, torchvision, timm" 2>/dev/null; then
     # Up to ~2 minutes of it is torch.compile compiling (untimed, reported apart).
-    timeout 240 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
+    timeout 300 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
   else
     skip "the peer benchmark (PyTorch, torchvision and timm are needed)"
   fi

@@ -10,13 +10,13 @@ use super::{CliError, ConfigArgs};
 
 #[derive(Args)]
 pub struct ApplyArgs {
-    /// Input: an N,C,H,W array of float32, float16 or bfloat16 (saved as |V2).
+    /// Input: an N,C,L / N,C,H,W / N,C,D,H,W array of float32, float16 or bfloat16 (saved as |V2).
     #[arg(long)]
     input: PathBuf,
     /// Output, in the input's dtype.
     #[arg(long)]
     output: PathBuf,
-    /// Also write the keep mask: u8 N,C,H,W, 1 where kept.
+    /// Also write the keep mask: u8 of the input's shape, 1 where kept.
     #[arg(long)]
     keep_mask: Option<PathBuf>,
     #[command(flatten)]

@@ -18,7 +18,7 @@ use super::{CliError, ConfigArgs, ShapeArg};
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// N,C,H,W.
+    /// N,C,L / N,C,H,W / N,C,D,H,W.
     #[arg(long, default_value = "256,1024,14,14")]
     shape: ShapeArg,
     /// Element type: f32 | f16 | bf16.

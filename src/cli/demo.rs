@@ -13,7 +13,8 @@ use super::{CliError, ConfigArgs, ShapeArg};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// N,C,H,W; the default is ResNet-50's group-3 output at batch 64.
+    /// N,C,H,W (or N,C,L / N,C,D,H,W: the picture shows each slice's first depth
+    /// slice); the default is ResNet-50's group-3 output at batch 64.
     #[arg(long, default_value = "64,1024,14,14")]
     shape: ShapeArg,
     #[command(flatten)]
@@ -72,9 +73,10 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The keep masks of the first (up to) 16 slices, tiled 4 x 4, and how many.
+/// The keep masks of the first (up to) 16 slices (of a volume, its first depth
+/// slice), tiled 4 x 4, and how many.
 fn masks_png(mask: &[u8], shape: Shape) -> (Image, usize) {
-    let (h, w) = (shape.h(), shape.w());
+    let (h, w, l) = (shape.h(), shape.w(), shape.plane_len());
     let zoom = (96 / h.max(w)).clamp(1, 8);
     let tiles = (shape.n() * shape.c()).min(16);
     let (cols, rows) = (4.min(tiles), tiles.div_ceil(4));
@@ -84,7 +86,7 @@ fn masks_png(mask: &[u8], shape: Shape) -> (Image, usize) {
         let (ox, oy) = ((t % 4) * tw + 2, (t / 4) * th + 2);
         for y in 0..h {
             for x in 0..w {
-                let kept = mask[t * h * w + y * w + x] == 1;
+                let kept = mask[t * l + y * w + x] == 1;
                 let c = if kept { [235, 235, 235] } else { image::dropped([235, 235, 235]) };
                 img.fill_rect(ox + x * zoom, oy + y * zoom, zoom, zoom, c);
             }

@@ -1,4 +1,4 @@
-//! `.npy` tensors for the CLI: N,C,H,W arrays of f32, f16 or bf16.
+//! `.npy` tensors for the CLI: N,C,L / N,C,H,W / N,C,D,H,W arrays of f32, f16 or bf16.
 //!
 //! numpy has no bf16 dtype; ml_dtypes' bfloat16 arrays are saved by `np.save` as
 //! two-byte void (`|V2`), so that is what bf16 reads from and writes to.
