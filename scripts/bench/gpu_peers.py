@@ -68,6 +68,17 @@ def median_ms(fn, iters, prepare=None):
     return statistics.median(times)
 
 
+def inputs(shape, iters):
+    """For f32 and bf16: (dtype name, a random input, the floor's bytes, copy GB/s)."""
+    for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(shape, device="cuda", dtype=tdtype)
+        y = torch.empty_like(x)
+        nbytes = 2 * x.numel() * x.element_size()
+        copy_gbps = nbytes / median_ms(lambda: y.copy_(x), iters) / 1e6
+        del y
+        yield dtype, x, nbytes, copy_gbps
+
+
 def peer_times(op, x, k, iters):
     """(forward ms, backward ms) of op(x, 0.1, k), backward through autograd."""
     fwd = median_ms(lambda: op(x, 0.1, k), iters)
@@ -122,11 +133,7 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     for shape, k in SHAPES:
-        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-            x = torch.randn(shape, device="cuda", dtype=tdtype)
-            y = torch.empty_like(x)
-            nbytes = 2 * x.numel() * x.element_size()
-            copy_gbps = nbytes / median_ms(lambda: y.copy_(x), args.iters) / 1e6
+        for dtype, x, nbytes, copy_gbps in inputs(shape, args.iters):
             tv, tm = peer_times(tv_op, x, k, args.iters), peer_times(timm_op, x, k, args.iters)
             for i, pass_name in enumerate(("forward", "backward")):
                 ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
@@ -136,7 +143,7 @@ def main():
                        f"{tv[i] / ms:.1f} | {tm[i] / ms:.1f} |")
                 lines.append(row)
                 print(row, flush=True)
-            del x, y
+            del x
             torch.cuda.empty_cache()
     compiled_table(args, lines)
     nd_table(args, lines)
@@ -154,11 +161,7 @@ def nd_table(args, lines):
     print("\n".join(head), flush=True)
     tv3, mv3 = peer_ops.torchvision_3d_op(), peer_ops.miguelvr_3d_op()
     for shape, k in ND_SHAPES:
-        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-            x = torch.randn(shape, device="cuda", dtype=tdtype)
-            y = torch.empty_like(x)
-            nbytes = 2 * x.numel() * x.element_size()
-            copy_gbps = nbytes / median_ms(lambda: y.copy_(x), args.iters) / 1e6
+        for dtype, x, nbytes, copy_gbps in inputs(shape, args.iters):
             peers = [None, None]
             if len(shape) == 5:
                 peers = [peer_times(tv3, x, k, args.iters), peer_times(mv3, x, k, args.iters)]
@@ -170,7 +173,7 @@ def nd_table(args, lines):
                        f"{pct:.1f} | " + " | ".join(cells) + " |")
                 lines.append(row)
                 print(row, flush=True)
-            del x, y
+            del x
             torch.cuda.empty_cache()
 
 
