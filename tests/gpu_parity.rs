@@ -518,6 +518,11 @@ mod gpu {
         let mut other = d.alloc_state(s, Shape::new(1, 1, 4, 8).unwrap()).unwrap();
         let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
         assert!(matches!(err, dropblock::Error::ShapeMismatch { .. }), "{err}");
+        // A 2D block on a 3D tensor of the same element count, before any launch.
+        let volume = Shape::new_3d(1, 2, 2, 2, 4).unwrap();
+        let square = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1).build().unwrap();
+        let err = d.forward(s, &square, volume, key, Mode::Train, &x, &mut y).unwrap_err();
+        assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 });
 
         let err = DeviceGenerator::new(s, 1, DeviceGenerator::MAX_START_OFFSET + 1).unwrap_err();
         assert!(matches!(err, dropblock::Error::OffsetOverflow { .. }), "{err}");
