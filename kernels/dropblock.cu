@@ -12,6 +12,8 @@
 //   dropblock_apply_unaligned_<T>      one scale or one per sample
 //   dropblock_fused_<T>              Expected / None normalisation, no sharing:
 //                                      a tile's mask and its scaled copy in one launch
+//   dropblock_channels_last_bits     a channels-last call's keep bits in the tensor's
+//                                      own order, from the planes' bits
 //   dropblock_sample_seeds           the raw seed words, for checking the sampler
 //
 // `_unaligned` variants take any pointers and shapes; the others need x and y
@@ -179,6 +181,48 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
 DROPBLOCK_ELEMENTWISE_KERNELS(float, f32)
 DROPBLOCK_ELEMENTWISE_KERNELS(__half, f16)
 DROPBLOCK_ELEMENTWISE_KERNELS(__nv_bfloat16, bf16)
+
+// The keep bits of a channels-last call in the tensor's own order, one bit per
+// element: bit ((n * L + cell) * C + c) = bit cell of plane plane_of(n, c). The apply
+// kernels then read them as flat bits (bit e for element e), 16-byte vectors and
+// all, whatever the sharing. A warp transposes a block of 32 channels x 32 cells at
+// a time: lane j holds 32 cells of channel c0 + j's plane, and 32 ballots give each
+// lane one cell's run of 32 channels. With C a multiple of 32 every run is a whole
+// word and is stored; otherwise runs straddle words and are ORed into bits the host
+// zeroed.
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock_channels_last_bits(DropBlockGeometry g, DropBlockApply a, const uint32_t* plane_bits, uint32_t* bits) {
+    const uint64_t L = a.plane_len, C = g.c;
+    const uint64_t cell_blocks = (L + 31) / 32, channel_blocks = (C + 31) / 32;
+    const uint64_t items = g.n * cell_blocks * channel_blocks;
+    const PlaneBits planes{g, plane_bits, L, (g.planes * L + 31) / 32};
+    const uint32_t lane = threadIdx.x & 31;
+    const uint64_t warps = threads_in_grid() / 32;
+    const bool whole_words = C % 32 == 0;
+    // Warp-uniform: every lane takes part in the ballots.
+    for (uint64_t i = global_thread() / 32; i < items; i += warps) {
+        const uint64_t rest = i / channel_blocks, c0 = (i - rest * channel_blocks) * 32;
+        const uint64_t n = rest / cell_blocks, cell0 = (rest - n * cell_blocks) * 32;
+        const uint32_t channels = (uint32_t)min((uint64_t)32, C - c0), cells = (uint32_t)min((uint64_t)32, L - cell0);
+        // Bits past the plane's last cell are the next plane's; no lane stores them.
+        const uint32_t mine = lane < channels ? planes.from(plane_of(g, n, c0 + lane) * L + cell0) : 0u;
+        uint32_t run = 0;
+#pragma unroll
+        for (uint32_t k = 0; k < 32; ++k) {
+            const uint32_t w = __ballot_sync(FULL_WARP, (mine >> k) & 1u);
+            if (k == lane) run = w;
+        }
+        if (lane >= cells) continue;
+        const uint64_t at = (n * L + cell0 + lane) * C + c0;
+        const uint32_t shift = (uint32_t)(at & 31);
+        if (whole_words) {
+            bits[at >> 5] = run;
+        } else if (run) {
+            atomicOr(&bits[at >> 5], run << shift);
+            if (shift && shift + channels > 32) atomicOr(&bits[(at >> 5) + 1], run >> (32 - shift));
+        }
+    }
+}
 
 // One thread per window: the seed words of every window of the call, in window
 // order.

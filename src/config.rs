@@ -346,10 +346,23 @@ impl DropBlockConfigBuilder {
     }
 }
 
-/// A channels-first shape, validated: `(N, C, L)`, `(N, C, H, W)` or
-/// `(N, C, D, H, W)`, spatial rank 1, 2 or 3. No dimension is zero, every one fits
-/// the kernels' 32-bit geometry, and the element count fits `usize` and 63-bit
-/// device indexing.
+/// How a tensor's elements lie in memory. The mask is defined on logical
+/// coordinates `(n, c, spatial...)`, so a channels-last call drops exactly the units
+/// that the channels-first call of the same logical tensor drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// `N, C, spatial...` (NCL, NCHW, NCDHW): PyTorch's default.
+    #[default]
+    ChannelsFirst,
+    /// `N, spatial..., C` (NLC, NHWC, NDHWC): TensorFlow's default and PyTorch's
+    /// `channels_last` memory format.
+    ChannelsLast,
+}
+
+/// A validated shape: the logical dimensions `(N, C, L)`, `(N, C, H, W)` or
+/// `(N, C, D, H, W)` (spatial rank 1, 2 or 3) and the [`Layout`] of the buffers.
+/// No dimension is zero, every one fits the kernels' 32-bit geometry, and the
+/// element count fits `usize` and 63-bit device indexing.
 ///
 /// Lower ranks are the 3D geometry with unit axes in front: a 1D length is the
 /// width of a `1 x 1 x L` volume, a 2D map a `1 x H x W` one, so one
@@ -359,6 +372,7 @@ pub struct Shape {
     /// `[N, C, dims...]`, then zeros past `2 + rank`.
     dims: [usize; 5],
     rank: u8,
+    layout: Layout,
 }
 
 impl Shape {
@@ -402,7 +416,27 @@ impl Shape {
             .ok_or_else(|| Error::ElementCountOverflow { dims: dims.iter().map(|&v| v as u64).collect() })?;
         let mut all = [0usize; 5];
         all[..dims.len()].copy_from_slice(dims);
-        Ok(Self { dims: all, rank: (dims.len() - 2) as u8 })
+        Ok(Self { dims: all, rank: (dims.len() - 2) as u8, layout: Layout::ChannelsFirst })
+    }
+
+    /// The same logical shape with buffers in `layout`.
+    pub fn with_layout(self, layout: Layout) -> Self {
+        Self { layout, ..self }
+    }
+
+    /// How the buffers of a call on this shape lie in memory.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The dimensions in memory order: `[N, C, spatial...]` channels-first,
+    /// `[N, spatial..., C]` channels-last.
+    pub fn physical_dims(&self) -> Vec<usize> {
+        let mut d = self.dims().to_vec();
+        if self.layout == Layout::ChannelsLast {
+            d[1..].rotate_left(1);
+        }
+        d
     }
 
     /// Batch size N.
@@ -460,11 +494,15 @@ impl Shape {
     }
 }
 
-/// `N x C x ...`, e.g. `8x64x56x56`.
+/// `N x C x ...`, e.g. `8x64x56x56`, with ` channels-last` after a channels-last one.
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s: Vec<String> = self.dims().iter().map(usize::to_string).collect();
-        f.write_str(&s.join("x"))
+        f.write_str(&s.join("x"))?;
+        match self.layout {
+            Layout::ChannelsFirst => Ok(()),
+            Layout::ChannelsLast => f.write_str(" channels-last"),
+        }
     }
 }
 
@@ -505,6 +543,7 @@ named_choices! {
     GammaRule { Paper = "paper", ExactRate = "exact", PerBlock = "per-block" }
     Sharing { None = "none", Channels = "channels", Batch = "batch", All = "all" }
     Normalize { Global = "global", PerSample = "per-sample", Expected = "expected", None = "none" }
+    Layout { ChannelsFirst = "channels-first", ChannelsLast = "channels-last" }
 }
 
 impl fmt::Display for DropBlockConfig {

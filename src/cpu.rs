@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use crate::abi;
-use crate::config::{DropBlockConfig, Mode, Normalize, Shape};
+use crate::config::{DropBlockConfig, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::BlockMasks;
@@ -28,6 +28,9 @@ enum State {
     Masked {
         plan: Box<Plan>,
         masks: BlockMasks,
+        /// For a channels-last shape, the masks in the tensor's own order (bit `e`
+        /// for element `e`), which the element-wise passes read as flat bits.
+        channels_last: Option<BlockMasks>,
         kept: u64,
         per_sample: bool,
         /// One scale, or one per sample under PerSample normalisation.
@@ -94,11 +97,12 @@ impl Saved {
         })
     }
 
-    /// The keep mask as u8 in the tensor's order: 1 where the element was kept.
+    /// The keep mask as u8 in the tensor's memory order (its [`Layout`]): 1 where the
+    /// element was kept.
     pub fn keep_mask(&self) -> Vec<u8> {
         let mut out = vec![1u8; self.shape.numel()];
         if !self.is_identity() {
-            let masks = masks_of(self);
+            let masks = self.element_bits();
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, dst)| {
                 self.for_each_run(k * CHUNK, dst.len(), |j0, bit, n, _| {
                     for (w, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
@@ -119,7 +123,7 @@ impl Saved {
     /// elements from `e0` on, 64 at a time with one mask word each.
     #[inline(always)]
     fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T]) {
-        let masks = masks_of(self);
+        let masks = self.element_bits();
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
                 let s = src.map(|s| &s[j0 + 64 * k..][..d.len()]);
@@ -130,15 +134,16 @@ impl Saved {
 
     /// Walks elements `e0 .. e0 + len` in runs that share a scale and whose mask
     /// bits are consecutive, calling `f(j0, bit, run_len, scale)` for the run that
-    /// starts at element `e0 + j0`: without sharing the whole range at once (bit `e`
-    /// is element `e`'s), else one `(n, c)` slice at a time.
+    /// starts at element `e0 + j0`: without sharing or channels-last the whole range
+    /// at once (bit `e` is element `e`'s, of [`Saved::element_bits`]), else one
+    /// `(n, c)` slice at a time.
     #[inline(always)]
     fn for_each_run(&self, e0: usize, len: usize, mut f: impl FnMut(usize, usize, usize, f32)) {
-        let State::Masked { plan, per_sample, scales, .. } = &self.state else {
+        let State::Masked { plan, per_sample, scales, channels_last, .. } = &self.state else {
             unreachable!("identity calls copy instead")
         };
         let (c, l) = (self.shape.c(), self.shape.plane_len());
-        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE;
+        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || channels_last.is_some();
         let mut j = 0;
         while j < len {
             let e = e0 + j;
@@ -202,10 +207,15 @@ fn times_zero<T: Element>(mut bits: u64, s: Option<&[T]>, d: &mut [T]) {
     }
 }
 
-fn masks_of(saved: &Saved) -> &BlockMasks {
-    match &saved.state {
-        State::Masked { masks, .. } => masks,
-        State::Identity => unreachable!("identity calls copy instead"),
+impl Saved {
+    /// The bits the element-wise passes read: the planes' masks, or their
+    /// channels-last transpose.
+    fn element_bits(&self) -> &BlockMasks {
+        match &self.state {
+            State::Masked { channels_last: Some(bits), .. } => bits,
+            State::Masked { masks, .. } => masks,
+            State::Identity => unreachable!("identity calls copy instead"),
+        }
     }
 }
 
@@ -234,6 +244,10 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
         _ => kept_per_sample.resize(shape.n(), c as u64 * slice_kept(0)),
     }
     let kept: u64 = kept_per_sample.iter().sum();
+    let channels_last = match shape.layout() {
+        Layout::ChannelsFirst => None,
+        Layout::ChannelsLast => Some(masks.channels_last(&plan, shape.n(), c)?),
+    };
     let per_sample = cfg.normalize() == Normalize::PerSample;
     let scales = match cfg.normalize() {
         Normalize::Global => vec![count_scale(shape.numel() as u64, kept)],
@@ -246,7 +260,7 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
         Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
         Normalize::None => vec![1.0],
     };
-    Ok(Saved { shape, state: State::Masked { plan: Box::new(plan), masks, kept, per_sample, scales } })
+    Ok(Saved { shape, state: State::Masked { plan: Box::new(plan), masks, channels_last, kept, per_sample, scales } })
 }
 
 /// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.

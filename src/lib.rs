@@ -139,7 +139,8 @@ pub mod sampling;
 pub mod schedule;
 
 pub use config::{
-    Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Mode, Normalize, Placement, Shape, Sharing,
+    Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Layout, Mode, Normalize, Placement, Shape,
+    Sharing,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

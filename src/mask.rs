@@ -73,6 +73,76 @@ impl BlockMasks {
     }
 }
 
+impl BlockMasks {
+    /// The same mask in a channels-last tensor's own order, one bit per element:
+    /// bit `((n·L + cell)·C + c)` is bit `cell` of plane `plane_of(n, c)`, for every
+    /// sharing, so the element-wise passes read it as flat bits. Built from 64 x 64
+    /// bit-matrix transposes (64 channels' runs of 64 cells in, 64 cells' runs of 64
+    /// channels out), in parallel over samples grouped to start on a word.
+    pub(crate) fn channels_last(&self, plan: &Plan, n: usize, c: usize) -> Result<Self> {
+        let l = self.plane_len;
+        let sample = l * c;
+        let total = n.checked_mul(sample).ok_or(Error::HostAllocation { bytes: u64::MAX })?;
+        let len = total.div_ceil(WORD);
+        let mut words = Vec::new();
+        words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
+        words.resize(len, 0u64);
+        let align = WORD / gcd(sample, WORD);
+        let by_size = (TILE_BITS / (align * sample)).max(1);
+        let by_threads = n.div_ceil(align * 4 * rayon::current_num_threads().max(1)).max(1);
+        let group = align * by_size.min(by_threads);
+        words.par_chunks_mut(group * sample / WORD).enumerate().for_each(|(t, out)| {
+            let first = t * group;
+            for s in first..(first + group).min(n) {
+                let base = (s - first) * sample;
+                for c0 in (0..c).step_by(WORD) {
+                    let cw = (c - c0).min(WORD);
+                    for cell0 in (0..l).step_by(WORD) {
+                        let mut rows = [0u64; WORD];
+                        for (j, row) in rows.iter_mut().enumerate().take(cw) {
+                            *row = self.bits_from(plan.plane_of(s, c0 + j) * l + cell0);
+                        }
+                        transpose64(&mut rows);
+                        for (i, &row) in rows.iter().enumerate().take((l - cell0).min(WORD)) {
+                            or_bits(out, base + (cell0 + i) * c + c0, row & crate::sampling::low_bits(cw as u32), cw);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Self { plane_len: sample, words })
+    }
+}
+
+/// Transposes a 64 x 64 bit matrix in place: bit `j` of row `i` trades places with
+/// bit `i` of row `j` (Hacker's Delight 7-3, least significant bit first).
+fn transpose64(a: &mut [u64; WORD]) {
+    let (mut j, mut m) = (32usize, 0x0000_0000_FFFF_FFFFu64);
+    while j != 0 {
+        let mut k = 0;
+        while k < WORD {
+            let t = ((a[k] >> j) ^ a[k + j]) & m;
+            a[k + j] ^= t;
+            a[k] ^= t << j;
+            k = (k + j + 1) & !j;
+        }
+        j >>= 1;
+        m ^= m << j;
+    }
+}
+
+/// ORs the low `n` (1..=64) bits of `v` into bits `[at, at + n)`.
+fn or_bits(words: &mut [u64], at: usize, v: u64, n: usize) {
+    if v == 0 {
+        return;
+    }
+    let (i, s) = (at / WORD, at % WORD);
+    words[i] |= v << s;
+    if s + n > WORD {
+        words[i + 1] |= v >> (WORD - s);
+    }
+}
+
 /// Planes per CPU tile: a multiple of `q` (whole windows) and of
 /// `64 / gcd(L, 64)` (a tile starts on a word), about TILE_BITS, and small enough
 /// that every thread gets several tiles.
@@ -199,7 +269,26 @@ fn count_range(words: &[u64], lo: usize, hi: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{count_range, set_bits};
+    use super::{count_range, set_bits, transpose64};
+
+    #[test]
+    fn transpose64_moves_bit_j_of_row_i_to_bit_i_of_row_j() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut a = [0u64; 64];
+        for row in a.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *row = state;
+        }
+        let mut t = a;
+        transpose64(&mut t);
+        for i in 0..64 {
+            for j in 0..64 {
+                assert_eq!(t[j] >> i & 1, a[i] >> j & 1, "row {i} bit {j}");
+            }
+        }
+    }
 
     #[test]
     fn set_and_count_span_words() {

@@ -39,7 +39,7 @@ mod gpu {
     use cudarc::driver::{sys, CudaStream};
     use dropblock::cuda::{CudaElement, DeviceGenerator, DropBlockCuda};
     use dropblock::sampling::Plan;
-    use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Normalize, RngKey, Shape};
+    use dropblock::{cpu, Block, DropBlockConfig, Element, Layout, Mode, Normalize, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -136,6 +136,14 @@ mod gpu {
             _ => &[1, 2, 3, 5, 8, 13, 16, 28],
         };
         let shape = common::random_shape_of_rank(rng, rank, 4, 6, sides);
+        // Channels-last a quarter of the time, with channel counts on and off 32.
+        let shape = if rng.random_bool(0.25) {
+            let mut dims = shape.dims().to_vec();
+            dims[1] = [3, 32, 64, 70][rng.random_range(0..4)];
+            Shape::from_dims(&dims).unwrap().with_layout(Layout::ChannelsLast)
+        } else {
+            shape
+        };
         Case { shape, cfg: config(rng, rank), key: common::random_key(rng) }
     }
 
@@ -209,6 +217,7 @@ mod gpu {
         let mut rng = StdRng::seed_from_u64(2);
         let mut seen = std::collections::HashSet::new();
         let mut seen_rank = std::collections::HashSet::new();
+        let mut seen_layout = std::collections::HashSet::new();
         for i in 0..if quick() { 24 } else { 240u64 } {
             let (case, min_tiles) = match i % 4 {
                 0 => (random_case_of(&mut rng, common::random_fusable_config_of_rank), 0),
@@ -225,6 +234,7 @@ mod gpu {
             let path = d.launch_plan(&case.cfg, case.shape).unwrap().path;
             seen.insert((path, dtype));
             seen_rank.insert((case.shape.spatial_rank(), path));
+            seen_layout.insert((case.shape.layout(), path));
         }
         for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for dtype in ["f32", "f16", "bf16"] {
@@ -233,6 +243,10 @@ mod gpu {
             if !quick() {
                 for rank in 1..=3 {
                     assert!(seen_rank.contains(&(rank, path)), "no {rank}D case took {path:?}");
+                }
+                // Channels-last never takes the fused kernels (its bits are transposed first).
+                if path != LaunchPath::Fused {
+                    assert!(seen_layout.contains(&(Layout::ChannelsLast, path)), "no channels-last case took {path:?}");
                 }
             }
         }

@@ -35,7 +35,7 @@ mod emulation {
 
     use dropblock::cuda::{apply_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS};
     use dropblock::sampling::Plan;
-    use dropblock::{abi, cpu, DropBlockConfig, Mode, RngKey, Shape};
+    use dropblock::{abi, cpu, DropBlockConfig, Layout, Mode, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -142,6 +142,12 @@ mod emulation {
         calls: u32,
     }
 
+    impl Case {
+        fn channels_last(&self) -> bool {
+            self.shape.layout() == Layout::ChannelsLast
+        }
+    }
+
     /// A case of spatial rank `rank`: 1D lengths from 1 to past a tile, 2D maps,
     /// and 3D volumes from a cell to 13^3.
     fn random_case(rng: &mut StdRng, rank: usize) -> Case {
@@ -150,8 +156,18 @@ mod emulation {
             2 => &[1, 2, 3, 5, 7, 9, 13, 14, 19, 33, 64, 65, 70, 129],
             _ => &[1, 2, 3, 4, 5, 7, 9, 13],
         };
+        // Channels-last a third of the time, with a channel count that is a multiple
+        // of 32 or not (whole words or ORed runs).
+        let channels_last = rng.random_bool(0.35);
         let shape = loop {
             let s = common::random_shape_of_rank(rng, rank, 3, 4, sides);
+            let s = if channels_last {
+                let mut dims = s.dims().to_vec();
+                dims[1] = [1, 3, 17, 32, 64, 70][rng.random_range(0..6)];
+                Shape::from_dims(&dims).unwrap().with_layout(Layout::ChannelsLast)
+            } else {
+                s
+            };
             if s.numel() <= 40_000 || (s.numel() <= 140_000 && s.n() * s.c() <= 2) {
                 break s;
             }
@@ -202,13 +218,27 @@ mod emulation {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
         let mut seen_rank = std::collections::HashSet::new();
-        for i in 0..72 {
+        let mut seen_layout = std::collections::HashSet::new();
+        for i in 0..84 {
             let rank = [2, 1, 3][i as usize % 3];
             let case = random_case(&mut rng, rank);
             let (path, vector) =
                 check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
             seen.insert((path, vector));
             seen_rank.insert((rank, path == LaunchPath::Grid));
+            if case.channels_last() {
+                seen_layout.insert((path == LaunchPath::Grid, case.shape.c() % 32 == 0));
+            }
+        }
+        for grid in [false, true] {
+            for whole_words in [false, true] {
+                if !seen_layout.contains(&(grid, whole_words)) {
+                    return Err(format!(
+                        "no channels-last case took grid={grid} with C % 32 == 0: {whole_words}: widen random_case"
+                    )
+                    .into());
+                }
+            }
         }
         for rank in 1..=3 {
             for grid in [false, true] {
@@ -295,7 +325,12 @@ mod emulation {
                 tiles_with(plan.geometry(), launch.apply.plane_len, plan.geometry().planes_per_window as u64);
         }
         let (apply, path) = (launch.apply, launch.path);
-        let op = apply_op::<T>(!c.unaligned, plan.geometry(), &apply);
+        // Channels-last keep bits are flat, whatever the sharing (src/cuda/ops.rs).
+        let mut apply_g = *plan.geometry();
+        if c.channels_last() {
+            apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
+        }
+        let op = apply_op::<T>(!c.unaligned, &apply_g, &apply);
 
         let mut req = Vec::new();
         for v in [
@@ -308,6 +343,7 @@ mod emulation {
             c.unaligned as u32,
             c.device_key as u32,
             calls,
+            c.channels_last() as u32,
         ] {
             req.extend_from_slice(&v.to_le_bytes());
         }
@@ -332,7 +368,8 @@ mod emulation {
         let scales: Vec<f32> = take(&mut buf, shape.n());
         let y: Vec<T> = take(&mut buf, n);
         let key_after: Vec<u64> = take(&mut buf, 2);
-        let stepped = if c.device_key { c.key.offset() + 17 * calls as u64 } else { c.key.offset() };
+        // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
+        let stepped = if c.device_key { c.key.offset().wrapping_add(17 * calls as u64) } else { c.key.offset() };
         let tag = format!("{path:?}, {:?}, {calls} call(s)", APPLY_OPS[op]);
         if key_after != [c.key.seed(), stepped] {
             return Err(format!(
@@ -343,11 +380,17 @@ mod emulation {
 
         let l = shape.plane_len();
         let mut mask = vec![0u8; n];
-        for (i, slice) in mask.chunks_mut(l).enumerate() {
-            let base = plan.plane_of(i / shape.c(), i % shape.c()) * l;
-            for (cell, v) in slice.iter_mut().enumerate() {
-                let b = base + cell;
-                *v = (bits[b / 32] >> (b % 32) & 1) as u8;
+        if c.channels_last() {
+            for (e, v) in mask.iter_mut().enumerate() {
+                *v = (bits[e / 32] >> (e % 32) & 1) as u8;
+            }
+        } else {
+            for (i, slice) in mask.chunks_mut(l).enumerate() {
+                let base = plan.plane_of(i / shape.c(), i % shape.c()) * l;
+                for (cell, v) in slice.iter_mut().enumerate() {
+                    let b = base + cell;
+                    *v = (bits[b / 32] >> (b % 32) & 1) as u8;
+                }
             }
         }
         if mask != saved.keep_mask() {

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use super::module::{context, load};
 use super::ranges;
 use crate::abi;
-use crate::config::{DropBlockConfig, Mode, Normalize, Shape, Sharing};
+use crate::config::{DropBlockConfig, Layout, Mode, Normalize, Shape, Sharing};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::rng::RngKey;
@@ -33,7 +33,7 @@ impl CudaElement for f16 {}
 impl CudaElement for bf16 {}
 
 const THREADS: u32 = 256;
-const UNTYPED: [&str; 4] = ["count_mask", "seed_blocks", "count_bits", "sample_seeds"];
+const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "channels_last_bits", "sample_seeds"];
 /// The scaled copies from saved keep bits, by layout of the bits and scales
 /// (tests/emulator/driver.cpp indexes them in this order).
 #[doc(hidden)]
@@ -155,6 +155,10 @@ impl DeviceGenerator {
 pub struct DeviceState {
     shape: Shape,
     keep_bits: CudaSlice<u32>,
+    /// Channels-last shapes: owns the planes' bits (`ptrs.plane_bits`), which the
+    /// count pass writes and `channels_last_bits` turns into `keep_bits` in the
+    /// tensor's order.
+    _plane_bits: Option<CudaSlice<u32>>,
     counts: CudaSlice<u64>,
     scales: CudaSlice<f32>,
     ptrs: StatePtrs,
@@ -168,6 +172,9 @@ pub struct DeviceState {
 #[derive(Debug, Clone, Copy)]
 struct StatePtrs {
     keep_bits: sys::CUdeviceptr,
+    /// Where the count pass writes the planes' bits: `keep_bits`, or for a
+    /// channels-last shape the state's `plane_bits`.
+    plane_bits: sys::CUdeviceptr,
     counts: sys::CUdeviceptr,
     scales: sys::CUdeviceptr,
 }
@@ -267,22 +274,30 @@ impl DropBlockCuda {
     }
 
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
-    /// calls: one keep bit per element (the most any sharing needs), N + 2
-    /// counters and N scales.
+    /// calls: one keep bit per element (the most any sharing needs; a
+    /// channels-last shape another for the planes' bits), N + 2 counters and N
+    /// scales.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
         self.check_context(stream.context())?;
         let keep_bits = stream.alloc_zeros::<u32>(shape.numel().div_ceil(32))?;
+        let plane_bits = match shape.layout() {
+            Layout::ChannelsFirst => None,
+            Layout::ChannelsLast => Some(stream.alloc_zeros::<u32>(shape.numel().div_ceil(32))?),
+        };
         let counts = stream.alloc_zeros::<u64>(abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n())?;
         let scales = stream.alloc_zeros::<f32>(shape.n())?;
         // The raw pointers, taken once; DeviceState orders its own uses by stream.
+        let keep_ptr = keep_bits.device_ptr(stream).0;
         let ptrs = StatePtrs {
-            keep_bits: keep_bits.device_ptr(stream).0,
+            keep_bits: keep_ptr,
+            plane_bits: plane_bits.as_ref().map_or(keep_ptr, |b| b.device_ptr(stream).0),
             counts: counts.device_ptr(stream).0,
             scales: scales.device_ptr(stream).0,
         };
         Ok(DeviceState {
             shape,
             keep_bits,
+            _plane_bits: plane_bits,
             counts,
             scales,
             ptrs,
@@ -509,7 +524,7 @@ impl DropBlockCuda {
                 let k = self.kernel(op, T::DTYPE.name())?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&io.x).arg(&io.y);
-                b.arg(&p.keep_bits).arg(&p.counts).arg(&p.scales);
+                b.arg(&p.plane_bits).arg(&p.counts).arg(&p.scales);
                 // SAFETY: argument types match the kernel; the state holds a bit per
                 // element, N + 2 counters and N scales; x and y hold numel elements.
                 unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
@@ -518,25 +533,38 @@ impl DropBlockCuda {
                 let k = self.kernel("count_mask", "")?;
                 let mut b = stream.launch_builder(&k.function);
                 b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a);
-                b.arg(&p.keep_bits).arg(&p.counts).arg(&p.scales);
+                b.arg(&p.plane_bits).arg(&p.counts).arg(&p.scales);
                 // SAFETY: as above.
                 unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
             }
             (LaunchPath::Grid, _) => {
                 let words = (g.planes * a.plane_len).div_ceil(32);
                 // SAFETY: the state's bits hold at least `words` words (a bit per element).
-                unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
+                unsafe { result::memset_d8_async(p.plane_bits, 0, words as usize * 4, stream.cu_stream()) }?;
                 let k = self.kernel("seed_blocks", "")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&p.keep_bits);
+                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&p.plane_bits);
                 // SAFETY: as above; the bits are zeroed.
                 unsafe { b.launch(self.launch_config(k, g.windows.div_ceil(THREADS as u64))) }?;
                 let k = self.kernel("count_bits", "")?;
                 let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&a).arg(&p.keep_bits).arg(&p.counts).arg(&p.scales).arg(&device_key);
+                b.arg(&g).arg(&a).arg(&p.plane_bits).arg(&p.counts).arg(&p.scales).arg(&device_key);
                 // SAFETY: as above.
                 unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
             }
+        }
+        if shape.layout() == Layout::ChannelsLast {
+            let words = a.numel.div_ceil(32);
+            if g.c % 32 != 0 {
+                // Runs straddle words and are ORed in (kernels/dropblock.cu).
+                // SAFETY: the state's keep bits hold a bit per element.
+                unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
+            }
+            let k = self.kernel("channels_last_bits", "")?;
+            let mut b = stream.launch_builder(&k.function);
+            b.arg(&g).arg(&a).arg(&p.plane_bits).arg(&p.keep_bits);
+            // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
+            unsafe { b.launch(self.launch_config(k, (words * 32).div_ceil(1024 * 8))) }?;
         }
         state.call = Some(Call { masked: Some((plan, launch)) });
         if let Some(io) = &io {
@@ -575,6 +603,15 @@ impl DropBlockCuda {
         a: &abi::DropBlockApply,
         io: &Io,
     ) -> Result<()> {
+        // A channels-last state's keep bits are in the tensor's order: flat, whatever
+        // the sharing.
+        let flat;
+        let g = if state.shape.layout() == Layout::ChannelsLast {
+            flat = abi::DropBlockGeometry { sharing: abi::DROPBLOCK_SHARE_NONE, ..*g };
+            &flat
+        } else {
+            g
+        };
         let op = apply_op::<T>(io.aligned(), g, a);
         let k = self.kernel(APPLY_OPS[op], T::DTYPE.name())?;
         let vec = if op == 4 { 1 } else { 16 / std::mem::size_of::<T>() as u64 };
@@ -632,7 +669,10 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
     let tiles = tiles_of(&g, apply.plane_len, blocks);
     let path = match tiles {
         Some(t) if t.tiles >= min_tiles => {
-            if matches!(cfg.normalize(), Normalize::Expected | Normalize::None) && cfg.sharing() == Sharing::None {
+            if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
+                && cfg.sharing() == Sharing::None
+                && shape.layout() == Layout::ChannelsFirst
+            {
                 LaunchPath::Fused
             } else {
                 LaunchPath::Tiles
@@ -762,9 +802,11 @@ impl DeviceState {
         self.call.as_ref().and_then(|c| c.masked.as_ref()).map(|(plan, _)| plan)
     }
 
-    /// The keep bits on the device, dense over the mask planes: bit `i % 32` of
-    /// word `i / 32` is set when bit `i = plane · H·W + h·W + w` is kept. Written by
-    /// kernels on [`Self::last_stream`], outside cudarc's event tracking.
+    /// The keep bits on the device: bit `i % 32` of word `i / 32` is set when bit
+    /// `i` is kept. Channels-first they are dense over the mask planes, `i = plane · L
+    /// + cell` (`L` the cells of a slice); channels-last they are in the tensor's own
+    /// order, `i` the element's index. Written by kernels on [`Self::last_stream`],
+    /// outside cudarc's event tracking.
     pub fn keep_bits(&self) -> &CudaSlice<u32> {
         &self.keep_bits
     }
@@ -776,9 +818,14 @@ impl DeviceState {
             return Ok(None);
         };
         self.enter(stream)?;
-        let words = (plan.planes() * self.shape.plane_len()).div_ceil(32);
-        let bits = stream.clone_dtoh(&self.keep_bits.slice(..words))?;
+        let used = if self.flat_bits(&plan) { self.shape.numel() } else { plan.planes() * self.shape.plane_len() };
+        let bits = stream.clone_dtoh(&self.keep_bits.slice(..used.div_ceil(32)))?;
         Ok(Some((plan, bits)))
+    }
+
+    /// Whether the keep bits are one per element in the tensor's order.
+    fn flat_bits(&self, plan: &Plan) -> bool {
+        plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || self.shape.layout() == Layout::ChannelsLast
     }
 
     /// Kept elements over the tensor, counted from the keep bits (synchronises the
@@ -788,7 +835,7 @@ impl DeviceState {
         let Some((plan, bits)) = self.host_bits(stream)? else {
             return Ok(s.numel() as u64);
         };
-        if plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE {
+        if self.flat_bits(&plan) {
             return Ok(bits.iter().map(|w| w.count_ones() as u64).sum());
         }
         // With sharing there are at most max(N, C) planes, each read by several slices.
@@ -798,12 +845,16 @@ impl DeviceState {
         Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
     }
 
-    /// The keep mask as u8 in NCHW order, 1 where kept (synchronises the stream).
+    /// The keep mask as u8 in the tensor's memory order, 1 where kept
+    /// (synchronises the stream).
     pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
         let s = self.shape;
         let Some((plan, bits)) = self.host_bits(stream)? else {
             return Ok(vec![1; s.numel()]);
         };
+        if self.flat_bits(&plan) {
+            return Ok((0..s.numel()).map(|e| (bits[e / 32] >> (e % 32) & 1) as u8).collect());
+        }
         let l = s.plane_len();
         let mut out = vec![0u8; s.numel()];
         for (i, slice) in out.chunks_mut(l).enumerate() {

@@ -58,6 +58,16 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     return out;
 }
 
+inline unsigned __ballot_sync(unsigned, int predicate) {
+    const unsigned warp_base = threadIdx.x & ~31u;
+    emu::current->shuffle[threadIdx.x] = predicate != 0;
+    __syncwarp();
+    unsigned out = 0;
+    for (unsigned j = 0; j < 32; ++j) out |= (unsigned)emu::current->shuffle[warp_base + j] << j;
+    __syncwarp();
+    return out;
+}
+
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 inline unsigned atomicAnd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_and(v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }

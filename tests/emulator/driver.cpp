@@ -9,7 +9,10 @@
 // element past an aligned start), u32 device_key (the key is read from a device
 // generator, which the kernels step; the sampling struct's own key is then
 // zeroed), u32 calls (the whole sequence runs this many times on the same state,
-// with no reset between: the counters must come back zeroed), then
+// with no reset between: the counters must come back zeroed), u32 channels_last
+// (the count pass writes the planes' bits to a scratch buffer and
+// dropblock_channels_last_bits turns them into the keep bits; the apply kernel was
+// chosen for flat bits), then
 // DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
 // in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
 // (ceil(numel / 32) words), the counts (2 + n), the scales (n), y, then the
@@ -43,7 +46,7 @@ using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSamplin
                              DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
 
 struct Request {
-    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls;
+    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last;
     DropBlockGeometry g;
     DropBlockTiles tiles;
     DropBlockSampling s;
@@ -63,7 +66,13 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
     const size_t off = r.unaligned ? 1 : 0;
     std::vector<T> xbuf(a.numel + off), ybuf(a.numel + off);
     std::memcpy(xbuf.data() + off, p, a.numel * sizeof(T));
-    std::vector<uint32_t> bits((a.numel + 31) / 32, 0xdeadbeefu);  // kernels must overwrite
+    std::vector<uint32_t> keep((a.numel + 31) / 32, 0xdeadbeefu);  // kernels must overwrite
+    std::vector<uint32_t> scratch(r.channels_last ? keep.size() : 0, 0xdeadbeefu);
+    // Where the count pass writes the planes' bits.
+    std::vector<uint32_t>& bits = r.channels_last ? scratch : keep;
+    // The apply kernels read channels-last bits as flat ones (src/cuda/ops.rs).
+    DropBlockGeometry apply_g = g;
+    if (r.channels_last) apply_g.sharing = DROPBLOCK_SHARE_NONE;
     std::vector<unsigned long long> counts(DROPBLOCK_COUNT_SAMPLES + g.n, 0);
     std::vector<float> scales(g.n, -1.0f);
     unsigned long long key[2] = {r.s.seed, r.s.offset};
@@ -88,12 +97,17 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
             emu::launch(dropblock_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
                         kp);
         }
-        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, g, a, (const T*)xp, yp, (const uint32_t*)bits.data(),
-                    (const float*)scales.data());
+        if (r.channels_last) {
+            if (g.c % 32) std::fill(keep.begin(), keep.end(), 0u);
+            emu::launch(dropblock_channels_last_bits, r.apply_blocks, 256, g, a, (const uint32_t*)scratch.data(),
+                        keep.data());
+        }
+        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)xp, yp,
+                    (const uint32_t*)keep.data(), (const float*)scales.data());
     }
     const T* yp = r.in_place ? xbuf.data() + off : ybuf.data() + off;
     std::ofstream out(out_path, std::ios::binary);
-    write_vec(out, bits);
+    write_vec(out, keep);
     write_vec(out, counts);
     write_vec(out, scales);
     out.write(reinterpret_cast<const char*>(yp), a.numel * sizeof(T));
@@ -114,7 +128,7 @@ int main(int argc, char** argv) {
     const char* end = p + req.size();
     Request r;
     for (uint32_t* f : {&r.dtype, &r.path, &r.apply, &r.count_blocks, &r.apply_blocks, &r.in_place, &r.unaligned,
-                        &r.device_key, &r.calls})
+                        &r.device_key, &r.calls, &r.channels_last})
         read_pod(p, *f);
     read_pod(p, r.g);
     read_pod(p, r.tiles);

@@ -1,0 +1,91 @@
+//! Channels-last tensors (NLC, NHWC, NDHWC) give exactly the channels-first result
+//! of the same logical tensor, transposed: y, the keep mask and dx, bit for bit, in
+//! every rank, mode, sharing and dtype, in place and out of place.
+
+mod common;
+
+use dropblock::{cpu, Element, Layout, Mode, RngKey, Shape};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// `(n, c, cell)` order to `(n, cell, c)` order.
+fn to_channels_last<T: Copy>(v: &[T], shape: Shape) -> Vec<T> {
+    let (n, c, l) = (shape.n(), shape.c(), shape.plane_len());
+    let mut out = v.to_vec();
+    for s in 0..n {
+        for ch in 0..c {
+            for cell in 0..l {
+                out[(s * l + cell) * c + ch] = v[(s * c + ch) * l + cell];
+            }
+        }
+    }
+    out
+}
+
+fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
+    let sides: &[usize] = match rank {
+        1 => &[1, 3, 7, 64, 65, 130],
+        2 => &[1, 2, 5, 9, 14, 33],
+        _ => &[1, 2, 3, 5, 8],
+    };
+    let cf = common::random_shape_of_rank(rng, rank, 3, 70, sides);
+    let cl = cf.with_layout(Layout::ChannelsLast);
+    let cfg = common::random_config_of_rank(rng, rank);
+    let key: RngKey = common::random_key(rng);
+    let ctx = format!("{cfg} on {cl} {}", T::DTYPE.name());
+    let n = cf.numel();
+    let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
+    let dy: Vec<T> = common::input(n, seed + 1).into_iter().map(T::from_f32).collect();
+    let mut y = vec![T::default(); n];
+    let saved = cpu::forward(&cfg, cf, key, Mode::Train, &x, &mut y).unwrap();
+    let mut dx = vec![T::default(); n];
+    cpu::backward(&saved, &dy, &mut dx).unwrap();
+
+    let (x_cl, dy_cl) = (to_channels_last(&x, cf), to_channels_last(&dy, cf));
+    let mut y_cl = vec![T::default(); n];
+    let saved_cl = cpu::forward(&cfg, cl, key, Mode::Train, &x_cl, &mut y_cl).unwrap();
+    let mut dx_cl = vec![T::default(); n];
+    cpu::backward(&saved_cl, &dy_cl, &mut dx_cl).unwrap();
+    let same = |a: &[T], b: &[T]| a.iter().zip(b).all(|(&p, &q)| common::same(p, q));
+    assert!(same(&y_cl, &to_channels_last(&y, cf)), "{ctx}: y");
+    assert!(same(&dx_cl, &to_channels_last(&dx, cf)), "{ctx}: dx");
+    assert_eq!(saved_cl.keep_mask(), to_channels_last(&saved.keep_mask(), cf), "{ctx}: keep mask");
+    assert_eq!((saved_cl.kept(), saved_cl.scales()), (saved.kept(), saved.scales()), "{ctx}: counts");
+    // Logical coordinates name the same units in both layouts.
+    let index: Vec<usize> = cf.dims().iter().map(|&d| rng.random_range(0..d)).collect();
+    assert_eq!(saved_cl.is_kept(&index), saved.is_kept(&index), "{ctx}: is_kept");
+
+    // In place.
+    let mut inplace = x_cl.clone();
+    let again = cpu::forward_inplace(&cfg, cl, key, Mode::Train, &mut inplace).unwrap();
+    assert!(same(&inplace, &y_cl), "{ctx}: y in place");
+    let mut g = dy_cl;
+    cpu::backward_inplace(&again, &mut g).unwrap();
+    assert!(same(&g, &dx_cl), "{ctx}: dx in place");
+}
+
+#[test]
+fn channels_last_is_channels_first_transposed() {
+    let mut rng = StdRng::seed_from_u64(0xC1A5_7);
+    for i in 0..150u64 {
+        let rank = [2, 1, 3][i as usize % 3];
+        match i % 3 {
+            0 => check::<f32>(rank, &mut rng, i),
+            1 => check::<f16>(rank, &mut rng, i),
+            _ => check::<bf16>(rank, &mut rng, i),
+        }
+    }
+}
+
+#[test]
+fn layout_is_part_of_the_shape() {
+    let cf = Shape::new(2, 3, 4, 5).unwrap();
+    let cl = cf.with_layout(Layout::ChannelsLast);
+    assert_ne!(cf, cl);
+    assert_eq!(cl.dims(), cf.dims(), "the logical dimensions do not move");
+    assert_eq!(cl.physical_dims(), [2, 4, 5, 3]);
+    assert_eq!(Shape::new_1d(2, 3, 7).unwrap().with_layout(Layout::ChannelsLast).physical_dims(), [2, 7, 3]);
+    assert_eq!(cl.to_string(), "2x3x4x5 channels-last");
+    assert_eq!("channels-last".parse::<Layout>(), Ok(Layout::ChannelsLast));
+}
