@@ -283,9 +283,9 @@ mod tests {
         }
         let mut t = a;
         transpose64(&mut t);
-        for i in 0..64 {
-            for j in 0..64 {
-                assert_eq!(t[j] >> i & 1, a[i] >> j & 1, "row {i} bit {j}");
+        for (i, row) in a.iter().enumerate() {
+            for (j, col) in t.iter().enumerate() {
+                assert_eq!(col >> i & 1, row >> j & 1, "row {i} bit {j}");
             }
         }
     }

@@ -227,7 +227,7 @@ mod emulation {
             seen.insert((path, vector));
             seen_rank.insert((rank, path == LaunchPath::Grid));
             if case.channels_last() {
-                seen_layout.insert((path == LaunchPath::Grid, case.shape.c() % 32 == 0));
+                seen_layout.insert((path == LaunchPath::Grid, case.shape.c().is_multiple_of(32)));
             }
         }
         for grid in [false, true] {

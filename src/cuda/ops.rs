@@ -803,9 +803,9 @@ impl DeviceState {
     }
 
     /// The keep bits on the device: bit `i % 32` of word `i / 32` is set when bit
-    /// `i` is kept. Channels-first they are dense over the mask planes, `i = plane · L
-    /// + cell` (`L` the cells of a slice); channels-last they are in the tensor's own
-    /// order, `i` the element's index. Written by kernels on [`Self::last_stream`],
+    /// `i` is kept. Channels-first they are dense over the mask planes,
+    /// `i = plane · L + cell` (`L` the cells of a slice); channels-last they are in
+    /// the tensor's own order, `i` the element's index. Written by kernels on [`Self::last_stream`],
     /// outside cudarc's event tracking.
     pub fn keep_bits(&self) -> &CudaSlice<u32> {
         &self.keep_bits
