@@ -32,7 +32,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType as CandleDType, Layout, ModuleT, Tensor, WithDType};
 
-use crate::config::{DropBlockConfig, Mode, Shape};
+use crate::config::{DropBlockConfig, Layout as MemoryLayout, Mode, Shape};
 use crate::cpu;
 use crate::dtype::Element;
 use crate::rng::{Generator, RngKey};
@@ -129,9 +129,38 @@ impl ModuleT for DropBlock {
         // Checked before a key is drawn, so a refused call leaves the generator as it was.
         check_dtype(xs.dtype())?;
         cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
-        let op = ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new() };
+        if is_channels_last(xs) {
+            // The buffer as the contiguous (N, spatial..., C) tensor it is, in and out:
+            // no copy, and y keeps x's strides.
+            let rank = xs.rank();
+            let to_physical: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
+            let to_logical: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
+            let op =
+                ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new(), memory: MemoryLayout::ChannelsLast };
+            return xs.permute(to_physical)?.apply_op1(op)?.permute(to_logical);
+        }
+        let op = ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new(), memory: MemoryLayout::ChannelsFirst };
         xs.contiguous()?.apply_op1(op)
     }
+}
+
+/// Whether `xs`, logically `(N, C, spatial...)`, lies in memory as a contiguous
+/// `(N, spatial..., C)` tensor (PyTorch's `channels_last`), and not also as a
+/// contiguous channels-first one (as when C or every spatial side is 1).
+fn is_channels_last(xs: &Tensor) -> bool {
+    let (dims, strides) = (xs.dims(), xs.stride());
+    if dims.len() < 3 || xs.is_contiguous() {
+        return false;
+    }
+    let mut expect = 1;
+    let order = [1].into_iter().chain((2..dims.len()).rev()).chain([0]);
+    for axis in order {
+        if dims[axis] > 1 && strides[axis] != expect {
+            return false;
+        }
+        expect *= dims[axis];
+    }
+    true
 }
 
 fn check_dtype(dtype: CandleDType) -> candle_core::Result<()> {
@@ -149,16 +178,27 @@ fn shape_of(dims: &[usize]) -> candle_core::Result<Shape> {
     Ok(Shape::from_dims(dims)?)
 }
 
-/// An element-wise pass over a contiguous `(N, C, spatial...)` slice, for any of the
-/// supported dtypes ([`on_cpu`] dispatches on the storage's).
-trait CpuPass {
+/// How an op's input lies in memory: its storage is contiguous in this layout's
+/// physical order.
+trait Op {
+    fn memory(&self) -> MemoryLayout;
+}
+
+/// An element-wise pass over a contiguous slice in the op's memory layout, for any
+/// of the supported dtypes ([`on_cpu`] dispatches on the storage's).
+trait CpuPass: Op {
     fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>>;
 }
 
-/// The shape and element range of a layout. The callers pass contiguous tensors:
-/// an offset is honoured, a stride never guessed.
-fn contiguous(layout: &Layout) -> candle_core::Result<(Shape, std::ops::Range<usize>)> {
-    let shape = shape_of(layout.dims())?;
+/// The logical shape and element range of a contiguous layout in `memory` order
+/// (`(N, spatial..., C)` channels-last). The callers pass contiguous tensors: an
+/// offset is honoured, a stride never guessed.
+fn contiguous(layout: &Layout, memory: MemoryLayout) -> candle_core::Result<(Shape, std::ops::Range<usize>)> {
+    let mut dims = layout.dims().to_vec();
+    if memory == MemoryLayout::ChannelsLast {
+        dims[1..].rotate_right(1);
+    }
+    let shape = shape_of(&dims)?.with_layout(memory);
     let (start, end) =
         layout.contiguous_offsets().ok_or_else(|| candle_core::Error::RequiresContiguous { op: "dropblock" }.bt())?;
     Ok((shape, start..end))
@@ -187,7 +227,7 @@ fn on_cpu(
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<CpuStorage> {
-        let (shape, range) = contiguous(layout)?;
+        let (shape, range) = contiguous(layout, pass.memory())?;
         let x = &T::cpu_storage_as_slice(storage)?[range];
         Ok(T::to_cpu_storage_owned(pass.run(shape, x)?))
     }
@@ -250,6 +290,23 @@ struct ForwardOp {
     cfg: DropBlockConfig,
     key: RngKey,
     saved: OnceLock<Saved>,
+    memory: MemoryLayout,
+}
+
+impl Op for ForwardOp {
+    fn memory(&self) -> MemoryLayout {
+        self.memory
+    }
+}
+
+impl Op for BackwardOp<'_> {
+    fn memory(&self) -> MemoryLayout {
+        match self.saved {
+            Saved::Cpu(s) => s.shape().layout(),
+            #[cfg(feature = "candle-cuda")]
+            Saved::Cuda(s) => s.shape().layout(),
+        }
+    }
 }
 
 impl ForwardOp {
@@ -317,13 +374,13 @@ mod on_cuda {
     use candle_core::{CudaStorage, DType as CandleDType, Layout, WithDType};
     use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
-    use super::{contiguous, unsupported, BackwardOp, ForwardOp, Saved};
+    use super::{contiguous, unsupported, BackwardOp, ForwardOp, Op, Saved};
     use crate::config::{Mode, Shape};
     use crate::cuda::{CudaElement, DropBlockCuda};
 
     /// A pass from a contiguous `(N, C, spatial...)` device buffer into a fresh one, for
     /// any supported dtype; it writes every element of `y`.
-    pub(super) trait CudaPass {
+    pub(super) trait CudaPass: Op {
         fn run<T: CudaElement + CudaDType + WithDType>(
             &self,
             db: &DropBlockCuda,
@@ -357,7 +414,7 @@ mod on_cuda {
             storage: &CudaStorage,
             layout: &Layout,
         ) -> candle_core::Result<CudaStorage> {
-            let (shape, range) = contiguous(layout)?;
+            let (shape, range) = contiguous(layout, pass.memory())?;
             let device = &storage.device;
             // candle's stream: the launches queue behind the ops that made x.
             let stream = device.cuda_stream();

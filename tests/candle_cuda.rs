@@ -28,6 +28,7 @@ fn main() {
         ("backprop_equals_cpu_backward_bf16", |d| gradients_match_cpu::<bf16>(d, DType::BF16)),
         ("offset_narrowed_and_transposed_inputs", strided_inputs_match_cpu),
         ("a_transposed_gradient", transposed_gradient_matches_cpu),
+        ("channels_last_inputs", channels_last_inputs_match_cpu),
         ("eval_returns_the_input_on_the_device", eval_is_the_identity),
     ];
     let trials = match Device::new_cuda(0) {

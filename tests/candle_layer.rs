@@ -38,6 +38,11 @@ fn a_transposed_gradient_is_read_in_logical_order() -> R {
 }
 
 #[test]
+fn channels_last_inputs_take_the_fast_path() -> R {
+    channels_last_inputs_match_cpu(&CPU)
+}
+
+#[test]
 fn eval_and_zero_rate_return_the_input_and_draw_nothing() -> R {
     let x = randn(&[2, 3, 9, 11], DType::F32, &CPU)?;
     let layer = DropBlock::new(paper(), SEED);

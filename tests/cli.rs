@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use dropblock::{
-    cpu, Anchor, Block, DropBlockConfig, Element, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing,
+    cpu, Anchor, Block, DropBlockConfig, Element, GammaRule, Layout, Mode, Normalize, Placement, RngKey, Shape, Sharing,
 };
 use half::{bf16, f16};
 use npyz::WriterBuilder;
@@ -159,6 +159,61 @@ fn apply_1d_and_3d_match_the_library() {
         assert_eq!(mask, saved.keep_mask());
         assert!(mask.contains(&0), "{dims:?}: the config should drop something");
     }
+}
+
+/// `apply --layout channels-last` on an N,H,W,C / N,D,H,W,C / N,L,C file drops the
+/// units the channels-first run drops on the same logical tensor: its y and keep
+/// mask are the channels-first ones transposed.
+#[test]
+fn apply_channels_last_is_channels_first_transposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    for dims in [&[2usize, 5, 9, 11][..], &[2, 3, 4, 5, 6], &[3, 33, 40]] {
+        let shape = Shape::from_dims(dims).unwrap();
+        let cl = shape.with_layout(Layout::ChannelsLast);
+        let x: Vec<f32> = common::input(shape.numel(), 5);
+        let (n, c, l) = (shape.n(), shape.c(), shape.plane_len());
+        let transpose = |v: &[f32]| {
+            let mut out = v.to_vec();
+            for s in 0..n {
+                for ch in 0..c {
+                    for cell in 0..l {
+                        out[(s * l + cell) * c + ch] = v[(s * c + ch) * l + cell];
+                    }
+                }
+            }
+            out
+        };
+        let to64 = |d: Vec<usize>| d.into_iter().map(|v| v as u64).collect::<Vec<u64>>();
+        write_npy(&p("x.npy"), "<f4", &to64(shape.dims().to_vec()), &x);
+        write_npy(&p("xt.npy"), "<f4", &to64(cl.physical_dims()), &transpose(&x));
+        let run = |input: &str, out: &str, mask: &str, layout: &str| {
+            let (i, o, m) = (p(input), p(out), p(mask));
+            let args = ["apply", "--input", i.to_str().unwrap(), "--output", o.to_str().unwrap(), "--keep-mask"];
+            let mut args: Vec<&str> = args.to_vec();
+            args.extend([m.to_str().unwrap(), "--layout", layout, "--block", "3", "--drop-prob", "0.3", "--share"]);
+            args.extend(["channels", "--device", "cpu"]);
+            let out = dropblock(&args);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        };
+        run("x.npy", "y.npy", "m.npy", "channels-first");
+        run("xt.npy", "yt.npy", "mt.npy", "channels-last");
+        let (_, _, y) = read_npy::<f32>(&p("y.npy"));
+        let (yshape, _, yt) = read_npy::<f32>(&p("yt.npy"));
+        assert_eq!(yshape, to64(cl.physical_dims()), "{dims:?}");
+        assert_eq!(
+            yt.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            transpose(&y).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{dims:?}: y"
+        );
+        let (_, _, m) = read_npy::<u8>(&p("m.npy"));
+        let (_, _, mt) = read_npy::<u8>(&p("mt.npy"));
+        let m32: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+        assert_eq!(mt.iter().map(|&v| v as f32).collect::<Vec<_>>(), transpose(&m32), "{dims:?}: keep mask");
+        assert!(m.contains(&0), "{dims:?}: the config should drop something");
+    }
+    let bad = ["apply", "--input", "x.npy", "--output", "y.npy", "--layout", "nhwc"];
+    assert_one_line_error(&bad, "channels-first, channels-last");
 }
 
 /// A failing run: non-zero exit and exactly one line on stderr that mentions `needle`.

@@ -10,9 +10,14 @@ use super::{CliError, ConfigArgs};
 
 #[derive(Args)]
 pub struct ApplyArgs {
-    /// Input: an N,C,L / N,C,H,W / N,C,D,H,W array of float32, float16 or bfloat16 (saved as |V2).
+    /// Input: an N,C,L / N,C,H,W / N,C,D,H,W array of float32, float16 or bfloat16 (saved as |V2);
+    /// N,L,C / N,H,W,C / N,D,H,W,C with `--layout channels-last`.
     #[arg(long)]
     input: PathBuf,
+    /// How the array's axes lie: channels-first | channels-last (the mask is the same
+    /// on the same logical tensor).
+    #[arg(long, default_value = "channels-first")]
+    layout: dropblock::Layout,
     /// Output, in the input's dtype.
     #[arg(long)]
     output: PathBuf,
@@ -41,7 +46,16 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     }
     let cfg = a.config.config()?;
     let key = a.config.key()?;
-    let (shape, x) = npy::read(&a.input)?;
+    let (stored, x) = npy::read(&a.input)?;
+    let shape = match a.layout {
+        dropblock::Layout::ChannelsFirst => stored,
+        // The file's last axis is C.
+        dropblock::Layout::ChannelsLast => {
+            let mut dims = stored.dims().to_vec();
+            dims[1..].rotate_right(1);
+            dropblock::Shape::from_dims(&dims)?.with_layout(dropblock::Layout::ChannelsLast)
+        }
+    };
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
         eprintln!("dropblock: no GPU ({why}): running on the CPU");
@@ -51,9 +65,9 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)
     });
     // Both files are written in full before either is put in place.
-    let y_file = npy::write(&a.output, shape.dims(), &y)?;
+    let y_file = npy::write(&a.output, &shape.physical_dims(), &y)?;
     let mask_file = match (&a.keep_mask, &mask) {
-        (Some(path), Some(mask)) => Some(npy::write_u8(path, shape.dims(), mask)?),
+        (Some(path), Some(mask)) => Some(npy::write_u8(path, &shape.physical_dims(), mask)?),
         _ => None,
     };
     y_file.commit()?;

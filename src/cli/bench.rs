@@ -18,9 +18,12 @@ use super::{CliError, ConfigArgs, ShapeArg};
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// N,C,L / N,C,H,W / N,C,D,H,W.
+    /// N,C,L / N,C,H,W / N,C,D,H,W (logical, whatever the layout).
     #[arg(long, default_value = "256,1024,14,14")]
     shape: ShapeArg,
+    /// Memory layout of the tensors: channels-first | channels-last.
+    #[arg(long, default_value = "channels-first")]
+    layout: dropblock::Layout,
     /// Element type: f32 | f16 | bf16.
     #[arg(long, default_value = "f32")]
     dtype: DType,
@@ -44,7 +47,7 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
 
 fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
-    let shape = a.shape.shape()?;
+    let shape = a.shape.shape()?.with_layout(a.layout);
     let mut gen = Generator::from_state(a.config.seed, a.config.offset);
     let iters = a.iters as usize;
     let (runner, fallback) = Runner::select(a.device)?;

@@ -184,3 +184,36 @@ pub fn transposed_gradient_matches_cpu(device: &Device) -> R {
     assert_eq!(bits(&host::<f32>(dx)?), accumulated(&want));
     Ok(())
 }
+
+/// A channels-last input (logically `(N, C, spatial...)`, strided as
+/// `(N, spatial..., C)`: PyTorch's `channels_last`) takes the fast path: y keeps
+/// those strides (no transposing copy), and y and the gradient equal the CPU path
+/// on the same logical tensor, in 1D, 2D and 3D.
+pub fn channels_last_inputs_match_cpu(device: &Device) -> R {
+    let cases =
+        [(paper(), vec![2usize, 5, 9, 11]), (variant_3d(), vec![2, 3, 4, 5, 6]), (variant_1d(), vec![2, 33, 37])];
+    for (cfg, dims) in cases {
+        let rank = dims.len();
+        let to_physical: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
+        let to_logical: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
+        let x = randn(&dims, DType::F32, device)?;
+        let physical = Var::from_tensor(&x.permute(to_physical.clone())?.contiguous()?)?;
+        let x_cl = physical.as_tensor().permute(to_logical.clone())?;
+        assert!(!x_cl.is_contiguous(), "{dims:?}: the input must be strided");
+        let layer = DropBlock::new(cfg, SEED);
+        let y = layer.forward_t(&x_cl, true)?;
+        assert_eq!(y.dims(), &dims[..]);
+        assert!(y.permute(to_physical)?.is_contiguous(), "{dims:?}: y is not channels-last: the input was copied");
+        let (want, saved) = cpu_forward::<f32>(&cfg, &x, key(SEED, 0));
+        assert!(saved.drop_fraction() > 0.0, "{dims:?}: the case must drop something");
+        assert_eq!(bits(&host::<f32>(&y)?), bits(&want), "{dims:?}: y");
+
+        let w = randn(&dims, DType::F32, device)?;
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let dx = grads.get(physical.as_tensor()).expect("x has a gradient").permute(to_logical)?;
+        let mut dx_want = vec![0f32; x.elem_count()];
+        cpu::backward(&saved, &host::<f32>(&w)?, &mut dx_want)?;
+        assert_eq!(bits(&host::<f32>(&dx)?), accumulated(&dx_want), "{dims:?}: dx");
+    }
+    Ok(())
+}
