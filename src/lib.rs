@@ -35,6 +35,11 @@
 //! everything below is stated per axis, so it reads the same in every rank; a 2D
 //! call gives the mask it gave before 1D and 3D existed.
 //!
+//! A shape also carries the buffers' [`Layout`]: channels-first (`N, C,
+//! spatial...`, the default) or channels-last (`N, spatial..., C`: NLC, NHWC,
+//! NDHWC). The mask is defined on logical coordinates, so the two layouts of the
+//! same logical tensor drop the same units; only where they lie in memory differs.
+//!
 //! The block ([`Block`]) has a size `k` per spatial axis, or one size for every
 //! axis; a block of a fixed rank must meet a tensor of that rank. On an axis of
 //! `S` cells it is clipped to `kc = min(k, S)`. A *mask plane* is what one seed
