@@ -12,6 +12,8 @@
 //   dropblock_apply_unaligned_<T>      one scale or one per sample
 //   dropblock_fused_<T>              Expected / None normalisation, no sharing:
 //                                      a tile's mask and its scaled copy in one launch
+//   dropblock_fill_noise_<T>         noise fill's forward pass: x where kept, the
+//                                      unit's normal value where dropped
 //   dropblock_channels_last_bits     a channels-last call's keep bits in the tensor's
 //                                      own order, from the planes' bits
 //   dropblock_sample_seeds           the raw seed words, for checking the sampler
@@ -22,6 +24,7 @@
 // of 256 threads per multiprocessor (registers capped at 64 by their bounds).
 
 #include "elementwise.cuh"
+#include "noise.cuh"
 
 namespace dropblock {
 
@@ -147,6 +150,36 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
     }
 }
 
+// Noise fill (src/noise.rs): y = x where kept (no rescaling), the noise of the
+// element's mask unit (plane * L + cell, so sharing shares it) where dropped. One
+// element per thread and step, any alignment: a rarely used mode, kept simple.
+template <typename T>
+__device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const DropBlockApply& a,
+                                           const DropBlockSampling& s, bool channels_last, const T* x, T* y,
+                                           const uint32_t* keep_bits) {
+    const Key k = load_key(s, nullptr);
+    const uint64_t L = a.plane_len, C = g.c;
+    for (uint64_t e = global_thread(); e < a.numel; e += threads_in_grid()) {
+        uint64_t n, c, cell;
+        if (channels_last) {
+            n = e / (L * C);
+            const uint64_t rest = e - n * L * C;
+            cell = rest / C;
+            c = rest - cell * C;
+        } else {
+            const uint64_t slice = e / L;
+            n = slice / C;
+            c = slice - n * C;
+            cell = e - slice * L;
+        }
+        const uint64_t unit = plane_of(g, n, c) * L + cell;
+        // Channels-last keep bits are in the tensor's order (bit e).
+        const uint64_t b = channels_last ? e : unit;
+        const bool keep = (keep_bits[b >> 5] >> (b & 31)) & 1u;
+        y[e] = keep ? x[e] : Elem<T>::from_float(noise_normal(k, unit));
+    }
+}
+
 // x and y may be the same buffer (in place): every element is read and then
 // written by the same thread, so no __restrict__.
 #define DROPBLOCK_APPLY_KERNEL(T, NAME, OP, SHARED, PER_SAMPLE)                                                  \
@@ -166,6 +199,11 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
         const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;                                         \
         apply_scalar<T>(x, y, a.numel, global_thread(), threads_in_grid(), pb,                                    \
                         Scales{per_sample ? scales : nullptr, scales[0], 0});                                     \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_fill_noise_##NAME(                             \
+        DropBlockGeometry g, DropBlockApply a, DropBlockSampling s, uint32_t channels_last, const T* x, T* y,      \
+        const uint32_t* keep_bits) {                                                                              \
+        fill_noise<T>(g, a, s, channels_last != 0, x, y, keep_bits);                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_##NAME(              \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \

@@ -26,6 +26,9 @@ extern "C" {
  * seed; the stop draw is skipped when the window is full), so a call reads
  * counter blocks offset .. offset+15 of every window's subsequence. */
 #define DROPBLOCK_COUNTER_BLOCKS_PER_CALL 16
+/* Noise fill reads counter block offset + 16 of subsequence unit / 4: past the
+ * blocks any window reads, and before the next call's offset. */
+#define DROPBLOCK_NOISE_COUNTER_BLOCK 16
 /* What a Generator adds to its offset per call: one more than the blocks a
  * call can read, so consecutive calls never share a counter block. */
 #define DROPBLOCK_OFFSET_STRIDE 17

@@ -201,6 +201,19 @@ pub enum Normalize {
     None,
 }
 
+/// What dropped units become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Fill {
+    /// Zero (the paper, and every peer by default).
+    #[default]
+    Zero,
+    /// Standard normal noise, and kept units are not rescaled (timm's
+    /// `with_noise`; needs [`Normalize::None`]). Units that share a mask plane share
+    /// their noise. The values are specified by the contract (`crate::noise`) and
+    /// agree between the CPU and the GPU bit for bit.
+    Noise,
+}
+
 /// Training applies DropBlock; evaluation returns the input unchanged and draws nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
@@ -222,6 +235,7 @@ pub struct DropBlockConfig {
     gamma_scale: f64,
     sharing: Sharing,
     normalize: Normalize,
+    fill: Fill,
 }
 
 impl DropBlockConfig {
@@ -238,6 +252,7 @@ impl DropBlockConfig {
                 gamma_scale: 1.0,
                 sharing: Sharing::default(),
                 normalize: Normalize::default(),
+                fill: Fill::default(),
             },
         }
     }
@@ -278,6 +293,10 @@ impl DropBlockConfig {
     /// How kept activations are rescaled.
     pub fn normalize(&self) -> Normalize {
         self.normalize
+    }
+    /// What dropped units become.
+    pub fn fill(&self) -> Fill {
+        self.fill
     }
 
     /// The same configuration with another `drop_prob` (for schedules).
@@ -332,10 +351,20 @@ impl DropBlockConfigBuilder {
         self
     }
 
-    /// The validated configuration. Errors if `drop_prob` is not in `[0, 1]` or
-    /// `gamma_scale` is negative or not finite (a [`Block`] is valid when made).
+    /// What dropped units become; default [`Fill::Zero`].
+    pub fn fill(mut self, v: Fill) -> Self {
+        self.cfg.fill = v;
+        self
+    }
+
+    /// The validated configuration. Errors if `drop_prob` is not in `[0, 1]`,
+    /// `gamma_scale` is negative or not finite, or noise fill meets a normalisation
+    /// other than `None` (a [`Block`] is valid when made).
     pub fn build(self) -> Result<DropBlockConfig> {
         let c = self.cfg;
+        if c.fill == Fill::Noise && c.normalize != Normalize::None {
+            return Err(Error::NoiseWithRescale(c.normalize.name()));
+        }
         if !(0.0..=1.0).contains(&c.drop_prob) {
             return Err(Error::InvalidDropProb(c.drop_prob));
         }
@@ -544,13 +573,14 @@ named_choices! {
     Sharing { None = "none", Channels = "channels", Batch = "batch", All = "all" }
     Normalize { Global = "global", PerSample = "per-sample", Expected = "expected", None = "none" }
     Layout { ChannelsFirst = "channels-first", ChannelsLast = "channels-last" }
+    Fill { Zero = "zero", Noise = "noise" }
 }
 
 impl fmt::Display for DropBlockConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "block {}, drop_prob {}, placement {}{}, gamma {} (scale {}), share {}, normalize {}",
+            "block {}, drop_prob {}, placement {}{}, gamma {} (scale {}), share {}, normalize {}, fill {}",
             self.block,
             self.drop_prob,
             self.placement,
@@ -558,7 +588,8 @@ impl fmt::Display for DropBlockConfig {
             self.gamma_rule,
             self.gamma_scale,
             self.sharing,
-            self.normalize
+            self.normalize,
+            self.fill
         )
     }
 }

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use crate::abi;
-use crate::config::{DropBlockConfig, Layout, Mode, Normalize, Shape};
+use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mask::BlockMasks;
@@ -35,6 +35,8 @@ enum State {
         per_sample: bool,
         /// One scale, or one per sample under PerSample normalisation.
         scales: Vec<f32>,
+        /// Dropped units become noise in the forward (`Fill::Noise`).
+        noise: bool,
     },
 }
 
@@ -120,14 +122,36 @@ impl Saved {
     }
 
     /// `dst = src · factor` (or `dst = dst · factor` without `src`) for the
-    /// elements from `e0` on, 64 at a time with one mask word each.
+    /// elements from `e0` on, 64 at a time with one mask word each; in a forward
+    /// with noise fill, dropped elements take their unit's noise instead.
     #[inline(always)]
-    fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T]) {
+    fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
         let masks = self.element_bits();
+        let State::Masked { plan, noise, channels_last, .. } = &self.state else {
+            unreachable!("identity calls copy instead")
+        };
+        let fill = forward && *noise;
+        let (c, l) = (self.shape.c(), self.shape.plane_len());
+        // The mask unit of element `e` whose bit is `bit`: the bit itself, except in
+        // a channels-last tensor's own order.
+        let unit = |e: usize, bit: usize| match channels_last {
+            None => bit,
+            Some(_) => {
+                let (n, rest) = (e / (l * c), e % (l * c));
+                plan.plane_of(n, rest % c) * l + rest / c
+            }
+        };
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
                 let s = src.map(|s| &s[j0 + 64 * k..][..d.len()]);
-                scale_group(masks.bits_from(bit + 64 * k), scale, s, d);
+                let (b, first) = (bit + 64 * k, e0 + j0 + 64 * k);
+                if fill {
+                    fill_group(masks.bits_from(b), s, d, |i| {
+                        crate::noise::normal(plan.key(), unit(first + i, b + i) as u64)
+                    });
+                } else {
+                    scale_group(masks.bits_from(b), scale, s, d);
+                }
             }
         });
     }
@@ -196,6 +220,21 @@ fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T
     }
 }
 
+/// Noise fill for up to 64 elements: `d = s` (kept, unscaled; in place nothing),
+/// and `d[i] = noise(i)` for each bit `i` of `dropped`.
+#[inline(always)]
+fn fill_group<T: Element>(dropped: u64, s: Option<&[T]>, d: &mut [T], noise: impl Fn(usize) -> f32) {
+    if let Some(s) = s {
+        d.copy_from_slice(s);
+    }
+    let mut bits = dropped & (u64::MAX >> (64 - d.len()));
+    while bits != 0 {
+        let i = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        d[i] = T::from_f32(noise(i));
+    }
+}
+
 /// `d[i] = x_i · 0` for each bit `i` of `bits`, `x` from `s`, or in place from `d`.
 #[inline(always)]
 fn times_zero<T: Element>(mut bits: u64, s: Option<&[T]>, d: &mut [T]) {
@@ -260,7 +299,9 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
         Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
         Normalize::None => vec![1.0],
     };
-    Ok(Saved { shape, state: State::Masked { plan: Box::new(plan), masks, channels_last, kept, per_sample, scales } })
+    let noise = cfg.fill() == Fill::Noise;
+    let plan = Box::new(plan);
+    Ok(Saved { shape, state: State::Masked { plan, masks, channels_last, kept, per_sample, scales, noise } })
 }
 
 /// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.
@@ -293,18 +334,30 @@ pub fn forward_inplace<T: Element>(
     Ok(saved)
 }
 
-/// Backward: `dx = round(f32(dy) · factor)` with forward's factor per element.
+/// Backward: `dx = round(f32(dy) · factor)` with forward's factor per element
+/// (under noise fill the factor is 1 where kept and 0 where dropped).
 pub fn backward<T: Element>(saved: &Saved, dy: &[T], dx: &mut [T]) -> Result<()> {
-    apply(saved, dy, dx)
+    pass(saved, dy, dx, false)
 }
 
 /// Backward in place: `dy` is overwritten with `dx`.
 pub fn backward_inplace<T: Element>(saved: &Saved, dy: &mut [T]) -> Result<()> {
-    apply_inplace(saved, dy)
+    pass_inplace(saved, dy, false)
 }
 
-/// `dst = src · factor`, elementwise, with the factors of `saved`.
+/// The forward's element pass with the mask of `saved` (after [`sample`]):
+/// `dst = src · factor`, or with noise fill `src` where kept and the noise where
+/// dropped.
 pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> {
+    pass(saved, src, dst, true)
+}
+
+/// [`apply`] in place.
+pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
+    pass_inplace(saved, data, true)
+}
+
+fn pass<T: Element>(saved: &Saved, src: &[T], dst: &mut [T], forward: bool) -> Result<()> {
     let shape = saved.shape;
     shape.check_len("input", src.len())?;
     shape.check_len("output", dst.len())?;
@@ -313,18 +366,17 @@ pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> 
         return Ok(());
     }
     dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
-        saved.scale_chunk(k * CHUNK, Some(s), d);
+        saved.scale_chunk(k * CHUNK, Some(s), d, forward);
     });
     Ok(())
 }
 
-/// `data = data · factor`, elementwise, with the factors of `saved`.
-pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
+fn pass_inplace<T: Element>(saved: &Saved, data: &mut [T], forward: bool) -> Result<()> {
     let shape = saved.shape;
     shape.check_len("input", data.len())?;
     if saved.is_identity() {
         return Ok(());
     }
-    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d));
+    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d, forward));
     Ok(())
 }

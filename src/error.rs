@@ -38,6 +38,15 @@ pub enum Error {
     #[error("drop_prob must be a number in [0, 1], got {0}")]
     InvalidDropProb(f64),
 
+    /// Noise fill was asked for with a normalisation that rescales; holds its name.
+    #[error("noise fill keeps kept units unscaled (as timm's with_noise): use normalize `none`, not `{0}`")]
+    NoiseWithRescale(&'static str),
+
+    /// Noise fill was asked of a call that draws its key from a device generator:
+    /// the fill pass needs the key on the host.
+    #[error("noise fill needs a host key (RngKey), not a DeviceGenerator")]
+    NoiseNeedsHostKey,
+
     /// `gamma_scale` is negative, NaN or infinite; holds the value given.
     #[error("gamma_scale must be finite and non-negative, got {0}")]
     InvalidGammaScale(f64),

@@ -116,11 +116,19 @@
 //! is not specified). Backward: `dx = dy · (the same factor)`. Eval mode and
 //! `drop_prob == 0` return the input unchanged and draw nothing.
 //!
+//! With [`Fill::Noise`] (which needs `Normalize::None`), kept units are copied
+//! unscaled and a dropped unit takes `round_to_dtype(z)`, the standard normal value
+//! of its mask unit `plane · L + cell` ([`noise`]: Box–Muller on counter block
+//! `o + 16` of subsequence `⌊unit / 4⌋`, with the crate's own exactly rounded
+//! polynomials, so CPU and GPU agree bit for bit); the backward is `dy` where kept
+//! and `dy · 0` where dropped.
+//!
 //! # Layout
 //!
 //! - [`config`]: the configuration and the shape, validated.
 //! - [`rng`]: Philox and `(seed, offset)` keys. [`sampling`]: geometry, γ,
 //!   thresholds, the window sampler. [`mask`]: seeds grown into block masks.
+//!   [`noise`]: the values of noise fill.
 //! - [`cpu`]: forward and backward on host slices.
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
 //! - [`schedule`]: drop-rate schedules (the originals' `linspace` ramp).
@@ -139,12 +147,13 @@ pub mod cuda;
 pub mod dtype;
 mod error;
 pub mod mask;
+pub mod noise;
 pub mod rng;
 pub mod sampling;
 pub mod schedule;
 
 pub use config::{
-    Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, GammaRule, Layout, Mode, Normalize, Placement, Shape,
+    Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, Fill, GammaRule, Layout, Mode, Normalize, Placement, Shape,
     Sharing,
 };
 pub use dtype::{DType, Element};

@@ -144,7 +144,10 @@ mod gpu {
         } else {
             shape
         };
-        Case { shape, cfg: config(rng, rank), key: common::random_key(rng) }
+        let cfg = config(rng, rank);
+        // Noise fill now and then (it needs normalisation None).
+        let cfg = if rng.random_bool(0.1) { common::with_noise_fill(&cfg) } else { cfg };
+        Case { shape, cfg, key: common::random_key(rng) }
     }
 
     /// Forward and backward on both paths, out of place (optionally on views one
@@ -537,6 +540,16 @@ mod gpu {
         let square = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1).build().unwrap();
         let err = d.forward(s, &square, volume, key, Mode::Train, &x, &mut y).unwrap_err();
         assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 });
+        // Noise fill needs the key on the host.
+        let noisy = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1)
+            .normalize(Normalize::None)
+            .fill(dropblock::Fill::Noise)
+            .build()
+            .unwrap();
+        let mut dgen = DeviceGenerator::new(s, 1, 0).unwrap();
+        let mut st = d.alloc_state(s, shape).unwrap();
+        let err = d.forward_into(s, &mut st, &noisy, shape, &mut dgen, Mode::Train, &x, &mut y).unwrap_err();
+        assert_eq!(err, dropblock::Error::NoiseNeedsHostKey);
 
         let err = DeviceGenerator::new(s, 1, DeviceGenerator::MAX_START_OFFSET + 1).unwrap_err();
         assert!(matches!(err, dropblock::Error::OffsetOverflow { .. }), "{err}");

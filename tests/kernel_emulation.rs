@@ -35,7 +35,7 @@ mod emulation {
 
     use dropblock::cuda::{apply_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS};
     use dropblock::sampling::Plan;
-    use dropblock::{abi, cpu, DropBlockConfig, Layout, Mode, RngKey, Shape};
+    use dropblock::{abi, cpu, DropBlockConfig, Fill, Layout, Mode, RngKey, Shape};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -175,12 +175,15 @@ mod emulation {
         // Fused-eligible configs a third of the time: random ones alone reach the
         // fused kernels in only ~1 case in 13.
         let fusable = rng.random_bool(0.3);
+        let cfg = if fusable {
+            common::random_fusable_config_of_rank(rng, rank)
+        } else {
+            common::random_config_of_rank(rng, rank)
+        };
+        // Noise fill now and then (no rescaling, so normalisation None).
+        let cfg = if rng.random_bool(0.15) { common::with_noise_fill(&cfg) } else { cfg };
         Case {
-            cfg: if fusable {
-                common::random_fusable_config_of_rank(rng, rank)
-            } else {
-                common::random_config_of_rank(rng, rank)
-            },
+            cfg,
             shape,
             key: common::random_key(rng),
             count_blocks: rng.random_range(1..=3),
@@ -190,7 +193,8 @@ mod emulation {
             min_tiles: if !fusable && rng.random_bool(0.4) { u64::MAX } else { 0 },
             blocks: rng.random_range(1..=8),
             smallest_tiles: rng.random_bool(0.3),
-            device_key: rng.random_bool(0.3),
+            // Noise fill needs a host key (Error::NoiseNeedsHostKey).
+            device_key: rng.random_bool(0.3) && cfg.fill() == Fill::Zero,
             calls: rng.random_range(1..=3),
         }
     }
@@ -219,6 +223,7 @@ mod emulation {
         let mut seen = std::collections::HashSet::new();
         let mut seen_rank = std::collections::HashSet::new();
         let mut seen_layout = std::collections::HashSet::new();
+        let mut noise_cases = 0;
         for i in 0..84 {
             let rank = [2, 1, 3][i as usize % 3];
             let case = random_case(&mut rng, rank);
@@ -229,6 +234,10 @@ mod emulation {
             if case.channels_last() {
                 seen_layout.insert((path == LaunchPath::Grid, case.shape.c().is_multiple_of(32)));
             }
+            noise_cases += (case.cfg.fill() == Fill::Noise) as u32;
+        }
+        if noise_cases < 4 {
+            return Err(format!("only {noise_cases} noise-fill cases: widen random_case").into());
         }
         for grid in [false, true] {
             for whole_words in [false, true] {
@@ -344,6 +353,7 @@ mod emulation {
             c.device_key as u32,
             calls,
             c.channels_last() as u32,
+            (c.cfg.fill() == Fill::Noise) as u32,
         ] {
             req.extend_from_slice(&v.to_le_bytes());
         }

@@ -11,7 +11,7 @@ pub mod npy;
 mod show;
 
 use clap::{Args, Parser, Subcommand};
-use dropblock::{Anchor, Block, DropBlockConfig, GammaRule, Normalize, Placement, Sharing};
+use dropblock::{Anchor, Block, DropBlockConfig, Fill, GammaRule, Normalize, Placement, Sharing};
 
 /// What can go wrong in the CLI; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,9 @@ pub struct ConfigArgs {
     /// Normalisation: global | per-sample | expected | none.
     #[arg(long, default_value = "global")]
     normalize: Normalize,
+    /// What dropped units become: zero | noise (standard normal; needs --normalize none).
+    #[arg(long, default_value = "zero")]
+    fill: Fill,
     /// Philox seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -88,6 +91,7 @@ impl ConfigArgs {
             .gamma_scale(self.gamma_scale)
             .sharing(self.share)
             .normalize(self.normalize)
+            .fill(self.fill)
             .build()?)
     }
 

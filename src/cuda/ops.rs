@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use super::module::{context, load};
 use super::ranges;
 use crate::abi;
-use crate::config::{DropBlockConfig, Layout, Mode, Normalize, Shape, Sharing};
+use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape, Sharing};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::rng::RngKey;
@@ -40,6 +40,8 @@ const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "channels
 pub const APPLY_OPS: [&str; 5] =
     ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "apply_unaligned"];
 const FUSED_OPS: [&str; 2] = ["fused", "fused_unaligned"];
+/// Noise fill's forward pass (any alignment).
+const FILL_OPS: [&str; 1] = ["fill_noise"];
 /// The element-wise kernels' dtype suffixes are the dtypes' names, so a dtype
 /// without kernels fails `the_kernel_table_matches_the_fatbin`.
 const DTYPES: &[&str] = DType::NAMES;
@@ -52,7 +54,7 @@ const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
 type KernelKey = (&'static str, &'static str);
 
 fn kernel_keys() -> impl Iterator<Item = KernelKey> {
-    let typed = APPLY_OPS.iter().chain(&FUSED_OPS);
+    let typed = APPLY_OPS.iter().chain(&FUSED_OPS).chain(&FILL_OPS);
     UNTYPED.iter().map(|&op| (op, "")).chain(typed.flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
 }
 
@@ -389,7 +391,7 @@ impl DropBlockCuda {
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.saved_into(stream, state, x, y, "dropblock::apply")
+        self.saved_into(stream, state, x, y, Pass::Forward)
     }
 
     /// [`DropBlockCuda::apply`] in place: `x` is overwritten with `y`.
@@ -399,7 +401,7 @@ impl DropBlockCuda {
         state: &DeviceState,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.saved_inplace(stream, state, x, "dropblock::apply")
+        self.saved_inplace(stream, state, x, Pass::Forward)
     }
 
     /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
@@ -411,7 +413,7 @@ impl DropBlockCuda {
         dy: &impl DevicePtr<T>,
         dx: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.saved_into(stream, state, dy, dx, "dropblock::backward")
+        self.saved_into(stream, state, dy, dx, Pass::Backward)
     }
 
     /// Backward in place: `dy` is overwritten with `dx`.
@@ -421,7 +423,7 @@ impl DropBlockCuda {
         state: &DeviceState,
         dy: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.saved_inplace(stream, state, dy, "dropblock::backward")
+        self.saved_inplace(stream, state, dy, Pass::Backward)
     }
 
     fn saved_into<T: CudaElement>(
@@ -430,13 +432,13 @@ impl DropBlockCuda {
         state: &DeviceState,
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
-        op: &'static str,
+        pass: Pass,
     ) -> Result<()> {
         state.shape.check_len("x", x.len())?;
         state.shape.check_len("y", y.len())?;
         let (xp, _g1) = x.device_ptr(stream);
         let (yp, _g2) = y.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp }, op)
+        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp }, pass)
     }
 
     fn saved_inplace<T: CudaElement>(
@@ -444,11 +446,11 @@ impl DropBlockCuda {
         stream: &Arc<CudaStream>,
         state: &DeviceState,
         x: &mut impl DevicePtrMut<T>,
-        op: &'static str,
+        pass: Pass,
     ) -> Result<()> {
         state.shape.check_len("x", x.len())?;
         let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: p, y: p }, op)
+        self.launch_saved::<T>(stream, state, Io { x: p, y: p }, pass)
     }
 
     /// The raw seed words of every window of the call, in window order, computed
@@ -498,6 +500,7 @@ impl DropBlockCuda {
         // memory, and the last block steps it; the plan's own key is a placeholder.
         let (host_key, generator) = match key {
             KeySource::Host(k) => (k, None),
+            KeySource::Device(_) if cfg.fill() == Fill::Noise => return Err(Error::NoiseNeedsHostKey),
             KeySource::Device(gen) => {
                 self.check_context(gen.key.context())?;
                 (RngKey::new(0, 0)?, Some(gen))
@@ -569,7 +572,7 @@ impl DropBlockCuda {
         state.call = Some(Call { masked: Some((plan, launch)) });
         if let Some(io) = &io {
             if launch.path != LaunchPath::Fused {
-                self.launch_apply::<T>(stream, state, &g, &a, io)?;
+                self.launch_element_pass::<T>(stream, state, &plan, &launch, io, Pass::Forward)?;
             }
         }
         Ok(())
@@ -581,18 +584,47 @@ impl DropBlockCuda {
         stream: &Arc<CudaStream>,
         state: &DeviceState,
         io: Io,
-        op: &'static str,
+        pass: Pass,
     ) -> Result<()> {
-        let _range = ranges::range(op, || format!("{} {}", T::DTYPE.name(), state.shape));
+        let name = match pass {
+            Pass::Forward => "dropblock::apply",
+            Pass::Backward => "dropblock::backward",
+        };
+        let _range = ranges::range(name, || format!("{} {}", T::DTYPE.name(), state.shape));
         self.check_context(stream.context())?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         match call.masked {
             None => copy::<T>(stream, state.shape, &io),
             Some((plan, launch)) => {
                 state.enter(stream)?;
-                self.launch_apply::<T>(stream, state, plan.geometry(), &launch.apply, &io)
+                self.launch_element_pass::<T>(stream, state, &plan, &launch, &io, pass)
             }
         }
+    }
+
+    /// The element pass of a call: a forward's (noise fill's own kernel under
+    /// `Fill::Noise`) or a backward's.
+    fn launch_element_pass<T: CudaElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        plan: &Plan,
+        launch: &CallPlan,
+        io: &Io,
+        pass: Pass,
+    ) -> Result<()> {
+        let (g, a) = (plan.geometry(), &launch.apply);
+        if !(launch.noise && pass == Pass::Forward) {
+            return self.launch_apply::<T>(stream, state, g, a, io);
+        }
+        let k = self.kernel("fill_noise", T::DTYPE.name())?;
+        let channels_last = (state.shape.layout() == Layout::ChannelsLast) as u32;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(g).arg(a).arg(plan.sampling()).arg(&channels_last).arg(&io.x).arg(&io.y).arg(&state.ptrs.keep_bits);
+        // SAFETY: argument types match the kernel; x and y hold numel elements, the
+        // state a bit per element.
+        unsafe { b.launch(self.launch_config(k, a.numel.div_ceil(THREADS as u64))) }?;
+        Ok(())
     }
 
     fn launch_apply<T: CudaElement>(
@@ -648,6 +680,15 @@ pub struct CallPlan {
     pub apply: abi::DropBlockApply,
     pub tiles: abi::DropBlockTiles,
     pub path: LaunchPath,
+    /// The forward's element pass is noise fill's kernel.
+    pub noise: bool,
+}
+
+/// Which element pass a saved state runs: the forward's, or a backward's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
 }
 
 /// The launch of a forward of `cfg` on `shape`: tiles of whole windows, sized to
@@ -672,6 +713,7 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
             if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
                 && cfg.sharing() == Sharing::None
                 && shape.layout() == Layout::ChannelsFirst
+                && cfg.fill() == Fill::Zero
             {
                 LaunchPath::Fused
             } else {
@@ -680,7 +722,7 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
         }
         _ => LaunchPath::Grid,
     };
-    Ok(CallPlan { apply, tiles: tiles.unwrap_or_default(), path })
+    Ok(CallPlan { apply, tiles: tiles.unwrap_or_default(), path, noise: cfg.fill() == Fill::Noise })
 }
 
 /// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells and (where a

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -81,6 +82,10 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
 inline int __ffsll(long long v) { return __builtin_ffsll(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __double2float_rn(double d) { return (float)d; }
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
     return (unsigned)((((uint64_t)hi << 32) | lo) >> (shift & 31));

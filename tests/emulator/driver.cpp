@@ -12,7 +12,8 @@
 // with no reset between: the counters must come back zeroed), u32 channels_last
 // (the count pass writes the planes' bits to a scratch buffer and
 // dropblock_channels_last_bits turns them into the keep bits; the apply kernel was
-// chosen for flat bits), then
+// chosen for flat bits), u32 fill (noise fill: dropblock_fill_noise_<T> instead of
+// the apply kernel), then
 // DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
 // in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
 // (ceil(numel / 32) words), the counts (2 + n), the scales (n), y, then the
@@ -46,7 +47,7 @@ using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSamplin
                              DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
 
 struct Request {
-    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last;
+    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last, fill;
     DropBlockGeometry g;
     DropBlockTiles tiles;
     DropBlockSampling s;
@@ -54,8 +55,12 @@ struct Request {
 };
 
 template <typename T>
+using FillKernel = void (*)(DropBlockGeometry, DropBlockApply, DropBlockSampling, uint32_t, const T*, T*,
+                            const uint32_t*);
+
+template <typename T>
 int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FusedKernel<T> fused_k,
-        const char* out_path) {
+        FillKernel<T> fill_k, const char* out_path) {
     const DropBlockApply& a = r.a;
     const DropBlockGeometry& g = r.g;
     if ((size_t)(end - p) != a.numel * sizeof(T)) {
@@ -102,8 +107,13 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
             emu::launch(dropblock_channels_last_bits, r.apply_blocks, 256, g, a, (const uint32_t*)scratch.data(),
                         keep.data());
         }
-        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)xp, yp,
-                    (const uint32_t*)keep.data(), (const float*)scales.data());
+        if (r.fill) {
+            emu::launch(fill_k, r.apply_blocks, 256, g, a, r.s, r.channels_last, (const T*)xp, yp,
+                        (const uint32_t*)keep.data());
+        } else {
+            emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)xp, yp,
+                        (const uint32_t*)keep.data(), (const float*)scales.data());
+        }
     }
     const T* yp = r.in_place ? xbuf.data() + off : ybuf.data() + off;
     std::ofstream out(out_path, std::ios::binary);
@@ -128,7 +138,7 @@ int main(int argc, char** argv) {
     const char* end = p + req.size();
     Request r;
     for (uint32_t* f : {&r.dtype, &r.path, &r.apply, &r.count_blocks, &r.apply_blocks, &r.in_place, &r.unaligned,
-                        &r.device_key, &r.calls, &r.channels_last})
+                        &r.device_key, &r.calls, &r.channels_last, &r.fill})
         read_pod(p, *f);
     read_pod(p, r.g);
     read_pod(p, r.tiles);
@@ -145,7 +155,7 @@ int main(int argc, char** argv) {
                                       dropblock_apply_shared_##NAME, dropblock_apply_shared_per_sample_##NAME, \
                                       dropblock_apply_unaligned_##NAME};                                       \
         return run<T>(p, end, r, ops, r.unaligned ? dropblock_fused_unaligned_##NAME : dropblock_fused_##NAME, \
-                      argv[2]);                                                                                  \
+                      dropblock_fill_noise_##NAME, argv[2]);                                                     \
     }()
     switch (r.dtype) {
         case 0: return DROPBLOCK_RUN(float, f32);
