@@ -19,7 +19,7 @@ fn main() {
     let args = Arguments::from_args();
     let require = common::gpu_required();
     type Check = fn(&Device) -> R;
-    let checks: [(&str, Check); 9] = [
+    let checks: [(&str, Check); 10] = [
         ("forward_equals_cpu_forward_f32", |d| forward_matches_cpu::<f32>(d, DType::F32)),
         ("forward_equals_cpu_forward_f16", |d| forward_matches_cpu::<f16>(d, DType::F16)),
         ("forward_equals_cpu_forward_bf16", |d| forward_matches_cpu::<bf16>(d, DType::BF16)),
