@@ -102,13 +102,14 @@ pub enum Error {
         actual: usize,
     },
 
-    /// A call's shape differs from the shape the state it reuses was made for.
-    #[error("saved state was made for shape {expected:?}, not {actual:?}")]
+    /// A call's shape or layout differs from the one the state it reuses was made for.
+    #[error("saved state was made for shape {expected}, not {actual}")]
     ShapeMismatch {
-        /// The state's shape, `[N, C, spatial...]`.
-        expected: Vec<usize>,
-        /// The call's shape, `[N, C, spatial...]`.
-        actual: Vec<usize>,
+        /// The state's shape, as [`Shape`](crate::Shape) displays it (`2x64x56x56`,
+        /// with ` channels-last` after a channels-last one).
+        expected: String,
+        /// The call's shape, displayed the same way.
+        actual: String,
     },
 
     /// A key's offset leaves too few counter blocks for a call.

@@ -115,20 +115,26 @@ impl BlockMasks {
 }
 
 /// Transposes a 64 x 64 bit matrix in place: bit `j` of row `i` trades places with
-/// bit `i` of row `j` (Hacker's Delight 7-3, least significant bit first).
+/// bit `i` of row `j` (Hacker's Delight 7-3, least significant bit first), one
+/// level of block swaps at a time with the block size a constant, so each level
+/// unrolls into straight-line, independent swaps.
 fn transpose64(a: &mut [u64; WORD]) {
-    let (mut j, mut m) = (32usize, 0x0000_0000_FFFF_FFFFu64);
-    while j != 0 {
-        let mut k = 0;
-        while k < WORD {
-            let t = ((a[k] >> j) ^ a[k + j]) & m;
-            a[k + j] ^= t;
-            a[k] ^= t << j;
-            k = (k + j + 1) & !j;
+    #[inline(always)]
+    fn level<const J: usize>(a: &mut [u64; WORD], m: u64) {
+        for base in (0..WORD).step_by(2 * J) {
+            for k in base..base + J {
+                let t = ((a[k] >> J) ^ a[k + J]) & m;
+                a[k + J] ^= t;
+                a[k] ^= t << J;
+            }
         }
-        j >>= 1;
-        m ^= m << j;
     }
+    level::<32>(a, 0x0000_0000_FFFF_FFFF);
+    level::<16>(a, 0x0000_FFFF_0000_FFFF);
+    level::<8>(a, 0x00FF_00FF_00FF_00FF);
+    level::<4>(a, 0x0F0F_0F0F_0F0F_0F0F);
+    level::<2>(a, 0x3333_3333_3333_3333);
+    level::<1>(a, 0x5555_5555_5555_5555);
 }
 
 /// ORs the low `n` (1..=64) bits of `v` into bits `[at, at + n)`.

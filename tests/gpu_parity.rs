@@ -535,6 +535,11 @@ mod gpu {
         let mut other = d.alloc_state(s, Shape::new(1, 1, 4, 8).unwrap()).unwrap();
         let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
         assert!(matches!(err, dropblock::Error::ShapeMismatch { .. }), "{err}");
+        // A state made for one layout refuses the other.
+        let nhwc = shape.with_layout(Layout::ChannelsLast);
+        let mut first = d.alloc_state(s, shape).unwrap();
+        let err = d.forward_into(s, &mut first, &cfg, nhwc, key, Mode::Train, &x, &mut y).unwrap_err();
+        assert!(err.to_string().ends_with("not 1x2x4x4 channels-last"), "{err}");
         // A 2D block on a 3D tensor of the same element count, before any launch.
         let volume = Shape::new_3d(1, 2, 2, 2, 4).unwrap();
         let square = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1).build().unwrap();

@@ -486,7 +486,7 @@ impl DropBlockCuda {
         };
         self.check_context(stream.context())?;
         if state.shape != shape {
-            return Err(Error::ShapeMismatch { expected: state.shape.dims().to_vec(), actual: shape.dims().to_vec() });
+            return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
         state.call = None;
         if mode == Mode::Eval || cfg.is_identity() {
