@@ -9,19 +9,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// `(n, c, cell)` order to `(n, cell, c)` order.
-fn to_channels_last<T: Copy>(v: &[T], shape: Shape) -> Vec<T> {
-    let (n, c, l) = (shape.n(), shape.c(), shape.plane_len());
-    let mut out = v.to_vec();
-    for s in 0..n {
-        for ch in 0..c {
-            for cell in 0..l {
-                out[(s * l + cell) * c + ch] = v[(s * c + ch) * l + cell];
-            }
-        }
-    }
-    out
-}
+use common::to_channels_last;
 
 fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
     let sides: &[usize] = match rank {

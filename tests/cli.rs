@@ -172,18 +172,7 @@ fn apply_channels_last_is_channels_first_transposed() {
         let shape = Shape::from_dims(dims).unwrap();
         let cl = shape.with_layout(Layout::ChannelsLast);
         let x: Vec<f32> = common::input(shape.numel(), 5);
-        let (n, c, l) = (shape.n(), shape.c(), shape.plane_len());
-        let transpose = |v: &[f32]| {
-            let mut out = v.to_vec();
-            for s in 0..n {
-                for ch in 0..c {
-                    for cell in 0..l {
-                        out[(s * l + cell) * c + ch] = v[(s * c + ch) * l + cell];
-                    }
-                }
-            }
-            out
-        };
+        let transpose = |v: &[f32]| common::to_channels_last(v, shape);
         let to64 = |d: Vec<usize>| d.into_iter().map(|v| v as u64).collect::<Vec<u64>>();
         write_npy(&p("x.npy"), "<f4", &to64(shape.dims().to_vec()), &x);
         write_npy(&p("xt.npy"), "<f4", &to64(cl.physical_dims()), &transpose(&x));

@@ -11,6 +11,21 @@ use libtest_mimic::{Completion, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// A channels-first buffer of `shape`, `(n, c, cell)` order, in channels-last
+/// `(n, cell, c)` order.
+pub fn to_channels_last<T: Copy>(v: &[T], shape: Shape) -> Vec<T> {
+    let (n, c, l) = (shape.n(), shape.c(), shape.plane_len());
+    let mut out = v.to_vec();
+    for s in 0..n {
+        for ch in 0..c {
+            for cell in 0..l {
+                out[(s * l + cell) * c + ch] = v[(s * c + ch) * l + cell];
+            }
+        }
+    }
+    out
+}
+
 /// Deterministic test input: values in [-2, 2).
 pub fn input(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
