@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dropblock::{cpu, DropBlockConfig, Element, Generator, Mode, Shape};
+use dropblock::{cpu, DropBlockConfig, Element, Generator, Mode, Shape, Shard};
 use half::bf16;
 
 /// `(dims, k)`. The 3D and 1D shapes follow the 2D shapes of the same element
@@ -73,6 +73,60 @@ fn cpu_typed<T: Element>(c: &mut Criterion, dtype: &str) {
 fn cpu_benches(c: &mut Criterion) {
     cpu_typed::<f32>(c, "f32");
     cpu_typed::<bf16>(c, "bf16");
+    cpu_shards(c);
+}
+
+/// A sharded forward's total cost against the unsharded call's: 64x1024x14x14,
+/// k = 7, f32, as one call and as 4 shards run one after another (sample each,
+/// sum the counts, finish and apply each), split in quarters along each axis, and 2 x 2
+/// spatially.
+fn cpu_shards(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_shards");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let global = Shape::new(64, 1024, 14, 14).unwrap();
+    let cfg = DropBlockConfig::paper(7, 0.1).unwrap();
+    g.throughput(Throughput::Bytes(2 * (global.numel() * 4) as u64));
+    let x: Vec<f32> = (0..global.numel()).map(|i| (i % 13) as f32 - 6.0).collect();
+    let mut y = vec![0.0f32; global.numel()];
+    let mut gen = Generator::new(7);
+    g.bench_function("unsharded", |b| {
+        b.iter(|| cpu::forward(&cfg, global, gen.next_key().unwrap(), Mode::Train, black_box(&x), &mut y).unwrap())
+    });
+    // Per shard, (offset, extent) along N, C, H and W.
+    type Box4 = [(usize, usize); 4];
+    let quarters =
+        |len: usize| std::array::from_fn::<(usize, usize), 4, _>(|i| (i * len / 4, (i + 1) * len / 4 - i * len / 4));
+    let along = |axis: usize| -> [Box4; 4] {
+        let q = quarters(global.dims()[axis]);
+        std::array::from_fn(|i| std::array::from_fn(|a| if a == axis { q[i] } else { (0, global.dims()[a]) }))
+    };
+    let hw = [(0, 7), (7, 7)];
+    let grids: [(&str, [Box4; 4]); 5] = [
+        ("4 along N", along(0)),
+        ("4 along C", along(1)),
+        ("4 along H", along(2)),
+        ("4 along W", along(3)),
+        ("2 x 2", std::array::from_fn(|i| [(0, 64), (0, 1024), hw[i / 2], hw[i % 2]])),
+    ];
+    for (name, boxes) in grids {
+        let shards: Vec<Shard> =
+            boxes.iter().map(|b| Shard::new(global, &b.map(|(o, _)| o), &b.map(|(_, e)| e)).unwrap()).collect();
+        let xs: Vec<Vec<f32>> = shards.iter().map(|s| vec![1.0f32; s.local().numel()]).collect();
+        let mut ys: Vec<Vec<f32>> = xs.clone();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let key = gen.next_key().unwrap();
+                let sampled: Vec<_> =
+                    shards.iter().map(|s| cpu::sample_shard(&cfg, s, key, Mode::Train).unwrap()).collect();
+                let mut counts = sampled[0].counts().clone();
+                sampled[1..].iter().for_each(|s| counts.add(s.counts()).unwrap());
+                for ((s, x), y) in sampled.into_iter().zip(&xs).zip(ys.iter_mut()) {
+                    cpu::apply(&s.finish(&counts).unwrap(), black_box(x), y).unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
 }
 
 #[cfg(feature = "cuda")]

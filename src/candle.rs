@@ -245,7 +245,7 @@ fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
 /// What a forward saved for its backward: the keep bits and scales, on the device
 /// the forward ran on.
 enum Saved {
-    Cpu(cpu::Saved),
+    Cpu(Box<cpu::Saved>),
     #[cfg(feature = "candle-cuda")]
     Cuda(Box<crate::cuda::DeviceState>),
 }
@@ -322,7 +322,7 @@ impl ForwardOp {
 impl CpuPass for ForwardOp {
     fn run<T: WithDType + Element>(&self, shape: Shape, x: &[T]) -> candle_core::Result<Vec<T>> {
         let mut y = zeroed(x.len())?;
-        self.save(Saved::Cpu(cpu::forward(&self.cfg, shape, self.key, Mode::Train, x, &mut y)?))?;
+        self.save(Saved::Cpu(Box::new(cpu::forward(&self.cfg, shape, self.key, Mode::Train, x, &mut y)?)))?;
         Ok(y)
     }
 }

@@ -304,6 +304,11 @@ impl DropBlockConfig {
         DropBlockConfigBuilder { cfg: Self { drop_prob, ..*self } }.build()
     }
 
+    /// A builder starting from this configuration, to change some of it.
+    pub fn to_builder(&self) -> DropBlockConfigBuilder {
+        DropBlockConfigBuilder { cfg: *self }
+    }
+
     /// True when a call draws nothing and returns its input: `drop_prob == 0`.
     pub fn is_identity(&self) -> bool {
         self.drop_prob == 0.0

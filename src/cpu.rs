@@ -13,11 +13,14 @@ use crate::error::{Error, Result};
 use crate::mask::BlockMasks;
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
+use crate::shard::{Shard, ShardCounts};
 
 /// What forward hands to backward: the block masks and the scale(s).
 #[derive(Debug, Clone)]
 pub struct Saved {
+    /// The shape of the call's buffers: the shard's local shape.
     shape: Shape,
+    shard: Shard,
     state: State,
 }
 
@@ -41,9 +44,15 @@ enum State {
 }
 
 impl Saved {
-    /// The shape of the forward call.
+    /// The shape of the forward call's buffers (a shard's local shape).
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The part of the global tensor the call covered (the whole tensor unless it
+    /// came from [`sample_shard`]).
+    pub fn shard(&self) -> &Shard {
+        &self.shard
     }
 
     /// The plan of the call, or `None` when the call was an identity.
@@ -54,7 +63,7 @@ impl Saved {
         }
     }
 
-    /// Kept elements over the whole tensor.
+    /// Kept elements of the call's buffers (a shard's own elements).
     pub fn kept(&self) -> u64 {
         match &self.state {
             State::Identity => self.shape.numel() as u64,
@@ -77,7 +86,7 @@ impl Saved {
     }
 
     /// Whether the element at `index`, `[n, c, spatial...]` as the shape's
-    /// dimensions (`[n, c, h, w]` in 2D), was kept.
+    /// dimensions (`[n, c, h, w]` in 2D, local to a shard), was kept.
     pub fn is_kept(&self, index: &[usize]) -> Result<bool> {
         let dims = self.shape.dims();
         if index.len() != dims.len() {
@@ -95,7 +104,7 @@ impl Saved {
         }
         Ok(match &self.state {
             State::Identity => true,
-            State::Masked { plan, masks, .. } => !masks.is_dropped(plan.plane_of(index[0], index[1]), cell),
+            State::Masked { plan, masks, .. } => !masks.is_dropped(self.plane_of(plan, index[0], index[1]), cell),
         })
     }
 
@@ -121,6 +130,12 @@ impl Saved {
         matches!(self.state, State::Identity)
     }
 
+    /// The (local) mask plane of local slice `(n, c)`.
+    #[inline]
+    fn plane_of(&self, plan: &Plan, n: usize, c: usize) -> usize {
+        self.shard.local_plane(plan.geometry().sharing, n, c)
+    }
+
     /// `dst = src · factor` (or `dst = dst · factor` without `src`) for the
     /// elements from `e0` on, 64 at a time with one mask word each; in a forward
     /// with noise fill, dropped elements take their unit's noise instead.
@@ -132,14 +147,19 @@ impl Saved {
         };
         let fill = forward && *noise;
         let (c, l) = (self.shape.c(), self.shape.plane_len());
-        // The mask unit of element `e` whose bit is `bit`: the bit itself, except in
-        // a channels-last tensor's own order.
-        let unit = |e: usize, bit: usize| match channels_last {
-            None => bit,
-            Some(_) => {
-                let (n, rest) = (e / (l * c), e % (l * c));
-                plan.plane_of(n, rest % c) * l + rest / c
+        let (global_len, direct) = (self.shard.global().plane_len(), self.shard.is_whole() && channels_last.is_none());
+        // The mask unit of element `e` whose bit is `bit`: the bit itself for a whole
+        // channels-first tensor, else the global plane and cell of the element.
+        let unit = |e: usize, bit: usize| {
+            if direct {
+                return bit;
             }
+            let (n, rest) = (e / (l * c), e % (l * c));
+            let (ch, cell) = match channels_last {
+                None => (rest / l, rest % l),
+                Some(_) => (rest % c, rest / c),
+            };
+            self.shard.global_plane(plan, n, ch) * global_len + self.shard.global_cell(cell)
         };
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
@@ -178,7 +198,7 @@ impl Saved {
                 (true, true) => ((n + 1) * c * l - e0).min(len),
                 (false, _) => (j + l - cell).min(len),
             };
-            let bit = if flat { e } else { plan.plane_of(n, slice % c) * l + cell };
+            let bit = if flat { e } else { self.plane_of(plan, n, slice % c) * l + cell };
             let scale = if *per_sample { scales[n] } else { scales[0] };
             f(j, bit, end - j, scale);
             j = end;
@@ -261,47 +281,111 @@ impl Saved {
 /// Samples the masks and computes the scale(s), without touching any tensor.
 /// Errors only when the host cannot hold the masks (one bit per mask cell).
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {
+    let sampled = sample_shard(cfg, &Shard::whole(shape), key, mode)?;
+    let counts = sampled.counts.clone();
+    sampled.finish(&counts)
+}
+
+/// The first half of a sharded forward: samples the part of the mask that falls in
+/// `shard` (exactly that slice of the unsharded call's mask) and counts what it
+/// keeps. Sum the [`ShardSample::counts`] of every shard (any reduction, e.g. an
+/// all-reduce), then [`ShardSample::finish`] each with the sum and call [`apply`] and
+/// [`backward`] on the shard's buffers.
+pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mode) -> Result<ShardSample> {
+    let shape = shard.local();
+    let global = shard.global();
+    let mut counts = Vec::new();
+    let len = ShardCounts::len_for(global);
+    counts.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
+    counts.resize(len, 0u64);
     if mode == Mode::Eval || cfg.is_identity() {
-        return Ok(Saved { shape, state: State::Identity });
+        counts[0] = shape.numel() as u64;
+        let per = (shape.c() * shape.plane_len()) as u64;
+        counts[1 + shard.first_sample()..][..shape.n()].fill(per);
+        let saved = Saved { shape, shard: *shard, state: State::Identity };
+        return Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: 0.0 });
     }
-    let plan = Plan::new(cfg, shape, key)?;
-    let masks = BlockMasks::build(&plan)?;
+    let plan = Plan::new(cfg, global, key)?;
+    let masks = BlockMasks::build(&plan, shard)?;
     let (c, l) = (shape.c(), shape.plane_len());
     let slice_kept = |plane: usize| l as u64 - masks.dropped(plane);
-    // Kept elements of sample n: its planes' bits are one run without sharing. N is
-    // up to 2^32: the per-sample counts are reserved, not assumed to fit.
-    let mut kept_per_sample = Vec::new();
-    kept_per_sample.try_reserve_exact(shape.n()).map_err(|_| Error::HostAllocation { bytes: shape.n() as u64 * 8 })?;
+    // Kept elements of local sample n: its planes' bits are one run without sharing.
+    // N is up to 2^32: the counts are reserved above, not assumed to fit.
+    let local = &mut counts[1 + shard.first_sample()..][..shape.n()];
     match plan.geometry().sharing {
-        abi::DROPBLOCK_SHARE_NONE => kept_per_sample.par_extend(
-            (0..shape.n()).into_par_iter().map(|n| (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l)),
-        ),
+        abi::DROPBLOCK_SHARE_NONE => local
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(n, k)| *k = (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l)),
         abi::DROPBLOCK_SHARE_CHANNELS => {
-            kept_per_sample.par_extend((0..shape.n()).into_par_iter().map(|n| c as u64 * slice_kept(n)))
+            local.par_iter_mut().enumerate().for_each(|(n, k)| *k = c as u64 * slice_kept(n))
         }
-        abi::DROPBLOCK_SHARE_BATCH => kept_per_sample.resize(shape.n(), (c * l) as u64 - masks.dropped_in(0, c * l)),
-        _ => kept_per_sample.resize(shape.n(), c as u64 * slice_kept(0)),
+        abi::DROPBLOCK_SHARE_BATCH => local.fill((c * l) as u64 - masks.dropped_in(0, c * l)),
+        _ => local.fill(c as u64 * slice_kept(0)),
     }
-    let kept: u64 = kept_per_sample.iter().sum();
+    let kept: u64 = local.iter().sum();
+    counts[0] = kept;
     let channels_last = match shape.layout() {
         Layout::ChannelsFirst => None,
-        Layout::ChannelsLast => Some(masks.channels_last(&plan, shape.n(), c)?),
-    };
-    let per_sample = cfg.normalize() == Normalize::PerSample;
-    let scales = match cfg.normalize() {
-        Normalize::Global => vec![count_scale(shape.numel() as u64, kept)],
-        Normalize::PerSample => {
-            let mut s = Vec::new();
-            s.try_reserve_exact(shape.n()).map_err(|_| Error::HostAllocation { bytes: shape.n() as u64 * 4 })?;
-            s.extend(kept_per_sample.iter().map(|&k| count_scale((c * l) as u64, k)));
-            s
+        Layout::ChannelsLast => {
+            let sharing = plan.geometry().sharing;
+            Some(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
         }
-        Normalize::Expected => vec![expected_scale(cfg.drop_prob())],
-        Normalize::None => vec![1.0],
     };
     let noise = cfg.fill() == Fill::Noise;
+    let per_sample = cfg.normalize() == Normalize::PerSample;
     let plan = Box::new(plan);
-    Ok(Saved { shape, state: State::Masked { plan, masks, channels_last, kept, per_sample, scales, noise } })
+    let state = State::Masked { plan, masks, channels_last, kept, per_sample, scales: Vec::new(), noise };
+    let saved = Saved { shape, shard: *shard, state };
+    Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: cfg.drop_prob() })
+}
+
+/// A shard's sampled mask and its kept counts, waiting for the counts of every
+/// shard ([`sample_shard`]).
+#[derive(Debug, Clone)]
+pub struct ShardSample {
+    saved: Saved,
+    counts: ShardCounts,
+    normalize: Normalize,
+    drop_prob: f64,
+}
+
+impl ShardSample {
+    /// This shard's kept counts, to be summed with every other shard's.
+    pub fn counts(&self) -> &ShardCounts {
+        &self.counts
+    }
+
+    /// The state for [`apply`] and [`backward`], with the scale(s) computed from the
+    /// summed counts of every shard: Global `numel / total`, PerSample
+    /// `C·L / kept_n` over the global shape, in f64 rounded to f32, so every shard
+    /// computes the same scale. Expected and None ignore the counts. Errors when
+    /// `global` is not laid out for this shard's global shape.
+    pub fn finish(self, global: &ShardCounts) -> Result<Saved> {
+        let whole = self.saved.shard.global();
+        let expected = ShardCounts::len_for(whole);
+        if global.0.len() != expected {
+            return Err(Error::LengthMismatch { what: "shard counts", expected, actual: global.0.len() });
+        }
+        let mut saved = self.saved;
+        let first = saved.shard.first_sample();
+        let n = saved.shape.n();
+        if let State::Masked { scales, .. } = &mut saved.state {
+            *scales = match self.normalize {
+                Normalize::Global => vec![count_scale(whole.numel() as u64, global.total())],
+                Normalize::PerSample => {
+                    let mut s = Vec::new();
+                    s.try_reserve_exact(n).map_err(|_| Error::HostAllocation { bytes: n as u64 * 4 })?;
+                    let per = (whole.c() * whole.plane_len()) as u64;
+                    s.extend(global.per_sample()[first..first + n].iter().map(|&k| count_scale(per, k)));
+                    s
+                }
+                Normalize::Expected => vec![expected_scale(self.drop_prob)],
+                Normalize::None => vec![1.0],
+            };
+        }
+        Ok(saved)
+    }
 }
 
 /// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.

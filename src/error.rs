@@ -126,6 +126,21 @@ pub enum Error {
     #[error("backward called on a state that holds no forward call")]
     NoForwardCall,
 
+    /// A shard's box is empty or passes the end of the global tensor along an axis.
+    #[error(
+        "shard along {axis}: offset {offset} + extent {extent} must lie within 1..={len} and the extent be at least 1"
+    )]
+    InvalidShard {
+        /// The axis: `"N"`, `"C"` or `"spatial i"`.
+        axis: &'static str,
+        /// The offset given.
+        offset: u64,
+        /// The extent given.
+        extent: u64,
+        /// The global tensor's size along the axis.
+        len: u64,
+    },
+
     /// An index (element coordinate, plane or window) is out of range.
     #[error("{what} is {value}, out of range 0..{len}")]
     OutOfRange {

@@ -131,6 +131,8 @@
 //!   [`noise`]: the values of noise fill.
 //! - [`cpu`]: forward and backward on host slices.
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
+//! - [`shard`]: one device's box of a tensor split across many, and the counts the
+//!   shards sum ([`cpu::sample_shard`]).
 //! - [`schedule`]: drop-rate schedules (the originals' `linspace` ramp).
 //! - `candle` (feature `candle`): a candle layer, `candle::DropBlock`.
 
@@ -151,6 +153,7 @@ pub mod noise;
 pub mod rng;
 pub mod sampling;
 pub mod schedule;
+pub mod shard;
 
 pub use config::{
     Anchor, Block, DropBlockConfig, DropBlockConfigBuilder, Fill, GammaRule, Layout, Mode, Normalize, Placement, Shape,
@@ -160,3 +163,4 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use rng::{Generator, RngKey};
 pub use schedule::{tpu_group_keep_prob, LinearSchedule};
+pub use shard::{Shard, ShardCounts};

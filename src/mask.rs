@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use crate::abi;
 use crate::error::{Error, Result};
 use crate::sampling::{window_len, Plan};
+use crate::shard::{SeedBox, Shard};
 
 const WORD: usize = 64;
 /// A CPU tile's bits, about: large enough that per-tile work is amortised, small
@@ -26,21 +27,24 @@ pub(crate) struct BlockMasks {
 }
 
 impl BlockMasks {
-    /// Samples every plane's seeds and grows them into blocks (parallel over tiles).
-    pub(crate) fn build(plan: &Plan) -> Result<Self> {
+    /// Samples the seeds that reach into `shard` and grows them into its planes'
+    /// blocks, clipped to the shard (parallel over tiles of local planes). For the
+    /// whole tensor that is every seed of every plane.
+    pub(crate) fn build(plan: &Plan, shard: &Shard) -> Result<Self> {
         let g = plan.geometry();
-        let plane_len = plane_cells(g);
-        let planes = plan.planes();
+        let plane_len = shard.local().plane_len();
+        let planes = shard.local_planes(g.sharing);
+        let seed_box = SeedBox::new(plan, shard)?;
         let bits = planes.checked_mul(plane_len).ok_or(Error::HostAllocation { bytes: u64::MAX })?;
         let mut words = Vec::new();
         let len = bits.div_ceil(WORD);
         words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
         words.resize(len, 0u64);
-        let tile = tile_planes(g, plane_len, rayon::current_num_threads());
+        let tile = tile_planes(g.planes_per_window as usize, planes, plane_len, rayon::current_num_threads());
         let tile_words = tile * plane_len / WORD;
         words.par_chunks_mut(tile_words).enumerate().for_each(|(t, out)| {
             let first = t * tile;
-            build_tile(plan, first, tile.min(planes - first), plane_len, out);
+            build_tile(plan, shard, &seed_box, first..(first + tile).min(planes), plane_len, out);
         });
         Ok(Self { plane_len, words })
     }
@@ -79,7 +83,12 @@ impl BlockMasks {
     /// sharing, so the element-wise passes read it as flat bits. Built from 64 x 64
     /// bit-matrix transposes (64 channels' runs of 64 cells in, 64 cells' runs of 64
     /// channels out), in parallel over samples grouped to start on a word.
-    pub(crate) fn channels_last(&self, plan: &Plan, n: usize, c: usize) -> Result<Self> {
+    pub(crate) fn channels_last(
+        &self,
+        plane_of: impl Fn(usize, usize) -> usize + Sync,
+        n: usize,
+        c: usize,
+    ) -> Result<Self> {
         let l = self.plane_len;
         let sample = l * c;
         let total = n.checked_mul(sample).ok_or(Error::HostAllocation { bytes: u64::MAX })?;
@@ -100,7 +109,7 @@ impl BlockMasks {
                     for cell0 in (0..l).step_by(WORD) {
                         let mut rows = [0u64; WORD];
                         for (j, row) in rows.iter_mut().enumerate().take(cw) {
-                            *row = self.bits_from(plan.plane_of(s, c0 + j) * l + cell0);
+                            *row = self.bits_from(plane_of(s, c0 + j) * l + cell0);
                         }
                         transpose64(&mut rows);
                         for (i, &row) in rows.iter().enumerate().take((l - cell0).min(WORD)) {
@@ -149,15 +158,14 @@ fn or_bits(words: &mut [u64], at: usize, v: u64, n: usize) {
     }
 }
 
-/// Planes per CPU tile: a multiple of `q` (whole windows) and of
-/// `64 / gcd(L, 64)` (a tile starts on a word), about TILE_BITS, and small enough
+/// Planes per CPU tile: a multiple of `q` (whole windows, each walked once) and
+/// of `64 / gcd(L, 64)` (a tile starts on a word), about TILE_BITS, and small enough
 /// that every thread gets several tiles.
-fn tile_planes(g: &abi::DropBlockGeometry, plane_len: usize, threads: usize) -> usize {
-    let q = g.planes_per_window as usize;
+fn tile_planes(q: usize, planes: usize, plane_len: usize, threads: usize) -> usize {
     let word_align = WORD / gcd(plane_len, WORD);
     let align = q / gcd(q, word_align) * word_align;
     let by_size = (TILE_BITS / (align * plane_len)).max(1);
-    let by_threads = (g.planes as usize).div_ceil(align * 4 * threads.max(1)).max(1);
+    let by_threads = planes.div_ceil(align * 4 * threads.max(1)).max(1);
     align * by_size.min(by_threads)
 }
 
@@ -168,24 +176,52 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-/// Builds planes `[first, first + planes)` into `out` (zeroed), whose bit 0 is
-/// bit `first · L` of the masks: samples the tile's windows and grows each seed.
-fn build_tile(plan: &Plan, first: usize, planes: usize, plane_len: usize, out: &mut [u64]) {
+/// Builds local planes `planes` into `out` (zeroed), whose bit 0 is bit
+/// `planes.start · L` of the masks: walks the windows that hold the planes' seeds
+/// in `seed_box` and grows those seeds, clipped to the shard.
+fn build_tile(
+    plan: &Plan,
+    shard: &Shard,
+    seed_box: &SeedBox,
+    planes: std::ops::Range<usize>,
+    plane_len: usize,
+    out: &mut [u64],
+) {
     let g = plan.geometry();
     let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
-    let first_window = first as u64 / q * m;
-    let windows = (planes as u64).div_ceil(q) * m;
-    for k in 0..windows {
-        let window = first_window + k;
-        let mut seeds = plan.walk_window(window, window_len(g, window));
-        while seeds != 0 {
-            let j = seeds.trailing_zeros() as u64;
-            seeds &= seeds - 1;
-            // Plane in the tile and seed cell of the window's j-th cell.
-            let (plane, cell) =
-                if s <= WORD as u64 { (k * q + j / s, j % s) } else { (k / m, k % m * WORD as u64 + j) };
-            grow_seed(g, plane as usize * plane_len, cell, out);
+    let mut local = planes.start;
+    while local < planes.end {
+        // A run of local planes whose global planes are consecutive, so each window
+        // of several planes is walked once for all of them.
+        let (plane0, run) = shard.global_run(plan, local);
+        let run = run.min(planes.end - local) as u64;
+        let base = |plane: u64| (local - planes.start + (plane - plane0) as usize) * plane_len;
+        if s <= WORD as u64 {
+            for window in plane0 / q..=(plane0 + run - 1) / q {
+                let mut seeds = plan.walk_window(window, window_len(g, window));
+                while seeds != 0 {
+                    let j = seeds.trailing_zeros() as u64;
+                    seeds &= seeds - 1;
+                    let plane = window * q + j / s;
+                    if (plane0..plane0 + run).contains(&plane) {
+                        grow_seed(g, seed_box, base(plane), j % s, out);
+                    }
+                }
+            }
+        } else {
+            for plane in plane0..plane0 + run {
+                for part in seed_box.parts.iter().flat_map(|r| r.clone()) {
+                    let window = plane * m + part;
+                    let mut seeds = plan.walk_window(window, window_len(g, window));
+                    while seeds != 0 {
+                        let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
+                        seeds &= seeds - 1;
+                        grow_seed(g, seed_box, base(plane), cell, out);
+                    }
+                }
+            }
         }
+        local += run as usize;
     }
 }
 
@@ -194,24 +230,31 @@ fn plane_cells(g: &abi::DropBlockGeometry) -> usize {
     g.d as usize * g.h as usize * g.w as usize
 }
 
-/// `[start, end)` of the block along one axis of `size` cells, for a seed at `i`.
+/// `[start, end)` of the block along one axis, for a seed at `i`, clipped to the
+/// box `[origin, origin + extent)` and counted from its origin.
 #[inline]
-fn reach(i: u64, anchor: u32, extent: u32, size: u32) -> (usize, usize) {
-    let lo = i as i64 - anchor as i64;
-    (lo.max(0) as usize, (lo + extent as i64).min(size as i64) as usize)
+fn reach(i: u64, anchor: u32, k: u32, origin: u32, extent: u32) -> (usize, usize) {
+    let lo = i as i64 - anchor as i64 - origin as i64;
+    (lo.max(0) as usize, (lo + k as i64).clamp(0, extent as i64) as usize)
 }
 
-/// ORs the block of the seed at seed cell `cell` into `out`, for the plane whose
-/// cell 0 is bit `base`: a run of the block's width per (depth, row) it covers.
+/// ORs the part in `seed_box`'s box of the block of the seed at seed cell `cell`
+/// into `out`, for the local plane whose cell 0 is bit `base`: a run of the
+/// block's width per (depth, row) it covers. Seeds outside the box reach no cell of
+/// it and are skipped.
 #[inline]
-fn grow_seed(g: &abi::DropBlockGeometry, base: usize, cell: u64, out: &mut [u64]) {
+fn grow_seed(g: &abi::DropBlockGeometry, seed_box: &SeedBox, base: usize, cell: u64, out: &mut [u64]) {
     let seed_hw = g.seed_h as u64 * g.seed_w as u64;
     let (z, rest) = (cell / seed_hw, cell % seed_hw);
     let (y, x) = (rest / g.seed_w as u64, rest % g.seed_w as u64);
-    let (z0, z1) = reach(z, g.anchor_z, g.kd, g.d);
-    let (r0, r1) = reach(y, g.anchor_y, g.kh, g.h);
-    let (c0, c1) = reach(x, g.anchor_x, g.kw, g.w);
-    let (h, w) = (g.h as usize, g.w as usize);
+    if !seed_box.holds([z as u32, y as u32, x as u32]) {
+        return;
+    }
+    let ([oz, oy, ox], [ez, ey, ex]) = (seed_box.origin, seed_box.extent);
+    let (z0, z1) = reach(z, g.anchor_z, g.kd, oz, ez);
+    let (r0, r1) = reach(y, g.anchor_y, g.kh, oy, ey);
+    let (c0, c1) = reach(x, g.anchor_x, g.kw, ox, ex);
+    let (h, w) = (ey as usize, ex as usize);
     for z in z0..z1 {
         for r in r0..r1 {
             let row = base + (z * h + r) * w;
@@ -236,13 +279,14 @@ pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
         return Err(Error::LengthMismatch { what: "plane words", expected: cells.div_ceil(WORD), actual: out.len() });
     }
     out.fill(0);
+    let whole = SeedBox::whole(g);
     for (k, &word) in seeds.iter().enumerate() {
         let mut bits = word;
         while bits != 0 {
             let cell = (k * WORD) as u64 + bits.trailing_zeros() as u64;
             bits &= bits - 1;
             if cell < g.seed_cells {
-                grow_seed(g, 0, cell, out);
+                grow_seed(g, &whole, 0, cell, out);
             }
         }
     }

@@ -76,6 +76,21 @@ impl RngKey {
         self.offset
     }
 
+    /// An independent key for stream `stream` (a data-parallel rank, a model
+    /// replica): the same offset, and as seed the first two words of
+    /// `Philox(counter = (lo(stream), hi(stream), 0xD20BF0C4, 0xD20BF0C4), key =
+    /// seed)`. Philox under distinct keys gives unrelated streams, so forks draw
+    /// unrelated masks, and none of them is the single-process run's. To reproduce
+    /// that run across ranks instead, keep one key and give each rank its samples as
+    /// a [`Shard`](crate::Shard) ([`Shard::samples`](crate::Shard::samples)).
+    pub fn fork(&self, stream: u64) -> RngKey {
+        let w = philox4x32_10(
+            [stream as u32, (stream >> 32) as u32, 0xD20B_F0C4, 0xD20B_F0C4],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        );
+        RngKey { seed: w[0] as u64 | (w[1] as u64) << 32, offset: self.offset }
+    }
+
     /// Draw `j` (0-based) of window `window`: word `j % 4` of
     /// `Philox(counter = (offset + j/4, window), key = seed)`; the same stream as
     /// `curand_init(seed, window, 4 * offset)` followed by `curand()` calls (for

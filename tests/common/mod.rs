@@ -96,16 +96,7 @@ pub fn random_config_of_rank(rng: &mut StdRng, rank: usize) -> DropBlockConfig {
 
 /// `cfg` with noise fill (and so normalisation None), the rest as it was.
 pub fn with_noise_fill(cfg: &DropBlockConfig) -> DropBlockConfig {
-    DropBlockConfig::builder(cfg.block(), cfg.drop_prob())
-        .placement(cfg.placement())
-        .anchor(cfg.anchor())
-        .gamma_rule(cfg.gamma_rule())
-        .gamma_scale(cfg.gamma_scale())
-        .sharing(cfg.sharing())
-        .normalize(Normalize::None)
-        .fill(dropblock::Fill::Noise)
-        .build()
-        .unwrap()
+    cfg.to_builder().normalize(Normalize::None).fill(dropblock::Fill::Noise).build().unwrap()
 }
 
 /// A random configuration that the single-launch fused kernels serve (no sharing,

@@ -1,0 +1,304 @@
+//! Shards: one device's or process's part of a tensor that is split across many.
+//!
+//! The mask of a call is a pure function of the configuration, the *global* logical
+//! shape, the key and the global coordinates, so a shard computes exactly its
+//! part of the unsharded call's mask with no communication: it samples the
+//! windows that can hold a seed whose block reaches into the shard (its own seed
+//! cells plus a halo of up to `k - 1` on each spatial axis) and grows those seeds,
+//! clipped to the shard. Only the kept counts that Global and PerSample
+//! normalisation divide by span shards; they travel in a [`ShardCounts`] layout
+//! that the shards sum element-wise (an all-reduce), after which every shard
+//! computes the same scale from the same integers (f64 division, rounded to f32,
+//! as [`count_scale`](crate::sampling::count_scale)).
+//!
+//! Expected and None normalisation need no counts: they scale without limit.
+//!
+//! # Data-parallel keys
+//!
+//! To reproduce the single-process masks of a global batch of `R·B` samples on `R`
+//! ranks of `B` samples each, every rank uses **the same key** and describes its
+//! batch as [`Shard::samples`]`(global, r·B, B)`: rank `r` then draws exactly the
+//! masks of global samples `[r·B, (r+1)·B)`, whatever `R`. PerSample and Expected
+//! normalisation stay rank-local (a sample lies on one rank); Global sums counts.
+//!
+//! Ranks that should draw *independent* masks instead (a different mask for each
+//! rank's samples with no relation to a single-process run) derive a key each with
+//! [`RngKey::fork`](crate::RngKey::fork)`(r)` and call on their local shape.
+
+use crate::abi;
+use crate::config::Shape;
+use crate::error::{Error, Result};
+use crate::sampling::Plan;
+
+/// A box of a global tensor: the global logical shape and, along `N`, `C` and each
+/// spatial axis, this shard's offset and extent. The local buffers hold exactly
+/// the box, in the global shape's [`Layout`](crate::Layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shard {
+    global: Shape,
+    /// Offsets along `[N, C, D, H, W]` (unit axes of lower ranks at 0).
+    offset: [usize; 5],
+    local: Shape,
+}
+
+const AXES: [&str; 5] = ["N", "C", "spatial 0", "spatial 1", "spatial 2"];
+
+impl Shard {
+    /// The shard of `global` starting at `offset` with `extent` elements along each
+    /// of its dimensions (`[n, c, spatial...]`, as [`Shape::dims`]). Errors when a
+    /// list has the wrong length, an extent is 0 or a box passes the tensor's end.
+    pub fn new(global: Shape, offset: &[usize], extent: &[usize]) -> Result<Self> {
+        let dims = global.dims();
+        for (what, list) in [("shard offset", offset), ("shard extent", extent)] {
+            if list.len() != dims.len() {
+                return Err(Error::InvalidRank { what, rank: list.len().saturating_sub(2) });
+            }
+        }
+        for (i, ((&o, &e), &len)) in offset.iter().zip(extent).zip(dims).enumerate() {
+            if e == 0 || o.checked_add(e).is_none_or(|end| end > len) {
+                return Err(Error::InvalidShard { axis: AXES[i], offset: o as u64, extent: e as u64, len: len as u64 });
+            }
+        }
+        let local = Shape::from_dims(extent)?.with_layout(global.layout());
+        Ok(Self { global, offset: to_volume(global, offset), local })
+    }
+
+    /// The whole tensor as one shard.
+    pub fn whole(global: Shape) -> Self {
+        Self { global, offset: [0; 5], local: global }
+    }
+
+    /// Samples `[first, first + count)` of `global`, every channel and cell: a
+    /// data-parallel rank's part of the global batch (see the module docs).
+    pub fn samples(global: Shape, first: usize, count: usize) -> Result<Self> {
+        let mut offset = vec![0; global.dims().len()];
+        let mut extent = global.dims().to_vec();
+        offset[0] = first;
+        extent[0] = count;
+        Self::new(global, &offset, &extent)
+    }
+
+    /// The logical shape of the whole tensor.
+    pub fn global(&self) -> Shape {
+        self.global
+    }
+
+    /// The shape of this shard's buffers (the box's extents, the global layout).
+    pub fn local(&self) -> Shape {
+        self.local
+    }
+
+    /// The box's offsets along the global shape's dimensions (as [`Shape::dims`]).
+    pub fn offset(&self) -> Vec<usize> {
+        let r = self.global.spatial_rank();
+        let mut o = vec![self.offset[0], self.offset[1]];
+        o.extend_from_slice(&self.offset[5 - r..]);
+        o
+    }
+
+    /// Whether the shard is the whole tensor.
+    pub fn is_whole(&self) -> bool {
+        self.local == self.global
+    }
+
+    /// The box's first sample.
+    pub(crate) fn first_sample(&self) -> usize {
+        self.offset[0]
+    }
+    /// The box's offsets along `[D, H, W]`.
+    pub(crate) fn volume_offset(&self) -> [usize; 3] {
+        [self.offset[2], self.offset[3], self.offset[4]]
+    }
+
+    /// The global mask plane of local slice `(n, c)`.
+    pub(crate) fn global_plane(&self, plan: &Plan, n: usize, c: usize) -> usize {
+        plan.plane_of(self.offset[0] + n, self.offset[1] + c)
+    }
+
+    /// The shard's own mask planes: those of its slices, numbered as
+    /// [`Plan::plane_of`] numbers a tensor of the local shape's `N` and `C`.
+    pub(crate) fn local_planes(&self, sharing: u32) -> usize {
+        let (n, c) = (self.local.n(), self.local.c());
+        match sharing {
+            abi::DROPBLOCK_SHARE_NONE => n * c,
+            abi::DROPBLOCK_SHARE_CHANNELS => n,
+            abi::DROPBLOCK_SHARE_BATCH => c,
+            _ => 1,
+        }
+    }
+
+    /// The local plane of local slice `(n, c)`.
+    #[inline]
+    pub(crate) fn local_plane(&self, sharing: u32, n: usize, c: usize) -> usize {
+        match sharing {
+            abi::DROPBLOCK_SHARE_NONE => n * self.local.c() + c,
+            abi::DROPBLOCK_SHARE_CHANNELS => n,
+            abi::DROPBLOCK_SHARE_BATCH => c,
+            _ => 0,
+        }
+    }
+
+    /// The global plane of local plane `plane`, and how many local planes from it on
+    /// have consecutive global planes (a whole sample's channels, or all of them
+    /// when the shard holds every channel or shares masks across channels).
+    pub(crate) fn global_run(&self, plan: &Plan, plane: usize) -> (u64, usize) {
+        let g = plan.geometry();
+        let cl = self.local.c();
+        let run =
+            if g.sharing == abi::DROPBLOCK_SHARE_NONE && cl != self.global.c() { cl - plane % cl } else { usize::MAX };
+        (self.global_plane_of_local(plan, plane) as u64, run)
+    }
+
+    /// The global plane of local plane `plane`.
+    pub(crate) fn global_plane_of_local(&self, plan: &Plan, plane: usize) -> usize {
+        let g = plan.geometry();
+        let cl = self.local.c();
+        let (n, c) = match g.sharing {
+            abi::DROPBLOCK_SHARE_NONE => (plane / cl, plane % cl),
+            abi::DROPBLOCK_SHARE_CHANNELS => (plane, 0),
+            abi::DROPBLOCK_SHARE_BATCH => (0, plane),
+            _ => (0, 0),
+        };
+        self.global_plane(plan, n, c)
+    }
+
+    /// The global cell of local cell `cell` (row-major over the local volume).
+    pub(crate) fn global_cell(&self, cell: usize) -> usize {
+        let [_, h, w] = self.local.volume();
+        let [_, gh, gw] = self.global.volume();
+        let [oz, oy, ox] = self.volume_offset();
+        let (z, rest) = (cell / (h * w), cell % (h * w));
+        ((oz + z) * gh + oy + rest / w) * gw + ox + rest % w
+    }
+}
+
+/// `[n, c, spatial...]` as `[N, C, D, H, W]` with unit axes at 0.
+fn to_volume(shape: Shape, v: &[usize]) -> [usize; 5] {
+    let r = shape.spatial_rank();
+    let mut out = [0; 5];
+    out[..2].copy_from_slice(&v[..2]);
+    out[5 - r..].copy_from_slice(&v[2..]);
+    out
+}
+
+/// The kept counts of a shard, in the layout every shard shares so that an
+/// element-wise sum over shards (an all-reduce) gives the global counts:
+/// `[kept over the whole tensor, kept in sample 0, ..., kept in sample N-1]`, `N`
+/// the *global* batch, each entry the shard's part (0 for samples it does not hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardCounts(pub(crate) Vec<u64>);
+
+impl ShardCounts {
+    /// Entries of the counts of a global shape: `1 + N`.
+    pub fn len_for(global: Shape) -> usize {
+        1 + global.n()
+    }
+
+    /// Counts from their entries (after a reduction); errors unless there are
+    /// `1 + N` of them for `global`.
+    pub fn from_entries(global: Shape, entries: Vec<u64>) -> Result<Self> {
+        let expected = Self::len_for(global);
+        if entries.len() != expected {
+            return Err(Error::LengthMismatch { what: "shard counts", expected, actual: entries.len() });
+        }
+        Ok(Self(entries))
+    }
+
+    /// The entries, `[total, sample 0, ..., sample N-1]`.
+    pub fn entries(&self) -> &[u64] {
+        &self.0
+    }
+
+    /// Adds `other`'s entries into these: the reduction of two shards' counts.
+    /// Errors when the lengths differ.
+    pub fn add(&mut self, other: &ShardCounts) -> Result<()> {
+        if other.0.len() != self.0.len() {
+            return Err(Error::LengthMismatch { what: "shard counts", expected: self.0.len(), actual: other.0.len() });
+        }
+        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// Kept elements over the tensor.
+    pub fn total(&self) -> u64 {
+        self.0[0]
+    }
+
+    /// Kept elements of each sample.
+    pub fn per_sample(&self) -> &[u64] {
+        &self.0[1..]
+    }
+}
+
+/// Which seeds and windows a shard samples: along each axis, the seed positions
+/// whose block reaches into the box, and the local box's placement.
+#[derive(Debug, Clone)]
+pub(crate) struct SeedBox {
+    /// `[lo, hi)` of seed positions along `[D, H, W]`.
+    pub(crate) seeds: [(u32, u32); 3],
+    /// The box's first cell along `[D, H, W]`.
+    pub(crate) origin: [u32; 3],
+    /// The box's extents along `[D, H, W]`.
+    pub(crate) extent: [u32; 3],
+    /// For planes of more than 64 seed cells: the windows within a plane (`i` of
+    /// window `plane·m + i`) that hold a seed cell of the box, as ascending,
+    /// disjoint ranges (one per run of box rows whose windows touch). The same for
+    /// every plane.
+    pub(crate) parts: Vec<std::ops::Range<u64>>,
+}
+
+impl SeedBox {
+    pub(crate) fn new(plan: &Plan, shard: &Shard) -> Result<Self> {
+        let g = plan.geometry();
+        if shard.is_whole() {
+            return Ok(Self::whole(g));
+        }
+        let origin = shard.volume_offset().map(|v| v as u32);
+        let extent = shard.local().volume().map(|v| v as u32);
+        let axis = |i: usize, anchor: u32, k: u32, seeds: u32| {
+            // Seeds s with s - anchor < o + e and s - anchor + k > o.
+            let (o, e) = (origin[i] as i64, extent[i] as i64);
+            let lo = (o + anchor as i64 - k as i64 + 1).max(0);
+            let hi = (o + e + anchor as i64).min(seeds as i64);
+            (lo as u32, hi.max(lo) as u32)
+        };
+        let seeds = [
+            axis(0, g.anchor_z, g.kd, g.seed_d),
+            axis(1, g.anchor_y, g.kh, g.seed_h),
+            axis(2, g.anchor_x, g.kw, g.seed_w),
+        ];
+        let mut parts: Vec<std::ops::Range<u64>> = Vec::new();
+        if g.seed_cells > abi::DROPBLOCK_WINDOW_CELLS as u64 && seeds.iter().all(|(lo, hi)| lo < hi) {
+            let per = abi::DROPBLOCK_WINDOW_CELLS as u64;
+            for z in seeds[0].0..seeds[0].1 {
+                for y in seeds[1].0..seeds[1].1 {
+                    let row = (z as u64 * g.seed_h as u64 + y as u64) * g.seed_w as u64;
+                    let (a, b) = ((row + seeds[2].0 as u64) / per, (row + seeds[2].1 as u64 - 1) / per + 1);
+                    match parts.last_mut() {
+                        Some(last) if last.end >= a => last.end = last.end.max(b),
+                        _ => {
+                            parts.try_reserve(1).map_err(|_| Error::HostAllocation { bytes: 16 })?;
+                            parts.push(a..b);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self { seeds, origin, extent, parts })
+    }
+
+    /// The box of a whole plane: every seed, every window.
+    pub(crate) fn whole(g: &abi::DropBlockGeometry) -> Self {
+        let mut parts = Vec::new();
+        if g.seed_cells > abi::DROPBLOCK_WINDOW_CELLS as u64 {
+            parts.push(0..g.windows_per_group);
+        }
+        Self { seeds: [(0, g.seed_d), (0, g.seed_h), (0, g.seed_w)], origin: [0; 3], extent: [g.d, g.h, g.w], parts }
+    }
+
+    /// Whether seed cell `(z, y, x)` lies in the box.
+    #[inline]
+    pub(crate) fn holds(&self, at: [u32; 3]) -> bool {
+        at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi)
+    }
+}

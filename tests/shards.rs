@@ -1,0 +1,331 @@
+//! Sharded calls on the CPU: P shards, each on its own thread, reproduce the
+//! unsharded call bit for bit once their counts are summed.
+
+mod common;
+
+use common::{input, random_config_of_rank, random_shape_of_rank, same, with_noise_fill};
+use dropblock::{cpu, Block, DropBlockConfig, Error, Layout, Mode, Normalize, RngKey, Shape, Shard, ShardCounts};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The memory index in `shape` (its layout) of logical index `[n, c, d, h, w]`.
+fn physical(shape: Shape, [n, c, z, y, x]: [usize; 5]) -> usize {
+    let [d, h, w] = shape.volume();
+    let cell = (z * h + y) * w + x;
+    match shape.layout() {
+        Layout::ChannelsFirst => (n * shape.c() + c) * d * h * w + cell,
+        Layout::ChannelsLast => (n * d * h * w + cell) * shape.c() + c,
+    }
+}
+
+/// Every logical index of `shape` as `[n, c, d, h, w]`.
+fn logical_indices(shape: Shape) -> impl Iterator<Item = [usize; 5]> {
+    let [d, h, w] = shape.volume();
+    let (n, c) = (shape.n(), shape.c());
+    (0..n * c * d * h * w).map(move |i| {
+        let (rest, x) = (i / w, i % w);
+        let (rest, y) = (rest / h, rest % h);
+        let (rest, z) = (rest / d, rest % d);
+        [rest / c, rest % c, z, y, x]
+    })
+}
+
+/// The shard's offsets along `[N, C, D, H, W]`.
+fn offset5(shard: &Shard) -> [usize; 5] {
+    let o = shard.offset();
+    let r = shard.global().spatial_rank();
+    let mut v = [0; 5];
+    v[..2].copy_from_slice(&o[..2]);
+    v[5 - r..].copy_from_slice(&o[2..]);
+    v
+}
+
+/// `(local memory index, global memory index)` for every element of the shard.
+fn placement(shard: &Shard) -> Vec<(usize, usize)> {
+    let (local, global, o) = (shard.local(), shard.global(), offset5(shard));
+    logical_indices(local)
+        .map(|i| (physical(local, i), physical(global, std::array::from_fn(|a| i[a] + o[a]))))
+        .collect()
+}
+
+/// Cuts `len` into 1..=`max` pieces at random points: `(offset, extent)` each.
+fn cut(rng: &mut StdRng, len: usize, max: usize) -> Vec<(usize, usize)> {
+    let pieces = rng.random_range(1..=max.min(len));
+    let mut points: Vec<usize> = (1..len).collect();
+    for i in 0..points.len() {
+        let j = rng.random_range(i..points.len());
+        points.swap(i, j);
+    }
+    let mut cuts: Vec<usize> = points[..pieces - 1].to_vec();
+    cuts.sort_unstable();
+    cuts.insert(0, 0);
+    cuts.push(len);
+    cuts.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
+}
+
+/// A random grid of shards over `global`: each axis cut into pieces.
+fn random_grid(rng: &mut StdRng, global: Shape, max_pieces: usize) -> Vec<Shard> {
+    let axes: Vec<Vec<(usize, usize)>> = global.dims().iter().map(|&len| cut(rng, len, max_pieces)).collect();
+    let mut shards = vec![(Vec::new(), Vec::new())];
+    for pieces in &axes {
+        shards = shards
+            .into_iter()
+            .flat_map(|(o, e): (Vec<usize>, Vec<usize>)| {
+                pieces.iter().map(move |&(po, pe)| {
+                    let (mut o, mut e) = (o.clone(), e.clone());
+                    o.push(po);
+                    e.push(pe);
+                    (o, e)
+                })
+            })
+            .collect();
+    }
+    shards.into_iter().map(|(o, e)| Shard::new(global, &o, &e).unwrap()).collect()
+}
+
+/// What a sharded run reassembles: y, dx and the keep mask in the global layout,
+/// the summed counts and the shards' kept elements.
+struct Reassembled {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    keep: Vec<u8>,
+    counts: ShardCounts,
+    kept: u64,
+}
+
+/// Runs forward and backward on every shard, one thread each: sample, sum the
+/// counts (the in-process reduction), finish, apply and backward.
+fn run_sharded(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, x: &[f32], dy: &[f32]) -> Reassembled {
+    let global = shards[0].global();
+    let sampled: Vec<cpu::ShardSample> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            shards.iter().map(|shard| s.spawn(move || cpu::sample_shard(cfg, shard, key, Mode::Train))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    });
+    let mut counts = ShardCounts::from_entries(global, vec![0; ShardCounts::len_for(global)]).unwrap();
+    for s in &sampled {
+        counts.add(s.counts()).unwrap();
+    }
+    let mut out = Reassembled {
+        y: vec![f32::NAN; global.numel()],
+        dx: vec![f32::NAN; global.numel()],
+        keep: vec![7; global.numel()],
+        counts: counts.clone(),
+        kept: 0,
+    };
+    let parts: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = sampled
+            .into_iter()
+            .zip(shards)
+            .map(|(sample, shard)| {
+                let counts = &counts;
+                s.spawn(move || {
+                    let saved = sample.finish(counts).unwrap();
+                    let map = placement(shard);
+                    let n = shard.local().numel();
+                    let (mut lx, mut ldy) = (vec![0.0f32; n], vec![0.0f32; n]);
+                    for &(l, g) in &map {
+                        lx[l] = x[g];
+                        ldy[l] = dy[g];
+                    }
+                    let (mut ly, mut ldx) = (vec![0.0f32; n], vec![0.0f32; n]);
+                    cpu::apply(&saved, &lx, &mut ly).unwrap();
+                    cpu::backward(&saved, &ldy, &mut ldx).unwrap();
+                    (map, ly, ldx, saved.keep_mask(), saved.kept())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (map, ly, ldx, lkeep, kept) in parts {
+        for (l, g) in map {
+            out.y[g] = ly[l];
+            out.dx[g] = ldx[l];
+            out.keep[g] = lkeep[l];
+        }
+        out.kept += kept;
+    }
+    out
+}
+
+/// Compares a sharded run with the unsharded call of `cfg` on `global`.
+fn check(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, what: &str) {
+    let global = shards[0].global();
+    let x = input(global.numel(), key.seed() ^ 1);
+    let dy = input(global.numel(), key.seed() ^ 2);
+    let mut y = vec![0.0f32; global.numel()];
+    let saved = cpu::forward(cfg, global, key, Mode::Train, &x, &mut y).unwrap();
+    let mut dx = vec![0.0f32; global.numel()];
+    cpu::backward(&saved, &dy, &mut dx).unwrap();
+    let got = run_sharded(cfg, shards, key, &x, &dy);
+    let bad = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(&a, &b)| !same(a, b));
+    assert_eq!(bad(&got.y, &y), None, "{what}: y differs");
+    assert_eq!(bad(&got.dx, &dx), None, "{what}: dx differs");
+    assert!(got.keep == saved.keep_mask(), "{what}: keep mask differs");
+    assert_eq!(got.kept, saved.kept(), "{what}: kept elements");
+    assert_eq!(got.counts.total(), saved.kept(), "{what}: summed total");
+}
+
+#[test]
+fn random_grids_reproduce_the_unsharded_call() {
+    let mut rng = StdRng::seed_from_u64(0x5_4A2D);
+    for case in 0..160 {
+        let rank = 1 + case % 3;
+        let sides: &[usize] = if rank == 3 { &[1, 2, 4, 7, 9] } else { &[1, 2, 3, 5, 8, 13, 17, 30, 70] };
+        let mut global = random_shape_of_rank(&mut rng, rank, 3, 4, sides);
+        if rng.random_bool(0.3) {
+            global = global.with_layout(Layout::ChannelsLast);
+        }
+        let mut cfg = random_config_of_rank(&mut rng, rank);
+        if rng.random_bool(0.15) {
+            cfg = with_noise_fill(&cfg);
+        }
+        let shards = random_grid(&mut rng, global, 3);
+        let key = RngKey::new(rng.random(), rng.random_range(0..1000)).unwrap();
+        check(&cfg, &shards, key, &format!("case {case}: {cfg} on {global}, {} shards", shards.len()));
+    }
+}
+
+/// Every normalisation, on spatial shards thinner than the block and blocks that
+/// cross two shard edges, over planes of more than 64 seed cells (windows cut
+/// inside a plane) and of fewer (windows of several planes).
+#[test]
+fn thin_spatial_shards_in_every_normalisation() {
+    for (global, block) in [
+        (Shape::new(3, 5, 40, 37).unwrap(), Block::new(7, 5).unwrap()),
+        (Shape::new(4, 6, 9, 9).unwrap(), Block::square(7).unwrap()),
+        (Shape::new_1d(2, 3, 300).unwrap(), Block::uniform(9).unwrap()),
+        (Shape::new_3d(2, 2, 6, 11, 13).unwrap(), Block::from_sizes(&[3, 5, 4]).unwrap()),
+    ] {
+        let r = global.spatial_rank();
+        // Widths 1, 2, 3, ... along the last axis: every cut is inside a block.
+        let w = *global.dims().last().unwrap();
+        let mut shards = Vec::new();
+        let (mut at, mut step) = (0, 1);
+        while at < w {
+            let e = step.min(w - at);
+            let mut o = vec![0; 2 + r];
+            let mut ext = global.dims().to_vec();
+            *o.last_mut().unwrap() = at;
+            *ext.last_mut().unwrap() = e;
+            shards.push(Shard::new(global, &o, &ext).unwrap());
+            at += e;
+            step += 1;
+        }
+        for normalize in [Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None] {
+            let cfg = DropBlockConfig::builder(block, 0.3).normalize(normalize).build().unwrap();
+            check(&cfg, &shards, RngKey::new(91, 34).unwrap(), &format!("{global} {block} {normalize:?}"));
+        }
+    }
+}
+
+#[test]
+fn channel_shared_masks_stay_one_per_sample_across_channel_shards() {
+    let global = Shape::new(3, 8, 12, 12).unwrap();
+    let cfg = DropBlockConfig::builder(Block::square(3).unwrap(), 0.2)
+        .sharing(dropblock::Sharing::Channels)
+        .normalize(Normalize::PerSample)
+        .build()
+        .unwrap();
+    let shards: Vec<Shard> = [(0, 3), (3, 1), (4, 4)]
+        .iter()
+        .map(|&(o, e)| Shard::new(global, &[0, o, 0, 0], &[3, e, 12, 12]).unwrap())
+        .collect();
+    check(&cfg, &shards, RngKey::new(5, 0).unwrap(), "channel shards");
+}
+
+/// Rank r of R, with the shared key and samples [r·B, (r+1)·B), draws the
+/// single-process masks of the global batch, whatever R.
+#[test]
+fn data_parallel_ranks_reproduce_the_global_batch() {
+    let b = 3;
+    for ranks in [1, 2, 4] {
+        let global = Shape::new(ranks * b, 4, 14, 14).unwrap();
+        for normalize in [Normalize::Global, Normalize::PerSample] {
+            let cfg = DropBlockConfig::builder(Block::square(5).unwrap(), 0.15).normalize(normalize).build().unwrap();
+            let shards: Vec<Shard> = (0..ranks).map(|r| Shard::samples(global, r * b, b).unwrap()).collect();
+            check(&cfg, &shards, RngKey::new(2024, 17).unwrap(), &format!("{ranks} ranks, {normalize:?}"));
+        }
+        // PerSample needs no reduction across ranks: a rank's own counts give the
+        // same scales as the global sum.
+        let cfg =
+            DropBlockConfig::builder(Block::square(5).unwrap(), 0.15).normalize(Normalize::PerSample).build().unwrap();
+        let key = RngKey::new(2024, 17).unwrap();
+        let whole = cpu::sample(&cfg, global, key, Mode::Train).unwrap();
+        for r in 0..ranks {
+            let sample = cpu::sample_shard(&cfg, &Shard::samples(global, r * b, b).unwrap(), key, Mode::Train).unwrap();
+            let own = sample.counts().clone();
+            let saved = sample.finish(&own).unwrap();
+            assert_eq!(saved.scales(), &whole.scales()[r * b..(r + 1) * b], "rank {r} of {ranks}");
+        }
+    }
+}
+
+#[test]
+fn forked_keys_are_distinct_and_reproducible() {
+    let key = RngKey::new(77, 170).unwrap();
+    let forks: Vec<RngKey> = (0..64).map(|r| key.fork(r)).collect();
+    for (r, f) in forks.iter().enumerate() {
+        assert_eq!(f.offset(), 170);
+        assert_eq!(*f, key.fork(r as u64), "fork {r} is a function of the key and the stream");
+        assert_ne!(f.seed(), key.seed());
+    }
+    let mut seeds: Vec<u64> = forks.iter().map(|f| f.seed()).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    assert_eq!(seeds.len(), 64, "distinct streams give distinct keys");
+    assert_ne!(RngKey::new(78, 170).unwrap().fork(0), key.fork(0), "the fork depends on the seed");
+    // Forks draw different masks from the key they came from.
+    let cfg = DropBlockConfig::paper(3, 0.3).unwrap();
+    let shape = Shape::new(2, 4, 16, 16).unwrap();
+    let a = cpu::sample(&cfg, shape, key, Mode::Train).unwrap().keep_mask();
+    let b = cpu::sample(&cfg, shape, key.fork(1), Mode::Train).unwrap().keep_mask();
+    assert_ne!(a, b);
+}
+
+#[test]
+fn bad_shards_and_counts_are_typed_errors() {
+    let global = Shape::new(2, 3, 8, 8).unwrap();
+    assert!(matches!(
+        Shard::new(global, &[0, 0, 4, 0], &[2, 3, 5, 8]),
+        Err(Error::InvalidShard { axis: "spatial 0", offset: 4, extent: 5, len: 8 })
+    ));
+    assert!(matches!(Shard::new(global, &[0, 0, 0, 0], &[2, 0, 8, 8]), Err(Error::InvalidShard { axis: "C", .. })));
+    assert!(matches!(
+        Shard::new(global, &[usize::MAX, 0, 0, 0], &[2, 3, 8, 8]),
+        Err(Error::InvalidShard { axis: "N", .. })
+    ));
+    assert!(matches!(Shard::new(global, &[0, 0, 0], &[2, 3, 8]), Err(Error::InvalidRank { .. })));
+    assert!(matches!(Shard::samples(global, 1, 2), Err(Error::InvalidShard { axis: "N", .. })));
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    let shard = Shard::new(global, &[1, 0, 2, 0], &[1, 3, 6, 8]).unwrap();
+    assert_eq!(shard.local(), Shape::new(1, 3, 6, 8).unwrap());
+    let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
+    let wrong = ShardCounts::from_entries(Shape::new(5, 3, 8, 8).unwrap(), vec![0; 6]).unwrap();
+    assert!(matches!(
+        sample.finish(&wrong),
+        Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 6 })
+    ));
+    assert!(matches!(
+        ShardCounts::from_entries(global, vec![0; 2]),
+        Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 2 })
+    ));
+}
+
+/// Eval mode and p = 0 are the identity on a shard, with counts of everything kept.
+#[test]
+fn identity_calls_on_a_shard() {
+    let global = Shape::new(3, 2, 5, 5).unwrap();
+    let shard = Shard::new(global, &[1, 0, 0, 2], &[2, 2, 5, 3]).unwrap();
+    for (cfg, mode) in
+        [(DropBlockConfig::paper(3, 0.2).unwrap(), Mode::Eval), (DropBlockConfig::paper(3, 0.0).unwrap(), Mode::Train)]
+    {
+        let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(3, 0).unwrap(), mode).unwrap();
+        assert_eq!(sample.counts().entries(), &[60, 0, 30, 30]);
+        let saved = sample.clone().finish(sample.counts()).unwrap();
+        let x = input(60, 9);
+        let mut y = vec![0.0; 60];
+        cpu::apply(&saved, &x, &mut y).unwrap();
+        assert_eq!(x, y);
+    }
+}
