@@ -302,3 +302,65 @@ impl SeedBox {
         at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{SeedBox, Shard};
+    use crate::sampling::Plan;
+    use crate::{Anchor, Block, DropBlockConfig, Placement, RngKey, Shape};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The seed box holds exactly the seeds whose block meets the shard's box, and
+    /// its windows are exactly those holding one of its seed cells: the halo and no
+    /// more, checked by brute force.
+    #[test]
+    fn seed_box_is_exactly_the_seeds_that_reach_the_shard() {
+        let mut rng = StdRng::seed_from_u64(28);
+        for _ in 0..400 {
+            let dims = [1, 1, rng.random_range(1..12), rng.random_range(1..40), rng.random_range(1..90)];
+            let global = Shape::from_dims(&dims).unwrap();
+            let block = Block::from_sizes(&[0, 0, 0].map(|_| rng.random_range(1..10))).unwrap();
+            let cfg = DropBlockConfig::builder(block, 0.1)
+                .placement([Placement::Valid, Placement::Anywhere][rng.random_range(0..2)])
+                .anchor([Anchor::Centered, Anchor::CenteredRight][rng.random_range(0..2)])
+                .build()
+                .unwrap();
+            let plan = Plan::new(&cfg, global, RngKey::new(1, 0).unwrap()).unwrap();
+            let g = plan.geometry();
+            let o: Vec<usize> = dims.iter().map(|&d| rng.random_range(0..d)).collect();
+            let e: Vec<usize> = dims.iter().zip(&o).map(|(&d, &o)| rng.random_range(1..=d - o)).collect();
+            let shard = Shard::new(global, &o, &e).unwrap();
+            let sb = SeedBox::new(&plan, &shard).unwrap();
+            let axes = [
+                (g.anchor_z, g.kd, g.seed_d, g.d),
+                (g.anchor_y, g.kh, g.seed_h, g.h),
+                (g.anchor_x, g.kw, g.seed_w, g.w),
+            ];
+            for (a, &(anchor, k, seeds, size)) in axes.iter().enumerate() {
+                let (lo, hi) = (o[2 + a] as i64, (o[2 + a] + e[2 + a]) as i64);
+                let reaching: Vec<u32> = (0..seeds)
+                    .filter(|&i| {
+                        let start = (i as i64 - anchor as i64).max(0);
+                        let end = (i as i64 - anchor as i64 + k as i64).min(size as i64);
+                        start < hi && end > lo
+                    })
+                    .collect();
+                let (slo, shi) = sb.seeds[a];
+                assert_eq!(reaching, (slo..shi).collect::<Vec<_>>(), "axis {a}: {cfg} on {global}, box {o:?} {e:?}");
+            }
+            if g.seed_cells > 64 {
+                let mut windows = std::collections::BTreeSet::new();
+                for z in sb.seeds[0].0..sb.seeds[0].1 {
+                    for y in sb.seeds[1].0..sb.seeds[1].1 {
+                        for x in sb.seeds[2].0..sb.seeds[2].1 {
+                            windows.insert(((z as u64 * g.seed_h as u64 + y as u64) * g.seed_w as u64 + x as u64) / 64);
+                        }
+                    }
+                }
+                let parts: std::collections::BTreeSet<u64> = sb.parts.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(parts, windows);
+            }
+        }
+    }
+}
