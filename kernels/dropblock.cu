@@ -17,6 +17,11 @@
 //   dropblock_channels_last_bits     a channels-last call's keep bits in the tensor's
 //                                      own order, from the planes' bits
 //   dropblock_sample_seeds           the raw seed words, for checking the sampler
+//   dropblock_shard_blocks,          a shard's part of the mask (src/shard.rs):
+//   dropblock_shard_count,             its seeds' blocks clipped to its box, its
+//   dropblock_shard_counts,            keep bits and kept counts per plane, its
+//   dropblock_shard_scales             counts per sample, and the scales from the
+//                                      counts summed over every shard
 //
 // `_unaligned` variants take any pointers and shapes; the others need x and y
 // 16-byte aligned and use 16-byte vector loads and stores (the shared variants
@@ -25,6 +30,7 @@
 
 #include "elementwise.cuh"
 #include "noise.cuh"
+#include "shard.cuh"
 
 namespace dropblock {
 
@@ -271,4 +277,68 @@ dropblock_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds
     const Key k = load_key(s, nullptr);
     for (uint64_t w = global_thread(); w < g.windows; w += threads_in_grid())
         seeds[w] = sample_window(th, k, w, window_len(g, w));
+}
+
+// A shard's sampling pass: ORs into `dropped` (its planes' bits, zeroed by the
+// host) the blocks of every seed that reaches its box, clipped to the box.
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock_shard_blocks(DropBlockGeometry g, DropBlockShard sh, DropBlockSampling s, uint32_t* dropped) {
+    const Thresholds th = shared_thresholds(s);
+    const Key key = load_key(s, nullptr);
+    const uint64_t items = shard_sample_items(g, sh);
+    for (uint64_t i = global_thread(); i < items; i += threads_in_grid()) shard_sample_item(g, sh, th, key, i, dropped);
+}
+
+// Turns a shard's dropped bits into keep bits (in place; bits past its last plane
+// cleared) and adds each plane's kept cells to `plane_kept` (zeroed by the host).
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock_shard_count(DropBlockShard sh, DropBlockApply a, uint32_t* bits, unsigned long long* plane_kept) {
+    const uint64_t cells = sh.planes * a.plane_len, words = (cells + 31) / 32;
+    for (uint64_t i = global_thread(); i < words; i += threads_in_grid()) {
+        const uint32_t hi = (uint32_t)min((uint64_t)32, cells - i * 32);
+        const uint32_t keep = ~bits[i] & bit_range(0, hi);
+        bits[i] = keep;
+        // The word's bits, plane by plane.
+        uint64_t bit = i * 32, plane = bit / a.plane_len;
+        for (uint32_t lo = 0; lo < hi;) {
+            const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), (plane + 1) * a.plane_len - bit);
+            const uint32_t kept = __popc(keep & bit_range(lo, lo + n));
+            if (kept) atomicAdd(&plane_kept[plane], (unsigned long long)kept);
+            lo += n;
+            bit += n;
+            ++plane;
+        }
+    }
+}
+
+// A shard's counts: `counts` (1 + global N, zeroed by the host) gets the kept
+// elements of each local sample at its global sample's entry, and their sum at 0
+// (every element, without `plane_kept`: an identity call).
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned long long* plane_kept,
+                       unsigned long long* counts) {
+    for (uint64_t n = global_thread(); n < sh.n; n += threads_in_grid()) {
+        const uint64_t kept = shard_sample_kept(g, sh, plane_kept, n);
+        counts[1 + sh.n0 + n] = kept;
+        if (kept) atomicAdd(&counts[0], (unsigned long long)kept);
+    }
+}
+
+// The scales of a shard from the counts summed over every shard: the same f64
+// division, rounded to f32, on every shard (count_scale). One scale, or one per
+// local sample under PerSample.
+extern "C" __global__ void __launch_bounds__(256, 1)
+dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
+    const uint64_t t = global_thread();
+    switch (a.normalize) {
+        case DROPBLOCK_NORM_GLOBAL:
+            if (t == 0) scales[0] = count_scale(sh.global_numel, counts[0]);
+            break;
+        case DROPBLOCK_NORM_PER_SAMPLE:
+            for (uint64_t n = t; n < sh.n; n += threads_in_grid())
+                scales[n] = count_scale(sh.global_sample, counts[1 + sh.n0 + n]);
+            break;
+        default:
+            if (t == 0) scales[0] = a.fixed_scale;
+    }
 }

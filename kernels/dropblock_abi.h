@@ -122,6 +122,29 @@ typedef struct DropBlockTiles {
         magic_plane_len;
 } DropBlockTiles;
 
+/* A shard: one box of the global tensor (src/shard.rs). Its keep bits are dense
+ * over its own planes (bit lp * L_local + local cell), numbered as a tensor of
+ * its local N and C numbers them; the geometry the kernels receive beside it is
+ * the global one, which the sampling follows. */
+typedef struct DropBlockShard {
+    /* The box's first sample and channel, and its extents along N and C. */
+    uint32_t n0, c0, n, c;
+    /* The box's first cell and extent along D, H, W. */
+    uint32_t origin[3], extent[3];
+    /* Seed positions [seed_lo, seed_hi) along D, H, W whose blocks reach the box. */
+    uint32_t seed_lo[3], seed_hi[3];
+    /* The shard's planes (see DROPBLOCK_SHARE_*, with its own N and C). */
+    uint64_t planes;
+    /* Planes of at most 64 seed cells: local planes come in runs of run_planes
+     * whose global planes are consecutive (a sample's channels of a channel
+     * shard, else all of them), and a run spans at most windows_per_run windows.
+     * Larger planes: windows [part_lo, part_hi) of each plane hold every seed cell
+     * of the box. */
+    uint64_t run_planes, windows_per_run, part_lo, part_hi;
+    /* Global N * C * L and C * L: what Global and PerSample scales divide. */
+    uint64_t global_numel, global_sample;
+} DropBlockShard;
+
 /* The random part of a call. */
 typedef struct DropBlockSampling {
     /* Philox key. */

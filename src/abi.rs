@@ -127,6 +127,47 @@ const _: () = {
         [::core::mem::offset_of!(DropBlockTiles, magic_plane_len) - 72usize];
 };
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct DropBlockShard {
+    pub n0: u32,
+    pub c0: u32,
+    pub n: u32,
+    pub c: u32,
+    pub origin: [u32; 3usize],
+    pub extent: [u32; 3usize],
+    pub seed_lo: [u32; 3usize],
+    pub seed_hi: [u32; 3usize],
+    pub planes: u64,
+    pub run_planes: u64,
+    pub windows_per_run: u64,
+    pub part_lo: u64,
+    pub part_hi: u64,
+    pub global_numel: u64,
+    pub global_sample: u64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DropBlockShard"][::core::mem::size_of::<DropBlockShard>() - 120usize];
+    ["Alignment of DropBlockShard"][::core::mem::align_of::<DropBlockShard>() - 8usize];
+    ["Offset of field: DropBlockShard::n0"][::core::mem::offset_of!(DropBlockShard, n0) - 0usize];
+    ["Offset of field: DropBlockShard::c0"][::core::mem::offset_of!(DropBlockShard, c0) - 4usize];
+    ["Offset of field: DropBlockShard::n"][::core::mem::offset_of!(DropBlockShard, n) - 8usize];
+    ["Offset of field: DropBlockShard::c"][::core::mem::offset_of!(DropBlockShard, c) - 12usize];
+    ["Offset of field: DropBlockShard::origin"][::core::mem::offset_of!(DropBlockShard, origin) - 16usize];
+    ["Offset of field: DropBlockShard::extent"][::core::mem::offset_of!(DropBlockShard, extent) - 28usize];
+    ["Offset of field: DropBlockShard::seed_lo"][::core::mem::offset_of!(DropBlockShard, seed_lo) - 40usize];
+    ["Offset of field: DropBlockShard::seed_hi"][::core::mem::offset_of!(DropBlockShard, seed_hi) - 52usize];
+    ["Offset of field: DropBlockShard::planes"][::core::mem::offset_of!(DropBlockShard, planes) - 64usize];
+    ["Offset of field: DropBlockShard::run_planes"][::core::mem::offset_of!(DropBlockShard, run_planes) - 72usize];
+    ["Offset of field: DropBlockShard::windows_per_run"]
+        [::core::mem::offset_of!(DropBlockShard, windows_per_run) - 80usize];
+    ["Offset of field: DropBlockShard::part_lo"][::core::mem::offset_of!(DropBlockShard, part_lo) - 88usize];
+    ["Offset of field: DropBlockShard::part_hi"][::core::mem::offset_of!(DropBlockShard, part_hi) - 96usize];
+    ["Offset of field: DropBlockShard::global_numel"][::core::mem::offset_of!(DropBlockShard, global_numel) - 104usize];
+    ["Offset of field: DropBlockShard::global_sample"]
+        [::core::mem::offset_of!(DropBlockShard, global_sample) - 112usize];
+};
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DropBlockSampling {
     pub seed: u64,

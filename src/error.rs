@@ -141,6 +141,22 @@ pub enum Error {
         len: u64,
     },
 
+    /// A shard's element pass was asked for before its scales: the counts summed
+    /// over every shard must first go to `finish_shard`.
+    #[error(
+        "a shard's apply or backward needs its scales: call finish_shard with the counts summed over every shard first"
+    )]
+    ShardNotFinished,
+
+    /// Noise fill on a CUDA shard (its noise kernel numbers units globally, which
+    /// the CUDA shard path does not do yet); the CPU path serves it.
+    #[error("noise fill is not available on CUDA shards yet; use the CPU path (cpu::sample_shard)")]
+    NoiseOnCudaShard,
+
+    /// NCCL is missing or a collective failed (feature `nccl`); holds the reason.
+    #[error("NCCL: {0}")]
+    Nccl(String),
+
     /// An index (element coordinate, plane or window) is out of range.
     #[error("{what} is {value}, out of range 0..{len}")]
     OutOfRange {

@@ -132,7 +132,7 @@
 //! - [`cpu`]: forward and backward on host slices.
 //! - `cuda` (feature `cuda`): the same on the caller's CUDA stream.
 //! - [`shard`]: one device's box of a tensor split across many, and the counts the
-//!   shards sum ([`cpu::sample_shard`]).
+//!   shards sum ([`cpu::sample_shard`]; `cuda::DropBlockCuda::sample_shard`).
 //! - [`schedule`]: drop-rate schedules (the originals' `linspace` ramp).
 //! - `candle` (feature `candle`): a candle layer, `candle::DropBlock`.
 

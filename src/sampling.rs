@@ -75,13 +75,7 @@ impl Plan {
     /// The mask plane that slice `(n, c)` reads.
     #[inline]
     pub fn plane_of(&self, n: usize, c: usize) -> usize {
-        let g = &self.geometry;
-        match g.sharing {
-            abi::DROPBLOCK_SHARE_NONE => n * g.c as usize + c,
-            abi::DROPBLOCK_SHARE_CHANNELS => n,
-            abi::DROPBLOCK_SHARE_BATCH => c,
-            _ => 0,
-        }
+        plane_of(&self.geometry, n, c)
     }
 
     /// Seed cells per plane, `S = seed_d · seed_h · seed_w`.
@@ -165,6 +159,17 @@ impl Plan {
             pos += g + 1;
         }
         bits
+    }
+}
+
+/// The mask plane that slice `(n, c)` reads under `g`'s sharing.
+#[inline]
+pub(crate) fn plane_of(g: &abi::DropBlockGeometry, n: usize, c: usize) -> usize {
+    match g.sharing {
+        abi::DROPBLOCK_SHARE_NONE => n * g.c as usize + c,
+        abi::DROPBLOCK_SHARE_CHANNELS => n,
+        abi::DROPBLOCK_SHARE_BATCH => c,
+        _ => 0,
     }
 }
 

@@ -101,6 +101,46 @@ impl Shard {
         self.local == self.global
     }
 
+    /// What the shard kernels receive: the shard's parameters (its box, seed box,
+    /// runs and windows) and the geometry of its own planes for the element passes
+    /// (its N, C and box, the global sharing). For the CUDA path and tests of the
+    /// kernels off the GPU.
+    #[doc(hidden)]
+    pub fn kernel_params(&self, plan: &Plan) -> Result<(abi::DropBlockShard, abi::DropBlockGeometry)> {
+        let g = plan.geometry();
+        let seed_box = SeedBox::new(plan, self)?;
+        let planes = self.local_planes(g.sharing) as u64;
+        let (n, c) = (self.local.n(), self.local.c());
+        let run_planes = if g.sharing == abi::DROPBLOCK_SHARE_NONE && c != self.global.c() { c as u64 } else { planes };
+        let small = g.seed_cells <= abi::DROPBLOCK_WINDOW_CELLS as u64;
+        let q = g.planes_per_window as u64;
+        let (part_lo, part_hi) = match (seed_box.parts.first(), seed_box.parts.last()) {
+            (Some(first), Some(last)) => (first.start, last.end),
+            _ => (0, 0),
+        };
+        let shard = abi::DropBlockShard {
+            n0: self.offset[0] as u32,
+            c0: self.offset[1] as u32,
+            n: n as u32,
+            c: c as u32,
+            origin: seed_box.origin,
+            extent: seed_box.extent,
+            seed_lo: seed_box.seeds.map(|(lo, _)| lo),
+            seed_hi: seed_box.seeds.map(|(_, hi)| hi),
+            planes,
+            run_planes,
+            // A run of r planes from any plane spans at most (r - 1) / q + 2 windows.
+            windows_per_run: if small { (run_planes - 1) / q + 2 } else { 0 },
+            part_lo,
+            part_hi,
+            global_numel: self.global.numel() as u64,
+            global_sample: (self.global.c() * self.global.plane_len()) as u64,
+        };
+        let [d, h, w] = seed_box.extent;
+        let local = abi::DropBlockGeometry { n: n as u32, c: c as u32, d, h, w, planes, ..*g };
+        Ok((shard, local))
+    }
+
     /// The box's first sample.
     pub(crate) fn first_sample(&self) -> usize {
         self.offset[0]

@@ -70,7 +70,11 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 12] = [
+        let tests: [GpuTest; 13] = [
+            (
+                "shards_on_their_own_streams_match_the_unsharded_call",
+                shards_on_their_own_streams_match_the_unsharded_call,
+            ),
             ("past_2_pow_31_elements_matches_cpu", past_2_pow_31_elements_matches_cpu),
             ("out_of_device_memory_is_a_typed_error", out_of_device_memory_is_a_typed_error),
             ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
@@ -518,6 +522,107 @@ mod gpu {
             let mut y_cpu = vec![0f32; shape.numel()];
             cpu::forward(&cfg, shape, keys[i], Mode::Train, &x, &mut y_cpu).unwrap();
             assert_same("y", &streams[i].clone_dtoh(&outputs[i]).unwrap(), &y_cpu, &format!("stream {i}"));
+        }
+    }
+
+    /// Random grids of shards, each on its own stream (sample_shard, the counts
+    /// summed, finish_shard, apply and backward), reassembled against the unsharded
+    /// CUDA call bit for bit; with the `nccl` feature and libnccl present, a
+    /// one-rank all-reduce through the helper leaves the counts as they are.
+    fn shards_on_their_own_streams_match_the_unsharded_call((d, s): &Gpu) {
+        let mut rng = StdRng::seed_from_u64(28);
+        let cases = if quick() { 4 } else { 24 };
+        for case in 0..cases {
+            let rank = 1 + case % 3;
+            let sides: &[usize] = if rank == 3 { &[1, 3, 8, 13] } else { &[1, 5, 14, 19, 56, 70] };
+            let mut global = common::random_shape_of_rank(&mut rng, rank, 4, 24, sides);
+            if rng.random_bool(0.3) {
+                global = global.with_layout(Layout::ChannelsLast);
+            }
+            let cfg = common::random_config_of_rank(&mut rng, rank);
+            let shards = common::random_grid(&mut rng, global, 3);
+            let key = common::random_key(&mut rng);
+            let ctx = format!("case {case}: {cfg} on {global}, {} shards", shards.len());
+            let x: Vec<f32> = common::input(global.numel(), case as u64);
+            let dy: Vec<f32> = common::input(global.numel(), 100 + case as u64);
+            let (xd, dyd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&dy).unwrap());
+            let (mut yd, mut dxd) = (s.alloc_zeros::<f32>(x.len()).unwrap(), s.alloc_zeros::<f32>(x.len()).unwrap());
+            let state = d.forward(s, &cfg, global, key, Mode::Train, &xd, &mut yd).unwrap();
+            d.backward(s, &state, &dyd, &mut dxd).unwrap();
+            let (y, dx) = (s.clone_dtoh(&yd).unwrap(), s.clone_dtoh(&dxd).unwrap());
+            let keep = state.keep_mask(s).unwrap();
+            let streams: Vec<_> = shards.iter().map(|_| d.context().new_stream().unwrap()).collect();
+            let entries = dropblock::ShardCounts::len_for(global);
+            let mut states = Vec::new();
+            let mut counts = Vec::new();
+            for (shard, st) in shards.iter().zip(&streams) {
+                let mut state = d.alloc_state(st, shard.local()).unwrap();
+                let mut c = st.alloc_zeros::<u64>(entries).unwrap();
+                d.sample_shard(st, &mut state, &mut c, &cfg, shard, key, Mode::Train).unwrap();
+                states.push(state);
+                counts.push(c);
+            }
+            let mut summed = vec![0u64; entries];
+            for (c, st) in counts.iter().zip(&streams) {
+                summed.iter_mut().zip(st.clone_dtoh(c).unwrap()).for_each(|(a, b)| *a += b);
+            }
+            let (mut y_sh, mut dx_sh, mut keep_sh) =
+                (vec![f32::NAN; y.len()], vec![f32::NAN; y.len()], vec![9u8; y.len()]);
+            for ((shard, st), (state, c)) in shards.iter().zip(&streams).zip(states.iter_mut().zip(counts.iter_mut())) {
+                st.memcpy_htod(&summed, c).unwrap();
+                d.finish_shard(st, state, c).unwrap();
+                let map = common::placement(shard);
+                let mut lx = vec![0f32; shard.local().numel()];
+                let mut ldy = lx.clone();
+                for &(l, g) in &map {
+                    lx[l] = x[g];
+                    ldy[l] = dy[g];
+                }
+                let (lxd, ldyd) = (st.clone_htod(&lx).unwrap(), st.clone_htod(&ldy).unwrap());
+                let mut lyd = st.alloc_zeros::<f32>(lx.len()).unwrap();
+                let mut ldxd = st.alloc_zeros::<f32>(lx.len()).unwrap();
+                d.apply(st, state, &lxd, &mut lyd).unwrap();
+                d.backward(st, state, &ldyd, &mut ldxd).unwrap();
+                let (ly, ldx, lkeep) =
+                    (st.clone_dtoh(&lyd).unwrap(), st.clone_dtoh(&ldxd).unwrap(), state.keep_mask(st).unwrap());
+                for (l, g) in map {
+                    y_sh[g] = ly[l];
+                    dx_sh[g] = ldx[l];
+                    keep_sh[g] = lkeep[l];
+                }
+            }
+            assert_eq!(keep_sh, keep, "{ctx}: keep mask");
+            assert_same("y", &y_sh, &y, &ctx);
+            assert_same("dx", &dx_sh, &dx, &ctx);
+        }
+        // Typed errors: an apply before finish_shard, counts of the wrong length,
+        // noise fill on a CUDA shard.
+        let global = Shape::new(4, 8, 14, 14).unwrap();
+        let shard = dropblock::Shard::samples(global, 2, 2).unwrap();
+        let cfg = DropBlockConfig::paper(3, 0.2).unwrap();
+        let key = RngKey::new(3, 0).unwrap();
+        let mut state = d.alloc_state(s, shard.local()).unwrap();
+        let mut c = s.alloc_zeros::<u64>(5).unwrap();
+        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Train).unwrap();
+        let xd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
+        let mut yd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
+        assert_eq!(d.apply(s, &state, &xd, &mut yd), Err(dropblock::Error::ShardNotFinished));
+        let mut short = s.alloc_zeros::<u64>(4).unwrap();
+        let err = d.sample_shard(s, &mut state, &mut short, &cfg, &shard, key, Mode::Train).unwrap_err();
+        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 }));
+        let noisy = common::with_noise_fill(&cfg);
+        let err = d.sample_shard(s, &mut state, &mut c, &noisy, &shard, key, Mode::Train).unwrap_err();
+        assert_eq!(err, dropblock::Error::NoiseOnCudaShard);
+        #[cfg(feature = "nccl")]
+        if dropblock::cuda::nccl::nccl_present() {
+            use cudarc::nccl::{Comm, Id};
+            let comm = Comm::from_rank(s.clone(), 0, 1, Id::new().unwrap()).unwrap();
+            let values: Vec<u64> = (0..9).map(|v| v * 1_000_003).collect();
+            let mut c = s.clone_htod(&values).unwrap();
+            dropblock::cuda::nccl::all_reduce_counts(&comm, &mut c).unwrap();
+            assert_eq!(s.clone_dtoh(&c).unwrap(), values, "a one-rank all-reduce sums one rank's counts");
+        } else {
+            eprintln!("nccl: libnccl.so not found; the one-rank all-reduce did not run");
         }
     }
 

@@ -100,8 +100,13 @@ mod emulation {
     }
 
     pub fn trials() -> Vec<Trial> {
-        let names =
-            ["emulated_kernels_match_cpu_f32", "emulated_kernels_match_cpu_f16", "emulated_kernels_match_cpu_bf16"];
+        let names = [
+            "emulated_kernels_match_cpu_f32",
+            "emulated_kernels_match_cpu_f16",
+            "emulated_kernels_match_cpu_bf16",
+            "emulated_shards_match_cpu_f32",
+            "emulated_shards_match_cpu_bf16",
+        ];
         let driver = match build_driver() {
             Ok(d) => Arc::new(d),
             Err(why) => {
@@ -115,9 +120,13 @@ mod emulation {
         let f32_trial = Trial::test(names[0], move || run_cases::<f32>(&d, 0, 1));
         let d = driver.clone();
         let f16_trial = Trial::test(names[1], move || run_cases::<f16>(&d, 1, 2));
-        let d = driver;
+        let d = driver.clone();
         let bf16_trial = Trial::test(names[2], move || run_cases::<bf16>(&d, 2, 3));
-        vec![f32_trial, f16_trial, bf16_trial]
+        let d = driver.clone();
+        let shards_f32 = Trial::test("emulated_shards_match_cpu_f32", move || run_shard_cases::<f32>(&d, 0, 4));
+        let d = driver;
+        let shards_bf16 = Trial::test("emulated_shards_match_cpu_bf16", move || run_shard_cases::<bf16>(&d, 2, 5));
+        vec![f32_trial, f16_trial, bf16_trial, shards_f32, shards_bf16]
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -313,6 +322,163 @@ mod emulation {
         cases
     }
 
+    /// Runs the driver on one request (tests/emulator/driver.cpp): its response.
+    fn call_driver(driver: &Path, req: &[u8]) -> Result<Vec<u8>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (rq, rs) = (dir.path().join("request"), dir.path().join("response"));
+        std::fs::write(&rq, req).unwrap();
+        let out = Command::new(driver).arg(&rq).arg(&rs).output().unwrap();
+        if !out.status.success() {
+            return Err(format!("driver failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(std::fs::read(&rs).unwrap())
+    }
+
+    /// Sharded calls: random grids of shards over random shapes of every rank,
+    /// layout, sharing and normalisation. Each shard runs the kernels of
+    /// `sample_shard`, `finish_shard` (with the counts the CPU shards summed) and
+    /// `apply`; its counts, keep mask, scales and y must be the CPU shard's bit for
+    /// bit (and those reassemble the unsharded call: tests/shards.rs).
+    fn run_shard_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut small, mut large) = (0, 0);
+        for case in 0..36 {
+            let rank = 1 + case % 3;
+            let sides: &[usize] = match rank {
+                1 => &[1, 3, 15, 64, 65, 300],
+                2 => &[1, 2, 5, 9, 14, 19, 33],
+                _ => &[1, 2, 4, 7, 9],
+            };
+            let mut global = common::random_shape_of_rank(&mut rng, rank, 3, 5, sides);
+            if rng.random_bool(0.3) {
+                global = global.with_layout(Layout::ChannelsLast);
+            }
+            let cfg = common::random_config_of_rank(&mut rng, rank);
+            let shards = common::random_grid(&mut rng, global, 3);
+            let key = common::random_key(&mut rng);
+            let plan = Plan::new(&cfg, global, key).unwrap();
+            if plan.seed_cells() <= 64 {
+                small += 1;
+            } else {
+                large += 1;
+            }
+            let sampled: Vec<cpu::ShardSample> =
+                shards.iter().map(|s| cpu::sample_shard(&cfg, s, key, Mode::Train).unwrap()).collect();
+            let mut summed = sampled[0].counts().clone();
+            sampled[1..].iter().for_each(|s| summed.add(s.counts()).unwrap());
+            for (i, (shard, sample)) in shards.iter().zip(sampled).enumerate() {
+                let tag = format!("case {case}: {cfg} on {global}, shard {:?} + {}", shard.offset(), shard.local());
+                check_shard::<T>(
+                    driver,
+                    dtype,
+                    &mut rng,
+                    &cfg,
+                    &plan,
+                    shard,
+                    sample,
+                    &summed,
+                    7 * case as u64 + i as u64,
+                )
+                .map_err(|e| Failed::from(format!("{tag}: {e}")))?;
+            }
+        }
+        if small == 0 || large == 0 {
+            return Err(format!("{small} cases of planes of <= 64 seed cells, {large} larger: widen the cases").into());
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_shard<T: CudaElement>(
+        driver: &Path,
+        dtype: u32,
+        rng: &mut StdRng,
+        cfg: &DropBlockConfig,
+        plan: &Plan,
+        shard: &dropblock::Shard,
+        sample: cpu::ShardSample,
+        summed: &dropblock::ShardCounts,
+        seed: u64,
+    ) -> Result<(), String> {
+        let local = shard.local();
+        let n = local.numel();
+        let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
+        let own = sample.counts().clone();
+        let saved = sample.finish(summed).unwrap();
+        let mut y_cpu = vec![T::default(); n];
+        cpu::apply(&saved, &x, &mut y_cpu).unwrap();
+        let (sh, local_g) = shard.kernel_params(plan).unwrap();
+        let apply = launch_plan(cfg, local, 0, 1).unwrap().apply;
+        let mut apply_g = local_g;
+        if local.layout() == Layout::ChannelsLast {
+            apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
+        }
+        let op = apply_op::<T>(true, &apply_g, &apply);
+        let mut req = Vec::new();
+        let flags = [dtype, 2, op as u32, rng.random_range(1..=3), rng.random_range(1..=2), 0, 0, 0, 1];
+        for v in flags.into_iter().chain([(local.layout() == Layout::ChannelsLast) as u32, 0, 1]) {
+            req.extend_from_slice(&v.to_le_bytes());
+        }
+        req.extend_from_slice(bytes_of(plan.geometry()));
+        req.extend_from_slice(bytes_of(&abi::DropBlockTiles::default()));
+        req.extend_from_slice(bytes_of(plan.sampling()));
+        req.extend_from_slice(bytes_of(&apply));
+        req.extend_from_slice(bytes_of(&sh));
+        req.extend_from_slice(bytes_of(&local_g));
+        for v in summed.entries() {
+            req.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in &x {
+            req.extend_from_slice(bytes_of(v));
+        }
+        let resp = call_driver(driver, &req)?;
+        let mut buf = &resp[..];
+        let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
+        let counts: Vec<u64> = take(&mut buf, summed.entries().len());
+        let scales: Vec<f32> = take(&mut buf, local.n());
+        let y: Vec<T> = take(&mut buf, n);
+        if counts != own.entries() {
+            return Err(format!("counts {counts:?} != cpu {:?}", own.entries()));
+        }
+        let mask = keep_mask_of(&bits, &local_g, local);
+        if mask != saved.keep_mask() {
+            let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
+            return Err(format!("keep mask differs first at element {i}"));
+        }
+        let k = saved.scales().len();
+        if scales[..k] != *saved.scales() {
+            return Err(format!("scales {:?} != cpu {:?}", &scales[..k], saved.scales()));
+        }
+        if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
+            return Err(format!("y[{i}] = {:?}, cpu {:?}", y[i], y_cpu[i]));
+        }
+        Ok(())
+    }
+
+    /// The keep mask (u8 in memory order) of keep bits laid out for `g` (the
+    /// planes' bits, or channels-last bits in the tensor's order).
+    fn keep_mask_of(bits: &[u32], g: &abi::DropBlockGeometry, shape: Shape) -> Vec<u8> {
+        let (n, l) = (shape.numel(), shape.plane_len());
+        let bit = |b: usize| (bits[b / 32] >> (b % 32) & 1) as u8;
+        if shape.layout() == Layout::ChannelsLast {
+            return (0..n).map(bit).collect();
+        }
+        let plane_of = |s: usize, c: usize| match g.sharing {
+            abi::DROPBLOCK_SHARE_NONE => s * g.c as usize + c,
+            abi::DROPBLOCK_SHARE_CHANNELS => s,
+            abi::DROPBLOCK_SHARE_BATCH => c,
+            _ => 0,
+        };
+        let mut mask = vec![0u8; n];
+        for (i, slice) in mask.chunks_mut(l).enumerate() {
+            let base = plane_of(i / shape.c(), i % shape.c()) * l;
+            for (cell, v) in slice.iter_mut().enumerate() {
+                *v = bit(base + cell);
+            }
+        }
+        mask
+    }
+
     /// Returns the launch path the case took and whether it used the vector kernels.
     fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(LaunchPath, bool), String> {
         let (shape, n) = (c.shape, c.shape.numel());
@@ -354,6 +520,7 @@ mod emulation {
             calls,
             c.channels_last() as u32,
             (c.cfg.fill() == Fill::Noise) as u32,
+            0,
         ] {
             req.extend_from_slice(&v.to_le_bytes());
         }
@@ -364,14 +531,7 @@ mod emulation {
         for v in &x {
             req.extend_from_slice(bytes_of(v));
         }
-        let dir = tempfile::tempdir().unwrap();
-        let (rq, rs) = (dir.path().join("request"), dir.path().join("response"));
-        std::fs::write(&rq, &req).unwrap();
-        let out = Command::new(driver).arg(&rq).arg(&rs).output().unwrap();
-        if !out.status.success() {
-            return Err(format!("driver failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        let resp = std::fs::read(&rs).unwrap();
+        let resp = call_driver(driver, &req)?;
         let mut buf = &resp[..];
         let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
         let counts: Vec<u64> = take(&mut buf, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n());
@@ -388,21 +548,7 @@ mod emulation {
             ));
         }
 
-        let l = shape.plane_len();
-        let mut mask = vec![0u8; n];
-        if c.channels_last() {
-            for (e, v) in mask.iter_mut().enumerate() {
-                *v = (bits[e / 32] >> (e % 32) & 1) as u8;
-            }
-        } else {
-            for (i, slice) in mask.chunks_mut(l).enumerate() {
-                let base = plan.plane_of(i / shape.c(), i % shape.c()) * l;
-                for (cell, v) in slice.iter_mut().enumerate() {
-                    let b = base + cell;
-                    *v = (bits[b / 32] >> (b % 32) & 1) as u8;
-                }
-            }
-        }
+        let mask = keep_mask_of(&bits, plan.geometry(), shape);
         if mask != saved.keep_mask() {
             let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
             return Err(format!("keep mask differs first at element {i} ({tag})"));

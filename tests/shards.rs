@@ -3,85 +3,10 @@
 
 mod common;
 
-use common::{input, random_config_of_rank, random_shape_of_rank, same, with_noise_fill};
+use common::{input, placement, random_config_of_rank, random_grid, random_shape_of_rank, same, with_noise_fill};
 use dropblock::{cpu, Block, DropBlockConfig, Error, Layout, Mode, Normalize, RngKey, Shape, Shard, ShardCounts};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// The memory index in `shape` (its layout) of logical index `[n, c, d, h, w]`.
-fn physical(shape: Shape, [n, c, z, y, x]: [usize; 5]) -> usize {
-    let [d, h, w] = shape.volume();
-    let cell = (z * h + y) * w + x;
-    match shape.layout() {
-        Layout::ChannelsFirst => (n * shape.c() + c) * d * h * w + cell,
-        Layout::ChannelsLast => (n * d * h * w + cell) * shape.c() + c,
-    }
-}
-
-/// Every logical index of `shape` as `[n, c, d, h, w]`.
-fn logical_indices(shape: Shape) -> impl Iterator<Item = [usize; 5]> {
-    let [d, h, w] = shape.volume();
-    let (n, c) = (shape.n(), shape.c());
-    (0..n * c * d * h * w).map(move |i| {
-        let (rest, x) = (i / w, i % w);
-        let (rest, y) = (rest / h, rest % h);
-        let (rest, z) = (rest / d, rest % d);
-        [rest / c, rest % c, z, y, x]
-    })
-}
-
-/// The shard's offsets along `[N, C, D, H, W]`.
-fn offset5(shard: &Shard) -> [usize; 5] {
-    let o = shard.offset();
-    let r = shard.global().spatial_rank();
-    let mut v = [0; 5];
-    v[..2].copy_from_slice(&o[..2]);
-    v[5 - r..].copy_from_slice(&o[2..]);
-    v
-}
-
-/// `(local memory index, global memory index)` for every element of the shard.
-fn placement(shard: &Shard) -> Vec<(usize, usize)> {
-    let (local, global, o) = (shard.local(), shard.global(), offset5(shard));
-    logical_indices(local)
-        .map(|i| (physical(local, i), physical(global, std::array::from_fn(|a| i[a] + o[a]))))
-        .collect()
-}
-
-/// Cuts `len` into 1..=`max` pieces at random points: `(offset, extent)` each.
-fn cut(rng: &mut StdRng, len: usize, max: usize) -> Vec<(usize, usize)> {
-    let pieces = rng.random_range(1..=max.min(len));
-    let mut points: Vec<usize> = (1..len).collect();
-    for i in 0..points.len() {
-        let j = rng.random_range(i..points.len());
-        points.swap(i, j);
-    }
-    let mut cuts: Vec<usize> = points[..pieces - 1].to_vec();
-    cuts.sort_unstable();
-    cuts.insert(0, 0);
-    cuts.push(len);
-    cuts.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
-}
-
-/// A random grid of shards over `global`: each axis cut into pieces.
-fn random_grid(rng: &mut StdRng, global: Shape, max_pieces: usize) -> Vec<Shard> {
-    let axes: Vec<Vec<(usize, usize)>> = global.dims().iter().map(|&len| cut(rng, len, max_pieces)).collect();
-    let mut shards = vec![(Vec::new(), Vec::new())];
-    for pieces in &axes {
-        shards = shards
-            .into_iter()
-            .flat_map(|(o, e): (Vec<usize>, Vec<usize>)| {
-                pieces.iter().map(move |&(po, pe)| {
-                    let (mut o, mut e) = (o.clone(), e.clone());
-                    o.push(po);
-                    e.push(pe);
-                    (o, e)
-                })
-            })
-            .collect();
-    }
-    shards.into_iter().map(|(o, e)| Shard::new(global, &o, &e).unwrap()).collect()
-}
 
 /// What a sharded run reassembles: y, dx and the keep mask in the global layout,
 /// the summed counts and the shards' kept elements.

@@ -22,6 +22,11 @@
 //! - A forward can be split: [`DropBlockCuda::sample_into`] draws the mask and the
 //!   scales from the key alone, [`DropBlockCuda::apply`] applies them once x is
 //!   ready, with the same result bit for bit.
+//! - A tensor split across devices: [`DropBlockCuda::sample_shard`] draws one
+//!   shard's box of the unsharded mask and its kept counts, which the shards sum on
+//!   the device (`nccl::all_reduce_counts` with the `nccl` feature), then
+//!   [`DropBlockCuda::finish_shard`] computes the scales from the sum, with no host
+//!   sync ([`crate::shard`]).
 //! - Statistics (kept count, scales, the keep mask) are read only when you ask.
 //! - With the `nvtx` feature each call is an NVTX range in the `dropblock` domain
 //!   (`dropblock::forward`, `dropblock::sample`, `dropblock::apply`,
@@ -32,6 +37,8 @@
 //! [`DevicePtrMut`]: cudarc::driver::DevicePtrMut
 
 mod module;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod ops;
 mod ranges;
 

@@ -16,13 +16,15 @@ use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape, Shari
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::rng::RngKey;
-use crate::sampling::{expected_scale, Plan};
+use crate::sampling::{expected_scale, plane_of, Plan};
+use crate::shard::Shard;
 
 // SAFETY: plain-C structs of integers (src/abi.rs, checked against the header).
 unsafe impl DeviceRepr for abi::DropBlockGeometry {}
 unsafe impl DeviceRepr for abi::DropBlockSampling {}
 unsafe impl DeviceRepr for abi::DropBlockApply {}
 unsafe impl DeviceRepr for abi::DropBlockTiles {}
+unsafe impl DeviceRepr for abi::DropBlockShard {}
 
 /// An element type with kernels: f32, f16, bf16. Its kernels are named by its
 /// dtype (`dropblock_apply_<DType::name>`).
@@ -33,7 +35,17 @@ impl CudaElement for f16 {}
 impl CudaElement for bf16 {}
 
 const THREADS: u32 = 256;
-const UNTYPED: [&str; 5] = ["count_mask", "seed_blocks", "count_bits", "channels_last_bits", "sample_seeds"];
+const UNTYPED: [&str; 9] = [
+    "count_mask",
+    "seed_blocks",
+    "count_bits",
+    "channels_last_bits",
+    "sample_seeds",
+    "shard_blocks",
+    "shard_count",
+    "shard_counts",
+    "shard_scales",
+];
 /// The scaled copies from saved keep bits, by layout of the bits and scales
 /// (tests/emulator/driver.cpp indexes them in this order).
 #[doc(hidden)]
@@ -166,6 +178,9 @@ pub struct DeviceState {
     ptrs: StatePtrs,
     last_stream: Mutex<Option<Arc<CudaStream>>>,
     call: Option<Call>,
+    /// Each plane's kept cells in a shard's call: one counter per slice at most,
+    /// allocated by the first shard call on the state.
+    plane_kept: Option<CudaSlice<u64>>,
     /// The last configuration's plan and launch (and the grid-path bound it was
     /// planned with), reused while neither changes.
     cached: Option<(DropBlockConfig, u64, Plan, CallPlan)>,
@@ -186,6 +201,9 @@ struct Call {
     /// The plan and launch of a call that drew a mask; `None` for an identity call
     /// (eval mode or drop_prob 0).
     masked: Option<(Plan, CallPlan)>,
+    /// A shard's call: its parameters, and whether its scales were computed from
+    /// the summed counts yet.
+    shard: Option<(abi::DropBlockShard, bool)>,
 }
 
 /// Raw device pointers of one call's tensors. The callers hold cudarc's guards
@@ -305,6 +323,7 @@ impl DropBlockCuda {
             ptrs,
             last_stream: Mutex::new(Some(stream.clone())),
             call: None,
+            plane_kept: None,
             cached: None,
         })
     }
@@ -453,6 +472,135 @@ impl DropBlockCuda {
         self.launch_saved::<T>(stream, state, Io { x: p, y: p }, pass)
     }
 
+    /// The first half of a sharded forward on the device: samples into `state`
+    /// (made for `shard.local()`) exactly the shard's box of the unsharded call's
+    /// mask, and overwrites `counts` (`1 + N` of the global shape, the layout of
+    /// [`ShardCounts`](crate::ShardCounts)) with the shard's kept counts. Sum
+    /// `counts` over every shard on the device (an all-reduce; `nccl::all_reduce_counts`
+    /// with the `nccl` feature), then call [`Self::finish_shard`] with the sum, and
+    /// [`Self::apply`] / [`Self::backward`] as after any forward. Nothing
+    /// synchronises with the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_shard(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        counts: &mut CudaSlice<u64>,
+        cfg: &DropBlockConfig,
+        shard: &Shard,
+        key: RngKey,
+        mode: Mode,
+    ) -> Result<()> {
+        let _range = ranges::range("dropblock::sample_shard", || format!("{shard:?} {mode:?}: {cfg}"));
+        self.check_context(stream.context())?;
+        let (local, global) = (shard.local(), shard.global());
+        if state.shape != local {
+            return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: local.to_string() });
+        }
+        let entries = crate::ShardCounts::len_for(global);
+        if counts.len() != entries {
+            return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
+        }
+        if cfg.fill() == Fill::Noise && mode == Mode::Train && !cfg.is_identity() {
+            return Err(Error::NoiseOnCudaShard);
+        }
+        state.call = None;
+        state.enter(stream)?;
+        let (cp, _guard) = counts.device_ptr_mut(stream);
+        let identity = mode == Mode::Eval || cfg.is_identity();
+        let plan = Plan::new(cfg, global, key)?;
+        let (sh, local_g) = shard.kernel_params(&plan)?;
+        let g = *plan.geometry();
+        // SAFETY: counts holds `entries` u64.
+        unsafe { result::memset_d8_async(cp, 0, entries * 8, stream.cu_stream()) }?;
+        if identity {
+            // Everything kept: shard_counts counts whole slices without plane counts.
+            let k = self.kernel("shard_counts", "")?;
+            let mut b = stream.launch_builder(&k.function);
+            b.arg(&g).arg(&sh).arg(&0u64).arg(&cp);
+            // SAFETY: argument types match the kernel; counts holds 1 + global N entries.
+            unsafe { b.launch(self.launch_config(k, (local.n() as u64).div_ceil(THREADS as u64))) }?;
+            state.call = Some(Call { masked: None, shard: None });
+            return Ok(());
+        }
+        let a = apply_params(cfg, local);
+        // The element passes read the shard's own planes.
+        let launch =
+            CallPlan { geometry: local_g, apply: a, tiles: Default::default(), path: LaunchPath::Grid, noise: false };
+        if state.plane_kept.is_none() {
+            state.plane_kept = Some(stream.alloc_zeros::<u64>(local.n() * local.c())?);
+        }
+        let plane_kept = state.plane_kept.as_ref().map(|b| b.device_ptr(stream).0).unwrap_or_default();
+        let p = state.ptrs;
+        let words = (sh.planes * a.plane_len).div_ceil(32);
+        // SAFETY (the memsets): the state's plane bits hold a bit per element (at
+        // least the shard's planes), plane_kept a counter per slice (at least one
+        // per plane).
+        unsafe {
+            result::memset_d8_async(p.plane_bits, 0, words as usize * 4, stream.cu_stream())?;
+            result::memset_d8_async(plane_kept, 0, sh.planes as usize * 8, stream.cu_stream())?;
+        }
+        let items = if g.seed_cells <= abi::DROPBLOCK_WINDOW_CELLS as u64 {
+            sh.planes.div_ceil(sh.run_planes) * sh.windows_per_run
+        } else {
+            sh.planes * (sh.part_hi - sh.part_lo)
+        };
+        let k = self.kernel("shard_blocks", "")?;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(&g).arg(&sh).arg(plan.sampling()).arg(&p.plane_bits);
+        // SAFETY: argument types match the kernel; the bits are zeroed and hold the
+        // shard's planes.
+        unsafe { b.launch(self.launch_config(k, items.div_ceil(THREADS as u64))) }?;
+        let k = self.kernel("shard_count", "")?;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(&sh).arg(&a).arg(&p.plane_bits).arg(&plane_kept);
+        // SAFETY: as above; plane_kept is zeroed and holds a counter per plane.
+        unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
+        let k = self.kernel("shard_counts", "")?;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(&g).arg(&sh).arg(&plane_kept).arg(&cp);
+        // SAFETY: as above; counts holds 1 + global N entries, zeroed.
+        unsafe { b.launch(self.launch_config(k, (local.n() as u64).div_ceil(THREADS as u64))) }?;
+        if local.layout() == Layout::ChannelsLast {
+            self.launch_channels_last_bits(stream, state, &local_g, &a)?;
+        }
+        state.call = Some(Call { masked: Some((plan, launch)), shard: Some((sh, false)) });
+        Ok(())
+    }
+
+    /// The second half of a sharded forward: the scale(s) of the shard's last
+    /// [`Self::sample_shard`] from `counts` summed over every shard (the same f64
+    /// division rounded to f32 on every shard). Then [`Self::apply`] and
+    /// [`Self::backward`] run as after any forward.
+    pub fn finish_shard(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &mut DeviceState,
+        counts: &CudaSlice<u64>,
+    ) -> Result<()> {
+        self.check_context(stream.context())?;
+        let call = state.call.as_mut().ok_or(Error::NoForwardCall)?;
+        let Some((sh, finished)) = call.shard.as_mut() else {
+            // An identity call has no scales to compute.
+            return if call.masked.is_none() { Ok(()) } else { Err(Error::NoForwardCall) };
+        };
+        // 1 + the global N.
+        let entries = 1 + (sh.global_numel / sh.global_sample) as usize;
+        if counts.len() != entries {
+            return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
+        }
+        let (sh, a) = (*sh, call.masked.map(|(_, l)| l.apply).ok_or(Error::NoForwardCall)?);
+        *finished = true;
+        state.enter(stream)?;
+        let (cp, _guard) = counts.device_ptr(stream);
+        let k = self.kernel("shard_scales", "")?;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(&sh).arg(&a).arg(&cp).arg(&state.ptrs.scales);
+        // SAFETY: argument types match the kernel; the state holds N scales.
+        unsafe { b.launch(self.launch_config(k, (sh.n as u64).div_ceil(THREADS as u64))) }?;
+        Ok(())
+    }
+
     /// The raw seed words of every window of the call, in window order, computed
     /// by the device sampler: for checking it against [`Plan::sample_window`].
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
@@ -493,7 +641,7 @@ impl DropBlockCuda {
             if let Some(io) = &io {
                 copy::<T>(stream, shape, io)?;
             }
-            state.call = Some(Call { masked: None });
+            state.call = Some(Call { masked: None, shard: None });
             return Ok(());
         }
         // With a device generator the kernels read (seed, offset) from device
@@ -557,24 +705,37 @@ impl DropBlockCuda {
             }
         }
         if shape.layout() == Layout::ChannelsLast {
-            let words = a.numel.div_ceil(32);
-            if g.c % 32 != 0 {
-                // Runs straddle words and are ORed in (kernels/dropblock.cu).
-                // SAFETY: the state's keep bits hold a bit per element.
-                unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
-            }
-            let k = self.kernel("channels_last_bits", "")?;
-            let mut b = stream.launch_builder(&k.function);
-            b.arg(&g).arg(&a).arg(&p.plane_bits).arg(&p.keep_bits);
-            // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
-            unsafe { b.launch(self.launch_config(k, (words * 32).div_ceil(1024 * 8))) }?;
+            self.launch_channels_last_bits(stream, state, &g, &a)?;
         }
-        state.call = Some(Call { masked: Some((plan, launch)) });
+        state.call = Some(Call { masked: Some((plan, launch)), shard: None });
         if let Some(io) = &io {
             if launch.path != LaunchPath::Fused {
                 self.launch_element_pass::<T>(stream, state, &plan, &launch, io, Pass::Forward)?;
             }
         }
+        Ok(())
+    }
+
+    /// A channels-last call's keep bits in the tensor's order, from the planes' bits.
+    fn launch_channels_last_bits(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: &DeviceState,
+        g: &abi::DropBlockGeometry,
+        a: &abi::DropBlockApply,
+    ) -> Result<()> {
+        let p = state.ptrs;
+        let words = a.numel.div_ceil(32);
+        if !g.c.is_multiple_of(32) {
+            // Runs straddle words and are ORed in (kernels/dropblock.cu).
+            // SAFETY: the state's keep bits hold a bit per element.
+            unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
+        }
+        let k = self.kernel("channels_last_bits", "")?;
+        let mut b = stream.launch_builder(&k.function);
+        b.arg(g).arg(a).arg(&p.plane_bits).arg(&p.keep_bits);
+        // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
+        unsafe { b.launch(self.launch_config(k, (words * 32).div_ceil(1024 * 8))) }?;
         Ok(())
     }
 
@@ -593,6 +754,9 @@ impl DropBlockCuda {
         let _range = ranges::range(name, || format!("{} {}", T::DTYPE.name(), state.shape));
         self.check_context(stream.context())?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
+        if call.shard.is_some_and(|(_, finished)| !finished) {
+            return Err(Error::ShardNotFinished);
+        }
         match call.masked {
             None => copy::<T>(stream, state.shape, &io),
             Some((plan, launch)) => {
@@ -613,7 +777,7 @@ impl DropBlockCuda {
         io: &Io,
         pass: Pass,
     ) -> Result<()> {
-        let (g, a) = (plan.geometry(), &launch.apply);
+        let (g, a) = (&launch.geometry, &launch.apply);
         if !(launch.noise && pass == Pass::Forward) {
             return self.launch_apply::<T>(stream, state, g, a, io);
         }
@@ -677,6 +841,9 @@ pub enum LaunchPath {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub struct CallPlan {
+    /// The geometry the element passes and the channels-last transpose read: the
+    /// call's own, or a shard's local one (its N, C and box).
+    pub geometry: abi::DropBlockGeometry,
     pub apply: abi::DropBlockApply,
     pub tiles: abi::DropBlockTiles,
     pub path: LaunchPath,
@@ -697,15 +864,7 @@ enum Pass {
 /// for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
 #[doc(hidden)]
 pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> Result<CallPlan> {
-    let apply = abi::DropBlockApply {
-        numel: shape.numel() as u64,
-        plane_len: shape.plane_len() as u64,
-        normalize: normalize_code(cfg.normalize()),
-        fixed_scale: match cfg.normalize() {
-            Normalize::Expected => expected_scale(cfg.drop_prob()),
-            _ => 1.0,
-        },
-    };
+    let apply = apply_params(cfg, shape);
     let g = *Plan::new(cfg, shape, RngKey::new(0, 0)?)?.geometry();
     let tiles = tiles_of(&g, apply.plane_len, blocks);
     let path = match tiles {
@@ -722,7 +881,20 @@ pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: 
         }
         _ => LaunchPath::Grid,
     };
-    Ok(CallPlan { apply, tiles: tiles.unwrap_or_default(), path, noise: cfg.fill() == Fill::Noise })
+    Ok(CallPlan { geometry: g, apply, tiles: tiles.unwrap_or_default(), path, noise: cfg.fill() == Fill::Noise })
+}
+
+/// The element-wise parameters of a call of `cfg` on buffers of `shape`.
+fn apply_params(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockApply {
+    abi::DropBlockApply {
+        numel: shape.numel() as u64,
+        plane_len: shape.plane_len() as u64,
+        normalize: normalize_code(cfg.normalize()),
+        fixed_scale: match cfg.normalize() {
+            Normalize::Expected => expected_scale(cfg.drop_prob()),
+            _ => 1.0,
+        },
+    }
 }
 
 /// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells and (where a
@@ -853,54 +1025,56 @@ impl DeviceState {
         &self.keep_bits
     }
 
-    /// The keep bits of the used planes, copied to the host (synchronises).
-    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(Plan, Vec<u32>)>> {
+    /// The keep bits of the used planes, copied to the host (synchronises), with
+    /// the geometry of the planes they hold.
+    fn host_bits(&self, stream: &Arc<CudaStream>) -> Result<Option<(abi::DropBlockGeometry, Vec<u32>)>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
-        let Some((plan, _)) = call.masked else {
+        let Some((_, launch)) = call.masked else {
             return Ok(None);
         };
+        let g = launch.geometry;
         self.enter(stream)?;
-        let used = if self.flat_bits(&plan) { self.shape.numel() } else { plan.planes() * self.shape.plane_len() };
+        let used = if self.flat_bits(&g) { self.shape.numel() } else { g.planes as usize * self.shape.plane_len() };
         let bits = stream.clone_dtoh(&self.keep_bits.slice(..used.div_ceil(32)))?;
-        Ok(Some((plan, bits)))
+        Ok(Some((g, bits)))
     }
 
     /// Whether the keep bits are one per element in the tensor's order.
-    fn flat_bits(&self, plan: &Plan) -> bool {
-        plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || self.shape.layout() == Layout::ChannelsLast
+    fn flat_bits(&self, g: &abi::DropBlockGeometry) -> bool {
+        g.sharing == abi::DROPBLOCK_SHARE_NONE || self.shape.layout() == Layout::ChannelsLast
     }
 
     /// Kept elements over the tensor, counted from the keep bits (synchronises the
     /// stream; no mask the size of the tensor is made).
     pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
         let s = self.shape;
-        let Some((plan, bits)) = self.host_bits(stream)? else {
+        let Some((g, bits)) = self.host_bits(stream)? else {
             return Ok(s.numel() as u64);
         };
-        if self.flat_bits(&plan) {
+        if self.flat_bits(&g) {
             return Ok(bits.iter().map(|w| w.count_ones() as u64).sum());
         }
         // With sharing there are at most max(N, C) planes, each read by several slices.
         let l = s.plane_len();
         let count = |lo: usize, hi: usize| (lo..hi).filter(|&b| bits[b / 32] >> (b % 32) & 1 == 1).count() as u64;
-        let per_plane: Vec<u64> = (0..plan.planes()).map(|p| count(p * l, (p + 1) * l)).collect();
-        Ok((0..s.n() * s.c()).map(|i| per_plane[plan.plane_of(i / s.c(), i % s.c())]).sum())
+        let per_plane: Vec<u64> = (0..g.planes as usize).map(|p| count(p * l, (p + 1) * l)).collect();
+        Ok((0..s.n() * s.c()).map(|i| per_plane[plane_of(&g, i / s.c(), i % s.c())]).sum())
     }
 
     /// The keep mask as u8 in the tensor's memory order, 1 where kept
     /// (synchronises the stream).
     pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
         let s = self.shape;
-        let Some((plan, bits)) = self.host_bits(stream)? else {
+        let Some((g, bits)) = self.host_bits(stream)? else {
             return Ok(vec![1; s.numel()]);
         };
-        if self.flat_bits(&plan) {
+        if self.flat_bits(&g) {
             return Ok((0..s.numel()).map(|e| (bits[e / 32] >> (e % 32) & 1) as u8).collect());
         }
         let l = s.plane_len();
         let mut out = vec![0u8; s.numel()];
         for (i, slice) in out.chunks_mut(l).enumerate() {
-            let base = plan.plane_of(i / s.c(), i % s.c()) * l;
+            let base = plane_of(&g, i / s.c(), i % s.c()) * l;
             for (cell, v) in slice.iter_mut().enumerate() {
                 let b = base + cell;
                 *v = (bits[b / 32] >> (b % 32) & 1) as u8;

@@ -13,11 +13,18 @@
 // (the count pass writes the planes' bits to a scratch buffer and
 // dropblock_channels_last_bits turns them into the keep bits; the apply kernel was
 // chosen for flat bits), u32 fill (noise fill: dropblock_fill_noise_<T> instead of
-// the apply kernel), then
+// the apply kernel), u32 shard (a shard's call, below), then
 // DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
 // in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
 // (ceil(numel / 32) words), the counts (2 + n), the scales (n), y, then the
 // generator's [seed, offset] after the calls.
+//
+// A shard's call (the sequence of DropBlockCuda::sample_shard, finish_shard and
+// apply): the geometry is the global one and DropBlockApply the shard's; after it
+// come DropBlockShard, the shard's own DropBlockGeometry (for the element passes)
+// and the counts summed over every shard (1 + global n u64), then x (the shard's
+// elements). Response: the keep bits, the shard's own counts (1 + global n), the
+// scales (the shard's n), y, and the key unchanged.
 #include "cuda_host.h"
 
 #include <algorithm>
@@ -47,7 +54,8 @@ using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSamplin
                              DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
 
 struct Request {
-    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last, fill;
+    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last, fill,
+        shard;
     DropBlockGeometry g;
     DropBlockTiles tiles;
     DropBlockSampling s;
@@ -58,9 +66,63 @@ template <typename T>
 using FillKernel = void (*)(DropBlockGeometry, DropBlockApply, DropBlockSampling, uint32_t, const T*, T*,
                             const uint32_t*);
 
+// A shard's call: sample_shard's launches, then finish_shard's with the summed
+// counts, then the apply kernel on the shard's own geometry.
+template <typename T>
+int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, const char* out_path) {
+    const DropBlockApply& a = r.a;
+    DropBlockShard sh;
+    DropBlockGeometry local;
+    read_pod(p, sh);
+    read_pod(p, local);
+    std::vector<unsigned long long> summed(1 + r.g.n), counts(1 + r.g.n, 0xdeadbeefull);
+    std::memcpy(summed.data(), p, summed.size() * 8);
+    p += summed.size() * 8;
+    if ((size_t)(end - p) != a.numel * sizeof(T)) {
+        std::fprintf(stderr, "x has %zu bytes, expected %llu\n", (size_t)(end - p),
+                     (unsigned long long)(a.numel * sizeof(T)));
+        return 2;
+    }
+    std::vector<T> x(a.numel), y(a.numel);
+    std::memcpy(x.data(), p, a.numel * sizeof(T));
+    std::vector<uint32_t> keep((a.numel + 31) / 32, 0xdeadbeefu);
+    std::vector<uint32_t> scratch(r.channels_last ? keep.size() : 0, 0xdeadbeefu);
+    std::vector<uint32_t>& bits = r.channels_last ? scratch : keep;
+    std::vector<unsigned long long> plane_kept(sh.planes, 0xdeadbeefull);
+    std::vector<float> scales(sh.n, -1.0f);
+    // The host's memsets (src/cuda/ops.rs), then the launches.
+    std::fill(bits.begin(), bits.begin() + (sh.planes * a.plane_len + 31) / 32, 0u);
+    std::fill(plane_kept.begin(), plane_kept.end(), 0ull);
+    std::fill(counts.begin(), counts.end(), 0ull);
+    emu::launch(dropblock_shard_blocks, r.count_blocks, 256, r.g, sh, r.s, bits.data());
+    emu::launch(dropblock_shard_count, r.count_blocks, 256, sh, a, bits.data(), plane_kept.data());
+    emu::launch(dropblock_shard_counts, r.count_blocks, 256, r.g, sh, (const unsigned long long*)plane_kept.data(),
+                counts.data());
+    DropBlockGeometry apply_g = local;
+    if (r.channels_last) {
+        if (local.c % 32) std::fill(keep.begin(), keep.end(), 0u);
+        emu::launch(dropblock_channels_last_bits, r.apply_blocks, 256, local, a, (const uint32_t*)scratch.data(),
+                    keep.data());
+        apply_g.sharing = DROPBLOCK_SHARE_NONE;
+    }
+    emu::launch(dropblock_shard_scales, r.apply_blocks, 256, sh, a, (const unsigned long long*)summed.data(),
+                scales.data());
+    emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)x.data(), y.data(),
+                (const uint32_t*)keep.data(), (const float*)scales.data());
+    unsigned long long key[2] = {r.s.seed, r.s.offset};
+    std::ofstream out(out_path, std::ios::binary);
+    write_vec(out, keep);
+    write_vec(out, counts);
+    write_vec(out, scales);
+    write_vec(out, y);
+    out.write(reinterpret_cast<const char*>(key), sizeof key);
+    return out.good() ? 0 : 3;
+}
+
 template <typename T>
 int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FusedKernel<T> fused_k,
         FillKernel<T> fill_k, const char* out_path) {
+    if (r.shard) return run_shard<T>(p, end, r, apply_ops, out_path);
     const DropBlockApply& a = r.a;
     const DropBlockGeometry& g = r.g;
     if ((size_t)(end - p) != a.numel * sizeof(T)) {
@@ -138,7 +200,7 @@ int main(int argc, char** argv) {
     const char* end = p + req.size();
     Request r;
     for (uint32_t* f : {&r.dtype, &r.path, &r.apply, &r.count_blocks, &r.apply_blocks, &r.in_place, &r.unaligned,
-                        &r.device_key, &r.calls, &r.channels_last, &r.fill})
+                        &r.device_key, &r.calls, &r.channels_last, &r.fill, &r.shard})
         read_pod(p, *f);
     read_pod(p, r.g);
     read_pod(p, r.tiles);

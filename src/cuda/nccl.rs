@@ -1,0 +1,39 @@
+//! The count reduction of a sharded forward through NCCL (feature `nccl`).
+//!
+//! Between [`DropBlockCuda::sample_shard`](super::DropBlockCuda::sample_shard)
+//! and [`DropBlockCuda::finish_shard`](super::DropBlockCuda::finish_shard) every
+//! shard's counts are summed in place with one all-reduce of `1 + N` u64 on the
+//! caller's communicator and its stream. The scale each shard then computes is
+//! `numerator / total` in f64 rounded to f32 from the same integers, so every
+//! shard applies the same scale bit for bit (an all-reduce of f32 scales, or of
+//! partial scales, would not give that).
+
+use cudarc::driver::CudaSlice;
+use cudarc::nccl::{Comm, ReduceOp};
+
+use crate::error::{Error, Result};
+
+/// Whether the NCCL library can be loaded under the name cudarc tries first
+/// (`libnccl.so`; `nccl.dll` on Windows): cudarc loads it at first use and panics
+/// when it is missing, so [`all_reduce_counts`] asks this first. (PyTorch's wheel
+/// ships `nvidia/nccl/lib/libnccl.so.2`: link it as `libnccl.so` on the loader's
+/// path.) A build that links NCCL at build time does not start without it.
+pub fn nccl_present() -> bool {
+    let name = format!("{}nccl{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
+    // SAFETY: loading the library runs only its initialisers, as cudarc's own first
+    // use does; no NCCL call is made, and the handle is closed again.
+    unsafe { libloading::Library::new(name) }.is_ok()
+}
+
+/// Sums `counts` (a shard's [`ShardCounts`](crate::ShardCounts) on the device)
+/// over every rank of `comm`, in place, on the communicator's stream: cudarc
+/// orders it after the `sample_shard` that wrote them and before the
+/// `finish_shard` that reads them. A typed error, never a panic:
+/// [`Error::Nccl`] when the library is missing or the collective fails.
+pub fn all_reduce_counts(comm: &Comm, counts: &mut CudaSlice<u64>) -> Result<()> {
+    if !nccl_present() {
+        return Err(Error::Nccl("the NCCL library (libnccl) could not be loaded".into()));
+    }
+    comm.all_reduce_in_place(counts, &ReduceOp::Sum).map_err(|e| Error::Nccl(format!("{e:?}")))?;
+    Ok(())
+}
