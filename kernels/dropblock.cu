@@ -161,10 +161,13 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
 // element per thread and step, any alignment: a rarely used mode, kept simple.
 template <typename T>
 __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const DropBlockApply& a,
+                                           const DropBlockGeometry& global, const DropBlockShard& sh,
                                            const DropBlockSampling& s, bool channels_last, const T* x, T* y,
                                            const uint32_t* keep_bits) {
     const Key k = load_key(s, nullptr);
     const uint64_t L = a.plane_len, C = g.c;
+    const uint64_t global_len = (uint64_t)global.d * global.h * global.w;
+    const uint64_t box_hw = (uint64_t)sh.extent[1] * sh.extent[2];
     for (uint64_t e = global_thread(); e < a.numel; e += threads_in_grid()) {
         uint64_t n, c, cell;
         if (channels_last) {
@@ -178,9 +181,13 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
             c = slice - n * C;
             cell = e - slice * L;
         }
-        const uint64_t unit = plane_of(g, n, c) * L + cell;
-        // Channels-last keep bits are in the tensor's order (bit e).
-        const uint64_t b = channels_last ? e : unit;
+        // The unit's number in the whole tensor (a shard's box sits at its origin).
+        const uint64_t z = cell / box_hw, rest = cell - z * box_hw, yy = rest / sh.extent[2], xx = rest - yy * sh.extent[2];
+        const uint64_t global_cell =
+            ((sh.origin[0] + z) * global.h + sh.origin[1] + yy) * global.w + sh.origin[2] + xx;
+        const uint64_t unit = plane_of(global, sh.n0 + n, sh.c0 + c) * global_len + global_cell;
+        // Channels-last keep bits are in the tensor's order (bit e), else the planes'.
+        const uint64_t b = channels_last ? e : plane_of(g, n, c) * L + cell;
         const bool keep = (keep_bits[b >> 5] >> (b & 31)) & 1u;
         y[e] = keep ? x[e] : Elem<T>::from_float(noise_normal(k, unit));
     }
@@ -207,9 +214,9 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
                         Scales{per_sample ? scales : nullptr, scales[0], 0});                                     \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1) dropblock_fill_noise_##NAME(                             \
-        DropBlockGeometry g, DropBlockApply a, DropBlockSampling s, uint32_t channels_last, const T* x, T* y,      \
-        const uint32_t* keep_bits) {                                                                              \
-        fill_noise<T>(g, a, s, channels_last != 0, x, y, keep_bits);                                              \
+        DropBlockGeometry g, DropBlockApply a, DropBlockGeometry global, DropBlockShard sh, DropBlockSampling s,    \
+        uint32_t channels_last, const T* x, T* y, const uint32_t* keep_bits) {                                     \
+        fill_noise<T>(g, a, global, sh, s, channels_last != 0, x, y, keep_bits);                                   \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_##NAME(              \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \

@@ -148,11 +148,6 @@ pub enum Error {
     )]
     ShardNotFinished,
 
-    /// Noise fill on a CUDA shard (its noise kernel numbers units globally, which
-    /// the CUDA shard path does not do yet); the CPU path serves it.
-    #[error("noise fill is not available on CUDA shards yet; use the CPU path (cpu::sample_shard)")]
-    NoiseOnCudaShard,
-
     /// NCCL is missing or a collective failed (feature `nccl`); holds the reason.
     #[error("NCCL: {0}")]
     Nccl(String),

@@ -341,7 +341,7 @@ mod emulation {
     /// bit (and those reassemble the unsharded call: tests/shards.rs).
     fn run_shard_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (mut small, mut large) = (0, 0);
+        let (mut small, mut large, mut noise) = (0, 0, 0);
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -353,7 +353,11 @@ mod emulation {
             if rng.random_bool(0.3) {
                 global = global.with_layout(Layout::ChannelsLast);
             }
-            let cfg = common::random_config_of_rank(&mut rng, rank);
+            let mut cfg = common::random_config_of_rank(&mut rng, rank);
+            if rng.random_bool(0.2) {
+                cfg = common::with_noise_fill(&cfg);
+                noise += 1;
+            }
             let shards = common::random_grid(&mut rng, global, 3);
             let key = common::random_key(&mut rng);
             let plan = Plan::new(&cfg, global, key).unwrap();
@@ -382,8 +386,9 @@ mod emulation {
                 .map_err(|e| Failed::from(format!("{tag}: {e}")))?;
             }
         }
-        if small == 0 || large == 0 {
-            return Err(format!("{small} cases of planes of <= 64 seed cells, {large} larger: widen the cases").into());
+        if small == 0 || large == 0 || noise < 3 {
+            let what = format!("{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill");
+            return Err(format!("{what}: widen the cases").into());
         }
         Ok(())
     }
@@ -416,7 +421,8 @@ mod emulation {
         let op = apply_op::<T>(true, &apply_g, &apply);
         let mut req = Vec::new();
         let flags = [dtype, 2, op as u32, rng.random_range(1..=3), rng.random_range(1..=2), 0, 0, 0, 1];
-        for v in flags.into_iter().chain([(local.layout() == Layout::ChannelsLast) as u32, 0, 1]) {
+        let (channels_last, fill) = (local.layout() == Layout::ChannelsLast, cfg.fill() == Fill::Noise);
+        for v in flags.into_iter().chain([channels_last as u32, fill as u32, 1]) {
             req.extend_from_slice(&v.to_le_bytes());
         }
         req.extend_from_slice(bytes_of(plan.geometry()));

@@ -501,9 +501,6 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
-        if cfg.fill() == Fill::Noise && mode == Mode::Train && !cfg.is_identity() {
-            return Err(Error::NoiseOnCudaShard);
-        }
         state.call = None;
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr_mut(stream);
@@ -525,8 +522,8 @@ impl DropBlockCuda {
         }
         let a = apply_params(cfg, local);
         // The element passes read the shard's own planes.
-        let launch =
-            CallPlan { geometry: local_g, apply: a, tiles: Default::default(), path: LaunchPath::Grid, noise: false };
+        let noise = cfg.fill() == Fill::Noise;
+        let launch = CallPlan { geometry: local_g, apply: a, tiles: Default::default(), path: LaunchPath::Grid, noise };
         if state.plane_kept.is_none() {
             state.plane_kept = Some(stream.alloc_zeros::<u64>(local.n() * local.c())?);
         }
@@ -783,8 +780,14 @@ impl DropBlockCuda {
         }
         let k = self.kernel("fill_noise", T::DTYPE.name())?;
         let channels_last = (state.shape.layout() == Layout::ChannelsLast) as u32;
+        // Units are numbered in the whole tensor: a shard's box, or the tensor itself.
+        let shard = match state.call.and_then(|c| c.shard) {
+            Some((sh, _)) => sh,
+            None => Shard::whole(state.shape).kernel_params(plan)?.0,
+        };
         let mut b = stream.launch_builder(&k.function);
-        b.arg(g).arg(a).arg(plan.sampling()).arg(&channels_last).arg(&io.x).arg(&io.y).arg(&state.ptrs.keep_bits);
+        b.arg(g).arg(a).arg(plan.geometry()).arg(&shard).arg(plan.sampling()).arg(&channels_last);
+        b.arg(&io.x).arg(&io.y).arg(&state.ptrs.keep_bits);
         // SAFETY: argument types match the kernel; x and y hold numel elements, the
         // state a bit per element.
         unsafe { b.launch(self.launch_config(k, a.numel.div_ceil(THREADS as u64))) }?;

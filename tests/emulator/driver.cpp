@@ -63,13 +63,25 @@ struct Request {
 };
 
 template <typename T>
-using FillKernel = void (*)(DropBlockGeometry, DropBlockApply, DropBlockSampling, uint32_t, const T*, T*,
-                            const uint32_t*);
+using FillKernel = void (*)(DropBlockGeometry, DropBlockApply, DropBlockGeometry, DropBlockShard, DropBlockSampling,
+                            uint32_t, const T*, T*, const uint32_t*);
+
+// The whole tensor of `g` as one shard (what ops.rs passes to noise fill outside shards).
+DropBlockShard whole_shard(const DropBlockGeometry& g) {
+    DropBlockShard sh{};
+    sh.n = g.n;
+    sh.c = g.c;
+    sh.extent[0] = g.d;
+    sh.extent[1] = g.h;
+    sh.extent[2] = g.w;
+    return sh;
+}
 
 // A shard's call: sample_shard's launches, then finish_shard's with the summed
 // counts, then the apply kernel on the shard's own geometry.
 template <typename T>
-int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, const char* out_path) {
+int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FillKernel<T> fill_k,
+              const char* out_path) {
     const DropBlockApply& a = r.a;
     DropBlockShard sh;
     DropBlockGeometry local;
@@ -107,8 +119,13 @@ int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* a
     }
     emu::launch(dropblock_shard_scales, r.apply_blocks, 256, sh, a, (const unsigned long long*)summed.data(),
                 scales.data());
-    emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)x.data(), y.data(),
-                (const uint32_t*)keep.data(), (const float*)scales.data());
+    if (r.fill) {
+        emu::launch(fill_k, r.apply_blocks, 256, local, a, r.g, sh, r.s, r.channels_last, (const T*)x.data(), y.data(),
+                    (const uint32_t*)keep.data());
+    } else {
+        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)x.data(), y.data(),
+                    (const uint32_t*)keep.data(), (const float*)scales.data());
+    }
     unsigned long long key[2] = {r.s.seed, r.s.offset};
     std::ofstream out(out_path, std::ios::binary);
     write_vec(out, keep);
@@ -122,7 +139,7 @@ int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* a
 template <typename T>
 int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FusedKernel<T> fused_k,
         FillKernel<T> fill_k, const char* out_path) {
-    if (r.shard) return run_shard<T>(p, end, r, apply_ops, out_path);
+    if (r.shard) return run_shard<T>(p, end, r, apply_ops, fill_k, out_path);
     const DropBlockApply& a = r.a;
     const DropBlockGeometry& g = r.g;
     if ((size_t)(end - p) != a.numel * sizeof(T)) {
@@ -170,7 +187,7 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
                         keep.data());
         }
         if (r.fill) {
-            emu::launch(fill_k, r.apply_blocks, 256, g, a, r.s, r.channels_last, (const T*)xp, yp,
+            emu::launch(fill_k, r.apply_blocks, 256, g, a, g, whole_shard(g), r.s, r.channels_last, (const T*)xp, yp,
                         (const uint32_t*)keep.data());
         } else {
             emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)xp, yp,
