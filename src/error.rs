@@ -148,6 +148,10 @@ pub enum Error {
     )]
     ShardNotFinished,
 
+    /// `finish_shard` on a state whose last call was not `sample_shard`.
+    #[error("finish_shard needs a state whose last call was sample_shard")]
+    NotAShardCall,
+
     /// NCCL is missing or a collective failed (feature `nccl`); holds the reason.
     #[error("NCCL: {0}")]
     Nccl(String),

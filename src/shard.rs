@@ -111,6 +111,7 @@ impl Shard {
         let seed_box = SeedBox::new(plan, self)?;
         let planes = self.local_planes(g.sharing) as u64;
         let (n, c) = (self.local.n(), self.local.c());
+        let whole_box = self.box_params();
         let run_planes = if g.sharing == abi::DROPBLOCK_SHARE_NONE && c != self.global.c() { c as u64 } else { planes };
         let small = g.seed_cells <= abi::DROPBLOCK_WINDOW_CELLS as u64;
         let q = g.planes_per_window as u64;
@@ -119,12 +120,6 @@ impl Shard {
             _ => (0, 0),
         };
         let shard = abi::DropBlockShard {
-            n0: self.offset[0] as u32,
-            c0: self.offset[1] as u32,
-            n: n as u32,
-            c: c as u32,
-            origin: seed_box.origin,
-            extent: seed_box.extent,
             seed_lo: seed_box.seeds.map(|(lo, _)| lo),
             seed_hi: seed_box.seeds.map(|(_, hi)| hi),
             planes,
@@ -133,12 +128,28 @@ impl Shard {
             windows_per_run: if small { (run_planes - 1) / q + 2 } else { 0 },
             part_lo,
             part_hi,
-            global_numel: self.global.numel() as u64,
-            global_sample: (self.global.c() * self.global.plane_len()) as u64,
+            ..whole_box
         };
         let [d, h, w] = seed_box.extent;
         let local = abi::DropBlockGeometry { n: n as u32, c: c as u32, d, h, w, planes, ..*g };
         Ok((shard, local))
+    }
+
+    /// The kernels' shard parameters that need no plan: the box and the global
+    /// sizes (what an identity call's counts need); the sampling fields are 0.
+    #[doc(hidden)]
+    pub fn box_params(&self) -> abi::DropBlockShard {
+        abi::DropBlockShard {
+            n0: self.offset[0] as u32,
+            c0: self.offset[1] as u32,
+            n: self.local.n() as u32,
+            c: self.local.c() as u32,
+            origin: self.volume_offset().map(|v| v as u32),
+            extent: self.local.volume().map(|v| v as u32),
+            global_numel: self.global.numel() as u64,
+            global_sample: (self.global.c() * self.global.plane_len()) as u64,
+            ..Default::default()
+        }
     }
 
     /// The box's first sample.

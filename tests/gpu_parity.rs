@@ -609,6 +609,19 @@ mod gpu {
         let xd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         let mut yd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         assert_eq!(d.apply(s, &state, &xd, &mut yd), Err(dropblock::Error::ShardNotFinished));
+        assert_eq!(state.scales(s), Err(dropblock::Error::ShardNotFinished));
+        let mut whole = d.alloc_state(s, shard.local()).unwrap();
+        d.sample_into(s, &mut whole, &cfg, shard.local(), key, Mode::Train).unwrap();
+        assert_eq!(d.finish_shard(s, &mut whole, &c), Err(dropblock::Error::NotAShardCall));
+        // An eval call on a shard: everything kept, its counts the box's sizes, y = x.
+        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Eval).unwrap();
+        let per = (8 * 14 * 14) as u64;
+        assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per]);
+        d.finish_shard(s, &mut state, &c).unwrap();
+        let xs: Vec<f32> = common::input(shard.local().numel(), 5);
+        let xd = s.clone_htod(&xs).unwrap();
+        d.apply(s, &state, &xd, &mut yd).unwrap();
+        assert_eq!(s.clone_dtoh(&yd).unwrap(), xs);
         let mut short = s.alloc_zeros::<u64>(4).unwrap();
         let err = d.sample_shard(s, &mut state, &mut short, &cfg, &shard, key, Mode::Train).unwrap_err();
         assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 }));

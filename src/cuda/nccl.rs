@@ -26,9 +26,11 @@ pub fn nccl_present() -> bool {
 }
 
 /// Sums `counts` (a shard's [`ShardCounts`](crate::ShardCounts) on the device)
-/// over every rank of `comm`, in place, on the communicator's stream: cudarc
-/// orders it after the `sample_shard` that wrote them and before the
-/// `finish_shard` that reads them. A typed error, never a panic:
+/// over every rank of `comm`, in place, on the communicator's stream. With
+/// cudarc's event tracking on, cudarc orders it after the `sample_shard` that
+/// wrote them and before the `finish_shard` that reads them; with it off (as
+/// under CUDA graph capture), run all three on the communicator's stream or order
+/// the streams yourself. A typed error, never a panic:
 /// [`Error::Nccl`] when the library is missing or the collective fails.
 pub fn all_reduce_counts(comm: &Comm, counts: &mut CudaSlice<u64>) -> Result<()> {
     if !nccl_present() {

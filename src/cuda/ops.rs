@@ -181,6 +181,8 @@ pub struct DeviceState {
     /// Each plane's kept cells in a shard's call: one counter per slice at most,
     /// allocated by the first shard call on the state.
     plane_kept: Option<CudaSlice<u64>>,
+    /// The last shard call's configuration, shard, plan and kernel parameters.
+    shard_cached: Option<(DropBlockConfig, Shard, Plan, abi::DropBlockShard, abi::DropBlockGeometry)>,
     /// The last configuration's plan and launch (and the grid-path bound it was
     /// planned with), reused while neither changes.
     cached: Option<(DropBlockConfig, u64, Plan, CallPlan)>,
@@ -324,6 +326,7 @@ impl DropBlockCuda {
             last_stream: Mutex::new(Some(stream.clone())),
             call: None,
             plane_kept: None,
+            shard_cached: None,
             cached: None,
         })
     }
@@ -485,7 +488,7 @@ impl DropBlockCuda {
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
-        counts: &mut CudaSlice<u64>,
+        counts: &mut impl DevicePtrMut<u64>,
         cfg: &DropBlockConfig,
         shard: &Shard,
         key: RngKey,
@@ -501,32 +504,49 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
+        let identity = mode == Mode::Eval || cfg.is_identity();
+        // The plan and the shard's parameters, reused while the config and the shard
+        // stay the same (an identity call needs neither).
+        let cached = match &state.shard_cached {
+            _ if identity => None,
+            Some((c, s, plan, sh, local_g)) if c == cfg && s == shard => Some((plan.with_key(key), *sh, *local_g)),
+            _ => {
+                let plan = Plan::new(cfg, global, key)?;
+                let (sh, local_g) = shard.kernel_params(&plan)?;
+                state.shard_cached = Some((*cfg, *shard, plan, sh, local_g));
+                Some((plan, sh, local_g))
+            }
+        };
+        if !identity && state.plane_kept.is_none() {
+            // On the state's own stream, whose frees wait for the state's last stream
+            // (DeviceState's Drop).
+            let own = state.keep_bits.stream().clone();
+            state.plane_kept = Some(own.alloc_zeros::<u64>(local.n() * local.c())?);
+            if own.cu_stream() != stream.cu_stream() {
+                stream.join(&own)?;
+            }
+        }
         state.call = None;
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr_mut(stream);
-        let identity = mode == Mode::Eval || cfg.is_identity();
-        let plan = Plan::new(cfg, global, key)?;
-        let (sh, local_g) = shard.kernel_params(&plan)?;
-        let g = *plan.geometry();
         // SAFETY: counts holds `entries` u64.
         unsafe { result::memset_d8_async(cp, 0, entries * 8, stream.cu_stream()) }?;
-        if identity {
+        let Some((plan, sh, local_g)) = cached else {
             // Everything kept: shard_counts counts whole slices without plane counts.
+            let (sh, g) = (shard.box_params(), abi::DropBlockGeometry::default());
             let k = self.kernel("shard_counts", "")?;
             let mut b = stream.launch_builder(&k.function);
             b.arg(&g).arg(&sh).arg(&0u64).arg(&cp);
             // SAFETY: argument types match the kernel; counts holds 1 + global N entries.
             unsafe { b.launch(self.launch_config(k, (local.n() as u64).div_ceil(THREADS as u64))) }?;
-            state.call = Some(Call { masked: None, shard: None });
+            state.call = Some(Call { masked: None, shard: Some((sh, true)) });
             return Ok(());
-        }
+        };
+        let g = *plan.geometry();
         let a = apply_params(cfg, local);
         // The element passes read the shard's own planes.
         let noise = cfg.fill() == Fill::Noise;
         let launch = CallPlan { geometry: local_g, apply: a, tiles: Default::default(), path: LaunchPath::Grid, noise };
-        if state.plane_kept.is_none() {
-            state.plane_kept = Some(stream.alloc_zeros::<u64>(local.n() * local.c())?);
-        }
         let plane_kept = state.plane_kept.as_ref().map(|b| b.device_ptr(stream).0).unwrap_or_default();
         let p = state.ptrs;
         let words = (sh.planes * a.plane_len).div_ceil(32);
@@ -573,28 +593,30 @@ impl DropBlockCuda {
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
-        counts: &CudaSlice<u64>,
+        counts: &impl DevicePtr<u64>,
     ) -> Result<()> {
         self.check_context(stream.context())?;
-        let call = state.call.as_mut().ok_or(Error::NoForwardCall)?;
-        let Some((sh, finished)) = call.shard.as_mut() else {
-            // An identity call has no scales to compute.
-            return if call.masked.is_none() { Ok(()) } else { Err(Error::NoForwardCall) };
-        };
+        let call = state.call.ok_or(Error::NoForwardCall)?;
+        let (sh, _) = call.shard.ok_or(Error::NotAShardCall)?;
         // 1 + the global N.
         let entries = 1 + (sh.global_numel / sh.global_sample) as usize;
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
-        let (sh, a) = (*sh, call.masked.map(|(_, l)| l.apply).ok_or(Error::NoForwardCall)?);
-        *finished = true;
+        // An identity call has no scales to compute.
+        let Some((_, launch)) = call.masked else {
+            return Ok(());
+        };
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr(stream);
         let k = self.kernel("shard_scales", "")?;
         let mut b = stream.launch_builder(&k.function);
-        b.arg(&sh).arg(&a).arg(&cp).arg(&state.ptrs.scales);
+        b.arg(&sh).arg(&launch.apply).arg(&cp).arg(&state.ptrs.scales);
         // SAFETY: argument types match the kernel; the state holds N scales.
         unsafe { b.launch(self.launch_config(k, (sh.n as u64).div_ceil(THREADS as u64))) }?;
+        if let Some(Call { shard: Some((_, finished)), .. }) = state.call.as_mut() {
+            *finished = true;
+        }
         Ok(())
     }
 
@@ -1014,15 +1036,19 @@ impl DeviceState {
 
     /// The plan of the last forward call; `None` before any call or after an
     /// identity call. After a call that drew from a [`DeviceGenerator`] its key
-    /// fields are placeholders: the generator held the key.
+    /// fields are placeholders: the generator held the key. After
+    /// [`DropBlockCuda::sample_shard`] it is the global call's plan, whose planes
+    /// are not the ones [`Self::keep_bits`] holds (the shard's own).
     pub fn plan(&self) -> Option<&Plan> {
         self.call.as_ref().and_then(|c| c.masked.as_ref()).map(|(plan, _)| plan)
     }
 
     /// The keep bits on the device: bit `i % 32` of word `i / 32` is set when bit
     /// `i` is kept. Channels-first they are dense over the mask planes,
-    /// `i = plane · L + cell` (`L` the cells of a slice); channels-last they are in
-    /// the tensor's own order, `i` the element's index. Written by kernels on [`Self::last_stream`],
+    /// `i = plane · L + cell` (`L` the cells of a slice; after a shard call, the
+    /// shard's planes, numbered as for a tensor of its own N and C, and its box's
+    /// cells); channels-last they are in the tensor's own order, `i` the element's
+    /// index. Written by kernels on [`Self::last_stream`],
     /// outside cudarc's event tracking.
     pub fn keep_bits(&self) -> &CudaSlice<u32> {
         &self.keep_bits
@@ -1090,6 +1116,9 @@ impl DeviceState {
     /// PerSample normalisation (synchronises the stream).
     pub fn scales(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
+        if call.shard.is_some_and(|(_, finished)| !finished) {
+            return Err(Error::ShardNotFinished);
+        }
         let Some((_, launch)) = call.masked else {
             return Ok(vec![1.0]);
         };
