@@ -75,7 +75,7 @@ impl Plan {
     /// The mask plane that slice `(n, c)` reads.
     #[inline]
     pub fn plane_of(&self, n: usize, c: usize) -> usize {
-        plane_of(&self.geometry, n, c)
+        plane_of(self.geometry.sharing, self.geometry.c as usize, n, c)
     }
 
     /// Seed cells per plane, `S = seed_d · seed_h · seed_w`.
@@ -162,11 +162,13 @@ impl Plan {
     }
 }
 
-/// The mask plane that slice `(n, c)` reads under `g`'s sharing.
+/// The mask plane that slice `(n, c)` reads under `sharing` (a
+/// `DROPBLOCK_SHARE_*`) in a tensor of `channels` channels: the one rule behind
+/// [`Plan::plane_of`], a shard's own planes and the CUDA path's read-back.
 #[inline]
-pub(crate) fn plane_of(g: &abi::DropBlockGeometry, n: usize, c: usize) -> usize {
-    match g.sharing {
-        abi::DROPBLOCK_SHARE_NONE => n * g.c as usize + c,
+pub(crate) fn plane_of(sharing: u32, channels: usize, n: usize, c: usize) -> usize {
+    match sharing {
+        abi::DROPBLOCK_SHARE_NONE => n * channels + c,
         abi::DROPBLOCK_SHARE_CHANNELS => n,
         abi::DROPBLOCK_SHARE_BATCH => c,
         _ => 0,

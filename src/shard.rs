@@ -181,12 +181,7 @@ impl Shard {
     /// The local plane of local slice `(n, c)`.
     #[inline]
     pub(crate) fn local_plane(&self, sharing: u32, n: usize, c: usize) -> usize {
-        match sharing {
-            abi::DROPBLOCK_SHARE_NONE => n * self.local.c() + c,
-            abi::DROPBLOCK_SHARE_CHANNELS => n,
-            abi::DROPBLOCK_SHARE_BATCH => c,
-            _ => 0,
-        }
+        crate::sampling::plane_of(sharing, self.local.c(), n, c)
     }
 
     /// The global plane of local plane `plane`, and how many local planes from it on

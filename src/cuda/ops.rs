@@ -1087,7 +1087,7 @@ impl DeviceState {
         let l = s.plane_len();
         let count = |lo: usize, hi: usize| (lo..hi).filter(|&b| bits[b / 32] >> (b % 32) & 1 == 1).count() as u64;
         let per_plane: Vec<u64> = (0..g.planes as usize).map(|p| count(p * l, (p + 1) * l)).collect();
-        Ok((0..s.n() * s.c()).map(|i| per_plane[plane_of(&g, i / s.c(), i % s.c())]).sum())
+        Ok((0..s.n() * s.c()).map(|i| per_plane[plane_of(g.sharing, g.c as usize, i / s.c(), i % s.c())]).sum())
     }
 
     /// The keep mask as u8 in the tensor's memory order, 1 where kept
@@ -1103,7 +1103,7 @@ impl DeviceState {
         let l = s.plane_len();
         let mut out = vec![0u8; s.numel()];
         for (i, slice) in out.chunks_mut(l).enumerate() {
-            let base = plane_of(&g, i / s.c(), i % s.c()) * l;
+            let base = plane_of(g.sharing, g.c as usize, i / s.c(), i % s.c()) * l;
             for (cell, v) in slice.iter_mut().enumerate() {
                 let b = base + cell;
                 *v = (bits[b / 32] >> (b % 32) & 1) as u8;
