@@ -171,8 +171,8 @@ pub enum Error {
     #[error("a window holds 1 to 64 cells, not {0}")]
     InvalidWindowLength(u32),
 
-    /// A host allocation (masks, per-sample counts or scales) failed.
-    #[error("could not allocate {bytes} bytes of host memory for the masks")]
+    /// A host allocation (tensors, masks, per-sample counts or scales) failed.
+    #[error("could not allocate {} of host memory", host_bytes(*bytes))]
     HostAllocation {
         /// The size asked for, in bytes (`u64::MAX` when the size itself overflows).
         bytes: u64,
@@ -221,6 +221,15 @@ impl From<cudarc::driver::DriverError> for Error {
         // Formatting a DriverError calls into libcuda, which is loaded whenever a
         // DriverError exists.
         Error::Driver(e.to_string())
+    }
+}
+
+/// `n bytes`, or what it means when the size itself overflowed.
+fn host_bytes(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        "more than 2^64 bytes (the size overflows)".to_string()
+    } else {
+        format!("{bytes} bytes")
     }
 }
 

@@ -12,6 +12,8 @@ use crate::rng::RngKey;
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
+/// Windows whose first Philox blocks the CPU draws together.
+pub(crate) const WALK_LANES: usize = 8;
 
 /// Everything one call needs, derived once from the configuration, the shape and
 /// the key.
@@ -131,16 +133,60 @@ impl Plan {
     }
 
     pub(crate) fn walk_window(&self, window: u64, len: u32) -> u64 {
+        self.walk_from(window, len, self.key().block(window, 0))
+    }
+
+    /// Walks windows in batches of [`WALK_LANES`], calling `seeds(window, tag, bits)`
+    /// for each `(window, len, tag)` of `windows` whose walk finds a seed. The
+    /// batch's first Philox blocks are drawn together (SIMD lanes), as most windows
+    /// end at their first draw.
+    #[inline(always)]
+    pub(crate) fn walk_windows<T: Copy + Default>(
+        &self,
+        windows: impl Iterator<Item = (u64, u32, T)>,
+        mut seeds: impl FnMut(u64, T, u64),
+    ) {
+        let mut batch = [(0u64, 1u32, T::default()); WALK_LANES];
+        let mut n = 0;
+        for item in windows {
+            batch[n] = item;
+            n += 1;
+            if n == WALK_LANES {
+                self.walk_batch(&batch, &mut seeds);
+                n = 0;
+            }
+        }
+        self.walk_batch(&batch[..n], &mut seeds);
+    }
+
+    /// [`Self::walk_windows`] for one batch (a method, not a closure, so that it
+    /// compiles with its caller's target features).
+    #[inline(always)]
+    fn walk_batch<T: Copy>(&self, batch: &[(u64, u32, T)], seeds: &mut impl FnMut(u64, T, u64)) {
+        let blocks = self.key().first_blocks::<WALK_LANES>(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
+        for (i, &(window, len, tag)) in batch.iter().enumerate() {
+            // No seed: the first draw is at or over the whole window's threshold.
+            if blocks[0][i] as u64 >= self.sampling.thresholds[len as usize - 1] {
+                continue;
+            }
+            let first = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
+            seeds(window, tag, self.walk_from(window, len, first));
+        }
+    }
+
+    /// The walk of window `window` of `len` cells whose first counter block
+    /// (`key.block(window, 0)`) is `first`.
+    #[inline(always)]
+    fn walk_from(&self, window: u64, len: u32, first: [u32; 4]) -> u64 {
         let t = &self.sampling.thresholds;
-        let key = self.key();
         let mut bits = 0u64;
         let mut pos = 0u32;
         let mut j = 0u32;
-        let mut block = [0u32; 4];
+        let mut block = first;
         while pos < len {
             let r = (len - pos) as usize;
-            if j.is_multiple_of(4) {
-                block = key.block(window, j / 4);
+            if j > 0 && j.is_multiple_of(4) {
+                block = self.key().block(window, j / 4);
             }
             let u = block[(j % 4) as usize] as u64;
             j += 1;
