@@ -486,3 +486,63 @@ fn demo_and_show_write_pictures() {
     let (image, again) = (shown.to_str().unwrap(), again.to_str().unwrap());
     assert_one_line_error(&["show", "--image", image, "--size", "3x3", "--png", again], "--image");
 }
+
+/// Peak resident memory of `dropblock args` in bytes, from the kernel's own account
+/// (`wait4`'s `ru_maxrss`), after checking that it succeeded.
+#[cfg(target_os = "linux")]
+fn peak_rss(args: &[&str]) -> u64 {
+    use std::process::Stdio;
+    // Reaped by wait4 below, which std's wait would pre-empt.
+    #[allow(clippy::zombie_processes)]
+    let child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run dropblock");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps our own child and fills both.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "dropblock {args:?} failed: {status}");
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// `apply` holds x, y and the keep bits (one bit per element), plus the u8 mask
+/// only when `--keep-mask` asks for it: its peak memory over a run on a tiny
+/// input (the program, its libraries and threads) is within 2 MiB of that sum. A
+/// byte mask made and not asked for, or a second copy of a tensor, breaks it.
+#[cfg(target_os = "linux")]
+#[test]
+fn apply_peak_memory_is_x_y_and_the_keep_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let dims = [4u64, 64, 128, 128];
+    let n = dims.iter().product::<u64>() as usize;
+    write_npy(Path::new(&p("tiny.npy")), "<f4", &[1, 1, 8, 8], &vec![1.5f32; 64]);
+    write_npy(Path::new(&p("x.npy")), "<f4", &dims, &vec![1.5f32; n]);
+    let run = |input: &str, mask: bool| {
+        let mut args = vec!["apply".to_string(), "--input".into(), p(input), "--output".into(), p("y.npy")];
+        args.extend(["--device", "cpu", "--block", "3"].map(String::from));
+        if mask {
+            args.extend(["--keep-mask".to_string(), p("m.npy")]);
+        }
+        peak_rss(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let base = run("tiny.npy", true);
+    let (tensor, bits, byte_mask) = (4 * n as u64, n as u64 / 8, n as u64);
+    let slack = 2 << 20;
+    let without = run("x.npy", false);
+    assert!(
+        without <= base + 2 * tensor + bits + slack,
+        "apply peaked at {without} bytes: more than x and y ({tensor} each) and the keep bits ({bits}) over {base}"
+    );
+    let with = run("x.npy", true);
+    assert!(
+        with <= base + 2 * tensor + bits + byte_mask + slack,
+        "apply --keep-mask peaked at {with} bytes: more than x, y, the bits and the mask ({byte_mask}) over {base}"
+    );
+    assert!(with >= without + byte_mask / 2, "the byte mask ({byte_mask}) is not in the peak: {with} vs {without}");
+}
