@@ -169,13 +169,9 @@ impl Shard {
     /// The shard's own mask planes: those of its slices, numbered as
     /// [`Plan::plane_of`] numbers a tensor of the local shape's `N` and `C`.
     pub(crate) fn local_planes(&self, sharing: u32) -> usize {
-        let (n, c) = (self.local.n(), self.local.c());
-        match sharing {
-            abi::DROPBLOCK_SHARE_NONE => n * c,
-            abi::DROPBLOCK_SHARE_CHANNELS => n,
-            abi::DROPBLOCK_SHARE_BATCH => c,
-            _ => 1,
-        }
+        // Planes are numbered densely from 0 in slice order (shapes have no empty
+        // axis), so the last slice's plane is the last plane.
+        self.local_plane(sharing, self.local.n() - 1, self.local.c() - 1) + 1
     }
 
     /// The local plane of local slice `(n, c)`.
