@@ -164,11 +164,17 @@ impl Plan {
     #[inline(always)]
     fn walk_batch<T: Copy>(&self, batch: &[(u64, u32, T)], seeds: &mut impl FnMut(u64, T, u64)) {
         let blocks = self.key().first_blocks::<WALK_LANES>(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
-        for (i, &(window, len, tag)) in batch.iter().enumerate() {
-            // No seed: the first draw is at or over the whole window's threshold.
-            if blocks[0][i] as u64 >= self.sampling.thresholds[len as usize - 1] {
-                continue;
-            }
+        // The windows with a seed: a first draw under the whole window's threshold.
+        // One bit a lane, so that the ~half of the windows that end at their first
+        // draw cost no branch each.
+        let mut seeded = 0u32;
+        for (i, &(_, len, _)) in batch.iter().enumerate() {
+            seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[len as usize - 1]) as u32) << i;
+        }
+        while seeded != 0 {
+            let i = seeded.trailing_zeros() as usize;
+            seeded &= seeded - 1;
+            let (window, len, tag) = batch[i];
             let first = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
             seeds(window, tag, self.walk_from(window, len, first));
         }
