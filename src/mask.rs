@@ -418,8 +418,10 @@ fn set_bits(words: &mut [u64], lo: usize, hi: usize) {
         // next, without a branch on where the run crosses (the rows fall anywhere).
         let (i, bit, run) = (lo / WORD, lo % WORD, u64::MAX >> (WORD - (hi - lo)));
         words[i] |= run << bit;
-        if let Some(next) = words.get_mut(i + 1) {
-            *next |= (run >> 1) >> (WORD - 1 - bit);
+        let spill = (run >> 1) >> (WORD - 1 - bit);
+        match words.get_mut(i + 1) {
+            Some(next) => *next |= spill,
+            None => debug_assert_eq!(spill, 0, "bits [{lo}, {hi}) run past the words"),
         }
         return;
     }
