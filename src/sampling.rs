@@ -12,7 +12,8 @@ use crate::rng::RngKey;
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
-/// Windows whose first Philox blocks the CPU draws together.
+/// Windows whose first Philox blocks the CPU draws together (one AVX2 register of
+/// 32-bit lanes).
 pub(crate) const WALK_LANES: usize = 8;
 
 /// Everything one call needs, derived once from the configuration, the shape and
@@ -163,7 +164,7 @@ impl Plan {
     /// compiles with its caller's target features).
     #[inline(always)]
     fn walk_batch<T: Copy>(&self, batch: &[(u64, u32, T)], seeds: &mut impl FnMut(u64, T, u64)) {
-        let blocks = self.key().first_blocks::<WALK_LANES>(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
+        let blocks = self.key().first_blocks(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
         // The windows with a seed: a first draw under the whole window's threshold.
         // One bit a lane, so that the ~half of the windows that end at their first
         // draw cost no branch each.
