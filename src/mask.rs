@@ -18,25 +18,25 @@ const WORD: usize = 64;
 /// enough to stay in a core's L2 while its blocks are ORed in.
 const TILE_BITS: usize = 1 << 20;
 
-/// `fn $name(args) { body }` defines `$name`, which runs its body compiled for
-/// AVX2 when the CPU has it, and as built otherwise: the crate builds for the
-/// x86-64 baseline, where the CPU passes' bit and Philox lanes vectorise two or
-/// four to an instruction instead of four or eight.
-macro_rules! with_avx2 {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+/// `with_feature! { "f", fn $name(args) { body } }` defines `$name`, which runs its
+/// body compiled with target feature `f` when the CPU has it, and as built
+/// otherwise: the crate builds for the x86-64 baseline, which has neither `popcnt`
+/// nor AVX2 (the CPU passes' bit lanes vectorise two to an instruction, not four).
+macro_rules! with_feature {
+    ($feature:tt, $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) {
+                #[target_feature(enable = $feature)]
+                fn with($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU was just found to have AVX2.
-                    return unsafe { avx2($($arg),*) };
+                if std::is_x86_feature_detected!($feature) {
+                    // SAFETY: the CPU was just found to have the feature.
+                    return unsafe { with($($arg),*) };
                 }
             }
             body($($arg),*)
@@ -132,7 +132,8 @@ impl BlockMasks {
     }
 }
 
-with_avx2! {
+with_feature! {
+    "avx2",
     /// Writes the channels-last bits of `samples` into `out`, whose bit 0 is the
     /// first sample's first bit. (With AVX2 the transposes' block swaps take four
     /// rows to an instruction.)
@@ -233,7 +234,8 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-with_avx2! {
+with_feature! {
+    "avx2",
     /// Builds local planes `planes` into `out` (zeroed), whose bit 0 is bit
     /// `planes.start · L` of the masks: walks the windows that hold the planes'
     /// seeds in `seed_box` and grows those seeds, clipped to the shard. (With AVX2
@@ -248,7 +250,7 @@ with_avx2! {
     ) {
         let g = plan.geometry();
         let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
-        let cells = Cells::new(g);
+        let grid = SeedGrid::new(g);
         let mut local = planes.start;
         while local < planes.end {
             // A run of local planes whose global planes are consecutive, so each window
@@ -259,8 +261,8 @@ with_avx2! {
             if s <= WORD as u64 {
                 let (first, last) = (plane0 / q, (plane0 + run - 1) / q);
                 let (full, call_last) = ((q * s) as u32, g.windows - 1);
-                let lens = (first..=last).map(|w| (w, if w == call_last { window_len(g, w) } else { full }, ()));
-                plan.walk_windows(lens, |window, (), mut seeds| {
+                let windows = (first..=last).map(|w| (w, if w == call_last { window_len(g, w) } else { full }, ()));
+                plan.walk_windows(windows, |window, (), mut seeds| {
                     // Cell j of the window is cell j mod S of its plane j / S.
                     let mut plane = window * q;
                     let mut cell0 = 0;
@@ -271,7 +273,7 @@ with_avx2! {
                         }
                         seeds &= seeds - 1;
                         if (plane0..plane0 + run).contains(&plane) {
-                            grow_seed(g, &cells, seed_box, base(plane), j, out);
+                            grow_seed(g, &grid, seed_box, base(plane), j, out);
                         }
                     }
                 });
@@ -289,7 +291,7 @@ with_avx2! {
                     while seeds != 0 {
                         let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
                         seeds &= seeds - 1;
-                        grow_seed(g, &cells, seed_box, base(plane), cell, out);
+                        grow_seed(g, &grid, seed_box, base(plane), cell, out);
                     }
                 });
             }
@@ -300,12 +302,12 @@ with_avx2! {
 
 /// A seed cell's (z, y, x), by multiplications instead of 64-bit divisions (two a
 /// seed, the most frequent divisions of the CPU sampler).
-struct Cells {
+struct SeedGrid {
     hw: Divisor,
     w: Divisor,
 }
 
-impl Cells {
+impl SeedGrid {
     fn new(g: &abi::DropBlockGeometry) -> Self {
         Self { hw: Divisor::new(g.seed_h as u64 * g.seed_w as u64), w: Divisor::new(g.seed_w as u64) }
     }
@@ -361,8 +363,8 @@ fn reach(i: u64, anchor: u32, k: u32, origin: u32, extent: u32) -> (usize, usize
 /// block's width per (depth, row) it covers. Seeds outside the box reach no cell of
 /// it and are skipped.
 #[inline(always)]
-fn grow_seed(g: &abi::DropBlockGeometry, cells: &Cells, seed_box: &SeedBox, base: usize, cell: u64, out: &mut [u64]) {
-    let [z, y, x] = cells.position(cell);
+fn grow_seed(g: &abi::DropBlockGeometry, grid: &SeedGrid, seed_box: &SeedBox, base: usize, cell: u64, out: &mut [u64]) {
+    let [z, y, x] = grid.position(cell);
     if !seed_box.holds([z as u32, y as u32, x as u32]) {
         return;
     }
@@ -396,14 +398,14 @@ pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
     }
     out.fill(0);
     let whole = SeedBox::whole(g);
-    let positions = Cells::new(g);
+    let grid = SeedGrid::new(g);
     for (k, &word) in seeds.iter().enumerate() {
         let mut bits = word;
         while bits != 0 {
             let cell = (k * WORD) as u64 + bits.trailing_zeros() as u64;
             bits &= bits - 1;
             if cell < g.seed_cells {
-                grow_seed(g, &positions, &whole, 0, cell, out);
+                grow_seed(g, &grid, &whole, 0, cell, out);
             }
         }
     }
@@ -448,20 +450,13 @@ fn count_range(words: &[u64], lo: usize, hi: usize) -> u64 {
     head.count_ones() as u64 + popcount(&words[first + 1..last]) + (words[last] & tail).count_ones() as u64
 }
 
-/// The set bits of `words`. The counts run over every mask bit of a call, and the
-/// crate builds for the x86-64 baseline, which has no `popcnt` instruction (its
-/// software popcount cost ~10% of a forward's sampling), so the CPU is asked once.
-fn popcount(words: &[u64]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("popcnt") {
-        #[target_feature(enable = "popcnt")]
-        fn with_popcnt(words: &[u64]) -> u64 {
-            words.iter().map(|w| w.count_ones() as u64).sum()
-        }
-        // SAFETY: the CPU was just found to have popcnt.
-        return unsafe { with_popcnt(words) };
+with_feature! {
+    "popcnt",
+    /// The set bits of `words`. The counts run over every mask bit of a call, and
+    /// the baseline's software popcount cost ~10% of a forward's sampling.
+    fn popcount(words: &[u64]) -> u64 {
+        words.iter().map(|w| w.count_ones() as u64).sum()
     }
-    words.iter().map(|w| w.count_ones() as u64).sum()
 }
 
 #[cfg(test)]

@@ -37,19 +37,22 @@ pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
     round(ctr, key)
 }
 
-/// `N` Philox4x32-10 blocks at once: lane `i` of the result is
+/// Philox blocks the CPU sampler draws together: one AVX2 register of 32-bit lanes.
+pub(crate) const LANES: usize = 8;
+
+/// [`LANES`] Philox4x32-10 blocks at once: lane `i` of the result is
 /// `philox4x32_10([x[i], y[i], z[i], w[i]], key)` for counters `[x, y, z, w]`. The
-/// same arithmetic as [`philox4x32_10`], laid out lane by lane so that it compiles to
-/// SIMD multiplies (four 32 x 32 -> 64-bit products an instruction with AVX2).
+/// same arithmetic as [`philox4x32_10`], laid out lane by lane (the form for CPUs
+/// without AVX2; it vectorises two products an instruction).
 #[inline(always)]
-pub(crate) fn philox4x32_10_lanes<const N: usize>(mut ctr: [[u32; N]; 4], mut key: [u32; 2]) -> [[u32; N]; 4] {
+fn philox4x32_10_lanes(mut ctr: [[u32; LANES]; 4], mut key: [u32; 2]) -> [[u32; LANES]; 4] {
     #[allow(clippy::needless_range_loop)] // the lanes of four arrays at once
     for round in 0..10 {
         if round > 0 {
             key[0] = key[0].wrapping_add(PHILOX_W32_0);
             key[1] = key[1].wrapping_add(PHILOX_W32_1);
         }
-        for i in 0..N {
+        for i in 0..LANES {
             let (hi0, lo0) = mul_hi_lo(PHILOX_M4X32_0, ctr[0][i]);
             let (hi1, lo1) = mul_hi_lo(PHILOX_M4X32_1, ctr[2][i]);
             let (y, w) = (ctr[1][i], ctr[3][i]);
@@ -62,13 +65,13 @@ pub(crate) fn philox4x32_10_lanes<const N: usize>(mut ctr: [[u32; N]; 4], mut ke
     ctr
 }
 
-/// [`philox4x32_10_lanes`] for 8 lanes in AVX2 registers. AVX2 multiplies 32-bit
+/// [`philox4x32_10_lanes`] in AVX2 registers. AVX2 multiplies 32-bit
 /// lanes to 64-bit products only in even lanes, so each Philox product is the low
 /// halves (`vpmulld`) plus the high halves of the even lanes' and the odd lanes'
 /// (shifted down) products, blended.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn philox4x32_10_avx2(ctr: [[u32; 8]; 4], mut key: [u32; 2]) -> [[u32; 8]; 4] {
+fn philox4x32_10_avx2(ctr: [[u32; LANES]; 4], mut key: [u32; 2]) -> [[u32; LANES]; 4] {
     use std::arch::x86_64::*;
     #[inline(always)]
     fn mul_hi_lo_8(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
@@ -80,8 +83,8 @@ fn philox4x32_10_avx2(ctr: [[u32; 8]; 4], mut key: [u32; 2]) -> [[u32; 8]; 4] {
             (hi, _mm256_mullo_epi32(a, m))
         }
     }
-    let load = |v: &[u32; 8]| {
-        // SAFETY: 8 u32 are 32 bytes, read unaligned.
+    let load = |v: &[u32; LANES]| {
+        // SAFETY: LANES (8) u32 are 32 bytes, read unaligned.
         unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) }
     };
     let (mut x, mut y, mut z, mut w) = (load(&ctr[0]), load(&ctr[1]), load(&ctr[2]), load(&ctr[3]));
@@ -98,9 +101,9 @@ fn philox4x32_10_avx2(ctr: [[u32; 8]; 4], mut key: [u32; 2]) -> [[u32; 8]; 4] {
         (x, y, z, w) =
             (_mm256_xor_si256(_mm256_xor_si256(hi1, y), k0), lo1, _mm256_xor_si256(_mm256_xor_si256(hi0, w), k1), lo0);
     }
-    let mut out = [[0u32; 8]; 4];
+    let mut out = [[0u32; LANES]; 4];
     for (o, v) in out.iter_mut().zip([x, y, z, w]) {
-        // SAFETY: 32 bytes written into an 8-u32 array, unaligned.
+        // SAFETY: 32 bytes written into a LANES-u32 array, unaligned.
         unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, v) };
     }
     out
@@ -169,13 +172,18 @@ impl RngKey {
         self.block(window, j / 4)[(j % 4) as usize]
     }
 
-    /// Counter block `offset` (each window's first) of 8 windows at once: lane `i`
-    /// of word `k` is word `k` of `self.block(windows[i], 0)`. With AVX2, one
-    /// 8-lane register a word ([`philox4x32_10_avx2`]); else the lane-wise form.
+    /// Counter block `offset` (each window's first) of [`LANES`] windows at once:
+    /// lane `i` of word `k` is word `k` of `self.block(windows[i], 0)`. With AVX2,
+    /// one register a word ([`philox4x32_10_avx2`]); else the lane-wise form.
     #[inline(always)]
-    pub(crate) fn first_blocks(&self, windows: [u64; 8]) -> [[u32; 8]; 4] {
+    pub(crate) fn first_blocks(&self, windows: [u64; LANES]) -> [[u32; LANES]; 4] {
         let c = self.offset;
-        let ctr = [[c as u32; 8], [(c >> 32) as u32; 8], windows.map(|w| w as u32), windows.map(|w| (w >> 32) as u32)];
+        let ctr = [
+            [c as u32; LANES],
+            [(c >> 32) as u32; LANES],
+            windows.map(|w| w as u32),
+            windows.map(|w| (w >> 32) as u32),
+        ];
         let key = [self.seed as u32, (self.seed >> 32) as u32];
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
@@ -236,7 +244,7 @@ impl Generator {
 
 #[cfg(test)]
 mod tests {
-    use super::{philox4x32_10, philox4x32_10_lanes, RngKey};
+    use super::{philox4x32_10, philox4x32_10_lanes, RngKey, LANES};
 
     /// The lane-wise blocks the CPU sampler draws eight at a time are the scalar
     /// blocks, whatever the window (both halves of its 64 bits) and key.
@@ -247,8 +255,8 @@ mod tests {
             let key = RngKey::new(seed, offset).unwrap();
             let lanes = key.first_blocks(windows);
             let ctr = [
-                [offset as u32; 8],
-                [(offset >> 32) as u32; 8],
+                [offset as u32; LANES],
+                [(offset >> 32) as u32; LANES],
                 windows.map(|w| w as u32),
                 windows.map(|w| (w >> 32) as u32),
             ];

@@ -8,13 +8,10 @@
 use crate::abi;
 use crate::config::{Anchor, DropBlockConfig, GammaRule, Placement, Shape, Sharing};
 use crate::error::{Error, Result};
-use crate::rng::RngKey;
+use crate::rng::{RngKey, LANES};
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
-/// Windows whose first Philox blocks the CPU draws together (one AVX2 register of
-/// 32-bit lanes).
-pub(crate) const WALK_LANES: usize = 8;
 
 /// Everything one call needs, derived once from the configuration, the shape and
 /// the key.
@@ -137,7 +134,7 @@ impl Plan {
         self.walk_from(window, len, self.key().block(window, 0))
     }
 
-    /// Walks windows in batches of [`WALK_LANES`], calling `seeds(window, tag, bits)`
+    /// Walks windows in batches of [`LANES`], calling `seeds(window, tag, bits)`
     /// for each `(window, len, tag)` of `windows` whose walk finds a seed. The
     /// batch's first Philox blocks are drawn together (SIMD lanes), as most windows
     /// end at their first draw.
@@ -147,12 +144,12 @@ impl Plan {
         windows: impl Iterator<Item = (u64, u32, T)>,
         mut seeds: impl FnMut(u64, T, u64),
     ) {
-        let mut batch = [(0u64, 1u32, T::default()); WALK_LANES];
+        let mut batch = [(0u64, 1u32, T::default()); LANES];
         let mut n = 0;
         for item in windows {
             batch[n] = item;
             n += 1;
-            if n == WALK_LANES {
+            if n == LANES {
                 self.walk_batch(&batch, &mut seeds);
                 n = 0;
             }
