@@ -108,6 +108,10 @@ typedef struct DropBlockApply {
  * a word, so it holds at most 32 * DROPBLOCK_TILE_WORDS - 31 cells. */
 #define DROPBLOCK_TILE_WORDS 2048
 
+/* Channels a warp of dropblock_channels_last_bits transposes per item (with 32
+ * cells): the host sizes that kernel's grid by it. Launch parameter only. */
+#define DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS 128
+
 typedef struct DropBlockTiles {
     uint64_t planes_per_tile;
     uint64_t tiles;

@@ -166,13 +166,14 @@ mod emulation {
             _ => &[1, 2, 3, 4, 5, 7, 9, 13],
         };
         // Channels-last a third of the time, with a channel count that is a multiple
-        // of 32 or not (whole words or ORed runs).
+        // of 128 (vector stores), of 32 (whole words), or neither (ORed runs), and
+        // one or more 128-channel items.
         let channels_last = rng.random_bool(0.35);
         let shape = loop {
             let s = common::random_shape_of_rank(rng, rank, 3, 4, sides);
             let s = if channels_last {
                 let mut dims = s.dims().to_vec();
-                dims[1] = [1, 3, 17, 32, 64, 70][rng.random_range(0..6)];
+                dims[1] = [1, 3, 17, 32, 64, 70, 128, 160, 256, 300][rng.random_range(0..10)];
                 Shape::from_dims(&dims).unwrap().with_layout(Layout::ChannelsLast)
             } else {
                 s

@@ -753,8 +753,12 @@ impl DropBlockCuda {
         let k = self.kernel("channels_last_bits", "")?;
         let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(a).arg(&p.plane_bits).arg(&p.keep_bits);
+        // A warp per item of 32 cells x DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS channels.
+        let items = g.n as u64
+            * a.plane_len.div_ceil(32)
+            * (g.c as u64).div_ceil(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64);
         // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
-        unsafe { b.launch(self.launch_config(k, (words * 32).div_ceil(1024 * 8))) }?;
+        unsafe { b.launch(self.launch_config(k, items.div_ceil(THREADS as u64 / 32))) }?;
         Ok(())
     }
 
