@@ -10,7 +10,8 @@
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
 #   run.sh bench     the benchmarks alone
-#   run.sh layouts   channels-last against channels-first, 1D/3D against 2D (part of bench)
+#   run.sh layouts   channels-last against channels-first, with ncu (part of bench)
+#   run.sh ranks     1D/3D against 2D (part of bench)
 #   (parts combine: `run.sh check layouts`)
 set -uo pipefail
 shopt -s nullglob
@@ -41,6 +42,7 @@ main() {
       check) checks ;;
       bench) benchmarks ;;
       layouts) layouts ;;
+      ranks) ranks ;;
       *) fail "unknown part: $mode" ;;
     esac
   done
@@ -222,6 +224,7 @@ benchmarks() {
   fi
 
   layouts
+  ranks
 
   section "benchmarks: dropblock bench and the peers"
   if python3 -c "import torch, torchvision, timm" 2>/dev/null; then
@@ -234,7 +237,7 @@ benchmarks() {
 }
 
 layouts() {
-  section "layouts and ranks: channels-last against channels-first, 1D/3D against 2D"
+  section "layouts: channels-last against channels-first"
   # Issues 21 and 22's targets: each within 10% of its channels-first / 2D pair.
   local until=$((SECONDS + 90))
   echo "| shape | k | dtype | pass | first ms | last ms | last/first |"
@@ -253,23 +256,6 @@ layouts() {
       done
     done
   done
-  echo
-  echo "| shape | k | dtype | pass | ms | GB/s |"
-  echo "|---|---|---|---|---|---|"
-  for args in "8,256,112,112 9" "8,256,16,28,28 5" "64,512,64,64 4" "64,512,4096 15"; do
-    read -r shape k <<<"$args"
-    for dtype in f32 bf16; do
-      for pass in forward backward; do
-        if ((SECONDS > until + 40)); then fail "ranks: out of time at $shape $dtype $pass"; break 3; fi
-        flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
-        [[ $pass == backward ]] && flags+=(--backward)
-        line=$(timeout 10 ./dropblock "${flags[@]}" | grep '^median_ms=')
-        [[ -n $line ]] || fail "ranks $shape $dtype $pass"
-        echo "| $shape | $k | $dtype | $pass | $(sed -n 's/^median_ms=\([0-9.]*\).*/\1/p' <<<"$line") | $(sed -n 's/.*gbps=\([0-9.]*\).*/\1/p' <<<"$line") |"
-      done
-    done
-  done
-
 
   section "per-kernel times (ncu) of channels-last forwards: count, transpose, apply"
   have ncu "the channels-last per-kernel times" &&
@@ -283,6 +269,26 @@ layouts() {
       > "$OUT/ncu.tmp" 2>&1 || fail "ncu channels-last $shape $dtype"
     grep -E '"dropblock' "$OUT/ncu.tmp" | awk -F'","' '{print $5, $NF}'
     { echo "=== channels-last $shape k=$k $dtype"; cat "$OUT/ncu.tmp"; } >> "$OUT/ncu-channels-last.csv" && rm "$OUT/ncu.tmp"
+  done
+}
+
+ranks() {
+  section "ranks: 1D/3D beside 2D of the same element count and seed density"
+  local until=$((SECONDS + 40))
+  echo "| shape | k | dtype | pass | ms | GB/s |"
+  echo "|---|---|---|---|---|---|"
+  for args in "8,256,112,112 9" "8,256,16,28,28 5" "64,512,64,64 4" "64,512,4096 15"; do
+    read -r shape k <<<"$args"
+    for dtype in f32 bf16; do
+      for pass in forward backward; do
+        if ((SECONDS > until)); then fail "ranks: out of time at $shape $dtype $pass"; break 3; fi
+        flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
+        [[ $pass == backward ]] && flags+=(--backward)
+        line=$(timeout 10 ./dropblock "${flags[@]}" | grep '^median_ms=')
+        [[ -n $line ]] || fail "ranks $shape $dtype $pass"
+        echo "| $shape | $k | $dtype | $pass | $(sed -n 's/^median_ms=\([0-9.]*\).*/\1/p' <<<"$line") | $(sed -n 's/.*gbps=\([0-9.]*\).*/\1/p' <<<"$line") |"
+      done
+    done
   done
 }
 
