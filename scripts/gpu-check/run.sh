@@ -27,6 +27,12 @@ fail() { failures+=("$1"); echo "FAILED: $1"; }
 # DROPBLOCK_REQUIRE_TOOLS=1 (the self-hosted workflow) makes it a failure.
 skip() { not_run+=("$1"); echo "NOT RUN: $1"; }
 have() { command -v "$1" >/dev/null || { skip "$2 ($1 is not on PATH)"; return 1; }; }
+# `median_ms BINARY ARGS...`: the median of a `dropblock bench` run, empty if it failed.
+median_ms() { timeout 10 "$@" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p'; }
+# `ratio A B`: A / B to two places.
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')" 2>/dev/null; }
+# The bench flags of one row: shape, block, dtype, pass.
+bench_flags() { flags=(bench --device cuda --shape "$1" --block "$2" --dtype "$3" --iters 15); [[ $4 == backward ]] && flags+=(--backward); }
 
 main() {
   local modes=("${@:-all}") mode
@@ -211,13 +217,12 @@ benchmarks() {
       for dtype in f32 bf16; do
         for pass in forward backward; do
           if ((SECONDS > deadline)); then fail "baseline comparison: out of time at $shape $dtype $pass"; break 3; fi
-          flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
-          [[ $pass == backward ]] && flags+=(--backward)
+          bench_flags "$shape" "$k" "$dtype" "$pass"
           # Alternating, so a drift of the clock or temperature hits both alike.
-          base=$(timeout 10 baseline/dropblock "${flags[@]}" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
-          this=$(timeout 10 ./dropblock "${flags[@]}" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
+          base=$(median_ms baseline/dropblock "${flags[@]}")
+          this=$(median_ms ./dropblock "${flags[@]}")
           [[ -n $base && -n $this ]] || fail "baseline comparison $shape $dtype $pass"
-          echo "| $shape | $k | $dtype | $pass | $base | $this | $(python3 -c "print(f'{$base / $this:.2f}')" 2>/dev/null) |"
+          echo "| $shape | $k | $dtype | $pass | $base | $this | $(ratio "$base" "$this") |"
         done
       done
     done
@@ -247,12 +252,11 @@ layouts() {
     for dtype in f32 bf16; do
       for pass in forward backward; do
         if ((SECONDS > until)); then fail "layouts: out of time at $shape $dtype $pass"; break 3; fi
-        flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
-        [[ $pass == backward ]] && flags+=(--backward)
-        first=$(timeout 10 ./dropblock "${flags[@]}" --layout channels-first | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
-        last=$(timeout 10 ./dropblock "${flags[@]}" --layout channels-last | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p')
+        bench_flags "$shape" "$k" "$dtype" "$pass"
+        first=$(median_ms ./dropblock "${flags[@]}" --layout channels-first)
+        last=$(median_ms ./dropblock "${flags[@]}" --layout channels-last)
         [[ -n $first && -n $last ]] || fail "layouts $shape $dtype $pass"
-        echo "| $shape | $k | $dtype | $pass | $first | $last | $(python3 -c "print(f'{$last / $first:.2f}')" 2>/dev/null) |"
+        echo "| $shape | $k | $dtype | $pass | $first | $last | $(ratio "$last" "$first") |"
       done
     done
   done
@@ -282,8 +286,7 @@ ranks() {
     for dtype in f32 bf16; do
       for pass in forward backward; do
         if ((SECONDS > until)); then fail "ranks: out of time at $shape $dtype $pass"; break 3; fi
-        flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
-        [[ $pass == backward ]] && flags+=(--backward)
+        bench_flags "$shape" "$k" "$dtype" "$pass"
         line=$(timeout 10 ./dropblock "${flags[@]}" | grep '^median_ms=')
         [[ -n $line ]] || fail "ranks $shape $dtype $pass"
         echo "| $shape | $k | $dtype | $pass | $(sed -n 's/^median_ms=\([0-9.]*\).*/\1/p' <<<"$line") | $(sed -n 's/.*gbps=\([0-9.]*\).*/\1/p' <<<"$line") |"
