@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use half::{bf16, f16};
 
@@ -219,6 +219,32 @@ impl Io {
     fn aligned(&self) -> bool {
         (self.x | self.y).is_multiple_of(16)
     }
+
+    /// Out of place, after checking both lengths against `shape`. The guards record
+    /// the buffers' use on `stream` when dropped: hold them past the launches.
+    fn between<'a, T>(
+        stream: &'a CudaStream,
+        shape: Shape,
+        x: &'a impl DevicePtr<T>,
+        y: &'a mut impl DevicePtrMut<T>,
+    ) -> Result<(Self, [SyncOnDrop<'a>; 2])> {
+        shape.check_len("x", x.len())?;
+        shape.check_len("y", y.len())?;
+        let (xp, gx) = x.device_ptr(stream);
+        let (yp, gy) = y.device_ptr_mut(stream);
+        Ok((Io { x: xp, y: yp }, [gx, gy]))
+    }
+
+    /// In place (`y` is `x`), after checking the length against `shape`.
+    fn in_place<'a, T>(
+        stream: &'a CudaStream,
+        shape: Shape,
+        x: &'a mut impl DevicePtrMut<T>,
+    ) -> Result<(Self, SyncOnDrop<'a>)> {
+        shape.check_len("x", x.len())?;
+        let (p, g) = x.device_ptr_mut(stream);
+        Ok((Io { x: p, y: p }, g))
+    }
 }
 
 impl DropBlockCuda {
@@ -361,11 +387,8 @@ impl DropBlockCuda {
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        shape.check_len("x", x.len())?;
-        shape.check_len("y", y.len())?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(Io { x: xp, y: yp }))
+        let (io, _guards) = Io::between(stream, shape, x, y)?;
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(io))
     }
 
     /// Forward in place: `x` is overwritten with `y`.
@@ -380,9 +403,8 @@ impl DropBlockCuda {
         mode: Mode,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        shape.check_len("x", x.len())?;
-        let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(Io { x: p, y: p }))
+        let (io, _guard) = Io::in_place(stream, shape, x)?;
+        self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(io))
     }
 
     /// The first half of a forward on its own: fills the state's keep bits and
@@ -456,11 +478,8 @@ impl DropBlockCuda {
         y: &mut impl DevicePtrMut<T>,
         pass: Pass,
     ) -> Result<()> {
-        state.shape.check_len("x", x.len())?;
-        state.shape.check_len("y", y.len())?;
-        let (xp, _g1) = x.device_ptr(stream);
-        let (yp, _g2) = y.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: xp, y: yp }, pass)
+        let (io, _guards) = Io::between(stream, state.shape, x, y)?;
+        self.launch_saved::<T>(stream, state, io, pass)
     }
 
     fn saved_inplace<T: CudaElement>(
@@ -470,9 +489,8 @@ impl DropBlockCuda {
         x: &mut impl DevicePtrMut<T>,
         pass: Pass,
     ) -> Result<()> {
-        state.shape.check_len("x", x.len())?;
-        let (p, _g) = x.device_ptr_mut(stream);
-        self.launch_saved::<T>(stream, state, Io { x: p, y: p }, pass)
+        let (io, _guard) = Io::in_place(stream, state.shape, x)?;
+        self.launch_saved::<T>(stream, state, io, pass)
     }
 
     /// The first half of a sharded forward on the device: samples into `state`

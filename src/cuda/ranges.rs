@@ -50,11 +50,12 @@ mod tests {
     #[test]
     fn the_message_is_built_only_with_the_feature() {
         let built = Cell::new(0);
-        let r = range("dropblock::forward", || {
-            built.set(built.get() + 1);
-            "bf16 1x2x3x4".into()
-        });
-        drop(r);
+        {
+            let _range = range("dropblock::forward", || {
+                built.set(built.get() + 1);
+                "bf16 1x2x3x4".into()
+            });
+        }
         assert_eq!(built.get(), usize::from(cfg!(feature = "nvtx")));
     }
 
