@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, on the GPU machine, from the bundle that bundle.sh made. Writes
 # its logs (check.log, sanitizer.log, ncu.csv, ncu-channels-last.csv, peers.md,
-# nvtx.csv, clocks.csv: the device tool returns at most 8 files) under $OUT, or
+# nvtx.csv or nvtx.txt, clocks.csv: the device tool returns at most 8 files) under $OUT, or
 # gpu-bundle/logs; clocks.csv holds the SM and memory clocks while the benchmarks
 # run. On an H200 (2026-11-30) `check` took 137-165 s and `bench` 172 s with a
 # baseline, 15 s of it torch.compile compiling; the timeouts below bound each step
@@ -109,8 +109,19 @@ checks() {
     timeout 60 "$e" || fail "$e"
   done
 
-  section "NVTX ranges in one nsys capture (the examples built with --features nvtx)"
-  if have nsys "the NVTX ranges' nsys capture"; then
+  section "NVTX ranges (the examples built with --features nvtx)"
+  if ! command -v nsys >/dev/null && command -v ncu >/dev/null; then
+    # No nsys on the lent machines (2026-11-30): ncu records the NVTX stack of each
+    # kernel it profiles (--nvtx), and prints it with the kernel's section.
+    echo "nsys is not on PATH: the ranges as ncu sees them"
+    timeout 120 bash -c 'for e in training_step side_stream_sampling; do
+        ncu --nvtx --clock-control none --kernel-name regex:"^dropblock" --launch-count 12 \
+          --metrics gpu__time_duration.sum examples-nvtx/$e || exit; done' > "$OUT/nvtx.txt" 2>&1 ||
+      { tail -n 20 "$OUT/nvtx.txt"; fail "ncu --nvtx"; }
+    for r in forward backward sample apply; do
+      if grep -q "dropblock::$r " "$OUT/nvtx.txt"; then echo "range dropblock::$r: present"; else fail "range dropblock::$r missing (ncu --nvtx; see nvtx.txt)"; fi
+    done
+  elif have nsys "the NVTX ranges' nsys capture"; then
     local cap
     cap=$(mktemp -d)
     timeout 120 nsys profile --trace cuda,nvtx --force-overwrite true --output "$cap/ranges" \
