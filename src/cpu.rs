@@ -30,9 +30,12 @@ enum State {
     Identity,
     Masked {
         plan: Box<Plan>,
+        /// The planes' dropped bits, in either layout: a channels-last pass
+        /// transposes them a region at a time (`Saved::region_bits`)...
         masks: BlockMasks,
-        /// For a channels-last shape, the masks in the tensor's own order (bit `e`
-        /// for element `e`), which the element-wise passes read as flat bits.
+        /// ...unless C < 64 (`EACH_REGION_CHANNELS`): then they are transposed once,
+        /// here, into the tensor's own order (bit `e` for element `e`), which the
+        /// passes read as flat bits.
         channels_last: Option<BlockMasks>,
         kept: u64,
         per_sample: bool,
@@ -112,13 +115,23 @@ impl Saved {
     /// element was kept.
     pub fn keep_mask(&self) -> Vec<u8> {
         let mut out = vec![1u8; self.shape.numel()];
-        if !self.is_identity() {
+        let keep = |dst: &mut [u8], dropped: u64| {
+            dst.iter_mut().enumerate().for_each(|(i, v)| *v = (dropped >> i & 1 == 0) as u8);
+        };
+        if self.is_identity() {
+            return out;
+        }
+        if self.by_region() {
+            self.for_each_region(&mut out, None::<&[u8]>, |n, cell0, dst, _| {
+                let bits = self.region_bits(n, cell0, dst.len());
+                dst.chunks_mut(64).zip(bits).for_each(|(d, dropped)| keep(d, dropped));
+            });
+        } else {
             let masks = self.element_bits();
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, dst)| {
                 self.for_each_run(k * CHUNK, dst.len(), |j0, bit, n, _| {
                     for (w, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
-                        let dropped = masks.bits_from(bit + 64 * w);
-                        d.iter_mut().enumerate().for_each(|(i, v)| *v = (dropped >> i & 1 == 0) as u8);
+                        keep(d, masks.bits_from(bit + 64 * w));
                     }
                 });
             });
@@ -136,58 +149,138 @@ impl Saved {
         self.shard.local_plane(plan.geometry().sharing, n, c)
     }
 
-    /// `dst = src · factor` (or `dst = dst · factor` without `src`) for the
-    /// elements from `e0` on, 64 at a time with one mask word each; in a forward
-    /// with noise fill, dropped elements take their unit's noise instead.
+    /// The mask unit (global plane · global L + global cell) of local element `e`.
+    fn unit(&self, plan: &Plan, e: usize) -> usize {
+        let (c, l) = (self.shape.c(), self.shape.plane_len());
+        let (n, rest) = (e / (l * c), e % (l * c));
+        let (ch, cell) = match self.shape.layout() {
+            Layout::ChannelsFirst => (rest / l, rest % l),
+            Layout::ChannelsLast => (rest % c, rest / c),
+        };
+        self.shard.global_plane(plan, n, ch) * self.shard.global().plane_len() + self.shard.global_cell(cell)
+    }
+
+    /// `dst = src · factor` (or `dst = dst · factor` without `src`) for up to 64
+    /// elements from `first` on, whose mask word is `dropped`; in a forward with
+    /// noise fill, dropped elements take their unit's noise instead (`bit`: the
+    /// first's mask bit, its unit when the call is a whole channels-first tensor).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn scale_or_fill<T: Element>(
+        &self,
+        plan: &Plan,
+        fill: bool,
+        dropped: u64,
+        scale: f32,
+        (first, bit): (usize, usize),
+        s: Option<&[T]>,
+        d: &mut [T],
+    ) {
+        if !fill {
+            return scale_group(dropped, scale, s, d);
+        }
+        let direct = self.shard.is_whole() && self.shape.layout() == Layout::ChannelsFirst;
+        fill_group(dropped, s, d, |i| {
+            let unit = if direct { bit + i } else { self.unit(plan, first + i) };
+            crate::noise::normal(plan.key(), unit as u64)
+        });
+    }
+
+    /// The element pass of a channels-first shape for the elements from `e0` on,
+    /// 64 at a time with one mask word each.
     #[inline(always)]
     fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
         let masks = self.element_bits();
-        let State::Masked { plan, noise, channels_last, .. } = &self.state else {
-            unreachable!("identity calls copy instead")
-        };
-        let fill = forward && *noise;
-        let (c, l) = (self.shape.c(), self.shape.plane_len());
-        let (global_len, direct) = (self.shard.global().plane_len(), self.shard.is_whole() && channels_last.is_none());
-        // The mask unit of element `e` whose bit is `bit`: the bit itself for a whole
-        // channels-first tensor, else the global plane and cell of the element.
-        let unit = |e: usize, bit: usize| {
-            if direct {
-                return bit;
-            }
-            let (n, rest) = (e / (l * c), e % (l * c));
-            let (ch, cell) = match channels_last {
-                None => (rest / l, rest % l),
-                Some(_) => (rest % c, rest / c),
-            };
-            self.shard.global_plane(plan, n, ch) * global_len + self.shard.global_cell(cell)
-        };
+        let State::Masked { plan, noise, .. } = &self.state else { unreachable!("identity calls copy instead") };
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
                 let s = src.map(|s| &s[j0 + 64 * k..][..d.len()]);
                 let (b, first) = (bit + 64 * k, e0 + j0 + 64 * k);
-                if fill {
-                    fill_group(masks.bits_from(b), s, d, |i| {
-                        crate::noise::normal(plan.key(), unit(first + i, b + i) as u64)
-                    });
-                } else {
-                    scale_group(masks.bits_from(b), scale, s, d);
-                }
+                self.scale_or_fill(plan, forward && *noise, masks.bits_from(b), scale, (first, b), s, d);
             }
         });
     }
 
-    /// Walks elements `e0 .. e0 + len` in runs that share a scale and whose mask
-    /// bits are consecutive, calling `f(j0, bit, run_len, scale)` for the run that
-    /// starts at element `e0 + j0`: without sharing or channels-last the whole range
-    /// at once (bit `e` is element `e`'s, of [`Saved::element_bits`]), else one
-    /// `(n, c)` slice at a time.
+    /// The element pass of a channels-last shape over cells `cell0 ..` of sample
+    /// `n` (every channel: `dst.len() / C` cells), with their bits transposed into
+    /// a buffer of the region's own.
+    fn scale_cells<T: Element>(&self, n: usize, cell0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
+        let State::Masked { plan, noise, per_sample, scales, .. } = &self.state else {
+            unreachable!("identity calls copy instead")
+        };
+        let c = self.shape.c();
+        let bits = self.region_bits(n, cell0, dst.len());
+        let scale = if *per_sample { scales[n] } else { scales[0] };
+        let e0 = (n * self.shape.plane_len() + cell0) * c;
+        for (k, (d, dropped)) in dst.chunks_mut(64).zip(bits).enumerate() {
+            let s = src.map(|s| &s[64 * k..][..d.len()]);
+            self.scale_or_fill(plan, forward && *noise, dropped, scale, (e0 + 64 * k, 0), s, d);
+        }
+    }
+
+    /// The dropped bits of the `len` elements from cell `cell0` of sample `n` of a
+    /// channels-last shape (whole cells), in the tensor's order from bit 0.
+    fn region_bits(&self, n: usize, cell0: usize, len: usize) -> Vec<u64> {
+        let State::Masked { plan, masks, .. } = &self.state else { unreachable!("identity calls copy instead") };
+        let (c, sharing) = (self.shape.c(), plan.geometry().sharing);
+        let mut bits = vec![0u64; len.div_ceil(64)];
+        let plane_of = |n, ch| self.shard.local_plane(sharing, n, ch);
+        masks.channels_last_cells(&plane_of, n, cell0..cell0 + len / c, c, (&mut bits, 0));
+        bits
+    }
+
+    /// Whether the element passes transpose the planes' bits a region at a time
+    /// (channels-last, C of at least `EACH_REGION_CHANNELS`).
+    fn by_region(&self) -> bool {
+        self.shape.layout() == Layout::ChannelsLast && !self.channels_last_bits()
+    }
+
+    /// Whether the sampling transposed the bits into the tensor's order.
+    fn channels_last_bits(&self) -> bool {
+        matches!(self.state, State::Masked { channels_last: Some(_), .. })
+    }
+
+    /// The bits a channels-first or a few-channel channels-last pass reads: the
+    /// planes', or their transpose into the tensor's order.
+    fn element_bits(&self) -> &BlockMasks {
+        match &self.state {
+            State::Masked { channels_last: Some(bits), .. } => bits,
+            State::Masked { masks, .. } => masks,
+            State::Identity => unreachable!("identity calls copy instead"),
+        }
+    }
+
+    /// Runs `f(n, cell0, dst, src)` over a channels-last tensor in parallel regions
+    /// of whole cells of one sample (every channel of a run of cells is contiguous),
+    /// about CHUNK elements and a multiple of 64 cells each.
+    fn for_each_region<T: Send, U: Sync>(
+        &self,
+        dst: &mut [T],
+        src: Option<&[U]>,
+        f: impl Fn(usize, usize, &mut [T], Option<&[U]>) + Sync,
+    ) {
+        let (c, l) = (self.shape.c(), self.shape.plane_len());
+        let cells = (CHUNK / c).max(64) / 64 * 64;
+        dst.par_chunks_mut(l * c).enumerate().for_each(|(n, sample)| {
+            sample.par_chunks_mut(cells * c).enumerate().for_each(|(r, d)| {
+                let s = src.map(|s| &s[(n * l + r * cells) * c..][..d.len()]);
+                f(n, r * cells, d, s)
+            })
+        });
+    }
+
+    /// Walks elements `e0 .. e0 + len` of a channels-first shape in runs that share
+    /// a scale and whose mask bits are consecutive, calling `f(j0, bit, run_len,
+    /// scale)` for the run that starts at element `e0 + j0`: without sharing the
+    /// whole range at once (bit `e` is element `e`'s), else one `(n, c)` slice at a
+    /// time.
     #[inline(always)]
     fn for_each_run(&self, e0: usize, len: usize, mut f: impl FnMut(usize, usize, usize, f32)) {
-        let State::Masked { plan, per_sample, scales, channels_last, .. } = &self.state else {
+        let State::Masked { plan, per_sample, scales, .. } = &self.state else {
             unreachable!("identity calls copy instead")
         };
         let (c, l) = (self.shape.c(), self.shape.plane_len());
-        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || channels_last.is_some();
+        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || self.channels_last_bits();
         let mut j = 0;
         while j < len {
             let e = e0 + j;
@@ -209,6 +302,12 @@ impl Saved {
 /// Elements per parallel task of the element-wise passes: large enough to amortise
 /// the task, a multiple of 64 so that tasks start on a mask word without sharing.
 const CHUNK: usize = 1 << 15;
+
+/// Channels from which a channels-last pass transposes the planes' bits a region at
+/// a time instead of reading bits transposed once by the sampling: a 64 x 64
+/// transpose then serves 64 channels (at C = 3 it would serve 3, and backward
+/// took 2.6x channels-first's time, 2026-11-30).
+const EACH_REGION_CHANNELS: usize = 64;
 
 /// `d = s · factor` (`d = d · factor` without `s`) for up to 64 elements, the
 /// factor 0 where `dropped` has the bit and `scale` elsewhere. Every element is
@@ -266,18 +365,6 @@ fn times_zero<T: Element>(mut bits: u64, s: Option<&[T]>, d: &mut [T]) {
     }
 }
 
-impl Saved {
-    /// The bits the element-wise passes read: the planes' masks, or their
-    /// channels-last transpose.
-    fn element_bits(&self) -> &BlockMasks {
-        match &self.state {
-            State::Masked { channels_last: Some(bits), .. } => bits,
-            State::Masked { masks, .. } => masks,
-            State::Identity => unreachable!("identity calls copy instead"),
-        }
-    }
-}
-
 /// Samples the masks and computes the scale(s), without touching any tensor.
 /// Errors only when the host cannot hold the masks (one bit per mask cell).
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {
@@ -326,11 +413,11 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
     let channels_last = match shape.layout() {
-        Layout::ChannelsFirst => None,
-        Layout::ChannelsLast => {
+        Layout::ChannelsLast if c < EACH_REGION_CHANNELS => {
             let sharing = plan.geometry().sharing;
             Some(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
         }
+        _ => None,
     };
     let noise = cfg.fill() == Fill::Noise;
     let per_sample = cfg.normalize() == Normalize::PerSample;
@@ -447,11 +534,13 @@ fn pass<T: Element>(saved: &Saved, src: &[T], dst: &mut [T], forward: bool) -> R
     shape.check_len("output", dst.len())?;
     if saved.is_identity() {
         dst.copy_from_slice(src);
-        return Ok(());
+    } else if saved.by_region() {
+        saved.for_each_region(dst, Some(src), |n, cell0, d, s| saved.scale_cells(n, cell0, s, d, forward));
+    } else {
+        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
+            saved.scale_chunk(k * CHUNK, Some(s), d, forward);
+        });
     }
-    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
-        saved.scale_chunk(k * CHUNK, Some(s), d, forward);
-    });
     Ok(())
 }
 
@@ -461,6 +550,10 @@ fn pass_inplace<T: Element>(saved: &Saved, data: &mut [T], forward: bool) -> Res
     if saved.is_identity() {
         return Ok(());
     }
-    data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d, forward));
+    if saved.by_region() {
+        saved.for_each_region(data, None::<&[T]>, |n, cell0, d, _| saved.scale_cells(n, cell0, None, d, forward));
+    } else {
+        data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d, forward));
+    }
     Ok(())
 }

@@ -102,11 +102,26 @@ impl BlockMasks {
 }
 
 impl BlockMasks {
-    /// The same mask in a channels-last tensor's own order, one bit per element:
-    /// bit `((n·L + cell)·C + c)` is bit `cell` of plane `plane_of(n, c)`, for every
-    /// sharing, so the element-wise passes read it as flat bits. Built from 64 x 64
-    /// bit-matrix transposes (64 channels' runs of 64 cells in, 64 cells' runs of 64
-    /// channels out), in parallel over samples grouped to start on a word.
+    /// The dropped bits of cells `cells` of sample `n` of a channels-last tensor
+    /// with `c` channels, in the tensor's own order, ORed into `out` (zero there)
+    /// from bit `bit0` on: bit `bit0 + (cell - cells.start)·C + ch` is bit `cell` of
+    /// plane `plane_of(n, ch)`, for every sharing. `bit0` is a multiple of 64 when
+    /// `c` is.
+    pub(crate) fn channels_last_cells(
+        &self,
+        plane_of: &impl Fn(usize, usize) -> usize,
+        n: usize,
+        cells: std::ops::Range<usize>,
+        c: usize,
+        (out, bit0): (&mut [u64], usize),
+    ) {
+        transpose_cells(self, plane_of, n, cells, c, out, bit0)
+    }
+
+    /// The whole mask in a channels-last tensor's own order, one bit per element
+    /// (bit `(n·L + cell)·C + ch`), in parallel over samples grouped to start on a
+    /// word: for few channels, where a pass that transposed a region at a time
+    /// would repeat a transpose per 64 cells for a handful of elements.
     pub(crate) fn channels_last(
         &self,
         plane_of: impl Fn(usize, usize) -> usize + Sync,
@@ -125,8 +140,9 @@ impl BlockMasks {
         let by_threads = n.div_ceil(align * 4 * rayon::current_num_threads().max(1)).max(1);
         let group = align * by_size.min(by_threads);
         words.par_chunks_mut(group * sample / WORD).enumerate().for_each(|(t, out)| {
-            let first = t * group;
-            transpose_samples(self, &plane_of, first..(first + group).min(n), c, out);
+            for s in t * group..((t + 1) * group).min(n) {
+                transpose_cells(self, &plane_of, s, 0..l, c, out, (s - t * group) * sample);
+            }
         });
         Ok(Self { plane_len: sample, words })
     }
@@ -134,45 +150,44 @@ impl BlockMasks {
 
 with_feature! {
     "avx2",
-    /// Writes the channels-last bits of `samples` into `out`, whose bit 0 is the
-    /// first sample's first bit. (With AVX2 the transposes' block swaps take four
-    /// rows to an instruction.)
-    fn transpose_samples(
+    /// [`BlockMasks::channels_last_cells`], from 64 x 64 bit-matrix transposes (64
+    /// channels' runs of 64 cells in, 64 cells' runs of 64 channels out). With AVX2
+    /// the transposes' block swaps take four rows to an instruction.
+    fn transpose_cells(
         masks: &BlockMasks,
         plane_of: &impl Fn(usize, usize) -> usize,
-        samples: std::ops::Range<usize>,
+        n: usize,
+        cells: std::ops::Range<usize>,
         c: usize,
         out: &mut [u64],
+        bit0: usize,
     ) {
         let l = masks.plane_len;
-        let first = samples.start;
         // With whole words of channels, each row of a transpose is one output word.
         let aligned = c.is_multiple_of(WORD);
-        for s in samples {
-            let base = (s - first) * l * c;
-            for c0 in (0..c).step_by(WORD) {
-                let cw = (c - c0).min(WORD);
-                // Every sharing's plane is affine in the channel (a step of 1 or 0),
-                // so the rows' first bits are `l · step` apart.
-                let p0 = plane_of(s, c0);
-                let stride = if cw > 1 { (plane_of(s, c0 + 1) - p0) * l } else { 0 };
-                for cell0 in (0..l).step_by(WORD) {
-                    let mut rows = [0u64; WORD];
-                    let b0 = p0 * l + cell0;
-                    for (j, row) in rows.iter_mut().enumerate().take(cw) {
-                        *row = masks.bits_from(b0 + j * stride);
+        for c0 in (0..c).step_by(WORD) {
+            let cw = (c - c0).min(WORD);
+            // Every sharing's plane is affine in the channel (a step of 1 or 0), so
+            // the rows' first bits are `l · step` apart.
+            let p0 = plane_of(n, c0);
+            let stride = if cw > 1 { (plane_of(n, c0 + 1) - p0) * l } else { 0 };
+            for cell0 in cells.clone().step_by(WORD) {
+                let mut rows = [0u64; WORD];
+                let b0 = p0 * l + cell0;
+                for (j, row) in rows.iter_mut().enumerate().take(cw) {
+                    *row = masks.bits_from(b0 + j * stride);
+                }
+                transpose64(&mut rows);
+                // Rows past the region's last cell hold the next cells' (or plane's) bits.
+                let k = (cells.end - cell0).min(WORD);
+                let base = bit0 + (cell0 - cells.start) * c + c0;
+                if aligned {
+                    for (i, &row) in rows[..k].iter().enumerate() {
+                        out[(base + i * c) / WORD] = row;
                     }
-                    transpose64(&mut rows);
-                    let cells = (l - cell0).min(WORD);
-                    if aligned {
-                        let at = (base + cell0 * c + c0) / WORD;
-                        for (i, &row) in rows[..cells].iter().enumerate() {
-                            out[at + i * (c / WORD)] = row;
-                        }
-                    } else {
-                        for (i, &row) in rows[..cells].iter().enumerate() {
-                            or_bits(out, base + (cell0 + i) * c + c0, row & crate::sampling::low_bits(cw as u32), cw);
-                        }
+                } else {
+                    for (i, &row) in rows[..k].iter().enumerate() {
+                        or_bits(out, base + i * c, row & crate::sampling::low_bits(cw as u32), cw);
                     }
                 }
             }

@@ -19,8 +19,21 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
     };
     let mut dims = common::random_shape_of_rank(rng, rank, 3, 70, sides).dims().to_vec();
     // Whole words of channels take the transpose's aligned stores; others its ORs.
+    // From 64 channels on the passes transpose a region of cells at a time (32 Ki
+    // elements): large planes take several regions per sample, the last one short.
     if rng.random_bool(0.3) {
         dims[1] = 64 * rng.random_range(1..=2);
+        if rng.random_bool(0.5) {
+            let large: &[usize] = match rank {
+                1 => &[1500],
+                2 => &[40, 27],
+                _ => &[9, 9, 9],
+            };
+            dims.truncate(2);
+            dims.extend_from_slice(large);
+        }
+    } else if rng.random_bool(0.2) {
+        dims[1] = rng.random_range(65..=200);
     }
     let cf = Shape::from_dims(&dims).unwrap();
     let cl = cf.with_layout(Layout::ChannelsLast);
