@@ -1,7 +1,8 @@
 //! The CPU path's memory, counted by a global allocator: a call holds one bit per
 //! mask cell plus a constant, whatever the plane size ((N, C, 1, 1) included) and
-//! the layout (channels-last passes transpose the bits a cache-sized region at a
-//! time), and nothing the size of the tensor.
+//! the layout from 64 channels on (channels-last passes transpose the bits a
+//! cache-sized region at a time; the shapes here have 64 channels or more), and
+//! nothing the size of the tensor.
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
