@@ -31,7 +31,7 @@ enum State {
     Masked {
         plan: Box<Plan>,
         /// The planes' dropped bits, in either layout: a channels-last pass
-        /// transposes them a region at a time (`Saved::region_bits`)...
+        /// transposes them a region at a time (`Saved::with_region_bits`)...
         masks: BlockMasks,
         /// ...unless C < 64 (`EACH_REGION_CHANNELS`): then they are transposed once,
         /// here, into the tensor's own order (bit `e` for element `e`), which the
@@ -123,8 +123,9 @@ impl Saved {
         }
         if self.by_region() {
             self.for_each_region(&mut out, None::<&[u8]>, |n, cell0, dst, _| {
-                let bits = self.region_bits(n, cell0, dst.len());
-                dst.chunks_mut(64).zip(bits).for_each(|(d, dropped)| keep(d, dropped));
+                self.with_region_bits(n, cell0, dst.len(), |bits| {
+                    dst.chunks_mut(64).zip(bits).for_each(|(d, &dropped)| keep(d, dropped))
+                });
             });
         } else {
             let masks = self.element_bits();
@@ -186,8 +187,9 @@ impl Saved {
         });
     }
 
-    /// The element pass of a channels-first shape for the elements from `e0` on,
-    /// 64 at a time with one mask word each.
+    /// The element pass of a channels-first shape (or a channels-last one of fewer
+    /// than `EACH_REGION_CHANNELS` channels, from its transposed bits) for the
+    /// elements from `e0` on, 64 at a time with one mask word each.
     #[inline(always)]
     fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
         let masks = self.element_bits();
@@ -208,25 +210,34 @@ impl Saved {
         let State::Masked { plan, noise, per_sample, scales, .. } = &self.state else {
             unreachable!("identity calls copy instead")
         };
-        let c = self.shape.c();
-        let bits = self.region_bits(n, cell0, dst.len());
         let scale = if *per_sample { scales[n] } else { scales[0] };
-        let e0 = (n * self.shape.plane_len() + cell0) * c;
-        for (k, (d, dropped)) in dst.chunks_mut(64).zip(bits).enumerate() {
-            let s = src.map(|s| &s[64 * k..][..d.len()]);
-            self.scale_or_fill(plan, forward && *noise, dropped, scale, (e0 + 64 * k, 0), s, d);
-        }
+        let e0 = (n * self.shape.plane_len() + cell0) * self.shape.c();
+        self.with_region_bits(n, cell0, dst.len(), |bits| {
+            for (k, (d, &dropped)) in dst.chunks_mut(64).zip(bits).enumerate() {
+                let s = src.map(|s| &s[64 * k..][..d.len()]);
+                self.scale_or_fill(plan, forward && *noise, dropped, scale, (e0 + 64 * k, 0), s, d);
+            }
+        })
     }
 
-    /// The dropped bits of the `len` elements from cell `cell0` of sample `n` of a
-    /// channels-last shape (whole cells), in the tensor's order from bit 0.
-    fn region_bits(&self, n: usize, cell0: usize, len: usize) -> Vec<u64> {
+    /// Calls `f` with the dropped bits of the `len` elements from cell `cell0` of
+    /// sample `n` of a channels-last shape (whole cells), in the tensor's order from
+    /// bit 0: on the stack for regions of up to CHUNK elements (C up to 512), so the
+    /// passes allocate nothing per region.
+    fn with_region_bits<R>(&self, n: usize, cell0: usize, len: usize, f: impl FnOnce(&[u64]) -> R) -> R {
         let State::Masked { plan, masks, .. } = &self.state else { unreachable!("identity calls copy instead") };
         let (c, sharing) = (self.shape.c(), plan.geometry().sharing);
-        let mut bits = vec![0u64; len.div_ceil(64)];
         let plane_of = |n, ch| self.shard.local_plane(sharing, n, ch);
-        masks.channels_last_cells(&plane_of, n, cell0..cell0 + len / c, c, (&mut bits, 0));
-        bits
+        let words = len.div_ceil(64);
+        let (mut stack, mut heap) = ([0u64; CHUNK / 64], Vec::new());
+        let bits = if words <= stack.len() {
+            &mut stack[..words]
+        } else {
+            heap.resize(words, 0u64);
+            &mut heap[..]
+        };
+        masks.channels_last_cells(&plane_of, n, cell0..cell0 + len / c, c, (&mut *bits, 0));
+        f(bits)
     }
 
     /// Whether the element passes transpose the planes' bits a region at a time
@@ -251,8 +262,9 @@ impl Saved {
     }
 
     /// Runs `f(n, cell0, dst, src)` over a channels-last tensor in parallel regions
-    /// of whole cells of one sample (every channel of a run of cells is contiguous),
-    /// about CHUNK elements and a multiple of 64 cells each.
+    /// of whole cells of one sample (every channel of a run of cells is contiguous):
+    /// a multiple of 64 cells and about CHUNK elements each, or 64 cells when C is
+    /// over 512.
     fn for_each_region<T: Send, U: Sync>(
         &self,
         dst: &mut [T],
@@ -269,9 +281,10 @@ impl Saved {
         });
     }
 
-    /// Walks elements `e0 .. e0 + len` of a channels-first shape in runs that share
-    /// a scale and whose mask bits are consecutive, calling `f(j0, bit, run_len,
-    /// scale)` for the run that starts at element `e0 + j0`: without sharing the
+    /// Walks elements `e0 .. e0 + len` in runs that share a scale and whose mask
+    /// bits (of [`Saved::element_bits`]) are consecutive, calling `f(j0, bit,
+    /// run_len, scale)` for the run that starts at element `e0 + j0`: without
+    /// sharing, or from bits transposed into a channels-last tensor's order, the
     /// whole range at once (bit `e` is element `e`'s), else one `(n, c)` slice at a
     /// time.
     #[inline(always)]

@@ -182,6 +182,7 @@ with_feature! {
                 let k = (cells.end - cell0).min(WORD);
                 let base = bit0 + (cell0 - cells.start) * c + c0;
                 if aligned {
+                    debug_assert!(base.is_multiple_of(WORD), "whole-word stores need bit0 on a word");
                     for (i, &row) in rows[..k].iter().enumerate() {
                         out[(base + i * c) / WORD] = row;
                     }

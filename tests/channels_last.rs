@@ -38,6 +38,7 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
     let cf = Shape::from_dims(&dims).unwrap();
     let cl = cf.with_layout(Layout::ChannelsLast);
     let cfg = common::random_config_of_rank(rng, rank);
+    let cfg = if rng.random_bool(0.15) { common::with_noise_fill(&cfg) } else { cfg };
     let key: RngKey = common::random_key(rng);
     let ctx = format!("{cfg} on {cl} {}", T::DTYPE.name());
     let n = cf.numel();
