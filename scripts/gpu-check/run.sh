@@ -114,10 +114,12 @@ checks() {
     # No nsys on the lent machines (2026-11-30): ncu records the NVTX stack of each
     # kernel it profiles (--nvtx), and prints it with the kernel's section.
     echo "nsys is not on PATH: the ranges as ncu sees them"
-    timeout 120 bash -c 'for e in training_step side_stream_sampling; do
-        ncu --nvtx --clock-control none --kernel-name regex:"^dropblock" --launch-count 12 \
-          --metrics gpu__time_duration.sum examples-nvtx/$e || exit; done' > "$OUT/nvtx.txt" 2>&1 ||
-      { tail -n 20 "$OUT/nvtx.txt"; fail "ncu --nvtx"; }
+    : > "$OUT/nvtx.txt"
+    for e in training_step side_stream_sampling; do
+      timeout 60 ncu --nvtx --clock-control none --kernel-name regex:"^dropblock" --launch-count 12 \
+        --metrics gpu__time_duration.sum "examples-nvtx/$e" >> "$OUT/nvtx.txt" 2>&1 ||
+        { tail -n 20 "$OUT/nvtx.txt"; fail "ncu --nvtx $e"; }
+    done
     for r in forward backward sample apply; do
       if grep -q "dropblock::$r " "$OUT/nvtx.txt"; then echo "range dropblock::$r: present"; else fail "range dropblock::$r missing (ncu --nvtx; see nvtx.txt)"; fi
     done
