@@ -10,7 +10,7 @@ use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::mask::BlockMasks;
+use crate::mask::{transpose_cells, BlockMasks};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
@@ -236,7 +236,7 @@ impl Saved {
             heap.resize(words, 0u64);
             &mut heap[..]
         };
-        masks.channels_last_cells(&plane_of, n, cell0..cell0 + len / c, c, (&mut *bits, 0));
+        transpose_cells(masks, &plane_of, n, cell0..cell0 + len / c, c, bits, 0);
         f(bits)
     }
 
@@ -521,52 +521,44 @@ pub fn forward_inplace<T: Element>(
 /// Backward: `dx = round(f32(dy) · factor)` with forward's factor per element
 /// (under noise fill the factor is 1 where kept and 0 where dropped).
 pub fn backward<T: Element>(saved: &Saved, dy: &[T], dx: &mut [T]) -> Result<()> {
-    pass(saved, dy, dx, false)
+    pass(saved, Some(dy), dx, false)
 }
 
 /// Backward in place: `dy` is overwritten with `dx`.
 pub fn backward_inplace<T: Element>(saved: &Saved, dy: &mut [T]) -> Result<()> {
-    pass_inplace(saved, dy, false)
+    pass(saved, None, dy, false)
 }
 
 /// The forward's element pass with the mask of `saved` (after [`sample`]):
 /// `dst = src · factor`, or with noise fill `src` where kept and the noise where
 /// dropped.
 pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> {
-    pass(saved, src, dst, true)
+    pass(saved, Some(src), dst, true)
 }
 
 /// [`apply`] in place.
 pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
-    pass_inplace(saved, data, true)
+    pass(saved, None, data, true)
 }
 
-fn pass<T: Element>(saved: &Saved, src: &[T], dst: &mut [T], forward: bool) -> Result<()> {
+/// `dst = src · factor`, or in place without `src`, with the mask of `saved`.
+fn pass<T: Element>(saved: &Saved, src: Option<&[T]>, dst: &mut [T], forward: bool) -> Result<()> {
     let shape = saved.shape;
-    shape.check_len("input", src.len())?;
-    shape.check_len("output", dst.len())?;
+    if let Some(src) = src {
+        shape.check_len("input", src.len())?;
+    }
+    shape.check_len(if src.is_some() { "output" } else { "input" }, dst.len())?;
     if saved.is_identity() {
-        dst.copy_from_slice(src);
+        if let Some(src) = src {
+            dst.copy_from_slice(src);
+        }
     } else if saved.by_region() {
-        saved.for_each_region(dst, Some(src), |n, cell0, d, s| saved.scale_cells(n, cell0, s, d, forward));
+        saved.for_each_region(dst, src, |n, cell0, d, s| saved.scale_cells(n, cell0, s, d, forward));
     } else {
-        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
-            saved.scale_chunk(k * CHUNK, Some(s), d, forward);
+        dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
+            let s = src.map(|s| &s[k * CHUNK..][..d.len()]);
+            saved.scale_chunk(k * CHUNK, s, d, forward);
         });
-    }
-    Ok(())
-}
-
-fn pass_inplace<T: Element>(saved: &Saved, data: &mut [T], forward: bool) -> Result<()> {
-    let shape = saved.shape;
-    shape.check_len("input", data.len())?;
-    if saved.is_identity() {
-        return Ok(());
-    }
-    if saved.by_region() {
-        saved.for_each_region(data, None::<&[T]>, |n, cell0, d, _| saved.scale_cells(n, cell0, None, d, forward));
-    } else {
-        data.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| saved.scale_chunk(k * CHUNK, None, d, forward));
     }
     Ok(())
 }

@@ -23,9 +23,9 @@ const TILE_BITS: usize = 1 << 20;
 /// otherwise: the crate builds for the x86-64 baseline, which has neither `popcnt`
 /// nor AVX2 (the CPU passes' bit lanes vectorise two to an instruction, not four).
 macro_rules! with_feature {
-    ($feature:tt, $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($feature:tt, $(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -102,22 +102,6 @@ impl BlockMasks {
 }
 
 impl BlockMasks {
-    /// The dropped bits of cells `cells` of sample `n` of a channels-last tensor
-    /// with `c` channels, in the tensor's own order, ORed into `out` (zero there)
-    /// from bit `bit0` on: bit `bit0 + (cell - cells.start)·C + ch` is bit `cell` of
-    /// plane `plane_of(n, ch)`, for every sharing. `bit0` is a multiple of 64 when
-    /// `c` is.
-    pub(crate) fn channels_last_cells(
-        &self,
-        plane_of: &impl Fn(usize, usize) -> usize,
-        n: usize,
-        cells: std::ops::Range<usize>,
-        c: usize,
-        (out, bit0): (&mut [u64], usize),
-    ) {
-        transpose_cells(self, plane_of, n, cells, c, out, bit0)
-    }
-
     /// The whole mask in a channels-last tensor's own order, one bit per element
     /// (bit `(n·L + cell)·C + ch`), in parallel over samples grouped to start on a
     /// word: for few channels, where a pass that transposed a region at a time
@@ -150,10 +134,14 @@ impl BlockMasks {
 
 with_feature! {
     "avx2",
-    /// [`BlockMasks::channels_last_cells`], from 64 x 64 bit-matrix transposes (64
-    /// channels' runs of 64 cells in, 64 cells' runs of 64 channels out). With AVX2
-    /// the transposes' block swaps take four rows to an instruction.
-    fn transpose_cells(
+    /// The dropped bits of cells `cells` of sample `n` of a channels-last tensor
+    /// with `c` channels, in the tensor's own order, ORed into `out` (zero there)
+    /// from bit `bit0` on: bit `bit0 + (cell - cells.start)·C + ch` is bit `cell` of
+    /// plane `plane_of(n, ch)`, for every sharing. `bit0` is a multiple of 64 when
+    /// `c` is. From 64 x 64 bit-matrix transposes (64 channels' runs of 64 cells in,
+    /// 64 cells' runs of 64 channels out); with AVX2 the transposes' block swaps take
+    /// four rows to an instruction.
+    pub(crate) fn transpose_cells(
         masks: &BlockMasks,
         plane_of: &impl Fn(usize, usize) -> usize,
         n: usize,

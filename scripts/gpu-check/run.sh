@@ -28,11 +28,29 @@ fail() { failures+=("$1"); echo "FAILED: $1"; }
 skip() { not_run+=("$1"); echo "NOT RUN: $1"; }
 have() { command -v "$1" >/dev/null || { skip "$2 ($1 is not on PATH)"; return 1; }; }
 # `median_ms BINARY ARGS...`: the median of a `dropblock bench` run, empty if it failed.
+# shellcheck disable=SC2329 # called through bench_rows
 median_ms() { timeout 10 "$@" | sed -n 's/^median_ms=\([0-9.]*\).*/\1/p'; }
 # `ratio A B`: A / B to two places.
+# shellcheck disable=SC2329 # called through bench_rows
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')" 2>/dev/null; }
-# The bench flags of one row: shape, block, dtype, pass.
-bench_flags() { flags=(bench --device cuda --shape "$1" --block "$2" --dtype "$3" --iters 15); [[ $4 == backward ]] && flags+=(--backward); }
+# `bench_rows SECONDS WHAT ROW "SHAPE K"...`: calls `ROW shape k dtype pass` for each
+# shape in f32 and bf16, forward and backward, with `flags` set to that row's
+# `dropblock bench` flags; after SECONDS more seconds the rest fail as out of time.
+bench_rows() {
+  local until=$((SECONDS + $1)) what=$2 row=$3 args shape k dtype pass
+  shift 3
+  for args in "$@"; do
+    read -r shape k <<<"$args"
+    for dtype in f32 bf16; do
+      for pass in forward backward; do
+        if ((SECONDS > until)); then fail "$what: out of time at $shape $dtype $pass"; return; fi
+        flags=(bench --device cuda --shape "$shape" --block "$k" --dtype "$dtype" --iters 15)
+        [[ $pass == backward ]] && flags+=(--backward)
+        "$row" "$shape" "$k" "$dtype" "$pass"
+      done
+    done
+  done
+}
 
 main() {
   local modes=("${@:-all}") mode
@@ -222,23 +240,10 @@ benchmarks() {
 
   if [[ -x baseline/dropblock ]]; then
     section "this tree against the baseline $(cat baseline/COMMIT), same card, same call"
-    local deadline=$((SECONDS + 80))
     echo "| shape | k | dtype | pass | baseline ms | this ms | × |"
     echo "|---|---|---|---|---|---|---|"
-    for args in "256,256,56,56 7" "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "24,1024,19,19 3"; do
-      read -r shape k <<<"$args"
-      for dtype in f32 bf16; do
-        for pass in forward backward; do
-          if ((SECONDS > deadline)); then fail "baseline comparison: out of time at $shape $dtype $pass"; break 3; fi
-          bench_flags "$shape" "$k" "$dtype" "$pass"
-          # Alternating, so a drift of the clock or temperature hits both alike.
-          base=$(median_ms baseline/dropblock "${flags[@]}")
-          this=$(median_ms ./dropblock "${flags[@]}")
-          [[ -n $base && -n $this ]] || fail "baseline comparison $shape $dtype $pass"
-          echo "| $shape | $k | $dtype | $pass | $base | $this | $(ratio "$base" "$this") |"
-        done
-      done
-    done
+    bench_rows 80 "baseline comparison" baseline_row \
+      "256,256,56,56 7" "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "24,1024,19,19 3"
   fi
 
   layouts
@@ -257,22 +262,9 @@ benchmarks() {
 layouts() {
   section "layouts: channels-last against channels-first"
   # Issues 21 and 22's targets: each within 10% of its channels-first / 2D pair.
-  local until=$((SECONDS + 90))
   echo "| shape | k | dtype | pass | first ms | last ms | last/first |"
   echo "|---|---|---|---|---|---|---|"
-  for args in "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "8,256,16,28,28 5"; do
-    read -r shape k <<<"$args"
-    for dtype in f32 bf16; do
-      for pass in forward backward; do
-        if ((SECONDS > until)); then fail "layouts: out of time at $shape $dtype $pass"; break 3; fi
-        bench_flags "$shape" "$k" "$dtype" "$pass"
-        first=$(median_ms ./dropblock "${flags[@]}" --layout channels-first)
-        last=$(median_ms ./dropblock "${flags[@]}" --layout channels-last)
-        [[ -n $first && -n $last ]] || fail "layouts $shape $dtype $pass"
-        echo "| $shape | $k | $dtype | $pass | $first | $last | $(ratio "$last" "$first") |"
-      done
-    done
-  done
+  bench_rows 90 layouts layout_row "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "8,256,16,28,28 5"
 
   section "per-kernel times (ncu) of channels-last forwards: count, transpose, apply"
   have ncu "the channels-last per-kernel times" &&
@@ -291,21 +283,37 @@ layouts() {
 
 ranks() {
   section "ranks: 1D/3D beside 2D of the same element count and seed density"
-  local until=$((SECONDS + 40))
   echo "| shape | k | dtype | pass | ms | GB/s |"
   echo "|---|---|---|---|---|---|"
-  for args in "8,256,112,112 9" "8,256,16,28,28 5" "64,512,64,64 4" "64,512,4096 15"; do
-    read -r shape k <<<"$args"
-    for dtype in f32 bf16; do
-      for pass in forward backward; do
-        if ((SECONDS > until)); then fail "ranks: out of time at $shape $dtype $pass"; break 3; fi
-        bench_flags "$shape" "$k" "$dtype" "$pass"
-        line=$(timeout 10 ./dropblock "${flags[@]}" | grep '^median_ms=')
-        [[ -n $line ]] || fail "ranks $shape $dtype $pass"
-        echo "| $shape | $k | $dtype | $pass | $(sed -n 's/^median_ms=\([0-9.]*\).*/\1/p' <<<"$line") | $(sed -n 's/.*gbps=\([0-9.]*\).*/\1/p' <<<"$line") |"
-      done
-    done
-  done
+  bench_rows 40 ranks rank_row "8,256,112,112 9" "8,256,16,28,28 5" "64,512,64,64 4" "64,512,4096 15"
+}
+
+# The rows of the three tables (arguments: shape k dtype pass; `flags` set).
+# shellcheck disable=SC2329 # called through bench_rows
+baseline_row() {
+  # Alternating, so a drift of the clock or temperature hits both alike.
+  local base this
+  base=$(median_ms baseline/dropblock "${flags[@]}")
+  this=$(median_ms ./dropblock "${flags[@]}")
+  [[ -n $base && -n $this ]] || fail "baseline comparison $1 $3 $4"
+  echo "| $1 | $2 | $3 | $4 | $base | $this | $(ratio "$base" "$this") |"
+}
+
+# shellcheck disable=SC2329 # called through bench_rows
+layout_row() {
+  local first last
+  first=$(median_ms ./dropblock "${flags[@]}" --layout channels-first)
+  last=$(median_ms ./dropblock "${flags[@]}" --layout channels-last)
+  [[ -n $first && -n $last ]] || fail "layouts $1 $3 $4"
+  echo "| $1 | $2 | $3 | $4 | $first | $last | $(ratio "$last" "$first") |"
+}
+
+# shellcheck disable=SC2329 # called through bench_rows
+rank_row() {
+  local line
+  line=$(timeout 10 ./dropblock "${flags[@]}" | grep '^median_ms=')
+  [[ -n $line ]] || fail "ranks $1 $3 $4"
+  echo "| $1 | $2 | $3 | $4 | $(sed -n 's/^median_ms=\([0-9.]*\).*/\1/p' <<<"$line") | $(sed -n 's/.*gbps=\([0-9.]*\).*/\1/p' <<<"$line") |"
 }
 
 main "$@" 2>&1 | tee -a "$OUT/check.log"
