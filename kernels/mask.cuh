@@ -273,25 +273,42 @@ __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const Dro
                                            const TileDivisors& d, const Thresholds& th, const Key& k,
                                            const Tile& tile, uint64_t t, TileShared& sh) {
     const uint32_t q = g.planes_per_window, m = d.windows_per_group.d, s = d.seed_cells.d;
+    const uint32_t lane = threadIdx.x & 31;
     // Tiles hold whole groups of q planes: the tile's first window is a group's.
     const uint64_t window0 = t * tiles.groups_per_tile * m;
     const uint32_t windows = (tile.planes + q - 1) / q * m;
-    for (uint32_t i = threadIdx.x; i < windows; i += blockDim.x) {
-        // The window's first seed cell in the tile, and its length.
-        uint32_t first, len;
-        if (s <= DROPBLOCK_WINDOW_CELLS) {
-            first = i * q * s;
-            len = min(q, tile.planes - i * q) * s;
-        } else {
-            const uint32_t plane = d.windows_per_group.div(i), part = i - plane * m;
-            first = plane * s + part * DROPBLOCK_WINDOW_CELLS;
-            len = min((uint32_t)DROPBLOCK_WINDOW_CELLS, s - part * DROPBLOCK_WINDOW_CELLS);
+    // Whole warps go round together (lanes past the last window sample nothing), so
+    // a warp reserves its seeds' queue slots with one shared atomic, not one per seed.
+    for (uint32_t i0 = threadIdx.x - lane; i0 < windows; i0 += blockDim.x) {
+        const uint32_t i = i0 + lane;
+        // The window's first seed cell in the tile, and its seeds.
+        uint32_t first = 0;
+        uint64_t seeds = 0;
+        if (i < windows) {
+            uint32_t len;
+            if (s <= DROPBLOCK_WINDOW_CELLS) {
+                first = i * q * s;
+                len = min(q, tile.planes - i * q) * s;
+            } else {
+                const uint32_t plane = d.windows_per_group.div(i), part = i - plane * m;
+                first = plane * s + part * DROPBLOCK_WINDOW_CELLS;
+                len = min((uint32_t)DROPBLOCK_WINDOW_CELLS, s - part * DROPBLOCK_WINDOW_CELLS);
+            }
+            seeds = sample_window(th, k, window0 + i, len);
         }
-        uint64_t seeds = sample_window(th, k, window0 + i, len);
-        while (seeds) {
+        // This lane's slots follow the seeds of the lanes below it (an inclusive
+        // scan); lane 31 holds the warp's total.
+        const uint32_t n = (uint32_t)__popcll(seeds);
+        uint32_t below = n;
+#pragma unroll
+        for (uint32_t dist = 1; dist < 32; dist <<= 1) {
+            const uint32_t up = __shfl_up_sync(FULL_WARP, below, dist);
+            if (lane >= dist) below += up;
+        }
+        uint32_t slot = lane == 31 && below ? atomicAdd(&sh.queued, below) : 0u;
+        slot = __shfl_sync(FULL_WARP, slot, 31) + below - n;
+        for (; seeds; seeds &= seeds - 1, ++slot) {
             const uint2 block = seed_block(g, d, tile, first + (uint32_t)(__ffsll((long long)seeds) - 1));
-            seeds &= seeds - 1;
-            const uint32_t slot = atomicAdd(&sh.queued, 1u);
             if (slot < SEED_QUEUE) {
                 sh.queue[slot] = block;
             } else {

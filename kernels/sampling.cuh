@@ -30,23 +30,22 @@ __device__ __forceinline__ uint4 philox_block(const Key& k, uint64_t window, uin
         make_uint2((uint32_t)k.seed, (uint32_t)(k.seed >> 32)));
 }
 
-__device__ __forceinline__ uint32_t block_word(const uint4& v, uint32_t i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 // The thresholds and, for each value of a draw's top 8 bits, the first threshold
 // that such a draw can fall under, in shared memory: lanes at different points of
 // their walks index them differently, which parameter (constant) memory would
 // serve one address at a time.
 struct Thresholds {
-    const uint64_t* t;     // the call's 64 thresholds
+    const uint64_t* t;     // the call's 64 thresholds, then t[64] = 2^64 - 1
     const uint8_t* first;  // first[b] = smallest g with t[g] > b * 2^24 (64 if none)
 
-    // Smallest g < r with u < t[g], given u < t[r - 1]. The table starts the scan
-    // at the bucket of u's top bits; at the rates DropBlock uses, thresholds lie
-    // more than 2^24 apart, so the scan takes one or two compares.
-    __device__ __forceinline__ uint32_t seed_gap(uint32_t u) const {
+    // G(u): the smallest g with u < t[g], 64 if none. Two steps from the table on
+    // u's top bits settle it at the rates DropBlock uses (thresholds lie over 2^24
+    // apart but where they crowd: near 2^32 at high rates, near 0 at tiny ones);
+    // the loop is for those.
+    __device__ __forceinline__ uint32_t gap(uint32_t u) const {
         uint32_t g = first[u >> 24];
+        g += u >= t[g];
+        g += u >= t[g];
         while (u >= t[g]) ++g;
         return g;
     }
@@ -54,9 +53,10 @@ struct Thresholds {
 
 // Every thread of the block must call it (it synchronises the block).
 __device__ __forceinline__ Thresholds shared_thresholds(const DropBlockSampling& s) {
-    __shared__ uint64_t t[DROPBLOCK_WINDOW_CELLS];
+    __shared__ uint64_t t[DROPBLOCK_WINDOW_CELLS + 1];
     __shared__ uint8_t first[256];
-    for (uint32_t i = threadIdx.x; i < DROPBLOCK_WINDOW_CELLS; i += blockDim.x) t[i] = s.thresholds[i];
+    for (uint32_t i = threadIdx.x; i <= DROPBLOCK_WINDOW_CELLS; i += blockDim.x)
+        t[i] = i < DROPBLOCK_WINDOW_CELLS ? s.thresholds[i] : ~0ull;
     __syncthreads();
     for (uint32_t b = threadIdx.x; b < 256; b += blockDim.x) {
         // Binary search for the first threshold above b * 2^24 (t is monotone).
@@ -72,20 +72,25 @@ __device__ __forceinline__ Thresholds shared_thresholds(const DropBlockSampling&
     return Thresholds{t, first};
 }
 
-// The seeds of window `window`, of `len` (1..64) cells, as bits. One Philox block
-// per four draws; a draw per seed plus one stop draw.
+// The seeds of window `window`, of `len` (1..64) cells, as bits, a Philox block at
+// a time. The walk is sequential only through its position: a draw u places its
+// seed G(u) cells on wherever the walk stands, and ends the walk exactly when that
+// seed would fall at or past the end (u >= t[len - pos - 1] is pos + G(u) >= len).
+// So a block's four draws are four searches and a running sum, the same on every
+// lane, with no branch on which draw ends the walk; another block only when the
+// fourth draw placed a seed before the end (src/sampling.rs, Plan::walk_from).
 __device__ __forceinline__ uint64_t sample_window(const Thresholds& th, const Key& k, uint64_t window, uint32_t len) {
     uint64_t bits = 0;
-    uint32_t pos = 0, j = 0;
-    uint4 block = make_uint4(0, 0, 0, 0);
-    while (pos < len) {
-        if ((j & 3) == 0) block = philox_block(k, window, j >> 2);
-        const uint32_t u = block_word(block, j & 3);
-        ++j;
-        if (u >= th.t[len - pos - 1]) break;
-        const uint32_t g = th.seed_gap(u);
-        bits |= 1ull << (pos + g);
-        pos += g + 1;
+    uint32_t pos = 0;
+    for (uint32_t b = 0; pos < len; ++b) {
+        const uint4 v = philox_block(k, window, b);
+        const uint32_t draws[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t at = pos + th.gap(draws[i]);
+            bits |= (uint64_t)(at < len) << min(at, 63u);
+            pos = at + 1;
+        }
     }
     return bits;
 }

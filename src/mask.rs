@@ -265,8 +265,7 @@ with_feature! {
             if s <= WORD as u64 {
                 let (first, last) = (plane0 / q, (plane0 + run - 1) / q);
                 let (full, call_last) = ((q * s) as u32, g.windows - 1);
-                let windows = (first..=last).map(|w| (w, if w == call_last { window_len(g, w) } else { full }, ()));
-                plan.walk_windows(windows, |window, (), mut seeds| {
+                let mut walker = plan.walker(|window, (), mut seeds| {
                     // Cell j of the window is cell j mod S of its plane j / S.
                     let mut plane = window * q;
                     let mut cell0 = 0;
@@ -281,23 +280,28 @@ with_feature! {
                         }
                     }
                 });
+                for w in first..=last {
+                    walker.push(w, if w == call_last { window_len(g, w) } else { full }, ());
+                }
+                walker.finish();
             } else {
                 // The window of part i of a plane has 64 cells, but the plane's last.
                 let tail = (s - (m - 1) * WORD as u64) as u32;
-                let windows = (plane0..plane0 + run).flat_map(|plane| {
-                    seed_box.parts.iter().flat_map(move |r| {
-                        r.clone().map(move |part| {
-                            (plane * m + part, if part == m - 1 { tail } else { WORD as u32 }, (plane, part))
-                        })
-                    })
-                });
-                plan.walk_windows(windows, |_, (plane, part), mut seeds| {
+                let mut walker = plan.walker(|_, (plane, part), mut seeds| {
                     while seeds != 0 {
                         let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
                         seeds &= seeds - 1;
                         grow_seed(g, &grid, seed_box, base(plane), cell, out);
                     }
                 });
+                for plane in plane0..plane0 + run {
+                    for parts in &seed_box.parts {
+                        for part in parts.clone() {
+                            walker.push(plane * m + part, if part == m - 1 { tail } else { WORD as u32 }, (plane, part));
+                        }
+                    }
+                }
+                walker.finish();
             }
             local += run as usize;
         }

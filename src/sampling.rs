@@ -23,6 +23,8 @@ pub struct Plan {
     /// For each value of a draw's top 8 bits, the first threshold such a draw can
     /// fall under (as the kernels' `Thresholds::first`): where a seed's search starts.
     first_gap: [u8; 256],
+    /// The thresholds and `T[64] = ∞`, so a search may step past the window's end.
+    gap_thresholds: [u64; WINDOW as usize + 1],
 }
 
 impl Plan {
@@ -35,7 +37,8 @@ impl Plan {
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
         let t = &sampling.thresholds;
         let first_gap = std::array::from_fn(|b| t.partition_point(|&tg| tg <= (b as u64) << 24) as u8);
-        Ok(Self { geometry, sampling, gamma, first_gap })
+        let gap_thresholds = std::array::from_fn(|g| t.get(g).copied().unwrap_or(u64::MAX));
+        Ok(Self { geometry, sampling, gamma, first_gap, gap_thresholds })
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -134,31 +137,15 @@ impl Plan {
         self.walk_from(window, len, self.key().block(window, 0))
     }
 
-    /// Walks windows in batches of [`LANES`], calling `seeds(window, tag, bits)`
-    /// for each `(window, len, tag)` of `windows` whose walk finds a seed. The
-    /// batch's first Philox blocks are drawn together (SIMD lanes), as most windows
-    /// end at their first draw.
+    /// A [`Walker`] that calls `seeds(window, tag, bits)` for each window pushed
+    /// into it whose walk finds a seed.
     #[inline(always)]
-    pub(crate) fn walk_windows<T: Copy + Default>(
-        &self,
-        windows: impl Iterator<Item = (u64, u32, T)>,
-        mut seeds: impl FnMut(u64, T, u64),
-    ) {
-        let mut batch = [(0u64, 1u32, T::default()); LANES];
-        let mut n = 0;
-        for item in windows {
-            batch[n] = item;
-            n += 1;
-            if n == LANES {
-                self.walk_batch(&batch, &mut seeds);
-                n = 0;
-            }
-        }
-        self.walk_batch(&batch[..n], &mut seeds);
+    pub(crate) fn walker<T: Copy + Default, F: FnMut(u64, T, u64)>(&self, seeds: F) -> Walker<'_, T, F> {
+        Walker { plan: self, batch: [(0, 1, T::default()); LANES], n: 0, seeds }
     }
 
-    /// [`Self::walk_windows`] for one batch (a method, not a closure, so that it
-    /// compiles with its caller's target features).
+    /// A [`Walker`]'s batch (a method, not a closure, so that it compiles with its
+    /// caller's target features).
     #[inline(always)]
     fn walk_batch<T: Copy>(&self, batch: &[(u64, u32, T)], seeds: &mut impl FnMut(u64, T, u64)) {
         let blocks = self.key().first_blocks(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
@@ -179,36 +166,84 @@ impl Plan {
     }
 
     /// The walk of window `window` of `len` cells whose first counter block
-    /// (`key.block(window, 0)`) is `first`.
+    /// (`key.block(window, 0)`) is `first`, a counter block at a time.
+    ///
+    /// The contract's walk is sequential only through its position: a draw `u`
+    /// places its seed `G(u)` cells on, `G(u)` the smallest `g` with `u < T[g]`
+    /// (64 if none), whatever the position, and it stops the walk exactly when that
+    /// seed would fall at or past the window's end (`u >= T[r-1]` is `G(u) >= r`).
+    /// So a block's four draws are four independent searches and a running sum,
+    /// with no branch on which of them ends the walk.
     #[inline(always)]
     fn walk_from(&self, window: u64, len: u32, first: [u32; 4]) -> u64 {
-        let t = &self.sampling.thresholds;
-        let mut bits = 0u64;
-        let mut pos = 0u32;
-        let mut j = 0u32;
-        let mut block = first;
+        let (mut bits, mut pos) = self.draw_block(first, len, 0);
+        let mut b = 1;
+        // Another block only when its fourth draw placed a seed before the end.
         while pos < len {
-            let r = (len - pos) as usize;
-            if j > 0 && j.is_multiple_of(4) {
-                block = self.key().block(window, j / 4);
-            }
-            let u = block[(j % 4) as usize] as u64;
-            j += 1;
-            if u >= t[r - 1] {
-                break;
-            }
-            // Smallest g with u < t[g]; g < r because u < t[r - 1]. At DropBlock's
-            // rates thresholds lie over 2^24 apart, so the scan from the table's
-            // start takes one or two steps.
-            let mut g = self.first_gap[(u >> 24) as usize] as usize;
-            while u >= t[g] {
-                g += 1;
-            }
-            let g = g as u32;
-            bits |= 1u64 << (pos + g);
-            pos += g + 1;
+            let (more, next) = self.draw_block(self.key().block(window, b), len, pos);
+            (bits, pos, b) = (bits | more, next, b + 1);
         }
         bits
+    }
+
+    /// The seeds of one block's draws from position `pos` on, and the position
+    /// after the last draw's seed (past `len` once a draw has stopped the walk).
+    #[inline(always)]
+    fn draw_block(&self, block: [u32; 4], len: u32, mut pos: u32) -> (u64, u32) {
+        let mut bits = 0u64;
+        for u in block {
+            let at = pos + self.gap(u);
+            bits |= ((at < len) as u64) << at.min(63);
+            pos = at + 1;
+        }
+        (bits, pos)
+    }
+
+    /// `G(u)`: the smallest `g` with `u < T[g]`, 64 if none. Two steps from the
+    /// table on the draw's top bits settle it at DropBlock's rates (thresholds lie
+    /// over 2^24 apart but where they crowd, near 2^32 at high γ or all near 0 at
+    /// tiny γ); the loop after them is for those.
+    #[inline(always)]
+    fn gap(&self, u: u32) -> u32 {
+        let (t, u) = (&self.gap_thresholds, u as u64);
+        let mut g = self.first_gap[(u >> 24) as usize] as usize;
+        g += (u >= t[g]) as usize;
+        g += (u >= t[g]) as usize;
+        while u >= t[g] {
+            g += 1;
+        }
+        g as u32
+    }
+}
+
+/// Windows walked in batches of [`LANES`]: the batch's first Philox blocks are
+/// drawn together (SIMD lanes), as most windows end at their first draw. Push
+/// `(window, len, tag)`s, then [`Walker::finish`]. (Plain pushes from the caller's
+/// loops, not an iterator, keep the batch in registers: a nested iterator's `next`
+/// was left out of line, and its items stored and reloaded whole.)
+pub(crate) struct Walker<'p, T, F> {
+    plan: &'p Plan,
+    batch: [(u64, u32, T); LANES],
+    n: usize,
+    seeds: F,
+}
+
+impl<T: Copy, F: FnMut(u64, T, u64)> Walker<'_, T, F> {
+    /// Queues window `window` of `len` (1..=64) cells, walking the batch when full.
+    #[inline(always)]
+    pub(crate) fn push(&mut self, window: u64, len: u32, tag: T) {
+        self.batch[self.n] = (window, len, tag);
+        self.n += 1;
+        if self.n == LANES {
+            self.plan.walk_batch(&self.batch, &mut self.seeds);
+            self.n = 0;
+        }
+    }
+
+    /// Walks the windows still queued.
+    #[inline(always)]
+    pub(crate) fn finish(mut self) {
+        self.plan.walk_batch(&self.batch[..self.n], &mut self.seeds);
     }
 }
 

@@ -44,19 +44,37 @@ inline void __syncthreads() { emu::current->block->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::current->warps[threadIdx.x / 32]->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-template <typename T>
-T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+namespace emu {
+// Lane `source(lane)` of the warp's `v`s.
+template <typename T, typename F>
+T shuffle(T v, F source) {
     static_assert(sizeof(T) <= 8);
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
     const unsigned warp_base = threadIdx.x & ~31u;
-    emu::current->shuffle[threadIdx.x] = bits;
+    current->shuffle[threadIdx.x] = bits;
     __syncwarp();
-    bits = emu::current->shuffle[warp_base + ((threadIdx.x & 31u) ^ (unsigned)lane_mask)];
+    bits = current->shuffle[warp_base + source(threadIdx.x & 31u)];
     __syncwarp();
     T out;
     std::memcpy(&out, &bits, sizeof(T));
     return out;
+}
+}  // namespace emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    return emu::shuffle(v, [=](unsigned lane) { return lane ^ (unsigned)lane_mask; });
+}
+
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+    return emu::shuffle(v, [=](unsigned lane) { return lane >= delta ? lane - delta : lane; });
+}
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int source) {
+    return emu::shuffle(v, [=](unsigned) { return (unsigned)source & 31u; });
 }
 
 inline unsigned __ballot_sync(unsigned, int predicate) {
@@ -79,6 +97,7 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
 inline int __ffsll(long long v) { return __builtin_ffsll(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }
