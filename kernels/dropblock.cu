@@ -16,6 +16,9 @@
 //                                      unit's normal value where dropped
 //   dropblock_channels_last_bits     a channels-last call's keep bits in the tensor's
 //                                      own order, from the planes' bits
+//   dropblock_apply_channels_last_<T>,  the same bits and, from them, a
+//   dropblock_apply_channels_last_per_sample_<T>  channels-last forward's scaled
+//                                      copy in one pass (C a multiple of 128)
 //   dropblock_sample_seeds           the raw seed words, for checking the sampler
 //   dropblock_shard_blocks,          a shard's part of the mask (src/shard.rs):
 //   dropblock_shard_count,             its seeds' blocks clipped to its box, its
@@ -253,12 +256,68 @@ __device__ __forceinline__ uint32_t transpose_bits(uint32_t x, uint32_t lane) {
 constexpr uint32_t CHANNELS_LAST_BLOCKS = DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS / 32;
 static_assert(CHANNELS_LAST_BLOCKS == 4, "the vector store below writes 4 runs");
 
-// Items of channels_last_bits: (sample, block of 32 cells, chunk of 128 channels),
-// chunk fastest. `Index` is 32 bits when the item count fits: the divisions per item
-// are then ~20 instructions instead of a 64-bit division's ~70.
-template <typename Index>
-__device__ __forceinline__ void channels_last_bits(const DropBlockGeometry& g, const DropBlockApply& a, Index items,
-                                                   const uint32_t* plane_bits, uint32_t* bits) {
+// What an item of channels_last_items does after storing its keep bits: nothing
+// (the transpose alone, for backward and the separate apply to read) ...
+struct BitsOnly {
+    __device__ __forceinline__ void operator()(uint64_t, uint64_t, uint64_t, uint32_t, const uint32_t*, uint32_t) const {}
+};
+
+// ... or the forward's scaled copy of the item's elements, from its runs staged in
+// shared memory (so the keep bits are transposed where the copy reads them, and no
+// pass reads them back from memory). Needs C a multiple of 128 and x, y 16-byte
+// aligned: a cell's 128 channels are then whole vectors, read by consecutive lanes
+// (a half-warp per cell for 2-byte types), and each vector's bits sit in one word.
+template <typename T, bool PER_SAMPLE>
+struct ScaleItem {
+    const T* x;
+    T* y;
+    const float* scales;
+    uint64_t L, C;
+
+    __device__ __forceinline__ void operator()(uint64_t n, uint64_t cell0, uint64_t c_first, uint32_t cells,
+                                               const uint32_t* run, uint32_t lane) const {
+        constexpr uint32_t B = CHANNELS_LAST_BLOCKS, VEC = 16 / sizeof(T), PER_CELL = 32 * B / VEC;
+        constexpr int U = UNROLL_LEAN;
+        using V = Vec<T, VEC>;
+        // Lane j's run b: channels c_first + 32b .. + 32 of cell cell0 + j.
+        __shared__ uint32_t staged[256 / 32][32][B];
+        uint32_t(&mine)[32][B] = staged[threadIdx.x / 32];
+#pragma unroll
+        for (uint32_t b = 0; b < B; ++b) mine[lane][b] = run[b];
+        __syncwarp();
+        const float s = scales[PER_SAMPLE ? n : 0];
+        const uint64_t e0 = (n * L + cell0) * C + c_first;
+        const uint32_t vectors = cells * PER_CELL;
+        for (uint32_t j0 = lane; j0 < vectors; j0 += 32 * U) {
+            V in[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint32_t j = j0 + 32 * u;
+                if (j < vectors) in[u] = *reinterpret_cast<const V*>(x + e0 + j / PER_CELL * C + j % PER_CELL * VEC);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint32_t j = j0 + 32 * u;
+                if (j >= vectors) break;
+                const uint32_t cell = j / PER_CELL, c = j % PER_CELL * VEC;
+                const uint32_t keep = mine[cell][c / 32] >> (c % 32);
+                V out;
+#pragma unroll
+                for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in[u].v[k], (keep >> k) & 1u ? s : 0.0f);
+                *reinterpret_cast<V*>(y + e0 + cell * C + c) = out;
+            }
+        }
+        // The next item restages.
+        __syncwarp();
+    }
+};
+
+// Items of a channels-last call's keep bits: (sample, block of 32 cells, chunk of
+// 128 channels), chunk fastest. `Index` is 32 bits when the item count fits: the
+// divisions per item are then ~20 instructions instead of a 64-bit division's ~70.
+template <typename Index, typename Then>
+__device__ __forceinline__ void channels_last_items(const DropBlockGeometry& g, const DropBlockApply& a, Index items,
+                                                    const uint32_t* plane_bits, uint32_t* bits, const Then& then) {
     constexpr uint32_t B = CHANNELS_LAST_BLOCKS;
     const uint64_t L = a.plane_len, C = g.c;
     const Index cell_blocks = (Index)((L + 31) / 32), chunks = (Index)((C + 32 * B - 1) / (32 * B));
@@ -281,25 +340,41 @@ __device__ __forceinline__ void channels_last_bits(const DropBlockGeometry& g, c
         }
 #pragma unroll
         for (uint32_t b = 0; b < B; ++b) run[b] = transpose_bits(run[b], lane);
-        if (lane >= cells) continue;
         const uint64_t at = ((uint64_t)n * L + cell0 + lane) * C + c_first;
-        if (vectors) {
+        if (lane < cells && vectors) {
             *reinterpret_cast<uint4*>(&bits[at >> 5]) = make_uint4(run[0], run[1], run[2], run[3]);
-            continue;
-        }
+        } else if (lane < cells) {
 #pragma unroll
-        for (uint32_t b = 0; b < B; ++b) {
-            const uint64_t c0 = c_first + 32 * b, bit = at + 32 * b;
-            if (c0 >= C) break;
-            const uint32_t shift = (uint32_t)(bit & 31), channels = (uint32_t)min((uint64_t)32, C - c0);
-            if (whole_words) {
-                bits[bit >> 5] = run[b];
-            } else if (run[b]) {
-                atomicOr(&bits[bit >> 5], run[b] << shift);
-                if (shift && shift + channels > 32) atomicOr(&bits[(bit >> 5) + 1], run[b] >> (32 - shift));
+            for (uint32_t b = 0; b < B; ++b) {
+                const uint64_t c0 = c_first + 32 * b, bit = at + 32 * b;
+                if (c0 >= C) break;
+                const uint32_t shift = (uint32_t)(bit & 31), channels = (uint32_t)min((uint64_t)32, C - c0);
+                if (whole_words) {
+                    bits[bit >> 5] = run[b];
+                } else if (run[b]) {
+                    atomicOr(&bits[bit >> 5], run[b] << shift);
+                    if (shift && shift + channels > 32) atomicOr(&bits[(bit >> 5) + 1], run[b] >> (32 - shift));
+                }
             }
         }
+        then((uint64_t)n, cell0, c_first, cells, run, lane);
     }
+}
+
+// The number of items of a channels-last call's keep bits.
+__device__ __forceinline__ uint64_t channels_last_item_count(const DropBlockGeometry& g, const DropBlockApply& a) {
+    return (uint64_t)g.n * ((a.plane_len + 31) / 32) *
+           (((uint64_t)g.c + DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS - 1) / DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS);
+}
+
+template <typename Then>
+__device__ __forceinline__ void channels_last(const DropBlockGeometry& g, const DropBlockApply& a,
+                                              const uint32_t* plane_bits, uint32_t* bits, const Then& then) {
+    const uint64_t items = channels_last_item_count(g, a);
+    if (items <= 0xffffffffull)
+        channels_last_items<uint32_t>(g, a, (uint32_t)items, plane_bits, bits, then);
+    else
+        channels_last_items<uint64_t>(g, a, items, plane_bits, bits, then);
 }
 
 // The keep bits of a channels-last call in the tensor's own order, one bit per
@@ -310,13 +385,27 @@ __device__ __forceinline__ void channels_last_bits(const DropBlockGeometry& g, c
 // otherwise runs straddle words and are ORed into bits the host zeroed.
 extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock_channels_last_bits(DropBlockGeometry g, DropBlockApply a, const uint32_t* plane_bits, uint32_t* bits) {
-    const uint64_t items = (uint64_t)g.n * ((a.plane_len + 31) / 32) *
-                           (((uint64_t)g.c + DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS - 1) / DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS);
-    if (items <= 0xffffffffull)
-        channels_last_bits<uint32_t>(g, a, (uint32_t)items, plane_bits, bits);
-    else
-        channels_last_bits<uint64_t>(g, a, items, plane_bits, bits);
+    channels_last(g, a, plane_bits, bits, BitsOnly{});
 }
+
+// A channels-last forward's keep bits and its scaled copy in one pass, for C a
+// multiple of 128 and 16-byte aligned x and y (Zero fill): the bits as
+// dropblock_channels_last_bits stores them, and y from them while they are in
+// registers (ScaleItem), where the transpose and the flat apply took two launches
+// and a read of the bits back.
+#define DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, OP, PER_SAMPLE)                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_##OP##_##NAME(                                 \
+        DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* plane_bits, uint32_t* bits,       \
+        const float* scales) {                                                                                   \
+        channels_last(g, a, plane_bits, bits, ScaleItem<T, PER_SAMPLE>{x, y, scales, a.plane_len, g.c});         \
+    }
+#define DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(T, NAME)                                                            \
+    DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, apply_channels_last, false)                                     \
+    DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, apply_channels_last_per_sample, true)
+
+DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(float, f32)
+DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__half, f16)
+DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__nv_bfloat16, bf16)
 
 // One thread per window: the seed words of every window of the call, in window
 // order.

@@ -95,9 +95,12 @@ impl BlockMasks {
     #[inline]
     pub(crate) fn bits_from(&self, b: usize) -> u64 {
         let (i, s) = (b / WORD, b % WORD);
-        let hi = self.words.get(i + 1).copied().unwrap_or(0);
-        // `hi << (64 - s)` without a branch for s = 0, where it must be 0.
-        self.words[i] >> s | (hi << 1) << (WORD - 1 - s)
+        let (lo, hi) = match self.words.get(i..i + 2) {
+            Some(&[lo, hi]) => (lo, hi),
+            _ => (self.words[i], 0),
+        };
+        // One funnel shift (`shrd`), which the transposes' row reads are made of.
+        (((hi as u128) << WORD | lo as u128) >> s) as u64
     }
 }
 

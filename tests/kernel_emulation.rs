@@ -33,9 +33,11 @@ mod emulation {
     use std::process::Command;
     use std::sync::Arc;
 
-    use dropblock::cuda::{apply_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS};
+    use dropblock::cuda::{
+        apply_op, channels_last_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS, CHANNELS_LAST_OPS,
+    };
     use dropblock::sampling::Plan;
-    use dropblock::{abi, cpu, DropBlockConfig, Fill, Layout, Mode, RngKey, Shape};
+    use dropblock::{abi, cpu, DropBlockConfig, Fill, Layout, Mode, Normalize, RngKey, Shape, Sharing};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -168,12 +170,15 @@ mod emulation {
         // Channels-last a third of the time, with a channel count that is a multiple
         // of 128 (vector stores), of 32 (whole words), or neither (ORed runs), and
         // one or more 128-channel items.
+        // The count is drawn once, so the large ones are not redrawn away by the size
+        // limit below (multiples of 128 take the one-pass forward when aligned).
         let channels_last = rng.random_bool(0.35);
+        let channels = [1, 3, 17, 32, 64, 70, 128, 160, 256, 300][rng.random_range(0..10)];
         let shape = loop {
             let s = common::random_shape_of_rank(rng, rank, 3, 4, sides);
             let s = if channels_last {
                 let mut dims = s.dims().to_vec();
-                dims[1] = [1, 3, 17, 32, 64, 70, 128, 160, 256, 300][rng.random_range(0..10)];
+                dims[1] = channels;
                 Shape::from_dims(&dims).unwrap().with_layout(Layout::ChannelsLast)
             } else {
                 s
@@ -233,12 +238,13 @@ mod emulation {
         let mut seen = std::collections::HashSet::new();
         let mut seen_rank = std::collections::HashSet::new();
         let mut seen_layout = std::collections::HashSet::new();
-        let mut noise_cases = 0;
+        let (mut noise_cases, mut one_pass_cases) = (0, 0);
         for i in 0..84 {
             let rank = [2, 1, 3][i as usize % 3];
             let case = random_case(&mut rng, rank);
-            let (path, vector) =
+            let (path, vector, one_pass) =
                 check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            one_pass_cases += one_pass as u32;
             seen.insert((path, vector));
             seen_rank.insert((rank, path == LaunchPath::Grid));
             if case.channels_last() {
@@ -248,6 +254,9 @@ mod emulation {
         }
         if noise_cases < 4 {
             return Err(format!("only {noise_cases} noise-fill cases: widen random_case").into());
+        }
+        if one_pass_cases < 2 {
+            return Err(format!("only {one_pass_cases} one-pass channels-last cases: widen random_case").into());
         }
         for grid in [false, true] {
             for whole_words in [false, true] {
@@ -273,9 +282,32 @@ mod emulation {
             let mut case = random_case(&mut rng, rank);
             case.shape = Shape::from_dims(dims).unwrap();
             let check_case = check::<T>(driver, dtype, case, 500 + i as u64);
-            let (path, _) = check_case.map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            let (path, _, _) = check_case.map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
             if rank == 3 && path != LaunchPath::Grid {
                 return Err(format!("{case:?}: a plane past a tile took {path:?}").into());
+            }
+        }
+        // The one-pass channels-last forward under each normalisation and sharing,
+        // with samples whose scales differ (PerSample reads sample n's).
+        for (i, (normalize, sharing)) in [
+            (Normalize::PerSample, Sharing::None),
+            (Normalize::PerSample, Sharing::Channels),
+            (Normalize::Global, Sharing::Batch),
+            (Normalize::Expected, Sharing::None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut case = random_case(&mut rng, 2);
+            case.shape = Shape::from_dims(&[3, 128 * (1 + i % 2), 5, 9]).unwrap().with_layout(Layout::ChannelsLast);
+            case.cfg = case.cfg.to_builder().fill(Fill::Zero).normalize(normalize).sharing(sharing).build().unwrap();
+            case.unaligned = false;
+            let (_, _, one_pass) =
+                check::<T>(driver, dtype, case, 700 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            if !one_pass {
+                return Err(
+                    format!("{case:?}: an aligned channels-last forward of 128·k channels took two passes").into()
+                );
             }
         }
         for (i, case) in exact_threshold_cases().into_iter().enumerate() {
@@ -487,7 +519,15 @@ mod emulation {
     }
 
     /// Returns the launch path the case took and whether it used the vector kernels.
-    fn check<T: CudaElement>(driver: &Path, dtype: u32, c: Case, seed: u64) -> Result<(LaunchPath, bool), String> {
+    /// Runs case `c` emulated and against the CPU: its launch path, whether its
+    /// element pass took 16-byte vectors, and whether a channels-last forward took
+    /// the one-pass kernel.
+    fn check<T: CudaElement>(
+        driver: &Path,
+        dtype: u32,
+        c: Case,
+        seed: u64,
+    ) -> Result<(LaunchPath, bool, bool), String> {
         let (shape, n) = (c.shape, c.shape.numel());
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
         // After `calls` calls a device generator has stepped to the last call's key
@@ -512,7 +552,13 @@ mod emulation {
         if c.channels_last() {
             apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
         }
-        let op = apply_op::<T>(!c.unaligned, &apply_g, &apply);
+        let one_pass = channels_last_op(shape, !c.unaligned, &launch);
+        let op = one_pass.unwrap_or_else(|| apply_op::<T>(!c.unaligned, &apply_g, &apply));
+        let layout = match (c.channels_last(), one_pass) {
+            (false, _) => 0u32,
+            (true, None) => 1,
+            (true, Some(_)) => 2,
+        };
 
         let mut req = Vec::new();
         for v in [
@@ -525,7 +571,7 @@ mod emulation {
             c.unaligned as u32,
             c.device_key as u32,
             calls,
-            c.channels_last() as u32,
+            layout,
             (c.cfg.fill() == Fill::Noise) as u32,
             0,
         ] {
@@ -547,7 +593,8 @@ mod emulation {
         let key_after: Vec<u64> = take(&mut buf, 2);
         // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
         let stepped = if c.device_key { c.key.offset().wrapping_add(17 * calls as u64) } else { c.key.offset() };
-        let tag = format!("{path:?}, {:?}, {calls} call(s)", APPLY_OPS[op]);
+        let kernel = if one_pass.is_some() { CHANNELS_LAST_OPS[op] } else { APPLY_OPS[op] };
+        let tag = format!("{path:?}, {kernel:?}, {calls} call(s)");
         if key_after != [c.key.seed(), stepped] {
             return Err(format!(
                 "generator after the calls {key_after:?}, expected [{}, {stepped}] ({tag})",
@@ -570,6 +617,6 @@ mod emulation {
         if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
             return Err(format!("y[{i}] = {:?}, cpu {:?} ({tag})", y[i], y_cpu[i]));
         }
-        Ok((path, op != 4))
+        Ok((path, one_pass.is_some() || op != 4, one_pass.is_some()))
     }
 }

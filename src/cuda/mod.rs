@@ -44,5 +44,8 @@ mod ranges;
 
 pub use module::{built_archs, context, driver_present, fatbin, ptxas_report};
 #[doc(hidden)]
-pub use ops::{apply_op, kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath, APPLY_OPS};
+pub use ops::{
+    apply_op, channels_last_op, kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath, APPLY_OPS,
+    CHANNELS_LAST_OPS,
+};
 pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

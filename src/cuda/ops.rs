@@ -52,6 +52,10 @@ const UNTYPED: [&str; 9] = [
 pub const APPLY_OPS: [&str; 5] =
     ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "apply_unaligned"];
 const FUSED_OPS: [&str; 2] = ["fused", "fused_unaligned"];
+/// A channels-last forward's keep bits and scaled copy in one pass, by scales
+/// (tests/emulator/driver.cpp indexes them in this order).
+#[doc(hidden)]
+pub const CHANNELS_LAST_OPS: [&str; 2] = ["apply_channels_last", "apply_channels_last_per_sample"];
 /// Noise fill's forward pass (any alignment).
 const FILL_OPS: [&str; 1] = ["fill_noise"];
 /// The element-wise kernels' dtype suffixes are the dtypes' names, so a dtype
@@ -66,7 +70,7 @@ const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
 type KernelKey = (&'static str, &'static str);
 
 fn kernel_keys() -> impl Iterator<Item = KernelKey> {
-    let typed = APPLY_OPS.iter().chain(&FUSED_OPS).chain(&FILL_OPS);
+    let typed = APPLY_OPS.iter().chain(&FUSED_OPS).chain(&FILL_OPS).chain(&CHANNELS_LAST_OPS);
     UNTYPED.iter().map(|&op| (op, "")).chain(typed.flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
 }
 
@@ -170,7 +174,8 @@ pub struct DeviceState {
     shape: Shape,
     keep_bits: CudaSlice<u32>,
     /// Channels-last shapes: owns the planes' bits (`ptrs.plane_bits`), which the
-    /// count pass writes and `channels_last_bits` turns into `keep_bits` in the
+    /// count pass writes and `channels_last_bits` (or, in a forward with
+    /// `channels_last_op`, the one-pass kernel) turns into `keep_bits` in the
     /// tensor's order.
     _plane_bits: Option<CudaSlice<u32>>,
     counts: CudaSlice<u64>,
@@ -741,12 +746,20 @@ impl DropBlockCuda {
                 unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
             }
         }
-        if shape.layout() == Layout::ChannelsLast {
+        let one_pass = io.as_ref().and_then(|io| channels_last_op(shape, io.aligned(), &launch));
+        if shape.layout() == Layout::ChannelsLast && one_pass.is_none() {
             self.launch_channels_last_bits(stream, state, &g, &a)?;
         }
         state.call = Some(Call { masked: Some((plan, launch)), shard: None });
         if let Some(io) = &io {
-            if launch.path != LaunchPath::Fused {
+            if let Some(op) = one_pass {
+                let k = self.kernel(CHANNELS_LAST_OPS[op], T::DTYPE.name())?;
+                let mut b = stream.launch_builder(&k.function);
+                b.arg(&g).arg(&a).arg(&io.x).arg(&io.y).arg(&p.plane_bits).arg(&p.keep_bits).arg(&p.scales);
+                // SAFETY: argument types match the kernel; x and y hold numel elements
+                // (16-byte aligned), both bit buffers a bit per element, the scales N.
+                unsafe { b.launch(self.launch_config(k, channels_last_items(&g, &a).div_ceil(THREADS as u64 / 32))) }?;
+            } else if launch.path != LaunchPath::Fused {
                 self.launch_element_pass::<T>(stream, state, &plan, &launch, io, Pass::Forward)?;
             }
         }
@@ -771,12 +784,8 @@ impl DropBlockCuda {
         let k = self.kernel("channels_last_bits", "")?;
         let mut b = stream.launch_builder(&k.function);
         b.arg(g).arg(a).arg(&p.plane_bits).arg(&p.keep_bits);
-        // A warp per item of 32 cells x DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS channels.
-        let items = g.n as u64
-            * a.plane_len.div_ceil(32)
-            * (g.c as u64).div_ceil(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64);
         // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
-        unsafe { b.launch(self.launch_config(k, items.div_ceil(THREADS as u64 / 32))) }?;
+        unsafe { b.launch(self.launch_config(k, channels_last_items(g, a).div_ceil(THREADS as u64 / 32))) }?;
         Ok(())
     }
 
@@ -1010,6 +1019,23 @@ pub fn apply_op<T>(aligned: bool, g: &abi::DropBlockGeometry, a: &abi::DropBlock
         return 4;
     }
     2 * shared as usize + per_sample as usize
+}
+
+/// A warp's items of the channels-last kernels: 32 cells x
+/// `DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS` channels of one sample each.
+fn channels_last_items(g: &abi::DropBlockGeometry, a: &abi::DropBlockApply) -> u64 {
+    g.n as u64 * a.plane_len.div_ceil(32) * (g.c as u64).div_ceil(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64)
+}
+
+/// The kernel (an index into [`CHANNELS_LAST_OPS`]) that gives a channels-last
+/// forward its keep bits and its scaled copy in one pass, where it applies: Zero
+/// fill, 16-byte aligned buffers and C a multiple of the item's channels (so a
+/// cell's channels are whole vectors). Otherwise the transpose and the flat apply.
+#[doc(hidden)]
+pub fn channels_last_op(shape: Shape, aligned: bool, launch: &CallPlan) -> Option<usize> {
+    let whole_items = (shape.c() as u64).is_multiple_of(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64);
+    (shape.layout() == Layout::ChannelsLast && aligned && whole_items && !launch.noise)
+        .then_some((launch.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE) as usize)
 }
 
 /// `y = x` for an identity call (nothing to do in place).

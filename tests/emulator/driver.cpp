@@ -10,9 +10,10 @@
 // generator, which the kernels step; the sampling struct's own key is then
 // zeroed), u32 calls (the whole sequence runs this many times on the same state,
 // with no reset between: the counters must come back zeroed), u32 channels_last
-// (the count pass writes the planes' bits to a scratch buffer and
-// dropblock_channels_last_bits turns them into the keep bits; the apply kernel was
-// chosen for flat bits), u32 fill (noise fill: dropblock_fill_noise_<T> instead of
+// (1: the count pass writes the planes' bits to a scratch buffer and
+// dropblock_channels_last_bits turns them into the keep bits, the apply kernel
+// chosen for flat bits; 2: the one-pass kernel CHANNELS_LAST_OPS[apply] does both,
+// as channels_last_op in src/cuda/ops.rs chose it), u32 fill (noise fill: dropblock_fill_noise_<T> instead of
 // the apply kernel), u32 shard (a shard's call, below), then
 // DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
 // in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
@@ -49,6 +50,9 @@ void write_vec(std::ofstream& out, const std::vector<T>& v) {
 
 template <typename T>
 using ApplyKernel = void (*)(DropBlockGeometry, DropBlockApply, const T*, T*, const uint32_t*, const float*);
+template <typename T>
+using ChannelsLastKernel = void (*)(DropBlockGeometry, DropBlockApply, const T*, T*, const uint32_t*, uint32_t*,
+                                   const float*);
 template <typename T>
 using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSampling, unsigned long long*,
                              DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
@@ -137,8 +141,9 @@ int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* a
 }
 
 template <typename T>
-int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FusedKernel<T> fused_k,
-        FillKernel<T> fill_k, const char* out_path) {
+int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops,
+        const ChannelsLastKernel<T>* channels_last_ops, FusedKernel<T> fused_k, FillKernel<T> fill_k,
+        const char* out_path) {
     if (r.shard) return run_shard<T>(p, end, r, apply_ops, fill_k, out_path);
     const DropBlockApply& a = r.a;
     const DropBlockGeometry& g = r.g;
@@ -180,6 +185,11 @@ int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_o
                         bits.data());
             emu::launch(dropblock_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
                         kp);
+        }
+        if (r.channels_last == 2) {
+            emu::launch(channels_last_ops[r.apply], r.apply_blocks, 256, g, a, (const T*)xp, yp,
+                        (const uint32_t*)scratch.data(), keep.data(), (const float*)scales.data());
+            continue;
         }
         if (r.channels_last) {
             if (g.c % 32) std::fill(keep.begin(), keep.end(), 0u);
@@ -223,17 +233,20 @@ int main(int argc, char** argv) {
     read_pod(p, r.tiles);
     read_pod(p, r.s);
     read_pod(p, r.a);
-    if (r.apply > 4) {
+    if (r.apply > (r.channels_last == 2 ? 1u : 4u)) {
         std::fprintf(stderr, "unknown apply kernel %u\n", r.apply);
         return 2;
     }
-    // APPLY_OPS: the order of APPLY_OPS in src/cuda/ops.rs.
+    // ops, channels_last_ops: the order of APPLY_OPS and CHANNELS_LAST_OPS in src/cuda/ops.rs.
 #define DROPBLOCK_RUN(T, NAME)                                                                                   \
     [&] {                                                                                                        \
         const ApplyKernel<T> ops[] = {dropblock_apply_##NAME, dropblock_apply_per_sample_##NAME,             \
                                       dropblock_apply_shared_##NAME, dropblock_apply_shared_per_sample_##NAME, \
                                       dropblock_apply_unaligned_##NAME};                                       \
-        return run<T>(p, end, r, ops, r.unaligned ? dropblock_fused_unaligned_##NAME : dropblock_fused_##NAME, \
+        const ChannelsLastKernel<T> channels_last_ops[] = {dropblock_apply_channels_last_##NAME,               \
+                                                           dropblock_apply_channels_last_per_sample_##NAME};   \
+        return run<T>(p, end, r, ops, channels_last_ops,                                                         \
+                      r.unaligned ? dropblock_fused_unaligned_##NAME : dropblock_fused_##NAME,                    \
                       dropblock_fill_noise_##NAME, argv[2]);                                                     \
     }()
     switch (r.dtype) {
