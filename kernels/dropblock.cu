@@ -18,7 +18,8 @@
 //                                      own order, from the planes' bits
 //   dropblock_apply_channels_last_<T>,  the same bits and, from them, a
 //   dropblock_apply_channels_last_per_sample_<T>  channels-last forward's scaled
-//                                      copy in one pass (C a multiple of 128)
+//                                      copy in one pass (C a multiple of 128,
+//                                      x and y 16-byte aligned, Zero fill)
 //   dropblock_sample_seeds           the raw seed words, for checking the sampler
 //   dropblock_shard_blocks,          a shard's part of the mask (src/shard.rs):
 //   dropblock_shard_count,             its seeds' blocks clipped to its box, its
@@ -279,11 +280,13 @@ struct ScaleItem {
         constexpr uint32_t B = CHANNELS_LAST_BLOCKS, VEC = 16 / sizeof(T), PER_CELL = 32 * B / VEC;
         constexpr int U = UNROLL_LEAN;
         using V = Vec<T, VEC>;
-        // Lane j's run b: channels c_first + 32b .. + 32 of cell cell0 + j.
-        __shared__ uint32_t staged[256 / 32][32][B];
-        uint32_t(&mine)[32][B] = staged[threadIdx.x / 32];
-#pragma unroll
-        for (uint32_t b = 0; b < B; ++b) mine[lane][b] = run[b];
+        // Lane j's run b: channels c_first + 32b .. + 32 of cell cell0 + j; a warp's
+        // runs for each of the block's warps (the kernels' 256 threads). One 16-byte
+        // store a lane, where four 4-byte ones 16 bytes apart conflicted 4 ways.
+        static_assert(B == 4, "a lane's runs are one uint4");
+        __shared__ uint4 staged[256 / 32][32];
+        uint4(&mine)[32] = staged[threadIdx.x / 32];
+        mine[lane] = make_uint4(run[0], run[1], run[2], run[3]);
         __syncwarp();
         const float s = scales[PER_SAMPLE ? n : 0];
         const uint64_t e0 = (n * L + cell0) * C + c_first;
@@ -300,7 +303,7 @@ struct ScaleItem {
                 const uint32_t j = j0 + 32 * u;
                 if (j >= vectors) break;
                 const uint32_t cell = j / PER_CELL, c = j % PER_CELL * VEC;
-                const uint32_t keep = mine[cell][c / 32] >> (c % 32);
+                const uint32_t keep = reinterpret_cast<const uint32_t*>(&mine[cell])[c / 32] >> (c % 32);
                 V out;
 #pragma unroll
                 for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in[u].v[k], (keep >> k) & 1u ? s : 0.0f);

@@ -277,8 +277,9 @@ __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const Dro
     // Tiles hold whole groups of q planes: the tile's first window is a group's.
     const uint64_t window0 = t * tiles.groups_per_tile * m;
     const uint32_t windows = (tile.planes + q - 1) / q * m;
-    // Whole warps go round together (lanes past the last window sample nothing), so
-    // a warp reserves its seeds' queue slots with one shared atomic, not one per seed.
+    // Whole warps go round together (lanes past the last window sample nothing; the
+    // block is whole warps, 256 threads), so a warp reserves its seeds' queue slots
+    // with one shared atomic, not one per seed.
     for (uint32_t i0 = threadIdx.x - lane; i0 < windows; i0 += blockDim.x) {
         const uint32_t i = i0 + lane;
         // The window's first seed cell in the tile, and its seeds.

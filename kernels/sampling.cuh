@@ -75,7 +75,8 @@ __device__ __forceinline__ Thresholds shared_thresholds(const DropBlockSampling&
 // The seeds of window `window`, of `len` (1..64) cells, as bits, a Philox block at
 // a time. The walk is sequential only through its position: a draw u places its
 // seed G(u) cells on wherever the walk stands, and ends the walk exactly when that
-// seed would fall at or past the end (u >= t[len - pos - 1] is pos + G(u) >= len).
+// seed would fall at or past the end (u >= t[len - pos - 1] is pos + G(u) >= len,
+// as t is monotone: src/sampling.rs, thresholds, makes it so).
 // So a block's four draws are four searches and a running sum, the same on every
 // lane, with no branch on which draw ends the walk; another block only when the
 // fourth draw placed a seed before the end (src/sampling.rs, Plan::walk_from).

@@ -171,7 +171,8 @@ impl Plan {
     /// The contract's walk is sequential only through its position: a draw `u`
     /// places its seed `G(u)` cells on, `G(u)` the smallest `g` with `u < T[g]`
     /// (64 if none), whatever the position, and it stops the walk exactly when that
-    /// seed would fall at or past the window's end (`u >= T[r-1]` is `G(u) >= r`).
+    /// seed would fall at or past the window's end (`u >= T[r-1]` is `G(u) >= r`, as
+    /// `T` is monotone: [`thresholds`] makes it so).
     /// So a block's four draws are four independent searches and a running sum,
     /// with no branch on which of them ends the walk.
     #[inline(always)]
@@ -221,6 +222,7 @@ impl Plan {
 /// `(window, len, tag)`s, then [`Walker::finish`]. (Plain pushes from the caller's
 /// loops, not an iterator, keep the batch in registers: a nested iterator's `next`
 /// was left out of line, and its items stored and reloaded whole.)
+#[must_use = "windows stay queued until `finish`"]
 pub(crate) struct Walker<'p, T, F> {
     plan: &'p Plan,
     batch: [(u64, u32, T); LANES],

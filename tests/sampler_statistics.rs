@@ -282,10 +282,17 @@ fn thresholds_edge_cases() {
 fn sample_window_follows_the_documented_walk() {
     // Rates where thresholds crowd into one bucket of a draw's top 8 bits (near 0 at
     // 1e-7, near 2^32 from 0.3 on) take the samplers' searches past their two
-    // table steps.
-    for (gamma, seed, offset) in
-        [(0.05, 11u64, 0u64), (0.3, 12, 17), (0.9, 13, 1 << 40), (1e-3, u64::MAX, 5), (1e-7, 14, 3), (0.6, 15, 9)]
-    {
+    // table steps; at 1e-10 the first thresholds are 0, at 1 all are 2^32.
+    for (gamma, seed, offset) in [
+        (0.05, 11u64, 0u64),
+        (0.3, 12, 17),
+        (0.9, 13, 1 << 40),
+        (1e-3, u64::MAX, 5),
+        (1e-7, 14, 3),
+        (0.6, 15, 9),
+        (1e-10, 16, 2),
+        (1.0, 17, 4),
+    ] {
         let plan = plan_with_gamma(gamma, one_cell(), seed, offset);
         let key = RngKey::new(seed, offset).unwrap();
         let t = thresholds(gamma);
