@@ -344,9 +344,11 @@ __device__ __forceinline__ void channels_last_items(const DropBlockGeometry& g, 
 #pragma unroll
         for (uint32_t b = 0; b < B; ++b) run[b] = transpose_bits(run[b], lane);
         const uint64_t at = ((uint64_t)n * L + cell0 + lane) * C + c_first;
-        if (lane < cells && vectors) {
-            *reinterpret_cast<uint4*>(&bits[at >> 5]) = make_uint4(run[0], run[1], run[2], run[3]);
-        } else if (lane < cells) {
+        auto store = [&] {
+            if (vectors) {
+                *reinterpret_cast<uint4*>(&bits[at >> 5]) = make_uint4(run[0], run[1], run[2], run[3]);
+                return;
+            }
 #pragma unroll
             for (uint32_t b = 0; b < B; ++b) {
                 const uint64_t c0 = c_first + 32 * b, bit = at + 32 * b;
@@ -359,7 +361,9 @@ __device__ __forceinline__ void channels_last_items(const DropBlockGeometry& g, 
                     if (shift && shift + channels > 32) atomicOr(&bits[(bit >> 5) + 1], run[b] >> (32 - shift));
                 }
             }
-        }
+        };
+        // Lanes past the last cell hold the next plane's bits: they store nothing.
+        if (lane < cells) store();
         then((uint64_t)n, cell0, c_first, cells, run, lane);
     }
 }
