@@ -4,6 +4,8 @@
 //! It is the oracle that the CUDA path matches bit for bit, and a full fallback
 //! where no GPU is present.
 
+mod word;
+
 use rayon::prelude::*;
 
 use crate::abi;
@@ -14,6 +16,7 @@ use crate::mask::{transpose_cells, BlockMasks};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
+use word::{fill_group, scale_group};
 
 /// What forward hands to backward: the block masks and the scale(s).
 #[derive(Debug, Clone)]
@@ -321,62 +324,6 @@ const CHUNK: usize = 1 << 15;
 /// transpose then serves 64 channels (at C = 3 it would serve 3, and backward
 /// took 2.6x channels-first's time, 2026-11-30).
 const EACH_REGION_CHANNELS: usize = 64;
-
-/// `d = s · factor` (`d = d · factor` without `s`) for up to 64 elements, the
-/// factor 0 where `dropped` has the bit and `scale` elsewhere. Every element is
-/// multiplied by one factor in a loop the compiler vectorises, and the few dropped
-/// ones among kept ones are multiplied by 0 from their original values: after the
-/// loop out of place, before it in place, where the loop then takes them from
-/// `x · 0` (±0 or NaN) to `x · 0 · scale`, the same, as the scale is finite and
-/// non-negative. So NaN, infinities and signed zeros come out exactly as `x · 0`
-/// (a kept value times the scale could overflow to infinity, and infinity times 0
-/// is NaN).
-#[inline(always)]
-fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) {
-    let all = u64::MAX >> (64 - d.len());
-    let dropped = dropped & all;
-    let (factor, fixups) = match dropped {
-        0 => (scale, 0),
-        _ if dropped == all => (0.0, 0),
-        _ => (scale, dropped),
-    };
-    match s {
-        Some(s) => {
-            d.iter_mut().zip(s).for_each(|(d, s)| *d = T::from_f32(s.to_f32() * factor));
-            times_zero(fixups, Some(s), d);
-        }
-        None => {
-            times_zero(fixups, None, d);
-            d.iter_mut().for_each(|d| *d = T::from_f32(d.to_f32() * factor));
-        }
-    }
-}
-
-/// Noise fill for up to 64 elements: `d = s` (kept, unscaled; in place nothing),
-/// and `d[i] = noise(i)` for each bit `i` of `dropped`.
-#[inline(always)]
-fn fill_group<T: Element>(dropped: u64, s: Option<&[T]>, d: &mut [T], noise: impl Fn(usize) -> f32) {
-    if let Some(s) = s {
-        d.copy_from_slice(s);
-    }
-    let mut bits = dropped & (u64::MAX >> (64 - d.len()));
-    while bits != 0 {
-        let i = bits.trailing_zeros() as usize;
-        bits &= bits - 1;
-        d[i] = T::from_f32(noise(i));
-    }
-}
-
-/// `d[i] = x_i · 0` for each bit `i` of `bits`, `x` from `s`, or in place from `d`.
-#[inline(always)]
-fn times_zero<T: Element>(mut bits: u64, s: Option<&[T]>, d: &mut [T]) {
-    while bits != 0 {
-        let i = bits.trailing_zeros() as usize;
-        bits &= bits - 1;
-        let x = s.map_or(d[i], |s| s[i]);
-        d[i] = T::from_f32(x.to_f32() * 0.0);
-    }
-}
 
 /// Samples the masks and computes the scale(s), without touching any tensor.
 /// Errors only when the host cannot hold the masks (one bit per mask cell).
