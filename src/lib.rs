@@ -138,6 +138,9 @@
 
 #![deny(missing_docs)]
 
+#[macro_use]
+mod simd;
+
 #[rustfmt::skip]
 pub mod abi;
 #[cfg(feature = "candle")]

@@ -18,32 +18,6 @@ const WORD: usize = 64;
 /// enough to stay in a core's L2 while its blocks are ORed in.
 const TILE_BITS: usize = 1 << 20;
 
-/// `with_feature! { "f", fn $name(args) { body } }` defines `$name`, which runs its
-/// body compiled with target feature `f` when the CPU has it, and as built
-/// otherwise: the crate builds for the x86-64 baseline, which has neither `popcnt`
-/// nor AVX2 (the CPU passes' bit lanes vectorise two to an instruction, not four).
-macro_rules! with_feature {
-    ($feature:tt, $(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$doc])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = $feature)]
-                fn with($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                if std::is_x86_feature_detected!($feature) {
-                    // SAFETY: the CPU was just found to have the feature.
-                    return unsafe { with($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
 /// The dropped cells of every mask plane: bit `b % 64` of word `b / 64` is set
 /// when bit `b = plane · L + cell` is dropped. Bits past the last plane are clear.
 #[derive(Debug, Clone)]

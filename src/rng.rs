@@ -186,7 +186,7 @@ impl RngKey {
         ];
         let key = [self.seed as u32, (self.seed >> 32) as u32];
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
+        if cpu_has!("avx2") {
             // SAFETY: the CPU was just found to have AVX2.
             return unsafe { philox4x32_10_avx2(ctr, key) };
         }

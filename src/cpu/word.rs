@@ -55,7 +55,7 @@ fn scale_then_fix<T: Element>(factor: f32, fixups: u64, s: Option<&[T]>, d: &mut
 #[inline(always)]
 fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d: &mut [T; 64]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+    if cpu_has!("avx2", "f16c") {
         // SAFETY: the CPU was just found to have AVX2 and F16C.
         unsafe { scale_word_avx2(dropped, scale, s, d) };
         return true;
@@ -207,7 +207,7 @@ mod tests {
                 let (mut want, mut got) = ([T::default(); 64], [T::default(); 64]);
                 scale_then_fix(scale, dropped, Some(&x), &mut want);
                 if !scale_word(dropped, scale, Some(&x), &mut got) {
-                    eprintln!("scale_word_is_the_portable_form: this CPU lacks AVX2 or F16C, the path is not taken");
+                    eprintln!("scale_word_is_the_portable_form: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the path is not taken");
                     return;
                 }
                 assert_eq!(bits(&got), bits(&want), "out of place, dropped {dropped:#018x}, scale {scale}");
@@ -227,8 +227,8 @@ mod tests {
     #[test]
     fn lane_conversions_are_the_elements() {
         use std::arch::x86_64::*;
-        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")) {
-            eprintln!("lane_conversions_are_the_elements: this CPU lacks AVX2 or F16C, the lanes are not used");
+        if !cpu_has!("avx2", "f16c") {
+            eprintln!("lane_conversions_are_the_elements: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the lanes are not used");
             return;
         }
         fn check<T: Element>(widen: fn(__m128i) -> __m256, narrow: fn(__m256) -> __m128i, low: &[u32]) {

@@ -1,0 +1,77 @@
+//! Which instruction-set extensions the CPU path uses: the crate builds for the
+//! x86-64 baseline and picks its AVX2, F16C and `popcnt` forms at run time. Every
+//! SIMD form gives the portable form's bits.
+//!
+//! `DROPBLOCK_CPU_CAPABILITY=baseline` (read once per process) keeps every call on
+//! the portable forms whatever the CPU has, so that they run under test on any
+//! machine and a SIMD form can be ruled out of a discrepancy. Unset, or `auto`,
+//! uses whatever the CPU has.
+
+use std::sync::OnceLock;
+
+/// The variable that [`simd_allowed`] reads.
+pub(crate) const CAPABILITY_VAR: &str = "DROPBLOCK_CPU_CAPABILITY";
+
+/// Whether the SIMD forms may run: not under `DROPBLOCK_CPU_CAPABILITY=baseline`.
+/// Any value but `baseline` and `auto` is reported once on stderr and taken as
+/// `auto`.
+pub(crate) fn simd_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| match std::env::var(CAPABILITY_VAR).as_deref() {
+        Ok("baseline") => false,
+        Ok("auto") | Err(std::env::VarError::NotPresent) => true,
+        Ok(other) => {
+            eprintln!("dropblock: ignoring {CAPABILITY_VAR}={other:?} (expected \"baseline\" or \"auto\")");
+            true
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("dropblock: ignoring {CAPABILITY_VAR}, which is not UTF-8 (expected \"baseline\" or \"auto\")");
+            true
+        }
+    })
+}
+
+/// `cpu_has!("f")`: whether the SIMD forms may run ([`simd_allowed`]) and the
+/// CPU has target feature `f` (x86-64 only; callers are `cfg`'d to it).
+macro_rules! cpu_has {
+    ($($feature:tt),+) => {
+        $crate::simd::simd_allowed() $(&& std::is_x86_feature_detected!($feature))+
+    };
+}
+
+/// `with_feature! { "f", fn $name(args) { body } }` defines `$name`, which runs its
+/// body compiled with target feature `f` when [`cpu_has!`] finds it, and as built
+/// otherwise: the crate builds for the x86-64 baseline, which has neither `popcnt`
+/// nor AVX2 (the CPU passes' bit lanes vectorise two to an instruction, not four).
+macro_rules! with_feature {
+    ($feature:tt, $(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = $feature)]
+                fn with($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if cpu_has!($feature) {
+                    // SAFETY: the CPU was just found to have the feature.
+                    return unsafe { with($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The gate follows the variable this process was started with: CI runs the
+    /// CPU tests once more under `baseline`, where this checks that it took.
+    #[test]
+    fn capability_variable_gates_the_simd_forms() {
+        let baseline = std::env::var(super::CAPABILITY_VAR).is_ok_and(|v| v == "baseline");
+        assert_eq!(super::simd_allowed(), !baseline);
+    }
+}
