@@ -10,11 +10,14 @@
 use std::sync::OnceLock;
 
 /// The variable that [`simd_allowed`] reads.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const CAPABILITY_VAR: &str = "DROPBLOCK_CPU_CAPABILITY";
 
 /// Whether the SIMD forms may run: not under `DROPBLOCK_CPU_CAPABILITY=baseline`.
+/// (Only x86-64 has SIMD forms so far.)
 /// Any value but `baseline` and `auto` is reported once on stderr and taken as
 /// `auto`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn simd_allowed() -> bool {
     static ALLOWED: OnceLock<bool> = OnceLock::new();
     *ALLOWED.get_or_init(|| match std::env::var(CAPABILITY_VAR).as_deref() {
@@ -33,6 +36,7 @@ pub(crate) fn simd_allowed() -> bool {
 
 /// `cpu_has!("f")`: whether the SIMD forms may run ([`simd_allowed`]) and the
 /// CPU has target feature `f` (x86-64 only; callers are `cfg`'d to it).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! cpu_has {
     ($($feature:tt),+) => {
         $crate::simd::simd_allowed() $(&& std::is_x86_feature_detected!($feature))+

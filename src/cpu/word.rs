@@ -2,7 +2,9 @@
 //! filled with noise, portably and, for whole words, in AVX2 lanes without a
 //! branch on the bits.
 
-use crate::dtype::{DType, Element};
+#[cfg(target_arch = "x86_64")]
+use crate::dtype::DType;
+use crate::dtype::Element;
 
 /// `d = s · factor` (`d = d · factor` without `s`) for up to 64 elements, the
 /// factor 0 where `dropped` has the bit and `scale` elsewhere, so NaN, infinities
