@@ -104,7 +104,7 @@ fn f16_to_f32(h: u16) -> f32 {
     } else {
         o
     };
-    f32::from_bits(o | ((h & 0x8000) as u32) << 16)
+    f32::from_bits(o | (((h & 0x8000) as u32) << 16))
 }
 
 /// f32 to f16, rounded to nearest even (F. Giesen's `float_to_half_fast3_rtne`):

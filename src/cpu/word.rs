@@ -1,6 +1,6 @@
 //! One mask word's elements (up to 64, one bit each): scaled or zeroed, or
-//! filled with noise, portably and, for whole words, in AVX2 lanes without a
-//! branch on the bits.
+//! filled with noise; portably, and in AVX2 lanes without a branch on the bits
+//! (whole words, and the 16-bit types' parts of words).
 
 #[cfg(target_arch = "x86_64")]
 use crate::dtype::DType;
@@ -9,8 +9,8 @@ use crate::dtype::Element;
 /// `d = s · factor` (`d = d · factor` without `s`) for up to 64 elements, the
 /// factor 0 where `dropped` has the bit and `scale` elsewhere, so NaN, infinities
 /// and signed zeros come out exactly as `x · 0` (a kept value times the scale could
-/// overflow to infinity, and infinity times 0 is NaN). Whole words take
-/// [`scale_word`] where the CPU can, the rest [`scale_then_fix`].
+/// overflow to infinity, and infinity times 0 is NaN): [`scale_word`] where it
+/// runs, else [`scale_then_fix`].
 #[inline(always)]
 pub(super) fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) {
     let all = u64::MAX >> (64 - d.len());
@@ -46,12 +46,13 @@ fn scale_then_fix<T: Element>(factor: f32, fixups: u64, s: Option<&[T]>, d: &mut
 }
 
 /// [`scale_group`] without a branch on the word's bits: each element times its
-/// own factor, 0 or `scale`, from lane masks of the word (AVX2, and F16C for f16).
-/// Words of scattered dropped bits (a channels-last tensor's, whose 64 elements
-/// are 64 planes; most words at k = 3) then cost what a kept word does, where the
-/// loop over the bits paid a mispredicted exit a word, and the 16-bit types convert
+/// own factor, 0 or `scale`, from lane masks of the word (AVX2 and F16C). Words of
+/// scattered dropped bits (a channels-last tensor's, whose 64 elements are 64
+/// planes; most words at k = 3) then cost what a kept word does, where the loop
+/// over the bits paid a mispredicted exit a word, and the 16-bit types convert
 /// eight lanes to an instruction (the crate builds for the x86-64 baseline). False,
-/// having done nothing, where the CPU lacks the features.
+/// having done nothing, where the CPU lacks the features (or
+/// `DROPBLOCK_CPU_CAPABILITY=baseline`) and for f32's parts of words.
 #[inline(always)]
 fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -76,10 +77,9 @@ fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]
     false
 }
 
-// The SIMD helpers below carry their target features themselves, so that each is
-// compiled with them even where it is not inlined (an `#[inline(always)]` helper
-// without them, reached through a closure or `Fn`, was left out of line with every
-// intrinsic a call: 20x slower).
+// The SIMD helpers carry their target features themselves, so that each is
+// compiled with them even where it is not inlined (one without them, left out of
+// line, made every intrinsic a call).
 
 /// The factors of [`scale_word`]: lane `l` of group `g` shifts bit `8g + l` of
 /// `dropped` into its sign, which blends 0 over `scale`.
@@ -104,7 +104,10 @@ fn lane_factors(dropped: u64, scale: f32) -> [std::arch::x86_64::__m256; 8] {
 fn scale_halves<T: Element>(factors: &[std::arch::x86_64::__m256], s: Option<&[T]>, d: &mut [T]) {
     use std::arch::x86_64::*;
     assert!(size_of::<T>() == 2 && factors.len() * 8 <= d.len() && s.is_none_or(|s| s.len() == d.len()));
-    let (src, dst) = (s.map_or(d.as_ptr(), |s| s.as_ptr()) as *const __m128i, d.as_mut_ptr() as *mut __m128i);
+    // In place, `src` derives from `dst`, so writes through one do not invalidate
+    // the other.
+    let dst = d.as_mut_ptr();
+    let (src, dst) = (s.map_or(dst as *const T, |s| s.as_ptr()) as *const __m128i, dst as *mut __m128i);
     for (g, f) in factors.iter().enumerate() {
         // SAFETY: 8 two-byte elements (16 bytes) of each, in bounds (asserted),
         // read and written unaligned; in place, each group is read before it is
@@ -151,9 +154,9 @@ fn scale_part_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mu
     }
 }
 
-/// 8 f16 or bf16 to f32: F16C's conversion, or bf16's upper halves. A signalling
-/// NaN stays one here; the multiply after makes it quiet, as `Element::to_f32`
-/// does before it.
+/// 8 f16 or bf16 to f32: F16C's conversion (which makes a NaN quiet, as
+/// `Element::to_f32`), or bf16's upper halves (a signalling NaN stays one here;
+/// the multiply after makes it quiet, as `Element::to_f32` does before it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
@@ -228,8 +231,40 @@ mod tests {
     /// place and in place, on values whose product with 0 or the scale is special
     /// (NaN, infinities, signed zeros, overflow).
     fn word_is_the_portable_form<T: Element>() {
-        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, f32::MAX, -f32::MAX, 1.5, -3.25];
-        let x: [T; 64] = std::array::from_fn(|i| T::from_f32(specials[i % specials.len()] * (1 + i / 9) as f32));
+        // Each type's own bit patterns: NaN with payloads, either sign and
+        // signalling, infinities, signed zeros, subnormals, the largest finite
+        // values and values that overflow or round under the scale.
+        let raw = |bits: u32| -> T {
+            // SAFETY: as many bytes read as T has (2 or 4), from a u16 or a u32.
+            unsafe {
+                match size_of::<T>() {
+                    2 => std::mem::transmute_copy(&(bits as u16)),
+                    _ => std::mem::transmute_copy(&bits),
+                }
+            }
+        };
+        let patterns: &[u32] = match T::DTYPE {
+            DType::F16 => &[0x7E01, 0xFE3F, 0x7C01, 0x7C00, 0xFC00, 0x8000, 0, 0x0001, 0x83FF, 0x7BFF, 0xFBFF, 0x3C01],
+            DType::BF16 => &[0x7FC1, 0xFFBF, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0, 0x0001, 0x807F, 0x7F7F, 0xFF7F, 0x3F81],
+            DType::F32 => &[
+                0x7FC0_0001,
+                0xFFBF_FFFF,
+                0x7F80_0001,
+                0x7F80_0000,
+                0xFF80_0000,
+                0x8000_0000,
+                0,
+                1,
+                0x807F_FFFF,
+                0x7F7F_FFFF,
+                0xFF7F_FFFF,
+                0x3F80_0001,
+            ],
+        };
+        let x: [T; 64] = std::array::from_fn(|i| match i % 3 {
+            0 => raw(patterns[i / 3 % patterns.len()]),
+            _ => T::from_f32((i as f32 - 31.5) * 1.37),
+        });
         let mut words =
             vec![0, u64::MAX, 1, 1 << 63, u64::MAX - 1, u64::MAX >> 1, 0x00FF_00FF_00FF_00FF, 0x8000_0000_0000_0001];
         let mut z = 0x9E37_79B9_7F4A_7C15u64;
@@ -237,26 +272,41 @@ mod tests {
             z = z.wrapping_mul(0x5851_F42D_4C95_7F2D).wrapping_add(1442695040888963407);
             z ^ (z >> 29)
         }));
-        let bits = |v: &[T]| v.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
-        // Whole words, and the parts of words at the ends of runs and chunks: the
-        // lanes' groups of 8 and the elements after the last one.
-        for len in [64, 63, 57, 49, 17, 9, 8, 7, 1] {
+        // The stored patterns: a NaN's quiet bit, payload and sign count.
+        let bits = |v: &[T]| {
+            v.iter()
+                .map(|v| match size_of::<T>() {
+                    // SAFETY: T is 2 bytes here.
+                    2 => u32::from(unsafe { std::mem::transmute_copy::<T, u16>(v) }),
+                    _ => v.to_f32().to_bits(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let avx2 = cpu_has!("avx2", "f16c");
+        if !avx2 {
+            eprintln!("scale_word_is_the_portable_form: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the lanes are not taken");
+        }
+        // Whole words, and the parts of words at the ends of runs and chunks (the
+        // 16-bit lanes' groups of 8 and the elements after the last one).
+        for len in 1..=64 {
             let x = &x[..len];
+            // Where scale_word must take the lanes: whole words, and parts of words
+            // but in f32.
+            let lanes = avx2 && (len == 64 || T::DTYPE != DType::F32);
             for &dropped in &words {
                 let dropped = dropped & (u64::MAX >> (64 - len));
                 for scale in [1.0f32 / 0.9, 3.0e38] {
+                    let what = format!("{:?}, {len} elements, dropped {dropped:#018x}, scale {scale}", T::DTYPE);
                     let (mut want, mut got) = (vec![T::default(); len], vec![T::default(); len]);
                     scale_then_fix(scale, dropped, Some(x), &mut want);
-                    if !scale_word(dropped, scale, Some(x), &mut got) {
-                        eprintln!("scale_word_is_the_portable_form: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the path is not taken");
-                        return;
-                    }
-                    let what = format!("{len} elements, dropped {dropped:#018x}, scale {scale}");
-                    assert_eq!(bits(&got), bits(&want), "out of place, {what}");
+                    assert_eq!(scale_word(dropped, scale, Some(x), &mut got), lanes, "{what}");
                     let (mut want_in, mut got_in) = (x.to_vec(), x.to_vec());
                     scale_then_fix(scale, dropped, None, &mut want_in);
-                    assert!(scale_word(dropped, scale, None, &mut got_in));
-                    assert_eq!(bits(&got_in), bits(&want_in), "in place, {what}");
+                    assert_eq!(scale_word(dropped, scale, None, &mut got_in), lanes, "{what}");
+                    if lanes {
+                        assert_eq!(bits(&got), bits(&want), "out of place, {what}");
+                        assert_eq!(bits(&got_in), bits(&want_in), "in place, {what}");
+                    }
                 }
             }
         }
@@ -275,6 +325,7 @@ mod tests {
             return;
         }
         fn check<T: Element>(low: &[u32]) {
+            assert_eq!(size_of::<T>(), 2, "the lanes are for the 16-bit types");
             let values = (0..1u32 << 16).flat_map(|u| low.iter().map(move |&l| u << 16 | l)).collect::<Vec<_>>();
             for lanes in values.chunks_exact(8) {
                 // SAFETY: 8 u32 (32 bytes) read, 8 u16 (16 bytes) written, unaligned.
@@ -312,7 +363,7 @@ mod tests {
         // Sticky, rounding and lowest bits of each type's cut (bit 16; bit 13 for
         // f16's normal results, higher for its subnormal ones).
         check::<half::bf16>(&[0, 1, 0x4000, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF]);
-        check::<half::f16>(&[0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x3000, 0xFFFF]);
+        check::<half::f16>(&[0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x4000, 0x8000, 0xFFFF]);
     }
 
     #[test]
