@@ -14,9 +14,8 @@ use std::sync::OnceLock;
 pub(crate) const CAPABILITY_VAR: &str = "DROPBLOCK_CPU_CAPABILITY";
 
 /// Whether the SIMD forms may run: not under `DROPBLOCK_CPU_CAPABILITY=baseline`.
-/// (Only x86-64 has SIMD forms so far.)
 /// Any value but `baseline` and `auto` is reported once on stderr and taken as
-/// `auto`.
+/// `auto`. (Only x86-64 has SIMD forms so far.)
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn simd_allowed() -> bool {
     static ALLOWED: OnceLock<bool> = OnceLock::new();

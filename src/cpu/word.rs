@@ -128,10 +128,7 @@ fn scale_word_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d:
     }
     // SAFETY: [__m256; 8] is 64 f32.
     let factors: [f32; 64] = unsafe { std::mem::transmute(factors) };
-    match s {
-        Some(s) => d.iter_mut().zip(s).zip(&factors).for_each(|((d, s), f)| *d = T::from_f32(s.to_f32() * f)),
-        None => d.iter_mut().zip(&factors).for_each(|(d, f)| *d = T::from_f32(d.to_f32() * f)),
-    }
+    times_factors(&factors, s.map(|s| &s[..]), d);
 }
 
 /// [`scale_word`] for the part of a word at the end of a run (under sharing, a
@@ -147,10 +144,17 @@ fn scale_part_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mu
     }
     // SAFETY: [__m256; 8] is 64 f32.
     let factors: [f32; 64] = unsafe { std::mem::transmute(factors) };
-    let (d, f) = (&mut d[done..], &factors[done..]);
+    times_factors(&factors[done..], s.map(|s| &s[done..]), &mut d[done..]);
+}
+
+/// `d[i] = s[i] · factors[i]` (in place without `s`), in the element loop the
+/// compiler vectorises (inlined into the lanes' functions, at their width, and for
+/// a whole word with its length known).
+#[inline(always)]
+fn times_factors<T: Element>(factors: &[f32], s: Option<&[T]>, d: &mut [T]) {
     match s {
-        Some(s) => d.iter_mut().zip(&s[done..]).zip(f).for_each(|((d, s), f)| *d = T::from_f32(s.to_f32() * f)),
-        None => d.iter_mut().zip(f).for_each(|(d, f)| *d = T::from_f32(d.to_f32() * f)),
+        Some(s) => d.iter_mut().zip(s).zip(factors).for_each(|((d, s), f)| *d = T::from_f32(s.to_f32() * f)),
+        None => d.iter_mut().zip(factors).for_each(|(d, f)| *d = T::from_f32(d.to_f32() * f)),
     }
 }
 
