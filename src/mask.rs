@@ -231,7 +231,7 @@ with_feature! {
     ) {
         let g = plan.geometry();
         let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
-        let grid = SeedGrid::new(g);
+        let blocks = Blocks::new(g, seed_box);
         let mut local = planes.start;
         while local < planes.end {
             // A run of local planes whose global planes are consecutive, so each window
@@ -242,43 +242,51 @@ with_feature! {
             if s <= WORD as u64 {
                 let (first, last) = (plane0 / q, (plane0 + run - 1) / q);
                 let (full, call_last) = ((q * s) as u32, g.windows - 1);
-                let mut walker = plan.walker(|window, (), mut seeds| {
-                    // Cell j of the window is cell j mod S of its plane j / S.
-                    let mut plane = window * q;
-                    let mut cell0 = 0;
-                    while seeds != 0 {
-                        let mut j = seeds.trailing_zeros() as u64 - cell0;
-                        while j >= s {
-                            (plane, cell0, j) = (plane + 1, cell0 + s, j - s);
+                plan.walk(
+                    first..last + 1,
+                    |w| if w == call_last { window_len(g, w) } else { full },
+                    |window, mut seeds| {
+                        // Cell j of the window is cell j mod S of its plane j / S.
+                        let mut plane = window * q;
+                        let mut cell0 = 0;
+                        while seeds != 0 {
+                            let mut j = seeds.trailing_zeros() as u64 - cell0;
+                            while j >= s {
+                                (plane, cell0, j) = (plane + 1, cell0 + s, j - s);
+                            }
+                            seeds &= seeds - 1;
+                            if (plane0..plane0 + run).contains(&plane) {
+                                blocks.grow(base(plane), j, out);
+                            }
                         }
-                        seeds &= seeds - 1;
-                        if (plane0..plane0 + run).contains(&plane) {
-                            grow_seed(g, &grid, seed_box, base(plane), j, out);
-                        }
-                    }
-                });
-                for w in first..=last {
-                    walker.push(w, if w == call_last { window_len(g, w) } else { full }, ());
-                }
-                walker.finish();
+                    },
+                );
             } else {
-                // The window of part i of a plane has 64 cells, but the plane's last.
+                // Window `plane·m + i` holds cells [64i, 64i + 64) of its plane: 64
+                // cells, but the plane's last.
                 let tail = (s - (m - 1) * WORD as u64) as u32;
-                let mut walker = plan.walker(|_, (plane, part), mut seeds| {
+                let parts = Divisor::new(m);
+                let len = |w: u64| if parts.div_rem(w).1 == m - 1 { tail } else { WORD as u32 };
+                let grow = |window: u64, mut seeds: u64, out: &mut [u64]| {
+                    let (plane, part) = parts.div_rem(window);
+                    let base = base(plane);
                     while seeds != 0 {
                         let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
                         seeds &= seeds - 1;
-                        grow_seed(g, &grid, seed_box, base(plane), cell, out);
+                        blocks.grow(base, cell, out);
                     }
-                });
-                for plane in plane0..plane0 + run {
-                    for parts in &seed_box.parts {
-                        for part in parts.clone() {
-                            walker.push(plane * m + part, if part == m - 1 { tail } else { WORD as u32 }, (plane, part));
+                };
+                if seed_box.parts == [0..m] {
+                    // Whole planes: the run's windows are consecutive.
+                    plan.walk(plane0 * m..(plane0 + run) * m, len, |w, seeds| grow(w, seeds, out));
+                } else {
+                    for plane in plane0..plane0 + run {
+                        for parts in &seed_box.parts {
+                            let windows = plane * m + parts.start..plane * m + parts.end;
+                            plan.walk(windows, len, |w, seeds| grow(w, seeds, out));
                         }
                     }
                 }
-                walker.finish();
             }
             local += run as usize;
         }
@@ -288,17 +296,24 @@ with_feature! {
 /// A seed cell's (z, y, x), by multiplications instead of 64-bit divisions (two a
 /// seed, the most frequent divisions of the CPU sampler).
 struct SeedGrid {
+    /// One seed depth (2D and 1D): one division a seed.
+    flat: bool,
     hw: Divisor,
     w: Divisor,
 }
 
 impl SeedGrid {
     fn new(g: &abi::DropBlockGeometry) -> Self {
-        Self { hw: Divisor::new(g.seed_h as u64 * g.seed_w as u64), w: Divisor::new(g.seed_w as u64) }
+        let (hw, w) = (g.seed_h as u64 * g.seed_w as u64, g.seed_w as u64);
+        Self { flat: g.seed_d == 1, hw: Divisor::new(hw), w: Divisor::new(w) }
     }
 
     #[inline(always)]
     fn position(&self, cell: u64) -> [u64; 3] {
+        if self.flat {
+            let (y, x) = self.w.div_rem(cell);
+            return [0, y, x];
+        }
         let (z, rest) = self.hw.div_rem(cell);
         let (y, x) = self.w.div_rem(rest);
         [z, y, x]
@@ -335,33 +350,66 @@ fn plane_cells(g: &abi::DropBlockGeometry) -> usize {
     g.d as usize * g.h as usize * g.w as usize
 }
 
-/// `[start, end)` of the block along one axis, for a seed at `i`, clipped to the
-/// box `[origin, origin + extent)` and counted from its origin.
-#[inline]
-fn reach(i: u64, anchor: u32, k: u32, origin: u32, extent: u32) -> (usize, usize) {
-    let lo = i as i64 - anchor as i64 - origin as i64;
-    (lo.max(0) as usize, (lo + k as i64).clamp(0, extent as i64) as usize)
+/// The blocks of seeds, clipped to a shard's box: what a seed's block needs,
+/// derived once a tile, so that a seed costs its position, three clamps and a
+/// read-modify-write of two words per row of its block.
+struct Blocks {
+    grid: SeedGrid,
+    /// Whether every seed cell reaches the box (the whole plane): no test a seed.
+    whole: bool,
+    /// `[lo, hi)` of the seeds that reach the box, along `[D, H, W]`.
+    seeds: [(u32, u32); 3],
+    /// Per axis: a seed at `i` covers `[i - shift, i - shift + k)` of the box's
+    /// cells (`shift` = anchor + the box's origin), clipped to `[0, extent)`.
+    shift: [i64; 3],
+    k: [i64; 3],
+    extent: [i64; 3],
 }
 
-/// ORs the part in `seed_box`'s box of the block of the seed at seed cell `cell`
-/// into `out`, for the local plane whose cell 0 is bit `base`: a run of the
-/// block's width per (depth, row) it covers. Seeds outside the box reach no cell of
-/// it and are skipped.
-#[inline(always)]
-fn grow_seed(g: &abi::DropBlockGeometry, grid: &SeedGrid, seed_box: &SeedBox, base: usize, cell: u64, out: &mut [u64]) {
-    let [z, y, x] = grid.position(cell);
-    if !seed_box.holds([z as u32, y as u32, x as u32]) {
-        return;
+impl Blocks {
+    fn new(g: &abi::DropBlockGeometry, seed_box: &SeedBox) -> Self {
+        let anchor = [g.anchor_z, g.anchor_y, g.anchor_x];
+        let k = [g.kd, g.kh, g.kw];
+        let all = [(0, g.seed_d), (0, g.seed_h), (0, g.seed_w)];
+        Self {
+            grid: SeedGrid::new(g),
+            whole: seed_box.seeds == all,
+            seeds: seed_box.seeds,
+            shift: std::array::from_fn(|i| anchor[i] as i64 + seed_box.origin[i] as i64),
+            k: k.map(i64::from),
+            extent: seed_box.extent.map(i64::from),
+        }
     }
-    let ([oz, oy, ox], [ez, ey, ex]) = (seed_box.origin, seed_box.extent);
-    let (z0, z1) = reach(z, g.anchor_z, g.kd, oz, ez);
-    let (r0, r1) = reach(y, g.anchor_y, g.kh, oy, ey);
-    let (c0, c1) = reach(x, g.anchor_x, g.kw, ox, ex);
-    let (h, w) = (ey as usize, ex as usize);
-    for z in z0..z1 {
-        for r in r0..r1 {
-            let row = base + (z * h + r) * w;
-            set_bits(out, row + c0, row + c1);
+
+    /// ORs the part in the box of the block of the seed at seed cell `cell` into
+    /// `out`, for the local plane whose cell 0 is bit `base`: a run of the block's
+    /// width per (depth, row) it covers. Seeds outside the box reach no cell of it
+    /// and are skipped.
+    #[inline(always)]
+    fn grow(&self, base: usize, cell: u64, out: &mut [u64]) {
+        let at = self.grid.position(cell).map(|v| v as u32);
+        if !self.whole && !at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi) {
+            return;
+        }
+        // The seed reaches the box, so each axis's span is not empty.
+        let span = |i: usize| {
+            let lo = at[i] as i64 - self.shift[i];
+            (lo.max(0) as usize, (lo + self.k[i]).min(self.extent[i]) as usize)
+        };
+        let ((z0, z1), (r0, r1), (c0, c1)) = (span(0), span(1), span(2));
+        let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
+        let width = c1 - c0;
+        let run = u64::MAX >> (WORD - width.min(WORD));
+        for z in z0..z1 {
+            let mut at = base + (z * h + r0) * w + c0;
+            for _ in r0..r1 {
+                if width <= WORD {
+                    or_run(out, at, run);
+                } else {
+                    set_bits(out, at, at + width);
+                }
+                at += w;
+            }
         }
     }
 }
@@ -382,34 +430,38 @@ pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
         return Err(Error::LengthMismatch { what: "plane words", expected: cells.div_ceil(WORD), actual: out.len() });
     }
     out.fill(0);
-    let whole = SeedBox::whole(g);
-    let grid = SeedGrid::new(g);
+    let blocks = Blocks::new(g, &SeedBox::whole(g));
     for (k, &word) in seeds.iter().enumerate() {
         let mut bits = word;
         while bits != 0 {
             let cell = (k * WORD) as u64 + bits.trailing_zeros() as u64;
             bits &= bits - 1;
             if cell < g.seed_cells {
-                grow_seed(g, &grid, &whole, 0, cell, out);
+                blocks.grow(0, cell, out);
             }
         }
     }
     Ok(count_range(out, 0, cells))
 }
 
-/// Sets bits `[lo, hi)`.
+/// ORs `run` (up to 64 bits) into the bits from `at` on: its part in at's word and
+/// the rest in the next, without a branch on where the run crosses (block rows
+/// fall anywhere).
 #[inline(always)]
+fn or_run(words: &mut [u64], at: usize, run: u64) {
+    let (i, bit) = (at / WORD, at % WORD);
+    words[i] |= run << bit;
+    let spill = (run >> 1) >> (WORD - 1 - bit);
+    match words.get_mut(i + 1) {
+        Some(next) => *next |= spill,
+        None => debug_assert_eq!(spill, 0, "a run at bit {at} runs past the words"),
+    }
+}
+
+/// Sets bits `[lo, hi)`.
 fn set_bits(words: &mut [u64], lo: usize, hi: usize) {
     if hi > lo && hi - lo <= WORD {
-        // A block row of up to 64 cells: its part in lo's word and the rest in the
-        // next, without a branch on where the run crosses (the rows fall anywhere).
-        let (i, bit, run) = (lo / WORD, lo % WORD, u64::MAX >> (WORD - (hi - lo)));
-        words[i] |= run << bit;
-        let spill = (run >> 1) >> (WORD - 1 - bit);
-        match words.get_mut(i + 1) {
-            Some(next) => *next |= spill,
-            None => debug_assert_eq!(spill, 0, "bits [{lo}, {hi}) run past the words"),
-        }
+        or_run(words, lo, u64::MAX >> (WORD - (hi - lo)));
         return;
     }
     let mut i = lo;
@@ -446,7 +498,88 @@ with_feature! {
 
 #[cfg(test)]
 mod tests {
-    use super::{count_range, set_bits, transpose64, Divisor};
+    use super::{count_range, grow_blocks, set_bits, transpose64, Divisor};
+    use crate::config::{Anchor, Block, DropBlockConfig, Placement, Shape};
+    use crate::rng::RngKey;
+    use crate::sampling::Plan;
+
+    /// Blocks grown from random seeds equal a per-cell test of the contract's
+    /// coverage (a seed at `i` covers `[i - anchor, i - anchor + k)` per axis),
+    /// over 1D, 2D and 3D planes, every placement and anchor, and blocks both
+    /// narrower and wider than a 64-bit word.
+    #[test]
+    fn grown_blocks_cover_what_their_seeds_reach() {
+        let mut state = 0x5EED_B10C_u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for case in 0..300 {
+            let rank = 1 + next(3) as usize;
+            let side_max = [0, 300, 140, 12][rank];
+            let dims: Vec<usize> = (0..rank).map(|_| 1 + next(side_max) as usize).collect();
+            let ks: Vec<u32> = dims
+                .iter()
+                .map(|&d| {
+                    let wide = next(3) == 0;
+                    1 + next(if wide { 2 * d as u64 } else { 9 }) as u32
+                })
+                .collect();
+            let shape = Shape::from_dims(&[[1, 1].as_slice(), &dims].concat()).unwrap();
+            let cfg = DropBlockConfig::builder(Block::from_sizes(&ks).unwrap(), 0.1)
+                .placement([Placement::Valid, Placement::Anywhere][next(2) as usize])
+                .anchor([Anchor::Centered, Anchor::CenteredRight][next(2) as usize])
+                .build()
+                .unwrap();
+            let plan = Plan::new(&cfg, shape, RngKey::new(1, 0).unwrap()).unwrap();
+            let g = *plan.geometry();
+            let seed_words = g.seed_cells.div_ceil(64) as usize;
+            let density = 1 + next(40);
+            let seeds: Vec<u64> = (0..seed_words)
+                .map(|w| {
+                    let valid = (g.seed_cells - 64 * w as u64).min(64) as u32;
+                    (0..valid).filter(|_| next(density) == 0).fold(0u64, |acc, b| acc | 1 << b)
+                })
+                .collect();
+            let cells = (g.d * g.h * g.w) as usize;
+            let mut out = vec![0u64; cells.div_ceil(64)];
+            let dropped = grow_blocks(&plan, &seeds, &mut out).unwrap();
+
+            let covers = |cell: u32, seed: u32, anchor: u32, k: u32| {
+                let lo = seed as i64 - anchor as i64;
+                (lo..lo + k as i64).contains(&(cell as i64))
+            };
+            let seed_at = |z: u32, y: u32, x: u32| {
+                let i = ((z * g.seed_h + y) * g.seed_w + x) as usize;
+                seeds[i / 64] >> (i % 64) & 1 == 1
+            };
+            let mut expected = 0;
+            for z in 0..g.d {
+                for y in 0..g.h {
+                    for x in 0..g.w {
+                        let hit = (0..g.seed_d).filter(|&sz| covers(z, sz, g.anchor_z, g.kd)).any(|sz| {
+                            (0..g.seed_h).filter(|&sy| covers(y, sy, g.anchor_y, g.kh)).any(|sy| {
+                                (0..g.seed_w)
+                                    .filter(|&sx| covers(x, sx, g.anchor_x, g.kw))
+                                    .any(|sx| seed_at(sz, sy, sx))
+                            })
+                        });
+                        let b = ((z * g.h + y) * g.w + x) as usize;
+                        assert_eq!(
+                            out[b / 64] >> (b % 64) & 1 == 1,
+                            hit,
+                            "case {case}: {dims:?} k {ks:?} cell {z},{y},{x}"
+                        );
+                        expected += hit as u64;
+                    }
+                }
+            }
+            assert_eq!(dropped, expected, "case {case}");
+            assert_eq!(count_range(&out, cells, out.len() * 64), 0, "case {case}: bits past the plane");
+        }
+    }
 
     #[test]
     fn transpose64_moves_bit_j_of_row_i_to_bit_i_of_row_j() {

@@ -12,6 +12,10 @@ use crate::rng::{RngKey, LANES};
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
+/// The CPU search's table covers draws in 2^20-wide steps (4 KiB): at DropBlock's
+/// rates the thresholds lie more than 2^20 apart, so one compare after the table
+/// settles a draw.
+const GAP_TABLE_BITS: u32 = 12;
 
 /// Everything one call needs, derived once from the configuration, the shape and
 /// the key.
@@ -20,9 +24,9 @@ pub struct Plan {
     pub(crate) geometry: abi::DropBlockGeometry,
     pub(crate) sampling: abi::DropBlockSampling,
     gamma: f64,
-    /// For each value of a draw's top 8 bits, the first threshold such a draw can
-    /// fall under (as the kernels' `Thresholds::first`): where a seed's search starts.
-    first_gap: [u8; 256],
+    /// For each value of a draw's top [`GAP_TABLE_BITS`] bits, the first threshold
+    /// such a draw can fall under: where a seed's search starts.
+    first_gap: [u8; 1 << GAP_TABLE_BITS],
     /// The thresholds and `T[64] = ∞`, so a search may step past the window's end.
     gap_thresholds: [u64; WINDOW as usize + 1],
 }
@@ -36,7 +40,15 @@ impl Plan {
         let gamma = gamma(cfg, shape, block, &geometry);
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
         let t = &sampling.thresholds;
-        let first_gap = std::array::from_fn(|b| t.partition_point(|&tg| tg <= (b as u64) << 24) as u8);
+        // One sweep: the count of thresholds at or under each step's first draw.
+        let mut first_gap = [0u8; 1 << GAP_TABLE_BITS];
+        let mut g = 0;
+        for (b, first) in first_gap.iter_mut().enumerate() {
+            while g < t.len() && t[g] <= (b as u64) << (32 - GAP_TABLE_BITS) {
+                g += 1;
+            }
+            *first = g as u8;
+        }
         let gap_thresholds = std::array::from_fn(|g| t.get(g).copied().unwrap_or(u64::MAX));
         Ok(Self { geometry, sampling, gamma, first_gap, gap_thresholds })
     }
@@ -137,31 +149,42 @@ impl Plan {
         self.walk_from(window, len, self.key().block(window, 0))
     }
 
-    /// A [`Walker`] that calls `seeds(window, tag, bits)` for each window pushed
-    /// into it whose walk finds a seed.
+    /// Walks windows `windows`, window `w` of `len(w)` (1..=64) cells, and calls
+    /// `seeds(w, bits)` for each whose walk finds a seed. The windows' first Philox
+    /// blocks are drawn [`LANES`] at a time (SIMD lanes), as most windows end at
+    /// their first draw; `len` is also asked of up to `LANES - 1` windows past the
+    /// range's end, and must not panic there.
     #[inline(always)]
-    pub(crate) fn walker<T: Copy + Default, F: FnMut(u64, T, u64)>(&self, seeds: F) -> Walker<'_, T, F> {
-        Walker { plan: self, batch: [(0, 1, T::default()); LANES], n: 0, seeds }
-    }
-
-    /// A [`Walker`]'s batch (a method, not a closure, so that it compiles with its
-    /// caller's target features).
-    #[inline(always)]
-    fn walk_batch<T: Copy>(&self, batch: &[(u64, u32, T)], seeds: &mut impl FnMut(u64, T, u64)) {
-        let blocks = self.key().first_blocks(std::array::from_fn(|i| batch.get(i).map_or(0, |b| b.0)));
-        // The windows with a seed: a first draw under the whole window's threshold.
-        // One bit a lane, so that the ~half of the windows that end at their first
-        // draw cost no branch each.
-        let mut seeded = 0u32;
-        for (i, &(_, len, _)) in batch.iter().enumerate() {
-            seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[len as usize - 1]) as u32) << i;
-        }
-        while seeded != 0 {
-            let i = seeded.trailing_zeros() as usize;
-            seeded &= seeded - 1;
-            let (window, len, tag) = batch[i];
-            let first = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
-            seeds(window, tag, self.walk_from(window, len, first));
+    pub(crate) fn walk(
+        &self,
+        windows: std::ops::Range<u64>,
+        len: impl Fn(u64) -> u32,
+        mut seeds: impl FnMut(u64, u64),
+    ) {
+        let mut first = windows.start;
+        while first < windows.end {
+            // Plain loops: `array::map` was left out of line, a call a batch.
+            let (mut ids, mut lens) = ([0u64; LANES], [0u32; LANES]);
+            for i in 0..LANES {
+                ids[i] = first + i as u64;
+                lens[i] = len(ids[i]);
+            }
+            let blocks = self.key().first_blocks(ids);
+            // The windows with a seed: a first draw under the whole window's
+            // threshold. One bit a lane, so that the ~half of the windows that end
+            // at their first draw cost no branch each.
+            let mut seeded = 0u32;
+            for (i, &n) in lens.iter().enumerate() {
+                seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[n as usize - 1]) as u32) << i;
+            }
+            seeded &= low_bits((windows.end - first).min(LANES as u64) as u32) as u32;
+            while seeded != 0 {
+                let i = seeded.trailing_zeros() as usize;
+                seeded &= seeded - 1;
+                let block = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
+                seeds(ids[i], self.walk_from(ids[i], lens[i], block));
+            }
+            first += LANES as u64;
         }
     }
 
@@ -200,52 +223,19 @@ impl Plan {
         (bits, pos)
     }
 
-    /// `G(u)`: the smallest `g` with `u < T[g]`, 64 if none. Two steps from the
-    /// table on the draw's top bits settle it at DropBlock's rates (thresholds lie
-    /// over 2^24 apart but where they crowd, near 2^32 at high γ or all near 0 at
-    /// tiny γ); the loop after them is for those.
+    /// `G(u)`: the smallest `g` with `u < T[g]`, 64 if none. One step from the
+    /// table on the draw's top bits settles it at DropBlock's rates (thresholds lie
+    /// over 2^20 apart but where they crowd, near 2^32 at high γ or all near 0 at
+    /// tiny γ); the loop after it is for those.
     #[inline(always)]
     fn gap(&self, u: u32) -> u32 {
         let (t, u) = (&self.gap_thresholds, u as u64);
-        let mut g = self.first_gap[(u >> 24) as usize] as usize;
-        g += (u >= t[g]) as usize;
+        let mut g = self.first_gap[(u >> (32 - GAP_TABLE_BITS)) as usize] as usize;
         g += (u >= t[g]) as usize;
         while u >= t[g] {
             g += 1;
         }
         g as u32
-    }
-}
-
-/// Windows walked in batches of [`LANES`]: the batch's first Philox blocks are
-/// drawn together (SIMD lanes), as most windows end at their first draw. Push
-/// `(window, len, tag)`s, then [`Walker::finish`]. (Plain pushes from the caller's
-/// loops, not an iterator, keep the batch in registers: a nested iterator's `next`
-/// was left out of line, and its items stored and reloaded whole.)
-#[must_use = "windows stay queued until `finish`"]
-pub(crate) struct Walker<'p, T, F> {
-    plan: &'p Plan,
-    batch: [(u64, u32, T); LANES],
-    n: usize,
-    seeds: F,
-}
-
-impl<T: Copy, F: FnMut(u64, T, u64)> Walker<'_, T, F> {
-    /// Queues window `window` of `len` (1..=64) cells, walking the batch when full.
-    #[inline(always)]
-    pub(crate) fn push(&mut self, window: u64, len: u32, tag: T) {
-        self.batch[self.n] = (window, len, tag);
-        self.n += 1;
-        if self.n == LANES {
-            self.plan.walk_batch(&self.batch, &mut self.seeds);
-            self.n = 0;
-        }
-    }
-
-    /// Walks the windows still queued.
-    #[inline(always)]
-    pub(crate) fn finish(mut self) {
-        self.plan.walk_batch(&self.batch[..self.n], &mut self.seeds);
     }
 }
 
@@ -503,5 +493,45 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
         0.0
     } else {
         (1.0 / (1.0 - drop_prob)) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{thresholds, Plan};
+    use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
+    use crate::rng::RngKey;
+
+    /// The table-started search gives the smallest `g` with `u < T[g]` (64 if
+    /// none), at rates whose thresholds crowd (all near 0, or near 2^32) and at
+    /// DropBlock's, for draws on, just under and just over every threshold.
+    #[test]
+    fn gap_is_the_first_threshold_over_the_draw() {
+        let shape = Shape::from_dims(&[1, 1, 64, 64]).unwrap();
+        let mut state = 0x6A9_u64;
+        for p in [1e-9, 1e-4, 0.01, 0.1, 0.3, 0.6, 0.9, 0.999, 1.0] {
+            let cfg = DropBlockConfig::builder(Block::uniform(1).unwrap(), p)
+                .gamma_rule(GammaRule::PerBlock)
+                .build()
+                .unwrap();
+            let plan = Plan::new(&cfg, shape, RngKey::new(3, 0).unwrap()).unwrap();
+            let t = thresholds(plan.gamma());
+            let mut draws: Vec<u32> = vec![0, 1, u32::MAX - 1, u32::MAX];
+            for &tg in &t {
+                for d in [-1i64, 0, 1] {
+                    draws.push((tg as i64 + d).clamp(0, u32::MAX as i64) as u32);
+                }
+            }
+            draws.extend((0..2000).map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u32
+            }));
+            for u in draws {
+                let expected = t.iter().position(|&tg| (u as u64) < tg).unwrap_or(64) as u32;
+                assert_eq!(plan.gap(u), expected, "p {p}: draw {u:#x}");
+            }
+        }
     }
 }

@@ -337,12 +337,6 @@ impl SeedBox {
         }
         Self { seeds: [(0, g.seed_d), (0, g.seed_h), (0, g.seed_w)], origin: [0; 3], extent: [g.d, g.h, g.w], parts }
     }
-
-    /// Whether seed cell `(z, y, x)` lies in the box.
-    #[inline]
-    pub(crate) fn holds(&self, at: [u32; 3]) -> bool {
-        at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi)
-    }
 }
 
 #[cfg(test)]
