@@ -232,6 +232,7 @@ with_feature! {
         let g = plan.geometry();
         let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
         let blocks = Blocks::new(g, seed_box);
+        let mut windows = Vec::new();
         let mut local = planes.start;
         while local < planes.end {
             // A run of local planes whose global planes are consecutive, so each window
@@ -265,10 +266,10 @@ with_feature! {
                 // Window `plane·m + i` holds cells [64i, 64i + 64) of its plane: 64
                 // cells, but the plane's last.
                 let tail = (s - (m - 1) * WORD as u64) as u32;
-                let parts = Divisor::new(m);
-                let len = |w: u64| if parts.div_rem(w).1 == m - 1 { tail } else { WORD as u32 };
+                let per_plane = Divisor::new(m);
+                let len = |w: u64| if per_plane.div_rem(w).1 == m - 1 { tail } else { WORD as u32 };
                 let grow = |window: u64, mut seeds: u64, out: &mut [u64]| {
-                    let (plane, part) = parts.div_rem(window);
+                    let (plane, part) = per_plane.div_rem(window);
                     let base = base(plane);
                     while seeds != 0 {
                         let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
@@ -276,16 +277,18 @@ with_feature! {
                         blocks.grow(base, cell, out);
                     }
                 };
-                if seed_box.parts == [0..m] {
+                if seed_box.parts.len() == 1 && seed_box.parts[0] == (0..m) {
                     // Whole planes: the run's windows are consecutive.
                     plan.walk(plane0 * m..(plane0 + run) * m, len, |w, seeds| grow(w, seeds, out));
                 } else {
+                    // A shard's windows: a few in each plane, walked in batches across planes.
+                    windows.clear();
                     for plane in plane0..plane0 + run {
                         for parts in &seed_box.parts {
-                            let windows = plane * m + parts.start..plane * m + parts.end;
-                            plan.walk(windows, len, |w, seeds| grow(w, seeds, out));
+                            windows.extend((parts.start..parts.end).map(|part| plane * m + part));
                         }
                     }
+                    plan.walk_list(&windows, len, |w, seeds| grow(w, seeds, out));
                 }
             }
             local += run as usize;
@@ -296,7 +299,8 @@ with_feature! {
 /// A seed cell's (z, y, x), by multiplications instead of 64-bit divisions (two a
 /// seed, the most frequent divisions of the CPU sampler).
 struct SeedGrid {
-    /// One seed depth (2D and 1D): one division a seed.
+    /// One seed depth (1D, 2D, and 3D whose block spans the depth): one division a
+    /// seed.
     flat: bool,
     hw: Divisor,
     w: Divisor,
@@ -355,7 +359,8 @@ fn plane_cells(g: &abi::DropBlockGeometry) -> usize {
 /// read-modify-write of two words per row of its block.
 struct Blocks {
     grid: SeedGrid,
-    /// Whether every seed cell reaches the box (the whole plane): no test a seed.
+    /// Whether every seed of the grid reaches the box (always for whole planes): no
+    /// test a seed.
     whole: bool,
     /// `[lo, hi)` of the seeds that reach the box, along `[D, H, W]`.
     seeds: [(u32, u32); 3],
@@ -394,6 +399,7 @@ impl Blocks {
         // The seed reaches the box, so each axis's span is not empty.
         let span = |i: usize| {
             let lo = at[i] as i64 - self.shift[i];
+            debug_assert!(lo + self.k[i] > 0 && lo < self.extent[i], "a seed that misses the box, axis {i}");
             (lo.max(0) as usize, (lo + self.k[i]).min(self.extent[i]) as usize)
         };
         let ((z0, z1), (r0, r1), (c0, c1)) = (span(0), span(1), span(2));
@@ -458,12 +464,8 @@ fn or_run(words: &mut [u64], at: usize, run: u64) {
     }
 }
 
-/// Sets bits `[lo, hi)`.
+/// Sets bits `[lo, hi)` (runs wider than a word; [`or_run`] sets the others).
 fn set_bits(words: &mut [u64], lo: usize, hi: usize) {
-    if hi > lo && hi - lo <= WORD {
-        or_run(words, lo, u64::MAX >> (WORD - (hi - lo)));
-        return;
-    }
     let mut i = lo;
     while i < hi {
         let bit = i % WORD;
@@ -498,88 +500,13 @@ with_feature! {
 
 #[cfg(test)]
 mod tests {
-    use super::{count_range, grow_blocks, set_bits, transpose64, Divisor};
+    use super::{count_range, grow_blocks, set_bits, transpose64, Blocks, Divisor};
     use crate::config::{Anchor, Block, DropBlockConfig, Placement, Shape};
     use crate::rng::RngKey;
     use crate::sampling::Plan;
-
-    /// Blocks grown from random seeds equal a per-cell test of the contract's
-    /// coverage (a seed at `i` covers `[i - anchor, i - anchor + k)` per axis),
-    /// over 1D, 2D and 3D planes, every placement and anchor, and blocks both
-    /// narrower and wider than a 64-bit word.
-    #[test]
-    fn grown_blocks_cover_what_their_seeds_reach() {
-        let mut state = 0x5EED_B10C_u64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
-        for case in 0..300 {
-            let rank = 1 + next(3) as usize;
-            let side_max = [0, 300, 140, 12][rank];
-            let dims: Vec<usize> = (0..rank).map(|_| 1 + next(side_max) as usize).collect();
-            let ks: Vec<u32> = dims
-                .iter()
-                .map(|&d| {
-                    let wide = next(3) == 0;
-                    1 + next(if wide { 2 * d as u64 } else { 9 }) as u32
-                })
-                .collect();
-            let shape = Shape::from_dims(&[[1, 1].as_slice(), &dims].concat()).unwrap();
-            let cfg = DropBlockConfig::builder(Block::from_sizes(&ks).unwrap(), 0.1)
-                .placement([Placement::Valid, Placement::Anywhere][next(2) as usize])
-                .anchor([Anchor::Centered, Anchor::CenteredRight][next(2) as usize])
-                .build()
-                .unwrap();
-            let plan = Plan::new(&cfg, shape, RngKey::new(1, 0).unwrap()).unwrap();
-            let g = *plan.geometry();
-            let seed_words = g.seed_cells.div_ceil(64) as usize;
-            let density = 1 + next(40);
-            let seeds: Vec<u64> = (0..seed_words)
-                .map(|w| {
-                    let valid = (g.seed_cells - 64 * w as u64).min(64) as u32;
-                    (0..valid).filter(|_| next(density) == 0).fold(0u64, |acc, b| acc | 1 << b)
-                })
-                .collect();
-            let cells = (g.d * g.h * g.w) as usize;
-            let mut out = vec![0u64; cells.div_ceil(64)];
-            let dropped = grow_blocks(&plan, &seeds, &mut out).unwrap();
-
-            let covers = |cell: u32, seed: u32, anchor: u32, k: u32| {
-                let lo = seed as i64 - anchor as i64;
-                (lo..lo + k as i64).contains(&(cell as i64))
-            };
-            let seed_at = |z: u32, y: u32, x: u32| {
-                let i = ((z * g.seed_h + y) * g.seed_w + x) as usize;
-                seeds[i / 64] >> (i % 64) & 1 == 1
-            };
-            let mut expected = 0;
-            for z in 0..g.d {
-                for y in 0..g.h {
-                    for x in 0..g.w {
-                        let hit = (0..g.seed_d).filter(|&sz| covers(z, sz, g.anchor_z, g.kd)).any(|sz| {
-                            (0..g.seed_h).filter(|&sy| covers(y, sy, g.anchor_y, g.kh)).any(|sy| {
-                                (0..g.seed_w)
-                                    .filter(|&sx| covers(x, sx, g.anchor_x, g.kw))
-                                    .any(|sx| seed_at(sz, sy, sx))
-                            })
-                        });
-                        let b = ((z * g.h + y) * g.w + x) as usize;
-                        assert_eq!(
-                            out[b / 64] >> (b % 64) & 1 == 1,
-                            hit,
-                            "case {case}: {dims:?} k {ks:?} cell {z},{y},{x}"
-                        );
-                        expected += hit as u64;
-                    }
-                }
-            }
-            assert_eq!(dropped, expected, "case {case}");
-            assert_eq!(count_range(&out, cells, out.len() * 64), 0, "case {case}: bits past the plane");
-        }
-    }
+    use crate::shard::{SeedBox, Shard};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn transpose64_moves_bit_j_of_row_i_to_bit_i_of_row_j() {
@@ -597,6 +524,128 @@ mod tests {
             for (j, col) in t.iter().enumerate() {
                 assert_eq!(col >> i & 1, row >> j & 1, "row {i} bit {j}");
             }
+        }
+    }
+
+    /// A random 1-3D plane of one sample and channel, block (sides up to `max_k(d)`
+    /// for a side of `d`), placement and anchor: its size, block and plan.
+    fn random_plane(
+        rng: &mut StdRng,
+        sides: [usize; 3],
+        max_k: impl Fn(usize) -> usize,
+    ) -> (Vec<usize>, Vec<u32>, Plan) {
+        let rank = rng.random_range(1..=3);
+        let dims: Vec<usize> = (0..rank).map(|_| rng.random_range(1..=sides[rank - 1])).collect();
+        let ks: Vec<u32> = dims.iter().map(|&d| rng.random_range(1..=max_k(d)) as u32).collect();
+        let shape = Shape::from_dims(&[[1, 1].as_slice(), &dims].concat()).unwrap();
+        let cfg = DropBlockConfig::builder(Block::from_sizes(&ks).unwrap(), 0.1)
+            .placement([Placement::Valid, Placement::Anywhere][rng.random_range(0..2)])
+            .anchor([Anchor::Centered, Anchor::CenteredRight][rng.random_range(0..2)])
+            .build()
+            .unwrap();
+        (dims, ks, Plan::new(&cfg, shape, RngKey::new(1, 0).unwrap()).unwrap())
+    }
+
+    /// Whether a seed at `seed` covers cell `cell` along an axis: the contract's
+    /// `[seed - anchor, seed - anchor + k)`.
+    fn covers(cell: i64, seed: u64, anchor: u32, k: u32) -> bool {
+        (0..k as i64).contains(&(cell - seed as i64 + anchor as i64))
+    }
+
+    /// Blocks grown from random seeds equal a per-cell test of the contract's
+    /// coverage, over 1D, 2D and 3D planes, every placement and anchor, and blocks
+    /// both narrower and wider than a 64-bit word.
+    #[test]
+    fn grown_blocks_cover_what_their_seeds_reach() {
+        let mut rng = StdRng::seed_from_u64(0x5EED_B10C);
+        for case in 0..300 {
+            let wide = rng.random_bool(0.3);
+            let (dims, ks, plan) = random_plane(&mut rng, [300, 140, 12], |d| if wide { 2 * d } else { 9 });
+            let g = *plan.geometry();
+            let density = rng.random_range(1..=40);
+            let mut seeds = vec![0u64; g.seed_cells.div_ceil(64) as usize];
+            for cell in 0..g.seed_cells as usize {
+                seeds[cell / 64] |= ((rng.random_range(0..density) == 0) as u64) << (cell % 64);
+            }
+            let cells = (g.d * g.h * g.w) as usize;
+            let mut out = vec![0u64; cells.div_ceil(64)];
+            let dropped = grow_blocks(&plan, &seeds, &mut out).unwrap();
+
+            let seed_at = |z: u32, y: u32, x: u32| {
+                let i = ((z * g.seed_h + y) * g.seed_w + x) as usize;
+                seeds[i / 64] >> (i % 64) & 1 == 1
+            };
+            let mut expected = 0;
+            for z in 0..g.d {
+                for y in 0..g.h {
+                    for x in 0..g.w {
+                        let on = |c: u32, s: u32, anchor, k| covers(c as i64, s as u64, anchor, k);
+                        let hit = (0..g.seed_d).filter(|&sz| on(z, sz, g.anchor_z, g.kd)).any(|sz| {
+                            (0..g.seed_h).filter(|&sy| on(y, sy, g.anchor_y, g.kh)).any(|sy| {
+                                (0..g.seed_w).filter(|&sx| on(x, sx, g.anchor_x, g.kw)).any(|sx| seed_at(sz, sy, sx))
+                            })
+                        });
+                        let b = ((z * g.h + y) * g.w + x) as usize;
+                        assert_eq!(
+                            out[b / 64] >> (b % 64) & 1 == 1,
+                            hit,
+                            "case {case}: {dims:?} k {ks:?} cell {z},{y},{x}"
+                        );
+                        expected += hit as u64;
+                    }
+                }
+            }
+            assert_eq!(dropped, expected, "case {case}");
+            assert_eq!(count_range(&out, cells, out.len() * 64), 0, "case {case}: bits past the plane");
+        }
+    }
+
+    /// A shard's blocks are the whole plane's, cut to its box: random seeds of the
+    /// grid grown into a random box of a random plane, against a per-cell test of
+    /// the global cells the box holds.
+    #[test]
+    fn blocks_in_a_shard_box_are_the_whole_planes_cut_to_it() {
+        let mut rng = StdRng::seed_from_u64(0xB0C5);
+        for case in 0..300 {
+            let (dims, ks, plan) = random_plane(&mut rng, [150, 40, 10], |d| d + 3);
+            let g = *plan.geometry();
+            let (mut offset, mut extent) = (vec![0, 0], vec![1, 1]);
+            for n in [g.d, g.h, g.w].map(|v| v as usize).into_iter().skip(3 - dims.len()) {
+                let o = rng.random_range(0..n);
+                offset.push(o);
+                extent.push(rng.random_range(1..=n - o));
+            }
+            let global = Shape::from_dims(&[[1, 1].as_slice(), &dims].concat()).unwrap();
+            let shard = Shard::new(global, &offset, &extent).unwrap();
+            let seed_box = SeedBox::new(&plan, &shard).unwrap();
+            let blocks = Blocks::new(&g, &seed_box);
+            let local = shard.local().volume();
+            let mut out = vec![0u64; (local.iter().product::<usize>()).div_ceil(64)];
+            let mut seeds = Vec::new();
+            for cell in 0..g.seed_cells {
+                if rng.random_range(0..8) == 0 {
+                    blocks.grow(0, cell, &mut out);
+                    seeds.push(blocks.grid.position(cell));
+                }
+            }
+            let origin = seed_box.origin.map(|v| v as i64);
+            let mut i = 0;
+            for z in 0..local[0] as i64 {
+                for y in 0..local[1] as i64 {
+                    for x in 0..local[2] as i64 {
+                        let at = [z + origin[0], y + origin[1], x + origin[2]];
+                        let hit = seeds.iter().any(|s| {
+                            covers(at[0], s[0], g.anchor_z, g.kd)
+                                && covers(at[1], s[1], g.anchor_y, g.kh)
+                                && covers(at[2], s[2], g.anchor_x, g.kw)
+                        });
+                        let ctx = format!("case {case}: {dims:?} k {ks:?} box {offset:?}+{extent:?} cell {at:?}");
+                        assert_eq!(out[i / 64] >> (i % 64) & 1 == 1, hit, "{ctx}");
+                        i += 1;
+                    }
+                }
+            }
+            assert_eq!(count_range(&out, i, out.len() * 64), 0, "case {case}: bits past the box");
         }
     }
 

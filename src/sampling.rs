@@ -155,18 +155,35 @@ impl Plan {
     /// their first draw; `len` is also asked of up to `LANES - 1` windows past the
     /// range's end, and must not panic there.
     #[inline(always)]
-    pub(crate) fn walk(
+    pub(crate) fn walk(&self, windows: std::ops::Range<u64>, len: impl Fn(u64) -> u32, seeds: impl FnMut(u64, u64)) {
+        let start = windows.start;
+        self.walk_by(windows.end.saturating_sub(start), |i| start + i, len, seeds);
+    }
+
+    /// [`Plan::walk`] over the windows listed in `windows`, in order (the windows
+    /// a shard needs: short runs in each plane, batched across them).
+    #[inline(always)]
+    pub(crate) fn walk_list(&self, windows: &[u64], len: impl Fn(u64) -> u32, seeds: impl FnMut(u64, u64)) {
+        let last = windows.len().saturating_sub(1);
+        self.walk_by(windows.len() as u64, |i| windows[(i as usize).min(last)], len, seeds);
+    }
+
+    /// Walks windows `window(0) .. window(count - 1)` (`window` is also asked of up
+    /// to `LANES - 1` indices past `count`).
+    #[inline(always)]
+    fn walk_by(
         &self,
-        windows: std::ops::Range<u64>,
+        count: u64,
+        window: impl Fn(u64) -> u64,
         len: impl Fn(u64) -> u32,
         mut seeds: impl FnMut(u64, u64),
     ) {
-        let mut first = windows.start;
-        while first < windows.end {
+        let mut first = 0;
+        while first < count {
             // Plain loops: `array::map` was left out of line, a call a batch.
             let (mut ids, mut lens) = ([0u64; LANES], [0u32; LANES]);
             for i in 0..LANES {
-                ids[i] = first + i as u64;
+                ids[i] = window(first + i as u64);
                 lens[i] = len(ids[i]);
             }
             let blocks = self.key().first_blocks(ids);
@@ -177,7 +194,7 @@ impl Plan {
             for (i, &n) in lens.iter().enumerate() {
                 seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[n as usize - 1]) as u32) << i;
             }
-            seeded &= low_bits((windows.end - first).min(LANES as u64) as u32) as u32;
+            seeded &= low_bits((count - first).min(LANES as u64) as u32) as u32;
             while seeded != 0 {
                 let i = seeded.trailing_zeros() as usize;
                 seeded &= seeded - 1;
@@ -498,7 +515,7 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{thresholds, Plan};
+    use super::{thresholds, window_len, Plan};
     use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
     use crate::rng::RngKey;
 
@@ -509,7 +526,7 @@ mod tests {
     fn gap_is_the_first_threshold_over_the_draw() {
         let shape = Shape::from_dims(&[1, 1, 64, 64]).unwrap();
         let mut state = 0x6A9_u64;
-        for p in [1e-9, 1e-4, 0.01, 0.1, 0.3, 0.6, 0.9, 0.999, 1.0] {
+        for p in [0.0, 1e-9, 1e-4, 0.01, 0.1, 0.3, 0.6, 0.9, 0.999, 1.0] {
             let cfg = DropBlockConfig::builder(Block::uniform(1).unwrap(), p)
                 .gamma_rule(GammaRule::PerBlock)
                 .build()
@@ -531,6 +548,41 @@ mod tests {
             for u in draws {
                 let expected = t.iter().position(|&tg| (u as u64) < tg).unwrap_or(64) as u32;
                 assert_eq!(plan.gap(u), expected, "p {p}: draw {u:#x}");
+            }
+        }
+    }
+
+    /// The batched walks report exactly the windows whose own walk finds a seed,
+    /// with its bits, once each: ranges of every length from 0 to 19 at unaligned
+    /// starts, and lists that skip windows.
+    #[test]
+    fn batched_walks_report_each_seeded_window_once() {
+        let shape = Shape::from_dims(&[2, 3, 20, 20]).unwrap();
+        let cfg = DropBlockConfig::builder(Block::uniform(3).unwrap(), 0.3).build().unwrap();
+        let plan = Plan::new(&cfg, shape, RngKey::new(5, 40).unwrap()).unwrap();
+        let g = *plan.geometry();
+        let len = |w: u64| window_len(&g, w.min(g.windows - 1));
+        let expected = |w: u64| plan.walk_window(w, len(w));
+        let check = |listed: &[u64], got: Vec<(u64, u64)>| {
+            let want: Vec<(u64, u64)> =
+                listed.iter().map(|&w| (w, expected(w))).filter(|&(_, bits)| bits != 0).collect();
+            assert!(!want.is_empty() || listed.len() < 4, "a test that sees no seeds: {listed:?}");
+            assert_eq!(got, want, "{listed:?}");
+        };
+        for start in [0u64, 1, 5, 7, 13] {
+            for n in 0..20u64 {
+                let end = (start + n).min(g.windows);
+                let mut got = Vec::new();
+                plan.walk(start..end, len, |w, bits| got.push((w, bits)));
+                check(&(start..end).collect::<Vec<_>>(), got);
+            }
+        }
+        for stride in [2u64, 3, 5] {
+            let listed: Vec<u64> = (1..g.windows).step_by(stride as usize).collect();
+            for n in [1, 7, 8, 9, listed.len()].map(|n| n.min(listed.len())) {
+                let mut got = Vec::new();
+                plan.walk_list(&listed[..n], len, |w, bits| got.push((w, bits)));
+                check(&listed[..n], got);
             }
         }
     }
