@@ -64,7 +64,7 @@ element!(f32, DType::F32, |v| v, |f| f);
 element!(f16, DType::F16, |v| f16_to_f32(v.to_bits()), |f| f16::from_bits(f32_to_f16(f)));
 element!(bf16, DType::BF16, |v| bf16_to_f32(v.to_bits()), |f| bf16::from_bits(f32_to_bf16(f)));
 
-// The conversions below give `half`'s results bit for bit (tests/dtypes.rs), in a
+// The conversions below give `half`'s results bit for bit (tests/behaviour/dtypes.rs), in a
 // form the element passes vectorise: selects instead of branches, and no run-time
 // feature test per element (`half`'s f16 asks for F16C on every call, which held
 // an f16 forward at 15x a copy, its bf16 branches on NaN at 5x; 2026-11-30).

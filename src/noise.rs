@@ -13,7 +13,7 @@
 //! f32 with correctly rounded operations in a fixed order (no fused multiply-add),
 //! as `kernels/noise.cuh` evaluates them with `__fmul_rn` and friends: the CPU and
 //! the GPU agree bit for bit, which no libm `logf`/`sinf` pair would. Their error
-//! against the exact normal value is a few f32 ulps (tests/noise_fill.rs).
+//! against the exact normal value is a few f32 ulps (tests/behaviour/noise_fill.rs).
 
 use crate::abi;
 use crate::rng::RngKey;

@@ -1,5 +1,5 @@
 //! The candle layer on CUDA tensors (feature `candle-cuda`) against the crate's
-//! CPU path, bit for bit: the checks of tests/candle_layer.rs, on candle's CUDA
+//! CPU path, bit for bit: the checks of tests/behaviour/candle_layer.rs, on candle's CUDA
 //! device, its buffers and its stream.
 //!
 //! A binary built with candle's `cuda` feature links libcuda, cuBLAS and NVRTC, so

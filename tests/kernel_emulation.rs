@@ -374,7 +374,7 @@ mod emulation {
     /// layout, sharing and normalisation. Each shard runs the kernels of
     /// `sample_shard`, `finish_shard` (with the counts the CPU shards summed) and
     /// `apply`; its counts, keep mask, scales and y must be the CPU shard's bit for
-    /// bit (and those reassemble the unsharded call: tests/shards.rs).
+    /// bit (and those reassemble the unsharded call: tests/behaviour/shards.rs).
     fn run_shard_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut small, mut large, mut noise) = (0, 0, 0);

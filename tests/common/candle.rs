@@ -1,5 +1,5 @@
 //! The candle layer's checks against the CPU path, for any candle device: the
-//! CPU tests (tests/candle_layer.rs) and the CUDA ones (tests/candle_cuda.rs) run
+//! CPU tests (tests/behaviour/candle_layer.rs) and the CUDA ones (tests/candle_cuda.rs) run
 //! the same checks.
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var, WithDType};

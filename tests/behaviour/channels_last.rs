@@ -2,7 +2,7 @@
 //! of the same logical tensor, transposed: y, the keep mask and dx, bit for bit, in
 //! every rank, mode, sharing and dtype, in place and out of place.
 
-mod common;
+use crate::common;
 
 use dropblock::{cpu, Element, Layout, Mode, RngKey, Shape};
 use half::{bf16, f16};

@@ -14,8 +14,8 @@ use dropblock::sampling::Plan;
 use dropblock::{Anchor, Block, DropBlockConfig, Placement, RngKey, Shape};
 use serde_json::Value;
 
-const FIXTURE: &str = include_str!("fixtures/block_placement.json");
-const ND_FIXTURE: &str = include_str!("fixtures/nd_placement.json");
+const FIXTURE: &str = include_str!("../fixtures/block_placement.json");
+const ND_FIXTURE: &str = include_str!("../fixtures/nd_placement.json");
 
 struct Case {
     placement: String,

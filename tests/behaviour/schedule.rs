@@ -6,7 +6,7 @@
 use dropblock::{tpu_group_keep_prob, Error, LinearSchedule};
 use serde_json::Value;
 
-const FIXTURE: &str = include_str!("fixtures/schedule.json");
+const FIXTURE: &str = include_str!("../fixtures/schedule.json");
 
 fn float(v: &Value) -> f64 {
     v.as_str().expect("values are repr strings").parse().unwrap()

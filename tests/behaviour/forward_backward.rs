@@ -1,6 +1,6 @@
 //! Forward and backward on the CPU: factors, identities, dtypes and in-place calls.
 
-mod common;
+use crate::common;
 
 use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Placement, RngKey, Shape};
 use half::{bf16, f16};

@@ -8,7 +8,7 @@
 //! `statistics_reject_broken_samplers` (off-by-one window walks, a skipped cell,
 //! a reused draw, a γ 3% off) at sample sizes no larger than those used here.
 
-mod common;
+use crate::common;
 
 use common::bernstein_tol;
 use dropblock::sampling::{thresholds, Plan};

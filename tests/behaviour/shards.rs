@@ -1,7 +1,7 @@
 //! Sharded calls on the CPU: P shards, each on its own thread, reproduce the
 //! unsharded call bit for bit once their counts are summed.
 
-mod common;
+use crate::common;
 
 use common::{input, placement, random_config_of_rank, random_grid, random_shape_of_rank, same, with_noise_fill};
 use dropblock::{cpu, Block, DropBlockConfig, Error, Layout, Mode, Normalize, RngKey, Shape, Shard, ShardCounts};

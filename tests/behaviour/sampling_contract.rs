@@ -17,7 +17,7 @@ use dropblock::sampling::Plan;
 use dropblock::{cpu, Block, DropBlockConfig, Mode, Placement, RngKey, Shape, Sharing};
 use serde_json::Value;
 
-const FIXTURE: &str = include_str!("fixtures/sampling_contract.json");
+const FIXTURE: &str = include_str!("../fixtures/sampling_contract.json");
 const WINDOW: u64 = 64;
 
 struct Case {

@@ -5,7 +5,7 @@
 //! normalisation's formula and `y = x · factor`. Over random shapes, blocks,
 //! placements, sharings and normalisations, in f32 and bf16.
 
-mod common;
+use crate::common;
 
 use dropblock::sampling::Plan;
 use dropblock::{cpu, Anchor, DropBlockConfig, Element, Mode, Normalize, Placement, RngKey, Shape, Sharing};

@@ -15,7 +15,7 @@
 //! half the shift a γ 10% too high would cause, and for even blocks under Anywhere
 //! placement asserts that the per-cell check rejects the other anchoring.
 
-mod common;
+use crate::common;
 
 use common::bernstein_tol;
 use dropblock::sampling::{expected_drop_fraction, Plan};

@@ -3,7 +3,7 @@
 //! passes the gradient where kept. The values are normal (mean, variance,
 //! Kolmogorov–Smirnov) and independent of the mask's own draws.
 
-mod common;
+use crate::common;
 
 use dropblock::noise::normal;
 use dropblock::sampling::Plan;

@@ -3,7 +3,7 @@
 //! transposed tensors and gradients, the generator's advance and restore, the
 //! schedule, and the errors for what it does not support.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use common::candle::*;

@@ -1,6 +1,6 @@
 //! Every normalisation mode's scale, recomputed here from the realised keep mask.
 
-mod common;
+use crate::common;
 
 use dropblock::{cpu, Block, DropBlockConfig, GammaRule, Mode, Normalize, Placement, RngKey, Shape, Sharing};
 

@@ -1,6 +1,6 @@
 //! The `dropblock` command line, end to end on `.npy` files.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};
