@@ -369,6 +369,12 @@ struct Blocks {
     shift: [i64; 3],
     k: [i64; 3],
     extent: [i64; 3],
+    /// `Σ 2^(r·W)` over the block's rows `r < kh` when a whole block slab (`kh`
+    /// rows `W` apart, `kw ≤ 64` wide) spans at most 128 bits, else 0: a run times
+    /// its low `n·W` bits is the slab of `n` rows, ORed as one 128-bit pattern
+    /// (three words) instead of two words a row. Each row's OR read the words the
+    /// one before had just written, a chain through memory on narrow planes.
+    stack: u128,
 }
 
 impl Blocks {
@@ -383,6 +389,7 @@ impl Blocks {
             shift: std::array::from_fn(|i| anchor[i] as i64 + seed_box.origin[i] as i64),
             k: k.map(i64::from),
             extent: seed_box.extent.map(i64::from),
+            stack: row_stack(g.kh, g.kw, seed_box.extent[2]),
         }
     }
 
@@ -406,6 +413,13 @@ impl Blocks {
         let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
         let width = c1 - c0;
         let run = u64::MAX >> (WORD - width.min(WORD));
+        if self.stack != 0 {
+            let rows = self.stack & (u128::MAX >> (128 - ((r1 - r0) * w).min(128)));
+            for z in z0..z1 {
+                or_slab(out, base + (z * h + r0) * w + c0, run as u128 * rows);
+            }
+            return;
+        }
         for z in z0..z1 {
             let mut at = base + (z * h + r0) * w + c0;
             for _ in r0..r1 {
@@ -461,6 +475,31 @@ fn or_run(words: &mut [u64], at: usize, run: u64) {
     match words.get_mut(i + 1) {
         Some(next) => *next |= spill,
         None => debug_assert_eq!(spill, 0, "a run at bit {at} runs past the words"),
+    }
+}
+
+/// [`Blocks::stack`] for blocks of `kh × kw` cells in rows of `w` cells.
+fn row_stack(kh: u32, kw: u32, w: u32) -> u128 {
+    let (kh, kw, w) = (kh as u64, kw.min(w) as u64, w as u64);
+    if kw > WORD as u64 || (kh - 1) * w + kw > 128 {
+        return 0;
+    }
+    (0..kh).fold(0, |m, r| m | 1u128 << (r * w))
+}
+
+/// ORs `slab` (up to 128 bits) into the bits from `at` on: three words, without a
+/// branch on where it crosses.
+#[inline(always)]
+fn or_slab(words: &mut [u64], at: usize, slab: u128) {
+    let (i, bit) = (at / WORD, at % WORD);
+    let low = slab << bit;
+    let spill = [(low >> WORD) as u64, ((slab >> 1) >> (127 - bit)) as u64];
+    words[i] |= low as u64;
+    for (j, part) in spill.into_iter().enumerate() {
+        match words.get_mut(i + 1 + j) {
+            Some(next) => *next |= part,
+            None => debug_assert_eq!(part, 0, "a slab at bit {at} runs past the words"),
+        }
     }
 }
 
