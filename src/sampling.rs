@@ -12,10 +12,14 @@ use crate::rng::{RngKey, LANES};
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
-/// The CPU search's table covers draws in 2^20-wide steps (4 KiB): at DropBlock's
-/// rates the thresholds lie more than 2^20 apart, so one compare after the table
-/// settles a draw.
+/// The CPU search's table covers draws in 2^20-wide steps (16 KiB): at DropBlock's
+/// rates the thresholds lie more than 2^20 apart, so one step's entry settles a
+/// draw with one compare.
 const GAP_TABLE_BITS: u32 = 12;
+const STEP_BITS: u32 = 32 - GAP_TABLE_BITS;
+/// A [`Plan::gap_steps`] entry's flag: its step holds two thresholds or more.
+const CROWDED: u32 = 1 << 23;
+const SPLIT: u32 = (1 << (STEP_BITS + 1)) - 1;
 
 /// Everything one call needs, derived once from the configuration, the shape and
 /// the key.
@@ -24,9 +28,12 @@ pub struct Plan {
     pub(crate) geometry: abi::DropBlockGeometry,
     pub(crate) sampling: abi::DropBlockSampling,
     gamma: f64,
-    /// For each value of a draw's top [`GAP_TABLE_BITS`] bits, the first threshold
-    /// such a draw can fall under: where a seed's search starts.
-    first_gap: [u8; 1 << GAP_TABLE_BITS],
+    /// For each value of a draw's top [`GAP_TABLE_BITS`] bits (a step of 2^20
+    /// draws): the first threshold `g0` such a draw can fall under (bits 24 on),
+    /// and the draw in the step, from its start, at which draws reach `T[g0]`
+    /// ([`SPLIT`]'s bits; 2^20 when none does). One load and one compare give a
+    /// draw's gap, but in a step marked [`CROWDED`], where the search goes on.
+    gap_steps: [u32; 1 << GAP_TABLE_BITS],
     /// The thresholds and `T[64] = ∞`, so a search may step past the window's end.
     gap_thresholds: [u64; WINDOW as usize + 1],
 }
@@ -40,17 +47,24 @@ impl Plan {
         let gamma = gamma(cfg, shape, block, &geometry);
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
         let t = &sampling.thresholds;
-        // One sweep: the count of thresholds at or under each step's first draw.
-        let mut first_gap = [0u8; 1 << GAP_TABLE_BITS];
+        let gap_thresholds: [u64; WINDOW as usize + 1] = std::array::from_fn(|g| t.get(g).copied().unwrap_or(u64::MAX));
+        // One sweep: g0 is the count of thresholds at or under a step's first draw.
+        let mut gap_steps = [0u32; 1 << GAP_TABLE_BITS];
         let mut g = 0;
-        for (b, first) in first_gap.iter_mut().enumerate() {
-            while g < t.len() && t[g] <= (b as u64) << (32 - GAP_TABLE_BITS) {
+        for (b, step) in gap_steps.iter_mut().enumerate() {
+            let (lo, hi) = ((b as u64) << STEP_BITS, (b as u64 + 1) << STEP_BITS);
+            while g < t.len() && t[g] <= lo {
                 g += 1;
             }
-            *first = g as u8;
+            let next = gap_thresholds[g];
+            *step = (g as u32) << 24
+                | match next < hi {
+                    false => 1 << STEP_BITS,
+                    true if gap_thresholds[g + 1] < hi => CROWDED | (next - lo) as u32,
+                    true => (next - lo) as u32,
+                };
         }
-        let gap_thresholds = std::array::from_fn(|g| t.get(g).copied().unwrap_or(u64::MAX));
-        Ok(Self { geometry, sampling, gamma, first_gap, gap_thresholds })
+        Ok(Self { geometry, sampling, gamma, gap_steps, gap_thresholds })
     }
 
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
@@ -240,19 +254,20 @@ impl Plan {
         (bits, pos)
     }
 
-    /// `G(u)`: the smallest `g` with `u < T[g]`, 64 if none. One step from the
-    /// table on the draw's top bits settles it at DropBlock's rates (thresholds lie
-    /// over 2^20 apart but where they crowd, near 2^32 at high γ or all near 0 at
-    /// tiny γ); the loop after it is for those.
+    /// `G(u)`: the smallest `g` with `u < T[g]`, 64 if none. The entry of the
+    /// draw's step settles it at DropBlock's rates with one load and one compare, no
+    /// second load (thresholds lie over 2^20 apart but where they crowd, near 2^32
+    /// at high γ or all near 0 at tiny γ); the loop is for crowded steps.
     #[inline(always)]
     fn gap(&self, u: u32) -> u32 {
-        let (t, u) = (&self.gap_thresholds, u as u64);
-        let mut g = self.first_gap[(u >> (32 - GAP_TABLE_BITS)) as usize] as usize;
-        g += (u >= t[g]) as usize;
-        while u >= t[g] {
-            g += 1;
+        let step = self.gap_steps[(u >> STEP_BITS) as usize];
+        let mut g = (step >> 24) + ((u & ((1 << STEP_BITS) - 1)) >= step & SPLIT) as u32;
+        if step & CROWDED != 0 {
+            while u as u64 >= self.gap_thresholds[g as usize] {
+                g += 1;
+            }
         }
-        g as u32
+        g
     }
 }
 
@@ -515,13 +530,14 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{thresholds, window_len, Plan};
+    use super::{thresholds, window_len, Plan, STEP_BITS};
     use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
     use crate::rng::RngKey;
 
     /// The table-started search gives the smallest `g` with `u < T[g]` (64 if
     /// none), at rates whose thresholds crowd (all near 0, or near 2^32) and at
-    /// DropBlock's, for draws on, just under and just over every threshold.
+    /// DropBlock's, for draws on, just under and just over every threshold and at
+    /// both ends of its table step.
     #[test]
     fn gap_is_the_first_threshold_over_the_draw() {
         let shape = Shape::from_dims(&[1, 1, 64, 64]).unwrap();
@@ -538,6 +554,8 @@ mod tests {
                 for d in [-1i64, 0, 1] {
                     draws.push((tg as i64 + d).clamp(0, u32::MAX as i64) as u32);
                 }
+                let step = (tg >> STEP_BITS) << STEP_BITS;
+                draws.extend([step, step + (1 << STEP_BITS) - 1].map(|v| v.min(u32::MAX as u64) as u32));
             }
             draws.extend((0..2000).map(|_| {
                 state ^= state << 13;
