@@ -375,6 +375,14 @@ struct Blocks {
     /// (three words) instead of two words a row. Each row's OR read the words the
     /// one before had just written, a chain through memory on narrow planes.
     stack: u128,
+    /// Whether no block of a seed that reaches the box is clipped by it (Valid
+    /// placement on whole planes): every block is then the same pattern, `slab`
+    /// (with `stack`) or `kh` runs `run` of `kw` cells, from the seed's own bit
+    /// less `lead`, with no clamps a seed.
+    unclipped: bool,
+    lead: i64,
+    run: u64,
+    slab: u128,
 }
 
 impl Blocks {
@@ -382,14 +390,27 @@ impl Blocks {
         let anchor = [g.anchor_z, g.anchor_y, g.anchor_x];
         let k = [g.kd, g.kh, g.kw];
         let all = [(0, g.seed_d), (0, g.seed_h), (0, g.seed_w)];
+        let shift: [i64; 3] = std::array::from_fn(|i| anchor[i] as i64 + seed_box.origin[i] as i64);
+        let (k, extent) = (k.map(i64::from), seed_box.extent.map(i64::from));
+        let seeds = seed_box.seeds;
+        let unclipped = (0..3).all(|i| {
+            let (lo, hi) = (seeds[i].0 as i64, seeds[i].1 as i64);
+            lo >= hi || (lo - shift[i] >= 0 && hi - 1 - shift[i] + k[i] <= extent[i])
+        });
+        let stack = row_stack(g.kh, g.kw, seed_box.extent[2]);
+        let run = u64::MAX >> (WORD as i64 - k[2].min(WORD as i64));
         Self {
             grid: SeedGrid::new(g),
-            whole: seed_box.seeds == all,
-            seeds: seed_box.seeds,
-            shift: std::array::from_fn(|i| anchor[i] as i64 + seed_box.origin[i] as i64),
-            k: k.map(i64::from),
-            extent: seed_box.extent.map(i64::from),
-            stack: row_stack(g.kh, g.kw, seed_box.extent[2]),
+            whole: seeds == all,
+            seeds,
+            shift,
+            k,
+            extent,
+            stack,
+            unclipped,
+            lead: (shift[0] * extent[1] + shift[1]) * extent[2] + shift[2],
+            run,
+            slab: run as u128 * stack,
         }
     }
 
@@ -403,6 +424,31 @@ impl Blocks {
         if !self.whole && !at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi) {
             return;
         }
+        let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
+        if self.unclipped {
+            let first =
+                (base + (at[0] as usize * h + at[1] as usize) * w + at[2] as usize).wrapping_sub(self.lead as usize);
+            if self.stack != 0 && self.k[0] == 1 {
+                or_slab(out, first, self.slab);
+                return;
+            }
+            let (kh, kw) = (self.k[1] as usize, self.k[2] as usize);
+            for z in 0..self.k[0] as usize {
+                let at = first + z * h * w;
+                if self.stack != 0 {
+                    or_slab(out, at, self.slab);
+                    continue;
+                }
+                for r in 0..kh {
+                    if kw <= WORD {
+                        or_run(out, at + r * w, self.run);
+                    } else {
+                        set_bits(out, at + r * w, at + r * w + kw);
+                    }
+                }
+            }
+            return;
+        }
         // The seed reaches the box, so each axis's span is not empty.
         let span = |i: usize| {
             let lo = at[i] as i64 - self.shift[i];
@@ -410,7 +456,6 @@ impl Blocks {
             (lo.max(0) as usize, (lo + self.k[i]).min(self.extent[i]) as usize)
         };
         let ((z0, z1), (r0, r1), (c0, c1)) = (span(0), span(1), span(2));
-        let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
         let width = c1 - c0;
         let run = u64::MAX >> (WORD - width.min(WORD));
         if self.stack != 0 {
