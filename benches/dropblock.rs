@@ -1,7 +1,7 @@
-//! Criterion benchmarks: forward and backward, CPU and CUDA, on the ResNet-50
-//! stage shapes (block 7), the PP-YOLO shapes (block 3), a video volume (3D, block
-//! 5) and a sequence (1D, block 15), each beside the 2D shape of the same element
-//! count and seed density, in f32 and bf16.
+//! Criterion benchmarks: forward, backward and the sampling alone, CPU and CUDA,
+//! on the ResNet-50 stage shapes (block 7), the PP-YOLO shapes (block 3), a video
+//! volume (3D, block 5) and a sequence (1D, block 15), each beside the 2D shape of
+//! the same element count and seed density, in f32 and bf16.
 //!
 //! Throughput is the floor, x read once plus y written once, so GB/s compares with
 //! a device-to-device copy. CUDA times are CUDA events on the launch stream, with
@@ -60,6 +60,9 @@ fn cpu_typed<T: Element>(c: &mut Criterion, dtype: &str) {
         g.throughput(Throughput::Bytes(2 * (shape.numel() * std::mem::size_of::<T>()) as u64));
         g.bench_function(id(shape, k, dtype, "forward"), |b| {
             b.iter(|| cpu::forward(&cfg, shape, gen.next_key().unwrap(), Mode::Train, black_box(&x), &mut y).unwrap())
+        });
+        g.bench_function(id(shape, k, dtype, "sampling"), |b| {
+            b.iter(|| cpu::sample(&cfg, shape, gen.next_key().unwrap(), Mode::Train).unwrap())
         });
         let saved = cpu::forward(&cfg, shape, gen.next_key().unwrap(), Mode::Train, &x, &mut y).unwrap();
         let mut dx = vec![T::default(); shape.numel()];
@@ -143,13 +146,13 @@ fn cuda_typed<T: dropblock::cuda::CudaElement>(c: &mut Criterion, d: &dropblock:
         let mut timer = cuda_timing::CudaTimer::new(d, shape, &host).unwrap();
         let mut gen = Generator::new(7);
         g.throughput(Throughput::Bytes(2 * (shape.numel() * std::mem::size_of::<T>()) as u64));
-        for backward in [false, true] {
-            let pass = if backward { "backward" } else { "forward" };
-            g.bench_function(id(shape, k, dtype, pass), |b| {
+        use cuda_timing::Pass;
+        for (pass, name) in [(Pass::Forward, "forward"), (Pass::Backward, "backward"), (Pass::Sampling, "sampling")] {
+            g.bench_function(id(shape, k, dtype, name), |b| {
                 b.iter_custom(|iters| {
                     (0..iters)
                         .map(|_| {
-                            let ms = timer.time(d, &cfg, gen.next_key().unwrap(), backward).unwrap();
+                            let ms = timer.time(d, &cfg, gen.next_key().unwrap(), pass).unwrap();
                             Duration::from_secs_f64(ms * 1e-3)
                         })
                         .sum()

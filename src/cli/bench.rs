@@ -1,4 +1,4 @@
-//! `dropblock bench`: time forward or backward on one shape.
+//! `dropblock bench`: time forward, backward or the sampling alone on one shape.
 //!
 //! Bytes moved are counted as the floor, x read once and y written once, so GB/s
 //! compares directly with a device-to-device copy. The last line is
@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Time backward instead of forward.
     #[arg(long)]
     backward: bool,
+    /// Time the sampling alone instead of forward: the keep mask and scales drawn
+    /// from the key, no tensor read or written (GB/s is then the forward's bytes
+    /// over the sampling's time).
+    #[arg(long, conflicts_with = "backward")]
+    sampling: bool,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -62,6 +67,10 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
             let mut dx = super::host_vec(shape.numel(), |_| T::default())?;
             timed(iters, || {
                 let t = Instant::now();
+                if a.sampling {
+                    std::hint::black_box(cpu::sample(&cfg, shape, gen.next_key()?, Mode::Train)?);
+                    return Ok(t.elapsed().as_secs_f64() * 1e3);
+                }
                 let saved = cpu::forward(&cfg, shape, gen.next_key()?, Mode::Train, &x, &mut y)?;
                 if a.backward {
                     let t = Instant::now();
@@ -72,7 +81,7 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
             })?
         }
         #[cfg(feature = "cuda")]
-        Runner::Cuda(d) => cuda_times::<T>(d, &cfg, shape, &mut gen, iters, a.backward)?,
+        Runner::Cuda(d) => cuda_times::<T>(d, &cfg, shape, &mut gen, iters, a)?,
     };
     let bytes = 2.0 * (shape.numel() * std::mem::size_of::<T>()) as f64;
     for (i, ms) in times.iter().enumerate() {
@@ -117,8 +126,14 @@ fn cuda_times<T: CliElement>(
     shape: dropblock::Shape,
     gen: &mut Generator,
     iters: usize,
-    backward: bool,
+    a: &BenchArgs,
 ) -> Result<Vec<f64>, CliError> {
-    let mut timer = super::cuda_timing::CudaTimer::new(d, shape, &input::<T>(shape.numel())?)?;
-    timed(iters, || Ok(timer.time(d, cfg, gen.next_key()?, backward)?))
+    use super::cuda_timing::{CudaTimer, Pass};
+    let mut timer = CudaTimer::new(d, shape, &input::<T>(shape.numel())?)?;
+    let pass = match (a.backward, a.sampling) {
+        (true, _) => Pass::Backward,
+        (_, true) => Pass::Sampling,
+        _ => Pass::Forward,
+    };
+    timed(iters, || Ok(timer.time(d, cfg, gen.next_key()?, pass)?))
 }

@@ -1,4 +1,4 @@
-//! Timing forward or backward on the CUDA path, one call at a time, by CUDA
+//! Timing forward, backward or the sampling on the CUDA path, one call at a time, by CUDA
 //! events on the launch stream. Shared by `dropblock bench` and the criterion
 //! benchmarks (`benches/dropblock.rs` includes this file), so both measure the
 //! same thing.
@@ -42,24 +42,33 @@ impl<T: CudaElement> CudaTimer<T> {
         Ok(t)
     }
 
-    /// The time in ms of one forward with `key`, or with `backward` of one
-    /// backward after an untimed forward with `key`.
-    pub fn time(&mut self, d: &DropBlockCuda, cfg: &DropBlockConfig, key: RngKey, backward: bool) -> Result<f64> {
+    /// The time in ms of one call of `pass` with `key` (a backward after an
+    /// untimed forward with `key`).
+    pub fn time(&mut self, d: &DropBlockCuda, cfg: &DropBlockConfig, key: RngKey, pass: Pass) -> Result<f64> {
         let k = self.next;
         self.next = (k + 1) % self.xs.len();
         let (s, shape) = (&self.stream, self.shape);
         let (x, y, state) = (&self.xs[k], &mut self.ys[k], &mut self.states[k]);
-        if backward {
+        if pass == Pass::Backward {
             d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?;
         }
         let start = s.record_event(Some(CU_EVENT_DEFAULT))?;
-        if backward {
+        match pass {
+            Pass::Forward => d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?,
             // dx overwrites dy = y in place: the values do not matter for timing.
-            d.backward_inplace(s, state, y)?;
-        } else {
-            d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?;
+            Pass::Backward => d.backward_inplace(s, state, y)?,
+            Pass::Sampling => d.sample_into(s, state, cfg, shape, key, Mode::Train)?,
         }
         let end = s.record_event(Some(CU_EVENT_DEFAULT))?;
         Ok(start.elapsed_ms(&end)? as f64)
     }
+}
+
+/// What one timed call does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+    /// The forward's first half (`sample_into`): keep bits and scales from the key.
+    Sampling,
 }

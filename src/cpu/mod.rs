@@ -16,7 +16,7 @@ use crate::mask::{transpose_cells, BlockMasks};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
-use word::{fill_group, scale_group};
+use word::{fence_streams, fill_group, scale_group, streams};
 
 /// What forward hands to backward: the block masks and the scale(s).
 #[derive(Debug, Clone)]
@@ -167,13 +167,14 @@ impl Saved {
     /// `dst = src · factor` (or `dst = dst · factor` without `src`) for up to 64
     /// elements from `first` on, whose mask word is `dropped`; in a forward with
     /// noise fill, dropped elements take their unit's noise instead (`bit`: the
-    /// first's mask bit, its unit when the call is a whole channels-first tensor).
+    /// first's mask bit, its unit when the call is a whole channels-first tensor);
+    /// with `stream`, scaled whole words use non-temporal stores.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn scale_or_fill<T: Element>(
         &self,
         plan: &Plan,
-        fill: bool,
+        (fill, stream): (bool, bool),
         dropped: u64,
         scale: f32,
         (first, bit): (usize, usize),
@@ -181,7 +182,7 @@ impl Saved {
         d: &mut [T],
     ) {
         if !fill {
-            return scale_group(dropped, scale, s, d);
+            return scale_group(dropped, scale, s, d, stream);
         }
         let direct = self.shard.is_whole() && self.shape.layout() == Layout::ChannelsFirst;
         fill_group(dropped, s, d, |i| {
@@ -194,14 +195,15 @@ impl Saved {
     /// than `EACH_REGION_CHANNELS` channels, from its transposed bits) for the
     /// elements from `e0` on, 64 at a time with one mask word each.
     #[inline(always)]
-    fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
+    fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], (forward, stream): (bool, bool)) {
         let masks = self.element_bits();
         let State::Masked { plan, noise, .. } = &self.state else { unreachable!("identity calls copy instead") };
         self.for_each_run(e0, dst.len(), |j0, bit, n, scale| {
             for (k, d) in dst[j0..j0 + n].chunks_mut(64).enumerate() {
                 let s = src.map(|s| &s[j0 + 64 * k..][..d.len()]);
                 let (b, first) = (bit + 64 * k, e0 + j0 + 64 * k);
-                self.scale_or_fill(plan, forward && *noise, masks.bits_from(b), scale, (first, b), s, d);
+                let how = (forward && *noise, stream);
+                self.scale_or_fill(plan, how, masks.bits_from(b), scale, (first, b), s, d);
             }
         });
     }
@@ -209,7 +211,14 @@ impl Saved {
     /// The element pass of a channels-last shape over cells `cell0 ..` of sample
     /// `n` (every channel: `dst.len() / C` cells), with their bits transposed into
     /// a buffer of the region's own.
-    fn scale_cells<T: Element>(&self, n: usize, cell0: usize, src: Option<&[T]>, dst: &mut [T], forward: bool) {
+    fn scale_cells<T: Element>(
+        &self,
+        n: usize,
+        cell0: usize,
+        src: Option<&[T]>,
+        dst: &mut [T],
+        (forward, stream): (bool, bool),
+    ) {
         let State::Masked { plan, noise, per_sample, scales, .. } = &self.state else {
             unreachable!("identity calls copy instead")
         };
@@ -218,7 +227,7 @@ impl Saved {
         self.with_region_bits(n, cell0, dst.len(), |bits| {
             for (k, (d, &dropped)) in dst.chunks_mut(64).zip(bits).enumerate() {
                 let s = src.map(|s| &s[64 * k..][..d.len()]);
-                self.scale_or_fill(plan, forward && *noise, dropped, scale, (e0 + 64 * k, 0), s, d);
+                self.scale_or_fill(plan, (forward && *noise, stream), dropped, scale, (e0 + 64 * k, 0), s, d);
             }
         })
     }
@@ -499,12 +508,27 @@ fn pass<T: Element>(saved: &Saved, src: Option<&[T]>, dst: &mut [T], forward: bo
         if let Some(src) = src {
             dst.copy_from_slice(src);
         }
-    } else if saved.by_region() {
-        saved.for_each_region(dst, src, |n, cell0, d, s| saved.scale_cells(n, cell0, s, d, forward));
+        return Ok(());
+    }
+    // Large outputs stream whole words at 16-byte-aligned addresses: every word
+    // when `dst` is aligned and runs are flat, as tasks and their words start at
+    // multiples of 64 elements.
+    let stream = streams(dst);
+    let fence = || {
+        if stream {
+            fence_streams()
+        }
+    };
+    if saved.by_region() {
+        saved.for_each_region(dst, src, |n, cell0, d, s| {
+            saved.scale_cells(n, cell0, s, d, (forward, stream));
+            fence()
+        });
     } else {
         dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
             let s = src.map(|s| &s[k * CHUNK..][..d.len()]);
-            saved.scale_chunk(k * CHUNK, s, d, forward);
+            saved.scale_chunk(k * CHUNK, s, d, (forward, stream));
+            fence()
         });
     }
     Ok(())

@@ -11,11 +11,13 @@ use crate::dtype::Element;
 /// and signed zeros come out exactly as `x · 0` (a kept value times the scale could
 /// overflow to infinity, and infinity times 0 is NaN): [`scale_word`] where it
 /// runs, else [`scale_then_fix`].
+/// With `stream` ([`streams`]), whole words at 16-byte-aligned addresses are
+/// written with non-temporal stores.
 #[inline(always)]
-pub(super) fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) {
+pub(super) fn scale_group<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T], stream: bool) {
     let all = u64::MAX >> (64 - d.len());
     let dropped = dropped & all;
-    if scale_word(dropped, scale, s, d) {
+    if scale_word(dropped, scale, s, d, stream) {
         return;
     }
     let (factor, fixups) = match dropped {
@@ -54,7 +56,7 @@ fn scale_then_fix<T: Element>(factor: f32, fixups: u64, s: Option<&[T]>, d: &mut
 /// having done nothing, where the CPU lacks the features (or
 /// `DROPBLOCK_CPU_CAPABILITY=baseline`) and for f32's parts of words.
 #[inline(always)]
-fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]) -> bool {
+fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T], stream: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     if cpu_has!("avx2", "f16c") {
         // Whole words (all but the ends of runs) with their length known, which
@@ -62,7 +64,7 @@ fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]
         match <&mut [T; 64]>::try_from(&mut *d) {
             // SAFETY: the CPU was just found to have AVX2 and F16C.
             Ok(word) => unsafe {
-                scale_word_avx2(dropped, scale, s.map(|s| s.try_into().expect("as long as d")), word)
+                scale_word_avx2(dropped, scale, s.map(|s| s.try_into().expect("as long as d")), word, stream)
             },
             // Parts of words in f32 gain nothing from lanes: a shared 7x7 plane's
             // 49 elements, kept or dropped whole, measured 25-35 % slower than in
@@ -73,8 +75,44 @@ fn scale_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T]>, d: &mut [T]
         }
         return true;
     }
-    let _ = (dropped, scale, s, d);
+    let _ = (dropped, scale, s, d, stream);
     false
+}
+
+/// Output size from which the element passes write whole words with non-temporal
+/// stores. An ordinary store first reads its line (read for ownership), so a pass
+/// that writes `y` moves three tensors' bytes where a copy (`memcpy`, which streams
+/// large copies) moves two: on a 2-core Xeon a 71 MB f32 apply took 1.45x a copy
+/// with ordinary stores and 1.0x with streaming ones (2026-12-01). Below this size
+/// the output likely stays in the last-level cache for the next layer to read, and
+/// streaming it out would cost that layer a trip to memory.
+const STREAM_FROM_BYTES: usize = 32 << 20;
+
+/// Whether a pass writing `d` streams its whole words: f32, large enough
+/// ([`STREAM_FROM_BYTES`]) and with the AVX2 forms, which hold the stores. Each
+/// task that streamed ends with [`fence_streams`].
+///
+/// Not f16 or bf16: their passes are bound by the lane conversions more than by
+/// memory, so streaming saved the apply nothing, and a backward reading a `y` that
+/// had been streamed out of the cache took 1.1x (f16) and 1.6–1.7x (bf16) longer
+/// (2026-12-01, `docs/cpu-runs/2026-12-01-streaming-stores.md`).
+pub(super) fn streams<T: Element>(d: &[T]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == DType::F32 && size_of_val(d) >= STREAM_FROM_BYTES {
+        return cpu_has!("avx2", "f16c");
+    }
+    let _ = d;
+    false
+}
+
+/// Orders a task's non-temporal stores before whatever follows it: they are weakly
+/// ordered, and the thread that joins the task may read `y` next.
+pub(super) fn fence_streams() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is in the x86-64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 // The SIMD helpers carry their target features themselves, so that each is
@@ -121,14 +159,44 @@ fn scale_halves<T: Element>(factors: &[std::arch::x86_64::__m256], s: Option<&[T
 /// [`scale_word`] for a whole word.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-fn scale_word_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d: &mut [T; 64]) {
+fn scale_word_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d: &mut [T; 64], stream: bool) {
     let factors = lane_factors(dropped, scale);
+    if stream && T::DTYPE == DType::F32 && (d.as_ptr() as usize).is_multiple_of(16) {
+        // SAFETY: T is f32 (the element trait is sealed, and F32 is f32's dtype).
+        let (s, d) =
+            unsafe { (s.map(|s| &*(s as *const [T; 64]).cast::<[f32; 64]>()), &mut *(d as *mut [T; 64]).cast()) };
+        return stream_word(&factors, s, d);
+    }
     if T::DTYPE != DType::F32 {
         return scale_halves(&factors, s.map(|s| &s[..]), d);
     }
     // SAFETY: [__m256; 8] is 64 f32.
     let factors: [f32; 64] = unsafe { std::mem::transmute(factors) };
     times_factors(&factors, s.map(|s| &s[..]), d);
+}
+
+/// [`scale_word_avx2`] in f32 with non-temporal stores: the same products (one
+/// multiply an element), written 16 bytes at a time without reading `d`'s lines
+/// first. `d` is 16-byte aligned.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn stream_word(factors: &[std::arch::x86_64::__m256; 8], s: Option<&[f32; 64]>, d: &mut [f32; 64]) {
+    use std::arch::x86_64::*;
+    debug_assert!((d.as_ptr() as usize).is_multiple_of(16));
+    // In place, `src` derives from `dst`, so writes through one do not invalidate
+    // the other; each group is read before it is written.
+    let dst = d.as_mut_ptr();
+    let src = s.map_or(dst as *const f32, |s| s.as_ptr());
+    for (g, f) in factors.iter().enumerate() {
+        // SAFETY: group g's 8 elements lie in the 64 of each array; reads are
+        // unaligned, the streaming stores 16-byte aligned as `d` is, at offsets
+        // that are multiples of 16 bytes.
+        unsafe {
+            let y = _mm256_mul_ps(_mm256_loadu_ps(src.add(8 * g)), *f);
+            _mm_stream_ps(dst.add(8 * g), _mm256_castps256_ps128(y));
+            _mm_stream_ps(dst.add(8 * g + 4), _mm256_extractf128_ps::<1>(y));
+        }
+    }
 }
 
 /// [`scale_word`] for the part of a word at the end of a run (under sharing, a
@@ -230,9 +298,12 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
+    #[repr(align(64))]
+    struct Aligned<T>([T; 80]);
+
     /// The AVX2 word agrees with the portable form bit for bit: every lane of
     /// words with no, scattered, clustered, single, all-but-one and all dropped bits, out of
-    /// place and in place, on values whose product with 0 or the scale is special
+    /// place and in place, streamed or not, on values whose product with 0 or the scale is special
     /// (NaN, infinities, signed zeros, overflow).
     fn word_is_the_portable_form<T: Element>() {
         // Each type's own bit patterns: NaN with payloads, either sign and
@@ -303,13 +374,30 @@ mod tests {
                     let what = format!("{:?}, {len} elements, dropped {dropped:#018x}, scale {scale}", T::DTYPE);
                     let (mut want, mut got) = (vec![T::default(); len], vec![T::default(); len]);
                     scale_then_fix(scale, dropped, Some(x), &mut want);
-                    assert_eq!(scale_word(dropped, scale, Some(x), &mut got), lanes, "{what}");
+                    assert_eq!(scale_word(dropped, scale, Some(x), &mut got, false), lanes, "{what}");
                     let (mut want_in, mut got_in) = (x.to_vec(), x.to_vec());
                     scale_then_fix(scale, dropped, None, &mut want_in);
-                    assert_eq!(scale_word(dropped, scale, None, &mut got_in), lanes, "{what}");
+                    assert_eq!(scale_word(dropped, scale, None, &mut got_in, false), lanes, "{what}");
                     if lanes {
                         assert_eq!(bits(&got), bits(&want), "out of place, {what}");
                         assert_eq!(bits(&got_in), bits(&want_in), "in place, {what}");
+                    }
+                    if lanes && len == 64 {
+                        // The streaming stores (f32 only; the others ignore the
+                        // flag), into a 16-byte-aligned word (the
+                        // pass's own alignment) and at every other element offset,
+                        // where the word falls back to ordinary stores.
+                        for offset in [0, 1, 16 / size_of::<T>() - 1, 16 / size_of::<T>()] {
+                            let mut buf = Aligned([T::default(); 80]);
+                            let word: &mut [T] = &mut buf.0[offset..offset + 64];
+                            assert_eq!(scale_word(dropped, scale, Some(x), word, true), lanes, "{what}");
+                            fence_streams();
+                            assert_eq!(bits(word), bits(&want), "streamed out of place at +{offset}, {what}");
+                            word.copy_from_slice(x);
+                            assert_eq!(scale_word(dropped, scale, None, word, true), lanes, "{what}");
+                            fence_streams();
+                            assert_eq!(bits(word), bits(&want_in), "streamed in place at +{offset}, {what}");
+                        }
                     }
                 }
             }

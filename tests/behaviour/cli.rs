@@ -428,10 +428,11 @@ fn dropblock_has_gpu() -> bool {
 }
 
 /// `bench` prints one line per timed iteration and ends with the line the
-/// benchmark scripts parse; `--device cuda` without a GPU is a one-line error.
+/// benchmark scripts parse, for each pass; `--device cuda` without a GPU is a
+/// one-line error, and so is asking for two passes.
 #[test]
 fn bench_prints_the_line_scripts_parse() {
-    for extra in [&[][..], &["--backward", "--dtype", "bf16"][..]] {
+    for extra in [&[][..], &["--backward", "--dtype", "bf16"][..], &["--sampling"][..]] {
         let args = [&["bench", "--device", "cpu", "--shape", "2,3,9,11", "--block", "3", "--iters", "4"][..], extra];
         let out = dropblock(&args.concat());
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -446,6 +447,9 @@ fn bench_prints_the_line_scripts_parse() {
             assert!(value.parse::<f64>().is_ok(), "`{last}`: `{value}` is not a number");
         }
     }
+    let both = dropblock(&["bench", "--device", "cpu", "--shape", "1,1,8,8", "--sampling", "--backward"]);
+    assert!(!both.status.success(), "--sampling with --backward was accepted");
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"), "{both:?}");
     if !dropblock_has_gpu() {
         let needle = if cfg!(feature = "cuda") { "CUDA" } else { "without the `cuda` feature" };
         assert_one_line_error(&["bench", "--device", "cuda", "--shape", "1,1,8,8", "--iters", "1"], needle);

@@ -2,7 +2,7 @@
 
 use crate::common;
 
-use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Placement, RngKey, Shape};
+use dropblock::{cpu, Block, DropBlockConfig, Element, Mode, Placement, RngKey, Shape, Sharing};
 use half::{bf16, f16};
 
 fn cfg() -> DropBlockConfig {
@@ -26,12 +26,17 @@ fn bf16_rne(v: f32) -> u16 {
 }
 
 fn check_dtype<T: Element>(to_bits: impl Fn(T) -> u32) {
-    let shape = shape();
+    check_call::<T>(&cfg(), shape(), to_bits)
+}
+
+/// Forward and backward, out of place and in place, are each element times its
+/// factor from the keep mask, in the element type's rounding.
+fn check_call<T: Element>(cfg: &DropBlockConfig, shape: Shape, to_bits: impl Fn(T) -> u32) {
     let x: Vec<T> = common::input(shape.numel(), 11).into_iter().map(T::from_f32).collect();
     let dy: Vec<T> = common::input(shape.numel(), 12).into_iter().map(T::from_f32).collect();
     let key = RngKey::new(3, 17).unwrap();
     let mut y = vec![T::default(); shape.numel()];
-    let saved = cpu::forward(&cfg(), shape, key, Mode::Train, &x, &mut y).unwrap();
+    let saved = cpu::forward(cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
     let f = factors(&saved);
     assert!(f.contains(&0.0) && f.iter().any(|&v| v > 1.0), "the test needs drops and a scale > 1");
     for i in 0..x.len() {
@@ -44,7 +49,7 @@ fn check_dtype<T: Element>(to_bits: impl Fn(T) -> u32) {
     }
     // In place gives the same bits.
     let mut xy = x.clone();
-    let saved2 = cpu::forward_inplace(&cfg(), shape, key, Mode::Train, &mut xy).unwrap();
+    let saved2 = cpu::forward_inplace(cfg, shape, key, Mode::Train, &mut xy).unwrap();
     assert!(xy.iter().zip(&y).all(|(a, b)| to_bits(*a) == to_bits(*b)));
     let mut g = dy.clone();
     cpu::backward_inplace(&saved2, &mut g).unwrap();
@@ -56,6 +61,22 @@ fn backward_uses_forwards_factor_in_every_dtype() {
     check_dtype::<f32>(|v| v.to_bits());
     check_dtype::<f16>(|v| v.to_bits() as u32);
     check_dtype::<bf16>(|v| v.to_bits() as u32);
+}
+
+/// Outputs of 32 MiB and more are written with streaming stores on CPUs with
+/// AVX2: the same bits, with flat runs (every word streams) and with a plane per
+/// sample, whose runs start words at every alignment.
+#[test]
+fn outputs_beyond_the_cache_are_the_same_products() {
+    let shape = Shape::new(2, 64, 256, 260).unwrap();
+    assert!(shape.numel() * 4 > 32 << 20, "the output must reach the streaming size");
+    check_call::<f32>(&cfg(), shape, |v| v.to_bits());
+    let shared = DropBlockConfig::builder(Block::new(4, 3).unwrap(), 0.3)
+        .placement(Placement::Anywhere)
+        .sharing(Sharing::Channels)
+        .build()
+        .unwrap();
+    check_call::<f32>(&shared, Shape::new(2, 64, 257, 259).unwrap(), |v| v.to_bits());
 }
 
 #[test]
