@@ -393,9 +393,11 @@ impl Blocks {
         let shift: [i64; 3] = std::array::from_fn(|i| anchor[i] as i64 + seed_box.origin[i] as i64);
         let (k, extent) = (k.map(i64::from), seed_box.extent.map(i64::from));
         let seeds = seed_box.seeds;
+        // A block as wide as the box or less on every axis (so `run · stack`, when
+        // `stack` is set, is the whole block within 128 bits).
         let unclipped = (0..3).all(|i| {
             let (lo, hi) = (seeds[i].0 as i64, seeds[i].1 as i64);
-            lo >= hi || (lo - shift[i] >= 0 && hi - 1 - shift[i] + k[i] <= extent[i])
+            k[i] <= extent[i] && (lo >= hi || (lo - shift[i] >= 0 && hi - 1 - shift[i] + k[i] <= extent[i]))
         });
         let stack = row_stack(g.kh, g.kw, seed_box.extent[2]);
         let run = u64::MAX >> (WORD as i64 - k[2].min(WORD as i64));
@@ -410,7 +412,7 @@ impl Blocks {
             unclipped,
             lead: (shift[0] * extent[1] + shift[1]) * extent[2] + shift[2],
             run,
-            slab: run as u128 * stack,
+            slab: if unclipped { run as u128 * stack } else { 0 },
         }
     }
 
