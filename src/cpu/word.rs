@@ -160,6 +160,9 @@ fn scale_halves<T: Element>(factors: &[std::arch::x86_64::__m256], s: Option<&[T
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 fn scale_word_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d: &mut [T; 64], stream: bool) {
+    if T::DTYPE == DType::BF16 {
+        return scale_bf16_word(dropped, scale, s, d);
+    }
     let factors = lane_factors(dropped, scale);
     if stream && T::DTYPE == DType::F32 && (d.as_ptr() as usize).is_multiple_of(16) {
         // SAFETY: T is f32 (the element trait is sealed, and F32 is f32's dtype).
@@ -173,6 +176,56 @@ fn scale_word_avx2<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d:
     // SAFETY: [__m256; 8] is 64 f32.
     let factors: [f32; 64] = unsafe { std::mem::transmute(factors) };
     times_factors(&factors, s.map(|s| &s[..]), d);
+}
+
+/// [`scale_word_avx2`] for bf16, 16 elements a step. Interleaving each 128-bit
+/// lane's halves with zeros widens them to f32 in one instruction, in the order
+/// elements 0–3 and 8–11 (`lo`), then 4–7 and 12–15 (`hi`); packing `lo` with `hi`
+/// after the rounding restores the elements' order, so no lane crosses. The factors
+/// are drawn in that order too. Against the groups of 8 (`scale_halves`), a third
+/// fewer vector instructions: the bf16 pass is bound by them, not by memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scale_bf16_word<T: Element>(dropped: u64, scale: f32, s: Option<&[T; 64]>, d: &mut [T; 64]) {
+    use std::arch::x86_64::*;
+    assert!(T::DTYPE == DType::BF16);
+    let (scale, zero) = (_mm256_set1_ps(scale), _mm256_setzero_si256());
+    // Lane l's factor is the bit of its element (31 - shift) moved into the sign.
+    let lo_sign = _mm256_setr_epi32(31, 30, 29, 28, 23, 22, 21, 20);
+    let hi_sign = _mm256_setr_epi32(27, 26, 25, 24, 19, 18, 17, 16);
+    let factor = |bits: __m256i, to_sign: __m256i| {
+        _mm256_blendv_ps(scale, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_sllv_epi32(bits, to_sign)))
+    };
+    // In place, `src` derives from `dst`, so writes through one do not invalidate
+    // the other; each step's 16 elements are read before they are written.
+    let dst = d.as_mut_ptr() as *mut __m256i;
+    let src = s.map_or(dst as *const __m256i, |s| s.as_ptr() as *const __m256i);
+    for h in 0..4 {
+        let bits = _mm256_set1_epi32((dropped >> (16 * h)) as i32);
+        // SAFETY: step h's 16 two-byte elements (32 bytes) lie in the 64 of each
+        // array, read and written unaligned.
+        let x = unsafe { _mm256_loadu_si256(src.add(h)) };
+        let lo = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x)), factor(bits, lo_sign));
+        let hi = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x)), factor(bits, hi_sign));
+        let y = _mm256_packus_epi32(round_to_bf16(lo), round_to_bf16(hi));
+        unsafe { _mm256_storeu_si256(dst.add(h), y) };
+    }
+}
+
+/// 8 f32 rounded to bf16 as `Element::from_f32`, each in the low half of its
+/// 32-bit lane: `(x + 0x7FFF + lowest bit) >> 16`, and a NaN's upper half made
+/// quiet (its bias masked off, so no carry reaches the exponent).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn round_to_bf16(y: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let x = _mm256_castps_si256(y);
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(y, y));
+    let bias = _mm256_andnot_si256(nan, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+    _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)))
 }
 
 /// [`scale_word_avx2`] in f32 with non-temporal stores: the same products (one
@@ -242,8 +295,7 @@ fn widen_halves<T: Element>(h: std::arch::x86_64::__m128i) -> std::arch::x86_64:
 }
 
 /// 8 f32 to f16 or bf16 as `Element::from_f32`: F16C's conversion, rounding to
-/// nearest even by the immediate (not MXCSR); for bf16 `(x + 0x7FFF + lowest bit)
-/// >> 16`, and a NaN's upper half made quiet.
+/// nearest even by the immediate (not MXCSR); for bf16 [`round_to_bf16`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
@@ -252,14 +304,7 @@ fn narrow_halves<T: Element>(y: std::arch::x86_64::__m256) -> std::arch::x86_64:
     match T::DTYPE {
         DType::F16 => _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y),
         DType::BF16 => {
-            let x = _mm256_castps_si256(y);
-            let upper = _mm256_srli_epi32::<16>(x);
-            let odd = _mm256_and_si256(upper, _mm256_set1_epi32(1));
-            let rounded =
-                _mm256_srli_epi32::<16>(_mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))));
-            let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
-            let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
-            let r = _mm256_blendv_epi8(rounded, _mm256_or_si256(upper, _mm256_set1_epi32(0x40)), nan);
+            let r = round_to_bf16(y);
             // packus works within 128-bit lanes: the two packed quarters are 0 and 2.
             _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(r, r)))
         }
