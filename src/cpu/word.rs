@@ -230,19 +230,16 @@ fn round_product_to_bf16(y: std::arch::x86_64::__m256) -> std::arch::x86_64::__m
 }
 
 /// 8 f32 rounded to bf16 as `Element::from_f32`, each in the low half of its
-/// 32-bit lane: `(x + 0x7FFF + lowest bit) >> 16`, and a NaN's upper half made
-/// quiet (its bias masked off, so no carry reaches the exponent).
+/// 32-bit lane: [`round_product_to_bf16`], and a NaN's upper half made quiet
+/// instead (any NaN: the bias could carry its lower bits into the exponent).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 fn round_to_bf16(y: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let x = _mm256_castps_si256(y);
-    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
     let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(y, y));
-    let bias = _mm256_andnot_si256(nan, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
-    _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)))
+    let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(_mm256_castps_si256(y)), _mm256_set1_epi32(0x40));
+    _mm256_blendv_epi8(round_product_to_bf16(y), quiet, nan)
 }
 
 /// [`scale_word_avx2`] in f32 with non-temporal stores: the same products (one
