@@ -383,7 +383,15 @@ struct Blocks {
     lead: i64,
     run: u64,
     slab: u128,
+    /// Unclipped whole planes of up to `OFFSET_TABLE_CELLS` seed cells: each seed
+    /// cell's first block bit less the plane's, so a seed costs one load instead of
+    /// a division into (z, y, x) and the multiplications back (empty otherwise).
+    offsets: Vec<u32>,
 }
+
+/// The most seed cells a plane's offset table holds (16 KiB, in L1 with the tile;
+/// 8192 made the 3D benchmark shape's sampling 9 % slower, 2026-12-01).
+const OFFSET_TABLE_CELLS: u64 = 4096;
 
 impl Blocks {
     fn new(g: &abi::DropBlockGeometry, seed_box: &SeedBox) -> Self {
@@ -401,18 +409,33 @@ impl Blocks {
         });
         let stack = row_stack(g.kh, g.kw, seed_box.extent[2]);
         let run = u64::MAX >> (WORD as i64 - k[2].min(WORD as i64));
+        let lead = (shift[0] * extent[1] + shift[1]) * extent[2] + shift[2];
+        let grid = SeedGrid::new(g);
+        let whole = seeds == all;
+        let plane = extent.iter().product::<i64>();
+        let offsets = if whole && unclipped && g.seed_cells <= OFFSET_TABLE_CELLS && plane <= u32::MAX as i64 {
+            (0..g.seed_cells)
+                .map(|cell| {
+                    let [z, y, x] = grid.position(cell).map(|v| v as i64);
+                    ((z * extent[1] + y) * extent[2] + x - lead) as u32
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
-            grid: SeedGrid::new(g),
-            whole: seeds == all,
+            grid,
+            whole,
             seeds,
             shift,
             k,
             extent,
             stack,
             unclipped,
-            lead: (shift[0] * extent[1] + shift[1]) * extent[2] + shift[2],
+            lead,
             run,
             slab: if unclipped { run as u128 * stack } else { 0 },
+            offsets,
         }
     }
 
@@ -422,6 +445,9 @@ impl Blocks {
     /// and are skipped.
     #[inline(always)]
     fn grow(&self, base: usize, cell: u64, out: &mut [u64]) {
+        if let Some(&offset) = self.offsets.get(cell as usize) {
+            return self.grow_unclipped(base + offset as usize, out);
+        }
         let at = self.grid.position(cell).map(|v| v as u32);
         if !self.whole && !at.iter().zip(&self.seeds).all(|(&v, &(lo, hi))| v >= lo && v < hi) {
             return;
@@ -430,26 +456,7 @@ impl Blocks {
         if self.unclipped {
             let first =
                 (base + (at[0] as usize * h + at[1] as usize) * w + at[2] as usize).wrapping_sub(self.lead as usize);
-            if self.stack != 0 && self.k[0] == 1 {
-                or_slab(out, first, self.slab);
-                return;
-            }
-            let (kh, kw) = (self.k[1] as usize, self.k[2] as usize);
-            for z in 0..self.k[0] as usize {
-                let at = first + z * h * w;
-                if self.stack != 0 {
-                    or_slab(out, at, self.slab);
-                    continue;
-                }
-                for r in 0..kh {
-                    if kw <= WORD {
-                        or_run(out, at + r * w, self.run);
-                    } else {
-                        set_bits(out, at + r * w, at + r * w + kw);
-                    }
-                }
-            }
-            return;
+            return self.grow_unclipped(first, out);
         }
         // The seed reaches the box, so each axis's span is not empty.
         let span = |i: usize| {
@@ -476,6 +483,31 @@ impl Blocks {
                     set_bits(out, at, at + width);
                 }
                 at += w;
+            }
+        }
+    }
+
+    /// ORs a whole block (no clip: [`Blocks::unclipped`]) whose first bit is
+    /// `first`: one slab per depth where `stack` is set, else `kh` runs a depth.
+    #[inline(always)]
+    fn grow_unclipped(&self, first: usize, out: &mut [u64]) {
+        if self.stack != 0 && self.k[0] == 1 {
+            return or_slab(out, first, self.slab);
+        }
+        let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
+        let (kh, kw) = (self.k[1] as usize, self.k[2] as usize);
+        for z in 0..self.k[0] as usize {
+            let at = first + z * h * w;
+            if self.stack != 0 {
+                or_slab(out, at, self.slab);
+                continue;
+            }
+            for r in 0..kh {
+                if kw <= WORD {
+                    or_run(out, at + r * w, self.run);
+                } else {
+                    set_bits(out, at + r * w, at + r * w + kw);
+                }
             }
         }
     }
