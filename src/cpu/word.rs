@@ -361,9 +361,9 @@ mod tests {
     struct Aligned<T>([T; 80]);
 
     /// The AVX2 word agrees with the portable form bit for bit: every lane of
-    /// words with no, scattered, clustered, single, all-but-one and all dropped bits, out of
-    /// place and in place, streamed or not, on values whose product with 0 or the scale is special
-    /// (NaN, infinities, signed zeros, overflow).
+    /// words with no, scattered, clustered, single, all-but-one and all dropped
+    /// bits, out of place and in place, streamed or not, on values whose product
+    /// with 0 or the scale is special (NaN, infinities, signed zeros, overflow).
     fn word_is_the_portable_form<T: Element>() {
         // Each type's own bit patterns: NaN with payloads, either sign and
         // signalling, infinities, signed zeros, subnormals, the largest finite
@@ -443,9 +443,9 @@ mod tests {
                     }
                     if lanes && len == 64 {
                         // The streaming stores (f32 only; the others ignore the
-                        // flag), into a 16-byte-aligned word (the
-                        // pass's own alignment) and at every other element offset,
-                        // where the word falls back to ordinary stores.
+                        // flag), into a 16-byte-aligned word (the pass's own
+                        // alignment) and at other element offsets, where the word
+                        // falls back to ordinary stores.
                         for offset in [0, 1, 16 / size_of::<T>() - 1, 16 / size_of::<T>()] {
                             let mut buf = Aligned([T::default(); 80]);
                             let word: &mut [T] = &mut buf.0[offset..offset + 64];
