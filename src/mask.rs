@@ -6,6 +6,9 @@
 //! the plane size. They are built in parallel over tiles of whole planes, each
 //! tile holding whole windows (a multiple of `q` planes) and starting on a word.
 
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rayon::prelude::*;
 
 use crate::abi;
@@ -30,7 +33,11 @@ impl BlockMasks {
     /// Samples the seeds that reach into `shard` and grows them into its planes'
     /// blocks, clipped to the shard (parallel over tiles of local planes). For the
     /// whole tensor that is every seed of every plane.
-    pub(crate) fn build(plan: &Plan, shard: &Shard) -> Result<Self> {
+    ///
+    /// Also returns the dropped cells of each group of `group_planes` consecutive
+    /// local planes (the last group may be short), counted by each tile while its
+    /// bits are still in its core's cache: no second pass over the masks.
+    pub(crate) fn build(plan: &Plan, shard: &Shard, group_planes: usize) -> Result<(Self, Vec<u64>)> {
         let g = plan.geometry();
         let plane_len = shard.local().plane_len();
         let planes = shard.local_planes(g.sharing);
@@ -39,24 +46,28 @@ impl BlockMasks {
         let mut words = Vec::new();
         let len = bits.div_ceil(WORD);
         words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
-        words.resize(len, 0u64);
+        let group_planes = group_planes.max(1);
+        let dropped: Vec<AtomicU64> = (0..planes.div_ceil(group_planes)).map(|_| AtomicU64::new(0)).collect();
         let tile = tile_planes(g.planes_per_window as usize, planes, plane_len, rayon::current_num_threads());
         let tile_words = tile * plane_len / WORD;
-        words.par_chunks_mut(tile_words).enumerate().for_each(|(t, out)| {
-            let first = t * tile;
-            build_tile(plan, shard, &seed_box, first..(first + tile).min(planes), plane_len, out);
+        words.spare_capacity_mut()[..len].par_chunks_mut(tile_words).enumerate().for_each(|(t, out)| {
+            // Zeroed here, by the core that builds the tile, rather than up front by
+            // one thread (a serial memset, and the first touch of fresh pages).
+            let out = zeroed(out);
+            let planes = t * tile..((t + 1) * tile).min(planes);
+            build_tile(plan, shard, &seed_box, planes.clone(), plane_len, out);
+            // The tile starts on a word: its local bit 0 is bit `planes.start · L`.
+            let groups = planes.start / group_planes..(planes.end - 1) / group_planes + 1;
+            for (sum, group) in dropped[groups.clone()].iter().zip(groups) {
+                let lo = (group * group_planes).max(planes.start) - planes.start;
+                let hi = ((group + 1) * group_planes).min(planes.end) - planes.start;
+                sum.fetch_add(count_range(out, lo * plane_len, hi * plane_len), Ordering::Relaxed);
+            }
         });
-        Ok(Self { plane_len, words })
-    }
-
-    /// How many of bits `[lo, hi)` are set.
-    pub(crate) fn dropped_in(&self, lo: usize, hi: usize) -> u64 {
-        count_range(&self.words, lo, hi)
-    }
-
-    /// The dropped cells of `plane`.
-    pub(crate) fn dropped(&self, plane: usize) -> u64 {
-        self.dropped_in(plane * self.plane_len, (plane + 1) * self.plane_len)
+        // SAFETY: the tiles cover words [0, len) (chunks of the first `len` spare
+        // words) and `zeroed` wrote every word of each.
+        unsafe { words.set_len(len) };
+        Ok((Self { plane_len, words }, dropped.into_iter().map(AtomicU64::into_inner).collect()))
     }
 
     #[inline]
@@ -208,6 +219,16 @@ fn tile_planes(q: usize, planes: usize, plane_len: usize, threads: usize) -> usi
     align * by_size.min(by_threads)
 }
 
+/// `words` set to 0, as initialised words.
+fn zeroed(words: &mut [MaybeUninit<u64>]) -> &mut [u64] {
+    for w in words.iter_mut() {
+        w.write(0);
+    }
+    // SAFETY: every element was just written, and `MaybeUninit<u64>` has the layout
+    // of `u64`.
+    unsafe { &mut *(words as *mut [MaybeUninit<u64>] as *mut [u64]) }
+}
+
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -232,6 +253,7 @@ with_feature! {
         let g = plan.geometry();
         let (s, q, m) = (g.seed_cells, g.planes_per_window as u64, g.windows_per_group);
         let blocks = Blocks::new(g, seed_box);
+        let per_cells = Divisor::new(s);
         let mut windows = Vec::new();
         let mut local = planes.start;
         while local < planes.end {
@@ -247,17 +269,15 @@ with_feature! {
                     first..last + 1,
                     |w| if w == call_last { window_len(g, w) } else { full },
                     |window, mut seeds| {
-                        // Cell j of the window is cell j mod S of its plane j / S.
-                        let mut plane = window * q;
-                        let mut cell0 = 0;
+                        // Cell j of the window is cell j mod S of its plane j / S (by a
+                        // multiplication: stepping plane by plane took up to 63 steps a
+                        // seed at S = 1).
                         while seeds != 0 {
-                            let mut j = seeds.trailing_zeros() as u64 - cell0;
-                            while j >= s {
-                                (plane, cell0, j) = (plane + 1, cell0 + s, j - s);
-                            }
+                            let (planes, cell) = per_cells.div_rem(seeds.trailing_zeros() as u64);
                             seeds &= seeds - 1;
+                            let plane = window * q + planes;
                             if (plane0..plane0 + run).contains(&plane) {
-                                blocks.grow(base(plane), j, out);
+                                blocks.grow(base(plane), cell, out);
                             }
                         }
                     },

@@ -362,28 +362,32 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
         return Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: 0.0 });
     }
     let plan = Plan::new(cfg, global, key)?;
-    let masks = BlockMasks::build(&plan, shard)?;
     let (c, l) = (shape.c(), shape.plane_len());
-    let slice_kept = |plane: usize| l as u64 - masks.dropped(plane);
-    // Kept elements of local sample n: its planes' bits are one run without sharing.
-    // N is up to 2^32: the counts are reserved above, not assumed to fit.
+    let sharing = plan.geometry().sharing;
+    // Dropped cells per sample's planes (C of them without sharing, 1 with channel
+    // sharing), or of every plane when all samples share them.
+    let group_planes = match sharing {
+        abi::DROPBLOCK_SHARE_NONE => c,
+        abi::DROPBLOCK_SHARE_CHANNELS => 1,
+        _ => shard.local_planes(sharing),
+    };
+    let (masks, dropped) = BlockMasks::build(&plan, shard, group_planes)?;
+    // Kept elements of local sample n. N is up to 2^32: the counts are reserved
+    // above, not assumed to fit.
     let local = &mut counts[1 + shard.first_sample()..][..shape.n()];
-    match plan.geometry().sharing {
-        abi::DROPBLOCK_SHARE_NONE => local
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(n, k)| *k = (c * l) as u64 - masks.dropped_in(n * c * l, (n + 1) * c * l)),
+    match sharing {
+        abi::DROPBLOCK_SHARE_NONE => local.iter_mut().zip(&dropped).for_each(|(k, d)| *k = (c * l) as u64 - d),
         abi::DROPBLOCK_SHARE_CHANNELS => {
-            local.par_iter_mut().enumerate().for_each(|(n, k)| *k = c as u64 * slice_kept(n))
+            local.iter_mut().zip(&dropped).for_each(|(k, d)| *k = c as u64 * (l as u64 - d))
         }
-        abi::DROPBLOCK_SHARE_BATCH => local.fill((c * l) as u64 - masks.dropped_in(0, c * l)),
-        _ => local.fill(c as u64 * slice_kept(0)),
+        // One group (none when there are no planes to share).
+        abi::DROPBLOCK_SHARE_BATCH => local.fill((c * l) as u64 - dropped.first().unwrap_or(&0)),
+        _ => local.fill(c as u64 * (l as u64 - dropped.first().unwrap_or(&0))),
     }
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
     let channels_last = match shape.layout() {
         Layout::ChannelsLast if c < EACH_REGION_CHANNELS => {
-            let sharing = plan.geometry().sharing;
             Some(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
         }
         _ => None,
