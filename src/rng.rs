@@ -37,8 +37,9 @@ pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
     round(ctr, key)
 }
 
-/// Philox blocks the CPU sampler draws together: one AVX2 register of 32-bit lanes.
-pub(crate) const LANES: usize = 8;
+/// Philox blocks the CPU sampler draws together: three AVX2 registers of 32-bit
+/// lanes ([`philox4x32_10_avx2`]; four measured the same, 2026-12-01).
+pub(crate) const LANES: usize = 24;
 
 /// [`LANES`] Philox4x32-10 blocks at once: lane `i` of the result is
 /// `philox4x32_10([x[i], y[i], z[i], w[i]], key)` for counters `[x, y, z, w]`. The
@@ -69,10 +70,18 @@ fn philox4x32_10_lanes(mut ctr: [[u32; LANES]; 4], mut key: [u32; 2]) -> [[u32; 
 /// lanes to 64-bit products only in even lanes, so each Philox product is the low
 /// halves (`vpmulld`) plus the high halves of the even lanes' and the odd lanes'
 /// (shifted down) products, blended.
+///
+/// A round is a chain of about 8 cycles (a product, a shift, a blend, an XOR) and
+/// only 7 instructions a register, so the lanes are three registers a word, whose
+/// independent chains overlap: with one register a word the chain left the core
+/// idle for half of each round (sampling 14x14, k = 7: 16 lanes 11 % faster than 8,
+/// 24 another 5 %). Three registers' words and the four constants fill the 16
+/// YMM registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn philox4x32_10_avx2(ctr: [[u32; LANES]; 4], mut key: [u32; 2]) -> [[u32; LANES]; 4] {
     use std::arch::x86_64::*;
+    const REG: usize = 8;
     #[inline(always)]
     fn mul_hi_lo_8(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
         // SAFETY: called only from philox4x32_10_avx2, which has AVX2.
@@ -83,28 +92,37 @@ fn philox4x32_10_avx2(ctr: [[u32; LANES]; 4], mut key: [u32; 2]) -> [[u32; LANES
             (hi, _mm256_mullo_epi32(a, m))
         }
     }
-    let load = |v: &[u32; LANES]| {
-        // SAFETY: LANES (8) u32 are 32 bytes, read unaligned.
-        unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) }
+    let load = |v: &[u32; LANES], r: usize| {
+        // SAFETY: REG (8) u32 are 32 bytes, read unaligned within the array.
+        unsafe { _mm256_loadu_si256(v[r * REG..].as_ptr() as *const __m256i) }
     };
-    let (mut x, mut y, mut z, mut w) = (load(&ctr[0]), load(&ctr[1]), load(&ctr[2]), load(&ctr[3]));
+    let mut regs: [[__m256i; 4]; LANES / REG] = std::array::from_fn(|r| std::array::from_fn(|k| load(&ctr[k], r)));
     let (m0, m1) = (_mm256_set1_epi32(PHILOX_M4X32_0 as i32), _mm256_set1_epi32(PHILOX_M4X32_1 as i32));
     for round in 0..10 {
         if round > 0 {
             key[0] = key[0].wrapping_add(PHILOX_W32_0);
             key[1] = key[1].wrapping_add(PHILOX_W32_1);
         }
-        let (hi0, lo0) = mul_hi_lo_8(x, m0);
-        let (hi1, lo1) = mul_hi_lo_8(z, m1);
         let k0 = _mm256_set1_epi32(key[0] as i32);
         let k1 = _mm256_set1_epi32(key[1] as i32);
-        (x, y, z, w) =
-            (_mm256_xor_si256(_mm256_xor_si256(hi1, y), k0), lo1, _mm256_xor_si256(_mm256_xor_si256(hi0, w), k1), lo0);
+        for [x, y, z, w] in regs.iter_mut() {
+            let (hi0, lo0) = mul_hi_lo_8(*x, m0);
+            let (hi1, lo1) = mul_hi_lo_8(*z, m1);
+            // The key is XORed in off the products' chain.
+            (*x, *y, *z, *w) = (
+                _mm256_xor_si256(hi1, _mm256_xor_si256(*y, k0)),
+                lo1,
+                _mm256_xor_si256(hi0, _mm256_xor_si256(*w, k1)),
+                lo0,
+            );
+        }
     }
     let mut out = [[0u32; LANES]; 4];
-    for (o, v) in out.iter_mut().zip([x, y, z, w]) {
-        // SAFETY: 32 bytes written into a LANES-u32 array, unaligned.
-        unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, v) };
+    for (r, words) in regs.iter().enumerate() {
+        for (o, &v) in out.iter_mut().zip(words) {
+            // SAFETY: 32 bytes written into a third of a LANES-u32 array, unaligned.
+            unsafe { _mm256_storeu_si256(o[r * REG..].as_mut_ptr() as *mut __m256i, v) };
+        }
     }
     out
 }
@@ -246,11 +264,14 @@ impl Generator {
 mod tests {
     use super::{philox4x32_10, philox4x32_10_lanes, RngKey, LANES};
 
-    /// The lane-wise blocks the CPU sampler draws eight at a time are the scalar
-    /// blocks, whatever the window (both halves of its 64 bits) and key.
+    /// The lane-wise blocks the CPU sampler draws LANES at a time are the scalar
+    /// blocks, whatever the window (both halves of its 64 bits), key and lane (every
+    /// register of the AVX2 form gets its own windows).
     #[test]
     fn first_blocks_are_the_scalar_blocks() {
-        let windows = [0, 1, 7, 8, 0xFFFF_FFFF, 1 << 32, 0x1234_5678_9ABC_DEF0, u64::MAX];
+        const EDGES: [u64; 8] = [0, 1, 7, 8, 0xFFFF_FFFF, 1 << 32, 0x1234_5678_9ABC_DEF0, u64::MAX];
+        let windows: [u64; LANES] =
+            std::array::from_fn(|i| EDGES[i % 8].wrapping_add((i as u64 / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         for (seed, offset) in [(0, 0), (1, 17), (0xDEAD_BEEF_0123_4567, RngKey::MAX_OFFSET), (u64::MAX, 1 << 40)] {
             let key = RngKey::new(seed, offset).unwrap();
             let lanes = key.first_blocks(windows);
