@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::abi;
 use crate::error::{Error, Result};
+use crate::rng::LANES;
 use crate::sampling::{window_len, Plan};
 use crate::shard::{SeedBox, Shard};
 
@@ -268,14 +269,13 @@ with_feature! {
                 plan.walk(
                     first..last + 1,
                     |w| if w == call_last { window_len(g, w) } else { full },
-                    |window, mut seeds| {
+                    |ids, found| {
                         // Cell j of the window is cell j mod S of its plane j / S (by a
                         // multiplication: stepping plane by plane took up to 63 steps a
                         // seed at S = 1).
-                        while seeds != 0 {
-                            let (planes, cell) = per_cells.div_rem(seeds.trailing_zeros() as u64);
-                            seeds &= seeds - 1;
-                            let plane = window * q + planes;
+                        for &f in found {
+                            let (planes, cell) = per_cells.div_rem((f & 63) as u64);
+                            let plane = ids[(f >> 6) as usize] * q + planes;
                             if (plane0..plane0 + run).contains(&plane) {
                                 blocks.grow(base(plane), cell, out);
                             }
@@ -288,18 +288,15 @@ with_feature! {
                 let tail = (s - (m - 1) * WORD as u64) as u32;
                 let per_plane = Divisor::new(m);
                 let len = |w: u64| if per_plane.div_rem(w).1 == m - 1 { tail } else { WORD as u32 };
-                let grow = |window: u64, mut seeds: u64, out: &mut [u64]| {
-                    let (plane, part) = per_plane.div_rem(window);
-                    let base = base(plane);
-                    while seeds != 0 {
-                        let cell = part * WORD as u64 + seeds.trailing_zeros() as u64;
-                        seeds &= seeds - 1;
-                        blocks.grow(base, cell, out);
+                let grow = |ids: &[u64; LANES], found: &[u32], out: &mut [u64]| {
+                    for &f in found {
+                        let (plane, part) = per_plane.div_rem(ids[(f >> 6) as usize]);
+                        blocks.grow(base(plane), part * WORD as u64 + (f & 63) as u64, out);
                     }
                 };
                 if seed_box.parts.len() == 1 && seed_box.parts[0] == (0..m) {
                     // Whole planes: the run's windows are consecutive.
-                    plan.walk(plane0 * m..(plane0 + run) * m, len, |w, seeds| grow(w, seeds, out));
+                    plan.walk(plane0 * m..(plane0 + run) * m, len, |ids, found| grow(ids, found, out));
                 } else {
                     // A shard's windows: a few in each plane, walked in batches across planes.
                     windows.clear();
@@ -308,7 +305,7 @@ with_feature! {
                             windows.extend((parts.start..parts.end).map(|part| plane * m + part));
                         }
                     }
-                    plan.walk_list(&windows, len, |w, seeds| grow(w, seeds, out));
+                    plan.walk_list(&windows, len, |ids, found| grow(ids, found, out));
                 }
             }
             local += run as usize;
