@@ -565,6 +565,9 @@ pub fn grow_blocks(plan: &Plan, seeds: &[u64], out: &mut [u64]) -> Result<u64> {
 /// fall anywhere).
 #[inline(always)]
 fn or_run(words: &mut [u64], at: usize, run: u64) {
+    if or_unaligned(words, at, run) {
+        return;
+    }
     let (i, bit) = (at / WORD, at % WORD);
     words[i] |= run << bit;
     let spill = (run >> 1) >> (WORD - 1 - bit);
@@ -572,6 +575,28 @@ fn or_run(words: &mut [u64], at: usize, run: u64) {
         Some(next) => *next |= spill,
         None => debug_assert_eq!(spill, 0, "a run at bit {at} runs past the words"),
     }
+}
+
+/// ORs `pattern` into the bits from `at` on as one read-modify-write of the 8
+/// bytes from byte `at / 8`, unaligned, where the pattern shifted by `at % 8` fits
+/// them (its top 7 bits clear) and they lie in `words`: a 3-wide run (k = 3 on
+/// 76-cell rows) or a 3x3 slab on 19-cell rows then costs one access where the
+/// word forms cost two or three, each soon after the block's previous row wrote its
+/// neighbour (sampling 5-6 % and 3 % faster, 2026-12-01; a 16-byte form for wider
+/// slabs measured 2 % slower). False, having done nothing, otherwise, and on
+/// big-endian targets (where bit `b` is not in byte `b / 8`).
+#[inline(always)]
+fn or_unaligned(words: &mut [u64], at: usize, pattern: u64) -> bool {
+    if cfg!(target_endian = "big") || pattern >> 57 != 0 {
+        return false;
+    }
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
+    let Some(span) = bytes.get_mut(at / 8..at / 8 + 8) else {
+        return false;
+    };
+    let b: &mut [u8; 8] = span.try_into().expect("8 bytes");
+    *b = (u64::from_le_bytes(*b) | pattern << (at % 8)).to_le_bytes();
+    true
 }
 
 /// [`Blocks::stack`] for blocks of `kh × kw` cells in rows of `w` cells.
@@ -587,6 +612,9 @@ fn row_stack(kh: u32, kw: u32, w: u32) -> u128 {
 /// branch on where it crosses.
 #[inline(always)]
 fn or_slab(words: &mut [u64], at: usize, slab: u128) {
+    if slab >> 64 == 0 && or_unaligned(words, at, slab as u64) {
+        return;
+    }
     let (i, bit) = (at / WORD, at % WORD);
     let low = slab << bit;
     let spill = [(low >> WORD) as u64, ((slab >> 1) >> (127 - bit)) as u64];
