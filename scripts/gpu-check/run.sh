@@ -4,14 +4,16 @@
 # nvtx.csv or nvtx.txt, clocks.csv: the device tool returns at most 8 files) under $OUT, or
 # gpu-bundle/logs; clocks.csv holds the SM and memory clocks while the benchmarks
 # run. On an H200 (2026-11-30) `check` took 137-165 s and `bench` 172 s with a
-# baseline, 15 s of it torch.compile compiling; the timeouts below bound each step
-# so that a hang shows where it happened (their sum is not a bound).
+# baseline, 15 s of it torch.compile compiling, before the sampling table was added
+# (28 more bench runs, about 40 s by the same runs' pace); the timeouts below bound
+# each step so that a hang shows where it happened (their sum is not a bound).
 #
 #   run.sh           parity, sanitizers, CLI cuda-vs-cpu, benchmarks and peers
 #   run.sh check     without the benchmarks
 #   run.sh bench     the benchmarks alone
 #   run.sh layouts   channels-last against channels-first, with ncu (part of bench)
 #   run.sh ranks     1D/3D against 2D (part of bench)
+#   run.sh sampling  the sampling alone against the forward (part of bench)
 #   (parts combine: `run.sh check layouts`)
 set -uo pipefail
 shopt -s nullglob
@@ -67,6 +69,7 @@ main() {
       bench) benchmarks ;;
       layouts) layouts ;;
       ranks) ranks ;;
+      sampling) sampling ;;
       *) fail "unknown part: $mode" ;;
     esac
   done
@@ -246,6 +249,7 @@ benchmarks() {
       "256,256,56,56 7" "256,1024,14,14 7" "256,2048,7,7 7" "24,256,76,76 3" "24,1024,19,19 3"
   fi
 
+  sampling
   layouts
   ranks
 
@@ -281,6 +285,16 @@ layouts() {
   done
 }
 
+sampling() {
+  section "sampling alone (sample_into: the count pass) against the forward"
+  # Issue 17's target: the count pass at most 10% of the forward on every row of
+  # the seven benchmark shapes (ncu above splits four of them by kernel).
+  echo "| shape | k | dtype | forward ms | sampling ms | sampling / forward |"
+  echo "|---|---|---|---|---|---|"
+  bench_rows 60 sampling sampling_row "256,256,56,56 7" "256,512,28,28 7" "256,1024,14,14 7" "256,2048,7,7 7" \
+    "24,256,76,76 3" "24,512,38,38 3" "24,1024,19,19 3"
+}
+
 ranks() {
   section "ranks: 1D/3D beside 2D of the same element count and seed density"
   echo "| shape | k | dtype | pass | ms | GB/s |"
@@ -306,6 +320,16 @@ layout_row() {
   last=$(median_ms ./dropblock "${flags[@]}" --layout channels-last)
   [[ -n $first && -n $last ]] || fail "layouts $1 $3 $4"
   echo "| $1 | $2 | $3 | $4 | $first | $last | $(ratio "$last" "$first") |"
+}
+
+# shellcheck disable=SC2329 # called through bench_rows
+sampling_row() {
+  [[ $4 == forward ]] || return 0
+  local forward sampling
+  forward=$(median_ms ./dropblock "${flags[@]}")
+  sampling=$(median_ms ./dropblock "${flags[@]}" --sampling)
+  [[ -n $forward && -n $sampling ]] || fail "sampling $1 $3"
+  echo "| $1 | $2 | $3 | $forward | $sampling | $(ratio "$sampling" "$forward") |"
 }
 
 # shellcheck disable=SC2329 # called through bench_rows
