@@ -8,6 +8,8 @@
 //!   (e.g. `90` or `80,90`) narrows the list for quick local builds.
 //! - ptxas's resource report is kept in `OUT_DIR/ptxas_report.txt` and embedded as
 //!   `dropblock::cuda::ptxas_report()`, where a test checks it for spills.
+//! - `cfg(dropblock_avx512)` is set where the toolchain has the AVX-512 intrinsics
+//!   (Rust 1.89 on) that the CPU path's AVX-512 forms use.
 //! - Without the `cuda` feature nothing is compiled. With it and no nvcc the build
 //!   fails and says how to get one, so kernels are never silently missing.
 
@@ -20,6 +22,12 @@ const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(dropblock_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(dropblock_avx512)");
+    // The CPU path's AVX-512 forms need intrinsics stabilised in Rust 1.89; older
+    // toolchains (the rust-version is 1.88) build without them.
+    if autocfg::AutoCfg::new().is_ok_and(|ac| ac.probe_path("std::arch::x86_64::_mm512_gf2p8affine_epi64_epi8")) {
+        println!("cargo::rustc-cfg=dropblock_avx512");
+    }
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "DROPBLOCK_CUDA_ARCHS", "DOCS_RS"] {

@@ -1,6 +1,7 @@
 //! Which instruction-set extensions the CPU path uses: the crate builds for the
-//! x86-64 baseline and picks its AVX2, F16C and `popcnt` forms at run time. Every
-//! SIMD form gives the portable form's bits.
+//! x86-64 baseline and picks its AVX2, F16C and `popcnt` forms at run time, and its
+//! AVX-512 forms where the toolchain has their intrinsics (`cfg(dropblock_avx512)`,
+//! Rust 1.89 on). Every SIMD form gives the portable form's bits.
 //!
 //! `DROPBLOCK_CPU_CAPABILITY=baseline` (read once per process) keeps every call on
 //! the portable forms whatever the CPU has, so that they run under test on any
@@ -16,10 +17,20 @@ pub(crate) const CAPABILITY_VAR: &str = "DROPBLOCK_CPU_CAPABILITY";
 /// Whether the SIMD forms may run: not under `DROPBLOCK_CPU_CAPABILITY=baseline`.
 /// Any value but `baseline` and `auto` is reported once on stderr and taken as
 /// `auto`. (Only x86-64 has SIMD forms so far.)
+///
+/// Inlined: the element passes ask once a 64-element word, and the call took 2 %
+/// of a bf16 backward (2026-12-01).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline]
 pub(crate) fn simd_allowed() -> bool {
     static ALLOWED: OnceLock<bool> = OnceLock::new();
-    *ALLOWED.get_or_init(|| match std::env::var(CAPABILITY_VAR).as_deref() {
+    *ALLOWED.get_or_init(read_capability)
+}
+
+#[cold]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn read_capability() -> bool {
+    match std::env::var(CAPABILITY_VAR).as_deref() {
         Ok("baseline") => false,
         Ok("auto") | Err(std::env::VarError::NotPresent) => true,
         Ok(other) => {
@@ -30,7 +41,7 @@ pub(crate) fn simd_allowed() -> bool {
             eprintln!("dropblock: ignoring {CAPABILITY_VAR}, which is not UTF-8 (expected \"baseline\" or \"auto\")");
             true
         }
-    })
+    }
 }
 
 /// `cpu_has!("f")`: whether the SIMD forms may run ([`simd_allowed`]) and the

@@ -12,7 +12,7 @@ use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::mask::{transpose_cells, BlockMasks};
+use crate::mask::{transpose_cells, BlockMasks, SampleCells};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
@@ -248,7 +248,7 @@ impl Saved {
             heap.resize(words, 0u64);
             &mut heap[..]
         };
-        transpose_cells(masks, &plane_of, n, cell0..cell0 + len / c, c, bits, 0);
+        transpose_cells(masks, &SampleCells::new(plane_of, n, cell0..cell0 + len / c, c), bits, 0);
         f(bits)
     }
 
