@@ -146,19 +146,14 @@ impl Transpose {
 mod tests {
     use super::super::{transpose64, transposed_block, BlockMasks};
     use super::{available, Transpose};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     fn skip() -> bool {
         if !available() {
             eprintln!("skipped: this CPU lacks AVX-512 VBMI, VBMI2 or GFNI (or DROPBLOCK_CPU_CAPABILITY=baseline)");
         }
         !available()
-    }
-
-    fn xorshift(state: &mut u64) -> u64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        *state
     }
 
     /// The AVX-512 transpose equals the portable one on random matrices: sparse,
@@ -168,10 +163,10 @@ mod tests {
         if skip() {
             return;
         }
-        let mut state = 0x0123_4567_89AB_CDEFu64;
+        let mut rng = StdRng::seed_from_u64(0x0123_4567_89AB_CDEF);
         for case in 0..200 {
             let a: [u64; 64] = std::array::from_fn(|_| {
-                let v = xorshift(&mut state);
+                let v: u64 = rng.random();
                 match case % 3 {
                     0 => v,
                     1 => v & v.rotate_left(17) & v.rotate_left(31),
@@ -196,16 +191,17 @@ mod tests {
         if skip() {
             return;
         }
-        let mut state = 0x05EE_D0FB_10C5_u64;
+        let mut rng = StdRng::seed_from_u64(0x05EE_D0FB_10C5);
+        let mut next = || rng.random::<u64>();
         for case in 0..3000 {
-            let len = 1 + (xorshift(&mut state) % 300) as usize;
-            let masks = BlockMasks { plane_len: 1, words: (0..len).map(|_| xorshift(&mut state)).collect() };
+            let len = 1 + (next() % 300) as usize;
+            let masks = BlockMasks { plane_len: 1, words: (0..len).map(|_| next()).collect() };
             let bits = len * 64;
-            let cw = 1 + (xorshift(&mut state) % 64) as usize;
+            let cw = 1 + (next() % 64) as usize;
             let stride = match case % 4 {
                 0 => 0,
-                1 => 1 + (xorshift(&mut state) % 64) as usize,
-                _ => (xorshift(&mut state) % 200) as usize,
+                1 => 1 + (next() % 64) as usize,
+                _ => (next() % 200) as usize,
             };
             // Every row's first bit inside the masks (as the passes' rows are).
             let span = (cw - 1) * stride;
@@ -213,8 +209,8 @@ mod tests {
                 continue;
             }
             let b0 = match case % 3 {
-                0 => bits - 1 - span - (xorshift(&mut state) % 130).min((bits - 1 - span) as u64) as usize,
-                _ => (xorshift(&mut state) % (bits - span) as u64) as usize,
+                0 => bits - 1 - span - (next() % 130).min((bits - 1 - span) as u64) as usize,
+                _ => (next() % (bits - span) as u64) as usize,
             };
             let mut want = [0u64; 64];
             transposed_block(&masks, (b0, stride, cw), &mut want);

@@ -10,6 +10,9 @@ use crate::config::{Anchor, DropBlockConfig, GammaRule, Placement, Shape, Sharin
 use crate::error::{Error, Result};
 use crate::rng::{RngKey, LANES};
 
+#[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+mod avx512;
+
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
 const TWO_POW_32: f64 = 4_294_967_296.0;
 /// The CPU search's table covers draws in 2^20-wide steps (16 KiB): at DropBlock's
@@ -167,8 +170,8 @@ impl Plan {
 
     /// Walks windows `windows`, window `w` of `len(w)` (1..=64) cells, and calls
     /// `seeds(ids, found)` once a batch of [`LANES`] windows that finds a seed:
-    /// `ids` are the batch's windows and `found` its seeds in order, `lane << 6 | j`
-    /// for the `j`-th cell of window `ids[lane]`. The windows' first Philox blocks
+    /// `ids` are the batch's windows and `found` its seeds, each once and in no
+    /// given order, `lane << 6 | j` for the `j`-th cell of window `ids[lane]`. The windows' first Philox blocks
     /// are drawn [`LANES`] at a time (SIMD lanes), as most windows end at their
     /// first draw; `len` is also asked of up to `LANES - 1` windows past the range's
     /// end, and must not panic there.
@@ -215,6 +218,7 @@ impl Plan {
         // Every listed seed is a distinct cell of one of the batch's windows, plus
         // the slot that the draw which stops the last walk writes.
         let mut found = [0u32; LANES * WINDOW as usize + 1];
+        let wide = wide_available();
         let mut first = 0;
         while first < count {
             // Plain loops: `array::map` was left out of line, a call a batch.
@@ -224,26 +228,71 @@ impl Plan {
                 lens[i] = len(ids[i]);
             }
             let blocks = self.key().first_blocks(ids);
-            // The windows with a seed: a first draw under the whole window's
-            // threshold. One bit a lane, so that the ~half of the windows that end
-            // at their first draw cost no branch each.
-            let mut seeded = 0u32;
-            for (i, &n) in lens.iter().enumerate() {
-                seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[n as usize - 1]) as u32) << i;
-            }
-            seeded &= low_bits((count - first).min(LANES as u64) as u32) as u32;
-            let mut n = 0;
-            while seeded != 0 {
-                let i = seeded.trailing_zeros() as usize;
-                seeded &= seeded - 1;
-                let block = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
-                n = self.walk_into(ids[i], lens[i], block, (i as u32) << 6, &mut found, n);
-            }
+            let live = low_bits((count - first).min(LANES as u64) as u32) as u32;
+            let n = self.list_batch((&ids, &lens, &blocks), live, wide, &mut found);
             if n > 0 {
                 seeds(&ids, &found[..n]);
             }
             first += LANES as u64;
         }
+    }
+
+    /// The seeds of a batch's windows `ids` of `lens` cells (the lanes in `live`)
+    /// whose first counter blocks are `blocks`, listed in `found` from its start;
+    /// returns their count. With `wide` ([`wide_available`]), the first blocks'
+    /// draws are searched in AVX-512 lanes unless one falls in a crowded step.
+    #[inline(always)]
+    fn list_batch(
+        &self,
+        (ids, lens, blocks): (&[u64; LANES], &[u32; LANES], &[[u32; LANES]; 4]),
+        live: u32,
+        wide: bool,
+        found: &mut [u32],
+    ) -> usize {
+        #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+        // SAFETY: `wide` says `avx512::available` found the features.
+        if let Some((mut n, mut more, next)) =
+            wide.then(|| unsafe { self.first_draws_avx512(lens, blocks, live, found) }).flatten()
+        {
+            // The walks that go on past their first block.
+            while more != 0 {
+                let i = more.trailing_zeros() as usize;
+                more &= more - 1;
+                let (tag, block) = ((i as u32) << 6, self.key().block(ids[i], 1));
+                n = self.walk_on(ids[i], lens[i], (block, next[i], 2), tag, found, n);
+            }
+            return n;
+        }
+        let _ = wide;
+        self.first_draws(ids, lens, blocks, live, found)
+    }
+
+    /// [`Plan::list_batch`] by the scalar form: each seeded window walked whole.
+    #[inline(always)]
+    fn first_draws(
+        &self,
+        ids: &[u64; LANES],
+        lens: &[u32; LANES],
+        blocks: &[[u32; LANES]; 4],
+        live: u32,
+        found: &mut [u32],
+    ) -> usize {
+        // The windows with a seed: a first draw under the whole window's
+        // threshold. One bit a lane, so that the ~half of the windows that end
+        // at their first draw cost no branch each.
+        let mut seeded = 0u32;
+        for (i, &n) in lens.iter().enumerate() {
+            seeded |= (((blocks[0][i] as u64) < self.sampling.thresholds[n as usize - 1]) as u32) << i;
+        }
+        seeded &= live;
+        let mut n = 0;
+        while seeded != 0 {
+            let i = seeded.trailing_zeros() as usize;
+            seeded &= seeded - 1;
+            let block = [blocks[0][i], blocks[1][i], blocks[2][i], blocks[3][i]];
+            n = self.walk_into(ids[i], lens[i], block, (i as u32) << 6, found, n);
+        }
+        n
     }
 
     /// The walk of window `window` of `len` cells whose first counter block
@@ -260,8 +309,22 @@ impl Plan {
     /// the first that falls past the end none counts), with no branch on which of
     /// them ends the walk.
     #[inline(always)]
-    fn walk_into(&self, window: u64, len: u32, first: [u32; 4], tag: u32, found: &mut [u32], mut n: usize) -> usize {
-        let (mut block, mut pos, mut b) = (first, 0, 1);
+    fn walk_into(&self, window: u64, len: u32, first: [u32; 4], tag: u32, found: &mut [u32], n: usize) -> usize {
+        self.walk_on(window, len, (first, 0, 1), tag, found, n)
+    }
+
+    /// [`Plan::walk_into`] from counter block `block` (number `b - 1`), whose
+    /// first draw places its seed from cell `pos` on.
+    #[inline(always)]
+    fn walk_on(
+        &self,
+        window: u64,
+        len: u32,
+        (mut block, mut pos, mut b): ([u32; 4], u32, u32),
+        tag: u32,
+        found: &mut [u32],
+        mut n: usize,
+    ) -> usize {
         loop {
             for u in block {
                 let at = pos + self.gap(u);
@@ -292,6 +355,14 @@ impl Plan {
         }
         g
     }
+}
+
+/// Whether the sampler's AVX-512 form runs here ([`Plan::list_batch`]).
+fn wide_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+    return avx512::available();
+    #[allow(unreachable_code)]
+    false
 }
 
 /// The mask plane that slice `(n, c)` reads under `sharing` (a
@@ -553,9 +624,11 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{thresholds, window_len, Plan, STEP_BITS};
+    use super::{low_bits, thresholds, wide_available, window_len, Plan, CROWDED, GAP_TABLE_BITS, STEP_BITS, WINDOW};
     use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
     use crate::rng::{RngKey, LANES};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     /// The table-started search gives the smallest `g` with `u < T[g]` (64 if
     /// none), at rates whose thresholds crowd (all near 0, or near 2^32) and at
@@ -593,48 +666,105 @@ mod tests {
         }
     }
 
-    /// The batched walks report exactly the windows whose own walk finds a seed,
-    /// with its bits, once each: ranges of every length from 0 to 19 at unaligned
-    /// starts, and lists that skip windows.
+    /// A batch's seeds by the AVX-512 form equal the scalar form's, as sets, on
+    /// first blocks made to hit the cases: draws on and around every threshold,
+    /// draws in crowded steps of the gap table (the form must give such a batch to
+    /// the scalar one), walks that go past their first block, and every window
+    /// length; skipped, saying so, where the form does not run.
     #[test]
-    fn batched_walks_report_each_seeded_window_once() {
-        let shape = Shape::from_dims(&[2, 8, 20, 20]).unwrap();
-        let cfg = DropBlockConfig::builder(Block::uniform(3).unwrap(), 0.3).build().unwrap();
-        let plan = Plan::new(&cfg, shape, RngKey::new(5, 40).unwrap()).unwrap();
-        let g = *plan.geometry();
-        let len = |w: u64| window_len(&g, w.min(g.windows - 1));
-        let expected = |w: u64| plan.walk_window(w, len(w));
-        let check = |listed: &[u64], got: Vec<(u64, u64)>| {
-            let want: Vec<(u64, u64)> =
-                listed.iter().map(|&w| (w, expected(w))).filter(|&(_, bits)| bits != 0).collect();
-            assert!(!want.is_empty() || listed.len() < 4, "a test that sees no seeds: {listed:?}");
-            assert_eq!(got, want, "{listed:?}");
-        };
-        // The listed seeds as (window, bits), in the order listed.
-        let collect = |got: &mut Vec<(u64, u64)>, ids: &[u64; LANES], found: &[u32]| {
-            for &f in found {
-                let (w, bit) = (ids[(f >> 6) as usize], 1u64 << (f & 63));
-                match got.last_mut() {
-                    Some((last, bits)) if *last == w => *bits |= bit,
-                    _ => got.push((w, bit)),
+    fn simd_batches_list_the_scalar_seeds() {
+        if !wide_available() {
+            eprintln!("skipped: no AVX-512 form here (CPU, toolchain, or DROPBLOCK_CPU_CAPABILITY=baseline)");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(0xDDBA11);
+        let mut next = || rng.random::<u64>();
+        let shape = Shape::from_dims(&[1, 1, 64, 64]).unwrap();
+        for p in [1e-7, 0.01, 0.1, 0.5, 0.97] {
+            let cfg = DropBlockConfig::builder(Block::uniform(1).unwrap(), p)
+                .gamma_rule(GammaRule::PerBlock)
+                .build()
+                .unwrap();
+            let plan = Plan::new(&cfg, shape, RngKey::new(9, 3).unwrap()).unwrap();
+            let t = plan.sampling.thresholds;
+            let crowded: Vec<u32> =
+                (0..1u32 << GAP_TABLE_BITS).filter(|&b| plan.gap_steps[b as usize] & CROWDED != 0).collect();
+            let draw = |r: u64| -> u32 {
+                match r % 4 {
+                    0 => r as u32 >> (r >> 59),
+                    1 => (t[(r >> 8) as usize % 64] as i64 + (r >> 20) as i64 % 3 - 1).clamp(0, u32::MAX as i64) as u32,
+                    2 if !crowded.is_empty() => {
+                        crowded[(r >> 8) as usize % crowded.len()] << STEP_BITS | (r >> 40) as u32 & 0xFFFFF
+                    }
+                    _ => (r >> 32) as u32,
                 }
-            }
-        };
-        for start in [0u64, 1, 5, 7, 13, 23, 24] {
-            for n in 0..2 * LANES as u64 + 3 {
-                let end = (start + n).min(g.windows);
-                let mut got = Vec::new();
-                plan.walk(start..end, len, |ids, found| collect(&mut got, ids, found));
-                check(&(start..end).collect::<Vec<_>>(), got);
+            };
+            for case in 0..400 {
+                let ids: [u64; LANES] = std::array::from_fn(|_| next());
+                let lens: [u32; LANES] = std::array::from_fn(|_| [64, 1 + next() as u32 % 64][case % 2]);
+                let blocks: [[u32; LANES]; 4] = std::array::from_fn(|_| std::array::from_fn(|_| draw(next())));
+                let all = low_bits(LANES as u32) as u32;
+                let live = if case % 3 == 0 { all } else { next() as u32 & all };
+                let listed = |wide| {
+                    let mut found = [0u32; LANES * WINDOW as usize + 1];
+                    let n = plan.list_batch((&ids, &lens, &blocks), live, wide, &mut found);
+                    let mut seeds = found[..n].to_vec();
+                    seeds.sort_unstable();
+                    seeds
+                };
+                assert_eq!(listed(true), listed(false), "p {p}, case {case}");
             }
         }
-        for stride in [2u64, 3, 5] {
-            let listed: Vec<u64> = (1..g.windows).step_by(stride as usize).collect();
-            for n in [1, 7, 8, 9, LANES - 1, LANES, LANES + 1, listed.len()].map(|n| n.min(listed.len())) {
-                let mut got = Vec::new();
-                plan.walk_list(&listed[..n], len, |ids, found| collect(&mut got, ids, found));
-                check(&listed[..n], got);
+    }
+
+    /// The batched walks report exactly the windows whose own walk finds a seed,
+    /// with its bits, each seed once: ranges of every length from 0 to 50 at
+    /// unaligned starts, and lists that skip windows, at rates where most windows
+    /// end at their first block, where many go past it, and where the gap table's
+    /// steps crowd (the SIMD form then gives the batch to the scalar one).
+    #[test]
+    fn batched_walks_report_each_seeded_window_once() {
+        use std::collections::BTreeMap;
+        let shape = Shape::from_dims(&[2, 8, 20, 20]).unwrap();
+        for p in [0.05, 0.3, 0.9] {
+            let cfg = DropBlockConfig::builder(Block::uniform(3).unwrap(), p).build().unwrap();
+            let plan = Plan::new(&cfg, shape, RngKey::new(5, 40).unwrap()).unwrap();
+            let g = *plan.geometry();
+            let len = |w: u64| window_len(&g, w.min(g.windows - 1));
+            let expected = |w: u64| plan.walk_window(w, len(w));
+            let seeded = std::cell::Cell::new(0);
+            let check = |listed: &[u64], got: BTreeMap<u64, u64>| {
+                let want: BTreeMap<u64, u64> =
+                    listed.iter().map(|&w| (w, expected(w))).filter(|&(_, bits)| bits != 0).collect();
+                seeded.set(seeded.get() + want.len());
+                assert_eq!(got, want, "p {p}: {listed:?}");
+            };
+            // The listed seeds as (window, bits), each seed listed once.
+            let collect = |got: &mut BTreeMap<u64, u64>, ids: &[u64; LANES], found: &[u32]| {
+                for &f in found {
+                    let (w, bit) = (ids[(f >> 6) as usize], 1u64 << (f & 63));
+                    let bits = got.entry(w).or_default();
+                    assert_eq!(*bits & bit, 0, "p {p}: window {w} cell {} listed twice", f & 63);
+                    *bits |= bit;
+                }
+            };
+            for start in [0u64, 1, 5, 7, 13, 23, 24] {
+                for n in 0..2 * LANES as u64 + 3 {
+                    let end = (start + n).min(g.windows);
+                    let mut got = BTreeMap::new();
+                    plan.walk(start..end, len, |ids, found| collect(&mut got, ids, found));
+                    check(&(start..end).collect::<Vec<_>>(), got);
+                }
             }
+            for stride in [2u64, 3, 5] {
+                let listed: Vec<u64> = (1..g.windows).step_by(stride as usize).collect();
+                for n in [1, 7, 8, 9, LANES - 1, LANES, LANES + 1, listed.len()].map(|n| n.min(listed.len())) {
+                    let mut got = BTreeMap::new();
+                    plan.walk_list(&listed[..n], len, |ids, found| collect(&mut got, ids, found));
+                    check(&listed[..n], got);
+                }
+            }
+            assert!(seeded.get() > 500, "p {p}: a test that sees few seeds ({})", seeded.get());
         }
     }
 }
