@@ -3,43 +3,68 @@
 //! AVX-512 forms where the toolchain has their intrinsics (`cfg(dropblock_avx512)`,
 //! Rust 1.89 on). Every SIMD form gives the portable form's bits.
 //!
-//! `DROPBLOCK_CPU_CAPABILITY=baseline` (read once per process) keeps every call on
-//! the portable forms whatever the CPU has, so that they run under test on any
-//! machine and a SIMD form can be ruled out of a discrepancy. Unset, or `auto`,
-//! uses whatever the CPU has.
+//! `DROPBLOCK_CPU_CAPABILITY` (read once per process) caps what runs whatever the
+//! CPU has, so that each form runs under test on one machine and a SIMD form can be
+//! ruled out of a discrepancy: `baseline` keeps every call on the portable forms,
+//! `avx2` allows the AVX2, F16C and `popcnt` forms but not the AVX-512 ones. Unset,
+//! or `auto`, uses whatever the CPU has.
 
 use std::sync::OnceLock;
 
-/// The variable that [`simd_allowed`] reads.
+/// The variable that [`simd_allowed`] and [`avx512_allowed`] read.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const CAPABILITY_VAR: &str = "DROPBLOCK_CPU_CAPABILITY";
 
+/// What `DROPBLOCK_CPU_CAPABILITY` allows, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Capability {
+    Baseline,
+    Avx2,
+    Auto,
+}
+
 /// Whether the SIMD forms may run: not under `DROPBLOCK_CPU_CAPABILITY=baseline`.
-/// Any value but `baseline` and `auto` is reported once on stderr and taken as
-/// `auto`. (Only x86-64 has SIMD forms so far.)
+/// Any value but `baseline`, `avx2` and `auto` is reported once on stderr and
+/// taken as `auto`. (Only x86-64 has SIMD forms so far.)
 ///
 /// Inlined: the element passes ask once a 64-element word, and the call took 2 %
 /// of a bf16 backward (2026-12-01).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline]
 pub(crate) fn simd_allowed() -> bool {
-    static ALLOWED: OnceLock<bool> = OnceLock::new();
-    *ALLOWED.get_or_init(read_capability)
+    capability() > Capability::Baseline
+}
+
+/// Whether the AVX-512 forms may run: neither `baseline` nor `avx2`.
+#[cfg_attr(not(all(target_arch = "x86_64", dropblock_avx512)), allow(dead_code))]
+#[inline]
+pub(crate) fn avx512_allowed() -> bool {
+    capability() == Capability::Auto
+}
+
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn capability() -> Capability {
+    static CAPABILITY: OnceLock<Capability> = OnceLock::new();
+    *CAPABILITY.get_or_init(read_capability)
 }
 
 #[cold]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn read_capability() -> bool {
+fn read_capability() -> Capability {
+    const EXPECTED: &str = "expected \"baseline\", \"avx2\" or \"auto\"";
     match std::env::var(CAPABILITY_VAR).as_deref() {
-        Ok("baseline") => false,
-        Ok("auto") | Err(std::env::VarError::NotPresent) => true,
+        Ok("baseline") => Capability::Baseline,
+        Ok("avx2") => Capability::Avx2,
+        Ok("auto") | Err(std::env::VarError::NotPresent) => Capability::Auto,
         Ok(other) => {
-            eprintln!("dropblock: ignoring {CAPABILITY_VAR}={other:?} (expected \"baseline\" or \"auto\")");
-            true
+            eprintln!("dropblock: ignoring {CAPABILITY_VAR}={other:?} ({EXPECTED})");
+            Capability::Auto
         }
         Err(std::env::VarError::NotUnicode(_)) => {
-            eprintln!("dropblock: ignoring {CAPABILITY_VAR}, which is not UTF-8 (expected \"baseline\" or \"auto\")");
-            true
+            eprintln!("dropblock: ignoring {CAPABILITY_VAR}, which is not UTF-8 ({EXPECTED})");
+            Capability::Auto
         }
     }
 }
@@ -81,11 +106,13 @@ macro_rules! with_feature {
 
 #[cfg(test)]
 mod tests {
-    /// The gate follows the variable this process was started with: CI runs the
-    /// CPU tests once more under `baseline`, where this checks that it took.
+    /// The gates follow the variable this process was started with: CI runs the
+    /// CPU tests once more under `baseline` and once under `avx2`, where this
+    /// checks that they took.
     #[test]
     fn capability_variable_gates_the_simd_forms() {
-        let baseline = std::env::var(super::CAPABILITY_VAR).is_ok_and(|v| v == "baseline");
-        assert_eq!(super::simd_allowed(), !baseline);
+        let value = std::env::var(super::CAPABILITY_VAR).unwrap_or_default();
+        assert_eq!(super::simd_allowed(), value != "baseline");
+        assert_eq!(super::avx512_allowed(), value != "baseline" && value != "avx2");
     }
 }

@@ -9,9 +9,9 @@ use std::arch::x86_64::*;
 
 use super::{transpose_cells_with, transposed_block, BlockMasks, SampleCells, WORD};
 
-/// Whether the SIMD forms may run and the CPU has every feature below.
+/// Whether the AVX-512 forms may run and the CPU has every feature below.
 pub(super) fn available() -> bool {
-    cpu_has!("avx512f", "avx512bw", "avx512vbmi", "avx512vbmi2", "gfni")
+    crate::simd::avx512_allowed() && cpu_has!("avx512f", "avx512bw", "avx512vbmi", "avx512vbmi2", "gfni")
 }
 
 /// [`super::transpose_cells`] with [`Transpose::block`].
@@ -151,7 +151,7 @@ mod tests {
 
     fn skip() -> bool {
         if !available() {
-            eprintln!("skipped: this CPU lacks AVX-512 VBMI, VBMI2 or GFNI (or DROPBLOCK_CPU_CAPABILITY=baseline)");
+            eprintln!("skipped: this CPU lacks AVX-512 VBMI, VBMI2 or GFNI (or DROPBLOCK_CPU_CAPABILITY caps it)");
         }
         !available()
     }

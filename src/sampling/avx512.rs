@@ -10,9 +10,9 @@ use std::arch::x86_64::*;
 use super::{Plan, CROWDED, SPLIT, STEP_BITS};
 use crate::rng::LANES;
 
-/// Whether the SIMD forms may run and the CPU has AVX-512F.
+/// Whether the AVX-512 forms may run and the CPU has AVX-512F.
 pub(super) fn available() -> bool {
-    cpu_has!("avx512f")
+    crate::simd::avx512_allowed() && cpu_has!("avx512f")
 }
 
 impl Plan {

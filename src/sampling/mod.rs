@@ -674,7 +674,7 @@ mod tests {
     #[test]
     fn simd_batches_list_the_scalar_seeds() {
         if !wide_available() {
-            eprintln!("skipped: no AVX-512 form here (CPU, toolchain, or DROPBLOCK_CPU_CAPABILITY=baseline)");
+            eprintln!("skipped: no AVX-512 form here (CPU, toolchain, or DROPBLOCK_CPU_CAPABILITY caps it)");
             return;
         }
         let mut rng = StdRng::seed_from_u64(0xDDBA11);
