@@ -531,46 +531,47 @@ impl Blocks {
         let ((z0, z1), (r0, r1), (c0, c1)) = (span(0), span(1), span(2));
         let width = c1 - c0;
         let run = u64::MAX >> (WORD - width.min(WORD));
-        if self.stack != 0 {
-            let rows = self.stack & (u128::MAX >> (128 - ((r1 - r0) * w).min(128)));
-            for z in z0..z1 {
-                or_slab(out, base + (z * h + r0) * w + c0, run as u128 * rows);
-            }
-            return;
-        }
-        for z in z0..z1 {
-            let mut at = base + (z * h + r0) * w + c0;
-            for _ in r0..r1 {
-                if width <= WORD {
-                    or_run(out, at, run);
-                } else {
-                    set_bits(out, at, at + width);
-                }
-                at += w;
-            }
-        }
+        let rows = self.stack & (u128::MAX >> (128 - ((r1 - r0) * w).min(128)));
+        let first = base + (z0 * h + r0) * w + c0;
+        self.or_block(out, first, (z1 - z0, r1 - r0, width), run, run as u128 * rows);
     }
 
     /// ORs a whole block (no clip: [`Blocks::unclipped`]) whose first bit is
-    /// `first`: one slab per depth where `stack` is set, else `kh` runs a depth.
+    /// `first`.
     #[inline(always)]
     fn grow_unclipped(&self, first: usize, out: &mut [u64]) {
         if self.stack != 0 && self.k[0] == 1 {
             return or_slab(out, first, self.slab);
         }
+        let k = self.k.map(|k| k as usize);
+        self.or_block(out, first, (k[0], k[1], k[2]), self.run, self.slab);
+    }
+
+    /// ORs a block of `depths` x `rows` x `width` cells whose first bit is `first`:
+    /// `slab` (its rows stacked) a depth where `stack` is set, else `run` (`width`
+    /// low bits) a row.
+    #[inline(always)]
+    fn or_block(
+        &self,
+        out: &mut [u64],
+        first: usize,
+        (depths, rows, width): (usize, usize, usize),
+        run: u64,
+        slab: u128,
+    ) {
         let (h, w) = (self.extent[1] as usize, self.extent[2] as usize);
-        let (kh, kw) = (self.k[1] as usize, self.k[2] as usize);
-        for z in 0..self.k[0] as usize {
+        for z in 0..depths {
             let at = first + z * h * w;
             if self.stack != 0 {
-                or_slab(out, at, self.slab);
+                or_slab(out, at, slab);
                 continue;
             }
-            for r in 0..kh {
-                if kw <= WORD {
-                    or_run(out, at + r * w, self.run);
+            for r in 0..rows {
+                let at = at + r * w;
+                if width <= WORD {
+                    or_run(out, at, run);
                 } else {
-                    set_bits(out, at + r * w, at + r * w + kw);
+                    set_bits(out, at, at + width);
                 }
             }
         }
