@@ -104,6 +104,27 @@ macro_rules! with_feature {
     };
 }
 
+/// The SIMD forms this process runs ([`crate::cpu::simd_forms`]).
+pub(crate) fn forms() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut forms = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::mask::avx512_available() {
+            forms.push("avx512-gfni");
+        }
+        if crate::sampling::avx512_available() {
+            forms.push("avx512f");
+        }
+        for (name, on) in [("avx2", cpu_has!("avx2")), ("f16c", cpu_has!("f16c")), ("popcnt", cpu_has!("popcnt"))] {
+            if on {
+                forms.push(name);
+            }
+        }
+    }
+    forms
+}
+
 #[cfg(test)]
 mod tests {
     /// The gates follow the variable this process was started with: CI runs the
@@ -114,5 +135,19 @@ mod tests {
         let value = std::env::var(super::CAPABILITY_VAR).unwrap_or_default();
         assert_eq!(super::simd_allowed(), value != "baseline");
         assert_eq!(super::avx512_allowed(), value != "baseline" && value != "avx2");
+        let forms = super::forms();
+        match value.as_str() {
+            "baseline" => assert!(forms.is_empty(), "{forms:?}"),
+            "avx2" => assert!(forms.iter().all(|f| !f.starts_with("avx512")), "{forms:?}"),
+            _ => {}
+        }
+        #[cfg(target_arch = "x86_64")]
+        if value != "baseline" {
+            assert_eq!(forms.contains(&"avx2"), std::is_x86_feature_detected!("avx2"), "{forms:?}");
+        }
+        #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+        if value != "baseline" && value != "avx2" {
+            assert_eq!(forms.contains(&"avx512f"), std::is_x86_feature_detected!("avx512f"), "{forms:?}");
+        }
     }
 }

@@ -57,9 +57,9 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let iters = a.iters as usize;
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
-        println!("no GPU ({why}): running on the CPU");
+        say!("no GPU ({why}): running on the CPU")?;
     }
-    println!("bench: {shape} {} on {}, {cfg}", T::DTYPE.name(), runner.name());
+    say!("bench: {shape} {} on {}, {cfg}", T::DTYPE.name(), runner.name())?;
     let times = match &runner {
         Runner::Cpu => {
             let x = input::<T>(shape.numel())?;
@@ -85,12 +85,12 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     };
     let bytes = 2.0 * (shape.numel() * std::mem::size_of::<T>()) as f64;
     for (i, ms) in times.iter().enumerate() {
-        println!("iter {i:3}: {ms:9.4} ms  {:8.1} GB/s", bytes / ms / 1e6);
+        say!("iter {i:3}: {ms:9.4} ms  {:8.1} GB/s", bytes / ms / 1e6)?;
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    println!("median_ms={median:.6} gbps={:.3}", bytes / median / 1e6);
+    say!("median_ms={median:.6} gbps={:.3}", bytes / median / 1e6)?;
     Ok(())
 }
 

@@ -33,17 +33,17 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
     let shape = a.shape.shape()?;
     let (runner, fallback) = Runner::select(a.device)?;
     match fallback {
-        Some(why) => println!("no GPU ({why}): running on the CPU"),
-        None => println!("running on {}", runner.name()),
+        Some(why) => say!("no GPU ({why}): running on the CPU")?,
+        None => say!("running on {}", runner.name())?,
     }
     let plan = Plan::new(&cfg, shape, key)?;
-    println!("config: {cfg}");
-    println!("shape:  {shape} f32 ({:.1} M elements)", shape.numel() as f64 / 1e6);
-    println!(
+    say!("config: {cfg}")?;
+    say!("shape:  {shape} f32 ({:.1} M elements)", shape.numel() as f64 / 1e6)?;
+    say!(
         "gamma:  {:.6} (expected drop fraction {:.4})",
         plan.gamma(),
         expected_drop_fraction(plan.gamma(), plan.geometry())
-    );
+    )?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.config.seed);
     let x: Vec<f32> = super::host_vec(shape.numel(), |_| rng.random_range(-1.0f32..1.0))?;
@@ -56,20 +56,20 @@ pub fn run(a: DemoArgs) -> Result<(), CliError> {
             format!("per-sample scales {lo}..{hi}")
         }
     };
-    println!(
+    say!(
         "kept:   {} of {} (realised drop fraction {:.4}), {scale}",
         o.kept,
         shape.numel(),
         1.0 - o.kept as f64 / shape.numel() as f64,
-    );
-    println!("forward:  {:8.3} ms ({:.1} GB/s)", o.forward_ms, bytes / o.forward_ms / 1e6);
+    )?;
+    say!("forward:  {:8.3} ms ({:.1} GB/s)", o.forward_ms, bytes / o.forward_ms / 1e6)?;
     if let Some((_, ms)) = &o.backward {
-        println!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6);
+        say!("backward: {:8.3} ms ({:.1} GB/s)", ms, bytes / ms / 1e6)?;
     }
     let mask = o.keep_mask.as_deref().ok_or_else(|| CliError::Usage("the runner returned no keep mask".into()))?;
     let (img, tiles) = masks_png(mask, shape);
     img.write_png(&a.png)?;
-    println!("wrote the keep masks of the first {tiles} (n, c) slices to {}", a.png.display());
+    say!("wrote the keep masks of the first {tiles} (n, c) slices to {}", a.png.display())?;
     Ok(())
 }
 

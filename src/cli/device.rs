@@ -52,7 +52,11 @@ impl Runner {
 
     pub fn name(&self) -> String {
         match self {
-            Runner::Cpu => format!("CPU ({} threads)", rayon::current_num_threads()),
+            Runner::Cpu => {
+                let forms = cpu::simd_forms();
+                let simd = if forms.is_empty() { "portable forms".to_string() } else { forms.join(", ") };
+                format!("CPU ({} threads; {simd})", rayon::current_num_threads())
+            }
             #[cfg(feature = "cuda")]
             Runner::Cuda(c) => format!("CUDA: {}", c.device_name()),
         }

@@ -1,5 +1,14 @@
 //! The `dropblock` command line: a demo and inspection tools.
 
+/// `println!` that hands a failed write back as [`CliError::Stdout`] instead of
+/// panicking (a closed pipe: `dropblock bench | head -1`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err(crate::cli::CliError::Stdout)
+    }};
+}
+
 mod apply;
 mod bench;
 #[cfg(feature = "cuda")]
@@ -22,6 +31,16 @@ pub enum CliError {
     File(String),
     #[error("{0}")]
     Usage(String),
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+impl CliError {
+    /// Whether stdout was closed under the command (`dropblock bench | head -1`):
+    /// not a failure of the command, which then stops quietly.
+    pub fn is_closed_stdout(&self) -> bool {
+        matches!(self, CliError::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
 }
 
 #[derive(Parser)]

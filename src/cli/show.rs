@@ -66,12 +66,12 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
         seeds = draw_seeds(&mut img, plan, zoom)?;
     }
     img.write_png(&a.png)?;
-    println!(
+    say!(
         "{cfg}\nmap {h}x{w}: gamma {:.6}, {seeds} seeds, {:.4} dropped; wrote {}",
         saved.plan().map_or(0.0, |p| p.gamma()),
         saved.drop_fraction(),
         a.png.display()
-    );
+    )?;
     Ok(())
 }
 

@@ -334,6 +334,16 @@ const CHUNK: usize = 1 << 15;
 /// took 2.6x channels-first's time, 2026-11-30).
 const EACH_REGION_CHANNELS: usize = 64;
 
+/// The SIMD forms the CPU path runs in this process, as the CPU's features, the
+/// toolchain it was built with (the AVX-512 forms need Rust 1.89) and
+/// `DROPBLOCK_CPU_CAPABILITY` allow: some of `avx512-gfni` (channels-last bit
+/// transposes), `avx512f` (the sampler's walk), `avx2`, `f16c` and `popcnt`, in
+/// that order. Empty when every call takes the portable forms. Every form gives
+/// the portable forms' bits; this is for reading benchmarks and profiles.
+pub fn simd_forms() -> Vec<&'static str> {
+    crate::simd::forms()
+}
+
 /// Samples the masks and computes the scale(s), without touching any tensor.
 /// Errors only when the host cannot hold the masks (one bit per mask cell).
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {

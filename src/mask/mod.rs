@@ -20,6 +20,15 @@ use crate::shard::{SeedBox, Shard};
 #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
 mod avx512;
 
+/// Whether the masks' AVX-512 forms run here.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+    return avx512::available();
+    #[allow(unreachable_code)]
+    false
+}
+
 const WORD: usize = 64;
 /// A CPU tile's bits, about: large enough that per-tile work is amortised, small
 /// enough to stay in a core's L2 while its blocks are ORed in.
@@ -157,7 +166,7 @@ impl SampleCells {
 /// with AVX2 its block swaps take four rows to an instruction.
 pub(crate) fn transpose_cells(masks: &BlockMasks, at: &SampleCells, out: &mut [u64], bit0: usize) {
     #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
-    if avx512::available() {
+    if avx512_available() {
         // SAFETY: the CPU was just found to have the features.
         return unsafe { avx512::transpose_cells(masks, at, out, bit0) };
     }

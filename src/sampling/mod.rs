@@ -218,7 +218,7 @@ impl Plan {
         // Every listed seed is a distinct cell of one of the batch's windows, plus
         // the slot that the draw which stops the last walk writes.
         let mut found = [0u32; LANES * WINDOW as usize + 1];
-        let wide = wide_available();
+        let wide = avx512_available();
         let mut first = 0;
         while first < count {
             // Plain loops: `array::map` was left out of line, a call a batch.
@@ -239,7 +239,7 @@ impl Plan {
 
     /// The seeds of a batch's windows `ids` of `lens` cells (the lanes in `live`)
     /// whose first counter blocks are `blocks`, listed in `found` from its start;
-    /// returns their count. With `wide` ([`wide_available`]), the first blocks'
+    /// returns their count. With `wide` ([`avx512_available`]), the first blocks'
     /// draws are searched in AVX-512 lanes unless one falls in a crowded step.
     #[inline(always)]
     fn list_batch(
@@ -358,7 +358,7 @@ impl Plan {
 }
 
 /// Whether the sampler's AVX-512 form runs here ([`Plan::list_batch`]).
-fn wide_available() -> bool {
+pub(crate) fn avx512_available() -> bool {
     #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
     return avx512::available();
     #[allow(unreachable_code)]
@@ -624,7 +624,7 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{low_bits, thresholds, wide_available, window_len, Plan, CROWDED, GAP_TABLE_BITS, STEP_BITS, WINDOW};
+    use super::{avx512_available, low_bits, thresholds, window_len, Plan, CROWDED, GAP_TABLE_BITS, STEP_BITS, WINDOW};
     use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
     use crate::rng::{RngKey, LANES};
     use rand::rngs::StdRng;
@@ -673,7 +673,7 @@ mod tests {
     /// length; skipped, saying so, where the form does not run.
     #[test]
     fn simd_batches_list_the_scalar_seeds() {
-        if !wide_available() {
+        if !avx512_available() {
             eprintln!("skipped: no AVX-512 form here (CPU, toolchain, or DROPBLOCK_CPU_CAPABILITY caps it)");
             return;
         }

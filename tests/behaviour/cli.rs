@@ -456,6 +456,29 @@ fn bench_prints_the_line_scripts_parse() {
     }
 }
 
+/// A reader that closes the pipe early (`dropblock bench | head -1`) stops the
+/// command quietly: exit status 0 and no panic on stderr, where `println!` used
+/// to panic with a backtrace. The pipe is closed before the command writes its
+/// first line, so every write it makes fails.
+#[test]
+fn a_closed_stdout_stops_the_command_quietly() {
+    for args in
+        [&["bench", "--device", "cpu", "--shape", "2,3,9,11", "--block", "3", "--iters", "4"][..], &["--help"][..]]
+    {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run dropblock");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for dropblock");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success() || args[0] == "--help", "{args:?}: {:?} {stderr}", out.status);
+    }
+}
+
 #[test]
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();
