@@ -47,6 +47,8 @@ fn main() {
     let fatbin = out_dir.join("dropblock.fatbin");
     let report = out_dir.join("ptxas_report.txt");
     let nvcc = find_nvcc().unwrap_or_else(|| fail_no_nvcc());
+    // The tests that read the kernels' PTX or emulate them use the same nvcc.
+    println!("cargo::rustc-env=DROPBLOCK_NVCC={}", nvcc.display());
     let archs = supported(&nvcc, archs());
     let unity = write_unity_source(&out_dir);
 

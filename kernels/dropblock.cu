@@ -307,7 +307,10 @@ struct ScaleItem {
                 V out;
 #pragma unroll
                 for (uint32_t k = 0; k < VEC; ++k) out.v[k] = scale_element(in[u].v[k], (keep >> k) & 1u ? s : 0.0f);
-                *reinterpret_cast<V*>(y + e0 + cell * C + c) = out;
+                // Indexed as an array of vectors (e0 and C are multiples of VEC): a
+                // store through a cast of the element pointer compiled to 4-16
+                // scalar stores.
+                reinterpret_cast<V*>(y + e0)[cell * (C / VEC) + c / VEC] = out;
             }
         }
         // The next item restages.

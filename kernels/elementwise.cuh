@@ -115,7 +115,9 @@ __device__ __forceinline__ void apply_flat(const T* x, T* y, uint64_t first, uin
             const uint32_t keep = bits.from(body + i * VEC);
             V out;
             if (PER_SAMPLE) {
-                // A vector may end in the next sample when samples are not whole vectors.
+                // A vector may end in the next sample when samples are not whole
+                // vectors, but not in the one after: the host runs this kernel only
+                // when a sample holds at least a vector (apply_op).
                 const uint64_t split = min(at.len - at.pos, (uint64_t)VEC);
                 const float s0 = sc.per_sample[at.n], s1 = split < VEC ? sc.per_sample[at.n + 1] : s0;
 #pragma unroll

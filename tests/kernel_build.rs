@@ -90,3 +90,60 @@ fn no_driver_or_device_is_a_typed_error() {
         other => panic!("ordinal 4096: {other:?}"),
     }
 }
+
+/// The element passes' 16-byte vectors, checked in the PTX for sm_90 (H100/H200),
+/// where the host emulation cannot see them: every vector kernel stores whole
+/// vectors, and the one-pass channels-last forward, which has no scalar head or
+/// tail, stores nothing narrower (a store through a cast element pointer once
+/// compiled there to 4 scalar f32 or 14 two-byte stores a vector).
+#[test]
+fn vector_kernels_store_whole_vectors() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let ptx = dir.join("dropblock_sm90.ptx");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("DROPBLOCK_NVCC"))
+        .args(["-arch=sm_90", "-ptx", "-std=c++17"])
+        .arg(format!("-I{}", root.join("kernels").display()))
+        .arg(root.join("kernels/dropblock.cu"))
+        .arg("-o")
+        .arg(&ptx)
+        .output()
+        .expect("run nvcc");
+    assert!(out.status.success(), "nvcc -ptx failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let ptx = std::fs::read_to_string(&ptx).unwrap();
+    let mut entries: Vec<(&str, &str)> = Vec::new();
+    for part in ptx.split(".entry ").skip(1) {
+        let (name, body) = part.split_once('(').expect("an entry's parameters");
+        entries.push((name, body));
+    }
+    let vector_ops = ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "fused"];
+    let one_pass_ops = ["apply_channels_last", "apply_channels_last_per_sample"];
+    let mut checked = 0;
+    let halves = &[".u16", ".b16"][..];
+    for (dtype, element_bytes, narrow) in [("f32", 4, &[".f32"][..]), ("f16", 2, halves), ("bf16", 2, halves)] {
+        for op in vector_ops.iter().chain(&one_pass_ops) {
+            let name = format!("dropblock_{op}_{dtype}");
+            let body = entries.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no entry {name}")).1;
+            let stores: Vec<&str> = body
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|i| i.starts_with("st.global"))
+                .collect();
+            assert!(
+                stores.iter().any(|s| s.starts_with("st.global.v4.")),
+                "{name} stores no 16-byte vector: {stores:?}"
+            );
+            if one_pass_ops.contains(op) {
+                // `st.global[.vN].type`: the element's type, in fewer than 16 bytes.
+                let under_16_bytes = |s: &str| {
+                    let n = s.split('.').find_map(|p| p.strip_prefix('v')?.parse::<usize>().ok()).unwrap_or(1);
+                    n * element_bytes < 16 && narrow.iter().any(|t| s.ends_with(t))
+                };
+                let scalar: Vec<_> = stores.iter().filter(|s| under_16_bytes(s)).collect();
+                assert!(scalar.is_empty(), "{name} stores elements narrower than a vector: {scalar:?}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 21);
+}

@@ -6,8 +6,7 @@
 //! indexing and warp cooperation are checked on machines without a GPU.
 //!
 //! It needs a C++20 compiler (the target's, as the `cc` crate picks it: `CXX`, else
-//! `c++`) and the CUDA headers beside nvcc
-//! (found as build.rs finds nvcc). Without them the tests are reported as ignored
+//! `c++`) and the CUDA headers beside the nvcc build.rs used. Without them the tests are reported as ignored
 //! with the reason, and fail under `CI` or `DROPBLOCK_REQUIRE_EMULATOR=1`.
 
 mod common;
@@ -46,25 +45,17 @@ mod emulation {
 
     use super::common;
 
-    /// The CUDA include directory next to nvcc, found as build.rs finds nvcc.
+    /// The CUDA include directory next to the nvcc that build.rs compiled the
+    /// kernels with.
     fn cuda_include() -> Option<PathBuf> {
-        let nvcc = std::env::var_os("NVCC").map(PathBuf::from).or_else(|| {
-            ["CUDA_HOME", "CUDA_PATH"]
-                .iter()
-                .filter_map(std::env::var_os)
-                .map(|r| PathBuf::from(r).join("bin/nvcc"))
-                .find(|p| p.is_file())
-                .or_else(|| {
-                    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("nvcc")).find(|p| p.is_file())
-                })
-        })?;
+        let nvcc = PathBuf::from(env!("DROPBLOCK_NVCC"));
         let inc = nvcc.canonicalize().ok()?.parent()?.parent()?.join("include");
         inc.join("curand_philox4x32_x.h").is_file().then_some(inc)
     }
 
     /// Compiles the driver, or says why it cannot.
     fn build_driver() -> Result<PathBuf, String> {
-        let inc = cuda_include().ok_or("no CUDA headers found beside nvcc (NVCC, CUDA_HOME, CUDA_PATH, PATH)")?;
+        let inc = cuda_include().ok_or(concat!("no CUDA headers beside ", env!("DROPBLOCK_NVCC")))?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         // Cargo's scratch directory for integration tests: reused, never left behind in /tmp.
         let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dropblock-emulator");
@@ -312,6 +303,30 @@ mod emulation {
                 )
                 .into());
             }
+        }
+        // PerSample with samples shorter than a 16-byte vector (C·L of 1 to 7
+        // elements, both layouts, aligned buffers), where one vector spans three or
+        // more samples and each needs its own scale: 1x1 blocks at drop_prob 0.5
+        // leave the samples different kept counts.
+        for (i, (c, l, layout)) in [
+            (1, 1, Layout::ChannelsFirst),
+            (1, 3, Layout::ChannelsFirst),
+            (3, 1, Layout::ChannelsLast),
+            (1, 5, Layout::ChannelsFirst),
+            (7, 1, Layout::ChannelsFirst),
+            (2, 3, Layout::ChannelsLast),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut case = random_case(&mut rng, 1);
+            case.shape = Shape::new_1d(24, c, l).unwrap().with_layout(layout);
+            case.cfg = DropBlockConfig::builder(dropblock::Block::uniform(1).unwrap(), 0.5)
+                .normalize(Normalize::PerSample)
+                .build()
+                .unwrap();
+            case.unaligned = false;
+            check::<T>(driver, dtype, case, 800 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
         }
         for (i, case) in exact_threshold_cases().into_iter().enumerate() {
             let saved = cpu::sample(&case.cfg, case.shape, case.key, Mode::Train).unwrap();

@@ -1009,13 +1009,17 @@ pub fn tiles_with(g: &abi::DropBlockGeometry, plane_len: u64, planes_per_tile: u
 }
 
 /// The apply kernel for a call (an index into [`APPLY_OPS`]): by sharing and
-/// normalisation, on 16-byte vectors when both tensors are 16-byte aligned and,
-/// with sharing, slices are at least a vector long (so a vector spans at most two).
+/// normalisation, on 16-byte vectors when both tensors are 16-byte aligned and a
+/// vector spans at most two of what it looks up: slices with sharing, samples
+/// with PerSample (a vector reads at most two scales), so both must be at least a
+/// vector long.
 #[doc(hidden)]
 pub fn apply_op<T>(aligned: bool, g: &abi::DropBlockGeometry, a: &abi::DropBlockApply) -> usize {
     let shared = g.sharing != abi::DROPBLOCK_SHARE_NONE;
     let per_sample = a.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE;
-    if !aligned || (shared && a.plane_len < (16 / std::mem::size_of::<T>()) as u64) {
+    let vec = (16 / std::mem::size_of::<T>()) as u64;
+    let sample_len = g.c as u64 * a.plane_len;
+    if !aligned || (shared && a.plane_len < vec) || (per_sample && sample_len < vec) {
         return 4;
     }
     2 * shared as usize + per_sample as usize
