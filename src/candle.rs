@@ -235,11 +235,7 @@ fn on_cpu(
 }
 
 fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
-    let mut v = Vec::new();
-    let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
-    v.try_reserve_exact(len).map_err(|_| crate::Error::HostAllocation { bytes })?;
-    v.resize(len, T::default());
-    Ok(v)
+    crate::error::host_vec(len, |_| T::default())
 }
 
 /// What a forward saved for its backward: the keep bits and scales, on the device

@@ -167,6 +167,19 @@ pub enum Error {
         len: u64,
     },
 
+    /// The exact γ rule (or the expected drop fraction) would sum over more
+    /// coverage classes than [`crate::sampling::MAX_COVERAGE_CLASSES`]: a block of
+    /// thousands of cells a side.
+    #[error(
+        "the exact drop rate sums over {classes} coverage classes for this block and shape, over the limit of {limit}: use GammaRule::Paper, or a smaller block"
+    )]
+    TooManyCoverageClasses {
+        /// The classes this block and shape need (saturating at `u64::MAX`).
+        classes: u64,
+        /// [`crate::sampling::MAX_COVERAGE_CLASSES`].
+        limit: u64,
+    },
+
     /// A window length outside 1..=64 was given; holds the length given.
     #[error("a window holds 1 to 64 cells, not {0}")]
     InvalidWindowLength(u32),
@@ -222,6 +235,16 @@ impl From<cudarc::driver::DriverError> for Error {
         // DriverError exists.
         Error::Driver(e.to_string())
     }
+}
+
+/// `len` values from `fill(i)`, in memory reserved first: a typed error
+/// ([`Error::HostAllocation`]), not an abort, where the host cannot hold them.
+pub(crate) fn host_vec<T>(len: usize, fill: impl FnMut(usize) -> T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::HostAllocation { bytes: (len as u64).saturating_mul(size_of::<T>() as u64) })?;
+    v.extend((0..len).map(fill));
+    Ok(v)
 }
 
 /// `n bytes`, or what it means when the size itself overflowed.

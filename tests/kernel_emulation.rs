@@ -498,8 +498,8 @@ mod emulation {
             return Err(format!("counts {counts:?} != cpu {:?}", own.entries()));
         }
         let mask = keep_mask_of(&bits, &local_g, local);
-        if mask != saved.keep_mask() {
-            let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
+        if mask != saved.keep_mask().unwrap() {
+            let i = mask.iter().zip(saved.keep_mask().unwrap()).position(|(a, b)| *a != b).unwrap();
             return Err(format!("keep mask differs first at element {i}"));
         }
         let k = saved.scales().len();
@@ -621,8 +621,8 @@ mod emulation {
         }
 
         let mask = keep_mask_of(&bits, plan.geometry(), shape);
-        if mask != saved.keep_mask() {
-            let i = mask.iter().zip(saved.keep_mask()).position(|(a, b)| *a != b).unwrap();
+        if mask != saved.keep_mask().unwrap() {
+            let i = mask.iter().zip(saved.keep_mask().unwrap()).position(|(a, b)| *a != b).unwrap();
             return Err(format!("keep mask differs first at element {i} ({tag})"));
         }
         let k = saved.scales().len();

@@ -86,7 +86,7 @@ impl Runner {
                     None
                 };
                 Ok(Outcome {
-                    keep_mask: with_mask.then(|| saved.keep_mask()),
+                    keep_mask: with_mask.then(|| saved.keep_mask()).transpose()?,
                     kept: saved.kept(),
                     scales: saved.scales().to_vec(),
                     y,

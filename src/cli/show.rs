@@ -52,7 +52,7 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     too_large(h, w)?;
     let shape = Shape::new(1, 1, h, w)?;
     let saved = cpu::sample(&cfg, shape, key, Mode::Train)?;
-    let mask = saved.keep_mask();
+    let mask = saved.keep_mask()?;
     let mut img = Image::new(w * zoom, h * zoom, [0; 3]);
     for y in 0..h {
         for x in 0..w {

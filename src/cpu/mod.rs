@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::{host_vec, Error, Result};
 use crate::mask::{transpose_cells, BlockMasks, SampleCells};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
@@ -115,14 +115,15 @@ impl Saved {
     }
 
     /// The keep mask as u8 in the tensor's memory order (its [`Layout`]): 1 where the
-    /// element was kept.
-    pub fn keep_mask(&self) -> Vec<u8> {
-        let mut out = vec![1u8; self.shape.numel()];
+    /// element was kept. A byte an element, 8x the keep bits: errors with
+    /// [`Error::HostAllocation`] where they do not fit (as `DeviceState::keep_mask`).
+    pub fn keep_mask(&self) -> Result<Vec<u8>> {
+        let mut out = host_vec(self.shape.numel(), |_| 1u8)?;
         let keep = |dst: &mut [u8], dropped: u64| {
             dst.iter_mut().enumerate().for_each(|(i, v)| *v = (dropped >> i & 1 == 0) as u8);
         };
         if self.is_identity() {
-            return out;
+            return Ok(out);
         }
         if self.by_region() {
             self.for_each_region(&mut out, None::<&[u8]>, |n, cell0, dst, _| {
@@ -140,7 +141,7 @@ impl Saved {
                 });
             });
         }
-        out
+        Ok(out)
     }
 
     fn is_identity(&self) -> bool {
@@ -360,11 +361,9 @@ pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> R
 pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mode) -> Result<ShardSample> {
     let shape = shard.local();
     let global = shard.global();
-    let mut counts = Vec::new();
-    let len = ShardCounts::len_for(global);
-    counts.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
-    counts.resize(len, 0u64);
+    let zeroed_counts = || host_vec(ShardCounts::len_for(global), |_| 0u64);
     if mode == Mode::Eval || cfg.is_identity() {
+        let mut counts = zeroed_counts()?;
         counts[0] = shape.numel() as u64;
         let per = (shape.c() * shape.plane_len()) as u64;
         counts[1 + shard.first_sample()..][..shape.n()].fill(per);
@@ -381,7 +380,10 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
         abi::DROPBLOCK_SHARE_CHANNELS => 1,
         _ => shard.local_planes(sharing),
     };
+    // The masks first: a shape too large for the host fails there, before its
+    // counts (8 bytes a sample) are filled.
     let (masks, dropped) = BlockMasks::build(&plan, shard, group_planes)?;
+    let mut counts = zeroed_counts()?;
     // Kept elements of local sample n. N is up to 2^32: the counts are reserved
     // above, not assumed to fit.
     let local = &mut counts[1 + shard.first_sample()..][..shape.n()];

@@ -14,7 +14,7 @@ use super::ranges;
 use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape, Sharing};
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::{host_vec, Error, Result};
 use crate::rng::RngKey;
 use crate::sampling::{expected_scale, plane_of, Plan};
 use crate::shard::Shard;
@@ -1147,13 +1147,13 @@ impl DeviceState {
     pub fn keep_mask(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
         let s = self.shape;
         let Some((g, bits)) = self.host_bits(stream)? else {
-            return Ok(vec![1; s.numel()]);
+            return host_vec(s.numel(), |_| 1);
         };
         if self.flat_bits(&g) {
-            return Ok((0..s.numel()).map(|e| (bits[e / 32] >> (e % 32) & 1) as u8).collect());
+            return host_vec(s.numel(), |e| (bits[e / 32] >> (e % 32) & 1) as u8);
         }
         let l = s.plane_len();
-        let mut out = vec![0u8; s.numel()];
+        let mut out = host_vec(s.numel(), |_| 0u8)?;
         for (i, slice) in out.chunks_mut(l).enumerate() {
             let base = plane_of(g.sharing, g.c as usize, i / s.c(), i % s.c()) * l;
             for (cell, v) in slice.iter_mut().enumerate() {

@@ -47,7 +47,7 @@ impl Plan {
     pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Result<Self> {
         let block = cfg.block().sizes_for(shape.spatial_rank())?;
         let geometry = geometry(cfg, shape, block);
-        let gamma = gamma(cfg, shape, block, &geometry);
+        let gamma = gamma(cfg, shape, block, &geometry)?;
         let sampling = abi::DropBlockSampling { seed: key.seed(), offset: key.offset(), thresholds: thresholds(gamma) };
         let t = &sampling.thresholds;
         let gap_thresholds: [u64; WINDOW as usize + 1] = std::array::from_fn(|g| t.get(g).copied().unwrap_or(u64::MAX));
@@ -462,16 +462,16 @@ fn geometry(cfg: &DropBlockConfig, shape: Shape, block: [u32; 3]) -> abi::DropBl
 }
 
 /// γ for this configuration, shape and geometry, in f64.
-fn gamma(cfg: &DropBlockConfig, shape: Shape, block: [u32; 3], g: &abi::DropBlockGeometry) -> f64 {
+fn gamma(cfg: &DropBlockConfig, shape: Shape, block: [u32; 3], g: &abi::DropBlockGeometry) -> Result<f64> {
     let p = cfg.drop_prob();
     let size = shape.volume().map(|v| v as u32);
     let clipped: [u32; 3] = std::array::from_fn(|i| block[i].min(size[i]));
     let base = match cfg.gamma_rule() {
         GammaRule::Paper => paper_gamma(p, size, clipped),
-        GammaRule::ExactRate => exact_rate_gamma(p, g, paper_gamma(p, size, clipped)),
+        GammaRule::ExactRate => exact_rate_gamma(p, g, paper_gamma(p, size, clipped))?,
         GammaRule::PerBlock => p / block.iter().fold(1.0, |acc, &k| acc * k as f64),
     };
-    cfg.gamma_scale() * base
+    Ok(cfg.gamma_scale() * base)
 }
 
 /// The paper's Eq. 1 with the clipped block `k`: `p·∏S / (∏k · ∏(S-k+1))`. The
@@ -484,8 +484,16 @@ fn paper_gamma(p: f64, size: [u32; 3], k: [u32; 3]) -> f64 {
     numerator / positions
 }
 
+/// Coverage classes (counts of seeds covering a cell, and their combinations over
+/// the axes) that the exact drop fraction sums over, at most: 16 MiB of terms and
+/// a few milliseconds an evaluation. Real blocks come nowhere near it (a 64 x 64
+/// block has 65^2 classes); a block of thousands of cells a side would make every
+/// call's host plan take seconds, and is refused instead.
+pub const MAX_COVERAGE_CLASSES: u64 = 1 << 20;
+
 /// For each count m, how many positions along one axis of the map are covered by
-/// exactly m seed positions: `covered[m]`.
+/// exactly m seed positions: `covered[m]`. Its `min(k, seeds) + 1` entries are
+/// bounded by [`coverage`] before it is built.
 fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
     let mut hist = vec![0u64; k.min(seeds) as usize + 1];
     for i in 0..len as i64 {
@@ -501,13 +509,25 @@ fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
 /// along the three axes, as `(a·b·c, cells)`: the expected kept fraction is a sum
 /// over these. (A unit axis contributes the one factor `(1, 1)`, so the 2D terms
 /// and their order are what they were before 3D.)
-fn coverage(g: &abi::DropBlockGeometry) -> Vec<(f64, f64)> {
+/// Errors past [`MAX_COVERAGE_CLASSES`] classes, before allocating them.
+fn coverage(g: &abi::DropBlockGeometry) -> Result<Vec<(f64, f64)>> {
+    let too_many = |classes: u64| Error::TooManyCoverageClasses { classes, limit: MAX_COVERAGE_CLASSES };
+    for (k, seeds) in [(g.kd, g.seed_d), (g.kh, g.seed_h), (g.kw, g.seed_w)] {
+        let classes = k.min(seeds) as u64 + 1;
+        if classes > MAX_COVERAGE_CLASSES {
+            return Err(too_many(classes));
+        }
+    }
     let depth = coverage_histogram(g.d, g.kd, g.anchor_z, g.seed_d);
     let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
     let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
     let present = |h: &[u64]| h.iter().enumerate().filter(|(_, &n)| n > 0).map(|(m, &n)| (m, n)).collect::<Vec<_>>();
     let (depth, rows, cols) = (present(&depth), present(&rows), present(&cols));
-    let mut terms = Vec::new();
+    let classes = [&depth, &rows, &cols].iter().fold(1u64, |acc, axis| acc.saturating_mul(axis.len() as u64));
+    if classes > MAX_COVERAGE_CLASSES {
+        return Err(too_many(classes));
+    }
+    let mut terms = Vec::with_capacity(classes as usize);
     for &(c, cc) in &depth {
         for &(a, ca) in &rows {
             for &(b, cb) in &cols {
@@ -515,7 +535,7 @@ fn coverage(g: &abi::DropBlockGeometry) -> Vec<(f64, f64)> {
             }
         }
     }
-    terms
+    Ok(terms)
 }
 
 /// `x · D · H · W`, multiplied left to right (so with `D = 1` it is `x · H · W`
@@ -541,22 +561,24 @@ fn expected_kept(terms: &[(f64, f64)], gamma: f64) -> (f64, f64) {
 /// The expected fraction of a plane that is dropped when every seed-grid cell is a
 /// seed with probability `gamma`, independently: `1 - mean over cells of
 /// (1-γ)^(seeds covering the cell)`. Counts overlaps and clipped edges exactly.
-pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> f64 {
-    1.0 - expected_kept(&coverage(g), gamma.clamp(0.0, 1.0)).0 / times_plane_cells(1.0, g)
+/// Errors with [`Error::TooManyCoverageClasses`] for a block of over a million
+/// cells a side, or whose axes' classes multiply past [`MAX_COVERAGE_CLASSES`].
+pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> Result<f64> {
+    Ok(1.0 - expected_kept(&coverage(g)?, gamma.clamp(0.0, 1.0)).0 / times_plane_cells(1.0, g))
 }
 
 /// γ whose expected dropped fraction is exactly `p`. The fraction rises
 /// monotonically from 0 at γ = 0 to 1 at γ = 1 (every cell is covered), so Newton
 /// steps kept inside a shrinking bracket, falling back to bisection, converge in a
 /// handful of evaluations (this runs on the host at every call).
-fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> f64 {
+fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> Result<f64> {
     if p <= 0.0 {
-        return 0.0;
+        return Ok(0.0);
     }
     if p >= 1.0 {
-        return 1.0;
+        return Ok(1.0);
     }
-    let terms = coverage(g);
+    let terms = coverage(g)?;
     let target = times_plane_cells(1.0 - p, g);
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     let mut x = paper.clamp(1e-12, 0.5);
@@ -564,7 +586,7 @@ fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> f64 {
         let (kept, slope) = expected_kept(&terms, x);
         let f = kept - target; // decreasing in γ
         if f == 0.0 {
-            return x;
+            return Ok(x);
         }
         if f > 0.0 {
             lo = x;
@@ -578,7 +600,7 @@ fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> f64 {
         }
         x = next;
     }
-    x
+    Ok(x)
 }
 
 /// `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))`: 2^32 times the

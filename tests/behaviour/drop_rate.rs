@@ -214,7 +214,7 @@ fn check_realised_nd(
     let n = planes as f64;
     let key = RngKey::new(key.seed(), key.offset() + 17).unwrap();
     let saved = cpu::sample(cfg, shape_nd(planes, size, rank), key, Mode::Train).unwrap();
-    let mask = saved.keep_mask();
+    let mask = saved.keep_mask().unwrap();
     let mut kept = vec![0u64; g.cells()];
     for plane in mask.chunks_exact(g.cells()) {
         for (k, &m) in kept.iter_mut().zip(plane) {
@@ -336,7 +336,7 @@ fn expected_drop_fraction_matches_brute_force() {
             let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap()).unwrap();
             check_geometry(&plan, &g);
             for gamma in [0.0, 1e-7, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0, 1.5, -0.2] {
-                let got = expected_drop_fraction(gamma, plan.geometry());
+                let got = expected_drop_fraction(gamma, plan.geometry()).unwrap();
                 let want = brute_expected(gamma, &count);
                 assert!(
                     (got - want).abs() <= 1e-12,
@@ -345,7 +345,7 @@ fn expected_drop_fraction_matches_brute_force() {
             }
             // A single seed at small γ drops its block: the slope at 0 is the mean
             // coverage, i.e. sum of block areas over the map.
-            let slope = expected_drop_fraction(1e-9, plan.geometry()) / 1e-9;
+            let slope = expected_drop_fraction(1e-9, plan.geometry()).unwrap() / 1e-9;
             let mean_cov = count.iter().map(|&m| m as f64).sum::<f64>() / (h * w) as f64;
             assert!((slope - mean_cov).abs() <= 1e-5 * mean_cov.max(1.0), "slope {slope} vs {mean_cov}");
         }
@@ -363,7 +363,7 @@ fn paper_rule_realised_drop_fraction() {
             let key = RngKey::new(0xD809_0000 + i, 17 * i).unwrap();
             i += 1;
             let plan = Plan::new(&c, shape_for(planes, h, w), key).unwrap();
-            let target = expected_drop_fraction(plan.gamma(), plan.geometry());
+            let target = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap();
             check_realised(&c, h, w, planes, key, target);
         }
     }
@@ -378,7 +378,7 @@ fn exact_rate_expected_fraction_is_drop_prob() {
                 let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap()).unwrap();
                 let gamma = plan.gamma();
                 assert!(gamma > 0.0 && gamma < 1.0, "γ {gamma}");
-                let e = expected_drop_fraction(gamma, plan.geometry());
+                let e = expected_drop_fraction(gamma, plan.geometry()).unwrap();
                 assert!((e - p).abs() <= 1e-9, "{h}x{w} {bh}x{bw} {placement:?} p {p}: expected fraction {e}");
                 // And by brute force.
                 let g = contract_geo([1, h, w], [1, bh as usize, bw as usize], placement, Anchor::Centered);
@@ -429,7 +429,7 @@ fn degenerate_block_covers_the_map() {
         for rule in [GammaRule::Paper, GammaRule::ExactRate] {
             let c = cfg(7, 7, p, placement, rule);
             let plan = Plan::new(&c, Shape::new(1, 1, h, w).unwrap(), RngKey::new(1, 0).unwrap()).unwrap();
-            let e = expected_drop_fraction(plan.gamma(), plan.geometry());
+            let e = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap();
             match (placement, rule) {
                 (Placement::Anywhere, GammaRule::Paper) => {
                     assert!((plan.gamma() - p).abs() < 1e-15);
@@ -521,7 +521,7 @@ fn every_rule_realised_drop_fraction_in_1d_and_3d() {
                 assert!((plan.gamma() - want).abs() <= 1e-14 * want, "{c} on {size:?}: γ {} vs {want}", plan.gamma());
                 let target = match rule {
                     GammaRule::ExactRate => p,
-                    _ => expected_drop_fraction(plan.gamma(), plan.geometry()),
+                    _ => expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap(),
                 };
                 check_realised_nd(&c, size, rank, planes, key, target);
             }

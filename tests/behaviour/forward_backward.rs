@@ -16,7 +16,7 @@ fn shape() -> Shape {
 /// The factor of element i: 0 where dropped, the scale elsewhere.
 fn factors(saved: &cpu::Saved) -> Vec<f32> {
     let s = saved.scales()[0];
-    saved.keep_mask().iter().map(|&k| if k == 1 { s } else { 0.0 }).collect()
+    saved.keep_mask().unwrap().iter().map(|&k| if k == 1 { s } else { 0.0 }).collect()
 }
 
 /// An independent bf16 round-to-nearest-even for finite values.
@@ -127,10 +127,10 @@ fn eval_mode_and_zero_drop_prob_are_identities() {
 #[test]
 fn same_key_same_mask_new_offset_new_mask() {
     let shape = shape();
-    let a = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask();
-    let b = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask();
-    let c = cpu::sample(&cfg(), shape, RngKey::new(5, 17).unwrap(), Mode::Train).unwrap().keep_mask();
-    let d = cpu::sample(&cfg(), shape, RngKey::new(6, 0).unwrap(), Mode::Train).unwrap().keep_mask();
+    let a = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask().unwrap();
+    let b = cpu::sample(&cfg(), shape, RngKey::new(5, 0).unwrap(), Mode::Train).unwrap().keep_mask().unwrap();
+    let c = cpu::sample(&cfg(), shape, RngKey::new(5, 17).unwrap(), Mode::Train).unwrap().keep_mask().unwrap();
+    let d = cpu::sample(&cfg(), shape, RngKey::new(6, 0).unwrap(), Mode::Train).unwrap().keep_mask().unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_ne!(a, d);
@@ -143,7 +143,7 @@ fn nan_and_inf_propagate_as_x_times_factor() {
     let x: Vec<f32> = (0..shape.numel()).map(|i| if i % 2 == 0 { f32::INFINITY } else { f32::NAN }).collect();
     let mut y = vec![0.0; shape.numel()];
     let saved = cpu::forward(&cfg, shape, RngKey::new(2, 0).unwrap(), Mode::Train, &x, &mut y).unwrap();
-    let mask = saved.keep_mask();
+    let mask = saved.keep_mask().unwrap();
     assert!(mask.contains(&0) && mask.contains(&1));
     for (i, &k) in mask.iter().enumerate() {
         if k == 1 && x[i].is_infinite() {
@@ -191,7 +191,7 @@ fn block_larger_than_the_map_is_clipped() {
     assert_eq!((plan.geometry().kh, plan.geometry().kw), (3, 5));
     assert_eq!((plan.geometry().seed_h, plan.geometry().seed_w), (1, 1));
     assert!((plan.gamma() - 0.5).abs() < 1e-12, "γ = p when the block covers the map");
-    let mask = saved.keep_mask();
+    let mask = saved.keep_mask().unwrap();
     let planes: Vec<&[u8]> = mask.chunks(15).collect();
     assert!(planes.iter().all(|p| p.iter().all(|&v| v == p[0])));
     assert!(planes.iter().any(|p| p[0] == 0) && planes.iter().any(|p| p[0] == 1));

@@ -27,7 +27,7 @@ fn run(norm: Normalize, p: f64, shape: Shape, seed: u64) -> (cpu::Saved, Vec<f32
 /// Checks y = x · (kept ? scale_n : 0) exactly, with scale_n from `scale_of(n)`.
 fn check_output(saved: &cpu::Saved, x: &[f32], y: &[f32], scale_of: impl Fn(usize) -> f32) {
     let shape = saved.shape();
-    let mask = saved.keep_mask();
+    let mask = saved.keep_mask().unwrap();
     let per_sample = shape.c() * shape.plane_len();
     for i in 0..x.len() {
         let f = if mask[i] == 1 { scale_of(i / per_sample) } else { 0.0 };
@@ -39,7 +39,7 @@ fn check_output(saved: &cpu::Saved, x: &[f32], y: &[f32], scale_of: impl Fn(usiz
 fn global_scale_is_numel_over_kept() {
     let shape = Shape::new(3, 4, 17, 23).unwrap();
     let (saved, x, y) = run(Normalize::Global, 0.2, shape, 1);
-    let kept: u64 = kept_counts(&saved.keep_mask(), shape).iter().sum();
+    let kept: u64 = kept_counts(&saved.keep_mask().unwrap(), shape).iter().sum();
     assert_eq!(saved.kept(), kept);
     assert!(kept > 0 && kept < shape.numel() as u64, "the test needs some drops: kept {kept}");
     let scale = (shape.numel() as f64 / kept as f64) as f32;
@@ -73,7 +73,7 @@ fn global_scale_is_divided_in_f64_past_2_pow_24_elements() {
 fn per_sample_scale_uses_each_samples_count() {
     let shape = Shape::new(4, 3, 11, 9).unwrap();
     let (saved, x, y) = run(Normalize::PerSample, 0.3, shape, 2);
-    let kept = kept_counts(&saved.keep_mask(), shape);
+    let kept = kept_counts(&saved.keep_mask().unwrap(), shape);
     let want: Vec<f32> = kept.iter().map(|&k| ((shape.c() * shape.plane_len()) as f64 / k as f64) as f32).collect();
     assert_eq!(saved.scales(), &want[..]);
     assert!(want.windows(2).any(|w| w[0] != w[1]), "samples should differ: {want:?}");
@@ -127,7 +127,7 @@ fn shared_planes_drop_the_same_cells() {
             .build()
             .unwrap();
         let saved = cpu::sample(&cfg, shape, RngKey::new(8, 0).unwrap(), Mode::Train).unwrap();
-        let mask = saved.keep_mask();
+        let mask = saved.keep_mask().unwrap();
         let slice = |n: usize, c: usize| &mask[(n * shape.c() + c) * shape.plane_len()..][..shape.plane_len()];
         let pairs: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..4).map(move |c| (n, c))).collect();
         // Slices match exactly when they share a mask plane: independent 10x12

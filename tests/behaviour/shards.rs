@@ -56,7 +56,7 @@ fn run_sharded(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, x: &[f32], 
                     let (mut ly, mut ldx) = (vec![0.0f32; n], vec![0.0f32; n]);
                     cpu::apply(&saved, &lx, &mut ly).unwrap();
                     cpu::backward(&saved, &ldy, &mut ldx).unwrap();
-                    (map, ly, ldx, saved.keep_mask(), saved.kept())
+                    (map, ly, ldx, saved.keep_mask().unwrap(), saved.kept())
                 })
             })
             .collect();
@@ -86,7 +86,7 @@ fn check(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, what: &str) {
     let bad = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(&a, &b)| !same(a, b));
     assert_eq!(bad(&got.y, &y), None, "{what}: y differs");
     assert_eq!(bad(&got.dx, &dx), None, "{what}: dx differs");
-    assert!(got.keep == saved.keep_mask(), "{what}: keep mask differs");
+    assert!(got.keep == saved.keep_mask().unwrap(), "{what}: keep mask differs");
     assert_eq!(got.kept, saved.kept(), "{what}: kept elements");
     assert_eq!(got.counts.total(), saved.kept(), "{what}: summed total");
 }
@@ -211,8 +211,8 @@ fn forked_keys_are_distinct_and_reproducible() {
     // Forks draw different masks from the key they came from.
     let cfg = DropBlockConfig::paper(3, 0.3).unwrap();
     let shape = Shape::new(2, 4, 16, 16).unwrap();
-    let a = cpu::sample(&cfg, shape, key, Mode::Train).unwrap().keep_mask();
-    let b = cpu::sample(&cfg, shape, key.fork(1), Mode::Train).unwrap().keep_mask();
+    let a = cpu::sample(&cfg, shape, key, Mode::Train).unwrap().keep_mask().unwrap();
+    let b = cpu::sample(&cfg, shape, key.fork(1), Mode::Train).unwrap().keep_mask().unwrap();
     assert_ne!(a, b);
 }
 

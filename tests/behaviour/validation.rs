@@ -163,3 +163,51 @@ fn sampling_too_large_a_shape_is_a_typed_error() {
         assert!(matches!(err, Error::HostAllocation { .. }), "{shape}: {err}");
     }
 }
+
+/// The exact γ rule sums over the coverage classes of the block and shape; a
+/// block of thousands of cells a side is refused with a typed error before
+/// anything that size is allocated (a block of 2^32 - 1 cells asked for a 32 GiB
+/// histogram and aborted), while one just under the limit still plans.
+#[test]
+fn exact_rate_with_too_large_a_block_is_a_typed_error() {
+    use dropblock::config::{GammaRule, Placement};
+    use dropblock::sampling::{expected_drop_fraction, Plan, MAX_COVERAGE_CLASSES};
+    let exact = |block: Block| {
+        DropBlockConfig::builder(block, 0.1).placement(Placement::Anywhere).gamma_rule(GammaRule::ExactRate).build()
+    };
+    let key = RngKey::new(0, 0).unwrap();
+    let huge = u32::MAX as usize;
+    for (cfg, shape) in [
+        // One axis: 2^32 classes.
+        (exact(Block::uniform(u32::MAX).unwrap()).unwrap(), Shape::new_1d(1, 1, huge).unwrap()),
+        // Two axes of 2049 classes each: 2049^2 > 2^20.
+        (exact(Block::uniform(2048).unwrap()).unwrap(), Shape::new(1, 1, 2048, 2048).unwrap()),
+    ] {
+        let err = Plan::new(&cfg, shape, key).unwrap_err();
+        assert!(matches!(err, Error::TooManyCoverageClasses { limit: MAX_COVERAGE_CLASSES, .. }), "{shape}: {err}");
+        let err = cpu::sample(&cfg, shape, key, Mode::Train).unwrap_err();
+        assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "{shape}: {err}");
+        // The paper's γ needs no classes; the expected fraction does.
+        let paper = cfg.to_builder().gamma_rule(GammaRule::Paper).build().unwrap();
+        let plan = Plan::new(&paper, shape, key).unwrap();
+        let err = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap_err();
+        assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "{shape}: {err}");
+    }
+    // 1023 + 1 classes on each of two axes: 2^20, the limit itself.
+    let cfg = exact(Block::uniform(1023).unwrap()).unwrap();
+    let plan = Plan::new(&cfg, Shape::new(1, 1, 1023, 1023).unwrap(), key).unwrap();
+    let fraction = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap();
+    assert!((fraction - 0.1).abs() < 1e-9, "{fraction}");
+}
+
+/// The keep mask is a byte an element, 8x the keep bits a call holds: where the
+/// host cannot hold it, a typed error, not an abort (an eval-mode call of 2^62
+/// elements holds no bits at all, and one sample's counts).
+#[test]
+fn a_keep_mask_too_large_for_the_host_is_a_typed_error() {
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    let shape = Shape::new(1, 1 << 20, 1 << 21, 1 << 21).unwrap();
+    let saved = cpu::sample(&cfg, shape, RngKey::new(0, 0).unwrap(), Mode::Eval).unwrap();
+    let err = saved.keep_mask().unwrap_err();
+    assert_eq!(err, Error::HostAllocation { bytes: 1 << 62 });
+}
