@@ -156,6 +156,11 @@ pub enum Error {
     #[error("NCCL: {0}")]
     Nccl(String),
 
+    /// Shard counts that no shards of the global shape can have (after a faulty
+    /// reduction, or counts of another shape); holds what is wrong.
+    #[error("shard counts that no shards of this shape can give: {0}")]
+    ImpossibleShardCounts(String),
+
     /// An index (element coordinate, plane or window) is out of range.
     #[error("{what} is {value}, out of range 0..{len}")]
     OutOfRange {

@@ -236,14 +236,40 @@ impl ShardCounts {
         1 + global.n()
     }
 
-    /// Counts from their entries (after a reduction); errors unless there are
-    /// `1 + N` of them for `global`.
+    /// Counts from their entries (after a reduction). Errors unless there are
+    /// `1 + N` of them for `global` and some shards of `global` could have them
+    /// ([`ShardCounts::check`]).
     pub fn from_entries(global: Shape, entries: Vec<u64>) -> Result<Self> {
+        let counts = Self(entries);
+        counts.check(global)?;
+        Ok(counts)
+    }
+
+    /// Errors unless these counts could be the sum of some shards' of `global`:
+    /// `1 + N` entries, no sample keeping more than its `C·L` elements, and the
+    /// total the samples' sum (so at most the tensor's elements). A scale computed
+    /// from any other counts (a faulty reduction, the counts of another shape)
+    /// would be wrong without a sign.
+    pub fn check(&self, global: Shape) -> Result<()> {
         let expected = Self::len_for(global);
-        if entries.len() != expected {
-            return Err(Error::LengthMismatch { what: "shard counts", expected, actual: entries.len() });
+        if self.0.len() != expected {
+            return Err(Error::LengthMismatch { what: "shard counts", expected, actual: self.0.len() });
         }
-        Ok(Self(entries))
+        let per = (global.c() * global.plane_len()) as u64;
+        if let Some((n, kept)) = self.per_sample().iter().enumerate().find(|&(_, &k)| k > per) {
+            return Err(Error::ImpossibleShardCounts(format!(
+                "sample {n} keeps {kept} elements of its {per} ({global})"
+            )));
+        }
+        // At most N·C·L, which fits: the shape's element count does.
+        let sum: u64 = self.per_sample().iter().sum();
+        if sum != self.total() {
+            return Err(Error::ImpossibleShardCounts(format!(
+                "the total {} is not the samples' sum {sum}",
+                self.total()
+            )));
+        }
+        Ok(())
     }
 
     /// The entries, `[total, sample 0, ..., sample N-1]`.
@@ -252,12 +278,15 @@ impl ShardCounts {
     }
 
     /// Adds `other`'s entries into these: the reduction of two shards' counts.
-    /// Errors when the lengths differ.
+    /// Errors, leaving these as they were, when the lengths differ or an entry
+    /// overflows (which checked counts cannot: each entry is at most the tensor's
+    /// elements, under 2^63).
     pub fn add(&mut self, other: &ShardCounts) -> Result<()> {
         if other.0.len() != self.0.len() {
             return Err(Error::LengthMismatch { what: "shard counts", expected: self.0.len(), actual: other.0.len() });
         }
-        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a += b);
+        let sum = self.0.iter().zip(&other.0).map(|(a, b)| a.checked_add(*b)).collect::<Option<Vec<u64>>>();
+        self.0 = sum.ok_or_else(|| Error::ImpossibleShardCounts("an entry of the sum overflows u64".into()))?;
         Ok(())
     }
 

@@ -53,7 +53,8 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
 fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
     let shape = a.shape.shape()?.with_layout(a.layout);
-    let mut gen = Generator::from_state(a.config.seed, a.config.offset);
+    a.config.key()?; // the offset given, checked as given
+    let mut gen = Keys(Generator::from_state(a.config.seed, a.config.offset), a.config.offset, 0);
     let iters = a.iters as usize;
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
@@ -94,6 +95,24 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A fresh key a call, as training draws them: `(generator, first offset, calls)`.
+struct Keys(Generator, u64, u64);
+
+impl Keys {
+    /// The next call's key; past the last offset, an error that says why a valid
+    /// `--offset` ran out (the warm-up's calls count too).
+    fn next_key(&mut self) -> Result<dropblock::RngKey, CliError> {
+        let Keys(gen, first, calls) = self;
+        *calls += 1;
+        gen.next_key().map_err(|_| {
+            CliError::Usage(format!(
+                "bench draws a fresh key a call, 17 counter blocks apart: --offset {first} ran out of offsets after {} calls (warm-up included); give a smaller --offset",
+                *calls - 1
+            ))
+        })
+    }
+}
+
 /// Untimed warm-up before any measurement, by time as well as by count: module
 /// load, first-touch allocations and the clock ramp stay out of the numbers. (On
 /// the H200 measured on 2026-11-27 the SM clock had already left its 345 MHz idle
@@ -124,7 +143,7 @@ fn cuda_times<T: CliElement>(
     d: &dropblock::cuda::DropBlockCuda,
     cfg: &dropblock::DropBlockConfig,
     shape: dropblock::Shape,
-    gen: &mut Generator,
+    gen: &mut Keys,
     iters: usize,
     a: &BenchArgs,
 ) -> Result<Vec<f64>, CliError> {

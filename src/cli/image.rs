@@ -41,8 +41,9 @@ impl Image {
         }
     }
 
-    /// Reads an 8- or 16-bit PNG of any colour type as RGB.
-    pub fn read_png(path: &Path) -> Result<Self, CliError> {
+    /// Reads an 8- or 16-bit PNG of any colour type as RGB, of at most `max_pixels`
+    /// pixels by its header.
+    pub fn read_png(path: &Path, max_pixels: u64) -> Result<Self, CliError> {
         let err = |e: &dyn std::fmt::Display| CliError::File(format!("{}: {e}", path.display()));
         let file = File::open(path).map_err(|e| err(&e))?;
         let mut decoder = png::Decoder::new(file);
@@ -50,8 +51,8 @@ impl Image {
         let mut reader = decoder.read_info().map_err(|e| err(&e))?;
         // The header's claim is checked before a buffer of its size is made.
         let (w, h) = (reader.info().width as u64, reader.info().height as u64);
-        if w * h > MAX_PIXELS {
-            return Err(err(&format!("a {w}x{h} image is larger than the {MAX_PIXELS} pixels `show` reads")));
+        if w * h > max_pixels {
+            return Err(err(&format!("a {w}x{h} image is larger than the {max_pixels} pixels it may have here")));
         }
         let mut buf = Vec::new();
         buf.try_reserve_exact(reader.output_buffer_size()).map_err(|_| err(&"cannot hold the decoded image"))?;

@@ -85,14 +85,22 @@ const MAX_HEADER_NESTING: usize = 2;
 /// returns the header's length and where the data starts.
 fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
     let mut pre = [0u8; 12];
-    file.read_exact(&mut pre[..10]).map_err(|_| npy_err(path, "too short for a .npy file"))?;
+    // End of file is a short file; anything else (a directory, an I/O error) is
+    // said as it is.
+    let short = |what: &'static str| {
+        move |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => npy_err(path, what),
+            _ => npy_err(path, e),
+        }
+    };
+    file.read_exact(&mut pre[..10]).map_err(short("too short for a .npy file"))?;
     if &pre[..6] != b"\x93NUMPY" {
         return Err(npy_err(path, "not a .npy file (no \\x93NUMPY magic)"));
     }
     let (len, start) = match pre[6] {
         1 => (u16::from_le_bytes([pre[8], pre[9]]) as usize, 10u64),
         2 | 3 => {
-            file.read_exact(&mut pre[10..12]).map_err(|_| npy_err(path, "truncated .npy header"))?;
+            file.read_exact(&mut pre[10..12]).map_err(short("truncated .npy header"))?;
             (u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as usize, 12u64)
         }
         v => return Err(npy_err(path, format!(".npy format version {v} is not supported"))),
@@ -101,7 +109,7 @@ fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
         return Err(npy_err(path, format!("a {len}-byte header is over numpy's limit of {MAX_HEADER_BYTES}")));
     }
     let mut header = vec![0u8; len];
-    file.read_exact(&mut header).map_err(|_| npy_err(path, "truncated .npy header"))?;
+    file.read_exact(&mut header).map_err(short("truncated .npy header"))?;
     let mut depth = 0usize;
     for &b in &header {
         match b {
@@ -120,10 +128,23 @@ fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
     Ok(start + len as u64)
 }
 
-/// The header's shape must be 4 dimensions that make a valid [`dropblock::Shape`]
-/// before the header parser multiplies them (npyz's product can overflow).
+/// The header's shape must be 3 to 5 dimensions that make a valid
+/// [`dropblock::Shape`] before the header parser multiplies them (npyz's product
+/// can overflow). A header that names one of its keys more than once is refused:
+/// the parser keeps the last, so checking the first `shape` would let a decoy
+/// through, and two `descr` leave the dtype to the parser's choice (a string value
+/// that holds `'shape': (...)` is one more naming, and refused too).
 fn check_shape(path: &Path, header: &str) -> Result<(), CliError> {
-    let Some(at) = header.find("'shape'").or_else(|| header.find("\"shape\"")) else {
+    let named = |key: &str| {
+        let (single, double) = (format!("'{key}'"), format!("\"{key}\""));
+        header.match_indices(&single).chain(header.match_indices(&double)).map(|(at, _)| at).collect::<Vec<_>>()
+    };
+    for key in ["descr", "fortran_order", "shape"] {
+        if named(key).len() > 1 {
+            return Err(npy_err(path, format!("the header names '{key}' more than once")));
+        }
+    }
+    let Some(&at) = named("shape").first() else {
         return Ok(()); // the parser reports the missing key
     };
     let rest = header[at + 7..].trim_start().strip_prefix(':').unwrap_or("").trim_start();

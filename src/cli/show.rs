@@ -42,7 +42,8 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
         }
     };
     let background = match &a.image {
-        Some(p) => Image::read_png(p)?,
+        // Bounded by the picture it will make, before it is decoded.
+        Some(p) => Image::read_png(p, MAX_PIXELS / (zoom * zoom).max(1) as u64)?,
         None => {
             too_large(a.size.0, a.size.1)?;
             gradient(a.size.1, a.size.0)

@@ -432,13 +432,11 @@ impl ShardSample {
     /// summed counts of every shard: Global `numel / total`, PerSample
     /// `C·L / kept_n` over the global shape, in f64 rounded to f32, so every shard
     /// computes the same scale. Expected and None ignore the counts. Errors when
-    /// `global` is not laid out for this shard's global shape.
+    /// `global` is not laid out for this shard's global shape, or no shards of it
+    /// could give these counts ([`ShardCounts::check`]).
     pub fn finish(self, global: &ShardCounts) -> Result<Saved> {
         let whole = self.saved.shard.global();
-        let expected = ShardCounts::len_for(whole);
-        if global.0.len() != expected {
-            return Err(Error::LengthMismatch { what: "shard counts", expected, actual: global.0.len() });
-        }
+        global.check(whole)?;
         let mut saved = self.saved;
         let first = saved.shard.first_sample();
         let n = saved.shape.n();

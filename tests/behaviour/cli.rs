@@ -231,6 +231,11 @@ fn bad_arguments_and_files_get_one_line_errors() {
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--placement", "middle"], "valid, anywhere");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--offset", "18446744073709551615"], "offset");
     assert_one_line_error(&["apply", "--input", "/nonexistent/x.npy", "--output", ys], "/nonexistent/x.npy");
+    // The last valid offset: bench draws a key a call, and the error names the
+    // offset given, not the one its generator ran out at.
+    let last = "18446744073709551599";
+    let bench = ["bench", "--device", "cpu", "--shape", "1,1,5,5", "--iters", "1", "--offset", last];
+    assert_one_line_error(&bench, &format!("--offset {last} ran out"));
 
     let two_d = dir.path().join("t.npy");
     write_npy(&two_d, "<f4", &[4, 4], &[1f32; 16]);
@@ -318,6 +323,22 @@ fn hostile_npy_files_fail_fast_with_short_errors() {
     // Too little and too much data for the shape.
     case("short.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 2), }", &[0; 12], "needs 16");
     case("long_data.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 2), }", &[0; 20], "needs 16");
+    // A key named twice: the parser keeps the last, so a checked decoy shape let an
+    // unchecked one through (its product overflowed in a debug build), and two
+    // dtypes left the choice to the parser. A string that holds a shape is a decoy
+    // too.
+    let huge = "(4294967295, 4294967295, 4294967295, 4294967295)";
+    let twice = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 4, 4), 'shape': {huge}, }}");
+    case("shape_twice.npy", &twice, &[0; 64], "names 'shape' more than once");
+    let in_string =
+        format!("{{'descr': '<f4', 'x': \"'shape': (1, 1, 4, 4)\", 'fortran_order': False, 'shape': {huge}, }}");
+    case("shape_in_string.npy", &in_string, &[0; 64], "names 'shape' more than once");
+    let dtypes = "{'descr': '<f4', 'descr': '<f2', 'fortran_order': False, 'shape': (1, 1, 4, 4), }";
+    case("descr_twice.npy", dtypes, &[0; 64], "names 'descr' more than once");
+    // A directory is said to be one, not "too short".
+    let not_a_file = dir.path().join("sub");
+    std::fs::create_dir(&not_a_file).unwrap();
+    assert_fails_fast(&["apply", "--input", not_a_file.to_str().unwrap(), "--output", ys], "directory", 10);
 }
 
 /// A minimal PNG whose header claims `w` x `h` pixels (an empty IDAT follows).
@@ -355,6 +376,12 @@ fn oversized_images_and_shapes_are_typed_errors_not_aborts() {
     png_claiming(&png, 100_000, 100_000);
     let out = dir.path().join("out.png");
     assert_fails_fast(&["show", "--image", png.to_str().unwrap(), "--png", out.to_str().unwrap()], "larger than", 10);
+    assert!(!out.exists());
+    // An image within the reader's bound whose picture at the zoom is not: refused
+    // by its header, before 2^28 pixels are decoded (1 GiB) for nothing.
+    png_claiming(&png, 16_384, 16_384);
+    let args = ["show", "--image", png.to_str().unwrap(), "--png", out.to_str().unwrap(), "--zoom", "8"];
+    assert_fails_fast(&args, "larger than", 10);
     assert!(!out.exists());
     // Shapes the library accepts but no host holds: refused when the buffers are made.
     for shape in ["2147483648,2147483648,1,1", "1048576,1048576,1,1"] {

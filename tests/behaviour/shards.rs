@@ -245,6 +245,33 @@ fn bad_shards_and_counts_are_typed_errors() {
     ));
 }
 
+/// Counts that no shards of the global shape can give (a faulty reduction, the
+/// counts of another shape with the same N) are refused, where they gave a wrong
+/// scale without a sign.
+#[test]
+fn impossible_shard_counts_are_typed_errors() {
+    let global = Shape::new(2, 1, 4, 4).unwrap();
+    let impossible = |e: Result<(), Error>| matches!(e, Err(Error::ImpossibleShardCounts(_)));
+    // More kept than a sample's 16 elements; a total that is not the samples' sum.
+    for entries in [vec![1000, 1000, 0], vec![4096, 2048, 2048], vec![17, 17, 0], vec![5, 1, 2], vec![3, 1, 1]] {
+        assert!(impossible(ShardCounts::from_entries(global, entries.clone()).map(|_| ())), "{entries:?}");
+    }
+    // The counts of a 2x8x16x16 tensor handed to a shard of 2x1x4x4 by `finish`.
+    let cfg = DropBlockConfig::builder(dropblock::Block::uniform(3).unwrap(), 0.1)
+        .normalize(dropblock::Normalize::PerSample)
+        .build()
+        .unwrap();
+    let shard = Shard::samples(global, 0, 1).unwrap();
+    let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
+    let other = ShardCounts::from_entries(Shape::new(2, 8, 16, 16).unwrap(), vec![4096, 2048, 2048]).unwrap();
+    assert!(impossible(sample.clone().finish(&other).map(|_| ())), "counts of another shape");
+    // Possible counts still finish: these, and everything kept.
+    sample.clone().finish(sample.counts()).unwrap();
+    sample.finish(&ShardCounts::from_entries(global, vec![32, 16, 16]).unwrap()).unwrap();
+    // Counts past u64 (which made `add` overflow) are among the refused ones.
+    assert!(impossible(ShardCounts::from_entries(global, vec![u64::MAX, 1, 2]).map(|_| ())));
+}
+
 /// Eval mode and p = 0 are the identity on a shard, with counts of everything kept.
 #[test]
 fn identity_calls_on_a_shard() {
