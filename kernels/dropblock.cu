@@ -29,8 +29,10 @@
 //
 // `_unaligned` variants take any pointers and shapes; the others need x and y
 // 16-byte aligned and use 16-byte vector loads and stores (the shared variants
-// also need slices of at least 16 bytes). The tiled kernels run at least 4 blocks
-// of 256 threads per multiprocessor (registers capped at 64 by their bounds).
+// also need slices of at least 16 bytes). The tiled kernels' bounds cap their
+// registers at 64, for 4 blocks of 256 threads per multiprocessor; their ~17 KiB
+// of shared memory a block allows 4 from sm_80 on, and 3 on sm_75 (64 KiB an SM).
+// The host sizes their grids by the occupancy the driver reports.
 
 #include "elementwise.cuh"
 #include "noise.cuh"
