@@ -18,9 +18,11 @@
 //!   draws nothing.
 //! - The mask is the crate's: the same key gives [`crate::cpu::forward`]'s output bit
 //!   for bit. The backward uses the keep bits the forward saved (no float mask).
-//! - Tensors are `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)` in f32, f16 or bf16. A non-contiguous or offset
-//!   input is made contiguous first (candle's differentiable copy), so the op always
-//!   reads the elements the tensor names.
+//! - Tensors are `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)` in f32, f16 or bf16.
+//!   A channels-last strided tensor is read as it is (no copy; y keeps its
+//!   strides); any other non-contiguous or offset input is made contiguous first
+//!   (candle's differentiable copy), so the op always reads the elements the tensor
+//!   names.
 //! - CPU tensors; with the `candle-cuda` feature CUDA tensors too: the crate's
 //!   kernels run on candle's own buffers and stream (no copy, no host sync), one
 //!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per device, and the backward
@@ -126,7 +128,9 @@ impl ModuleT for DropBlock {
         if cfg.is_identity() {
             return Ok(xs.clone());
         }
-        // Checked before a key is drawn, so a refused call leaves the generator as it was.
+        // Checked before a key is drawn, so a call refused for its dtype or rank
+        // leaves the generator as it was (one refused later, for host memory or an
+        // exact γ too large to sum, has drawn its key).
         check_dtype(xs.dtype())?;
         cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
         if is_channels_last(xs) {

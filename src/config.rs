@@ -24,7 +24,8 @@ const AXES: [&str; 3] = ["depth", "height", "width"];
 
 impl Block {
     /// Sizes along the last `sizes.len()` (1..=3) axes, e.g. `[3, 7, 7]` for a 3D
-    /// block. Errors ([`Error::InvalidBlock`]) if a size is 0 or the rank is not 1 to 3.
+    /// block. Errors with [`Error::InvalidBlock`] if a size is 0, and with
+    /// [`Error::InvalidRank`] if the rank is not 1 to 3.
     pub fn from_sizes(sizes: &[u32]) -> Result<Self> {
         if !(1..=3).contains(&sizes.len()) {
             return Err(Error::InvalidRank { what: "block", rank: sizes.len() });
@@ -194,8 +195,9 @@ pub enum Normalize {
     Global,
     /// `C·L / kept_n` per sample (`L` the elements of one slice, e.g. `H·W`).
     PerSample,
-    /// `1 / (1 - drop_prob)`: no reduction, so on the GPU an unshared mask over
-    /// enough planes (32 per SM), each small enough for a warp, takes a single fused pass.
+    /// `1 / (1 - drop_prob)`: no reduction, so on the GPU a channels-first call
+    /// with zero fill and no sharing, whose planes fit a tile of shared memory and
+    /// make at least a tile per multiprocessor, takes a single fused pass.
     Expected,
     /// No rescaling.
     None,
@@ -338,7 +340,7 @@ impl DropBlockConfigBuilder {
         self.cfg.gamma_rule = v;
         self
     }
-    /// A factor on γ under either rule; default 1. Must be finite and
+    /// A factor on γ under every rule; default 1. Must be finite and
     /// non-negative (checked by `build`).
     pub fn gamma_scale(mut self, v: f64) -> Self {
         self.cfg.gamma_scale = v;

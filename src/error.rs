@@ -94,7 +94,9 @@ pub enum Error {
     /// A buffer's length does not match what the shape implies.
     #[error("{what} holds {actual} elements but the shape needs {expected}")]
     LengthMismatch {
-        /// The buffer, e.g. `"x"` or `"dy"`.
+        /// What was given: a buffer (`"x"`, `"y"`, `"dy"`, `"dx"` on the CUDA path,
+        /// `"input"`, `"output"` on the CPU path), `"shard counts"`, or a list of
+        /// a tensor's dimensions (`"index"`, `"shard offset"`, `"shard extent"`).
         what: &'static str,
         /// The length the shape implies.
         expected: usize,

@@ -51,7 +51,7 @@ impl Shard {
         let dims = global.dims();
         for (what, list) in [("shard offset", offset), ("shard extent", extent)] {
             if list.len() != dims.len() {
-                return Err(Error::InvalidRank { what, rank: list.len().saturating_sub(2) });
+                return Err(Error::LengthMismatch { what, expected: dims.len(), actual: list.len() });
             }
         }
         for (i, ((&o, &e), &len)) in offset.iter().zip(extent).zip(dims).enumerate() {

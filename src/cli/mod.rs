@@ -58,7 +58,7 @@ enum Command {
     Apply(apply::ApplyArgs),
     /// Draw the seeds and blocks of a configuration over an image.
     Show(show::ShowArgs),
-    /// Time forward or backward on one shape; the last line is `median_ms=... gbps=...`.
+    /// Time forward, backward or the sampling alone on one shape; the last line is `median_ms=... gbps=...`.
     Bench(bench::BenchArgs),
 }
 

@@ -96,7 +96,7 @@ impl Saved {
     pub fn is_kept(&self, index: &[usize]) -> Result<bool> {
         let dims = self.shape.dims();
         if index.len() != dims.len() {
-            return Err(Error::InvalidRank { what: "index", rank: index.len().saturating_sub(2) });
+            return Err(Error::LengthMismatch { what: "index", expected: dims.len(), actual: index.len() });
         }
         const NAMES: [&str; 5] = ["n", "c", "spatial 0", "spatial 1", "spatial 2"];
         let mut cell = 0;
@@ -346,7 +346,9 @@ pub fn simd_forms() -> Vec<&'static str> {
 }
 
 /// Samples the masks and computes the scale(s), without touching any tensor.
-/// Errors only when the host cannot hold the masks (one bit per mask cell).
+/// Errors when the block's rank is not the shape's, when the exact γ rule's block
+/// is too large ([`Plan::new`]), and when the host cannot hold the masks (one bit
+/// per mask cell).
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {
     let sampled = sample_shard(cfg, &Shard::whole(shape), key, mode)?;
     let counts = sampled.counts.clone();
@@ -458,7 +460,9 @@ impl ShardSample {
     }
 }
 
-/// Forward: `y = round(f32(x) · (kept ? scale : 0))`. Returns the state for backward.
+/// Forward: `y = round(f32(x) · (kept ? scale : 0))`, or with noise fill `x` where
+/// kept and the unit's noise where dropped ([`apply`]). Returns the state for
+/// backward.
 pub fn forward<T: Element>(
     cfg: &DropBlockConfig,
     shape: Shape,

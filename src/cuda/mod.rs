@@ -17,8 +17,11 @@
 //!   let [`DropBlockCuda::forward`] allocate it. The kernels reach its buffers
 //!   without cudarc's events; the state orders its own calls instead (a call on
 //!   another stream than the last one first waits for that stream's work), and
-//!   the kernels leave its counters zeroed for the next call, so a forward is one
-//!   launch (Expected / None normalisation without sharing) or two.
+//!   the kernels leave its counters zeroed for the next call. A forward is one
+//!   launch where it can be (Expected / None normalisation, no sharing,
+//!   channels-first, zero fill, planes that fit a tile and enough tiles for the
+//!   device), two on the tiled path, and up to four on the grid-wide path or with
+//!   channels-last's transpose.
 //! - A forward can be split: [`DropBlockCuda::sample_into`] draws the mask and the
 //!   scales from the key alone, [`DropBlockCuda::apply`] applies them once x is
 //!   ready, with the same result bit for bit.

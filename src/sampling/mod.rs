@@ -43,7 +43,9 @@ pub struct Plan {
 
 impl Plan {
     /// The plan of a call of `cfg` on `shape` with `key`: geometry, γ and
-    /// thresholds. Errors if the block's rank is not the shape's.
+    /// thresholds. Errors if the block's rank is not the shape's
+    /// ([`Error::BlockRankMismatch`]), or, under [`GammaRule::ExactRate`], if the
+    /// block is too large for the exact sum ([`Error::TooManyCoverageClasses`]).
     pub fn new(cfg: &DropBlockConfig, shape: Shape, key: RngKey) -> Result<Self> {
         let block = cfg.block().sizes_for(shape.spatial_rank())?;
         let geometry = geometry(cfg, shape, block);

@@ -228,7 +228,10 @@ fn bad_shards_and_counts_are_typed_errors() {
         Shard::new(global, &[usize::MAX, 0, 0, 0], &[2, 3, 8, 8]),
         Err(Error::InvalidShard { axis: "N", .. })
     ));
-    assert!(matches!(Shard::new(global, &[0, 0, 0], &[2, 3, 8]), Err(Error::InvalidRank { .. })));
+    assert!(matches!(
+        Shard::new(global, &[0, 0, 0], &[2, 3, 8]),
+        Err(Error::LengthMismatch { what: "shard offset", expected: 4, actual: 3 })
+    ));
     assert!(matches!(Shard::samples(global, 1, 2), Err(Error::InvalidShard { axis: "N", .. })));
     let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
     let shard = Shard::new(global, &[1, 0, 2, 0], &[1, 3, 6, 8]).unwrap();
