@@ -104,6 +104,23 @@ macro_rules! with_feature {
     };
 }
 
+/// For the tests of a SIMD form: whether to skip, saying why, because the form
+/// does not run in this process (`runs` false), where the portable form then runs
+/// instead. Under `DROPBLOCK_REQUIRE_SIMD=1` a form that does not run although
+/// `DROPBLOCK_CPU_CAPABILITY` allows it (`allowed`: the CPU or the toolchain lacks
+/// it) fails the test instead: CI sets it on a CPU that has every form, so that no
+/// SIMD test passes there by skipping.
+#[cfg(test)]
+pub(crate) fn skip_form_test(test: &str, form: &str, runs: bool, allowed: bool) -> bool {
+    if runs {
+        return false;
+    }
+    let required = std::env::var("DROPBLOCK_REQUIRE_SIMD").is_ok_and(|v| v == "1");
+    assert!(!(required && allowed), "{test}: the {form} form does not run here, and DROPBLOCK_REQUIRE_SIMD=1");
+    eprintln!("{test}: skipped, the {form} form does not run here (CPU, toolchain or DROPBLOCK_CPU_CAPABILITY)");
+    true
+}
+
 /// The SIMD forms this process runs ([`crate::cpu::simd_forms`]).
 pub(crate) fn forms() -> Vec<&'static str> {
     #[allow(unused_mut)]

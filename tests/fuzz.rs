@@ -193,7 +193,12 @@ fn fuzz_files(ext: &str, seeds: Vec<Vec<u8>>, target: fn(&Path, &Path) -> Result
     }
     for s in &seeds {
         std::fs::write(&input, s).unwrap();
+        std::fs::remove_file(&out).ok();
         target(&input, &out).map_err(|e| format!("a valid seed input failed: {e}"))?;
+        // A clean refusal passes `target`; a seed must be read and written.
+        if !out.exists() {
+            return Err("a valid seed input was refused (no output written)".into());
+        }
     }
     while start.elapsed() < budget() {
         let mut bytes = seeds[rng.random_range(0..seeds.len())].clone();
@@ -220,7 +225,7 @@ fn fuzz_in_process() -> Result<(), Failed> {
         [0.0, -0.0, 1.0, -1.0, 0.5, 1e-300, 1e300, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, f64::MIN_POSITIVE];
     let ints = [0usize, 1, 2, 7, 65_535, 65_536, u32::MAX as usize, u32::MAX as usize + 1, usize::MAX];
     let start = Instant::now();
-    let mut runs = 0u64;
+    let (mut runs, mut sampled) = (0u64, 0u64);
     while start.elapsed() < budget() {
         let pick_f = |rng: &mut StdRng| {
             if rng.random_bool(0.5) {
@@ -257,18 +262,27 @@ fn fuzz_in_process() -> Result<(), Failed> {
             if let (Ok(cfg), Ok(shape), Ok(key)) = (cfg, shape, key) {
                 if shape.numel() <= 1 << 16 {
                     let _ = dropblock::cpu::sample(&cfg, shape, key, dropblock::Mode::Train);
+                    return true;
                 }
             }
+            false
         });
-        if let Err(e) = outcome {
-            return Err(format!(
-                "panic on text {text:?}, p {p}, scale {scale}, dims {dims:?}, offset {offset}: {}",
-                common::panic_message(&*e)
-            )
-            .into());
+        match outcome {
+            Ok(reached) => sampled += reached as u64,
+            Err(e) => {
+                return Err(format!(
+                    "panic on text {text:?}, p {p}, scale {scale}, dims {dims:?}, offset {offset}: {}",
+                    common::panic_message(&*e)
+                )
+                .into())
+            }
         }
         runs += 1;
     }
-    eprintln!("fuzz in process: {runs} inputs in {:?}", start.elapsed());
+    eprintln!("fuzz in process: {runs} inputs ({sampled} sampled) in {:?}", start.elapsed());
+    // The draws must reach the sampler, not only the parsers and builders.
+    if sampled == 0 {
+        return Err(format!("none of {runs} inputs reached cpu::sample: widen the draws").into());
+    }
     Ok(())
 }

@@ -442,7 +442,8 @@ mod gpu {
         let err = d.alloc_state(s, big).unwrap_err();
         assert!(matches!(err, dropblock::Error::Driver(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
         let err = d.forward(s, &cfg, big, key, Mode::Train, &xd, &mut yd).unwrap_err();
-        assert!(matches!(err, dropblock::Error::LengthMismatch { .. } | dropblock::Error::Driver(_)), "{err}");
+        // The state is allocated before the buffers are checked: the same error.
+        assert!(matches!(err, dropblock::Error::Driver(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
         drop(hog);
         s.synchronize().unwrap();
         d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
@@ -655,6 +656,10 @@ mod gpu {
             dropblock::cuda::nccl::all_reduce_counts(&comm, &mut c).unwrap();
             assert_eq!(s.clone_dtoh(&c).unwrap(), values, "a one-rank all-reduce sums one rank's counts");
         } else {
+            // Where the caller provided libnccl (the GPU check links PyTorch's), its
+            // absence is a failure, not a skip.
+            let required = std::env::var("DROPBLOCK_REQUIRE_NCCL").is_ok_and(|v| v == "1");
+            assert!(!required, "nccl: libnccl.so not found, and DROPBLOCK_REQUIRE_NCCL=1");
             eprintln!("nccl: libnccl.so not found; the one-rank all-reduce did not run");
         }
     }

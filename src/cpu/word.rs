@@ -417,9 +417,13 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let avx2 = cpu_has!("avx2", "f16c");
-        if !avx2 {
-            eprintln!("scale_word_is_the_portable_form: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the lanes are not taken");
-        }
+        // Without the lanes this checks that they are not taken, and compares nothing.
+        crate::simd::skip_form_test(
+            "scale_word_is_the_portable_form",
+            "AVX2 and F16C",
+            avx2,
+            crate::simd::simd_allowed(),
+        );
         // Whole words, and the parts of words at the ends of runs and chunks (the
         // 16-bit lanes' groups of 8 and the elements after the last one).
         for len in 1..=64 {
@@ -471,8 +475,8 @@ mod tests {
     #[test]
     fn lane_conversions_are_the_elements() {
         use std::arch::x86_64::*;
-        if !cpu_has!("avx2", "f16c") {
-            eprintln!("lane_conversions_are_the_elements: no AVX2 and F16C (or DROPBLOCK_CPU_CAPABILITY=baseline), the lanes are not used");
+        let (runs, allowed) = (cpu_has!("avx2", "f16c"), crate::simd::simd_allowed());
+        if crate::simd::skip_form_test("lane_conversions_are_the_elements", "AVX2 and F16C", runs, allowed) {
             return;
         }
         fn check<T: Element>(low: &[u32]) {

@@ -149,18 +149,15 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn skip() -> bool {
-        if !available() {
-            eprintln!("skipped: this CPU lacks AVX-512 VBMI, VBMI2 or GFNI (or DROPBLOCK_CPU_CAPABILITY caps it)");
-        }
-        !available()
+    fn skip(test: &str) -> bool {
+        crate::simd::skip_form_test(test, "AVX-512 VBMI, VBMI2 and GFNI", available(), crate::simd::avx512_allowed())
     }
 
     /// The AVX-512 transpose equals the portable one on random matrices: sparse,
     /// dense and uniform rows.
     #[test]
     fn avx512_transpose_matches_the_portable_one() {
-        if skip() {
+        if skip("avx512_transpose_matches_the_portable_one") {
             return;
         }
         let mut rng = StdRng::seed_from_u64(0x0123_4567_89AB_CDEF);
@@ -188,7 +185,7 @@ mod tests {
     /// (where the gather gives way to single reads).
     #[test]
     fn avx512_blocks_match_the_portable_ones() {
-        if skip() {
+        if skip("avx512_blocks_match_the_portable_ones") {
             return;
         }
         let mut rng = StdRng::seed_from_u64(0x05EE_D0FB_10C5);

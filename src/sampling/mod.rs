@@ -697,8 +697,8 @@ mod tests {
     /// length; skipped, saying so, where the form does not run.
     #[test]
     fn simd_batches_list_the_scalar_seeds() {
-        if !avx512_available() {
-            eprintln!("skipped: no AVX-512 form here (CPU, toolchain, or DROPBLOCK_CPU_CAPABILITY caps it)");
+        let (runs, allowed) = (avx512_available(), crate::simd::avx512_allowed());
+        if crate::simd::skip_form_test("simd_batches_list_the_scalar_seeds", "AVX-512F", runs, allowed) {
             return;
         }
         let mut rng = StdRng::seed_from_u64(0xDDBA11);

@@ -65,6 +65,40 @@ fn the_values_are_standard_normal() {
     assert!((0..1000u64).all(|u| normal(key, 4 * u) != normal(key, 4 * u + 2)));
 }
 
+/// Known answers from the contract's text (src/noise.rs), computed here in f64 from
+/// the Philox block at counter `offset + 16` of subsequence `⌊unit / 4⌋`: the
+/// counter is spelled out, not taken from the crate, so noise drawn from a block
+/// the mask's windows read (`offset .. offset + 15`) fails here, as would the
+/// wrong words, pairing or scaling.
+#[test]
+fn the_values_are_box_muller_on_counter_block_offset_plus_16() {
+    use dropblock::rng::philox4x32_10;
+    const TWO_POW_24: f64 = 16_777_216.0;
+    let mut checked = 0;
+    for (seed, offset) in [(0u64, 0u64), (77, 17), (0xDEAD_BEEF_F00D, 1 << 40), (u64::MAX, RngKey::MAX_OFFSET)] {
+        let key = RngKey::new(seed, offset).unwrap();
+        let units = (0..64u64).chain([1 << 20, (1 << 33) + 3, u64::MAX - 5]);
+        for unit in units {
+            let (c, s) = (offset + 16, unit / 4);
+            let block = philox4x32_10(
+                [c as u32, (c >> 32) as u32, s as u32, (s >> 32) as u32],
+                [seed as u32, (seed >> 32) as u32],
+            );
+            let j = (unit % 4) as usize;
+            let (u, v) = (block[j & 2], block[(j & 2) + 1]);
+            let a = ((u >> 8) as f64 + 1.0) / TWO_POW_24;
+            let r = (-2.0 * a.ln()).sqrt();
+            let theta = std::f64::consts::TAU * (v >> 8) as f64 / TWO_POW_24;
+            let want = r * if j & 1 == 0 { theta.cos() } else { theta.sin() };
+            let got = normal(key, unit) as f64;
+            // The crate's polynomials are within a few f32 ulps of f64's libm.
+            assert!((got - want).abs() <= 1e-6 * (1.0 + r), "key {key:?}, unit {unit}: {got} vs {want}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 * 67);
+}
+
 #[test]
 fn the_values_are_independent_of_the_mask_draws() {
     // The mask's draws for window w are counter blocks offset..offset+15 of

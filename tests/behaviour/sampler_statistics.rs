@@ -507,7 +507,7 @@ fn planes_longer_than_a_window() {
     let mut at = [0u64; 64];
     let (mut full, mut last_cells, mut pairs_across, mut pairs_next_window, mut pairs_across_planes) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut prev_plane_last = 0u64;
+    let (mut prev_first, mut prev_last, mut pairs_first_windows) = (0u64, 0u64, 0u64);
     for p in 0..planes {
         let seeds = plan.seed_plane(p).unwrap();
         assert_eq!(seeds.len(), 79);
@@ -534,9 +534,12 @@ fn planes_longer_than_a_window() {
             }
         }
         if p > 0 {
-            pairs_across_planes += prev_plane_last & seeds[0] & 1;
+            // Cell c of a plane's 8-cell last window and cell c of the next plane's
+            // first window; cell c of both planes' first windows.
+            pairs_across_planes += (prev_last & seeds[0] & 0xFF).count_ones() as u64;
+            pairs_first_windows += (prev_first & seeds[0]).count_ones() as u64;
         }
-        prev_plane_last = seeds[78] >> 7 & 1;
+        (prev_first, prev_last) = (seeds[0], seeds[78]);
     }
     for (x, &c) in at.iter().enumerate() {
         check_count(&format!("seeds at window position {x}"), c, full, gamma).unwrap();
@@ -545,7 +548,9 @@ fn planes_longer_than_a_window() {
     check_count("seeds at both sides of a window boundary", pairs_across, full, gamma * gamma).unwrap();
     check_count("seeds at c of adjacent windows", pairs_next_window, 64 * (full - planes as u64), gamma * gamma)
         .unwrap();
-    check_count("seeds at both sides of a plane boundary", pairs_across_planes, planes as u64 - 1, gamma * gamma)
+    let boundaries = planes as u64 - 1;
+    check_count("seeds at c across a plane boundary", pairs_across_planes, 8 * boundaries, gamma * gamma).unwrap();
+    check_count("seeds at c of adjacent planes' first windows", pairs_first_windows, 64 * boundaries, gamma * gamma)
         .unwrap();
 }
 
