@@ -10,9 +10,11 @@
 //!
 //! The fixture must also keep covering the contract's edge cases (one seed cell,
 //! seed grids that do and do not divide 64, exactly 64 and 65 cells, thousands of
-//! cells, every sharing mode, 64-bit seeds and offsets, γ ≥ 1 and tiny γ), which
-//! `fixture_covers_the_contract_edges` checks from the fixture's own numbers.
+//! cells, every sharing mode, 64-bit seeds and offsets, γ ≥ 1 and tiny γ, 1D and
+//! 3D seed grids, miguelvr's anchor and γ), which `fixture_covers_the_contract_edges`
+//! checks from the fixture's own numbers.
 
+use dropblock::config::{Anchor, GammaRule};
 use dropblock::sampling::Plan;
 use dropblock::{cpu, Block, DropBlockConfig, Mode, Placement, RngKey, Shape, Sharing};
 use serde_json::Value;
@@ -23,12 +25,17 @@ const WINDOW: u64 = 64;
 struct Case {
     index: usize,
     what: String,
+    rank: usize,
     n: usize,
     c: usize,
+    d: usize,
     h: usize,
     w: usize,
+    kd: u32,
     kh: u32,
     kw: u32,
+    anchor: String,
+    gamma_rule: String,
     drop_prob: f64,
     gamma_scale: f64,
     placement: String,
@@ -37,6 +44,7 @@ struct Case {
     offset: u64,
     gamma: f64,
     thresholds: Vec<u64>,
+    seed_d: u32,
     seed_h: u32,
     seed_w: u32,
     s: u64,
@@ -54,9 +62,27 @@ impl Case {
     /// Names the case in assertion messages.
     fn name(&self) -> String {
         format!(
-            "case {} ({}: {}x{}x{}x{}, block {}x{}, {}, sharing {})",
-            self.index, self.what, self.n, self.c, self.h, self.w, self.kh, self.kw, self.placement, self.sharing
+            "case {} ({}: {:?}, block {:?}, {} {}, gamma {}, sharing {})",
+            self.index,
+            self.what,
+            self.dims(),
+            self.block_sizes(),
+            self.placement,
+            self.anchor,
+            self.gamma_rule,
+            self.sharing
         )
+    }
+
+    /// `[N, C, spatial...]` of the case's rank.
+    fn dims(&self) -> Vec<usize> {
+        let spatial = [self.d, self.h, self.w];
+        [self.n, self.c].into_iter().chain(spatial[3 - self.rank..].iter().copied()).collect()
+    }
+
+    /// The block's sizes along the case's spatial axes.
+    fn block_sizes(&self) -> Vec<u32> {
+        [self.kd, self.kh, self.kw][3 - self.rank..].to_vec()
     }
 
     fn config(&self) -> DropBlockConfig {
@@ -72,9 +98,22 @@ impl Case {
             "all" => Sharing::All,
             other => panic!("{}: unknown sharing {other:?}", self.name()),
         };
-        let block = Block::new(self.kh, self.kw).unwrap_or_else(|e| panic!("{}: Block::new: {e}", self.name()));
+        let anchor = match self.anchor.as_str() {
+            "centered" => Anchor::Centered,
+            "centered-right" => Anchor::CenteredRight,
+            other => panic!("{}: unknown anchor {other:?}", self.name()),
+        };
+        let gamma_rule = match self.gamma_rule.as_str() {
+            "paper" => GammaRule::Paper,
+            "per-block" => GammaRule::PerBlock,
+            other => panic!("{}: unknown gamma rule {other:?}", self.name()),
+        };
+        let block = Block::from_sizes(&self.block_sizes())
+            .unwrap_or_else(|e| panic!("{}: Block::from_sizes: {e}", self.name()));
         DropBlockConfig::builder(block, self.drop_prob)
             .placement(placement)
+            .anchor(anchor)
+            .gamma_rule(gamma_rule)
             .sharing(sharing)
             .gamma_scale(self.gamma_scale)
             .build()
@@ -82,7 +121,7 @@ impl Case {
     }
 
     fn shape(&self) -> Shape {
-        Shape::new(self.n, self.c, self.h, self.w).unwrap_or_else(|e| panic!("{}: Shape::new: {e}", self.name()))
+        Shape::from_dims(&self.dims()).unwrap_or_else(|e| panic!("{}: Shape::from_dims: {e}", self.name()))
     }
 
     fn key(&self) -> RngKey {
@@ -147,12 +186,17 @@ fn parse_case(i: usize, v: &Value) -> Case {
     Case {
         index: i,
         what: text(v, "what", i).to_owned(),
+        rank: narrow(uint(v, "rank", i), "rank", i),
         n: narrow(uint(v, "n", i), "n", i),
         c: narrow(uint(v, "c", i), "c", i),
+        d: narrow(uint(v, "d", i), "d", i),
         h: narrow(uint(v, "h", i), "h", i),
         w: narrow(uint(v, "w", i), "w", i),
+        kd: narrow(uint(v, "kd", i), "kd", i),
         kh: narrow(uint(v, "kh", i), "kh", i),
         kw: narrow(uint(v, "kw", i), "kw", i),
+        anchor: text(v, "anchor", i).to_owned(),
+        gamma_rule: text(v, "gamma_rule", i).to_owned(),
         drop_prob: f64_str(v, "drop_prob", i),
         gamma_scale: f64_str(v, "gamma_scale", i),
         placement: text(v, "placement", i).to_owned(),
@@ -165,6 +209,7 @@ fn parse_case(i: usize, v: &Value) -> Case {
             .enumerate()
             .map(|(j, t)| t.as_u64().unwrap_or_else(|| panic!("case {i}: threshold {j} is not an unsigned integer")))
             .collect(),
+        seed_d: narrow(uint(v, "seed_d", i), "seed_d", i),
         seed_h: narrow(uint(v, "seed_h", i), "seed_h", i),
         seed_w: narrow(uint(v, "seed_w", i), "seed_w", i),
         s: uint(v, "S", i),
@@ -214,7 +259,7 @@ fn fixture_is_self_consistent() {
     for c in cases() {
         let name = c.name();
         assert_eq!(c.thresholds.len(), 64, "{name}: {} thresholds", c.thresholds.len());
-        assert_eq!(c.s, c.seed_h as u64 * c.seed_w as u64, "{name}: S is not seed_h * seed_w");
+        assert_eq!(c.s, c.seed_d as u64 * c.seed_h as u64 * c.seed_w as u64, "{name}: S is not the seed grid's cells");
         assert_eq!(c.q, (WINDOW / c.s).max(1), "{name}: q");
         assert_eq!(c.m, c.s.div_ceil(WINDOW), "{name}: m");
         assert_eq!(c.windows, (c.planes as u64).div_ceil(c.q) * c.m, "{name}: windows");
@@ -227,7 +272,7 @@ fn fixture_is_self_consistent() {
             assert_eq!(words.len() as u64, c.m, "{name}: seed_planes[{p}] has {} words", words.len());
         }
         if let Some(mask) = &c.keep_mask {
-            assert_eq!(mask.len(), c.n * c.c * c.h * c.w, "{name}: keep_mask has the wrong length");
+            assert_eq!(mask.len(), c.n * c.c * c.d * c.h * c.w, "{name}: keep_mask has the wrong length");
         }
     }
 }
@@ -240,6 +285,16 @@ fn fixture_covers_the_contract_edges() {
     };
     let short_last = |c: &Case| c.window_lens.last().is_some_and(|&l| l < c.window_lens[0]);
     let even_block = |c: &Case| c.kh.min(c.h as u32).is_multiple_of(2) || c.kw.min(c.w as u32).is_multiple_of(2);
+    for rank in 1..=3 {
+        any(&format!("spatial rank {rank} with a keep mask"), &|c| c.rank == rank && c.keep_mask.is_some());
+    }
+    any("a 3D seed grid of more than 64 cells", &|c| c.rank == 3 && c.s > 64);
+    any("a 1D seed grid of one cell", &|c| c.rank == 1 && c.s == 1);
+    any("a centered-right anchor with an even block", &|c| c.anchor == "centered-right" && even_block(c));
+    any("a centered-right anchor with a block past the map", &|c| {
+        c.anchor == "centered-right" && (c.kd as usize > c.d || c.kh as usize > c.h || c.kw as usize > c.w)
+    });
+    any("the per-block gamma rule in 3D", &|c| c.gamma_rule == "per-block" && c.rank == 3);
 
     any("S = 1 with P not a multiple of q = 64", &|c| c.s == 1 && c.q == 64 && !(c.planes as u64).is_multiple_of(c.q));
     any("S < 64, 64 mod S != 0, q = 1", &|c| c.s < 64 && !WINDOW.is_multiple_of(c.s) && c.q == 1);
@@ -304,7 +359,7 @@ fn geometry_and_window_layout_match() {
         let name = c.name();
         let plan = c.plan();
         let g = plan.geometry();
-        assert_eq!((g.seed_h, g.seed_w), (c.seed_h, c.seed_w), "{name}: seed grid (seed_h, seed_w)");
+        assert_eq!((g.seed_d, g.seed_h, g.seed_w), (c.seed_d, c.seed_h, c.seed_w), "{name}: seed grid");
         assert_eq!(plan.planes(), c.planes, "{name}: planes()");
         assert_eq!(plan.windows(), c.windows, "{name}: windows()");
         for (w, &want) in c.window_lens.iter().enumerate() {
@@ -364,14 +419,15 @@ fn keep_masks_match() {
         assert_eq!(got.len(), want.len(), "{name}: keep_mask has {} elements, want {}", got.len(), want.len());
         let differ: Vec<usize> = (0..got.len()).filter(|&k| got[k] != want[k]).collect();
         if let Some(&k) = differ.first() {
-            let plane_len = c.h * c.w;
+            let plane_len = c.d * c.h * c.w;
             let (slice, cell) = (k / plane_len, k % plane_len);
             panic!(
-                "{name}: {} keep-mask elements differ; first at (n {}, c {}, h {}, w {}): crate {}, fixture {}",
+                "{name}: {} keep-mask elements differ; first at (n {}, c {}, d {}, h {}, w {}): crate {}, fixture {}",
                 differ.len(),
                 slice / c.c,
                 slice % c.c,
-                cell / c.w,
+                cell / (c.h * c.w),
+                cell / c.w % c.h,
                 cell % c.w,
                 got[k],
                 want[k]
