@@ -89,8 +89,11 @@ impl Transpose {
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,gfni")]
     fn block(&self, masks: &BlockMasks, (b0, stride, cw): (usize, usize, usize), out: &mut [u64; WORD]) {
         let words = &masks.words;
-        let last = b0 + cw.saturating_sub(1) * stride;
-        if cw == 0 || last / WORD + 1 >= words.len() || last > i64::MAX as usize {
+        // The last row's first bit; the rows before it start lower (the stride is
+        // not negative), so its two words bound every gathered word. Checked, so
+        // that a wrapped sum cannot pass the bound with row 0 outside the masks.
+        let last = cw.checked_sub(1).and_then(|r| r.checked_mul(stride)).and_then(|o| o.checked_add(b0));
+        if !last.is_some_and(|l| l / WORD + 1 < words.len() && l <= i64::MAX as usize) {
             transposed_block(masks, (b0, stride, cw), out);
             return;
         }

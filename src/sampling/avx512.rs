@@ -50,7 +50,9 @@ impl Plan {
         for base in (0..LANES).step_by(16) {
             let width = (LANES - base).min(16);
             let lanes = (u32::MAX >> (32 - width)) as __mmask16;
-            // SAFETY: lanes base..base + width of a LANES-long array.
+            // SAFETY: lanes base..base + width of a LANES-long array; the register's
+            // lanes past the array's end are masked off, and a masked-off lane is
+            // neither read nor able to fault.
             let load = |a: &[u32; LANES]| unsafe { _mm512_maskz_loadu_epi32(lanes, a.as_ptr().add(base).cast()) };
             let len = load(lens);
             let tag = _mm512_slli_epi32::<6>(_mm512_add_epi32(lane, _mm512_set1_epi32(base as i32)));
@@ -83,7 +85,8 @@ impl Plan {
                 from = _mm512_add_epi32(at, one);
             }
             more |= (inside as u32) << base;
-            // SAFETY: lanes base..base + width of a LANES-long array.
+            // SAFETY: lanes base..base + width of a LANES-long array; masked-off
+            // lanes past its end are not written.
             unsafe { _mm512_mask_storeu_epi32(next.as_mut_ptr().add(base).cast(), lanes, from) };
         }
         Some((n, more, next))
