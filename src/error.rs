@@ -176,7 +176,7 @@ pub enum Error {
 
     /// The exact γ rule (or the expected drop fraction) would sum over more
     /// coverage classes than [`crate::sampling::MAX_COVERAGE_CLASSES`]: a block of
-    /// thousands of cells a side.
+    /// about 1000 cells a side in 2D, or 100 in 3D.
     #[error(
         "the exact drop rate sums over {classes} coverage classes for this block and shape, over the limit of {limit}: use GammaRule::Paper, or a smaller block"
     )]

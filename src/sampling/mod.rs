@@ -489,8 +489,10 @@ fn paper_gamma(p: f64, size: [u32; 3], k: [u32; 3]) -> f64 {
 /// Coverage classes (counts of seeds covering a cell, and their combinations over
 /// the axes) that the exact drop fraction sums over, at most: 16 MiB of terms and
 /// a few milliseconds an evaluation. Real blocks come nowhere near it (a 64 x 64
-/// block has 65^2 classes); a block of thousands of cells a side would make every
-/// call's host plan take seconds, and is refused instead.
+/// block has at most 65^2 classes, a 7 x 7 x 7 one 8^3). The product of the axes'
+/// classes reaches it at blocks of about 1000 a side in 2D and 100 a side in 3D
+/// (Valid placement; about twice that Anywhere), whose host plan would take
+/// seconds a call, and which are refused instead.
 pub const MAX_COVERAGE_CLASSES: u64 = 1 << 20;
 
 /// For each count m, how many positions along one axis of the map are covered by

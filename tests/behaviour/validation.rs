@@ -165,23 +165,26 @@ fn sampling_too_large_a_shape_is_a_typed_error() {
 }
 
 /// The exact γ rule sums over the coverage classes of the block and shape; a
-/// block of thousands of cells a side is refused with a typed error before
-/// anything that size is allocated (a block of 2^32 - 1 cells asked for a 32 GiB
-/// histogram and aborted), while one just under the limit still plans.
+/// block of over about 1000 cells a side in 2D is refused with a typed error
+/// before anything that size is allocated (a block of 2^32 - 1 cells asked for a
+/// 32 GiB histogram and aborted), while one at the limit still plans. With Valid
+/// placement, a block of `k` on `2k - 1` cells gives each axis the classes 1..=k.
 #[test]
 fn exact_rate_with_too_large_a_block_is_a_typed_error() {
     use dropblock::config::{GammaRule, Placement};
     use dropblock::sampling::{expected_drop_fraction, Plan, MAX_COVERAGE_CLASSES};
-    let exact = |block: Block| {
-        DropBlockConfig::builder(block, 0.1).placement(Placement::Anywhere).gamma_rule(GammaRule::ExactRate).build()
+    let exact = |block: Block, placement| {
+        DropBlockConfig::builder(block, 0.1).placement(placement).gamma_rule(GammaRule::ExactRate).build()
     };
     let key = RngKey::new(0, 0).unwrap();
     let huge = u32::MAX as usize;
     for (cfg, shape) in [
-        // One axis: 2^32 classes.
-        (exact(Block::uniform(u32::MAX).unwrap()).unwrap(), Shape::new_1d(1, 1, huge).unwrap()),
-        // Two axes of 2049 classes each: 2049^2 > 2^20.
-        (exact(Block::uniform(2048).unwrap()).unwrap(), Shape::new(1, 1, 2048, 2048).unwrap()),
+        // One axis: a histogram of 2^32 entries.
+        (exact(Block::uniform(u32::MAX).unwrap(), Placement::Anywhere).unwrap(), Shape::new_1d(1, 1, huge).unwrap()),
+        // Two axes of 1025 classes each: 1025^2, just past 2^20.
+        (exact(Block::uniform(1025).unwrap(), Placement::Valid).unwrap(), Shape::new(1, 1, 2049, 2049).unwrap()),
+        // Three axes of 102 classes: 102^3 > 2^20, a 3D block of 102 a side.
+        (exact(Block::uniform(102).unwrap(), Placement::Valid).unwrap(), Shape::new_3d(1, 1, 203, 203, 203).unwrap()),
     ] {
         let err = Plan::new(&cfg, shape, key).unwrap_err();
         assert!(matches!(err, Error::TooManyCoverageClasses { limit: MAX_COVERAGE_CLASSES, .. }), "{shape}: {err}");
@@ -193,9 +196,9 @@ fn exact_rate_with_too_large_a_block_is_a_typed_error() {
         let err = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap_err();
         assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "{shape}: {err}");
     }
-    // 1023 + 1 classes on each of two axes: 2^20, the limit itself.
-    let cfg = exact(Block::uniform(1023).unwrap()).unwrap();
-    let plan = Plan::new(&cfg, Shape::new(1, 1, 1023, 1023).unwrap(), key).unwrap();
+    // 1024 classes on each of two axes: 2^20, the limit itself.
+    let cfg = exact(Block::uniform(1024).unwrap(), Placement::Valid).unwrap();
+    let plan = Plan::new(&cfg, Shape::new(1, 1, 2047, 2047).unwrap(), key).unwrap();
     let fraction = expected_drop_fraction(plan.gamma(), plan.geometry()).unwrap();
     assert!((fraction - 0.1).abs() < 1e-9, "{fraction}");
 }
