@@ -350,8 +350,10 @@ pub fn simd_forms() -> Vec<&'static str> {
 /// is too large ([`Plan::new`]), and when the host cannot hold the masks (one bit
 /// per mask cell).
 pub fn sample(cfg: &DropBlockConfig, shape: Shape, key: RngKey, mode: Mode) -> Result<Saved> {
-    let sampled = sample_shard(cfg, &Shard::whole(shape), key, mode)?;
-    let counts = sampled.counts.clone();
+    let mut sampled = sample_shard(cfg, &Shard::whole(shape), key, mode)?;
+    // The whole tensor's counts are the global ones: moved out, not copied (8 bytes
+    // a sample).
+    let counts = std::mem::replace(&mut sampled.counts, ShardCounts(Vec::new()));
     sampled.finish(&counts)
 }
 
