@@ -246,7 +246,7 @@ impl From<cudarc::driver::DriverError> for Error {
 
 /// `len` values from `fill(i)`, in memory reserved first: a typed error
 /// ([`Error::HostAllocation`]), not an abort, where the host cannot hold them.
-pub(crate) fn host_vec<T>(len: usize, fill: impl FnMut(usize) -> T) -> Result<Vec<T>> {
+pub fn host_vec<T>(len: usize, fill: impl FnMut(usize) -> T) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|_| Error::HostAllocation { bytes: (len as u64).saturating_mul(size_of::<T>() as u64) })?;

@@ -164,6 +164,9 @@ pub use config::{
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+// The command line's buffers take the same fallible allocation as the crate's own.
+#[doc(hidden)]
+pub use error::host_vec;
 pub use rng::{Generator, RngKey};
 pub use schedule::{tpu_group_keep_prob, LinearSchedule};
 pub use shard::{Shard, ShardCounts};

@@ -54,7 +54,7 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
     let shape = a.shape.shape()?.with_layout(a.layout);
     a.config.key()?; // the offset given, checked as given
-    let mut gen = Keys(Generator::from_state(a.config.seed, a.config.offset), a.config.offset, 0);
+    let mut gen = Keys { gen: Generator::from_state(a.config.seed, a.config.offset), first: a.config.offset, calls: 0 };
     let iters = a.iters as usize;
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
@@ -95,21 +95,25 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A fresh key a call, as training draws them: `(generator, first offset, calls)`.
-struct Keys(Generator, u64, u64);
+/// A fresh key a call, as training draws them, from `--offset` (`first`).
+struct Keys {
+    gen: Generator,
+    first: u64,
+    calls: u64,
+}
 
 impl Keys {
     /// The next call's key; past the last offset, an error that says why a valid
     /// `--offset` ran out (the warm-up's calls count too).
     fn next_key(&mut self) -> Result<dropblock::RngKey, CliError> {
-        let Keys(gen, first, calls) = self;
-        *calls += 1;
-        gen.next_key().map_err(|_| {
+        let key = self.gen.next_key().map_err(|_| {
             CliError::Usage(format!(
-                "bench draws a fresh key a call, 17 counter blocks apart: --offset {first} ran out of offsets after {} calls (warm-up included); give a smaller --offset",
-                *calls - 1
+                "bench draws a fresh key a call, 17 counter blocks apart: --offset {} ran out of offsets after {} calls (warm-up included); give a smaller --offset",
+                self.first, self.calls
             ))
-        })
+        })?;
+        self.calls += 1;
+        Ok(key)
     }
 }
 
@@ -134,7 +138,7 @@ fn timed(iters: usize, mut one: impl FnMut() -> Result<f64, CliError>) -> Result
 
 /// A deterministic input: values -8..8.
 fn input<T: CliElement>(len: usize) -> Result<Vec<T>, CliError> {
-    super::host_vec(len, |i| T::from_f32((i % 17) as f32 - 8.0))
+    Ok(super::host_vec(len, |i| T::from_f32((i % 17) as f32 - 8.0))?)
 }
 
 /// CUDA-event times per iteration (see `CudaTimer`).

@@ -160,14 +160,7 @@ impl Output {
 
 /// `len` elements from `fill(i)`, in memory reserved first: a typed error, not an
 /// abort, when a shape from the command line is more than the host can hold.
-pub fn host_vec<T>(len: usize, fill: impl FnMut(usize) -> T) -> Result<Vec<T>, CliError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| dropblock::Error::HostAllocation {
-        bytes: (len as u64).saturating_mul(std::mem::size_of::<T>() as u64),
-    })?;
-    v.extend((0..len).map(fill));
-    Ok(v)
-}
+pub use dropblock::host_vec;
 
 /// Whether two paths name the same file, whether or not it exists yet.
 pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

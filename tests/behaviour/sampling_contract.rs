@@ -85,29 +85,16 @@ impl Case {
         [self.kd, self.kh, self.kw][3 - self.rank..].to_vec()
     }
 
+    /// A choice by the name the fixture and the crate both spell it (`FromStr`).
+    fn choice<T: std::str::FromStr<Err = String>>(&self, name: &str) -> T {
+        name.parse().unwrap_or_else(|e| panic!("{}: {e}", self.name()))
+    }
+
     fn config(&self) -> DropBlockConfig {
-        let placement = match self.placement.as_str() {
-            "valid" => Placement::Valid,
-            "anywhere" => Placement::Anywhere,
-            other => panic!("{}: unknown placement {other:?}", self.name()),
-        };
-        let sharing = match self.sharing.as_str() {
-            "none" => Sharing::None,
-            "channels" => Sharing::Channels,
-            "batch" => Sharing::Batch,
-            "all" => Sharing::All,
-            other => panic!("{}: unknown sharing {other:?}", self.name()),
-        };
-        let anchor = match self.anchor.as_str() {
-            "centered" => Anchor::Centered,
-            "centered-right" => Anchor::CenteredRight,
-            other => panic!("{}: unknown anchor {other:?}", self.name()),
-        };
-        let gamma_rule = match self.gamma_rule.as_str() {
-            "paper" => GammaRule::Paper,
-            "per-block" => GammaRule::PerBlock,
-            other => panic!("{}: unknown gamma rule {other:?}", self.name()),
-        };
+        let placement: Placement = self.choice(&self.placement);
+        let sharing: Sharing = self.choice(&self.sharing);
+        let anchor: Anchor = self.choice(&self.anchor);
+        let gamma_rule: GammaRule = self.choice(&self.gamma_rule);
         let block = Block::from_sizes(&self.block_sizes())
             .unwrap_or_else(|e| panic!("{}: Block::from_sizes: {e}", self.name()));
         DropBlockConfig::builder(block, self.drop_prob)
