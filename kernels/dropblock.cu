@@ -477,19 +477,43 @@ dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned lo
 
 // The scales of a shard from the counts summed over every shard: the same f64
 // division, rounded to f32, on every shard (count_scale). One scale, or one per
-// local sample under PerSample.
+// local sample under PerSample. One block: it first checks the counts as
+// ShardCounts::check does on the host (no sample keeps more than its C·L
+// elements, the total is the samples' sum). The device cannot return an error
+// without a host sync, so counts no shards could give (a faulty reduction,
+// another shape's counts) make every scale NaN: y then says so, where a finite
+// scale from them would be wrong without a sign.
 extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
-    const uint64_t t = global_thread();
+    __shared__ unsigned long long block_sum;
+    __shared__ unsigned impossible;
+    if (threadIdx.x == 0) block_sum = 0, impossible = 0;
+    __syncthreads();
+    const uint64_t samples = sh.global_numel / sh.global_sample;
+    // Each entry is checked before it is summed, so a sum of valid entries is at
+    // most N·C·L and cannot wrap.
+    uint64_t sum = 0;
+    bool bad = false;
+    for (uint64_t n = threadIdx.x; n < samples; n += blockDim.x) {
+        const uint64_t kept = counts[1 + n];
+        bad |= kept > sh.global_sample;
+        sum += kept;
+    }
+    sum = warp_sum(sum);
+    if (bad) atomicOr(&impossible, 1u);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&block_sum, (unsigned long long)sum);
+    __syncthreads();
+    const bool valid = !impossible && block_sum == counts[0];
+    const float nan = __int_as_float(0x7fc00000);
     switch (a.normalize) {
         case DROPBLOCK_NORM_GLOBAL:
-            if (t == 0) scales[0] = count_scale(sh.global_numel, counts[0]);
+            if (threadIdx.x == 0) scales[0] = valid ? count_scale(sh.global_numel, counts[0]) : nan;
             break;
         case DROPBLOCK_NORM_PER_SAMPLE:
-            for (uint64_t n = t; n < sh.n; n += threads_in_grid())
-                scales[n] = count_scale(sh.global_sample, counts[1 + sh.n0 + n]);
+            for (uint64_t n = threadIdx.x; n < sh.n; n += blockDim.x)
+                scales[n] = valid ? count_scale(sh.global_sample, counts[1 + sh.n0 + n]) : nan;
             break;
         default:
-            if (t == 0) scales[0] = a.fixed_scale;
+            if (threadIdx.x == 0) scales[0] = valid ? a.fixed_scale : nan;
     }
 }

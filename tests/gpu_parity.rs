@@ -642,6 +642,19 @@ mod gpu {
         let xd = s.clone_htod(&xs).unwrap();
         d.apply(s, &state, &xd, &mut yd).unwrap();
         assert_eq!(s.clone_dtoh(&yd).unwrap(), xs);
+        // Counts no shards could give: every scale NaN (the device cannot return
+        // the CPU's ImpossibleShardCounts without a sync).
+        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Train).unwrap();
+        let good = s.clone_dtoh(&c).unwrap();
+        for bad in [vec![good[0] + 1, good[1], good[2], good[3], good[4]], vec![2 * per + 1, 0, 0, per + 1, per]] {
+            assert!(dropblock::ShardCounts::from_entries(global, bad.clone()).is_err(), "{bad:?}");
+            let bad_d = s.clone_htod(&bad).unwrap();
+            d.finish_shard(s, &mut state, &bad_d).unwrap();
+            let scales = state.scales(s).unwrap();
+            assert!(scales.iter().all(|v| v.is_nan()), "impossible counts {bad:?} gave the scales {scales:?}");
+        }
+        d.finish_shard(s, &mut state, &c).unwrap();
+        assert!(state.scales(s).unwrap().iter().all(|v| v.is_finite()));
         let mut short = s.alloc_zeros::<u64>(4).unwrap();
         let err = d.sample_shard(s, &mut state, &mut short, &cfg, &shard, key, Mode::Train).unwrap_err();
         assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 }));

@@ -36,7 +36,9 @@ mod emulation {
         apply_op, channels_last_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS, CHANNELS_LAST_OPS,
     };
     use dropblock::sampling::Plan;
-    use dropblock::{abi, cpu, DropBlockConfig, Fill, Layout, Mode, Normalize, RngKey, Shape, Sharing};
+    use dropblock::{
+        abi, cpu, DropBlockConfig, Error, Fill, Layout, Mode, Normalize, RngKey, Shape, ShardCounts, Sharing,
+    };
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -392,7 +394,7 @@ mod emulation {
     /// bit (and those reassemble the unsharded call: tests/behaviour/shards.rs).
     fn run_shard_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (mut small, mut large, mut noise) = (0, 0, 0);
+        let (mut small, mut large, mut noise, mut tampered) = (0, 0, 0, 0);
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -421,24 +423,39 @@ mod emulation {
                 shards.iter().map(|s| cpu::sample_shard(&cfg, s, key, Mode::Train).unwrap()).collect();
             let mut summed = sampled[0].counts().clone();
             sampled[1..].iter().for_each(|s| summed.add(s.counts()).unwrap());
+            // Every third case, the first shard also gets counts no shards could
+            // give: a sample keeping one more than its elements, or a total off by
+            // one from the samples' sum.
+            let impossible = (case % 3 == 0).then(|| {
+                let mut bad = summed.entries().to_vec();
+                match case % 2 {
+                    0 => bad[1] = (global.c() * global.plane_len()) as u64 + 1,
+                    _ => bad[0] += 1,
+                }
+                if case % 2 == 0 {
+                    bad[0] = bad[1..].iter().sum();
+                }
+                bad
+            });
             for (i, (shard, sample)) in shards.iter().zip(sampled).enumerate() {
                 let tag = format!("case {case}: {cfg} on {global}, shard {:?} + {}", shard.offset(), shard.local());
-                check_shard::<T>(
-                    driver,
-                    dtype,
-                    &mut rng,
-                    &cfg,
-                    &plan,
-                    shard,
-                    sample,
-                    &summed,
-                    7 * case as u64 + i as u64,
-                )
-                .map_err(|e| Failed::from(format!("{tag}: {e}")))?;
+                let mut run = |sample, impossible| {
+                    let seed = 7 * case as u64 + i as u64;
+                    check_shard::<T>(driver, dtype, &mut rng, &cfg, &plan, shard, sample, &summed, impossible, seed)
+                        .map_err(|e| Failed::from(format!("{tag}: {e}")))
+                };
+                if let (0, Some(bad)) = (i, &impossible) {
+                    run(sample.clone(), Some(bad.clone()))?;
+                    tampered += 1;
+                }
+                run(sample, None)?;
             }
         }
-        if small == 0 || large == 0 || noise < 3 {
-            let what = format!("{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill");
+        if small == 0 || large == 0 || noise < 3 || tampered < 12 {
+            let what = format!(
+                "{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill, \
+                 {tampered} of impossible counts"
+            );
             return Err(format!("{what}: widen the cases").into());
         }
         Ok(())
@@ -454,6 +471,7 @@ mod emulation {
         shard: &dropblock::Shard,
         sample: cpu::ShardSample,
         summed: &dropblock::ShardCounts,
+        impossible: Option<Vec<u64>>,
         seed: u64,
     ) -> Result<(), String> {
         let local = shard.local();
@@ -470,25 +488,46 @@ mod emulation {
             apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
         }
         let op = apply_op::<T>(true, &apply_g, &apply);
-        let mut req = Vec::new();
-        let flags = [dtype, 2, op as u32, rng.random_range(1..=3), rng.random_range(1..=2), 0, 0, 0, 1];
-        let (channels_last, fill) = (local.layout() == Layout::ChannelsLast, cfg.fill() == Fill::Noise);
-        for v in flags.into_iter().chain([channels_last as u32, fill as u32, 1]) {
-            req.extend_from_slice(&v.to_le_bytes());
+        let blocks = [rng.random_range(1..=3), rng.random_range(1..=2)];
+        let request = |summed: &[u64]| {
+            let mut req = Vec::new();
+            let flags = [dtype, 2, op as u32, blocks[0], blocks[1], 0, 0, 0, 1];
+            let (channels_last, fill) = (local.layout() == Layout::ChannelsLast, cfg.fill() == Fill::Noise);
+            for v in flags.into_iter().chain([channels_last as u32, fill as u32, 1]) {
+                req.extend_from_slice(&v.to_le_bytes());
+            }
+            req.extend_from_slice(bytes_of(plan.geometry()));
+            req.extend_from_slice(bytes_of(&abi::DropBlockTiles::default()));
+            req.extend_from_slice(bytes_of(plan.sampling()));
+            req.extend_from_slice(bytes_of(&apply));
+            req.extend_from_slice(bytes_of(&sh));
+            req.extend_from_slice(bytes_of(&local_g));
+            for v in summed {
+                req.extend_from_slice(&v.to_le_bytes());
+            }
+            for v in &x {
+                req.extend_from_slice(bytes_of(v));
+            }
+            req
+        };
+        if let Some(bad) = impossible {
+            // Counts no shards could give: the CPU refuses them, and finish_shard's
+            // kernel, which cannot return an error, makes every scale NaN.
+            let global = shard.global();
+            if !matches!(ShardCounts::from_entries(global, bad.clone()), Err(Error::ImpossibleShardCounts(_))) {
+                return Err(format!("the CPU took the impossible counts {bad:?}"));
+            }
+            let resp = call_driver(driver, &request(&bad))?;
+            let mut buf = &resp[..];
+            let _: (Vec<u32>, Vec<u64>) = (take(&mut buf, n.div_ceil(32)), take(&mut buf, bad.len()));
+            let scales: Vec<f32> = take(&mut buf, local.n());
+            let k = saved.scales().len();
+            if !scales[..k].iter().all(|s| s.is_nan()) {
+                return Err(format!("impossible counts {bad:?} gave the scales {:?}", &scales[..k]));
+            }
+            return Ok(());
         }
-        req.extend_from_slice(bytes_of(plan.geometry()));
-        req.extend_from_slice(bytes_of(&abi::DropBlockTiles::default()));
-        req.extend_from_slice(bytes_of(plan.sampling()));
-        req.extend_from_slice(bytes_of(&apply));
-        req.extend_from_slice(bytes_of(&sh));
-        req.extend_from_slice(bytes_of(&local_g));
-        for v in summed.entries() {
-            req.extend_from_slice(&v.to_le_bytes());
-        }
-        for v in &x {
-            req.extend_from_slice(bytes_of(v));
-        }
-        let resp = call_driver(driver, &req)?;
+        let resp = call_driver(driver, &request(summed.entries()))?;
         let mut buf = &resp[..];
         let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
         let counts: Vec<u64> = take(&mut buf, summed.entries().len());

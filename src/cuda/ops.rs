@@ -612,6 +612,12 @@ impl DropBlockCuda {
     /// [`Self::sample_shard`] from `counts` summed over every shard (the same f64
     /// division rounded to f32 on every shard). Then [`Self::apply`] and
     /// [`Self::backward`] run as after any forward.
+    ///
+    /// The kernel checks the counts as [`ShardCounts::check`](crate::ShardCounts::check)
+    /// does, but cannot return an error without a host sync: counts no shards could
+    /// give (a sample keeping more than its `C·L` elements, or a total other than
+    /// the samples' sum: a faulty reduction, another shape's counts) make every
+    /// scale NaN, so the kept elements of `y` are NaN rather than wrongly scaled.
     pub fn finish_shard(
         &self,
         stream: &Arc<CudaStream>,
@@ -635,8 +641,10 @@ impl DropBlockCuda {
         let k = self.kernel("shard_scales", "")?;
         let mut b = stream.launch_builder(&k.function);
         b.arg(&sh).arg(&launch.apply).arg(&cp).arg(&state.ptrs.scales);
+        // One block, which checks the counts before it divides (NaN scales when no
+        // shards could give them: the kernel's comment).
         // SAFETY: argument types match the kernel; the state holds N scales.
-        unsafe { b.launch(self.launch_config(k, (sh.n as u64).div_ceil(THREADS as u64))) }?;
+        unsafe { b.launch(self.launch_config(k, 1)) }?;
         if let Some(Call { shard: Some((_, finished)), .. }) = state.call.as_mut() {
             *finished = true;
         }

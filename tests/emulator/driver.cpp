@@ -121,7 +121,7 @@ int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* a
                     keep.data());
         apply_g.sharing = DROPBLOCK_SHARE_NONE;
     }
-    emu::launch(dropblock_shard_scales, r.apply_blocks, 256, sh, a, (const unsigned long long*)summed.data(),
+    emu::launch(dropblock_shard_scales, 1, 256, sh, a, (const unsigned long long*)summed.data(),
                 scales.data());
     if (r.fill) {
         emu::launch(fill_k, r.apply_blocks, 256, local, a, r.g, sh, r.s, r.channels_last, (const T*)x.data(), y.data(),
