@@ -12,7 +12,7 @@ use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{host_vec, Error, Result};
-use crate::mask::{transpose_cells, BlockMasks, SampleCells};
+use crate::mask::{transpose_cells, BitOrder, BlockMasks, SampleCells};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
@@ -33,13 +33,7 @@ enum State {
     Identity,
     Masked {
         plan: Box<Plan>,
-        /// The planes' dropped bits, in either layout: a channels-last pass
-        /// transposes them a region at a time (`Saved::with_region_bits`)...
-        masks: BlockMasks,
-        /// ...unless C < 64 (`EACH_REGION_CHANNELS`): then they are transposed once,
-        /// here, into the tensor's own order (bit `e` for element `e`), which the
-        /// passes read as flat bits.
-        channels_last: Option<BlockMasks>,
+        bits: Bits,
         kept: u64,
         per_sample: bool,
         /// One scale, or one per sample under PerSample normalisation.
@@ -110,7 +104,11 @@ impl Saved {
         }
         Ok(match &self.state {
             State::Identity => true,
-            State::Masked { plan, masks, .. } => !masks.is_dropped(self.plane_of(plan, index[0], index[1]), cell),
+            State::Masked { plan, bits: Bits::Planes(masks), .. } => {
+                !masks.is_dropped(self.plane_of(plan, index[0], index[1]), cell)
+            }
+            // A sample is one plane of C·L bits in the tensor's order.
+            State::Masked { bits: Bits::Tensor(bits), .. } => !bits.is_dropped(index[0], cell * dims[1] + index[1]),
         })
     }
 
@@ -238,7 +236,9 @@ impl Saved {
     /// bit 0: on the stack for regions of up to CHUNK elements (C up to 512), so the
     /// passes allocate nothing per region.
     fn with_region_bits<R>(&self, n: usize, cell0: usize, len: usize, f: impl FnOnce(&[u64]) -> R) -> R {
-        let State::Masked { plan, masks, .. } = &self.state else { unreachable!("identity calls copy instead") };
+        let State::Masked { plan, bits: Bits::Planes(masks), .. } = &self.state else {
+            unreachable!("only planes' bits are transposed a region at a time")
+        };
         let (c, sharing) = (self.shape.c(), plan.geometry().sharing);
         let plane_of = |n, ch| self.shard.local_plane(sharing, n, ch);
         let words = len.div_ceil(64);
@@ -254,22 +254,21 @@ impl Saved {
     }
 
     /// Whether the element passes transpose the planes' bits a region at a time
-    /// (channels-last, C of at least `EACH_REGION_CHANNELS`).
+    /// (channels-last whose sampling left them in the planes' order).
     fn by_region(&self) -> bool {
-        self.shape.layout() == Layout::ChannelsLast && !self.channels_last_bits()
+        self.shape.layout() == Layout::ChannelsLast && !self.tensor_order()
     }
 
-    /// Whether the sampling transposed the bits into the tensor's order.
-    fn channels_last_bits(&self) -> bool {
-        matches!(self.state, State::Masked { channels_last: Some(_), .. })
+    /// Whether the sampling left the bits in the tensor's order.
+    fn tensor_order(&self) -> bool {
+        matches!(self.state, State::Masked { bits: Bits::Tensor(_), .. })
     }
 
-    /// The bits a channels-first or a few-channel channels-last pass reads: the
-    /// planes', or their transpose into the tensor's order.
+    /// The bits a pass reads without transposing them: the planes' of a
+    /// channels-first shape, or a channels-last one's in its own order.
     fn element_bits(&self) -> &BlockMasks {
         match &self.state {
-            State::Masked { channels_last: Some(bits), .. } => bits,
-            State::Masked { masks, .. } => masks,
+            State::Masked { bits: Bits::Planes(bits) | Bits::Tensor(bits), .. } => bits,
             State::Identity => unreachable!("identity calls copy instead"),
         }
     }
@@ -306,7 +305,7 @@ impl Saved {
             unreachable!("identity calls copy instead")
         };
         let (c, l) = (self.shape.c(), self.shape.plane_len());
-        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || self.channels_last_bits();
+        let flat = plan.geometry().sharing == abi::DROPBLOCK_SHARE_NONE || self.tensor_order();
         let mut j = 0;
         while j < len {
             let e = e0 + j;
@@ -329,11 +328,51 @@ impl Saved {
 /// the task, a multiple of 64 so that tasks start on a mask word without sharing.
 const CHUNK: usize = 1 << 15;
 
-/// Channels from which a channels-last pass transposes the planes' bits a region at
-/// a time instead of reading bits transposed once by the sampling: a 64 x 64
-/// transpose then serves 64 channels (at C = 3 it would serve 3, and backward
-/// took 2.6x channels-first's time, 2026-11-30).
+/// The dropped bits of a call.
+#[derive(Debug, Clone)]
+enum Bits {
+    /// The planes' (bit `plane · L + cell`): every channels-first call, and
+    /// channels-last ones whose passes transpose them a region at a time
+    /// (`Saved::with_region_bits`).
+    Planes(BlockMasks),
+    /// A channels-last tensor's own order (bit `e` for element `e`), which the
+    /// passes read as flat bits (`channels_last_order`).
+    Tensor(BlockMasks),
+}
+
+/// Channels under which a channels-last mask is transposed once, after the
+/// sampling, into the tensor's order: a pass transposing a region at a time would
+/// repeat a 64 x 64 transpose for a handful of channels (at C = 3 backward took
+/// 2.6x channels-first's time, 2026-11-30).
 const EACH_REGION_CHANNELS: usize = 64;
+
+/// Where a channels-last call's bits are put in the tensor's order:
+/// - C a multiple of 64 without sharing, and samples for two tiles a thread: by
+///   each tile of the sampling while in cache ([`BitOrder::ChannelsLast`]), so that
+///   forward and backward both read flat bits (backward had been 1.1–1.2x
+///   channels-first's time with its own transposes; 2026-12-01);
+/// - fewer than `EACH_REGION_CHANNELS` channels: once after the sampling, whatever
+///   the sharing (`BlockMasks::channels_last`);
+/// - otherwise nowhere: the passes transpose the planes' bits a region at a time.
+///   With sharing the tensor's order would repeat a plane's bits C (or N) times,
+///   and a sample too large for two tiles a thread would leave cores idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChannelsLastOrder {
+    InTiles,
+    AfterSampling,
+    ByRegion,
+}
+
+fn channels_last_order(shape: Shape, sharing: u32) -> ChannelsLastOrder {
+    let (n, c) = (shape.n(), shape.c());
+    if c.is_multiple_of(64) && sharing == abi::DROPBLOCK_SHARE_NONE && n >= 2 * rayon::current_num_threads() {
+        ChannelsLastOrder::InTiles
+    } else if c < EACH_REGION_CHANNELS {
+        ChannelsLastOrder::AfterSampling
+    } else {
+        ChannelsLastOrder::ByRegion
+    }
+}
 
 /// The SIMD forms the CPU path runs in this process, as the CPU's features, the
 /// toolchain it was built with (the AVX-512 forms need Rust 1.89) and
@@ -386,7 +425,15 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     };
     // The masks first: a shape too large for the host fails there, before its
     // counts (8 bytes a sample) are filled.
-    let (masks, dropped) = BlockMasks::build(&plan, shard, group_planes)?;
+    let order = match shape.layout() {
+        Layout::ChannelsFirst => ChannelsLastOrder::ByRegion,
+        Layout::ChannelsLast => channels_last_order(shape, sharing),
+    };
+    let bit_order = match order {
+        ChannelsLastOrder::InTiles => BitOrder::ChannelsLast { c },
+        _ => BitOrder::Planes,
+    };
+    let (masks, dropped) = BlockMasks::build(&plan, shard, group_planes, bit_order)?;
     let mut counts = zeroed_counts()?;
     // Kept elements of local sample n. N is up to 2^32: the counts are reserved
     // above, not assumed to fit.
@@ -402,16 +449,17 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     }
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
-    let channels_last = match shape.layout() {
-        Layout::ChannelsLast if c < EACH_REGION_CHANNELS => {
-            Some(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
+    let bits = match (shape.layout(), order) {
+        (Layout::ChannelsFirst, _) | (_, ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
+        (_, ChannelsLastOrder::InTiles) => Bits::Tensor(masks),
+        (_, ChannelsLastOrder::AfterSampling) => {
+            Bits::Tensor(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
         }
-        _ => None,
     };
     let noise = cfg.fill() == Fill::Noise;
     let per_sample = cfg.normalize() == Normalize::PerSample;
     let plan = Box::new(plan);
-    let state = State::Masked { plan, masks, channels_last, kept, per_sample, scales: Vec::new(), noise };
+    let state = State::Masked { plan, bits, kept, per_sample, scales: Vec::new(), noise };
     let saved = Saved { shape, shard: *shard, state };
     Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: cfg.drop_prob() })
 }

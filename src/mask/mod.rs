@@ -5,6 +5,8 @@
 //! stands for one cell of one plane, so they take one bit per mask cell whatever
 //! the plane size. They are built in parallel over tiles of whole planes, each
 //! tile holding whole windows (a multiple of `q` planes) and starting on a word.
+//! A channels-last tensor's bits can instead be left in its own order
+//! ([`BitOrder::ChannelsLast`]).
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,15 +44,28 @@ pub(crate) struct BlockMasks {
     words: Vec<u64>,
 }
 
+/// The order in which [`BlockMasks::build`] leaves the bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BitOrder {
+    /// Bit `plane · L + cell`.
+    Planes,
+    /// A channels-last tensor's own order, bit `(n·L + cell)·C + ch`, for a local
+    /// shape of `c` channels, a multiple of 64, without sharing: a plane per slice,
+    /// so as many bits as the planes' and a sample's in the same words. Each tile,
+    /// of whole samples, is built in the planes' order in a scratch and transposed
+    /// into the masks while it is in cache, once for every pass that reads it.
+    ChannelsLast { c: usize },
+}
+
 impl BlockMasks {
     /// Samples the seeds that reach into `shard` and grows them into its planes'
-    /// blocks, clipped to the shard (parallel over tiles of local planes). For the
-    /// whole tensor that is every seed of every plane.
+    /// blocks, clipped to the shard (parallel over tiles of local planes), leaving
+    /// the bits in `order`. For the whole tensor that is every seed of every plane.
     ///
     /// Also returns the dropped cells of each group of `group_planes` consecutive
     /// local planes (the last group may be short), counted by each tile while its
     /// bits are still in its core's cache: no second pass over the masks.
-    pub(crate) fn build(plan: &Plan, shard: &Shard, group_planes: usize) -> Result<(Self, Vec<u64>)> {
+    pub(crate) fn build(plan: &Plan, shard: &Shard, group_planes: usize, order: BitOrder) -> Result<(Self, Vec<u64>)> {
         let g = plan.geometry();
         let plane_len = shard.local().plane_len();
         let planes = shard.local_planes(g.sharing);
@@ -61,25 +76,57 @@ impl BlockMasks {
         words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
         let group_planes = group_planes.max(1);
         let dropped: Vec<AtomicU64> = (0..planes.div_ceil(group_planes)).map(|_| AtomicU64::new(0)).collect();
-        let tile = tile_planes(g.planes_per_window as usize, planes, plane_len, rayon::current_num_threads());
+        let threads = rayon::current_num_threads();
+        let tile = match order {
+            BitOrder::Planes => tile_planes(g.planes_per_window as usize, planes, plane_len, threads),
+            BitOrder::ChannelsLast { c } => {
+                debug_assert!(c.is_multiple_of(WORD) && g.sharing == abi::DROPBLOCK_SHARE_NONE);
+                // Eight tiles a thread or more where there are samples for them: a
+                // tile is whole samples, coarser than the planes' order's tiles.
+                let (by_size, by_threads) = (TILE_BITS / (c * plane_len), (planes / c).div_ceil(8 * threads.max(1)));
+                c * by_size.min(by_threads).max(1)
+            }
+        };
         let tile_words = tile * plane_len / WORD;
-        words.spare_capacity_mut()[..len].par_chunks_mut(tile_words).enumerate().for_each(|(t, out)| {
+        let chunks = words.spare_capacity_mut()[..len].par_chunks_mut(tile_words).enumerate();
+        chunks.for_each_init(Vec::new, |scratch, (t, out)| {
             // Zeroed here, by the core that builds the tile, rather than up front by
             // one thread (a serial memset, and the first touch of fresh pages).
             let out = zeroed(out);
             let planes = t * tile..((t + 1) * tile).min(planes);
-            build_tile(plan, shard, &seed_box, planes.clone(), plane_len, out);
+            let built = match order {
+                BitOrder::Planes => &mut *out,
+                BitOrder::ChannelsLast { .. } => {
+                    scratch.clear();
+                    scratch.resize(out.len(), 0u64);
+                    &mut scratch[..]
+                }
+            };
+            build_tile(plan, shard, &seed_box, planes.clone(), plane_len, built);
             // The tile starts on a word: its local bit 0 is bit `planes.start · L`.
             let groups = planes.start / group_planes..(planes.end - 1) / group_planes + 1;
             for (sum, group) in dropped[groups.clone()].iter().zip(groups) {
                 let lo = (group * group_planes).max(planes.start) - planes.start;
                 let hi = ((group + 1) * group_planes).min(planes.end) - planes.start;
-                sum.fetch_add(count_range(out, lo * plane_len, hi * plane_len), Ordering::Relaxed);
+                sum.fetch_add(count_range(built, lo * plane_len, hi * plane_len), Ordering::Relaxed);
+            }
+            if let BitOrder::ChannelsLast { c } = order {
+                let tile = Self { plane_len, words: std::mem::take(scratch) };
+                for s in 0..planes.len() / c {
+                    let cells = SampleCells { first: s * c, step: 1, cells: 0..plane_len, c };
+                    transpose_cells(&tile, &cells, out, s * c * plane_len);
+                }
+                *scratch = tile.words;
             }
         });
         // SAFETY: the tiles cover words [0, len) (chunks of the first `len` spare
         // words) and `zeroed` wrote every word of each.
         unsafe { words.set_len(len) };
+        // Tensor-order bits read as one plane a sample, as `channels_last`'s.
+        let plane_len = match order {
+            BitOrder::Planes => plane_len,
+            BitOrder::ChannelsLast { c } => c * plane_len,
+        };
         Ok((Self { plane_len, words }, dropped.into_iter().map(AtomicU64::into_inner).collect()))
     }
 

@@ -1,27 +1,34 @@
 //! Channels-last tensors (NLC, NHWC, NDHWC) give exactly the channels-first result
 //! of the same logical tensor, transposed: y, the keep mask and dx, bit for bit, in
-//! every rank, mode, sharing and dtype, in place and out of place.
+//! every rank, mode, sharing and dtype, in place and out of place, and whichever
+//! way the bits reach the tensor's order (by the sampling's tiles, once after the
+//! sampling, or a region at a time by the passes; the choice depends on the
+//! channels, the sharing and the samples per thread, so each case runs on a pool of
+//! its own size).
 
 use crate::common;
 
-use dropblock::{cpu, Element, Layout, Mode, RngKey, Shape};
+use dropblock::{cpu, DropBlockConfig, Element, Layout, Mode, RngKey, Shape, Sharing};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::to_channels_last;
 
-fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
+/// One random case on a pool of `threads`; returns whether its bits were put in
+/// the tensor's order by the sampling's tiles (C a multiple of 64, no sharing, two
+/// samples a thread).
+fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64, threads: usize) -> bool {
     let sides: &[usize] = match rank {
         1 => &[1, 3, 7, 64, 65, 130],
         2 => &[1, 2, 5, 9, 14, 33],
         _ => &[1, 2, 3, 5, 8],
     };
-    let mut dims = common::random_shape_of_rank(rng, rank, 3, 70, sides).dims().to_vec();
+    let mut dims = common::random_shape_of_rank(rng, rank, 7, 70, sides).dims().to_vec();
     // Whole words of channels take the transpose's aligned stores; others its ORs.
     // From 64 channels on the passes transpose a region of cells at a time (32 Ki
     // elements): large planes take several regions per sample, the last one short.
-    if rng.random_bool(0.3) {
+    if rng.random_bool(0.45) {
         dims[1] = 64 * rng.random_range(1..=2);
         if rng.random_bool(0.5) {
             let large: &[usize] = match rank {
@@ -36,22 +43,30 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
         dims[1] = rng.random_range(65..=200);
     }
     let cf = Shape::from_dims(&dims).unwrap();
-    let cl = cf.with_layout(Layout::ChannelsLast);
     let cfg = common::random_config_of_rank(rng, rank);
     let cfg = if rng.random_bool(0.15) { common::with_noise_fill(&cfg) } else { cfg };
     let key: RngKey = common::random_key(rng);
+    let index: Vec<usize> = cf.dims().iter().map(|&d| rng.random_range(0..d)).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| compare::<T>(&cfg, cf, key, seed, &index));
+    cf.c().is_multiple_of(64) && cfg.sharing() == Sharing::None && cf.n() >= 2 * threads
+}
+
+/// Forward, backward and the statistics of `cf` and of its channels-last twin.
+fn compare<T: Element>(cfg: &DropBlockConfig, cf: Shape, key: RngKey, seed: u64, index: &[usize]) {
+    let cl = cf.with_layout(Layout::ChannelsLast);
     let ctx = format!("{cfg} on {cl} {}", T::DTYPE.name());
     let n = cf.numel();
     let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
     let dy: Vec<T> = common::input(n, seed + 1).into_iter().map(T::from_f32).collect();
     let mut y = vec![T::default(); n];
-    let saved = cpu::forward(&cfg, cf, key, Mode::Train, &x, &mut y).unwrap();
+    let saved = cpu::forward(cfg, cf, key, Mode::Train, &x, &mut y).unwrap();
     let mut dx = vec![T::default(); n];
     cpu::backward(&saved, &dy, &mut dx).unwrap();
 
     let (x_cl, dy_cl) = (to_channels_last(&x, cf), to_channels_last(&dy, cf));
     let mut y_cl = vec![T::default(); n];
-    let saved_cl = cpu::forward(&cfg, cl, key, Mode::Train, &x_cl, &mut y_cl).unwrap();
+    let saved_cl = cpu::forward(cfg, cl, key, Mode::Train, &x_cl, &mut y_cl).unwrap();
     let mut dx_cl = vec![T::default(); n];
     cpu::backward(&saved_cl, &dy_cl, &mut dx_cl).unwrap();
     let same = |a: &[T], b: &[T]| a.iter().zip(b).all(|(&p, &q)| common::same(p, q));
@@ -60,12 +75,11 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
     assert_eq!(saved_cl.keep_mask().unwrap(), to_channels_last(&saved.keep_mask().unwrap(), cf), "{ctx}: keep mask");
     assert_eq!((saved_cl.kept(), saved_cl.scales()), (saved.kept(), saved.scales()), "{ctx}: counts");
     // Logical coordinates name the same units in both layouts.
-    let index: Vec<usize> = cf.dims().iter().map(|&d| rng.random_range(0..d)).collect();
-    assert_eq!(saved_cl.is_kept(&index), saved.is_kept(&index), "{ctx}: is_kept");
+    assert_eq!(saved_cl.is_kept(index), saved.is_kept(index), "{ctx}: is_kept");
 
     // In place.
     let mut inplace = x_cl.clone();
-    let again = cpu::forward_inplace(&cfg, cl, key, Mode::Train, &mut inplace).unwrap();
+    let again = cpu::forward_inplace(cfg, cl, key, Mode::Train, &mut inplace).unwrap();
     assert!(same(&inplace, &y_cl), "{ctx}: y in place");
     let mut g = dy_cl;
     cpu::backward_inplace(&again, &mut g).unwrap();
@@ -75,13 +89,28 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64) {
 #[test]
 fn channels_last_is_channels_first_transposed() {
     let mut rng = StdRng::seed_from_u64(0xC1A57);
-    for i in 0..150u64 {
+    let mut in_tiles = 0;
+    for i in 0..240u64 {
         let rank = [2, 1, 3][i as usize % 3];
-        match i % 3 {
-            0 => check::<f32>(rank, &mut rng, i),
-            1 => check::<f16>(rank, &mut rng, i),
-            _ => check::<bf16>(rank, &mut rng, i),
-        }
+        let threads = [1, 3, 2, 1, 2][i as usize % 5];
+        in_tiles += match i % 3 {
+            0 => check::<f32>(rank, &mut rng, i, threads),
+            1 => check::<f16>(rank, &mut rng, i, threads),
+            _ => check::<bf16>(rank, &mut rng, i, threads),
+        } as u32;
+    }
+    assert!(in_tiles >= 10, "{in_tiles} cases had their bits ordered by the sampling's tiles: widen the cases");
+}
+
+/// A sample over a tile's 2^20 bits: a tile of one sample each.
+#[test]
+fn channels_last_samples_larger_than_a_tile() {
+    let cf = Shape::new_1d(5, 128, 8200).unwrap();
+    let cfg = DropBlockConfig::builder(dropblock::Block::from_sizes(&[9]).unwrap(), 0.2).build().unwrap();
+    let key = RngKey::new(11, 34).unwrap();
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| compare::<f32>(&cfg, cf, key, 3, &[4, 127, 8199]));
     }
 }
 
