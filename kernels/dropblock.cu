@@ -481,8 +481,8 @@ dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned lo
 // ShardCounts::check does on the host (no sample keeps more than its C·L
 // elements, the total is the samples' sum). The device cannot return an error
 // without a host sync, so counts no shards could give (a faulty reduction,
-// another shape's counts) make every scale NaN: y then says so, where a finite
-// scale from them would be wrong without a sign.
+// another shape's counts) make every scale NaN: y (dx under noise fill) then says
+// so, where a finite scale from them would be wrong without a sign.
 extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
     __shared__ unsigned long long block_sum;

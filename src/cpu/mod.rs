@@ -12,7 +12,7 @@ use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape};
 use crate::dtype::Element;
 use crate::error::{host_vec, Error, Result};
-use crate::mask::{transpose_cells, BitOrder, BlockMasks, SampleCells};
+use crate::mask::{transpose_cells, BitOrder, BlockMasks, SampleCells, MAX_TILE_SAMPLE_BITS};
 use crate::rng::RngKey;
 use crate::sampling::{count_scale, expected_scale, Plan};
 use crate::shard::{Shard, ShardCounts};
@@ -108,7 +108,7 @@ impl Saved {
                 !masks.is_dropped(self.plane_of(plan, index[0], index[1]), cell)
             }
             // A sample is one plane of C·L bits in the tensor's order.
-            State::Masked { bits: Bits::Tensor(bits), .. } => !bits.is_dropped(index[0], cell * dims[1] + index[1]),
+            State::Masked { bits: Bits::Tensor(bits, _), .. } => !bits.is_dropped(index[0], cell * dims[1] + index[1]),
         })
     }
 
@@ -140,6 +140,21 @@ impl Saved {
             });
         }
         Ok(out)
+    }
+
+    /// Where the call's bits were put in the tensor's order, for tests of each way:
+    /// `"tiles"` (by the sampling's tiles), `"after sampling"`, `"by region"` (a
+    /// channels-last call whose passes transpose the planes' bits), or `"planes"`
+    /// (channels-first) and `"identity"`. Not part of the API.
+    #[doc(hidden)]
+    pub fn bit_order(&self) -> &'static str {
+        match &self.state {
+            State::Identity => "identity",
+            State::Masked { bits: Bits::Tensor(_, ChannelsLastOrder::InTiles), .. } => "tiles",
+            State::Masked { bits: Bits::Tensor(..), .. } => "after sampling",
+            State::Masked { .. } if self.by_region() => "by region",
+            State::Masked { .. } => "planes",
+        }
     }
 
     fn is_identity(&self) -> bool {
@@ -190,9 +205,9 @@ impl Saved {
         });
     }
 
-    /// The element pass of a channels-first shape (or a channels-last one of fewer
-    /// than `EACH_REGION_CHANNELS` channels, from its transposed bits) for the
-    /// elements from `e0` on, 64 at a time with one mask word each.
+    /// The element pass of a channels-first shape (or a channels-last one whose
+    /// bits the sampling left in its order) for the elements from `e0` on, 64 at a
+    /// time with one mask word each.
     #[inline(always)]
     fn scale_chunk<T: Element>(&self, e0: usize, src: Option<&[T]>, dst: &mut [T], (forward, stream): (bool, bool)) {
         let masks = self.element_bits();
@@ -261,14 +276,14 @@ impl Saved {
 
     /// Whether the sampling left the bits in the tensor's order.
     fn tensor_order(&self) -> bool {
-        matches!(self.state, State::Masked { bits: Bits::Tensor(_), .. })
+        matches!(self.state, State::Masked { bits: Bits::Tensor(..), .. })
     }
 
     /// The bits a pass reads without transposing them: the planes' of a
     /// channels-first shape, or a channels-last one's in its own order.
     fn element_bits(&self) -> &BlockMasks {
         match &self.state {
-            State::Masked { bits: Bits::Planes(bits) | Bits::Tensor(bits), .. } => bits,
+            State::Masked { bits: Bits::Planes(bits) | Bits::Tensor(bits, _), .. } => bits,
             State::Identity => unreachable!("identity calls copy instead"),
         }
     }
@@ -336,8 +351,8 @@ enum Bits {
     /// (`Saved::with_region_bits`).
     Planes(BlockMasks),
     /// A channels-last tensor's own order (bit `e` for element `e`), which the
-    /// passes read as flat bits (`channels_last_order`).
-    Tensor(BlockMasks),
+    /// passes read as flat bits, put there as `channels_last_order` chose.
+    Tensor(BlockMasks, ChannelsLastOrder),
 }
 
 /// Channels under which a channels-last mask is transposed once, after the
@@ -347,15 +362,17 @@ enum Bits {
 const EACH_REGION_CHANNELS: usize = 64;
 
 /// Where a channels-last call's bits are put in the tensor's order:
-/// - C a multiple of 64 without sharing, and samples for two tiles a thread: by
-///   each tile of the sampling while in cache ([`BitOrder::ChannelsLast`]), so that
-///   forward and backward both read flat bits (backward had been 1.1–1.2x
-///   channels-first's time with its own transposes; 2026-12-01);
+/// - C a multiple of 64 without sharing, samples for two tiles a thread, and a
+///   sample of at most `MAX_TILE_SAMPLE_BITS`: by each tile of the sampling while
+///   in cache ([`BitOrder::ChannelsLast`]), so that forward and backward both read
+///   flat bits (backward had been 1.04–1.15x channels-first's time with its own
+///   transposes; 2026-12-01);
 /// - fewer than `EACH_REGION_CHANNELS` channels: once after the sampling, whatever
 ///   the sharing (`BlockMasks::channels_last`);
 /// - otherwise nowhere: the passes transpose the planes' bits a region at a time.
 ///   With sharing the tensor's order would repeat a plane's bits C (or N) times,
-///   and a sample too large for two tiles a thread would leave cores idle.
+///   fewer samples than two a thread would leave cores idle, and a larger sample
+///   would not be transposed from cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChannelsLastOrder {
     InTiles,
@@ -365,7 +382,8 @@ enum ChannelsLastOrder {
 
 fn channels_last_order(shape: Shape, sharing: u32) -> ChannelsLastOrder {
     let (n, c) = (shape.n(), shape.c());
-    if c.is_multiple_of(64) && sharing == abi::DROPBLOCK_SHARE_NONE && n >= 2 * rayon::current_num_threads() {
+    let tiles = n >= 2 * rayon::current_num_threads() && c * shape.plane_len() <= MAX_TILE_SAMPLE_BITS;
+    if c.is_multiple_of(64) && sharing == abi::DROPBLOCK_SHARE_NONE && tiles {
         ChannelsLastOrder::InTiles
     } else if c < EACH_REGION_CHANNELS {
         ChannelsLastOrder::AfterSampling
@@ -451,9 +469,9 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     counts[0] = kept;
     let bits = match (shape.layout(), order) {
         (Layout::ChannelsFirst, _) | (_, ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
-        (_, ChannelsLastOrder::InTiles) => Bits::Tensor(masks),
+        (_, ChannelsLastOrder::InTiles) => Bits::Tensor(masks, order),
         (_, ChannelsLastOrder::AfterSampling) => {
-            Bits::Tensor(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?)
+            Bits::Tensor(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?, order)
         }
     };
     let noise = cfg.fill() == Fill::Noise;

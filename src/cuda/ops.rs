@@ -617,7 +617,9 @@ impl DropBlockCuda {
     /// does, but cannot return an error without a host sync: counts no shards could
     /// give (a sample keeping more than its `C·L` elements, or a total other than
     /// the samples' sum: a faulty reduction, another shape's counts) make every
-    /// scale NaN, so the kept elements of `y` are NaN rather than wrongly scaled.
+    /// scale NaN, so the kept elements of `y` (with noise fill, whose forward reads
+    /// no scale, of `dx`) are NaN rather than wrongly scaled. An identity call reads
+    /// no counts and checks none.
     pub fn finish_shard(
         &self,
         stream: &Arc<CudaStream>,

@@ -36,6 +36,11 @@ const WORD: usize = 64;
 /// enough to stay in a core's L2 while its blocks are ORed in.
 const TILE_BITS: usize = 1 << 20;
 
+/// The most bits of one sample that a tile of [`BitOrder::ChannelsLast`] takes
+/// (its scratch, 512 KiB, within a server core's L2 of 1–2 MiB, so that the
+/// transpose reads the bits from cache; the scratch is one a thread).
+pub(crate) const MAX_TILE_SAMPLE_BITS: usize = 4 * TILE_BITS;
+
 /// The dropped cells of every mask plane: bit `b % 64` of word `b / 64` is set
 /// when bit `b = plane · L + cell` is dropped. Bits past the last plane are clear.
 #[derive(Debug, Clone)]
@@ -89,7 +94,7 @@ impl BlockMasks {
         };
         let tile_words = tile * plane_len / WORD;
         let chunks = words.spare_capacity_mut()[..len].par_chunks_mut(tile_words).enumerate();
-        chunks.for_each_init(Vec::new, |scratch, (t, out)| {
+        chunks.try_for_each_init(Vec::new, |scratch, (t, out)| -> Result<()> {
             // Zeroed here, by the core that builds the tile, rather than up front by
             // one thread (a serial memset, and the first touch of fresh pages).
             let out = zeroed(out);
@@ -98,6 +103,8 @@ impl BlockMasks {
                 BitOrder::Planes => &mut *out,
                 BitOrder::ChannelsLast { .. } => {
                     scratch.clear();
+                    let bytes = out.len() as u64 * 8;
+                    scratch.try_reserve_exact(out.len()).map_err(|_| Error::HostAllocation { bytes })?;
                     scratch.resize(out.len(), 0u64);
                     &mut scratch[..]
                 }
@@ -118,9 +125,11 @@ impl BlockMasks {
                 }
                 *scratch = tile.words;
             }
-        });
+            Ok(())
+        })?;
         // SAFETY: the tiles cover words [0, len) (chunks of the first `len` spare
-        // words) and `zeroed` wrote every word of each.
+        // words) and `zeroed` wrote every word of each (an error returned above
+        // before any were taken as initialised).
         unsafe { words.set_len(len) };
         // Tensor-order bits read as one plane a sample, as `channels_last`'s.
         let plane_len = match order {

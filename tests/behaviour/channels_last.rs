@@ -15,10 +15,9 @@ use rand::{Rng, SeedableRng};
 
 use common::to_channels_last;
 
-/// One random case on a pool of `threads`; returns whether its bits were put in
-/// the tensor's order by the sampling's tiles (C a multiple of 64, no sharing, two
-/// samples a thread).
-fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64, threads: usize) -> bool {
+/// One random case on a pool of `threads`; returns where the channels-last call's
+/// bits were put in the tensor's order (`Saved::bit_order`).
+fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64, threads: usize) -> &'static str {
     let sides: &[usize] = match rank {
         1 => &[1, 3, 7, 64, 65, 130],
         2 => &[1, 2, 5, 9, 14, 33],
@@ -48,12 +47,18 @@ fn check<T: Element>(rank: usize, rng: &mut StdRng, seed: u64, threads: usize) -
     let key: RngKey = common::random_key(rng);
     let index: Vec<usize> = cf.dims().iter().map(|&d| rng.random_range(0..d)).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    pool.install(|| compare::<T>(&cfg, cf, key, seed, &index));
-    cf.c().is_multiple_of(64) && cfg.sharing() == Sharing::None && cf.n() >= 2 * threads
+    let order = pool.install(|| compare::<T>(&cfg, cf, key, seed, &index));
+    // Only whole words of channels without sharing, two samples a thread, go
+    // through the tiles.
+    let tiles =
+        cf.c().is_multiple_of(64) && cfg.sharing() == Sharing::None && cf.n() >= 2 * threads && !cfg.is_identity();
+    assert_eq!(order == "tiles", tiles, "{cfg} on {cf} on {threads} threads: {order}");
+    order
 }
 
-/// Forward, backward and the statistics of `cf` and of its channels-last twin.
-fn compare<T: Element>(cfg: &DropBlockConfig, cf: Shape, key: RngKey, seed: u64, index: &[usize]) {
+/// Forward, backward and the statistics of `cf` and of its channels-last twin;
+/// returns where the channels-last call's bits were put in its order.
+fn compare<T: Element>(cfg: &DropBlockConfig, cf: Shape, key: RngKey, seed: u64, index: &[usize]) -> &'static str {
     let cl = cf.with_layout(Layout::ChannelsLast);
     let ctx = format!("{cfg} on {cl} {}", T::DTYPE.name());
     let n = cf.numel();
@@ -84,33 +89,55 @@ fn compare<T: Element>(cfg: &DropBlockConfig, cf: Shape, key: RngKey, seed: u64,
     let mut g = dy_cl;
     cpu::backward_inplace(&again, &mut g).unwrap();
     assert!(same(&g, &dx_cl), "{ctx}: dx in place");
+    saved_cl.bit_order()
 }
 
 #[test]
 fn channels_last_is_channels_first_transposed() {
     let mut rng = StdRng::seed_from_u64(0xC1A57);
-    let mut in_tiles = 0;
+    let mut orders = std::collections::HashMap::new();
     for i in 0..240u64 {
         let rank = [2, 1, 3][i as usize % 3];
         let threads = [1, 3, 2, 1, 2][i as usize % 5];
-        in_tiles += match i % 3 {
+        let order = match i % 3 {
             0 => check::<f32>(rank, &mut rng, i, threads),
             1 => check::<f16>(rank, &mut rng, i, threads),
             _ => check::<bf16>(rank, &mut rng, i, threads),
-        } as u32;
+        };
+        *orders.entry(order).or_insert(0) += 1;
     }
-    assert!(in_tiles >= 10, "{in_tiles} cases had their bits ordered by the sampling's tiles: widen the cases");
+    for (order, least) in [("tiles", 10), ("after sampling", 50), ("by region", 10)] {
+        let seen = orders.get(order).copied().unwrap_or(0);
+        assert!(seen >= least, "{seen} cases with bits ordered '{order}' ({orders:?}): widen the cases");
+    }
 }
 
-/// A sample over a tile's 2^20 bits: a tile of one sample each.
+/// Tiles of the sampling of every size: several samples (the last tile short),
+/// and one sample over a tile's 2^20 bits.
 #[test]
-fn channels_last_samples_larger_than_a_tile() {
-    let cf = Shape::new_1d(5, 128, 8200).unwrap();
-    let cfg = DropBlockConfig::builder(dropblock::Block::from_sizes(&[9]).unwrap(), 0.2).build().unwrap();
+fn channels_last_tiles_of_every_size() {
+    let block = |k| DropBlockConfig::builder(dropblock::Block::from_sizes(&[k, k]).unwrap(), 0.2).build().unwrap();
+    let cfg_1d = DropBlockConfig::builder(dropblock::Block::from_sizes(&[9]).unwrap(), 0.2).build().unwrap();
     let key = RngKey::new(11, 34).unwrap();
-    for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| compare::<f32>(&cfg, cf, key, 3, &[4, 127, 8199]));
+    let cases = [
+        // 1 thread: tiles of 3 samples, the last of 1; 2 threads: 2 and 1.
+        (block(3), Shape::new(19, 64, 3, 3).unwrap(), [18, 63, 2, 1]),
+        (block(2), Shape::new(9, 128, 5, 4).unwrap(), [8, 0, 4, 3]),
+        (cfg_1d, Shape::new_1d(5, 128, 8200).unwrap(), [4, 127, 8199, 0]),
+    ];
+    for (cfg, cf, index) in cases {
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let order = pool.install(|| compare::<f32>(&cfg, cf, key, 3, &index[..cf.dims().len()]));
+            assert_eq!(order, "tiles", "{cf} on {threads} threads");
+        }
+    }
+    // A sample of 2^22 bits is the largest a tile takes; one more cell goes by region.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    for (len, order) in [(65536, "tiles"), (65537, "by region")] {
+        let cl = Shape::new_1d(2, 64, len).unwrap().with_layout(Layout::ChannelsLast);
+        let saved = pool.install(|| cpu::sample(&cases[2].0, cl, key, Mode::Train).unwrap());
+        assert_eq!(saved.bit_order(), order, "{cl}");
     }
 }
 

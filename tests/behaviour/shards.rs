@@ -16,15 +16,34 @@ struct Reassembled {
     keep: Vec<u8>,
     counts: ShardCounts,
     kept: u64,
+    /// Where each shard's bits were put in its order (`Saved::bit_order`).
+    orders: Vec<&'static str>,
 }
 
-/// Runs forward and backward on every shard, one thread each: sample, sum the
-/// counts (the in-process reduction), finish, apply and backward.
-fn run_sharded(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, x: &[f32], dy: &[f32]) -> Reassembled {
+/// Runs forward and backward on every shard, one thread each: sample (on a rayon
+/// pool of `threads` if given, else the global one), sum the counts (the
+/// in-process reduction), finish, apply and backward.
+fn run_sharded(
+    cfg: &DropBlockConfig,
+    shards: &[Shard],
+    key: RngKey,
+    (x, dy): (&[f32], &[f32]),
+    threads: Option<usize>,
+) -> Reassembled {
     let global = shards[0].global();
+    let sample = |shard| cpu::sample_shard(cfg, shard, key, Mode::Train);
     let sampled: Vec<cpu::ShardSample> = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            shards.iter().map(|shard| s.spawn(move || cpu::sample_shard(cfg, shard, key, Mode::Train))).collect();
+        let handles: Vec<_> = shards
+            .iter()
+            .map(|shard| {
+                s.spawn(move || match threads {
+                    Some(t) => {
+                        rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap().install(|| sample(shard))
+                    }
+                    None => sample(shard),
+                })
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
     });
     let mut counts = ShardCounts::from_entries(global, vec![0; ShardCounts::len_for(global)]).unwrap();
@@ -37,6 +56,7 @@ fn run_sharded(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, x: &[f32], 
         keep: vec![7; global.numel()],
         counts: counts.clone(),
         kept: 0,
+        orders: Vec::new(),
     };
     let parts: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = sampled
@@ -56,25 +76,38 @@ fn run_sharded(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, x: &[f32], 
                     let (mut ly, mut ldx) = (vec![0.0f32; n], vec![0.0f32; n]);
                     cpu::apply(&saved, &lx, &mut ly).unwrap();
                     cpu::backward(&saved, &ldy, &mut ldx).unwrap();
-                    (map, ly, ldx, saved.keep_mask().unwrap(), saved.kept())
+                    (map, ly, ldx, saved.keep_mask().unwrap(), (saved.kept(), saved.bit_order()))
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (map, ly, ldx, lkeep, kept) in parts {
+    for (map, ly, ldx, lkeep, (kept, order)) in parts {
         for (l, g) in map {
             out.y[g] = ly[l];
             out.dx[g] = ldx[l];
             out.keep[g] = lkeep[l];
         }
         out.kept += kept;
+        out.orders.push(order);
     }
     out
 }
 
 /// Compares a sharded run with the unsharded call of `cfg` on `global`.
 fn check(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, what: &str) {
+    check_on(cfg, shards, key, what, None);
+}
+
+/// [`check`], the shards sampling on rayon pools of `threads`; returns where each
+/// shard's bits were put in its order.
+fn check_on(
+    cfg: &DropBlockConfig,
+    shards: &[Shard],
+    key: RngKey,
+    what: &str,
+    threads: Option<usize>,
+) -> Vec<&'static str> {
     let global = shards[0].global();
     let x = input(global.numel(), key.seed() ^ 1);
     let dy = input(global.numel(), key.seed() ^ 2);
@@ -82,13 +115,44 @@ fn check(cfg: &DropBlockConfig, shards: &[Shard], key: RngKey, what: &str) {
     let saved = cpu::forward(cfg, global, key, Mode::Train, &x, &mut y).unwrap();
     let mut dx = vec![0.0f32; global.numel()];
     cpu::backward(&saved, &dy, &mut dx).unwrap();
-    let got = run_sharded(cfg, shards, key, &x, &dy);
+    let got = run_sharded(cfg, shards, key, (&x, &dy), threads);
     let bad = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(&a, &b)| !same(a, b));
     assert_eq!(bad(&got.y, &y), None, "{what}: y differs");
     assert_eq!(bad(&got.dx, &dx), None, "{what}: dx differs");
     assert!(got.keep == saved.keep_mask().unwrap(), "{what}: keep mask differs");
     assert_eq!(got.kept, saved.kept(), "{what}: kept elements");
     assert_eq!(got.counts.total(), saved.kept(), "{what}: summed total");
+    got.orders
+}
+
+/// Channels-last shards whose local shapes take the sampling's tiles (whole words
+/// of channels without sharing, two local samples a thread): data, channel and
+/// spatial shards and their product, each reproducing the unsharded call.
+#[test]
+fn channels_last_shards_through_the_tiles() {
+    let global = Shape::new(6, 128, 9, 9).unwrap().with_layout(Layout::ChannelsLast);
+    let cfg = DropBlockConfig::builder(Block::square(3).unwrap(), 0.2).build().unwrap();
+    // (first, extent) pieces along N, C and H.
+    type Pieces = &'static [(usize, usize)];
+    let cuts: [[Pieces; 3]; 4] = [
+        [&[(0, 4), (4, 2)], &[(0, 128)], &[(0, 9)]],
+        [&[(0, 6)], &[(0, 64), (64, 64)], &[(0, 9)]],
+        [&[(0, 6)], &[(0, 128)], &[(0, 4), (4, 5)]],
+        [&[(0, 3), (3, 3)], &[(0, 64), (64, 64)], &[(0, 2), (2, 7)]],
+    ];
+    for (i, [n, c, h]) in cuts.into_iter().enumerate() {
+        let mut shards = Vec::new();
+        for &(n0, nn) in n {
+            for &(c0, cc) in c {
+                for &(h0, hh) in h {
+                    shards.push(Shard::new(global, &[n0, c0, h0, 0], &[nn, cc, hh, 9]).unwrap());
+                }
+            }
+        }
+        let what = format!("cut {i}, {} shards", shards.len());
+        let orders = check_on(&cfg, &shards, RngKey::new(77, i as u64).unwrap(), &what, Some(1));
+        assert!(orders.iter().all(|&o| o == "tiles"), "{what}: {orders:?}");
+    }
 }
 
 #[test]
