@@ -1,0 +1,90 @@
+//! The command line's peak memory, in a test binary of its own: the child's peak
+//! as the kernel counts it starts from this process's memory at the fork (below),
+//! which other tests in the same process (the behaviour suite's, run in parallel,
+//! some holding hundreds of MB) would otherwise add to it.
+
+use std::path::Path;
+use std::process::Command;
+
+use npyz::WriterBuilder;
+
+/// `data` written as a `.npy` file of `shape`, as it is made: this process holds
+/// nothing tensor-sized.
+fn write_npy(path: &Path, shape: &[u64], data: impl Iterator<Item = f32>) {
+    let mut w = npyz::WriteOptions::new()
+        .dtype(npyz::DType::Plain("<f4".parse().unwrap()))
+        .shape(shape)
+        .writer(std::io::BufWriter::new(std::fs::File::create(path).unwrap()))
+        .begin_nd()
+        .unwrap();
+    w.extend(data).unwrap();
+    w.finish().unwrap();
+}
+
+/// Peak resident memory of `dropblock args` in bytes, from the kernel's own account
+/// (`wait4`'s `ru_maxrss`), after checking that it succeeded. The child is forked
+/// (a no-op `pre_exec` makes std fork instead of `posix_spawn`): a spawned child
+/// shares this process's memory until it execs, and the kernel would count this
+/// process's peak as the child's. A forked one starts from this process's current
+/// memory, which is kept small: nothing tensor-sized is held here, and no other test
+/// runs in this binary.
+#[cfg(target_os = "linux")]
+fn peak_rss(args: &[&str]) -> u64 {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
+    command.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: the closure does nothing, so nothing unsafe runs between fork and exec.
+    unsafe { command.pre_exec(|| Ok(())) };
+    // Reaped by wait4 below, which std's wait would pre-empt.
+    #[allow(clippy::zombie_processes)]
+    let child = command.spawn().expect("run dropblock");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps our own child and fills both.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "dropblock {args:?} failed: {status}");
+    // Kilobytes on Linux.
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// `apply` holds x, y and the keep bits (one bit per element), plus the u8 mask
+/// only when `--keep-mask` asks for it: its peak memory over a run on a tiny
+/// input (the program, its libraries and threads) is within 6 MiB of that sum
+/// (room for huge pages rounding each buffer up). A byte mask made and not asked
+/// for (16 MiB here), keep bits held as bytes (14 MiB more), or a second copy of a
+/// tensor breaks it.
+#[cfg(target_os = "linux")]
+#[test]
+fn apply_peak_memory_is_x_y_and_the_keep_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let dims = [16u64, 256, 64, 64];
+    let n = dims.iter().product::<u64>() as usize;
+    write_npy(Path::new(&p("tiny.npy")), &[1, 1, 8, 8], std::iter::repeat_n(1.5f32, 64));
+    write_npy(Path::new(&p("x.npy")), &dims, std::iter::repeat_n(1.5f32, n));
+    let run = |input: &str, mask: bool| {
+        let mut args = vec!["apply".to_string(), "--input".into(), p(input), "--output".into(), p("y.npy")];
+        args.extend(["--device", "cpu", "--block", "3"].map(String::from));
+        if mask {
+            args.extend(["--keep-mask".to_string(), p("m.npy")]);
+        }
+        peak_rss(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let base = run("tiny.npy", true);
+    let (tensor, bits, byte_mask) = (4 * n as u64, n as u64 / 8, n as u64);
+    let slack = 6 << 20;
+    let without = run("x.npy", false);
+    assert!(
+        without <= base + 2 * tensor + bits + slack,
+        "apply peaked at {without} bytes: more than x and y ({tensor} each) and the keep bits ({bits}) over {base}"
+    );
+    let with = run("x.npy", true);
+    assert!(
+        with <= base + 2 * tensor + bits + byte_mask + slack,
+        "apply --keep-mask peaked at {with} bytes: more than x, y, the bits and the mask ({byte_mask}) over {base}"
+    );
+    assert!(with >= without + byte_mask / 2, "the byte mask ({byte_mask}) is not in the peak: {with} vs {without}");
+}
