@@ -443,12 +443,9 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     };
     // The masks first: a shape too large for the host fails there, before its
     // counts (8 bytes a sample) are filled.
-    let order = match shape.layout() {
-        Layout::ChannelsFirst => ChannelsLastOrder::ByRegion,
-        Layout::ChannelsLast => channels_last_order(shape, sharing),
-    };
+    let order = (shape.layout() == Layout::ChannelsLast).then(|| channels_last_order(shape, sharing));
     let bit_order = match order {
-        ChannelsLastOrder::InTiles => BitOrder::ChannelsLast { c },
+        Some(ChannelsLastOrder::InTiles) => BitOrder::ChannelsLast { c },
         _ => BitOrder::Planes,
     };
     let (masks, dropped) = BlockMasks::build(&plan, shard, group_planes, bit_order)?;
@@ -467,11 +464,12 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     }
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
-    let bits = match (shape.layout(), order) {
-        (Layout::ChannelsFirst, _) | (_, ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
-        (_, ChannelsLastOrder::InTiles) => Bits::Tensor(masks, order),
-        (_, ChannelsLastOrder::AfterSampling) => {
-            Bits::Tensor(masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?, order)
+    let bits = match order {
+        None | Some(ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
+        Some(ChannelsLastOrder::InTiles) => Bits::Tensor(masks, ChannelsLastOrder::InTiles),
+        Some(ChannelsLastOrder::AfterSampling) => {
+            let transposed = masks.channels_last(|n, ch| shard.local_plane(sharing, n, ch), shape.n(), c)?;
+            Bits::Tensor(transposed, ChannelsLastOrder::AfterSampling)
         }
     };
     let noise = cfg.fill() == Fill::Noise;
