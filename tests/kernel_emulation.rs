@@ -1,9 +1,12 @@
 //! The CUDA kernels' logic, run on the CPU: `tests/emulator/` compiles
 //! `kernels/dropblock.cu` as host C++ (one OS thread per CUDA thread, real
-//! barriers for `__syncwarp` and `__syncthreads`) and runs the launch sequence of
-//! `src/cuda/ops.rs`. Its keep bits, counts, scales and outputs must equal the CPU
-//! oracle's bit for bit, for random shapes and modes and several grid sizes, so
-//! indexing and warp cooperation are checked on machines without a GPU.
+//! barriers for `__syncwarp` and `__syncthreads`) and runs on it the steps that
+//! `src/cuda/launch.rs` writes for each call, the ones `src/cuda/ops.rs` enqueues
+//! on a device: the kernels, their order, grids, memsets and arguments (each
+//! checked against its kernel's C++ signature). The keep bits, counts, scales,
+//! outputs and gradients must equal the CPU oracle's bit for bit, for random
+//! shapes and modes and grids capped at 1 to 3 blocks, so indexing, warp
+//! cooperation and the launch sequences are checked on machines without a GPU.
 //!
 //! It needs a C++20 compiler (the target's, as the `cc` crate picks it: `CXX`, else
 //! `c++`) and the CUDA headers beside the nvcc build.rs used. Without them the tests are reported as ignored
@@ -32,12 +35,11 @@ mod emulation {
     use std::process::Command;
     use std::sync::Arc;
 
-    use dropblock::cuda::{
-        apply_op, channels_last_op, launch_plan, tiles_with, CudaElement, LaunchPath, APPLY_OPS, CHANNELS_LAST_OPS,
-    };
+    use dropblock::cuda::launch::{self, kernel_name, Arg, Buffer, KernelKey, Pass, Queue};
+    use dropblock::cuda::{kernel_names, launch_plan, tiles_with, CudaElement, LaunchPath};
     use dropblock::sampling::Plan;
     use dropblock::{
-        abi, cpu, DropBlockConfig, Error, Fill, Layout, Mode, Normalize, RngKey, Shape, ShardCounts, Sharing,
+        abi, cpu, DType, DropBlockConfig, Error, Fill, Layout, Mode, Normalize, RngKey, Shape, ShardCounts, Sharing,
     };
     use half::{bf16, f16};
     use rand::rngs::StdRng;
@@ -101,6 +103,7 @@ mod emulation {
             "emulated_kernels_match_cpu_bf16",
             "emulated_shards_match_cpu_f32",
             "emulated_shards_match_cpu_bf16",
+            "the_driver_runs_every_kernel_the_wrappers_load",
         ];
         let driver = match build_driver() {
             Ok(d) => Arc::new(d),
@@ -112,16 +115,32 @@ mod emulation {
             }
         };
         let d = driver.clone();
-        let f32_trial = Trial::test(names[0], move || run_cases::<f32>(&d, 0, 1));
+        let f32_trial = Trial::test(names[0], move || run_cases::<f32>(&d, 1));
         let d = driver.clone();
-        let f16_trial = Trial::test(names[1], move || run_cases::<f16>(&d, 1, 2));
+        let f16_trial = Trial::test(names[1], move || run_cases::<f16>(&d, 2));
         let d = driver.clone();
-        let bf16_trial = Trial::test(names[2], move || run_cases::<bf16>(&d, 2, 3));
+        let bf16_trial = Trial::test(names[2], move || run_cases::<bf16>(&d, 3));
         let d = driver.clone();
-        let shards_f32 = Trial::test("emulated_shards_match_cpu_f32", move || run_shard_cases::<f32>(&d, 0, 4));
+        let shards_f32 = Trial::test("emulated_shards_match_cpu_f32", move || run_shard_cases::<f32>(&d, 4));
+        let d = driver.clone();
+        let shards_bf16 = Trial::test("emulated_shards_match_cpu_bf16", move || run_shard_cases::<bf16>(&d, 5));
         let d = driver;
-        let shards_bf16 = Trial::test("emulated_shards_match_cpu_bf16", move || run_shard_cases::<bf16>(&d, 2, 5));
-        vec![f32_trial, f16_trial, bf16_trial, shards_f32, shards_bf16]
+        let table = Trial::test(names[5], move || driver_table(&d));
+        vec![f32_trial, f16_trial, bf16_trial, shards_f32, shards_bf16, table]
+    }
+
+    /// The driver's kernels are the ones the wrappers load (`driver --list`), so
+    /// no kernel goes unemulated and the driver names none that is gone.
+    fn driver_table(driver: &Path) -> Result<(), Failed> {
+        let out = Command::new(driver).arg("--list").output().map_err(|e| Failed::from(e.to_string()))?;
+        let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+        let mut loaded = kernel_names();
+        listed.sort();
+        loaded.sort();
+        if listed != loaded {
+            return Err(format!("the driver runs {listed:?}, the wrappers load {loaded:?}").into());
+        }
+        Ok(())
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -129,8 +148,11 @@ mod emulation {
         cfg: DropBlockConfig,
         shape: Shape,
         key: RngKey,
-        count_blocks: u32,
-        apply_blocks: u32,
+        /// The most blocks a grid gets (a device's wave).
+        wave: u64,
+        /// The forward split into its sampling and its element pass
+        /// (`sample_into`, then `apply`).
+        split: bool,
         in_place: bool,
         unaligned: bool,
         /// Tiles below which the grid-wide passes serve: 0 (only for planes too
@@ -166,7 +188,7 @@ mod emulation {
         // The count is drawn once, so the large ones are not redrawn away by the size
         // limit below (multiples of 128 take the one-pass forward when aligned).
         let channels_last = rng.random_bool(0.35);
-        let channels = [1, 3, 17, 32, 64, 70, 128, 160, 256, 300][rng.random_range(0..10)];
+        let channels = [1, 3, 17, 32, 64, 70, 128, 128, 160, 256, 256, 300][rng.random_range(0..12)];
         let shape = loop {
             let s = common::random_shape_of_rank(rng, rank, 3, 4, sides);
             let s = if channels_last {
@@ -194,8 +216,8 @@ mod emulation {
             cfg,
             shape,
             key: common::random_key(rng),
-            count_blocks: rng.random_range(1..=3),
-            apply_blocks: rng.random_range(1..=2),
+            wave: rng.random_range(1..=3),
+            split: rng.random_bool(0.2),
             in_place: rng.random_bool(0.3),
             unaligned: rng.random_bool(0.25),
             min_tiles: if !fusable && rng.random_bool(0.4) { u64::MAX } else { 0 },
@@ -223,20 +245,151 @@ mod emulation {
         v
     }
 
+    /// A call's steps as src/cuda/launch.rs writes them, and the buffers they run
+    /// on, serialised for the driver (tests/emulator/driver.cpp documents the format).
+    struct Recorder {
+        buffers: Vec<u8>,
+        n_buffers: u32,
+        steps: Vec<u8>,
+        n_steps: u32,
+        /// Grids are capped at this many blocks, as a device caps them at a wave.
+        wave: u64,
+        /// The kernels launched, in order.
+        kernels: Vec<String>,
+    }
+
+    /// The driver's element types.
+    #[derive(Clone, Copy)]
+    enum Elem {
+        U32 = 0,
+        U64 = 1,
+        F32 = 2,
+        F16 = 3,
+        BF16 = 4,
+    }
+
+    fn elem_of<T: CudaElement>() -> Elem {
+        match T::DTYPE {
+            DType::F32 => Elem::F32,
+            DType::F16 => Elem::F16,
+            DType::BF16 => Elem::BF16,
+        }
+    }
+
+    impl Recorder {
+        fn new(wave: u64) -> Self {
+            Self { buffers: Vec::new(), n_buffers: 0, steps: Vec::new(), n_steps: 0, wave, kernels: Vec::new() }
+        }
+
+        fn declare(&mut self, b: Buffer, elem: Elem, elements: usize, offset: u32, alias: u32, zeroed: bool) {
+            for v in [b as u32, elem as u32] {
+                self.buffers.extend_from_slice(&v.to_le_bytes());
+            }
+            self.buffers.extend_from_slice(&(elements as u64).to_le_bytes());
+            for v in [offset, alias, zeroed as u32] {
+                self.buffers.extend_from_slice(&v.to_le_bytes());
+            }
+            self.n_buffers += 1;
+        }
+
+        /// A buffer of `elements`, `offset` elements past an aligned start; zeroed,
+        /// or filled with bytes the kernels must overwrite.
+        fn buffer(&mut self, b: Buffer, elem: Elem, elements: usize, offset: u32, zeroed: bool) {
+            self.declare(b, elem, elements, offset, u32::MAX, zeroed);
+        }
+
+        /// `b` is `of` (y in place is x).
+        fn alias(&mut self, b: Buffer, of: Buffer) {
+            self.declare(b, Elem::U32, 0, 0, of as u32, false);
+        }
+
+        fn step(&mut self, kind: u32) {
+            self.steps.extend_from_slice(&kind.to_le_bytes());
+            self.n_steps += 1;
+        }
+
+        fn upload<T: Copy>(&mut self, b: Buffer, data: &[T]) {
+            self.step(2);
+            self.steps.extend_from_slice(&(b as u32).to_le_bytes());
+            let bytes: Vec<u8> = data.iter().flat_map(|v| bytes_of(v).to_vec()).collect();
+            self.steps.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            self.steps.extend_from_slice(&bytes);
+        }
+
+        /// The buffer's contents at this point go into the response.
+        fn save(&mut self, b: Buffer) {
+            self.step(3);
+            self.steps.extend_from_slice(&(b as u32).to_le_bytes());
+        }
+
+        fn request(&self) -> Vec<u8> {
+            let mut req = self.n_buffers.to_le_bytes().to_vec();
+            req.extend_from_slice(&self.buffers);
+            req.extend_from_slice(&self.n_steps.to_le_bytes());
+            req.extend_from_slice(&self.steps);
+            req
+        }
+
+        fn push_struct<S: Copy>(&mut self, tag: u32, v: &S) {
+            self.steps.extend_from_slice(&tag.to_le_bytes());
+            self.steps.extend_from_slice(&(std::mem::size_of::<S>() as u32).to_le_bytes());
+            self.steps.extend_from_slice(bytes_of(v));
+        }
+    }
+
+    impl Queue for Recorder {
+        fn zero(&mut self, buffer: Buffer, bytes: u64) -> dropblock::Result<()> {
+            self.step(0);
+            self.steps.extend_from_slice(&(buffer as u32).to_le_bytes());
+            self.steps.extend_from_slice(&bytes.to_le_bytes());
+            Ok(())
+        }
+
+        fn launch(&mut self, kernel: KernelKey, blocks: u64, args: &[Arg<'_>]) -> dropblock::Result<()> {
+            let name = kernel_name(kernel);
+            self.step(1);
+            self.steps.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            self.steps.extend_from_slice(name.as_bytes());
+            let grid = blocks.clamp(1, self.wave) as u32;
+            self.steps.extend_from_slice(&grid.to_le_bytes());
+            self.steps.extend_from_slice(&(args.len() as u32).to_le_bytes());
+            for arg in args {
+                match arg {
+                    Arg::Geometry(v) => self.push_struct(0, *v),
+                    Arg::Tiles(v) => self.push_struct(1, *v),
+                    Arg::Sampling(v) => self.push_struct(2, *v),
+                    Arg::Apply(v) => self.push_struct(3, *v),
+                    Arg::Shard(v) => self.push_struct(4, *v),
+                    Arg::U32(v) => {
+                        self.steps.extend_from_slice(&5u32.to_le_bytes());
+                        self.steps.extend_from_slice(&v.to_le_bytes());
+                    }
+                    Arg::Ptr(b) => {
+                        self.steps.extend_from_slice(&6u32.to_le_bytes());
+                        self.steps.extend_from_slice(&(*b as u32).to_le_bytes());
+                    }
+                    Arg::Null => self.steps.extend_from_slice(&7u32.to_le_bytes()),
+                }
+            }
+            self.kernels.push(name);
+            Ok(())
+        }
+    }
+
     /// Random cases of every spatial rank, which must between them take every
     /// launch path with both the vector and the unaligned kernels, and in every
     /// rank both the tiled and the grid-wide passes.
-    fn run_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
+    fn run_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
         let mut seen_rank = std::collections::HashSet::new();
         let mut seen_layout = std::collections::HashSet::new();
-        let (mut noise_cases, mut one_pass_cases) = (0, 0);
+        let (mut noise_cases, mut one_pass_cases, mut split_cases) = (0, 0, 0);
         for i in 0..84 {
             let rank = [2, 1, 3][i as usize % 3];
             let case = random_case(&mut rng, rank);
             let (path, vector, one_pass) =
-                check::<T>(driver, dtype, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+                check::<T>(driver, case, i).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
             one_pass_cases += one_pass as u32;
             seen.insert((path, vector));
             seen_rank.insert((rank, path == LaunchPath::Grid));
@@ -244,6 +397,10 @@ mod emulation {
                 seen_layout.insert((path == LaunchPath::Grid, case.shape.c().is_multiple_of(32)));
             }
             noise_cases += (case.cfg.fill() == Fill::Noise) as u32;
+            split_cases += case.split as u32;
+        }
+        if split_cases < 5 {
+            return Err(format!("only {split_cases} forwards split into sampling and apply: widen random_case").into());
         }
         if noise_cases < 4 {
             return Err(format!("only {noise_cases} noise-fill cases: widen random_case").into());
@@ -274,7 +431,7 @@ mod emulation {
             let rank = dims.len() - 2;
             let mut case = random_case(&mut rng, rank);
             case.shape = Shape::from_dims(dims).unwrap();
-            let check_case = check::<T>(driver, dtype, case, 500 + i as u64);
+            let check_case = check::<T>(driver, case, 500 + i as u64);
             let (path, _, _) = check_case.map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
             if rank == 3 && path != LaunchPath::Grid {
                 return Err(format!("{case:?}: a plane past a tile took {path:?}").into());
@@ -297,8 +454,9 @@ mod emulation {
             case.shape = Shape::from_dims(&[3, 128 * (1 + i % 2), 5, 9]).unwrap().with_layout(Layout::ChannelsLast);
             case.cfg = case.cfg.to_builder().fill(Fill::Zero).normalize(normalize).sharing(sharing).build().unwrap();
             case.unaligned = !aligned;
+            case.split = false;
             let (_, _, one_pass) =
-                check::<T>(driver, dtype, case, 700 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+                check::<T>(driver, case, 700 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
             if one_pass != aligned {
                 return Err(format!(
                     "{case:?}: a channels-last forward of 128·k channels, aligned: {aligned}, one pass: {one_pass}"
@@ -328,14 +486,14 @@ mod emulation {
                 .build()
                 .unwrap();
             case.unaligned = false;
-            check::<T>(driver, dtype, case, 800 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            check::<T>(driver, case, 800 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
         }
         for (i, case) in exact_threshold_cases().into_iter().enumerate() {
             let saved = cpu::sample(&case.cfg, case.shape, case.key, Mode::Train).unwrap();
             if saved.kept() != case.shape.numel() as u64 {
                 return Err(format!("{case:?}: the CPU placed a seed on a draw equal to T[len-1]").into());
             }
-            check::<T>(driver, dtype, case, 1000 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
+            check::<T>(driver, case, 1000 + i as u64).map_err(|e| Failed::from(format!("{case:?}: {e}")))?;
         }
         for path in [LaunchPath::Fused, LaunchPath::Tiles, LaunchPath::Grid] {
             for vector in [true, false] {
@@ -360,8 +518,8 @@ mod emulation {
                     cfg: common::config_with_gamma(common::gamma_with_threshold(len - 1, u)),
                     shape,
                     key,
-                    count_blocks: 1,
-                    apply_blocks: 1,
+                    wave: 1,
+                    split: false,
                     in_place: false,
                     unaligned: false,
                     min_tiles,
@@ -392,7 +550,7 @@ mod emulation {
     /// `sample_shard`, `finish_shard` (with the counts the CPU shards summed) and
     /// `apply`; its counts, keep mask, scales and y must be the CPU shard's bit for
     /// bit (and those reassemble the unsharded call: tests/behaviour/shards.rs).
-    fn run_shard_cases<T: CudaElement>(driver: &Path, dtype: u32, seed: u64) -> Result<(), Failed> {
+    fn run_shard_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut small, mut large, mut noise, mut tampered) = (0, 0, 0, 0);
         for case in 0..36 {
@@ -441,7 +599,7 @@ mod emulation {
                 let tag = format!("case {case}: {cfg} on {global}, shard {:?} + {}", shard.offset(), shard.local());
                 let mut run = |sample, impossible| {
                     let seed = 7 * case as u64 + i as u64;
-                    check_shard::<T>(driver, dtype, &mut rng, &cfg, &plan, shard, sample, &summed, impossible, seed)
+                    check_shard::<T>(driver, &mut rng, &cfg, &plan, shard, sample, &summed, impossible, seed)
                         .map_err(|e| Failed::from(format!("{tag}: {e}")))
                 };
                 if let (0, Some(bad)) = (i, &impossible) {
@@ -461,10 +619,32 @@ mod emulation {
         Ok(())
     }
 
+    /// The buffers of a call on a state of `shape` (those of
+    /// `DropBlockCuda::alloc_state`) and its tensors, `offset` elements past an
+    /// aligned start (y is x in place). The counters start zeroed, as allocated;
+    /// everything else holds bytes the sequence must overwrite or zero.
+    fn declare_call<T: CudaElement>(rec: &mut Recorder, shape: Shape, in_place: bool, offset: u32) {
+        let (n, words) = (shape.numel(), shape.numel().div_ceil(32));
+        rec.buffer(Buffer::X, elem_of::<T>(), n, offset, false);
+        if in_place {
+            rec.alias(Buffer::Y, Buffer::X);
+        } else {
+            rec.buffer(Buffer::Y, elem_of::<T>(), n, offset, false);
+        }
+        rec.buffer(Buffer::KeepBits, Elem::U32, words, 0, false);
+        if shape.layout() == Layout::ChannelsLast {
+            rec.buffer(Buffer::PlaneBits, Elem::U32, words, 0, false);
+        }
+        rec.buffer(Buffer::Counts, Elem::U64, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n(), 0, true);
+        rec.buffer(Buffer::Scales, Elem::F32, shape.n(), 0, false);
+    }
+
+    /// One shard's call as `sample_shard`, the all-reduce (the counts `summed`, or
+    /// `impossible` ones, written over the shard's own), `finish_shard` and `apply`
+    /// record it.
     #[allow(clippy::too_many_arguments)]
     fn check_shard<T: CudaElement>(
         driver: &Path,
-        dtype: u32,
         rng: &mut StdRng,
         cfg: &DropBlockConfig,
         plan: &Plan,
@@ -482,33 +662,26 @@ mod emulation {
         let mut y_cpu = vec![T::default(); n];
         cpu::apply(&saved, &x, &mut y_cpu).unwrap();
         let (sh, local_g) = shard.kernel_params(plan).unwrap();
-        let apply = launch_plan(cfg, local, 0, 1).unwrap().apply;
-        let mut apply_g = local_g;
-        if local.layout() == Layout::ChannelsLast {
-            apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
-        }
-        let op = apply_op::<T>(true, &apply_g, &apply);
-        let blocks = [rng.random_range(1..=3), rng.random_range(1..=2)];
-        let request = |summed: &[u64]| {
-            let mut req = Vec::new();
-            let flags = [dtype, 2, op as u32, blocks[0], blocks[1], 0, 0, 0, 1];
-            let (channels_last, fill) = (local.layout() == Layout::ChannelsLast, cfg.fill() == Fill::Noise);
-            for v in flags.into_iter().chain([channels_last as u32, fill as u32, 1]) {
-                req.extend_from_slice(&v.to_le_bytes());
+        let launch = launch::shard_call_plan(cfg, local, local_g);
+        let entries = summed.entries().len();
+        let wave = rng.random_range(1..=3);
+        let run = |counts: &[u64]| -> Result<Vec<u8>, String> {
+            let mut rec = Recorder::new(wave);
+            declare_call::<T>(&mut rec, local, false, 0);
+            rec.buffer(Buffer::PlaneKept, Elem::U64, local.n() * local.c(), 0, false);
+            rec.buffer(Buffer::ShardCounts, Elem::U64, entries, 0, false);
+            rec.upload(Buffer::X, &x);
+            let err = |e: Error| e.to_string();
+            launch::sample_shard(&mut rec, plan, &sh, &launch, local, entries as u64).map_err(err)?;
+            rec.save(Buffer::ShardCounts);
+            rec.upload(Buffer::ShardCounts, counts);
+            launch::finish_shard(&mut rec, &sh, &launch).map_err(err)?;
+            launch::element_pass(&mut rec, plan, &launch, local, Some(sh), T::DTYPE, true, Pass::Forward)
+                .map_err(err)?;
+            for b in [Buffer::KeepBits, Buffer::Scales, Buffer::Y] {
+                rec.save(b);
             }
-            req.extend_from_slice(bytes_of(plan.geometry()));
-            req.extend_from_slice(bytes_of(&abi::DropBlockTiles::default()));
-            req.extend_from_slice(bytes_of(plan.sampling()));
-            req.extend_from_slice(bytes_of(&apply));
-            req.extend_from_slice(bytes_of(&sh));
-            req.extend_from_slice(bytes_of(&local_g));
-            for v in summed {
-                req.extend_from_slice(&v.to_le_bytes());
-            }
-            for v in &x {
-                req.extend_from_slice(bytes_of(v));
-            }
-            req
+            call_driver(driver, &rec.request())
         };
         if let Some(bad) = impossible {
             // Counts no shards could give: the CPU refuses them, and finish_shard's
@@ -517,9 +690,9 @@ mod emulation {
             if !matches!(ShardCounts::from_entries(global, bad.clone()), Err(Error::ImpossibleShardCounts(_))) {
                 return Err(format!("the CPU took the impossible counts {bad:?}"));
             }
-            let resp = call_driver(driver, &request(&bad))?;
-            // Past the keep bits and the shard's own counts.
-            let mut buf = &resp[n.div_ceil(32) * 4 + bad.len() * 8..];
+            let resp = run(&bad)?;
+            // Past the shard's own counts and the keep bits.
+            let mut buf = &resp[entries * 8 + n.div_ceil(32) * 4..];
             let scales: Vec<f32> = take(&mut buf, local.n());
             let k = saved.scales().len();
             if !scales[..k].iter().all(|s| s.is_nan()) {
@@ -527,10 +700,10 @@ mod emulation {
             }
             return Ok(());
         }
-        let resp = call_driver(driver, &request(summed.entries()))?;
+        let resp = run(summed.entries())?;
         let mut buf = &resp[..];
+        let counts: Vec<u64> = take(&mut buf, entries);
         let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
-        let counts: Vec<u64> = take(&mut buf, summed.entries().len());
         let scales: Vec<f32> = take(&mut buf, local.n());
         let y: Vec<T> = take(&mut buf, n);
         if counts != own.entries() {
@@ -575,18 +748,15 @@ mod emulation {
         mask
     }
 
-    /// Returns the launch path the case took and whether it used the vector kernels.
-    /// Runs case `c` emulated and against the CPU: its launch path, whether its
-    /// element pass took 16-byte vectors, and whether a channels-last forward took
-    /// the one-pass kernel.
-    fn check<T: CudaElement>(
-        driver: &Path,
-        dtype: u32,
-        c: Case,
-        seed: u64,
-    ) -> Result<(LaunchPath, bool, bool), String> {
+    /// Runs case `c` emulated and against the CPU: `calls` forwards (each split
+    /// into its sampling and its element pass where `c.split`), then a backward
+    /// from the same state. Returns its launch path, whether its forward's element
+    /// pass took 16-byte vectors, and whether a channels-last forward took the
+    /// one-pass kernel.
+    fn check<T: CudaElement>(driver: &Path, c: Case, seed: u64) -> Result<(LaunchPath, bool, bool), String> {
         let (shape, n) = (c.shape, c.shape.numel());
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
+        let dy: Vec<T> = common::input(n, seed ^ 0xD7).into_iter().map(T::from_f32).collect();
         // After `calls` calls a device generator has stepped to the last call's key
         // (one call where that would pass the largest offset).
         let last = |calls: u32| RngKey::new(c.key.seed(), c.key.offset().checked_add(17 * (calls as u64 - 1))?).ok();
@@ -597,68 +767,66 @@ mod emulation {
         };
         let mut y_cpu = vec![T::default(); n];
         let saved = cpu::forward(&c.cfg, shape, key, Mode::Train, &x, &mut y_cpu).unwrap();
-        let plan = Plan::new(&c.cfg, shape, c.key).unwrap();
+        let mut dx_cpu = vec![T::default(); n];
+        cpu::backward(&saved, &dy, &mut dx_cpu).unwrap();
+        // With a device generator the plan's key is a placeholder, as in ops.rs.
+        let plan_key = if c.device_key { RngKey::new(0, 0).unwrap() } else { c.key };
+        let plan = Plan::new(&c.cfg, shape, plan_key).unwrap();
         let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks).unwrap();
         if c.smallest_tiles && launch.path != LaunchPath::Grid {
             launch.tiles =
                 tiles_with(plan.geometry(), launch.apply.plane_len, plan.geometry().planes_per_window as u64);
         }
-        let (apply, path) = (launch.apply, launch.path);
-        // Channels-last keep bits are flat, whatever the sharing (src/cuda/ops.rs).
-        let mut apply_g = *plan.geometry();
-        if c.channels_last() {
-            apply_g.sharing = abi::DROPBLOCK_SHARE_NONE;
-        }
-        let one_pass = channels_last_op(shape, !c.unaligned, &launch);
-        let op = one_pass.unwrap_or_else(|| apply_op::<T>(!c.unaligned, &apply_g, &apply));
-        let layout = match (c.channels_last(), one_pass) {
-            (false, _) => 0u32,
-            (true, None) => 1,
-            (true, Some(_)) => 2,
-        };
+        let (path, aligned) = (launch.path, !c.unaligned);
 
-        let mut req = Vec::new();
-        for v in [
-            dtype,
-            path as u32,
-            op as u32,
-            c.count_blocks,
-            c.apply_blocks,
-            c.in_place as u32,
-            c.unaligned as u32,
-            c.device_key as u32,
-            calls,
-            layout,
-            (c.cfg.fill() == Fill::Noise) as u32,
-            0,
-        ] {
-            req.extend_from_slice(&v.to_le_bytes());
+        let mut rec = Recorder::new(c.wave);
+        declare_call::<T>(&mut rec, shape, c.in_place, c.unaligned as u32);
+        if c.device_key {
+            rec.buffer(Buffer::Generator, Elem::U64, 2, 0, false);
+            rec.upload(Buffer::Generator, &[c.key.seed(), c.key.offset()]);
         }
-        req.extend_from_slice(bytes_of(plan.geometry()));
-        req.extend_from_slice(bytes_of(&launch.tiles));
-        req.extend_from_slice(bytes_of(plan.sampling()));
-        req.extend_from_slice(bytes_of(&apply));
-        for v in &x {
-            req.extend_from_slice(bytes_of(v));
+        let err = |e: Error| e.to_string();
+        for call in 0..calls {
+            if call == 0 || c.in_place {
+                rec.upload(Buffer::X, &x);
+            }
+            let io = (!c.split).then_some(aligned);
+            launch::forward(&mut rec, &plan, &launch, shape, T::DTYPE, io, c.device_key).map_err(err)?;
+            if c.split {
+                launch::element_pass(&mut rec, &plan, &launch, shape, None, T::DTYPE, aligned, Pass::Forward)
+                    .map_err(err)?;
+            }
         }
-        let resp = call_driver(driver, &req)?;
+        let forward_kernels = rec.kernels.clone();
+        for b in [Buffer::KeepBits, Buffer::Counts, Buffer::Scales, Buffer::Y] {
+            rec.save(b);
+        }
+        if c.device_key {
+            rec.save(Buffer::Generator);
+        }
+        rec.upload(Buffer::X, &dy);
+        launch::element_pass(&mut rec, &plan, &launch, shape, None, T::DTYPE, aligned, Pass::Backward).map_err(err)?;
+        rec.save(Buffer::Y);
+
+        let resp = call_driver(driver, &rec.request())?;
         let mut buf = &resp[..];
         let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
         let counts: Vec<u64> = take(&mut buf, abi::DROPBLOCK_COUNT_SAMPLES as usize + shape.n());
         let scales: Vec<f32> = take(&mut buf, shape.n());
         let y: Vec<T> = take(&mut buf, n);
-        let key_after: Vec<u64> = take(&mut buf, 2);
-        // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
-        let stepped = if c.device_key { c.key.offset().wrapping_add(17 * calls as u64) } else { c.key.offset() };
-        let kernel = if one_pass.is_some() { CHANNELS_LAST_OPS[op] } else { APPLY_OPS[op] };
-        let tag = format!("{path:?}, {kernel:?}, {calls} call(s)");
-        if key_after != [c.key.seed(), stepped] {
-            return Err(format!(
-                "generator after the calls {key_after:?}, expected [{}, {stepped}] ({tag})",
-                c.key.seed()
-            ));
+        let key_after: Vec<u64> = if c.device_key { take(&mut buf, 2) } else { Vec::new() };
+        let dx: Vec<T> = take(&mut buf, n);
+        let tag = format!("{path:?}, {calls} call(s): {:?}", rec.kernels);
+        if c.device_key {
+            // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
+            let stepped = c.key.offset().wrapping_add(17 * calls as u64);
+            if key_after != [c.key.seed(), stepped] {
+                return Err(format!(
+                    "generator after the calls {key_after:?}, expected [{}, {stepped}] ({tag})",
+                    c.key.seed()
+                ));
+            }
         }
-
         let mask = keep_mask_of(&bits, plan.geometry(), shape);
         if mask != saved.keep_mask().unwrap() {
             let i = mask.iter().zip(saved.keep_mask().unwrap()).position(|(a, b)| *a != b).unwrap();
@@ -674,6 +842,11 @@ mod emulation {
         if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
             return Err(format!("y[{i}] = {:?}, cpu {:?} ({tag})", y[i], y_cpu[i]));
         }
-        Ok((path, one_pass.is_some() || op != 4, one_pass.is_some()))
+        if let Some(i) = (0..n).find(|&i| !common::same(dx[i], dx_cpu[i])) {
+            return Err(format!("dx[{i}] = {:?}, cpu {:?} ({tag})", dx[i], dx_cpu[i]));
+        }
+        let one_pass = forward_kernels.iter().any(|k| k.starts_with("dropblock_apply_channels_last"));
+        let scalar = forward_kernels.iter().any(|k| k.contains("unaligned") || k.starts_with("dropblock_fill_noise"));
+        Ok((path, !scalar, one_pass))
     }
 }

@@ -39,16 +39,15 @@
 //! [`DevicePtr`]: cudarc::driver::DevicePtr
 //! [`DevicePtrMut`]: cudarc::driver::DevicePtrMut
 
+#[doc(hidden)]
+pub mod launch;
 mod module;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 mod ops;
 mod ranges;
 
-pub use module::{built_archs, context, driver_present, fatbin, ptxas_report};
 #[doc(hidden)]
-pub use ops::{
-    apply_op, channels_last_op, kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath, APPLY_OPS,
-    CHANNELS_LAST_OPS,
-};
+pub use launch::{kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath};
+pub use module::{built_archs, context, driver_present, fatbin, ptxas_report};
 pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

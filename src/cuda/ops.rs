@@ -9,14 +9,17 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
+use super::launch::{
+    self, kernel_keys, kernel_name, launch_plan, Arg, Buffer, CallPlan, KernelKey, Pass, Queue, THREADS,
+};
 use super::module::{context, load};
 use super::ranges;
 use crate::abi;
-use crate::config::{DropBlockConfig, Fill, Layout, Mode, Normalize, Shape, Sharing};
-use crate::dtype::{DType, Element};
+use crate::config::{DropBlockConfig, Fill, Layout, Mode, Shape};
+use crate::dtype::Element;
 use crate::error::{host_vec, Error, Result};
 use crate::rng::RngKey;
-use crate::sampling::{expected_scale, plane_of, Plan};
+use crate::sampling::{plane_of, Plan};
 use crate::shard::Shard;
 
 // SAFETY: plain-C structs of integers (src/abi.rs, checked against the header).
@@ -33,61 +36,6 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
 impl CudaElement for f32 {}
 impl CudaElement for f16 {}
 impl CudaElement for bf16 {}
-
-const THREADS: u32 = 256;
-const UNTYPED: [&str; 9] = [
-    "count_mask",
-    "seed_blocks",
-    "count_bits",
-    "channels_last_bits",
-    "sample_seeds",
-    "shard_blocks",
-    "shard_count",
-    "shard_counts",
-    "shard_scales",
-];
-/// The scaled copies from saved keep bits, by layout of the bits and scales
-/// (tests/emulator/driver.cpp indexes them in this order).
-#[doc(hidden)]
-pub const APPLY_OPS: [&str; 5] =
-    ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "apply_unaligned"];
-const FUSED_OPS: [&str; 2] = ["fused", "fused_unaligned"];
-/// A channels-last forward's keep bits and scaled copy in one pass, by scales
-/// (tests/emulator/driver.cpp indexes them in this order).
-#[doc(hidden)]
-pub const CHANNELS_LAST_OPS: [&str; 2] = ["apply_channels_last", "apply_channels_last_per_sample"];
-/// Noise fill's forward pass (any alignment).
-const FILL_OPS: [&str; 1] = ["fill_noise"];
-/// The element-wise kernels' dtype suffixes are the dtypes' names, so a dtype
-/// without kernels fails `the_kernel_table_matches_the_fatbin`.
-const DTYPES: &[&str] = DType::NAMES;
-/// Cells a tile holds: `DROPBLOCK_TILE_WORDS` words, starting at any bit of the
-/// first (kernels/mask.cuh, TILE_CELLS).
-const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
-
-/// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
-/// finding a kernel on the launch path neither formats nor allocates.
-type KernelKey = (&'static str, &'static str);
-
-fn kernel_keys() -> impl Iterator<Item = KernelKey> {
-    let typed = APPLY_OPS.iter().chain(&FUSED_OPS).chain(&FILL_OPS).chain(&CHANNELS_LAST_OPS);
-    UNTYPED.iter().map(|&op| (op, "")).chain(typed.flat_map(|&op| DTYPES.iter().map(move |&t| (op, t))))
-}
-
-/// `dropblock_<op>[_<dtype>]`, the name in the fatbin.
-fn kernel_name((op, dtype): KernelKey) -> String {
-    if dtype.is_empty() {
-        format!("dropblock_{op}")
-    } else {
-        format!("dropblock_{op}_{dtype}")
-    }
-}
-
-/// Every kernel the wrappers launch, loaded once per context.
-#[doc(hidden)]
-pub fn kernel_names() -> Vec<String> {
-    kernel_keys().map(kernel_name).collect()
-}
 
 /// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
 /// context (it is `Send + Sync`).
@@ -201,6 +149,8 @@ struct StatePtrs {
     plane_bits: sys::CUdeviceptr,
     counts: sys::CUdeviceptr,
     scales: sys::CUdeviceptr,
+    /// A shard call's `plane_kept`, once allocated.
+    plane_kept: Option<sys::CUdeviceptr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -346,6 +296,7 @@ impl DropBlockCuda {
             plane_bits: plane_bits.as_ref().map_or(keep_ptr, |b| b.device_ptr(stream).0),
             counts: counts.device_ptr(stream).0,
             scales: scales.device_ptr(stream).0,
+            plane_kept: None,
         };
         Ok(DeviceState {
             shape,
@@ -544,7 +495,9 @@ impl DropBlockCuda {
             // On the state's own stream, whose frees wait for the state's last stream
             // (DeviceState's Drop).
             let own = state.keep_bits.stream().clone();
-            state.plane_kept = Some(own.alloc_zeros::<u64>(local.n() * local.c())?);
+            let plane_kept = own.alloc_zeros::<u64>(local.n() * local.c())?;
+            state.ptrs.plane_kept = Some(plane_kept.device_ptr(&own).0);
+            state.plane_kept = Some(plane_kept);
             if own.cu_stream() != stream.cu_stream() {
                 stream.join(&own)?;
             }
@@ -552,58 +505,14 @@ impl DropBlockCuda {
         state.call = None;
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr_mut(stream);
-        // SAFETY: counts holds `entries` u64.
-        unsafe { result::memset_d8_async(cp, 0, entries * 8, stream.cu_stream()) }?;
+        let mut q = self.queue(stream, state).with(Buffer::ShardCounts, cp);
         let Some((plan, sh, local_g)) = cached else {
-            // Everything kept: shard_counts counts whole slices without plane counts.
-            let (sh, g) = (shard.box_params(), abi::DropBlockGeometry::default());
-            let k = self.kernel("shard_counts", "")?;
-            let mut b = stream.launch_builder(&k.function);
-            b.arg(&g).arg(&sh).arg(&0u64).arg(&cp);
-            // SAFETY: argument types match the kernel; counts holds 1 + global N entries.
-            unsafe { b.launch(self.launch_config(k, (local.n() as u64).div_ceil(THREADS as u64))) }?;
-            state.call = Some(Call { masked: None, shard: Some((sh, true)) });
+            launch::sample_shard_identity(&mut q, shard, entries as u64)?;
+            state.call = Some(Call { masked: None, shard: Some((shard.box_params(), true)) });
             return Ok(());
         };
-        let g = *plan.geometry();
-        let a = apply_params(cfg, local);
-        // The element passes read the shard's own planes.
-        let noise = cfg.fill() == Fill::Noise;
-        let launch = CallPlan { geometry: local_g, apply: a, tiles: Default::default(), path: LaunchPath::Grid, noise };
-        let plane_kept = state.plane_kept.as_ref().map(|b| b.device_ptr(stream).0).unwrap_or_default();
-        let p = state.ptrs;
-        let words = (sh.planes * a.plane_len).div_ceil(32);
-        // SAFETY (the memsets): the state's plane bits hold a bit per element (at
-        // least the shard's planes), plane_kept a counter per slice (at least one
-        // per plane).
-        unsafe {
-            result::memset_d8_async(p.plane_bits, 0, words as usize * 4, stream.cu_stream())?;
-            result::memset_d8_async(plane_kept, 0, sh.planes as usize * 8, stream.cu_stream())?;
-        }
-        let items = if g.seed_cells <= abi::DROPBLOCK_WINDOW_CELLS as u64 {
-            sh.planes.div_ceil(sh.run_planes) * sh.windows_per_run
-        } else {
-            sh.planes * (sh.part_hi - sh.part_lo)
-        };
-        let k = self.kernel("shard_blocks", "")?;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(&g).arg(&sh).arg(plan.sampling()).arg(&p.plane_bits);
-        // SAFETY: argument types match the kernel; the bits are zeroed and hold the
-        // shard's planes.
-        unsafe { b.launch(self.launch_config(k, items.div_ceil(THREADS as u64))) }?;
-        let k = self.kernel("shard_count", "")?;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(&sh).arg(&a).arg(&p.plane_bits).arg(&plane_kept);
-        // SAFETY: as above; plane_kept is zeroed and holds a counter per plane.
-        unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
-        let k = self.kernel("shard_counts", "")?;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(&g).arg(&sh).arg(&plane_kept).arg(&cp);
-        // SAFETY: as above; counts holds 1 + global N entries, zeroed.
-        unsafe { b.launch(self.launch_config(k, (local.n() as u64).div_ceil(THREADS as u64))) }?;
-        if local.layout() == Layout::ChannelsLast {
-            self.launch_channels_last_bits(stream, state, &local_g, &a)?;
-        }
+        let launch = launch::shard_call_plan(cfg, local, local_g);
+        launch::sample_shard(&mut q, &plan, &sh, &launch, local, entries as u64)?;
         state.call = Some(Call { masked: Some((plan, launch)), shard: Some((sh, false)) });
         Ok(())
     }
@@ -640,13 +549,7 @@ impl DropBlockCuda {
         };
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr(stream);
-        let k = self.kernel("shard_scales", "")?;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(&sh).arg(&launch.apply).arg(&cp).arg(&state.ptrs.scales);
-        // One block, which checks the counts before it divides (NaN scales when no
-        // shards could give them: the kernel's comment).
-        // SAFETY: argument types match the kernel; the state holds N scales.
-        unsafe { b.launch(self.launch_config(k, 1)) }?;
+        launch::finish_shard(&mut self.queue(stream, state).with(Buffer::ShardCounts, cp), &sh, &launch)?;
         if let Some(Call { shard: Some((_, finished)), .. }) = state.call.as_mut() {
             *finished = true;
         }
@@ -707,7 +610,6 @@ impl DropBlockCuda {
             }
         };
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
-        let device_key: sys::CUdeviceptr = key_guard.as_ref().map_or(0, |(p, _)| *p);
         let (plan, launch) = match &state.cached {
             Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => {
                 (plan.with_key(host_key), *launch)
@@ -720,82 +622,16 @@ impl DropBlockCuda {
             }
         };
         state.enter(stream)?;
-        let (g, a, tiles, p) = (*plan.geometry(), launch.apply, launch.tiles, state.ptrs);
-        match (launch.path, &io) {
-            (LaunchPath::Fused, Some(io)) => {
-                let op = if io.aligned() { "fused" } else { "fused_unaligned" };
-                let k = self.kernel(op, T::DTYPE.name())?;
-                let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&io.x).arg(&io.y);
-                b.arg(&p.plane_bits).arg(&p.counts).arg(&p.scales);
-                // SAFETY: argument types match the kernel; the state holds a bit per
-                // element, N + 2 counters and N scales; x and y hold numel elements.
-                unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
-            }
-            (LaunchPath::Fused | LaunchPath::Tiles, _) => {
-                let k = self.kernel("count_mask", "")?;
-                let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&tiles).arg(plan.sampling()).arg(&device_key).arg(&a);
-                b.arg(&p.plane_bits).arg(&p.counts).arg(&p.scales);
-                // SAFETY: as above.
-                unsafe { b.launch(self.launch_config(k, tiles.tiles)) }?;
-            }
-            (LaunchPath::Grid, _) => {
-                let words = (g.planes * a.plane_len).div_ceil(32);
-                // SAFETY: the state's bits hold at least `words` words (a bit per element).
-                unsafe { result::memset_d8_async(p.plane_bits, 0, words as usize * 4, stream.cu_stream()) }?;
-                let k = self.kernel("seed_blocks", "")?;
-                let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(plan.sampling()).arg(&device_key).arg(&a).arg(&p.plane_bits);
-                // SAFETY: as above; the bits are zeroed.
-                unsafe { b.launch(self.launch_config(k, g.windows.div_ceil(THREADS as u64))) }?;
-                let k = self.kernel("count_bits", "")?;
-                let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&a).arg(&p.plane_bits).arg(&p.counts).arg(&p.scales).arg(&device_key);
-                // SAFETY: as above.
-                unsafe { b.launch(self.launch_config(k, words.div_ceil(THREADS as u64))) }?;
-            }
-        }
-        let one_pass = io.as_ref().and_then(|io| channels_last_op(shape, io.aligned(), &launch));
-        if shape.layout() == Layout::ChannelsLast && one_pass.is_none() {
-            self.launch_channels_last_bits(stream, state, &g, &a)?;
-        }
-        state.call = Some(Call { masked: Some((plan, launch)), shard: None });
+        let mut q = self.queue(stream, state);
         if let Some(io) = &io {
-            if let Some(op) = one_pass {
-                let k = self.kernel(CHANNELS_LAST_OPS[op], T::DTYPE.name())?;
-                let mut b = stream.launch_builder(&k.function);
-                b.arg(&g).arg(&a).arg(&io.x).arg(&io.y).arg(&p.plane_bits).arg(&p.keep_bits).arg(&p.scales);
-                // SAFETY: argument types match the kernel; x and y hold numel elements
-                // (16-byte aligned), both bit buffers a bit per element, the scales N.
-                unsafe { b.launch(self.launch_config(k, channels_last_items(&g, &a).div_ceil(THREADS as u64 / 32))) }?;
-            } else if launch.path != LaunchPath::Fused {
-                self.launch_element_pass::<T>(stream, state, &plan, &launch, io, Pass::Forward)?;
-            }
+            q = q.with(Buffer::X, io.x).with(Buffer::Y, io.y);
         }
-        Ok(())
-    }
-
-    /// A channels-last call's keep bits in the tensor's order, from the planes' bits.
-    fn launch_channels_last_bits(
-        &self,
-        stream: &Arc<CudaStream>,
-        state: &DeviceState,
-        g: &abi::DropBlockGeometry,
-        a: &abi::DropBlockApply,
-    ) -> Result<()> {
-        let p = state.ptrs;
-        let words = a.numel.div_ceil(32);
-        if !g.c.is_multiple_of(32) {
-            // Runs straddle words and are ORed in (kernels/dropblock.cu).
-            // SAFETY: the state's keep bits hold a bit per element.
-            unsafe { result::memset_d8_async(p.keep_bits, 0, words as usize * 4, stream.cu_stream()) }?;
+        if let Some((p, _)) = &key_guard {
+            q = q.with(Buffer::Generator, *p);
         }
-        let k = self.kernel("channels_last_bits", "")?;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(g).arg(a).arg(&p.plane_bits).arg(&p.keep_bits);
-        // SAFETY: argument types match the kernel; both bit buffers hold a bit per element.
-        unsafe { b.launch(self.launch_config(k, channels_last_items(g, a).div_ceil(THREADS as u64 / 32))) }?;
+        let aligned = io.as_ref().map(Io::aligned);
+        launch::forward(&mut q, &plan, &launch, shape, T::DTYPE, aligned, key_guard.is_some())?;
+        state.call = Some(Call { masked: Some((plan, launch)), shard: None });
         Ok(())
     }
 
@@ -821,235 +657,81 @@ impl DropBlockCuda {
             None => copy::<T>(stream, state.shape, &io),
             Some((plan, launch)) => {
                 state.enter(stream)?;
-                self.launch_element_pass::<T>(stream, state, &plan, &launch, &io, pass)
+                let q = &mut self.queue(stream, state).with(Buffer::X, io.x).with(Buffer::Y, io.y);
+                let shard = call.shard.map(|(sh, _)| sh);
+                launch::element_pass(q, &plan, &launch, state.shape, shard, T::DTYPE, io.aligned(), pass)
             }
         }
     }
 
-    /// The element pass of a call: a forward's (noise fill's own kernel under
-    /// `Fill::Noise`) or a backward's.
-    fn launch_element_pass<T: CudaElement>(
-        &self,
-        stream: &Arc<CudaStream>,
-        state: &DeviceState,
-        plan: &Plan,
-        launch: &CallPlan,
-        io: &Io,
-        pass: Pass,
-    ) -> Result<()> {
-        let (g, a) = (&launch.geometry, &launch.apply);
-        if !(launch.noise && pass == Pass::Forward) {
-            return self.launch_apply::<T>(stream, state, g, a, io);
-        }
-        let k = self.kernel("fill_noise", T::DTYPE.name())?;
-        let channels_last = (state.shape.layout() == Layout::ChannelsLast) as u32;
-        // Units are numbered in the whole tensor: a shard's box, or the tensor itself.
-        let shard = match state.call.and_then(|c| c.shard) {
-            Some((sh, _)) => sh,
-            None => Shard::whole(state.shape).kernel_params(plan)?.0,
-        };
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(g).arg(a).arg(plan.geometry()).arg(&shard).arg(plan.sampling()).arg(&channels_last);
-        b.arg(&io.x).arg(&io.y).arg(&state.ptrs.keep_bits);
-        // SAFETY: argument types match the kernel; x and y hold numel elements, the
-        // state a bit per element.
-        unsafe { b.launch(self.launch_config(k, a.numel.div_ceil(THREADS as u64))) }?;
-        Ok(())
-    }
-
-    fn launch_apply<T: CudaElement>(
-        &self,
-        stream: &Arc<CudaStream>,
-        state: &DeviceState,
-        g: &abi::DropBlockGeometry,
-        a: &abi::DropBlockApply,
-        io: &Io,
-    ) -> Result<()> {
-        // A channels-last state's keep bits are in the tensor's order: flat, whatever
-        // the sharing.
-        let flat;
-        let g = if state.shape.layout() == Layout::ChannelsLast {
-            flat = abi::DropBlockGeometry { sharing: abi::DROPBLOCK_SHARE_NONE, ..*g };
-            &flat
-        } else {
-            g
-        };
-        let op = apply_op::<T>(io.aligned(), g, a);
-        let k = self.kernel(APPLY_OPS[op], T::DTYPE.name())?;
-        let vec = if op == 4 { 1 } else { 16 / std::mem::size_of::<T>() as u64 };
+    /// The queue of a call on `state`: its own buffers, and those `with` adds.
+    fn queue<'a>(&'a self, stream: &'a Arc<CudaStream>, state: &DeviceState) -> DeviceQueue<'a> {
         let p = state.ptrs;
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(g).arg(a).arg(&io.x).arg(&io.y).arg(&p.keep_bits).arg(&p.scales);
-        // SAFETY: argument types match the kernel; x and y hold numel elements, the
-        // state a bit per element and N scales.
-        unsafe { b.launch(self.launch_config(k, (a.numel / vec).div_ceil(THREADS as u64))) }?;
+        let mut ptrs = [None; Buffer::COUNT];
+        ptrs[Buffer::KeepBits as usize] = Some(p.keep_bits);
+        ptrs[Buffer::PlaneBits as usize] = Some(p.plane_bits);
+        ptrs[Buffer::Counts as usize] = Some(p.counts);
+        ptrs[Buffer::Scales as usize] = Some(p.scales);
+        ptrs[Buffer::PlaneKept as usize] = p.plane_kept;
+        DeviceQueue { cuda: self, stream, ptrs }
+    }
+}
+
+/// A call's steps, enqueued on the caller's stream as they come.
+struct DeviceQueue<'a> {
+    cuda: &'a DropBlockCuda,
+    stream: &'a Arc<CudaStream>,
+    /// Each [`Buffer`]'s device pointer, where the call has one.
+    ptrs: [Option<sys::CUdeviceptr>; Buffer::COUNT],
+}
+
+impl DeviceQueue<'_> {
+    fn with(mut self, buffer: Buffer, ptr: sys::CUdeviceptr) -> Self {
+        self.ptrs[buffer as usize] = Some(ptr);
+        self
+    }
+
+    fn ptr(&self, buffer: Buffer) -> Result<&sys::CUdeviceptr> {
+        self.ptrs[buffer as usize]
+            .as_ref()
+            .ok_or_else(|| Error::Driver(format!("internal: a launch reads {buffer:?}, which this call has not")))
+    }
+}
+
+impl Queue for DeviceQueue<'_> {
+    fn zero(&mut self, buffer: Buffer, bytes: u64) -> Result<()> {
+        let p = *self.ptr(buffer)?;
+        // SAFETY: the sequences in launch.rs zero at most what the buffer holds for
+        // the call's shape (a bit per element, N + 2 counters, a counter per slice,
+        // 1 + the global N shard counts: checked by the callers).
+        unsafe { result::memset_d8_async(p, 0, bytes as usize, self.stream.cu_stream()) }?;
         Ok(())
     }
-}
 
-/// Which kernels compute a forward call's keep bits (the numbers are the
-/// emulator driver's, tests/emulator/driver.cpp).
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LaunchPath {
-    /// A tile's mask and its scaled copy in one launch (Expected or None
-    /// normalisation, no sharing).
-    Fused = 0,
-    /// `count_mask` (a tile of planes per block), then `apply`.
-    Tiles = 1,
-    /// `seed_blocks` and `count_bits` over the whole grid, then `apply`: for planes
-    /// too large for a tile, or too few tiles to fill the device.
-    Grid = 2,
-}
-
-/// How a forward call is launched: its element-wise parameters, its tiles and its
-/// path. None of it changes the mask.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy)]
-pub struct CallPlan {
-    /// The geometry the element passes and the channels-last transpose read: the
-    /// call's own, or a shard's local one (its N, C and box).
-    pub geometry: abi::DropBlockGeometry,
-    pub apply: abi::DropBlockApply,
-    pub tiles: abi::DropBlockTiles,
-    pub path: LaunchPath,
-    /// The forward's element pass is noise fill's kernel.
-    pub noise: bool,
-}
-
-/// Which element pass a saved state runs: the forward's, or a backward's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    Forward,
-    Backward,
-}
-
-/// The launch of a forward of `cfg` on `shape`: tiles of whole windows, sized to
-/// spread over `blocks` resident blocks; the grid-wide passes when a group of `q`
-/// planes does not fit a tile or there are fewer than `min_tiles` tiles. Public
-/// for tests that run the kernels off the GPU (tests/kernel_emulation.rs).
-#[doc(hidden)]
-pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> Result<CallPlan> {
-    let apply = apply_params(cfg, shape);
-    let g = *Plan::new(cfg, shape, RngKey::new(0, 0)?)?.geometry();
-    let tiles = tiles_of(&g, apply.plane_len, blocks);
-    let path = match tiles {
-        Some(t) if t.tiles >= min_tiles => {
-            if matches!(cfg.normalize(), Normalize::Expected | Normalize::None)
-                && cfg.sharing() == Sharing::None
-                && shape.layout() == Layout::ChannelsFirst
-                && cfg.fill() == Fill::Zero
-            {
-                LaunchPath::Fused
-            } else {
-                LaunchPath::Tiles
-            }
+    fn launch(&mut self, kernel: KernelKey, blocks: u64, args: &[Arg<'_>]) -> Result<()> {
+        /// The argument of a null pointer.
+        const NULL: sys::CUdeviceptr = 0;
+        let k = self.cuda.kernel(kernel.0, kernel.1)?;
+        let mut b = self.stream.launch_builder(&k.function);
+        for arg in args {
+            match arg {
+                Arg::Geometry(v) => b.arg(*v),
+                Arg::Tiles(v) => b.arg(*v),
+                Arg::Sampling(v) => b.arg(*v),
+                Arg::Apply(v) => b.arg(*v),
+                Arg::Shard(v) => b.arg(*v),
+                Arg::U32(v) => b.arg(v),
+                Arg::Ptr(buffer) => b.arg(self.ptr(*buffer)?),
+                Arg::Null => b.arg(&NULL),
+            };
         }
-        _ => LaunchPath::Grid,
-    };
-    Ok(CallPlan { geometry: g, apply, tiles: tiles.unwrap_or_default(), path, noise: cfg.fill() == Fill::Noise })
-}
-
-/// The element-wise parameters of a call of `cfg` on buffers of `shape`.
-fn apply_params(cfg: &DropBlockConfig, shape: Shape) -> abi::DropBlockApply {
-    abi::DropBlockApply {
-        numel: shape.numel() as u64,
-        plane_len: shape.plane_len() as u64,
-        normalize: normalize_code(cfg.normalize()),
-        fixed_scale: match cfg.normalize() {
-            Normalize::Expected => expected_scale(cfg.drop_prob()),
-            _ => 1.0,
-        },
+        // SAFETY: each sequence in launch.rs passes its kernel's parameters in order,
+        // which the kernel emulation checks against the kernels' C++ signatures
+        // (tests/kernel_emulation.rs), and buffers that hold what the kernel reads
+        // and writes for the call's shape (checked by the callers).
+        unsafe { b.launch(self.cuda.launch_config(k, blocks)) }?;
+        Ok(())
     }
-}
-
-/// Tiles of whole groups of `q` planes, at most `TILE_CELLS` cells and (where a
-/// group allows) `THREADS` windows each; `None` when `q` planes do not fit. The
-/// tiled kernels run one tile per block at a time, so the time is about the rounds
-/// of tiles (`⌈tiles / blocks⌉`) times a tile's work. Measured on an H200 (v6,
-/// docs/PERF.md): a round of window sampling costs about as much as 70 000 cells
-/// of growing and storing, so a tile samples its windows in one round (a thread
-/// each), and among the tile sizes that fill the resident blocks a whole number of
-/// times the one with the least work per block wins.
-#[doc(hidden)]
-pub fn tiles_of(g: &abi::DropBlockGeometry, plane_len: u64, blocks: u64) -> Option<abi::DropBlockTiles> {
-    /// A round of window sampling, in cells of growing and storing.
-    const SAMPLING_ROUND_CELLS: u64 = 70_000;
-    let q = g.planes_per_window as u64;
-    let fit = TILE_CELLS / plane_len / q * q;
-    if fit == 0 {
-        return None;
-    }
-    let one_round = (THREADS as u64 / g.windows_per_group).max(1) * q;
-    let cap = fit.min(one_round);
-    let blocks = blocks.max(1);
-    // Saturating: past 2^62 elements on a device of a block or two the product
-    // overflows u64, and every such choice is equally hopeless anyway.
-    let cost = |t: u64| {
-        let sampling_rounds = (t.div_ceil(q) * g.windows_per_group).div_ceil(THREADS as u64);
-        let work = (t * plane_len).saturating_add(sampling_rounds.saturating_mul(SAMPLING_ROUND_CELLS));
-        g.planes.div_ceil(t).div_ceil(blocks).saturating_mul(work)
-    };
-    let best = (1..=64u64)
-        .map(|rounds| g.planes.div_ceil(rounds * blocks).div_ceil(q) * q)
-        .chain([cap])
-        .filter(|&t| t <= cap)
-        .min_by_key(|&t| (cost(t), std::cmp::Reverse(t)))
-        .unwrap_or(q);
-    Some(tiles_with(g, plane_len, best))
-}
-
-/// Tiles of `planes_per_tile` planes (a multiple of `q` whose cells fit a tile).
-#[doc(hidden)]
-pub fn tiles_with(g: &abi::DropBlockGeometry, plane_len: u64, planes_per_tile: u64) -> abi::DropBlockTiles {
-    // ceil(2^64 / d) for the kernels' 32-bit divisions; 0 stands for d = 1.
-    let magic = |d: u64| if d <= 1 { 0 } else { u64::MAX / d + 1 };
-    abi::DropBlockTiles {
-        planes_per_tile,
-        tiles: g.planes.div_ceil(planes_per_tile),
-        groups_per_tile: planes_per_tile / g.planes_per_window as u64,
-        magic_seed_cells: magic(g.seed_cells),
-        magic_windows_per_group: magic(g.windows_per_group),
-        magic_seed_hw: magic(g.seed_h as u64 * g.seed_w as u64),
-        magic_seed_w: magic(g.seed_w as u64),
-        magic_block_rows: magic(g.kd as u64 * g.kh as u64),
-        magic_kh: magic(g.kh as u64),
-        magic_plane_len: magic(plane_len),
-    }
-}
-
-/// The apply kernel for a call (an index into [`APPLY_OPS`]): by sharing and
-/// normalisation, on 16-byte vectors when both tensors are 16-byte aligned and a
-/// vector spans at most two of what it looks up: slices with sharing, samples
-/// with PerSample (a vector reads at most two scales), so both must be at least a
-/// vector long.
-#[doc(hidden)]
-pub fn apply_op<T>(aligned: bool, g: &abi::DropBlockGeometry, a: &abi::DropBlockApply) -> usize {
-    let shared = g.sharing != abi::DROPBLOCK_SHARE_NONE;
-    let per_sample = a.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE;
-    let vec = (16 / std::mem::size_of::<T>()) as u64;
-    let sample_len = g.c as u64 * a.plane_len;
-    if !aligned || (shared && a.plane_len < vec) || (per_sample && sample_len < vec) {
-        return 4;
-    }
-    2 * shared as usize + per_sample as usize
-}
-
-/// A warp's items of the channels-last kernels: 32 cells x
-/// `DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS` channels of one sample each.
-fn channels_last_items(g: &abi::DropBlockGeometry, a: &abi::DropBlockApply) -> u64 {
-    g.n as u64 * a.plane_len.div_ceil(32) * (g.c as u64).div_ceil(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64)
-}
-
-/// The kernel (an index into [`CHANNELS_LAST_OPS`]) that gives a channels-last
-/// forward its keep bits and its scaled copy in one pass, where it applies: Zero
-/// fill, 16-byte aligned buffers and C a multiple of the item's channels (so a
-/// cell's channels are whole vectors). Otherwise the transpose and the flat apply.
-#[doc(hidden)]
-pub fn channels_last_op(shape: Shape, aligned: bool, launch: &CallPlan) -> Option<usize> {
-    let whole_items = (shape.c() as u64).is_multiple_of(abi::DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS as u64);
-    (shape.layout() == Layout::ChannelsLast && aligned && whole_items && !launch.noise)
-        .then_some((launch.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE) as usize)
 }
 
 /// `y = x` for an identity call (nothing to do in place).
@@ -1060,15 +742,6 @@ fn copy<T: CudaElement>(stream: &Arc<CudaStream>, shape: Shape, io: &Io) -> Resu
         unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }?;
     }
     Ok(())
-}
-
-fn normalize_code(n: Normalize) -> u32 {
-    match n {
-        Normalize::Global => abi::DROPBLOCK_NORM_GLOBAL,
-        Normalize::PerSample => abi::DROPBLOCK_NORM_PER_SAMPLE,
-        Normalize::Expected => abi::DROPBLOCK_NORM_EXPECTED,
-        Normalize::None => abi::DROPBLOCK_NORM_NONE,
-    }
 }
 
 impl DeviceState {
@@ -1226,44 +899,8 @@ mod tests {
             .collect();
         built.sort();
         built.dedup();
-        let mut names = super::kernel_names();
+        let mut names = super::super::kernel_names();
         names.sort();
         assert_eq!(built, names);
-    }
-
-    /// Launch plans past 2^32 planes and 2^33 elements (docs/INDEXING.md): the
-    /// tiles cover every plane with whole groups of `q` that fit a tile, and no
-    /// arithmetic overflows (a debug build traps on overflow).
-    #[test]
-    fn plans_past_2_pow_32_planes_cover_every_plane() {
-        use super::{launch_plan, LaunchPath, TILE_CELLS};
-        use crate::{DropBlockConfig, Sharing};
-        let shapes =
-            [(1 << 17, 1 << 16, 1, 1), (65_600, 65_600, 1, 1), (1, 66_100, 255, 255), (1 << 31, 1 << 31, 1, 1)];
-        let configs = [
-            DropBlockConfig::paper(1, 0.1).unwrap(),
-            DropBlockConfig::paper(3, 0.1).unwrap(),
-            DropBlockConfig::builder(crate::Block::square(7).unwrap(), 0.1).sharing(Sharing::Batch).build().unwrap(),
-        ];
-        for (n, c, h, w) in shapes {
-            let shape = crate::Shape::new(n, c, h, w).unwrap();
-            for cfg in &configs {
-                for blocks in [1, 2, 1_056, 1 << 20] {
-                    let plan = launch_plan(cfg, shape, 1, blocks).unwrap();
-                    if plan.path == LaunchPath::Grid {
-                        continue;
-                    }
-                    let g =
-                        *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).unwrap().geometry();
-                    let (t, q) = (plan.tiles, g.planes_per_window as u64);
-                    let what = format!("{shape} {cfg} blocks {blocks}: {t:?}");
-                    assert!(t.planes_per_tile > 0 && t.planes_per_tile % q == 0, "{what}");
-                    assert!(t.planes_per_tile * plan.apply.plane_len <= TILE_CELLS, "{what}");
-                    assert!(t.tiles * t.planes_per_tile >= g.planes, "{what}");
-                    assert!((t.tiles - 1) * t.planes_per_tile < g.planes, "{what}");
-                    assert_eq!(t.groups_per_tile * q, t.planes_per_tile, "{what}");
-                }
-            }
-        }
     }
 }

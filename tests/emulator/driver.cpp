@@ -1,257 +1,274 @@
-// Host driver for the kernel emulation test (tests/kernel_emulation.rs): reads one
-// call's parameters and input, runs the kernels in the launch sequence of
-// src/cuda/ops.rs under the emulator, and writes what they produced.
+// Host driver for the kernel emulation test (tests/kernel_emulation.rs): runs a
+// recorded sequence of steps (src/cuda/launch.rs writes them to a Queue) on the
+// kernels of kernels/dropblock.cu compiled for the host.
 //
-// Request (little-endian): u32 dtype (0 f32, 1 f16, 2 bf16), u32 path (0 fused,
-// 1 count_mask, 2 seed_blocks + count_bits, as LaunchPath in src/cuda/ops.rs),
-// u32 apply (the apply kernel, an index into APPLY_OPS below, as ops.rs chose it),
-// u32 count_blocks, u32 apply_blocks, u32 in_place, u32 unaligned (tensors one
-// element past an aligned start), u32 device_key (the key is read from a device
-// generator, which the kernels step; the sampling struct's own key is then
-// zeroed), u32 calls (the whole sequence runs this many times on the same state,
-// with no reset between: the counters must come back zeroed), u32 channels_last
-// (1: the count pass writes the planes' bits to a scratch buffer and
-// dropblock_channels_last_bits turns them into the keep bits, the apply kernel
-// chosen for flat bits; 2: the one-pass kernel CHANNELS_LAST_OPS[apply] does both,
-// as channels_last_op in src/cuda/ops.rs chose it), u32 fill (noise fill: dropblock_fill_noise_<T> instead of
-// the apply kernel), u32 shard (a shard's call, below), then
-// DropBlockGeometry, DropBlockTiles, DropBlockSampling, DropBlockApply as laid out
-// in kernels/dropblock_abi.h, then numel elements of x. Response: the keep bits
-// (ceil(numel / 32) words), the counts (2 + n), the scales (n), y, then the
-// generator's [seed, offset] after the calls.
+// It holds no launch logic of its own: which kernels run, in what order, on what
+// grid, with which memsets and arguments, all come from the request. It checks each
+// argument against its kernel's C++ signature (kind, struct size, pointee type), so
+// an argument list in src/cuda/launch.rs that does not match its kernel fails here
+// as it would fault, or silently misbehave, on a GPU.
 //
-// A shard's call (the sequence of DropBlockCuda::sample_shard, finish_shard and
-// apply): the geometry is the global one and DropBlockApply the shard's; after it
-// come DropBlockShard, the shard's own DropBlockGeometry (for the element passes)
-// and the counts summed over every shard (1 + global n u64), then x (the shard's
-// elements). Response: the keep bits, the shard's own counts (1 + global n), the
-// scales (the shard's n), y, and the key unchanged.
+// Request (little-endian):
+//   u32 buffers, then per buffer: u32 id, u32 element (ELEM below), u64 elements,
+//     u32 offset (elements before the pointer: a buffer that is not 16-byte
+//     aligned), u32 alias (the id of an earlier buffer this one is, or ~0: y in
+//     place is x), u32 zeroed (else filled with 0xde bytes, which kernels must
+//     overwrite);
+//   u32 steps, then per step a u32 kind:
+//     0 zero:   u32 buffer, u64 bytes (at most the buffer's);
+//     1 launch: u32 name length, the name, u32 grid, u32 arguments, then per
+//               argument a u32 tag (TAG below) and its value: a struct's u32 size
+//               and bytes, a u32, a pointer's u32 buffer, or nothing for null;
+//     2 upload: u32 buffer, u64 bytes, the bytes;
+//     3 save:   u32 buffer (its bytes are appended to the response).
+// Response: the saved buffers' bytes, in order.
+//
+// `driver --list` prints the kernels it can run, one per line.
 #include "cuda_host.h"
 
-#include <algorithm>
-#include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "dropblock.cu"
 
 namespace {
 
-template <typename T>
-void read_pod(const char*& p, T& v) {
-    std::memcpy(&v, p, sizeof(T));
-    p += sizeof(T);
+[[noreturn]] void fail(const std::string& why) {
+    std::fprintf(stderr, "%s\n", why.c_str());
+    std::exit(2);
 }
 
-template <typename T>
-void write_vec(std::ofstream& out, const std::vector<T>& v) {
-    out.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
+struct Reader {
+    const char* p;
+    const char* end;
 
-template <typename T>
-using ApplyKernel = void (*)(DropBlockGeometry, DropBlockApply, const T*, T*, const uint32_t*, const float*);
-template <typename T>
-using ChannelsLastKernel = void (*)(DropBlockGeometry, DropBlockApply, const T*, T*, const uint32_t*, uint32_t*,
-                                   const float*);
-template <typename T>
-using FusedKernel = void (*)(DropBlockGeometry, DropBlockTiles, DropBlockSampling, unsigned long long*,
-                             DropBlockApply, const T*, T*, uint32_t*, unsigned long long*, float*);
-
-struct Request {
-    uint32_t dtype, path, apply, count_blocks, apply_blocks, in_place, unaligned, device_key, calls, channels_last, fill,
-        shard;
-    DropBlockGeometry g;
-    DropBlockTiles tiles;
-    DropBlockSampling s;
-    DropBlockApply a;
+    const char* bytes(size_t n) {
+        if ((size_t)(end - p) < n) fail("the request ends early");
+        const char* at = p;
+        p += n;
+        return at;
+    }
+    template <typename T>
+    T pod() {
+        T v;
+        std::memcpy(&v, bytes(sizeof(T)), sizeof(T));
+        return v;
+    }
 };
 
-template <typename T>
-using FillKernel = void (*)(DropBlockGeometry, DropBlockApply, DropBlockGeometry, DropBlockShard, DropBlockSampling,
-                            uint32_t, const T*, T*, const uint32_t*);
+// Element types of buffers (src/cuda/launch.rs's Buffer: u32 bits, u64 counters,
+// f32 scales, and the tensors' dtypes).
+enum Elem : uint32_t { ELEM_U32, ELEM_U64, ELEM_F32, ELEM_F16, ELEM_BF16, ELEM_COUNT };
+constexpr size_t ELEM_BYTES[ELEM_COUNT] = {4, 8, 4, 2, 2};
+const char* const ELEM_NAMES[ELEM_COUNT] = {"u32", "u64", "f32", "f16", "bf16"};
 
-// The whole tensor of `g` as one shard (what ops.rs passes to noise fill outside shards).
-DropBlockShard whole_shard(const DropBlockGeometry& g) {
-    DropBlockShard sh{};
-    sh.n = g.n;
-    sh.c = g.c;
-    sh.extent[0] = g.d;
-    sh.extent[1] = g.h;
-    sh.extent[2] = g.w;
-    return sh;
+template <typename T>
+constexpr uint32_t elem_of() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, uint32_t>) return ELEM_U32;
+    else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) return ELEM_U64;
+    else if constexpr (std::is_same_v<U, float>) return ELEM_F32;
+    else if constexpr (std::is_same_v<U, __half>) return ELEM_F16;
+    else if constexpr (std::is_same_v<U, __nv_bfloat16>) return ELEM_BF16;
+    else static_assert(sizeof(U) == 0, "a kernel parameter points to a type the driver does not know");
 }
 
-// A shard's call: sample_shard's launches, then finish_shard's with the summed
-// counts, then the apply kernel on the shard's own geometry.
+// Argument kinds (src/cuda/launch.rs's Arg, in its order).
+enum Tag : uint32_t { TAG_GEOMETRY, TAG_TILES, TAG_SAMPLING, TAG_APPLY, TAG_SHARD, TAG_U32, TAG_PTR, TAG_NULL, TAG_COUNT };
+const char* const TAG_NAMES[TAG_COUNT] = {"DropBlockGeometry", "DropBlockTiles", "DropBlockSampling", "DropBlockApply",
+                                          "DropBlockShard",    "u32",            "pointer",           "null"};
+
+std::string tag_name(uint32_t tag) { return tag < TAG_COUNT ? TAG_NAMES[tag] : "tag " + std::to_string(tag); }
+
 template <typename T>
-int run_shard(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops, FillKernel<T> fill_k,
-              const char* out_path) {
-    const DropBlockApply& a = r.a;
-    DropBlockShard sh;
-    DropBlockGeometry local;
-    read_pod(p, sh);
-    read_pod(p, local);
-    std::vector<unsigned long long> summed(1 + r.g.n), counts(1 + r.g.n, 0xdeadbeefull);
-    std::memcpy(summed.data(), p, summed.size() * 8);
-    p += summed.size() * 8;
-    if ((size_t)(end - p) != a.numel * sizeof(T)) {
-        std::fprintf(stderr, "x has %zu bytes, expected %llu\n", (size_t)(end - p),
-                     (unsigned long long)(a.numel * sizeof(T)));
-        return 2;
+constexpr uint32_t tag_of() {
+    if constexpr (std::is_same_v<T, DropBlockGeometry>) return TAG_GEOMETRY;
+    else if constexpr (std::is_same_v<T, DropBlockTiles>) return TAG_TILES;
+    else if constexpr (std::is_same_v<T, DropBlockSampling>) return TAG_SAMPLING;
+    else if constexpr (std::is_same_v<T, DropBlockApply>) return TAG_APPLY;
+    else if constexpr (std::is_same_v<T, DropBlockShard>) return TAG_SHARD;
+    else if constexpr (std::is_same_v<T, uint32_t>) return TAG_U32;
+    else static_assert(sizeof(T) == 0, "a kernel parameter of a type the driver does not know");
+}
+
+struct Buffer {
+    uint32_t elem;
+    uint64_t elements;
+    uint32_t offset;
+    std::vector<char> data;
+};
+
+struct Buffers {
+    std::vector<Buffer> own;
+    std::map<uint32_t, size_t> index;  // id -> own[index], aliases included
+
+    Buffer& get(uint32_t id) {
+        auto it = index.find(id);
+        if (it == index.end()) fail("the sequence uses buffer " + std::to_string(id) + ", which the call has not");
+        return own[it->second];
     }
-    std::vector<T> x(a.numel), y(a.numel);
-    std::memcpy(x.data(), p, a.numel * sizeof(T));
-    std::vector<uint32_t> keep((a.numel + 31) / 32, 0xdeadbeefu);
-    std::vector<uint32_t> scratch(r.channels_last ? keep.size() : 0, 0xdeadbeefu);
-    std::vector<uint32_t>& bits = r.channels_last ? scratch : keep;
-    std::vector<unsigned long long> plane_kept(sh.planes, 0xdeadbeefull);
-    std::vector<float> scales(sh.n, -1.0f);
-    // The host's memsets (src/cuda/ops.rs), then the launches.
-    std::fill(bits.begin(), bits.begin() + (sh.planes * a.plane_len + 31) / 32, 0u);
-    std::fill(plane_kept.begin(), plane_kept.end(), 0ull);
-    std::fill(counts.begin(), counts.end(), 0ull);
-    emu::launch(dropblock_shard_blocks, r.count_blocks, 256, r.g, sh, r.s, bits.data());
-    emu::launch(dropblock_shard_count, r.count_blocks, 256, sh, a, bits.data(), plane_kept.data());
-    emu::launch(dropblock_shard_counts, r.count_blocks, 256, r.g, sh, (const unsigned long long*)plane_kept.data(),
-                counts.data());
-    DropBlockGeometry apply_g = local;
-    if (r.channels_last) {
-        if (local.c % 32) std::fill(keep.begin(), keep.end(), 0u);
-        emu::launch(dropblock_channels_last_bits, r.apply_blocks, 256, local, a, (const uint32_t*)scratch.data(),
-                    keep.data());
-        apply_g.sharing = DROPBLOCK_SHARE_NONE;
+    char* ptr(uint32_t id) {
+        Buffer& b = get(id);
+        return b.data.data() + b.offset * ELEM_BYTES[b.elem];
     }
-    emu::launch(dropblock_shard_scales, 1, 256, sh, a, (const unsigned long long*)summed.data(),
-                scales.data());
-    if (r.fill) {
-        emu::launch(fill_k, r.apply_blocks, 256, local, a, r.g, sh, r.s, r.channels_last, (const T*)x.data(), y.data(),
-                    (const uint32_t*)keep.data());
+    uint64_t bytes(uint32_t id) {
+        Buffer& b = get(id);
+        return b.elements * ELEM_BYTES[b.elem];
+    }
+};
+
+// Parameter `i` of kernel `k`, read from the request and checked against its type.
+template <typename P>
+P read_arg(Reader& r, Buffers& bufs, const std::string& k, int i) {
+    const uint32_t tag = r.pod<uint32_t>();
+    auto where = [&] { return k + " parameter " + std::to_string(i) + ": "; };
+    if constexpr (std::is_pointer_v<P>) {
+        if (tag == TAG_NULL) return nullptr;
+        if (tag != TAG_PTR) fail(where() + "a pointer, given a " + tag_name(tag));
+        const uint32_t id = r.pod<uint32_t>();
+        constexpr uint32_t want = elem_of<std::remove_pointer_t<P>>();
+        if (bufs.get(id).elem != want)
+            fail(where() + "points to " + ELEM_NAMES[want] + ", given buffer " + std::to_string(id) + " of " +
+                 ELEM_NAMES[bufs.get(id).elem]);
+        return reinterpret_cast<P>(bufs.ptr(id));
     } else {
-        emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)x.data(), y.data(),
-                    (const uint32_t*)keep.data(), (const float*)scales.data());
+        if (tag != tag_of<P>()) fail(where() + "a " + tag_name(tag_of<P>()) + ", given a " + tag_name(tag));
+        if constexpr (std::is_same_v<P, uint32_t>) {
+            return r.pod<uint32_t>();
+        } else {
+            const uint32_t size = r.pod<uint32_t>();
+            if (size != sizeof(P))
+                fail(where() + std::to_string(size) + " bytes for a struct of " + std::to_string(sizeof(P)));
+            return r.pod<P>();
+        }
     }
-    unsigned long long key[2] = {r.s.seed, r.s.offset};
-    std::ofstream out(out_path, std::ios::binary);
-    write_vec(out, keep);
-    write_vec(out, counts);
-    write_vec(out, scales);
-    write_vec(out, y);
-    out.write(reinterpret_cast<const char*>(key), sizeof key);
-    return out.good() ? 0 : 3;
 }
 
-template <typename T>
-int run(const char* p, const char* end, Request r, const ApplyKernel<T>* apply_ops,
-        const ChannelsLastKernel<T>* channels_last_ops, FusedKernel<T> fused_k, FillKernel<T> fill_k,
-        const char* out_path) {
-    if (r.shard) return run_shard<T>(p, end, r, apply_ops, fill_k, out_path);
-    const DropBlockApply& a = r.a;
-    const DropBlockGeometry& g = r.g;
-    if ((size_t)(end - p) != a.numel * sizeof(T)) {
-        std::fprintf(stderr, "x has %zu bytes, expected %llu\n", (size_t)(end - p),
-                     (unsigned long long)(a.numel * sizeof(T)));
-        return 2;
+using Invoker = std::function<void(Reader&, Buffers&, const std::string&, unsigned)>;
+
+template <typename... P>
+Invoker invoker(void (*kernel)(P...)) {
+    return [kernel](Reader& r, Buffers& bufs, const std::string& name, unsigned grid) {
+        const uint32_t n = r.pod<uint32_t>();
+        if (n != sizeof...(P))
+            fail(name + ": " + std::to_string(n) + " arguments for " + std::to_string(sizeof...(P)) + " parameters");
+        int i = 0;
+        // A braced list evaluates its elements in order: the arguments are read in order.
+        std::tuple<P...> args{read_arg<P>(r, bufs, name, i++)...};
+        std::apply([&](auto... a) { emu::launch(kernel, grid, 256, a...); }, args);
+    };
+}
+
+const std::map<std::string, Invoker>& kernels() {
+#define DROPBLOCK_UNTYPED(OP) {"dropblock_" #OP, invoker(dropblock_##OP)}
+#define DROPBLOCK_TYPED(OP)                                                                        \
+    {"dropblock_" #OP "_f32", invoker(dropblock_##OP##_f32)},                                      \
+        {"dropblock_" #OP "_f16", invoker(dropblock_##OP##_f16)}, {                               \
+        "dropblock_" #OP "_bf16", invoker(dropblock_##OP##_bf16)                                   \
     }
-    const size_t off = r.unaligned ? 1 : 0;
-    std::vector<T> xbuf(a.numel + off), ybuf(a.numel + off);
-    std::memcpy(xbuf.data() + off, p, a.numel * sizeof(T));
-    std::vector<uint32_t> keep((a.numel + 31) / 32, 0xdeadbeefu);  // kernels must overwrite
-    std::vector<uint32_t> scratch(r.channels_last ? keep.size() : 0, 0xdeadbeefu);
-    // Where the count pass writes the planes' bits.
-    std::vector<uint32_t>& bits = r.channels_last ? scratch : keep;
-    // The apply kernels read channels-last bits as flat ones (src/cuda/ops.rs).
-    DropBlockGeometry apply_g = g;
-    if (r.channels_last) apply_g.sharing = DROPBLOCK_SHARE_NONE;
-    std::vector<unsigned long long> counts(DROPBLOCK_COUNT_SAMPLES + g.n, 0);
-    std::vector<float> scales(g.n, -1.0f);
-    unsigned long long key[2] = {r.s.seed, r.s.offset};
-    unsigned long long* kp = r.device_key ? key : nullptr;
-    if (r.device_key) r.s.seed = r.s.offset = 0;
-    for (uint32_t call = 0; call < r.calls; ++call) {
-        T* xp = xbuf.data() + off;
-        T* yp = r.in_place ? xp : ybuf.data() + off;
-        if (r.in_place) std::memcpy(xp, p, a.numel * sizeof(T));
-        if (r.path == 0) {
-            emu::launch(fused_k, r.count_blocks, 256, g, r.tiles, r.s, kp, a, xp, yp, bits.data(), counts.data(),
-                        scales.data());
+    static const std::map<std::string, Invoker> table = {
+        DROPBLOCK_UNTYPED(count_mask),
+        DROPBLOCK_UNTYPED(seed_blocks),
+        DROPBLOCK_UNTYPED(count_bits),
+        DROPBLOCK_UNTYPED(channels_last_bits),
+        DROPBLOCK_UNTYPED(sample_seeds),
+        DROPBLOCK_UNTYPED(shard_blocks),
+        DROPBLOCK_UNTYPED(shard_count),
+        DROPBLOCK_UNTYPED(shard_counts),
+        DROPBLOCK_UNTYPED(shard_scales),
+        DROPBLOCK_TYPED(apply),
+        DROPBLOCK_TYPED(apply_per_sample),
+        DROPBLOCK_TYPED(apply_shared),
+        DROPBLOCK_TYPED(apply_shared_per_sample),
+        DROPBLOCK_TYPED(apply_unaligned),
+        DROPBLOCK_TYPED(fused),
+        DROPBLOCK_TYPED(fused_unaligned),
+        DROPBLOCK_TYPED(fill_noise),
+        DROPBLOCK_TYPED(apply_channels_last),
+        DROPBLOCK_TYPED(apply_channels_last_per_sample),
+    };
+#undef DROPBLOCK_UNTYPED
+#undef DROPBLOCK_TYPED
+    return table;
+}
+
+void declare_buffers(Reader& r, Buffers& bufs) {
+    const uint32_t count = r.pod<uint32_t>();
+    for (uint32_t i = 0; i < count; ++i) {
+        const auto id = r.pod<uint32_t>(), elem = r.pod<uint32_t>();
+        const auto elements = r.pod<uint64_t>();
+        const auto offset = r.pod<uint32_t>(), alias = r.pod<uint32_t>(), zeroed = r.pod<uint32_t>();
+        if (bufs.index.count(id)) fail("buffer " + std::to_string(id) + " declared twice");
+        if (alias != ~0u) {
+            bufs.get(alias);
+            bufs.index[id] = bufs.index[alias];
             continue;
         }
-        if (r.path == 1) {
-            emu::launch(dropblock_count_mask, r.count_blocks, 256, g, r.tiles, r.s, kp, a, bits.data(),
-                        counts.data(), scales.data());
-        } else {
-            std::fill(bits.begin(), bits.begin() + (g.planes * a.plane_len + 31) / 32, 0u);
-            emu::launch(dropblock_seed_blocks, r.count_blocks, 256, g, r.s, (const unsigned long long*)kp, a,
-                        bits.data());
-            emu::launch(dropblock_count_bits, r.count_blocks, 256, g, a, bits.data(), counts.data(), scales.data(),
-                        kp);
-        }
-        if (r.channels_last == 2) {
-            emu::launch(channels_last_ops[r.apply], r.apply_blocks, 256, g, a, (const T*)xp, yp,
-                        (const uint32_t*)scratch.data(), keep.data(), (const float*)scales.data());
-            continue;
-        }
-        if (r.channels_last) {
-            if (g.c % 32) std::fill(keep.begin(), keep.end(), 0u);
-            emu::launch(dropblock_channels_last_bits, r.apply_blocks, 256, g, a, (const uint32_t*)scratch.data(),
-                        keep.data());
-        }
-        if (r.fill) {
-            emu::launch(fill_k, r.apply_blocks, 256, g, a, g, whole_shard(g), r.s, r.channels_last, (const T*)xp, yp,
-                        (const uint32_t*)keep.data());
-        } else {
-            emu::launch(apply_ops[r.apply], r.apply_blocks, 256, apply_g, a, (const T*)xp, yp,
-                        (const uint32_t*)keep.data(), (const float*)scales.data());
-        }
+        if (elem >= ELEM_COUNT) fail("buffer " + std::to_string(id) + ": unknown element type");
+        Buffer b{elem, elements, offset, {}};
+        b.data.assign((offset + elements) * ELEM_BYTES[elem], zeroed ? 0 : (char)0xde);
+        bufs.index[id] = bufs.own.size();
+        bufs.own.push_back(std::move(b));
     }
-    const T* yp = r.in_place ? xbuf.data() + off : ybuf.data() + off;
-    std::ofstream out(out_path, std::ios::binary);
-    write_vec(out, keep);
-    write_vec(out, counts);
-    write_vec(out, scales);
-    out.write(reinterpret_cast<const char*>(yp), a.numel * sizeof(T));
-    out.write(reinterpret_cast<const char*>(key), sizeof key);
-    return out.good() ? 0 : 3;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: driver REQUEST RESPONSE\n");
-        return 2;
+    if (argc == 2 && std::string(argv[1]) == "--list") {
+        for (const auto& entry : kernels()) std::printf("%s\n", entry.first.c_str());
+        return 0;
     }
+    if (argc != 3) fail("usage: driver REQUEST RESPONSE, or driver --list");
     std::ifstream in(argv[1], std::ios::binary);
     std::vector<char> req((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const char* p = req.data();
-    const char* end = p + req.size();
-    Request r;
-    for (uint32_t* f : {&r.dtype, &r.path, &r.apply, &r.count_blocks, &r.apply_blocks, &r.in_place, &r.unaligned,
-                        &r.device_key, &r.calls, &r.channels_last, &r.fill, &r.shard})
-        read_pod(p, *f);
-    read_pod(p, r.g);
-    read_pod(p, r.tiles);
-    read_pod(p, r.s);
-    read_pod(p, r.a);
-    if (r.apply > (r.channels_last == 2 ? 1u : 4u)) {
-        std::fprintf(stderr, "unknown apply kernel %u\n", r.apply);
-        return 2;
+    Reader r{req.data(), req.data() + req.size()};
+    Buffers bufs;
+    declare_buffers(r, bufs);
+    std::ofstream out(argv[2], std::ios::binary);
+    const uint32_t steps = r.pod<uint32_t>();
+    for (uint32_t step = 0; step < steps; ++step) {
+        switch (r.pod<uint32_t>()) {
+            case 0: {
+                const auto id = r.pod<uint32_t>();
+                const auto bytes = r.pod<uint64_t>();
+                if (bytes > bufs.bytes(id))
+                    fail("step " + std::to_string(step) + " zeroes " + std::to_string(bytes) + " bytes of buffer " +
+                         std::to_string(id) + ", which holds " + std::to_string(bufs.bytes(id)));
+                std::memset(bufs.ptr(id), 0, bytes);
+                break;
+            }
+            case 1: {
+                const uint32_t len = r.pod<uint32_t>();
+                const std::string name(r.bytes(len), len);
+                const auto it = kernels().find(name);
+                if (it == kernels().end()) fail("no kernel " + name);
+                const uint32_t grid = r.pod<uint32_t>();
+                if (grid == 0) fail(name + ": a grid of no blocks");
+                it->second(r, bufs, name, grid);
+                break;
+            }
+            case 2: {
+                const auto id = r.pod<uint32_t>();
+                const auto bytes = r.pod<uint64_t>();
+                if (bytes > bufs.bytes(id)) fail("an upload past the end of buffer " + std::to_string(id));
+                std::memcpy(bufs.ptr(id), r.bytes(bytes), bytes);
+                break;
+            }
+            case 3: {
+                const auto id = r.pod<uint32_t>();
+                out.write(bufs.ptr(id), (std::streamsize)bufs.bytes(id));
+                break;
+            }
+            default: fail("unknown step kind");
+        }
     }
-    // ops, channels_last_ops: the order of APPLY_OPS and CHANNELS_LAST_OPS in src/cuda/ops.rs.
-#define DROPBLOCK_RUN(T, NAME)                                                                                   \
-    [&] {                                                                                                        \
-        const ApplyKernel<T> ops[] = {dropblock_apply_##NAME, dropblock_apply_per_sample_##NAME,             \
-                                      dropblock_apply_shared_##NAME, dropblock_apply_shared_per_sample_##NAME, \
-                                      dropblock_apply_unaligned_##NAME};                                       \
-        const ChannelsLastKernel<T> channels_last_ops[] = {dropblock_apply_channels_last_##NAME,               \
-                                                           dropblock_apply_channels_last_per_sample_##NAME};   \
-        return run<T>(p, end, r, ops, channels_last_ops,                                                         \
-                      r.unaligned ? dropblock_fused_unaligned_##NAME : dropblock_fused_##NAME,                    \
-                      dropblock_fill_noise_##NAME, argv[2]);                                                     \
-    }()
-    switch (r.dtype) {
-        case 0: return DROPBLOCK_RUN(float, f32);
-        case 1: return DROPBLOCK_RUN(__half, f16);
-        default: return DROPBLOCK_RUN(__nv_bfloat16, bf16);
-    }
+    if (r.p != r.end) fail("bytes left over after the last step");
+    return out.good() ? 0 : 3;
 }
