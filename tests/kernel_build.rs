@@ -96,7 +96,8 @@ fn no_driver_or_device_is_a_typed_error() {
 /// where the host emulation cannot see them: every vector kernel stores whole
 /// vectors, and the one-pass channels-last forward, which has no scalar head or
 /// tail, stores nothing narrower (a store through a cast element pointer once
-/// compiled there to 4 scalar f32 or 14 two-byte stores a vector).
+/// compiled there to 4 scalar f32 or 14 two-byte stores a vector), not even
+/// elements packed into untyped words.
 #[test]
 fn vector_kernels_store_whole_vectors() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -121,6 +122,11 @@ fn vector_kernels_store_whole_vectors() {
         let (name, body) = part.split_once('(').expect("an entry's parameters");
         entries.push((name, body));
     }
+    let global_stores = |name: &str| -> Vec<&str> {
+        let body = entries.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no entry {name}")).1;
+        body.lines().filter_map(|l| l.split_whitespace().next()).filter(|i| i.starts_with("st.global")).collect()
+    };
+    let bits_stores = global_stores("dropblock_channels_last_bits");
     let vector_ops = ["apply", "apply_per_sample", "apply_shared", "apply_shared_per_sample", "fused"];
     let one_pass_ops = ["apply_channels_last", "apply_channels_last_per_sample"];
     let mut checked = 0;
@@ -128,12 +134,7 @@ fn vector_kernels_store_whole_vectors() {
     for (dtype, element_bytes, narrow) in [("f32", 4, &[".f32"][..]), ("f16", 2, halves), ("bf16", 2, halves)] {
         for op in vector_ops.iter().chain(&one_pass_ops) {
             let name = format!("dropblock_{op}_{dtype}");
-            let body = entries.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no entry {name}")).1;
-            let stores: Vec<&str> = body
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|i| i.starts_with("st.global"))
-                .collect();
+            let stores = global_stores(&name);
             assert!(
                 stores.iter().any(|s| s.starts_with("st.global.v4.")),
                 "{name} stores no 16-byte vector: {stores:?}"
@@ -146,6 +147,19 @@ fn vector_kernels_store_whole_vectors() {
                 };
                 let scalar: Vec<_> = stores.iter().filter(|s| under_16_bytes(s)).collect();
                 assert!(scalar.is_empty(), "{name} stores elements narrower than a vector: {scalar:?}");
+                // Elements packed into a word (`st.global.b32` or `.u32` of two halves)
+                // have no element type: the one-pass kernel is the transpose kernel's
+                // code plus y's stores, so beyond the transpose's own stores of keep
+                // bits it may store only whole vectors.
+                for kind in stores.iter().filter(|s| !s.starts_with("st.global.v4.")) {
+                    let count = |v: &[&str]| v.iter().filter(|s| *s == kind).count();
+                    assert!(
+                        count(&stores) <= count(&bits_stores),
+                        "{name} has {} `{kind}` stores, the transpose alone {}: y stored narrower than a vector",
+                        count(&stores),
+                        count(&bits_stores)
+                    );
+                }
             }
             checked += 1;
         }

@@ -61,11 +61,20 @@ mod emulation {
     fn build_driver() -> Result<PathBuf, String> {
         let inc = cuda_include().ok_or(concat!("no CUDA headers beside ", env!("DROPBLOCK_NVCC")))?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // With DROPBLOCK_EMULATOR_SANITIZE=1, the kernels run under AddressSanitizer
+        // and UndefinedBehaviorSanitizer (GCC or Clang): an access past a buffer, or
+        // a shift by the width, fails the case as compute-sanitizer would on a GPU.
+        let sanitize = std::env::var_os("DROPBLOCK_EMULATOR_SANITIZE").is_some_and(|v| v != "0");
         // Cargo's scratch directory for integration tests: reused, never left behind in /tmp.
-        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dropblock-emulator");
+        let name = if sanitize { "dropblock-emulator-sanitized" } else { "dropblock-emulator" };
+        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         // The target's C++ compiler as `cc` picks it for a build (CXX_<target>, CXX,
         // CXXFLAGS, ...), with the flags the emulator needs.
-        let compiler = cc::Build::new()
+        let mut build = cc::Build::new();
+        if sanitize {
+            build.flag("-fsanitize=address,undefined").flag("-fno-sanitize-recover=all").flag("-g");
+        }
+        let compiler = build
             .cpp(true)
             .std("c++20")
             .target(env!("DROPBLOCK_BUILD_TARGET"))
@@ -552,7 +561,7 @@ mod emulation {
     /// bit (and those reassemble the unsharded call: tests/behaviour/shards.rs).
     fn run_shard_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (mut small, mut large, mut noise, mut tampered) = (0, 0, 0, 0);
+        let (mut small, mut large, mut noise, mut tampered, mut identity) = (0, 0, 0, 0, 0);
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -607,14 +616,40 @@ mod emulation {
                     tampered += 1;
                 }
                 run(sample, None)?;
+                if (case + i).is_multiple_of(4) {
+                    check_identity_shard(driver, &cfg, shard, key).map_err(|e| Failed::from(format!("{tag}: {e}")))?;
+                    identity += 1;
+                }
             }
         }
-        if small == 0 || large == 0 || noise < 3 || tampered < 12 {
+        if small == 0 || large == 0 || noise < 3 || tampered < 12 || identity < 5 {
             let what = format!(
                 "{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill, \
-                 {tampered} of impossible counts"
+                 {tampered} of impossible counts, {identity} identity calls"
             );
             return Err(format!("{what}: widen the cases").into());
+        }
+        Ok(())
+    }
+
+    /// An eval-mode shard call (`sample_shard`'s identity sequence): the shard's
+    /// counts are its whole slices, as the CPU's.
+    fn check_identity_shard(
+        driver: &Path,
+        cfg: &DropBlockConfig,
+        shard: &dropblock::Shard,
+        key: RngKey,
+    ) -> Result<(), String> {
+        let sample = cpu::sample_shard(cfg, shard, key, Mode::Eval).unwrap();
+        let entries = sample.counts().entries().len();
+        let mut rec = Recorder::new(1);
+        rec.buffer(Buffer::ShardCounts, Elem::U64, entries, 0, false);
+        launch::sample_shard_identity(&mut rec, shard, entries as u64).map_err(|e| e.to_string())?;
+        rec.save(Buffer::ShardCounts);
+        let resp = call_driver(driver, &rec.request())?;
+        let counts: Vec<u64> = take(&mut &resp[..], entries);
+        if counts != sample.counts().entries() {
+            return Err(format!("eval counts {counts:?} != cpu {:?}", sample.counts().entries()));
         }
         Ok(())
     }
@@ -661,6 +696,9 @@ mod emulation {
         let saved = sample.finish(summed).unwrap();
         let mut y_cpu = vec![T::default(); n];
         cpu::apply(&saved, &x, &mut y_cpu).unwrap();
+        let dy: Vec<T> = common::input(n, seed ^ 0xD7).into_iter().map(T::from_f32).collect();
+        let mut dx_cpu = vec![T::default(); n];
+        cpu::backward(&saved, &dy, &mut dx_cpu).unwrap();
         let (sh, local_g) = shard.kernel_params(plan).unwrap();
         let launch = launch::shard_call_plan(cfg, local, local_g);
         let entries = summed.entries().len();
@@ -681,6 +719,12 @@ mod emulation {
             for b in [Buffer::KeepBits, Buffer::Scales, Buffer::Y] {
                 rec.save(b);
             }
+            // The backward, into a y of junk again.
+            rec.upload(Buffer::X, &dy);
+            rec.upload(Buffer::Y, &vec![0xDEu8; n * std::mem::size_of::<T>()]);
+            launch::element_pass(&mut rec, plan, &launch, local, Some(sh), T::DTYPE, true, Pass::Backward)
+                .map_err(err)?;
+            rec.save(Buffer::Y);
             call_driver(driver, &rec.request())
         };
         if let Some(bad) = impossible {
@@ -706,6 +750,7 @@ mod emulation {
         let bits: Vec<u32> = take(&mut buf, n.div_ceil(32));
         let scales: Vec<f32> = take(&mut buf, local.n());
         let y: Vec<T> = take(&mut buf, n);
+        let dx: Vec<T> = take(&mut buf, n);
         if counts != own.entries() {
             return Err(format!("counts {counts:?} != cpu {:?}", own.entries()));
         }
@@ -720,6 +765,9 @@ mod emulation {
         }
         if let Some(i) = (0..n).find(|&i| !common::same(y[i], y_cpu[i])) {
             return Err(format!("y[{i}] = {:?}, cpu {:?}", y[i], y_cpu[i]));
+        }
+        if let Some(i) = (0..n).find(|&i| !common::same(dx[i], dx_cpu[i])) {
+            return Err(format!("dx[{i}] = {:?}, cpu {:?}", dx[i], dx_cpu[i]));
         }
         Ok(())
     }
@@ -750,7 +798,8 @@ mod emulation {
 
     /// Runs case `c` emulated and against the CPU: `calls` forwards (each split
     /// into its sampling and its element pass where `c.split`), then a backward
-    /// from the same state. Returns its launch path, whether its forward's element
+    /// from the same state. Returns the launch path it took (by the kernels that
+    /// ran), whether its forward's element
     /// pass took 16-byte vectors, and whether a channels-last forward took the
     /// one-pass kernel.
     fn check<T: CudaElement>(driver: &Path, c: Case, seed: u64) -> Result<(LaunchPath, bool, bool), String> {
@@ -805,6 +854,10 @@ mod emulation {
             rec.save(Buffer::Generator);
         }
         rec.upload(Buffer::X, &dy);
+        if !c.in_place {
+            // A y of junk again, which the backward must overwrite.
+            rec.upload(Buffer::Y, &vec![0xDEu8; n * std::mem::size_of::<T>()]);
+        }
         launch::element_pass(&mut rec, &plan, &launch, shape, None, T::DTYPE, aligned, Pass::Backward).map_err(err)?;
         rec.save(Buffer::Y);
 
@@ -845,8 +898,17 @@ mod emulation {
         if let Some(i) = (0..n).find(|&i| !common::same(dx[i], dx_cpu[i])) {
             return Err(format!("dx[{i}] = {:?}, cpu {:?} ({tag})", dx[i], dx_cpu[i]));
         }
-        let one_pass = forward_kernels.iter().any(|k| k.starts_with("dropblock_apply_channels_last"));
+        // The path the forward took, from the kernels that ran: a split forward on
+        // the fused path samples with `count_mask` and applies on its own.
+        let ran = |k: &str| forward_kernels.iter().any(|f| f.starts_with(k));
+        let taken = if ran("dropblock_fused") {
+            LaunchPath::Fused
+        } else if ran("dropblock_count_mask") {
+            LaunchPath::Tiles
+        } else {
+            LaunchPath::Grid
+        };
         let scalar = forward_kernels.iter().any(|k| k.contains("unaligned") || k.starts_with("dropblock_fill_noise"));
-        Ok((path, !scalar, one_pass))
+        Ok((taken, !scalar, ran("dropblock_apply_channels_last")))
     }
 }

@@ -122,9 +122,9 @@ pub struct DeviceState {
     shape: Shape,
     keep_bits: CudaSlice<u32>,
     /// Channels-last shapes: owns the planes' bits (`ptrs.plane_bits`), which the
-    /// count pass writes and `channels_last_bits` (or, in a forward with
-    /// `channels_last_op`, the one-pass kernel) turns into `keep_bits` in the
-    /// tensor's order.
+    /// count pass writes and `channels_last_bits` (or, in a forward that can take
+    /// it, the one-pass kernel: launch.rs) turns into `keep_bits` in the tensor's
+    /// order.
     _plane_bits: Option<CudaSlice<u32>>,
     counts: CudaSlice<u64>,
     scales: CudaSlice<f32>,

@@ -26,6 +26,8 @@
 // `driver --list` prints the kernels it can run, one per line.
 #include "cuda_host.h"
 
+#include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -42,6 +44,17 @@ namespace {
 [[noreturn]] void fail(const std::string& why) {
     std::fprintf(stderr, "%s\n", why.c_str());
     std::exit(2);
+}
+
+// The kernel running, for a fault's report: a null pointer where a kernel needs a
+// buffer (the request may pass null for any pointer), or an access far out of
+// bounds, would otherwise end the driver with nothing on stderr.
+char running[128] = "no kernel";
+
+// (stdio is not async-signal-safe, but the process ends here either way.)
+extern "C" void on_fault(int) {
+    std::fprintf(stderr, "a kernel faulted (a null pointer or an access out of bounds?): %s\n", running);
+    std::_Exit(4);
 }
 
 struct Reader {
@@ -72,7 +85,8 @@ template <typename T>
 constexpr uint32_t elem_of() {
     using U = std::remove_cv_t<T>;
     if constexpr (std::is_same_v<U, uint32_t>) return ELEM_U32;
-    else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) return ELEM_U64;
+    // unsigned long long, and uint64_t where that is unsigned long.
+    else if constexpr (std::is_integral_v<U> && std::is_unsigned_v<U> && sizeof(U) == 8) return ELEM_U64;
     else if constexpr (std::is_same_v<U, float>) return ELEM_F32;
     else if constexpr (std::is_same_v<U, __half>) return ELEM_F16;
     else if constexpr (std::is_same_v<U, __nv_bfloat16>) return ELEM_BF16;
@@ -226,6 +240,12 @@ int main(int argc, char** argv) {
         return 0;
     }
     if (argc != 3) fail("usage: driver REQUEST RESPONSE, or driver --list");
+#ifndef __SANITIZE_ADDRESS__  // AddressSanitizer reports faults better
+    std::signal(SIGSEGV, on_fault);
+#ifdef SIGBUS
+    std::signal(SIGBUS, on_fault);
+#endif
+#endif
     std::ifstream in(argv[1], std::ios::binary);
     std::vector<char> req((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     Reader r{req.data(), req.data() + req.size()};
@@ -251,6 +271,7 @@ int main(int argc, char** argv) {
                 if (it == kernels().end()) fail("no kernel " + name);
                 const uint32_t grid = r.pod<uint32_t>();
                 if (grid == 0) fail(name + ": a grid of no blocks");
+                std::snprintf(running, sizeof running, "%s", name.c_str());
                 it->second(r, bufs, name, grid);
                 break;
             }
