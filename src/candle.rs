@@ -13,7 +13,8 @@
 //!
 //! - Training draws a fresh mask per forward from the layer's [`Generator`] state,
 //!   which [`DropBlock::generator_state`] reads and [`DropBlock::set_generator_state`]
-//!   restores, so a resumed run draws the masks an uninterrupted one would.
+//!   restores, so a resumed run draws the masks an uninterrupted one would. A
+//!   forward that fails draws nothing: it gives its key back.
 //! - Eval mode, or a drop probability of 0, returns the input tensor itself and
 //!   draws nothing.
 //! - The mask is the crate's: the same key gives [`crate::cpu::forward`]'s output bit
@@ -117,6 +118,27 @@ impl DropBlock {
         state.offset = gen.offset();
         Ok(key)
     }
+
+    /// Runs a forward with the next key. One that fails (for host memory, or an
+    /// exact γ too large to sum) gives its key back, unless another forward drew
+    /// since or the state was set: a failed call leaves the generator as it was,
+    /// so a run's masks do not depend on the calls that failed in it.
+    fn with_next_key(
+        &self,
+        forward: impl FnOnce(RngKey) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let key = self.next_key()?;
+        let out = forward(key);
+        if out.is_err() {
+            let mut state = self.lock();
+            let mut after = Generator::from_state(key.seed(), key.offset());
+            let _ = after.next_key();
+            if state.seed == key.seed() && state.offset == after.offset() {
+                state.offset = key.offset();
+            }
+        }
+        out
+    }
 }
 
 impl ModuleT for DropBlock {
@@ -128,9 +150,8 @@ impl ModuleT for DropBlock {
         if cfg.is_identity() {
             return Ok(xs.clone());
         }
-        // Checked before a key is drawn, so a call refused for its dtype or rank
-        // leaves the generator as it was (one refused later, for host memory or an
-        // exact γ too large to sum, has drawn its key).
+        // Checked before a key is drawn; a call refused later gives its key back
+        // (`with_next_key`).
         check_dtype(xs.dtype())?;
         cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
         if is_channels_last(xs) {
@@ -139,12 +160,15 @@ impl ModuleT for DropBlock {
             let rank = xs.rank();
             let to_physical: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
             let to_logical: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
-            let op =
-                ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new(), memory: MemoryLayout::ChannelsLast };
-            return xs.permute(to_physical)?.apply_op1(op)?.permute(to_logical);
+            return self.with_next_key(|key| {
+                let op = ForwardOp { cfg, key, saved: OnceLock::new(), memory: MemoryLayout::ChannelsLast };
+                xs.permute(to_physical)?.apply_op1(op)?.permute(to_logical)
+            });
         }
-        let op = ForwardOp { cfg, key: self.next_key()?, saved: OnceLock::new(), memory: MemoryLayout::ChannelsFirst };
-        xs.contiguous()?.apply_op1(op)
+        self.with_next_key(|key| {
+            let op = ForwardOp { cfg, key, saved: OnceLock::new(), memory: MemoryLayout::ChannelsFirst };
+            xs.contiguous()?.apply_op1(op)
+        })
     }
 }
 

@@ -5,9 +5,10 @@
 //! on the caller's stream. tests/kernel_emulation.rs gives them one that records,
 //! and runs the recording on the kernels compiled for the host: so the emulation
 //! checks these sequences (the kernels chosen, their order, memsets, and every
-//! argument against the kernel's C++ signature), not a copy of them. It caps every
-//! grid at one to three blocks: the kernels stride over the rest of their work, so
-//! a grid's size changes their speed, never their result.
+//! argument against the kernel's C++ signature), not a copy of them. It runs most
+//! grids capped at one to three blocks (the kernels stride over the rest of their
+//! work, so a grid's size changes their speed, never their result) and some as
+//! sized here.
 
 use crate::abi;
 use crate::config::{DropBlockConfig, Fill, Layout, Normalize, Shape, Sharing};

@@ -120,6 +120,29 @@ fn unsupported_dtypes_and_ranks_are_refused_with_what_is_supported() -> R {
     Ok(())
 }
 
+/// A forward refused after its key was drawn (an exact γ too large to sum, found
+/// when the op plans) gives the key back: the generator is as it was, and the next
+/// forward draws the key the failed one had.
+#[test]
+fn a_forward_that_fails_late_gives_its_key_back() -> R {
+    use dropblock::{Block, GammaRule};
+    // 1025 seed positions' classes on each of two axes: past the limit of 2^20.
+    let exact = DropBlockConfig::builder(Block::uniform(1025)?, 0.1).gamma_rule(GammaRule::ExactRate).build()?;
+    let layer = DropBlock::new(exact, SEED);
+    let before = layer.generator_state();
+    let e = layer.forward_t(&Tensor::zeros((1, 1, 2049, 2049), DType::F32, &CPU)?, true).unwrap_err();
+    assert!(e.to_string().contains("coverage classes"), "{e}");
+    assert_eq!(layer.generator_state(), before, "a failed forward keeps no key");
+    // On a map where the block leaves one seed position, the forward runs, with the
+    // key the failed one drew.
+    let x = randn(&[1, 2, 1025, 1025], DType::F32, &CPU)?;
+    let y = layer.forward_t(&x, true)?;
+    let (want, _) = cpu_forward::<f32>(&exact, &x, Generator::from_state(SEED, before.offset).next_key()?);
+    assert_eq!(bits(&host::<f32>(&y)?), bits(&want));
+    assert_eq!(layer.generator_state().offset, before.offset + 17);
+    Ok(())
+}
+
 #[test]
 fn crate_errors_convert_for_question_mark_in_candle_code() {
     fn build() -> R<DropBlock> {
