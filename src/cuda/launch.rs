@@ -93,13 +93,13 @@ pub enum Buffer {
     PlaneKept,
     /// The caller's shard counts (`u64`, 1 + the global N).
     ShardCounts,
-    /// A device generator's `(seed, offset)` (`u64`).
+    /// A device generator's `(seed, offset)` (`u64`). The last variant: `COUNT` counts to it.
     Generator,
 }
 
 impl Buffer {
     /// How many there are, for tables indexed by `Buffer as usize`.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = Buffer::Generator as usize + 1;
 }
 
 /// A kernel argument, in the kernel's parameter order. The parameter structs are
