@@ -431,11 +431,13 @@ dropblock_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds
 }
 
 // A shard's sampling pass: ORs into `dropped` (its planes' bits, zeroed by the
-// host) the blocks of every seed that reaches its box, clipped to the box.
+// host) the blocks of every seed that reaches its box, clipped to the box. The key
+// is `device_key`'s where given (dropblock_shard_counts steps it after).
 extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock_shard_blocks(DropBlockGeometry g, DropBlockShard sh, DropBlockSampling s, uint32_t* dropped) {
+dropblock_shard_blocks(DropBlockGeometry g, DropBlockShard sh, DropBlockSampling s,
+                       const unsigned long long* device_key, uint32_t* dropped) {
     const Thresholds th = shared_thresholds(s);
-    const Key key = load_key(s, nullptr);
+    const Key key = load_key(s, device_key);
     const uint64_t items = shard_sample_items(g, sh);
     for (uint64_t i = global_thread(); i < items; i += threads_in_grid()) shard_sample_item(g, sh, th, key, i, dropped);
 }
@@ -464,15 +466,18 @@ dropblock_shard_count(DropBlockShard sh, DropBlockApply a, uint32_t* bits, unsig
 
 // A shard's counts: `counts` (1 + global N, zeroed by the host) gets the kept
 // elements of each local sample at its global sample's entry, and their sum at 0
-// (every element, without `plane_kept`: an identity call).
+// (every element, without `plane_kept`: an identity call). Steps `device_key`
+// past the call where given: it runs after dropblock_shard_blocks, the call's
+// only reader of the key, in stream order.
 extern "C" __global__ void __launch_bounds__(256, 1)
 dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned long long* plane_kept,
-                       unsigned long long* counts) {
+                       unsigned long long* counts, unsigned long long* device_key) {
     for (uint64_t n = global_thread(); n < sh.n; n += threads_in_grid()) {
         const uint64_t kept = shard_sample_kept(g, sh, plane_kept, n);
         counts[1 + sh.n0 + n] = kept;
         if (kept) atomicAdd(&counts[0], (unsigned long long)kept);
     }
+    if (device_key && global_thread() == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
 }
 
 // The scales of a shard from the counts summed over every shard: the same f64

@@ -68,6 +68,7 @@ impl Block {
     /// it lacks set to 1. Errors if a block of a fixed rank meets another rank.
     pub fn sizes_for(&self, rank: usize) -> Result<[u32; 3]> {
         match self.rank() {
+            _ if !(1..=3).contains(&rank) => Err(Error::InvalidRank { what: "tensor", rank }),
             Some(r) if r != rank => Err(Error::BlockRankMismatch { block: r, shape: rank }),
             _ => {
                 let mut s = self.sizes;

@@ -94,9 +94,9 @@ pub enum Error {
     /// A buffer's length does not match what the shape implies.
     #[error("{what} holds {actual} elements but the shape needs {expected}")]
     LengthMismatch {
-        /// What was given: a buffer (`"x"`, `"y"`, `"dy"`, `"dx"` on the CUDA path,
-        /// `"input"`, `"output"` on the CPU path), `"shard counts"`, or a list of
-        /// a tensor's dimensions (`"index"`, `"shard offset"`, `"shard extent"`).
+        /// What was given: a buffer (`"x"`, `"y"`; a backward's `"dy"`, `"dx"`; in
+        /// place, the one buffer by its input's name), `"shard counts"`, or a list
+        /// of a tensor's dimensions (`"index"`, `"shard offset"`, `"shard extent"`).
         what: &'static str,
         /// The length the shape implies.
         expected: usize,
@@ -115,7 +115,7 @@ pub enum Error {
     },
 
     /// A key's offset leaves too few counter blocks for a call.
-    #[error("offset {offset} too large: a call reads 16 counter blocks past it, so it must be at most {max}")]
+    #[error("offset {offset} too large: it must be at most {max} (a call reads 16 counter blocks past its offset; a device generator also steps it on the device)")]
     OffsetOverflow {
         /// The offset given.
         offset: u64,
@@ -125,7 +125,7 @@ pub enum Error {
 
     /// Backward, apply or a statistic was asked of a state that no forward has
     /// completed on.
-    #[error("backward called on a state that holds no forward call")]
+    #[error("the state holds no completed forward or sampling call")]
     NoForwardCall,
 
     /// A shard's box is empty or passes the end of the global tensor along an axis.
@@ -166,7 +166,7 @@ pub enum Error {
     /// An index (element coordinate, plane or window) is out of range.
     #[error("{what} is {value}, out of range 0..{len}")]
     OutOfRange {
-        /// The index, e.g. `"h"`, `"plane"` or `"window"`.
+        /// The index, e.g. `"c"`, `"spatial 1"`, `"plane"` or `"window"`.
         what: &'static str,
         /// The value given.
         value: u64,
@@ -198,8 +198,9 @@ pub enum Error {
         bytes: u64,
     },
 
-    /// A stream or device generator belongs to another CUDA context than the kernels.
-    #[error("the stream belongs to another CUDA context than the kernels")]
+    /// A stream, device generator or saved state belongs to another CUDA context
+    /// than the kernels.
+    #[error("a stream, device generator or state of another CUDA context than the kernels")]
     WrongContext,
 
     /// libcuda could not be loaded.

@@ -102,9 +102,10 @@
 //!   `g` cells ahead, `g` the smallest index with `u < T[g]`; mark it, step past it
 //!   and repeat. In distribution this is an independent Bernoulli(γ) per cell (up to
 //!   the 2^-32 quantisation of `T`), at one draw per window plus one per seed.
-//! - **Offsets.** A call reads counter blocks `o` through `o+15` of each window's
-//!   subsequence and needs `o + 16 < 2^64` ([`RngKey::new`] rejects more). A
-//!   [`Generator`] advances by 17 per call.
+//! - **Offsets.** A call's sampling reads counter blocks `o` through `o+15` of each
+//!   window's subsequence, and noise fill block `o+16` (Output, below), so a call
+//!   needs `o + 16 < 2^64` ([`RngKey::new`] rejects more). A [`Generator`] advances
+//!   by 17 per call.
 //!
 //! ## Output
 //!

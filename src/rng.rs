@@ -140,8 +140,9 @@ fn philox4x32_10_avx2(offset: u64, windows: &[u64; LANES], mut key: [u32; 2]) ->
 
 /// Where a call's randomness comes from: the Philox key and the first counter block.
 ///
-/// A call reads counter blocks `offset .. offset + 16` of every window's subsequence,
-/// so `offset` may be at most `u64::MAX - 16` ([`RngKey::new`] rejects larger ones).
+/// A call reads counter blocks `offset` through `offset + 15` of every window's
+/// subsequence, and noise fill block `offset + 16`, so `offset` may be at most
+/// `u64::MAX - 16` ([`RngKey::new`] rejects larger ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RngKey {
     seed: u64,
@@ -222,10 +223,12 @@ impl RngKey {
         philox4x32_10_lanes(ctr, key)
     }
 
-    /// Counter block `offset + b` of `window`'s subsequence.
+    /// Counter block `offset + b` of `window`'s subsequence. Calls read `b ≤ 16`,
+    /// which [`RngKey::new`]'s bound keeps below 2^64; past it the block's number
+    /// wraps mod 2^64 (it does not carry into the subsequence, as curand's would).
     #[inline]
     pub fn block(&self, window: u64, b: u32) -> [u32; 4] {
-        let c = self.offset + b as u64;
+        let c = self.offset.wrapping_add(b as u64);
         philox4x32_10(
             [c as u32, (c >> 32) as u32, window as u32, (window >> 32) as u32],
             [self.seed as u32, (self.seed >> 32) as u32],

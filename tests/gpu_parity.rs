@@ -578,10 +578,20 @@ mod gpu {
             let entries = dropblock::ShardCounts::len_for(global);
             let mut states = Vec::new();
             let mut counts = Vec::new();
-            for (shard, st) in shards.iter().zip(&streams) {
+            // Every other shard of a case without noise fill draws from its own
+            // device generator at the key, which the call must step by 17.
+            for (i, (shard, st)) in shards.iter().zip(&streams).enumerate() {
                 let mut state = d.alloc_state(st, shard.local()).unwrap();
                 let mut c = st.alloc_zeros::<u64>(entries).unwrap();
-                d.sample_shard(st, &mut state, &mut c, &cfg, shard, key, Mode::Train).unwrap();
+                let device = cfg.fill() == dropblock::Fill::Zero && key.offset() <= DeviceGenerator::MAX_START_OFFSET;
+                if device && (case + i) % 2 == 1 {
+                    let mut gen = DeviceGenerator::new(st, key.seed(), key.offset()).unwrap();
+                    d.sample_shard(st, &mut state, &mut c, &cfg, shard, &mut gen, Mode::Train).unwrap();
+                    let stepped = gen.key(st).unwrap();
+                    assert_eq!(stepped, RngKey::new(key.seed(), key.offset() + 17).unwrap(), "{ctx}: generator");
+                } else {
+                    d.sample_shard(st, &mut state, &mut c, &cfg, shard, key, Mode::Train).unwrap();
+                }
                 states.push(state);
                 counts.push(c);
             }
@@ -637,6 +647,15 @@ mod gpu {
         d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Eval).unwrap();
         let per = (8 * 14 * 14) as u64;
         assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per]);
+        // It draws nothing, so a device generator stays where it was; noise fill
+        // refuses one, as the forward does.
+        let mut gen = DeviceGenerator::new(s, 5, 10).unwrap();
+        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, &mut gen, Mode::Eval).unwrap();
+        assert_eq!(gen.key(s).unwrap(), RngKey::new(5, 10).unwrap());
+        let noisy = common::with_noise_fill(&cfg);
+        let err = d.sample_shard(s, &mut state, &mut c, &noisy, &shard, &mut gen, Mode::Train).unwrap_err();
+        assert_eq!(err, dropblock::Error::NoiseNeedsHostKey);
+        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Eval).unwrap();
         d.finish_shard(s, &mut state, &c).unwrap();
         let xs: Vec<f32> = common::input(shard.local().numel(), 5);
         let xd = s.clone_htod(&xs).unwrap();
@@ -723,5 +742,12 @@ mod gpu {
         assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
         let plan = Plan::new(&cfg, shape, key).unwrap();
         assert!(matches!(d.sample_seeds(&foreign, &plan), Err(dropblock::Error::WrongContext)));
+        // So is a state of another context's, on a stream of the kernels' own:
+        // its pointers would reach the kernels.
+        let mut other = DropBlockCuda::from_context(foreign.context()).unwrap().alloc_state(&foreign, shape).unwrap();
+        let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        let err = d.backward(s, &other, &x, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
     }
 }

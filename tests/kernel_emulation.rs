@@ -567,7 +567,7 @@ mod emulation {
     /// bit (and those reassemble the unsharded call: tests/behaviour/shards.rs).
     fn run_shard_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (mut small, mut large, mut noise, mut tampered, mut identity) = (0, 0, 0, 0, 0);
+        let (mut small, mut large, mut noise, mut tampered, mut identity, mut device_keys) = (0, 0, 0, 0, 0, 0);
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -612,9 +612,14 @@ mod emulation {
             });
             for (i, (shard, sample)) in shards.iter().zip(sampled).enumerate() {
                 let tag = format!("case {case}: {cfg} on {global}, shard {:?} + {}", shard.offset(), shard.local());
+                // Every other shard of a case without noise fill draws from a
+                // device generator holding the key.
+                let device_key = (cfg.fill() != Fill::Noise && (case + i) % 2 == 1).then_some(key);
+                device_keys += device_key.is_some() as u32;
                 let mut run = |sample, impossible| {
                     let seed = 7 * case as u64 + i as u64;
-                    check_shard::<T>(driver, &mut rng, &cfg, &plan, shard, sample, &summed, impossible, seed)
+                    let call = ShardCall { cfg: &cfg, plan: &plan, shard, summed: &summed, device_key };
+                    check_shard::<T>(driver, &mut rng, call, sample, impossible, seed)
                         .map_err(|e| Failed::from(format!("{tag}: {e}")))
                 };
                 if let (0, Some(bad)) = (i, &impossible) {
@@ -628,10 +633,10 @@ mod emulation {
                 }
             }
         }
-        if small == 0 || large == 0 || noise < 3 || tampered < 12 || identity < 5 {
+        if small == 0 || large == 0 || noise < 3 || tampered < 12 || identity < 5 || device_keys < 10 {
             let what = format!(
                 "{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill, \
-                 {tampered} of impossible counts, {identity} identity calls"
+                 {tampered} of impossible counts, {identity} identity calls, {device_keys} device keys"
             );
             return Err(format!("{what}: widen the cases").into());
         }
@@ -680,21 +685,38 @@ mod emulation {
         rec.buffer(Buffer::Scales, Elem::F32, shape.n(), 0, false);
     }
 
+    /// A shard's call: the global call's config and plan, the shard, the counts
+    /// summed over every shard, and the key of a device generator it draws from
+    /// (`None`: the plan's own key).
+    struct ShardCall<'a> {
+        cfg: &'a DropBlockConfig,
+        plan: &'a Plan,
+        shard: &'a dropblock::Shard,
+        summed: &'a ShardCounts,
+        device_key: Option<RngKey>,
+    }
+
     /// One shard's call as `sample_shard`, the all-reduce (the counts `summed`, or
     /// `impossible` ones, written over the shard's own), `finish_shard` and `apply`
     /// record it.
-    #[allow(clippy::too_many_arguments)]
     fn check_shard<T: CudaElement>(
         driver: &Path,
         rng: &mut StdRng,
-        cfg: &DropBlockConfig,
-        plan: &Plan,
-        shard: &dropblock::Shard,
+        call: ShardCall<'_>,
         sample: cpu::ShardSample,
-        summed: &dropblock::ShardCounts,
         impossible: Option<Vec<u64>>,
         seed: u64,
     ) -> Result<(), String> {
+        let ShardCall { cfg, shard, summed, device_key, .. } = call;
+        // With a device generator the plan's key is a placeholder, as in ops.rs.
+        let placeholder;
+        let plan = match device_key {
+            Some(_) => {
+                placeholder = Plan::new(cfg, shard.global(), RngKey::new(0, 0).unwrap()).unwrap();
+                &placeholder
+            }
+            None => call.plan,
+        };
         let local = shard.local();
         let n = local.numel();
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
@@ -714,9 +736,14 @@ mod emulation {
             declare_call::<T>(&mut rec, local, false, 0);
             rec.buffer(Buffer::PlaneKept, Elem::U64, local.n() * local.c(), 0, false);
             rec.buffer(Buffer::ShardCounts, Elem::U64, entries, 0, false);
+            if let Some(k) = device_key {
+                rec.buffer(Buffer::Generator, Elem::U64, 2, 0, false);
+                rec.upload(Buffer::Generator, &[k.seed(), k.offset()]);
+            }
             rec.upload(Buffer::X, &x);
             let err = |e: Error| e.to_string();
-            launch::sample_shard(&mut rec, plan, &sh, &launch, local, entries as u64).map_err(err)?;
+            launch::sample_shard(&mut rec, plan, &sh, &launch, local, entries as u64, device_key.is_some())
+                .map_err(err)?;
             rec.save(Buffer::ShardCounts);
             rec.upload(Buffer::ShardCounts, counts);
             launch::finish_shard(&mut rec, &sh, &launch).map_err(err)?;
@@ -731,6 +758,9 @@ mod emulation {
             launch::element_pass(&mut rec, plan, &launch, local, Some(sh), T::DTYPE, true, Pass::Backward)
                 .map_err(err)?;
             rec.save(Buffer::Y);
+            if device_key.is_some() {
+                rec.save(Buffer::Generator);
+            }
             call_driver(driver, &rec.request())
         };
         if let Some(bad) = impossible {
@@ -757,6 +787,13 @@ mod emulation {
         let scales: Vec<f32> = take(&mut buf, local.n());
         let y: Vec<T> = take(&mut buf, n);
         let dx: Vec<T> = take(&mut buf, n);
+        if let Some(k) = device_key {
+            let key_after: Vec<u64> = take(&mut buf, 2);
+            let stepped = k.offset().wrapping_add(17);
+            if key_after != [k.seed(), stepped] {
+                return Err(format!("generator after the call {key_after:?}, expected [{}, {stepped}]", k.seed()));
+            }
+        }
         if counts != own.entries() {
             return Err(format!("counts {counts:?} != cpu {:?}", own.entries()));
         }
@@ -866,6 +903,11 @@ mod emulation {
         }
         launch::element_pass(&mut rec, &plan, &launch, shape, None, T::DTYPE, aligned, Pass::Backward).map_err(err)?;
         rec.save(Buffer::Y);
+        // The sampler's raw seed words (`DropBlockCuda::sample_seeds`), against the
+        // contract's walk: a wrong word shows here even where growing hides it.
+        rec.buffer(Buffer::Seeds, Elem::U64, plan.windows() as usize, 0, false);
+        launch::sample_seeds(&mut rec, &plan).map_err(err)?;
+        rec.save(Buffer::Seeds);
 
         let resp = call_driver(driver, &rec.request())?;
         let mut buf = &resp[..];
@@ -875,6 +917,7 @@ mod emulation {
         let y: Vec<T> = take(&mut buf, n);
         let key_after: Vec<u64> = if c.device_key { take(&mut buf, 2) } else { Vec::new() };
         let dx: Vec<T> = take(&mut buf, n);
+        let seeds: Vec<u64> = take(&mut buf, plan.windows() as usize);
         let tag = format!("{path:?}, {calls} call(s): {:?}", rec.kernels);
         if c.device_key {
             // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
@@ -885,6 +928,10 @@ mod emulation {
                     c.key.seed()
                 ));
             }
+        }
+        let contract = common::seed_windows(&plan);
+        if let Some(w) = (0..contract.len()).find(|&w| seeds[w] != contract[w]) {
+            return Err(format!("sample_seeds: window {w} has {:#x}, the contract {:#x}", seeds[w], contract[w]));
         }
         let mask = keep_mask_of(&bits, plan.geometry(), shape);
         if mask != saved.keep_mask().unwrap() {

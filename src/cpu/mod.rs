@@ -584,10 +584,11 @@ pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
 /// `dst = src · factor`, or in place without `src`, with the mask of `saved`.
 fn pass<T: Element>(saved: &Saved, src: Option<&[T]>, dst: &mut [T], forward: bool) -> Result<()> {
     let shape = saved.shape;
+    let [src_name, dst_name] = if forward { ["x", "y"] } else { ["dy", "dx"] };
     if let Some(src) = src {
-        shape.check_len("input", src.len())?;
+        shape.check_len(src_name, src.len())?;
     }
-    shape.check_len(if src.is_some() { "output" } else { "input" }, dst.len())?;
+    shape.check_len(if src.is_some() { dst_name } else { src_name }, dst.len())?;
     if saved.is_identity() {
         if let Some(src) = src {
             dst.copy_from_slice(src);

@@ -93,6 +93,8 @@ pub enum Buffer {
     PlaneKept,
     /// The caller's shard counts (`u64`, 1 + the global N).
     ShardCounts,
+    /// Every window's seed words (`u64`, one a window): the sampler's check.
+    Seeds,
     /// A device generator's `(seed, offset)` (`u64`). The last variant: `COUNT` counts to it.
     Generator,
 }
@@ -164,6 +166,16 @@ pub struct CallPlan {
 pub enum Pass {
     Forward,
     Backward,
+}
+
+impl Pass {
+    /// The pass's input and output as errors name them.
+    pub fn buffer_names(self) -> [&'static str; 2] {
+        match self {
+            Pass::Forward => ["x", "y"],
+            Pass::Backward => ["dy", "dx"],
+        }
+    }
 }
 
 /// The launch of a forward of `cfg` on `shape`: tiles of whole windows, sized to
@@ -436,6 +448,7 @@ pub fn element_pass(
 /// A shard's sampling (`DropBlockCuda::sample_shard`): the shard's box of the
 /// global call's mask and its kept counts, written over `ShardCounts` (`entries`
 /// of them). `launch` is [`shard_call_plan`]'s; `local` the shard's shape.
+/// `generator`: the key is in a device generator, read and stepped by the kernels.
 #[doc(hidden)]
 pub fn sample_shard(
     q: &mut impl Queue,
@@ -444,8 +457,10 @@ pub fn sample_shard(
     launch: &CallPlan,
     local: Shape,
     entries: u64,
+    generator: bool,
 ) -> Result<()> {
     let (g, a, s) = (plan.geometry(), &launch.apply, plan.sampling());
+    let key = if generator { Arg::Ptr(Buffer::Generator) } else { Arg::Null };
     let bits = plane_bits(local);
     let words = (sh.planes * a.plane_len).div_ceil(32);
     q.zero(Buffer::ShardCounts, entries * 8)?;
@@ -456,11 +471,11 @@ pub fn sample_shard(
     } else {
         sh.planes * (sh.part_hi - sh.part_lo)
     };
-    let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Sampling(s), Arg::Ptr(bits)];
+    let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Sampling(s), key, Arg::Ptr(bits)];
     q.launch(("shard_blocks", ""), items.div_ceil(THREADS as u64), &args)?;
     let args = [Arg::Shard(sh), Arg::Apply(a), Arg::Ptr(bits), Arg::Ptr(Buffer::PlaneKept)];
     q.launch(("shard_count", ""), words.div_ceil(THREADS as u64), &args)?;
-    let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Ptr(Buffer::PlaneKept), Arg::Ptr(Buffer::ShardCounts)];
+    let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Ptr(Buffer::PlaneKept), Arg::Ptr(Buffer::ShardCounts), key];
     q.launch(("shard_counts", ""), (local.n() as u64).div_ceil(THREADS as u64), &args)?;
     if local.layout() == Layout::ChannelsLast {
         channels_last_bits(q, &launch.geometry, a)?;
@@ -469,7 +484,8 @@ pub fn sample_shard(
 }
 
 /// An identity shard call (eval, or nothing to drop): every element of the box
-/// kept, counted without plane counts.
+/// kept, counted without plane counts. It draws nothing, so a device generator
+/// stays as it is.
 #[doc(hidden)]
 pub fn sample_shard_identity(q: &mut impl Queue, shard: &Shard, entries: u64) -> Result<()> {
     q.zero(Buffer::ShardCounts, entries * 8)?;
@@ -478,6 +494,7 @@ pub fn sample_shard_identity(q: &mut impl Queue, shard: &Shard, entries: u64) ->
         Arg::Shard(&shard.box_params()),
         Arg::Null,
         Arg::Ptr(Buffer::ShardCounts),
+        Arg::Null,
     ];
     q.launch(("shard_counts", ""), (shard.local().n() as u64).div_ceil(THREADS as u64), &args)
 }
@@ -489,6 +506,15 @@ pub fn sample_shard_identity(q: &mut impl Queue, shard: &Shard, entries: u64) ->
 pub fn finish_shard(q: &mut impl Queue, sh: &abi::DropBlockShard, launch: &CallPlan) -> Result<()> {
     let args = [Arg::Shard(sh), Arg::Apply(&launch.apply), Arg::Ptr(Buffer::ShardCounts), Arg::Ptr(Buffer::Scales)];
     q.launch(("shard_scales", ""), 1, &args)
+}
+
+/// Every window's seed words, in window order, from the kernels' own sampler
+/// (`DropBlockCuda::sample_seeds`, for checking it against `Plan::sample_window`).
+#[doc(hidden)]
+pub fn sample_seeds(q: &mut impl Queue, plan: &Plan) -> Result<()> {
+    let g = plan.geometry();
+    let args = [Arg::Geometry(g), Arg::Sampling(plan.sampling()), Arg::Ptr(Buffer::Seeds)];
+    q.launch(("sample_seeds", ""), g.windows.div_ceil(THREADS as u64), &args)
 }
 
 /// The parts' arguments in one list (at most a kernel's).

@@ -33,7 +33,8 @@
 //! - Statistics (kept count, scales, the keep mask) are read only when you ask.
 //! - With the `nvtx` feature each call is an NVTX range in the `dropblock` domain
 //!   (`dropblock::forward`, `dropblock::sample`, `dropblock::apply`,
-//!   `dropblock::backward`), its message naming the dtype, shape and config, so an
+//!   `dropblock::backward`, `dropblock::sample_shard`, `dropblock::finish_shard`),
+//!   its message naming the dtype, shape or config, so an
 //!   Nsight Systems timeline groups a call's memset and launches under it.
 //!
 //! [`DevicePtr`]: cudarc::driver::DevicePtr

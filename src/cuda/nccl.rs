@@ -8,7 +8,7 @@
 //! shard applies the same scale bit for bit (an all-reduce of f32 scales, or of
 //! partial scales, would not give that).
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::DevicePtrMut;
 use cudarc::nccl::{Comm, ReduceOp};
 
 use crate::error::{Error, Result};
@@ -25,14 +25,15 @@ pub fn nccl_present() -> bool {
     unsafe { libloading::Library::new(name) }.is_ok()
 }
 
-/// Sums `counts` (a shard's [`ShardCounts`](crate::ShardCounts) on the device)
+/// Sums `counts` (a shard's [`ShardCounts`](crate::ShardCounts) on the device: a
+/// slice, or a view of one)
 /// over every rank of `comm`, in place, on the communicator's stream. With
 /// cudarc's event tracking on, cudarc orders it after the `sample_shard` that
 /// wrote them and before the `finish_shard` that reads them; with it off (as
 /// under CUDA graph capture), run all three on the communicator's stream or order
 /// the streams yourself. A typed error, never a panic:
 /// [`Error::Nccl`] when the library is missing or the collective fails.
-pub fn all_reduce_counts(comm: &Comm, counts: &mut CudaSlice<u64>) -> Result<()> {
+pub fn all_reduce_counts(comm: &Comm, counts: &mut impl DevicePtrMut<u64>) -> Result<()> {
     if !nccl_present() {
         return Err(Error::Nccl("the NCCL library (libnccl) could not be loaded".into()));
     }

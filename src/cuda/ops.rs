@@ -60,7 +60,9 @@ struct Kernel {
 pub enum KeySource<'a> {
     /// A key from the host, passed by value.
     Host(RngKey),
-    /// A generator on the device, read and stepped there by the forward.
+    /// A generator on the device, read and stepped there by the call. Not for
+    /// [`Fill::Noise`], whose element pass takes the key as a parameter
+    /// ([`Error::NoiseNeedsHostKey`]).
     Device(&'a mut DeviceGenerator),
 }
 
@@ -76,11 +78,12 @@ impl<'a> From<&'a mut DeviceGenerator> for KeySource<'a> {
     }
 }
 
-/// A `(seed, offset)` pair in device memory. A forward that draws from it reads
-/// the key on the device and then steps the offset by 17 there, so a forward
-/// captured into a CUDA graph draws a fresh mask at every replay (PyTorch's
+/// A `(seed, offset)` pair in device memory. A forward (or shard call) that
+/// draws from it reads the key on the device and then steps the offset by 17
+/// there, so a call captured into a CUDA graph draws a fresh mask at every replay (PyTorch's
 /// generator does the same under capture). Eval-mode and `drop_prob == 0`
-/// calls draw nothing and leave it as it is.
+/// calls draw nothing and leave it as it is. Noise fill takes a host key
+/// ([`KeySource::Device`]): a graph that captures it replays its noise and mask.
 #[derive(Debug)]
 pub struct DeviceGenerator {
     key: CudaSlice<u64>,
@@ -180,11 +183,13 @@ impl Io {
     fn between<'a, T>(
         stream: &'a CudaStream,
         shape: Shape,
+        pass: Pass,
         x: &'a impl DevicePtr<T>,
         y: &'a mut impl DevicePtrMut<T>,
     ) -> Result<(Self, [SyncOnDrop<'a>; 2])> {
-        shape.check_len("x", x.len())?;
-        shape.check_len("y", y.len())?;
+        let [x_name, y_name] = pass.buffer_names();
+        shape.check_len(x_name, x.len())?;
+        shape.check_len(y_name, y.len())?;
         let (xp, gx) = x.device_ptr(stream);
         let (yp, gy) = y.device_ptr_mut(stream);
         Ok((Io { x: xp, y: yp }, [gx, gy]))
@@ -194,9 +199,10 @@ impl Io {
     fn in_place<'a, T>(
         stream: &'a CudaStream,
         shape: Shape,
+        pass: Pass,
         x: &'a mut impl DevicePtrMut<T>,
     ) -> Result<(Self, SyncOnDrop<'a>)> {
-        shape.check_len("x", x.len())?;
+        shape.check_len(pass.buffer_names()[0], x.len())?;
         let (p, g) = x.device_ptr_mut(stream);
         Ok((Io { x: p, y: p }, g))
     }
@@ -261,6 +267,31 @@ impl DropBlockCuda {
         } else {
             Err(Error::WrongContext)
         }
+    }
+
+    /// The key a drawing call passes its kernels, and the device generator they
+    /// read it from and step instead, if any (the plan's key is then a
+    /// placeholder).
+    fn resolve_key<'k>(
+        &self,
+        cfg: &DropBlockConfig,
+        key: KeySource<'k>,
+    ) -> Result<(RngKey, Option<&'k mut DeviceGenerator>)> {
+        match key {
+            KeySource::Host(k) => Ok((k, None)),
+            KeySource::Device(_) if cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
+            KeySource::Device(gen) => {
+                self.check_context(gen.key.context())?;
+                Ok((RngKey::new(0, 0)?, Some(gen)))
+            }
+        }
+    }
+
+    /// A call on `state` through `stream`: both must be on the kernels' context (a
+    /// state of another device's would hand its kernels pointers they cannot read).
+    fn check_call(&self, stream: &Arc<CudaStream>, state: &DeviceState) -> Result<()> {
+        self.check_context(stream.context())?;
+        self.check_context(state.keep_bits.context())
     }
 
     fn kernel(&self, op: &'static str, dtype: &'static str) -> Result<&Kernel> {
@@ -330,7 +361,9 @@ impl DropBlockCuda {
         Ok(state)
     }
 
-    /// Forward into a caller-provided state: no device allocation.
+    /// Forward into a caller-provided state: no device allocation. `shape` must
+    /// be the state's ([`Error::ShapeMismatch`]): it says what `x` and `y` hold,
+    /// and a state is made for one shape.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_into<'k, T: CudaElement>(
         &self,
@@ -343,7 +376,7 @@ impl DropBlockCuda {
         x: &impl DevicePtr<T>,
         y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let (io, _guards) = Io::between(stream, shape, x, y)?;
+        let (io, _guards) = Io::between(stream, shape, Pass::Forward, x, y)?;
         self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(io))
     }
 
@@ -359,7 +392,7 @@ impl DropBlockCuda {
         mode: Mode,
         x: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let (io, _guard) = Io::in_place(stream, shape, x)?;
+        let (io, _guard) = Io::in_place(stream, shape, Pass::Forward, x)?;
         self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(io))
     }
 
@@ -434,7 +467,7 @@ impl DropBlockCuda {
         y: &mut impl DevicePtrMut<T>,
         pass: Pass,
     ) -> Result<()> {
-        let (io, _guards) = Io::between(stream, state.shape, x, y)?;
+        let (io, _guards) = Io::between(stream, state.shape, pass, x, y)?;
         self.launch_saved::<T>(stream, state, io, pass)
     }
 
@@ -445,7 +478,7 @@ impl DropBlockCuda {
         x: &mut impl DevicePtrMut<T>,
         pass: Pass,
     ) -> Result<()> {
-        let (io, _guard) = Io::in_place(stream, state.shape, x)?;
+        let (io, _guard) = Io::in_place(stream, state.shape, pass, x)?;
         self.launch_saved::<T>(stream, state, io, pass)
     }
 
@@ -456,20 +489,23 @@ impl DropBlockCuda {
     /// `counts` over every shard on the device (an all-reduce; `nccl::all_reduce_counts`
     /// with the `nccl` feature), then call [`Self::finish_shard`] with the sum, and
     /// [`Self::apply`] / [`Self::backward`] as after any forward. Nothing
-    /// synchronises with the host.
+    /// synchronises with the host. The key (the same on every shard) may be a
+    /// [`DeviceGenerator`], one per shard at the same `(seed, offset)`: each call
+    /// steps each by 17 on the device, so they stay in step, and a CUDA graph
+    /// that captures the call draws a fresh mask at every replay.
     #[allow(clippy::too_many_arguments)]
-    pub fn sample_shard(
+    pub fn sample_shard<'k>(
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
         counts: &mut impl DevicePtrMut<u64>,
         cfg: &DropBlockConfig,
         shard: &Shard,
-        key: RngKey,
+        key: impl Into<KeySource<'k>>,
         mode: Mode,
     ) -> Result<()> {
         let _range = ranges::range("dropblock::sample_shard", || format!("{shard:?} {mode:?}: {cfg}"));
-        self.check_context(stream.context())?;
+        self.check_call(stream, state)?;
         let (local, global) = (shard.local(), shard.global());
         if state.shape != local {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: local.to_string() });
@@ -479,6 +515,12 @@ impl DropBlockCuda {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
+        // An identity call draws nothing, and leaves a device generator as it is.
+        let (key, generator) = match identity {
+            true => (RngKey::new(0, 0)?, None),
+            false => self.resolve_key(cfg, key.into())?,
+        };
+        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         // The plan and the shard's parameters, reused while the config and the shard
         // stay the same (an identity call needs neither).
         let cached = match &state.shard_cached {
@@ -511,8 +553,11 @@ impl DropBlockCuda {
             state.call = Some(Call { masked: None, shard: Some((shard.box_params(), true)) });
             return Ok(());
         };
+        if let Some((p, _)) = &key_guard {
+            q = q.with(Buffer::Generator, *p);
+        }
         let launch = launch::shard_call_plan(cfg, local, local_g);
-        launch::sample_shard(&mut q, &plan, &sh, &launch, local, entries as u64)?;
+        launch::sample_shard(&mut q, &plan, &sh, &launch, local, entries as u64, key_guard.is_some())?;
         state.call = Some(Call { masked: Some((plan, launch)), shard: Some((sh, false)) });
         Ok(())
     }
@@ -535,7 +580,8 @@ impl DropBlockCuda {
         state: &mut DeviceState,
         counts: &impl DevicePtr<u64>,
     ) -> Result<()> {
-        self.check_context(stream.context())?;
+        let _range = ranges::range("dropblock::finish_shard", || format!("{}", state.shape));
+        self.check_call(stream, state)?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         let (sh, _) = call.shard.ok_or(Error::NotAShardCall)?;
         // 1 + the global N.
@@ -558,16 +604,16 @@ impl DropBlockCuda {
 
     /// The raw seed words of every window of the call, in window order, computed
     /// by the device sampler: for checking it against [`Plan::sample_window`].
+    /// A test hook (tests/gpu_parity.rs), not part of the API.
+    #[doc(hidden)]
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
         self.check_context(stream.context())?;
-        let g = *plan.geometry();
-        let mut out = stream.alloc_zeros::<u64>(g.windows as usize)?;
-        let k = self.kernel("sample_seeds", "")?;
-        let cfg = self.launch_config(k, g.windows.div_ceil(THREADS as u64));
-        let mut b = stream.launch_builder(&k.function);
-        b.arg(&g).arg(plan.sampling()).arg(&mut out);
-        // SAFETY: argument types match the kernel's signature; `out` holds every window.
-        unsafe { b.launch(cfg) }?;
+        let mut out = stream.alloc_zeros::<u64>(plan.windows() as usize)?;
+        {
+            let (p, _guard) = out.device_ptr_mut(stream);
+            let mut q = DeviceQueue { cuda: self, stream, ptrs: [None; Buffer::COUNT] }.with(Buffer::Seeds, p);
+            launch::sample_seeds(&mut q, plan)?;
+        }
         stream.clone_dtoh(&out).map_err(Error::from)
     }
 
@@ -587,7 +633,7 @@ impl DropBlockCuda {
             Some(_) => ranges::range("dropblock::forward", || format!("{} {shape} {mode:?}: {cfg}", T::DTYPE.name())),
             None => ranges::range("dropblock::sample", || format!("{shape} {mode:?}: {cfg}")),
         };
-        self.check_context(stream.context())?;
+        self.check_call(stream, state)?;
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
@@ -599,16 +645,7 @@ impl DropBlockCuda {
             state.call = Some(Call { masked: None, shard: None });
             return Ok(());
         }
-        // With a device generator the kernels read (seed, offset) from device
-        // memory, and the last block steps it; the plan's own key is a placeholder.
-        let (host_key, generator) = match key {
-            KeySource::Host(k) => (k, None),
-            KeySource::Device(_) if cfg.fill() == Fill::Noise => return Err(Error::NoiseNeedsHostKey),
-            KeySource::Device(gen) => {
-                self.check_context(gen.key.context())?;
-                (RngKey::new(0, 0)?, Some(gen))
-            }
-        };
+        let (host_key, generator) = self.resolve_key(cfg, key)?;
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         let (plan, launch) = match &state.cached {
             Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => {
@@ -648,7 +685,7 @@ impl DropBlockCuda {
             Pass::Backward => "dropblock::backward",
         };
         let _range = ranges::range(name, || format!("{} {}", T::DTYPE.name(), state.shape));
-        self.check_context(stream.context())?;
+        self.check_call(stream, state)?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         if call.shard.is_some_and(|(_, finished)| !finished) {
             return Err(Error::ShardNotFinished);
@@ -701,6 +738,9 @@ impl DeviceQueue<'_> {
 impl Queue for DeviceQueue<'_> {
     fn zero(&mut self, buffer: Buffer, bytes: u64) -> Result<()> {
         let p = *self.ptr(buffer)?;
+        // A raw driver call: it runs in whatever context the thread has current,
+        // where cudarc's own calls bind the stream's first.
+        self.stream.context().bind_to_thread()?;
         // SAFETY: the sequences in launch.rs zero at most what the buffer holds for
         // the call's shape (a bit per element, N + 2 counters, a counter per slice,
         // 1 + the global N shard counts: checked by the callers).
@@ -738,6 +778,7 @@ impl Queue for DeviceQueue<'_> {
 fn copy<T: CudaElement>(stream: &Arc<CudaStream>, shape: Shape, io: &Io) -> Result<()> {
     if io.x != io.y {
         let bytes = shape.numel() * std::mem::size_of::<T>();
+        stream.context().bind_to_thread()?;
         // SAFETY: both pointers hold `numel` elements (checked by the callers).
         unsafe { result::memcpy_dtod_async(io.y, io.x, bytes, stream.cu_stream()) }?;
     }

@@ -6,7 +6,7 @@
 //! the plane size. They are built in parallel over tiles of whole planes, each
 //! tile holding whole windows (a multiple of `q` planes) and starting on a word.
 //! A channels-last tensor's bits can instead be left in its own order
-//! ([`BitOrder::ChannelsLast`]).
+//! (`BitOrder::ChannelsLast`).
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -49,6 +49,13 @@ fn block_and_tensor_ranks() {
         let uniform = DropBlockConfig::paper(3, 0.5).unwrap();
         assert!(cpu::forward(&uniform, *shape, key, Mode::Train, &x, &mut y).is_ok(), "{shape}");
     }
+    // `Block::sizes_for` is public: a rank no tensor has is an error, not a panic
+    // (or, for a uniform block at rank 0, sizes for no tensor at all).
+    for rank in [0, 4, usize::MAX] {
+        for block in blocks.iter().chain([&Block::uniform(3).unwrap()]) {
+            assert_eq!(block.sizes_for(rank), Err(Error::InvalidRank { what: "tensor", rank }), "{block} {rank}");
+        }
+    }
     for dims in [&[4usize, 4][..], &[1, 1, 1, 1, 1, 1], &[]] {
         let err = Shape::from_dims(dims).unwrap_err();
         assert!(matches!(err, Error::InvalidRank { what: "tensor", .. }), "{dims:?}: {err}");
@@ -119,8 +126,17 @@ fn buffer_lengths() {
     assert!(cpu::forward(&cfg, shape, key, Mode::Eval, &short, &mut y).is_err());
     let saved = cpu::forward(&cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
     let mut dx = vec![0f32; 101];
-    assert!(matches!(cpu::backward(&saved, &x, &mut dx), Err(Error::LengthMismatch { .. })));
-    assert!(matches!(cpu::backward(&saved, &short, &mut y), Err(Error::LengthMismatch { .. })));
+    // Each buffer by the name its call gives it.
+    let what = |r: dropblock::Result<()>| match r {
+        Err(Error::LengthMismatch { what, expected: 100, .. }) => what,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(what(cpu::backward(&saved, &x, &mut dx)), "dx");
+    assert_eq!(what(cpu::backward(&saved, &short, &mut y)), "dy");
+    assert_eq!(what(cpu::backward_inplace(&saved, &mut short_mut)), "dy");
+    assert_eq!(what(cpu::apply(&saved, &x, &mut dx)), "y");
+    assert_eq!(what(cpu::apply(&saved, &short, &mut y)), "x");
+    assert_eq!(what(cpu::apply_inplace(&saved, &mut short_mut)), "x");
 }
 
 #[test]
