@@ -1,38 +1,47 @@
-// DropBlock kernels (every spatial rank: a 1D or 2D call is a volume with unit axes). Entry points are extern "C" with the op and the dtype in
-// the name, so an Nsight timeline reads plainly:
+// DropBlock kernels (every spatial rank: a 1D or 2D call is a volume with unit
+// axes). Entry points are extern "C" with the op and the dtype in the name, so an
+// Nsight timeline reads plainly. What each call launches is src/cuda/launch.rs.
 //
-//   dropblock_count_mask             seeds -> blocks -> keep bits, kept counts,
-//                                      scales, a tile of whole planes per block
-//   dropblock_seed_blocks,           the same in two grid-wide passes, for planes
-//   dropblock_count_bits             too large for a tile
-//   dropblock_apply_<T>              y = x * factor from saved keep bits and scales
-//   dropblock_apply_per_sample_<T>     (forward after a count pass, and backward):
-//   dropblock_apply_shared_<T>         the bits of element e are bit e without
-//   dropblock_apply_shared_per_sample_<T>  sharing, else looked up per slice;
-//   dropblock_apply_unaligned_<T>      one scale or one per sample
-//   dropblock_fused_<T>              Expected / None normalisation, no sharing:
-//                                      a tile's mask and its scaled copy in one launch
-//   dropblock_fill_noise_<T>         noise fill's forward pass: x where kept, the
-//                                      unit's normal value where dropped
-//   dropblock_channels_last_bits     a channels-last call's keep bits in the tensor's
-//                                      own order, from the planes' bits
-//   dropblock_apply_channels_last_<T>,  the same bits and, from them, a
-//   dropblock_apply_channels_last_per_sample_<T>  channels-last forward's scaled
-//                                      copy in one pass (C a multiple of 128,
-//                                      x and y 16-byte aligned, Zero fill)
-//   dropblock_sample_seeds           the raw seed words, for checking the sampler
-//   dropblock_shard_blocks,          a shard's part of the mask (src/shard.rs):
-//   dropblock_shard_count,             its seeds' blocks clipped to its box, its
-//   dropblock_shard_counts,            keep bits and kept counts per plane, its
-//   dropblock_shard_scales             counts per sample, and the scales from the
-//                                      counts summed over every shard
+// The mask (a forward's first pass):
+//   dropblock_count_mask                 seeds -> blocks -> keep bits, kept counts and
+//                                        scales, a tile of whole planes per block
+//   dropblock_seed_blocks                the same over the whole grid, for planes too
+//   dropblock_count_bits                   large for a tile (or too few tiles): blocks, then
+//                                          keep bits, counts and scales
+//   dropblock_fused_<T>                  count_mask and the scaled copy in one launch:
+//   dropblock_fused_unaligned_<T>          Expected or None normalisation, no sharing,
+//                                          channels-first, Zero fill
+// The scaled copy y = x * factor from saved keep bits and scales (a forward's
+// second pass, and every backward):
+//   dropblock_apply_<T>                  the bits of element e are bit e, one scale
+//   dropblock_apply_per_sample_<T>       ... one scale per sample
+//   dropblock_apply_shared_<T>           bits looked up per slice (sharing), one scale
+//   dropblock_apply_shared_per_sample_<T>  ... one scale per sample
+//   dropblock_apply_unaligned_<T>        any of these, one element at a time
+//   dropblock_fill_noise_<T>             noise fill's forward: x where kept, the unit's
+//                                          normal value where dropped
+// Channels-last:
+//   dropblock_channels_last_bits         keep bits in the tensor's order, from the
+//                                          planes' bits
+//   dropblock_apply_channels_last_<T>    those bits and, from them, the scaled copy in
+//   dropblock_apply_channels_last_per_sample_<T>  one pass (C a multiple of 128,
+//                                          x and y 16-byte aligned, Zero fill)
+// Shards (src/shard.rs):
+//   dropblock_shard_blocks               a shard's seeds' blocks, clipped to its box
+//   dropblock_shard_count_planes         its keep bits, and kept cells per plane
+//   dropblock_shard_count_samples        its counts per sample; steps a device generator
+//   dropblock_shard_scales               the scales from the counts summed over shards
+// Checks:
+//   dropblock_sample_seeds               the raw seed words, for checking the sampler
 //
-// `_unaligned` variants take any pointers and shapes; the others need x and y
-// 16-byte aligned and use 16-byte vector loads and stores (the shared variants
-// also need slices of at least 16 bytes). The tiled kernels' bounds cap their
-// registers at 64, for 4 blocks of 256 threads per multiprocessor; their ~17 KiB
-// of shared memory a block allows 4 from sm_80 on, and 3 on sm_75 (64 KiB an SM).
-// The host sizes their grids by the occupancy the driver reports.
+// The vector kernels need x and y 16-byte aligned and use 16-byte loads and stores;
+// the shared ones also need slices of at least a vector, the per-sample ones samples
+// of at least a vector (a vector then reads at most two scales or slices). Every
+// kernel runs DROPBLOCK_THREADS threads a block and strides over its work, so the
+// host caps its grid at one wave. The tiled kernels' bounds cap their registers at
+// 64, for 4 blocks per multiprocessor; their ~17 KiB of shared memory a block does
+// not limit that below 4 from sm_80 on, and allows 3 on sm_75 (64 KiB an SM). The
+// host sizes their grids by the occupancy the driver reports.
 
 #include "elementwise.cuh"
 #include "noise.cuh"
@@ -106,7 +115,7 @@ struct ApplyTileFlat {
 
 using namespace dropblock;
 
-extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM)
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, TILED_BLOCKS_PER_SM)
 dropblock_count_mask(DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s,
                        unsigned long long* device_key, DropBlockApply a, uint32_t* keep_bits,
                        unsigned long long* counts, float* scales) {
@@ -116,25 +125,26 @@ dropblock_count_mask(DropBlockGeometry g, DropBlockTiles tiles, DropBlockSamplin
 // For planes too large for a tile: dropblock_seed_blocks ORs every window's
 // blocks into dropped bits (zeroed by the host) over the whole grid, then
 // dropblock_count_bits turns them into keep bits and counts them.
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_seed_blocks(DropBlockGeometry g, DropBlockSampling s, const unsigned long long* device_key,
                         DropBlockApply a, uint32_t* bits) {
     const Thresholds th = shared_thresholds(s);
     seed_windows_global(g, th, load_key(s, device_key), a, global_thread(), threads_in_grid(), bits);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_count_bits(DropBlockGeometry g, DropBlockApply a, uint32_t* bits, unsigned long long* counts,
                        float* scales, unsigned long long* device_key) {
     const uint64_t cells = g.planes * a.plane_len, words = (cells + 31) / 32;
     Counts c(g, a, counts);
-    for (uint64_t i = global_thread(); i < words; i += threads_in_grid()) {
+    // Each word's first plane and cell (PerSample only).
+    RunCursor at = c.per_sample ? RunCursor(global_thread() * 32, threads_in_grid() * 32, a.plane_len) : RunCursor();
+    for (uint64_t i = global_thread(); i < words; i += threads_in_grid(), at.step()) {
         const uint32_t hi = (uint32_t)min((uint64_t)32, cells - i * 32);
         const uint32_t keep = ~bits[i] & bit_range(0, hi);
         bits[i] = keep;
-        const uint64_t plane = c.per_sample ? i * 32 / a.plane_len : 0;
         c.kept += __popc(keep);
-        if (c.per_sample) c.add_samples(keep, 0, hi, plane, i * 32 - plane * a.plane_len, a.plane_len);
+        if (c.per_sample) c.add_samples(keep, 0, hi, at.n, at.pos, a.plane_len);
     }
     // A lane's words span the whole call: its runs are summed across the warp only
     // when every plane feeds one counter.
@@ -202,7 +212,7 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
 // x and y may be the same buffer (in place): every element is read and then
 // written by the same thread, so no __restrict__.
 #define DROPBLOCK_APPLY_KERNEL(T, NAME, OP, SHARED, PER_SAMPLE)                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_##OP##_##NAME(                              \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1) dropblock_##OP##_##NAME(                              \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) { \
         apply<T, SHARED, PER_SAMPLE>(g, a, x, y, keep_bits, scales);                                             \
     }
@@ -212,24 +222,24 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_per_sample, false, true)                                                \
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_shared, true, false)                                                    \
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_shared_per_sample, true, true)                                          \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_apply_unaligned_##NAME(                        \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1) dropblock_apply_unaligned_##NAME(                        \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) {  \
         const PlaneBits pb{g, keep_bits, a.plane_len, (g.planes * a.plane_len + 31) / 32};                        \
         const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;                                         \
         apply_scalar<T>(x, y, a.numel, global_thread(), threads_in_grid(), pb,                                    \
                         Scales{per_sample ? scales : nullptr, scales[0], 0});                                     \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_fill_noise_##NAME(                             \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1) dropblock_fill_noise_##NAME(                             \
         DropBlockGeometry g, DropBlockApply a, DropBlockGeometry global, DropBlockShard sh, DropBlockSampling s,    \
         uint32_t channels_last, const T* x, T* y, const uint32_t* keep_bits) {                                     \
         fill_noise<T>(g, a, global, sh, s, channels_last != 0, x, y, keep_bits);                                   \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_##NAME(              \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, TILED_BLOCKS_PER_SM) dropblock_fused_##NAME(              \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \
         DropBlockApply a, const T* x, T* y, uint32_t* keep_bits, unsigned long long* counts, float* scales) {     \
         fused<T, true>(g, tiles, s, device_key, a, x, y, keep_bits, counts, scales);                              \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, TILED_BLOCKS_PER_SM) dropblock_fused_unaligned_##NAME(    \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, TILED_BLOCKS_PER_SM) dropblock_fused_unaligned_##NAME(    \
         DropBlockGeometry g, DropBlockTiles tiles, DropBlockSampling s, unsigned long long* device_key,           \
         DropBlockApply a, const T* x, T* y, uint32_t* keep_bits, unsigned long long* counts, float* scales) {     \
         fused<T, false>(g, tiles, s, device_key, a, x, y, keep_bits, counts, scales);                             \
@@ -283,10 +293,10 @@ struct ScaleItem {
         constexpr int U = UNROLL_LEAN;
         using V = Vec<T, VEC>;
         // Lane j's run b: channels c_first + 32b .. + 32 of cell cell0 + j; a warp's
-        // runs for each of the block's warps (the kernels' 256 threads). One 16-byte
+        // runs for each of the block's warps (DROPBLOCK_THREADS threads). One 16-byte
         // store a lane, where four 4-byte ones 16 bytes apart conflicted 4 ways.
         static_assert(B == 4, "a lane's runs are one uint4");
-        __shared__ uint4 staged[256 / 32][32];
+        __shared__ uint4 staged[DROPBLOCK_THREADS / 32][32];
         uint4(&mine)[32] = staged[threadIdx.x / 32];
         mine[lane] = make_uint4(run[0], run[1], run[2], run[3]);
         __syncwarp();
@@ -395,7 +405,7 @@ __device__ __forceinline__ void channels_last(const DropBlockGeometry& g, const 
 // all, whatever the sharing. A warp transposes 32 cells x 128 channels per item
 // (above). With C a multiple of 32 every run is a whole word and is stored;
 // otherwise runs straddle words and are ORed into bits the host zeroed.
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_channels_last_bits(DropBlockGeometry g, DropBlockApply a, const uint32_t* plane_bits, uint32_t* bits) {
     channels_last(g, a, plane_bits, bits, BitsOnly{});
 }
@@ -406,7 +416,7 @@ dropblock_channels_last_bits(DropBlockGeometry g, DropBlockApply a, const uint32
 // registers (ScaleItem), where the transpose and the flat apply took two launches
 // and a read of the bits back.
 #define DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, OP, PER_SAMPLE)                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1) dropblock_##OP##_##NAME(                                 \
+    extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1) dropblock_##OP##_##NAME(                                 \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* plane_bits, uint32_t* bits,       \
         const float* scales) {                                                                                   \
         channels_last(g, a, plane_bits, bits, ScaleItem<T, PER_SAMPLE>{x, y, scales, a.plane_len, g.c});         \
@@ -419,9 +429,9 @@ DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(float, f32)
 DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__half, f16)
 DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__nv_bfloat16, bf16)
 
-// One thread per window: the seed words of every window of the call, in window
-// order.
-extern "C" __global__ void __launch_bounds__(256, 1)
+// The seed words of every window of the call, in window order (a window per
+// thread and step).
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds) {
     // The production kernels' way to the thresholds and key, so this check covers it.
     const Thresholds th = shared_thresholds(s);
@@ -432,8 +442,8 @@ dropblock_sample_seeds(DropBlockGeometry g, DropBlockSampling s, uint64_t* seeds
 
 // A shard's sampling pass: ORs into `dropped` (its planes' bits, zeroed by the
 // host) the blocks of every seed that reaches its box, clipped to the box. The key
-// is `device_key`'s where given (dropblock_shard_counts steps it after).
-extern "C" __global__ void __launch_bounds__(256, 1)
+// is `device_key`'s where given (dropblock_shard_count_samples steps it after).
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_blocks(DropBlockGeometry g, DropBlockShard sh, DropBlockSampling s,
                        const unsigned long long* device_key, uint32_t* dropped) {
     const Thresholds th = shared_thresholds(s);
@@ -444,23 +454,18 @@ dropblock_shard_blocks(DropBlockGeometry g, DropBlockShard sh, DropBlockSampling
 
 // Turns a shard's dropped bits into keep bits (in place; bits past its last plane
 // cleared) and adds each plane's kept cells to `plane_kept` (zeroed by the host).
-extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock_shard_count(DropBlockShard sh, DropBlockApply a, uint32_t* bits, unsigned long long* plane_kept) {
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
+dropblock_shard_count_planes(DropBlockShard sh, DropBlockApply a, uint32_t* bits, unsigned long long* plane_kept) {
     const uint64_t cells = sh.planes * a.plane_len, words = (cells + 31) / 32;
-    for (uint64_t i = global_thread(); i < words; i += threads_in_grid()) {
+    // Each word's first plane and cell.
+    RunCursor at(global_thread() * 32, threads_in_grid() * 32, a.plane_len);
+    for (uint64_t i = global_thread(); i < words; i += threads_in_grid(), at.step()) {
         const uint32_t hi = (uint32_t)min((uint64_t)32, cells - i * 32);
         const uint32_t keep = ~bits[i] & bit_range(0, hi);
         bits[i] = keep;
-        // The word's bits, plane by plane.
-        uint64_t bit = i * 32, plane = bit / a.plane_len;
-        for (uint32_t lo = 0; lo < hi;) {
-            const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), (plane + 1) * a.plane_len - bit);
-            const uint32_t kept = __popc(keep & bit_range(lo, lo + n));
+        for_each_plane_run(keep, 0, hi, at.n, at.pos, a.plane_len, [&](uint64_t plane, uint32_t kept) {
             if (kept) atomicAdd(&plane_kept[plane], (unsigned long long)kept);
-            lo += n;
-            bit += n;
-            ++plane;
-        }
+        });
     }
 }
 
@@ -469,8 +474,8 @@ dropblock_shard_count(DropBlockShard sh, DropBlockApply a, uint32_t* bits, unsig
 // (every element, without `plane_kept`: an identity call). Steps `device_key`
 // past the call where given: it runs after dropblock_shard_blocks, the call's
 // only reader of the key, in stream order.
-extern "C" __global__ void __launch_bounds__(256, 1)
-dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned long long* plane_kept,
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
+dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsigned long long* plane_kept,
                        unsigned long long* counts, unsigned long long* device_key) {
     for (uint64_t n = global_thread(); n < sh.n; n += threads_in_grid()) {
         const uint64_t kept = shard_sample_kept(g, sh, plane_kept, n);
@@ -488,15 +493,16 @@ dropblock_shard_counts(DropBlockGeometry g, DropBlockShard sh, const unsigned lo
 // without a host sync, so counts no shards could give (a faulty reduction,
 // another shape's counts) make every scale NaN: y (dx under noise fill) then says
 // so, where a finite scale from them would be wrong without a sign.
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
     __shared__ unsigned long long block_sum;
     __shared__ unsigned impossible;
     if (threadIdx.x == 0) block_sum = 0, impossible = 0;
     __syncthreads();
     const uint64_t samples = sh.global_numel / sh.global_sample;
-    // Each entry is checked before it is summed, so a sum of valid entries is at
-    // most N·C·L and cannot wrap.
+    // Every entry is summed, but a sum is used only when no entry exceeds its
+    // sample's C·L (`impossible` otherwise): then it is at most N·C·L and cannot
+    // have wrapped.
     uint64_t sum = 0;
     bool bad = false;
     for (uint64_t n = threadIdx.x; n < samples; n += blockDim.x) {

@@ -100,18 +100,23 @@ typedef struct DropBlockApply {
     float fixed_scale;
 } DropBlockApply;
 
-/* How the tiled kernels cut the planes: a thread block builds a tile of
- * planes_per_tile consecutive planes (a multiple of planes_per_window, so a
- * tile holds whole windows) in shared memory. Launch parameters only: the mask
- * does not depend on them. */
-/* Shared-memory words of a tile's bits (8 KiB). A tile starts at any bit of
- * a word, so it holds at most 32 * DROPBLOCK_TILE_WORDS - 31 cells. */
+/* Threads per block of every kernel: their __launch_bounds__ and per-warp
+ * staging assume it, and the host launches it. Launch parameter only. */
+#define DROPBLOCK_THREADS 256
+
+/* Shared-memory words of a tile's bits (8 KiB). */
 #define DROPBLOCK_TILE_WORDS 2048
+/* Cells a tile holds: it starts at any bit of its first word. */
+#define DROPBLOCK_TILE_CELLS (32 * DROPBLOCK_TILE_WORDS - 31)
 
 /* Channels a warp of dropblock_channels_last_bits transposes per item (with 32
  * cells): the host sizes that kernel's grid by it. Launch parameter only. */
 #define DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS 128
 
+/* How the tiled kernels cut the planes: a thread block builds a tile of
+ * planes_per_tile consecutive planes (a multiple of planes_per_window, so a
+ * tile holds whole windows) in shared memory. Launch parameters only: the mask
+ * does not depend on them. */
 typedef struct DropBlockTiles {
     uint64_t planes_per_tile;
     uint64_t tiles;

@@ -55,14 +55,13 @@ struct FlatBits {
     __device__ __forceinline__ uint32_t from(uint64_t e) const { return words[(e >> 5) - base] >> (e & 31); }
 };
 
-// Where a thread's vectors sit in their samples (PerSample scales): stepped by a
-// fixed stride with no division in the loop.
-struct SampleCursor {
+// Where a position stepped by a fixed stride sits in runs of `len` (samples,
+// planes): run `n`, offset `pos`, with no division in the loop.
+struct RunCursor {
     uint64_t n = 0, pos = 0, len = 1, dn = 0, dpos = 0;
-    SampleCursor() = default;
-    __device__ __forceinline__ SampleCursor(uint64_t e, uint64_t stride, uint64_t sample_len)
-        : n(e / sample_len), pos(e % sample_len), len(sample_len), dn(stride / sample_len),
-          dpos(stride % sample_len) {}
+    RunCursor() = default;
+    __device__ __forceinline__ RunCursor(uint64_t e, uint64_t stride, uint64_t run_len)
+        : n(e / run_len), pos(e % run_len), len(run_len), dn(stride / run_len), dpos(stride % run_len) {}
     __device__ __forceinline__ void step() {
         pos += dpos;
         n += dn;
@@ -102,7 +101,7 @@ __device__ __forceinline__ void apply_flat(const T* x, T* y, uint64_t first, uin
 
     const V* xv = reinterpret_cast<const V*>(x + body);
     V* yv = reinterpret_cast<V*>(y + body);
-    SampleCursor at = PER_SAMPLE ? SampleCursor(body + worker * VEC, workers * VEC, sc.sample_len) : SampleCursor();
+    RunCursor at = PER_SAMPLE ? RunCursor(body + worker * VEC, workers * VEC, sc.sample_len) : RunCursor();
     for (uint64_t v = worker; v < nvec; v += UNROLL * workers) {
         V in[UNROLL];
 #pragma unroll
@@ -136,6 +135,34 @@ __device__ __forceinline__ void apply_flat(const T* x, T* y, uint64_t first, uin
 // A position in the tensor: sample n, channel c, cell of the (n, c) slice.
 struct Position {
     uint64_t n, c, cell;
+};
+
+// A fixed stride of elements as a move of (n, c, cell), so that a thread steps its
+// position with no division in the loop (the carries need one compare each: the
+// moves are under a slice and under C).
+struct PositionStep {
+    uint64_t dn, dc, dcell, L, C;
+    __device__ __forceinline__ PositionStep(uint64_t stride, uint64_t plane_len, uint64_t channels)
+        : L(plane_len), C(channels) {
+        const uint64_t slices = stride / L;
+        dcell = stride - slices * L;
+        dn = slices / C;
+        dc = slices - dn * C;
+    }
+    __device__ __forceinline__ Position operator()(Position p) const {
+        p.cell += dcell;
+        p.c += dc;
+        p.n += dn;
+        if (p.cell >= L) {
+            p.cell -= L;
+            ++p.c;
+        }
+        if (p.c >= C) {
+            p.c -= C;
+            ++p.n;
+        }
+        return p;
+    }
 };
 
 // Keep bits read through the plane of each slice (sharing): bit plane * L + cell.
@@ -182,24 +209,7 @@ __device__ __forceinline__ void apply_planes(const T* x, T* y, uint64_t numel, u
     }
     if (worker >= nvec) return;
 
-    // A stride of `workers` vectors moves a position by (dn, dc, dcell), carries aside.
-    const uint64_t stride = workers * VEC;
-    const uint64_t stride_slices = stride / L, dcell = stride - stride_slices * L;
-    const uint64_t dn = stride_slices / C, dc = stride_slices - dn * C;
-    auto step = [&](Position p) {
-        p.cell += dcell;
-        p.c += dc;
-        p.n += dn;
-        if (p.cell >= L) {
-            p.cell -= L;
-            ++p.c;
-        }
-        if (p.c >= C) {
-            p.c -= C;
-            ++p.n;
-        }
-        return p;
-    };
+    const PositionStep step(workers * VEC, L, C);
     constexpr int UNROLL = UNROLL_LEAN;
     const V* xv = reinterpret_cast<const V*>(x);
     V* yv = reinterpret_cast<V*>(y);
@@ -239,12 +249,13 @@ __device__ __forceinline__ void apply_planes(const T* x, T* y, uint64_t numel, u
 }
 
 // Any pointers and any shape, one element at a time: the fallback for tensors
-// that are not 16-byte aligned.
+// that are not 16-byte aligned, or slices and samples shorter than a vector.
 template <typename T>
 __device__ __forceinline__ void apply_scalar(const T* x, T* y, uint64_t numel, uint64_t worker, uint64_t workers,
                                              const PlaneBits& bits, const Scales& sc) {
-    for (uint64_t e = worker; e < numel; e += workers) {
-        const Position p = bits.position(e);
+    const PositionStep step(workers, bits.plane_len, bits.g.c);
+    Position p = bits.position(worker);
+    for (uint64_t e = worker; e < numel; e += workers, p = step(p)) {
         const float s = sc.per_sample ? sc.per_sample[p.n] : sc.s0;
         y[e] = scale_element(x[e], bits.from(bits.bit(p)) & 1u ? s : 0.0f);
     }

@@ -17,8 +17,6 @@ constexpr unsigned FULL_WARP = 0xffffffffu;
 // Seeds a tile queues for growing; more (dense seeds) are grown by the thread that
 // found them.
 constexpr uint32_t SEED_QUEUE = 1024;
-// A tile may start at any bit of its first word.
-constexpr uint32_t TILE_CELLS = 32 * DROPBLOCK_TILE_WORDS - 31;
 
 __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
 #pragma unroll
@@ -96,6 +94,20 @@ __device__ __forceinline__ float count_scale(uint64_t numerator, uint64_t kept) 
     return kept == 0 ? 0.0f : __double2float_rn((double)numerator / (double)kept);
 }
 
+// Bits [lo, hi) of `keep` are cells `cell`.. of `plane`, then of the planes after
+// it (`plane_len` cells each): calls `f(plane, kept cells)` for each plane's run.
+template <typename F>
+__device__ __forceinline__ void for_each_plane_run(uint32_t keep, uint32_t lo, uint32_t hi, uint64_t plane,
+                                                   uint64_t cell, uint64_t plane_len, F&& f) {
+    while (lo < hi) {
+        const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), plane_len - cell);
+        f(plane, (uint32_t)__popc(keep & bit_range(lo, lo + n)));
+        lo += n;
+        cell = 0;
+        ++plane;
+    }
+}
+
 // A thread's kept counts: cells over the planes (weighted at the end by the
 // slices that read each plane), and, under PerSample, a run of cells for one
 // sample counter, sent with one atomic when the counter changes. When a warp's
@@ -124,13 +136,8 @@ struct Counts {
     // it (`plane_len` cells each): their kept cells go to their samples' counters.
     __device__ __forceinline__ void add_samples(uint32_t keep, uint32_t lo, uint32_t hi, uint64_t plane,
                                                 uint64_t cell, uint64_t plane_len) {
-        while (lo < hi) {
-            const uint32_t n = (uint32_t)min((uint64_t)(hi - lo), plane_len - cell);
-            add_sample(plane, __popc(keep & bit_range(lo, lo + n)));
-            lo += n;
-            cell = 0;
-            ++plane;
-        }
+        for_each_plane_run(keep, lo, hi, plane, cell, plane_len,
+                           [&](uint64_t p, uint32_t kept) { add_sample(p, kept); });
     }
 
     __device__ __forceinline__ void flush() {
@@ -227,11 +234,11 @@ struct Tile {
     }
 };
 
-// A queued block: the shared bit of its first cell (its front top-left corner)
-// and its extents clipped to the map. A tile holds under 2^16 cells, so each
-// field fits 16 bits: x = bit | depth << 16, y = rows << 16 | columns.
 struct TileShared {
     uint32_t bits[DROPBLOCK_TILE_WORDS];
+    // A queued block: the shared bit of its first cell (its front top-left
+    // corner) and its extents clipped to the map. A tile holds under 2^16 cells,
+    // so each field fits 16 bits: x = bit | depth << 16, y = rows << 16 | columns.
     uint2 queue[SEED_QUEUE];
     uint32_t queued;
 };
@@ -266,7 +273,7 @@ __device__ __forceinline__ void grow_row(const DropBlockGeometry& g, uint2 block
 
 // Builds the dropped bits of `tile` in `sh.bits`, which must be zero (and
 // `sh.queued` 0): samples the tile's windows (a thread each), queues their seeds'
-// blocks, then grows them with one (seed, row) item per thread, so every lane has
+// blocks, then grows them with one (seed, depth slice, row) item per thread, so every lane has
 // work however the seeds fall. Every thread of the block must call it; the bits
 // are complete on return.
 __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const DropBlockTiles& tiles,
@@ -278,7 +285,7 @@ __device__ __forceinline__ void build_tile(const DropBlockGeometry& g, const Dro
     const uint64_t window0 = t * tiles.groups_per_tile * m;
     const uint32_t windows = (tile.planes + q - 1) / q * m;
     // Whole warps go round together (lanes past the last window sample nothing; the
-    // block is whole warps, 256 threads), so a warp reserves its seeds' queue slots
+    // block is whole warps, DROPBLOCK_THREADS), so a warp reserves its seeds' queue slots
     // with one shared atomic, not one per seed.
     for (uint32_t i0 = threadIdx.x - lane; i0 < windows; i0 += blockDim.x) {
         const uint32_t i = i0 + lane;

@@ -4,6 +4,7 @@
 #   - shellcheck over the shell scripts;
 #   - the GitHub workflows against SchemaStore's schema (check-jsonschema's vendored
 #     copy: no network needed at check time);
+#   - tests/fixtures/sampling_contract.json is what its script writes today;
 #   - every dependency built for this host declares a rust-version no newer than ours.
 # The linters are pinned PyPI wheels, installed once into ~/.cache/dropblock.
 # (actionlint is not used: its PyPI package is a source build that downloads the
@@ -27,6 +28,18 @@ echo "lint: shellcheck"
 
 echo "lint: workflows against the GitHub workflow schema"
 PYTHONPATH="$dir" python3 -m check_jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+
+echo "lint: the sampling contract's known answers, regenerated from scripts/fixtures/sampling_contract.py"
+# The one fixture script that needs only Python's standard library (the others need
+# torch and the peers' packages): its committed output must be what it writes now.
+fixture=$(mktemp)
+python3 scripts/fixtures/sampling_contract.py "$fixture" >/dev/null
+if ! cmp -s "$fixture" tests/fixtures/sampling_contract.json; then
+  rm -f "$fixture"
+  echo "tests/fixtures/sampling_contract.json differs from what scripts/fixtures/sampling_contract.py writes" >&2
+  exit 1
+fi
+rm -f "$fixture"
 
 echo "lint: dependencies' rust-version against ours"
 host=$(rustc -vV | sed -n 's/^host: //p')

@@ -20,7 +20,9 @@ pub const DROPBLOCK_NORM_NONE: u32 = 3;
 pub const DROPBLOCK_COUNT_TOTAL: u32 = 0;
 pub const DROPBLOCK_COUNT_DONE: u32 = 1;
 pub const DROPBLOCK_COUNT_SAMPLES: u32 = 2;
+pub const DROPBLOCK_THREADS: u32 = 256;
 pub const DROPBLOCK_TILE_WORDS: u32 = 2048;
+pub const DROPBLOCK_TILE_CELLS: u32 = 65505;
 pub const DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS: u32 = 128;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

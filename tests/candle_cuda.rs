@@ -40,9 +40,16 @@ fn main() {
             })
             .collect(),
         Err(e) => {
-            let why = format!("no CUDA device for candle: {e}");
+            // Only a missing driver or device skips (as gpu_parity decides it): a
+            // device that candle cannot open is a failure.
+            let no_gpu = dropblock::cuda::DropBlockCuda::new(0).err().filter(dropblock::Error::is_no_gpu);
+            let why = match &no_gpu {
+                Some(none) => format!("no CUDA device for candle: {e} ({none})"),
+                None => format!("a CUDA device is there, but candle could not open it: {e}"),
+            };
+            let required = require || no_gpu.is_none();
             let why = if require { format!("DROPBLOCK_REQUIRE_GPU=1 but {why}") } else { why };
-            checks.iter().map(|(name, _)| common::cannot_run(*name, why.clone(), require)).collect()
+            checks.iter().map(|(name, _)| common::cannot_run(*name, why.clone(), required)).collect()
         }
     };
     libtest_mimic::run(&args, trials).exit();

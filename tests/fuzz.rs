@@ -1,14 +1,15 @@
-//! Fuzzing on stable Rust, as a test with a time budget: the `.npy` and PNG
-//! readers through the `dropblock` command (mutated valid files), and the library's
-//! parsers and builders in process (random and boundary values). The properties:
-//! no panic, no abort or signal, an exit status of 0 or 1 with one short line on
-//! failure, and a bounded time per input.
+//! Fuzzing on stable Rust, as a test with a fixed number of inputs: the `.npy`
+//! and PNG readers through the `dropblock` command (mutated valid files), and the
+//! library's parsers and builders in process (random and boundary values). The
+//! properties: no panic, no abort or signal, no hang, an exit status of 0 or 1
+//! with one short line on failure.
 //!
-//! Each target runs for `DROPBLOCK_FUZZ_SECONDS` seconds (default 8). A failing
-//! input is written to `CARGO_TARGET_TMPDIR/fuzz-failures/` and named in the
-//! failure; keep it as `tests/fixtures/fuzz-<what>.<ext>`, which every run
-//! replays first. Inputs are drawn from a seeded
-//! generator, so a run is reproducible from its seed (`DROPBLOCK_FUZZ_SEED`).
+//! Each file target runs `DROPBLOCK_FUZZ_INPUTS` inputs (default 2000), the
+//! in-process target 150 times that. A failing input is written to
+//! `CARGO_TARGET_TMPDIR/fuzz-failures/` and named in the failure; keep it as
+//! `tests/fixtures/fuzz-<what>.<ext>`, which every run replays first. Inputs are
+//! drawn from a seeded generator, so a run is reproducible from its seed
+//! (`DROPBLOCK_FUZZ_SEED`) and count, on any machine.
 
 mod common;
 
@@ -31,10 +32,13 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
-fn budget() -> Duration {
-    let secs = std::env::var("DROPBLOCK_FUZZ_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    Duration::from_secs(secs)
+/// Inputs per file target.
+fn inputs() -> u64 {
+    std::env::var("DROPBLOCK_FUZZ_INPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
 }
+
+/// A run still going after this long has hung: each input takes milliseconds.
+const HANG: Duration = Duration::from_secs(60);
 
 fn rng() -> StdRng {
     let seed = std::env::var("DROPBLOCK_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0xF022);
@@ -48,43 +52,25 @@ fn failures_dir() -> PathBuf {
     d
 }
 
-/// A time-bounded run of the command; `Err` says what went wrong.
-fn run(args: &[&str], limit: Duration) -> Result<(), String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).ok();
-            return match status.code() {
-                Some(0) => Ok(()),
-                Some(1) if err.trim_end().lines().count() == 1 && err.len() < 400 => Ok(()),
-                Some(1) => Err(format!("exit 1 without one short line: {:?}", &err[..err.len().min(400)])),
-                code => Err(format!("exit status {code:?} (a panic or a signal): {:?}", &err[..err.len().min(400)])),
-            };
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            return Err(format!("still running after {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(2));
+/// A run of the command, killed as hung past [`HANG`]; `Err` says what went wrong.
+fn run(args: &[&str]) -> Result<(), String> {
+    let (status, err) = common::status_unless_hung(Command::new(env!("CARGO_BIN_EXE_dropblock")).args(args), HANG)?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(1) if err.trim_end().lines().count() == 1 && err.len() < 400 => Ok(()),
+        Some(1) => Err(format!("exit 1 without one short line: {:?}", &err[..err.len().min(400)])),
+        code => Err(format!("exit status {code:?} (a panic or a signal): {:?}", &err[..err.len().min(400)])),
     }
 }
 
 fn run_apply(input: &Path, out: &Path) -> Result<(), String> {
     let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
-    run(&["apply", "--input", i, "--output", o, "--block", "3", "--device", "cpu"], Duration::from_secs(10))
+    run(&["apply", "--input", i, "--output", o, "--block", "3", "--device", "cpu"])
 }
 
 fn run_show(input: &Path, out: &Path) -> Result<(), String> {
     let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
-    run(&["show", "--image", i, "--png", o, "--block", "3"], Duration::from_secs(10))
+    run(&["show", "--image", i, "--png", o, "--block", "3"])
 }
 
 /// A header as numpy writes it, then `data`.
@@ -200,7 +186,7 @@ fn fuzz_files(ext: &str, seeds: Vec<Vec<u8>>, target: fn(&Path, &Path) -> Result
             return Err("a valid seed input was refused (no output written)".into());
         }
     }
-    while start.elapsed() < budget() {
+    while runs < inputs() {
         let mut bytes = seeds[rng.random_range(0..seeds.len())].clone();
         for _ in 0..rng.random_range(1..4) {
             mutate(&mut rng, &mut bytes);
@@ -225,8 +211,8 @@ fn fuzz_in_process() -> Result<(), Failed> {
         [0.0, -0.0, 1.0, -1.0, 0.5, 1e-300, 1e300, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, f64::MIN_POSITIVE];
     let ints = [0usize, 1, 2, 7, 65_535, 65_536, u32::MAX as usize, u32::MAX as usize + 1, usize::MAX];
     let start = Instant::now();
-    let (mut runs, mut sampled) = (0u64, 0u64);
-    while start.elapsed() < budget() {
+    let (mut runs, mut sampled, mut refused) = (0u64, 0u64, 0u64);
+    while runs < 150 * inputs() {
         let pick_f = |rng: &mut StdRng| {
             if rng.random_bool(0.5) {
                 floats[rng.random_range(0..floats.len())]
@@ -246,29 +232,44 @@ fn fuzz_in_process() -> Result<(), Failed> {
         let (p, scale) = (pick_f(&mut rng), pick_f(&mut rng));
         let dims = [pick_i(&mut rng), pick_i(&mut rng), pick_i(&mut rng), pick_i(&mut rng)];
         let offset: u64 = if rng.random_bool(0.5) { u64::MAX - rng.random_range(0..40) } else { rng.random() };
+        let modes = (
+            [Placement::Valid, Placement::Anywhere][rng.random_range(0..2)],
+            [GammaRule::Paper, GammaRule::ExactRate, GammaRule::PerBlock][rng.random_range(0..3)],
+            [Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All][rng.random_range(0..4)],
+            [Normalize::Global, Normalize::PerSample, Normalize::Expected, Normalize::None][rng.random_range(0..4)],
+        );
         let outcome = std::panic::catch_unwind(|| {
             let _ = text.parse::<Block>();
             let block = Block::new(pick_i(&mut StdRng::seed_from_u64(runs)) as u32, 3);
             let cfg = DropBlockConfig::builder(block.unwrap_or(Block::square(3).unwrap()), p)
                 .gamma_scale(scale)
-                .placement(Placement::Anywhere)
-                .gamma_rule(GammaRule::ExactRate)
-                .sharing(Sharing::Batch)
-                .normalize(Normalize::PerSample)
+                .placement(modes.0)
+                .gamma_rule(modes.1)
+                .sharing(modes.2)
+                .normalize(modes.3)
                 .build();
             let shape = Shape::new(dims[0], dims[1], dims[2], dims[3]);
             let key = RngKey::new(7, offset);
-            // A plan for every valid combination small enough to build here.
-            if let (Ok(cfg), Ok(shape), Ok(key)) = (cfg, shape, key) {
-                if shape.numel() <= 1 << 16 {
-                    let _ = dropblock::cpu::sample(&cfg, shape, key, dropblock::Mode::Train);
-                    return true;
-                }
+            // A plan for every valid combination small enough to build here: a
+            // mask that holds together, or a typed refusal.
+            let (Ok(cfg), Ok(shape), Ok(key)) = (cfg, shape, key) else { return Ok(None) };
+            if shape.numel() > 1 << 16 {
+                return Ok(None);
             }
-            false
+            let Ok(saved) = dropblock::cpu::sample(&cfg, shape, key, dropblock::Mode::Train) else {
+                return Ok(Some(false));
+            };
+            if saved.kept() > shape.numel() as u64 || !saved.scales().iter().all(|s| s.is_finite() && *s >= 0.0) {
+                return Err(format!("kept {} of {}, scales {:?}", saved.kept(), shape.numel(), saved.scales()));
+            }
+            Ok(Some(true))
         });
         match outcome {
-            Ok(reached) => sampled += reached as u64,
+            Ok(Ok(reached)) => {
+                sampled += (reached == Some(true)) as u64;
+                refused += (reached == Some(false)) as u64;
+            }
+            Ok(Err(e)) => return Err(format!("{e}: p {p}, scale {scale}, dims {dims:?}, modes {modes:?}").into()),
             Err(e) => {
                 return Err(format!(
                     "panic on text {text:?}, p {p}, scale {scale}, dims {dims:?}, offset {offset}: {}",
@@ -279,10 +280,13 @@ fn fuzz_in_process() -> Result<(), Failed> {
         }
         runs += 1;
     }
-    eprintln!("fuzz in process: {runs} inputs ({sampled} sampled) in {:?}", start.elapsed());
-    // The draws must reach the sampler, not only the parsers and builders.
+    eprintln!("fuzz in process: {runs} inputs ({sampled} sampled, {refused} refused by it) in {:?}", start.elapsed());
+    // The draws must reach the sampler and give masks, not only the parsers and
+    // builders (or refusals).
     if sampled == 0 {
-        return Err(format!("none of {runs} inputs reached cpu::sample: widen the draws").into());
+        return Err(
+            format!("of {runs} inputs none gave a mask ({refused} refused by the sampler): widen the draws").into()
+        );
     }
     Ok(())
 }

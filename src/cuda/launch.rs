@@ -19,7 +19,7 @@ use crate::sampling::{expected_scale, Plan};
 use crate::shard::Shard;
 
 /// Threads per block of every kernel.
-pub(super) const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = abi::DROPBLOCK_THREADS;
 const UNTYPED: [&str; 9] = [
     "count_mask",
     "seed_blocks",
@@ -27,8 +27,8 @@ const UNTYPED: [&str; 9] = [
     "channels_last_bits",
     "sample_seeds",
     "shard_blocks",
-    "shard_count",
-    "shard_counts",
+    "shard_count_planes",
+    "shard_count_samples",
     "shard_scales",
 ];
 /// The scaled copies from saved keep bits, by layout of the bits and scales.
@@ -39,9 +39,8 @@ const FUSED_OPS: [&str; 2] = ["fused", "fused_unaligned"];
 const CHANNELS_LAST_OPS: [&str; 2] = ["apply_channels_last", "apply_channels_last_per_sample"];
 /// Noise fill's forward pass (any alignment).
 const FILL_OPS: [&str; 1] = ["fill_noise"];
-/// Cells a tile holds: `DROPBLOCK_TILE_WORDS` words, starting at any bit of the
-/// first (kernels/mask.cuh, TILE_CELLS).
-const TILE_CELLS: u64 = 32 * abi::DROPBLOCK_TILE_WORDS as u64 - 31;
+/// Cells a tile holds (kernels/dropblock_abi.h).
+const TILE_CELLS: u64 = abi::DROPBLOCK_TILE_CELLS as u64;
 
 /// A kernel by op and dtype suffix ("" for the untyped ones). Static strings, so
 /// finding a kernel on the launch path neither formats nor allocates.
@@ -434,7 +433,7 @@ pub fn element_pass(
     let g = match shape.layout() {
         Layout::ChannelsFirst => g,
         Layout::ChannelsLast => {
-            flat = abi::DropBlockGeometry { sharing: abi::DROPBLOCK_SHARE_NONE, ..*g };
+            flat = abi::DropBlockGeometry { sharing: abi::DROPBLOCK_SHARE_NONE, planes: a.numel / a.plane_len, ..*g };
             &flat
         }
     };
@@ -474,9 +473,9 @@ pub fn sample_shard(
     let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Sampling(s), key, Arg::Ptr(bits)];
     q.launch(("shard_blocks", ""), items.div_ceil(THREADS as u64), &args)?;
     let args = [Arg::Shard(sh), Arg::Apply(a), Arg::Ptr(bits), Arg::Ptr(Buffer::PlaneKept)];
-    q.launch(("shard_count", ""), words.div_ceil(THREADS as u64), &args)?;
+    q.launch(("shard_count_planes", ""), words.div_ceil(THREADS as u64), &args)?;
     let args = [Arg::Geometry(g), Arg::Shard(sh), Arg::Ptr(Buffer::PlaneKept), Arg::Ptr(Buffer::ShardCounts), key];
-    q.launch(("shard_counts", ""), (local.n() as u64).div_ceil(THREADS as u64), &args)?;
+    q.launch(("shard_count_samples", ""), (local.n() as u64).div_ceil(THREADS as u64), &args)?;
     if local.layout() == Layout::ChannelsLast {
         channels_last_bits(q, &launch.geometry, a)?;
     }
@@ -496,7 +495,7 @@ pub fn sample_shard_identity(q: &mut impl Queue, shard: &Shard, entries: u64) ->
         Arg::Ptr(Buffer::ShardCounts),
         Arg::Null,
     ];
-    q.launch(("shard_counts", ""), (shard.local().n() as u64).div_ceil(THREADS as u64), &args)
+    q.launch(("shard_count_samples", ""), (shard.local().n() as u64).div_ceil(THREADS as u64), &args)
 }
 
 /// A shard's scales from the counts summed over every shard: one block, which
@@ -559,6 +558,7 @@ mod tests {
             DropBlockConfig::paper(3, 0.1).unwrap(),
             DropBlockConfig::builder(crate::Block::square(7).unwrap(), 0.1).sharing(Sharing::Batch).build().unwrap(),
         ];
+        let mut tiled = 0;
         for (n, c, h, w) in shapes {
             let shape = crate::Shape::new(n, c, h, w).unwrap();
             for cfg in &configs {
@@ -567,6 +567,7 @@ mod tests {
                     if plan.path == LaunchPath::Grid {
                         continue;
                     }
+                    tiled += 1;
                     let g =
                         *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).unwrap().geometry();
                     let (t, q) = (plan.tiles, g.planes_per_window as u64);
@@ -579,5 +580,7 @@ mod tests {
                 }
             }
         }
+        // Most of these plans are tiled: the checks above must not all be skipped.
+        assert!(tiled >= 24, "only {tiled} tiled plans");
     }
 }

@@ -249,10 +249,23 @@ fn data_parallel_ranks_reproduce_the_global_batch() {
             DropBlockConfig::builder(Block::square(5).unwrap(), 0.15).normalize(Normalize::PerSample).build().unwrap();
         let key = RngKey::new(2024, 17).unwrap();
         let whole = cpu::sample(&cfg, global, key, Mode::Train).unwrap();
+        assert_eq!(whole.shard(), &Shard::whole(global));
+        // Each sample's kept elements, counted from the unsharded call's mask.
+        let mask = whole.keep_mask().unwrap();
+        let sample_len = global.numel() / global.n();
+        let kept: Vec<u64> = mask.chunks(sample_len).map(|s| s.iter().map(|&k| k as u64).sum()).collect();
         for r in 0..ranks {
-            let sample = cpu::sample_shard(&cfg, &Shard::samples(global, r * b, b).unwrap(), key, Mode::Train).unwrap();
+            let shard = Shard::samples(global, r * b, b).unwrap();
+            let sample = cpu::sample_shard(&cfg, &shard, key, Mode::Train).unwrap();
             let own = sample.counts().clone();
+            // A rank's counts: its own samples' kept elements, zeros elsewhere, and their sum.
+            let mut want = vec![0; global.n()];
+            want[r * b..(r + 1) * b].copy_from_slice(&kept[r * b..(r + 1) * b]);
+            assert_eq!(own.per_sample(), &want[..], "rank {r} of {ranks}");
+            assert_eq!(own.total(), want.iter().sum::<u64>(), "rank {r} of {ranks}");
+            own.check(global).unwrap();
             let saved = sample.finish(&own).unwrap();
+            assert_eq!(saved.shard(), &shard);
             assert_eq!(saved.scales(), &whole.scales()[r * b..(r + 1) * b], "rank {r} of {ranks}");
         }
     }

@@ -13,6 +13,37 @@ use libtest_mimic::{Completion, Failed, Trial};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Runs `cmd` (stdout discarded) to its end and returns its exit status and
+/// stderr; `Err` when it is still running after `hang`, which then kills it. A
+/// guard against hangs, generous by design: tests do not time.
+pub fn status_unless_hung(
+    cmd: &mut std::process::Command,
+    hang: std::time::Duration,
+) -> Result<(std::process::ExitStatus, String), String> {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    // Read on a thread, so a child that writes more than a pipe holds is not
+    // taken for a hung one.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut err).ok();
+        err
+    });
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok((status, reader.join().unwrap_or_default()));
+        }
+        if start.elapsed() > hang {
+            child.kill().ok();
+            child.wait().ok();
+            return Err(format!("hung: still running after {hang:?}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// A channels-first buffer of `shape`, `(n, c, cell)` order, in channels-last
 /// `(n, cell, c)` order.
 pub fn to_channels_last<T: Copy>(v: &[T], shape: Shape) -> Vec<T> {
