@@ -73,8 +73,8 @@ __device__ __forceinline__ void tiled(const DropBlockGeometry& g, const DropBloc
     for (uint64_t t = blockIdx.x; t < tiles.tiles; t += gridDim.x) {
         const Tile tile(tiles, g, a, t);
         build_tile(g, tiles, d, th, k, tile, t, sh);
-        store_tile(g, a, d, tile, sh, apply_tile.uses_bits, keep_bits, c);
-        if (apply_tile.uses_bits) {
+        store_tile(g, a, d, tile, sh, apply_tile.keeps_bits_in_shared, keep_bits, c);
+        if (apply_tile.keeps_bits_in_shared) {
             __syncthreads();
             apply_tile(tile, sh.bits);
             __syncthreads();
@@ -86,7 +86,7 @@ __device__ __forceinline__ void tiled(const DropBlockGeometry& g, const DropBloc
 }
 
 struct NoApply {
-    static constexpr bool uses_bits = false;
+    static constexpr bool keeps_bits_in_shared = false;
     __device__ __forceinline__ void operator()(const Tile&, const uint32_t*) const {}
 };
 
@@ -94,7 +94,7 @@ struct NoApply {
 // (first + planes) * L), and element e's keep bit is bit e.
 template <typename T, bool VECTOR>
 struct ApplyTileFlat {
-    static constexpr bool uses_bits = true;
+    static constexpr bool keeps_bits_in_shared = true;
     const DropBlockApply& a;
     const T* x;
     T* y;
@@ -165,7 +165,7 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
                                       const uint32_t* keep_bits, const float* scales) {
     const Scales sc{scales, scales[0], (uint64_t)g.c * a.plane_len};
     if (SHARED) {
-        const PlaneBits pb{g, keep_bits, a.plane_len, (g.planes * a.plane_len + 31) / 32};
+        const PlaneBits pb(g, keep_bits, a.plane_len);
         apply_planes<T, PER_SAMPLE>(x, y, a.numel, global_thread(), threads_in_grid(), pb, sc);
     } else {
         apply_flat<T, PER_SAMPLE>(x, y, 0, a.numel, global_thread(), threads_in_grid(), FlatBits{keep_bits, 0}, sc);
@@ -224,7 +224,7 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
     DROPBLOCK_APPLY_KERNEL(T, NAME, apply_shared_per_sample, true, true)                                          \
     extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1) dropblock_apply_unaligned_##NAME(                        \
         DropBlockGeometry g, DropBlockApply a, const T* x, T* y, const uint32_t* keep_bits, const float* scales) {  \
-        const PlaneBits pb{g, keep_bits, a.plane_len, (g.planes * a.plane_len + 31) / 32};                        \
+        const PlaneBits pb(g, keep_bits, a.plane_len);                                                            \
         const bool per_sample = a.normalize == DROPBLOCK_NORM_PER_SAMPLE;                                         \
         apply_scalar<T>(x, y, a.numel, global_thread(), threads_in_grid(), pb,                                    \
                         Scales{per_sample ? scales : nullptr, scales[0], 0});                                     \
@@ -245,9 +245,10 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
         fused<T, false>(g, tiles, s, device_key, a, x, y, keep_bits, counts, scales);                             \
     }
 
-DROPBLOCK_ELEMENTWISE_KERNELS(float, f32)
-DROPBLOCK_ELEMENTWISE_KERNELS(__half, f16)
-DROPBLOCK_ELEMENTWISE_KERNELS(__nv_bfloat16, bf16)
+// Each element type with its dtype's name (src/dtype.rs, DType::NAMES).
+#define DROPBLOCK_FOR_EACH_DTYPE(X) X(float, f32) X(__half, f16) X(__nv_bfloat16, bf16)
+
+DROPBLOCK_FOR_EACH_DTYPE(DROPBLOCK_ELEMENTWISE_KERNELS)
 
 // Lane j holds row j of a 32 x 32 bit matrix (bit k = column k); returns column j
 // (bit i = row i's bit j). Each step swaps the off-diagonal s x s blocks of every
@@ -266,8 +267,8 @@ __device__ __forceinline__ uint32_t transpose_bits(uint32_t x, uint32_t lane) {
 
 // Channel blocks of 32 a warp transposes per item: a lane's 4 runs are 16
 // contiguous bytes of one cell, one vector store when C is a multiple of 128.
-constexpr uint32_t CHANNELS_LAST_BLOCKS = DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS / 32;
-static_assert(CHANNELS_LAST_BLOCKS == 4, "the vector store below writes 4 runs");
+constexpr uint32_t CHANNEL_RUNS_PER_LANE = DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS / 32;
+static_assert(CHANNEL_RUNS_PER_LANE == 4, "the vector store below writes 4 runs");
 
 // What an item of channels_last_items does after storing its keep bits: nothing
 // (the transpose alone, for backward and the separate apply to read) ...
@@ -289,7 +290,7 @@ struct ScaleItem {
 
     __device__ __forceinline__ void operator()(uint64_t n, uint64_t cell0, uint64_t c_first, uint32_t cells,
                                                const uint32_t* run, uint32_t lane) const {
-        constexpr uint32_t B = CHANNELS_LAST_BLOCKS, VEC = 16 / sizeof(T), PER_CELL = 32 * B / VEC;
+        constexpr uint32_t B = CHANNEL_RUNS_PER_LANE, VEC = 16 / sizeof(T), PER_CELL = 32 * B / VEC;
         constexpr int U = UNROLL_LEAN;
         using V = Vec<T, VEC>;
         // Lane j's run b: channels c_first + 32b .. + 32 of cell cell0 + j; a warp's
@@ -336,10 +337,10 @@ struct ScaleItem {
 template <typename Index, typename Then>
 __device__ __forceinline__ void channels_last_items(const DropBlockGeometry& g, const DropBlockApply& a, Index items,
                                                     const uint32_t* plane_bits, uint32_t* bits, const Then& then) {
-    constexpr uint32_t B = CHANNELS_LAST_BLOCKS;
+    constexpr uint32_t B = CHANNEL_RUNS_PER_LANE;
     const uint64_t L = a.plane_len, C = g.c;
     const Index cell_blocks = (Index)((L + 31) / 32), chunks = (Index)((C + 32 * B - 1) / (32 * B));
-    const PlaneBits planes{g, plane_bits, L, (g.planes * L + 31) / 32};
+    const PlaneBits by_plane(g, plane_bits, L);
     const uint32_t lane = threadIdx.x & 31;
     const bool vectors = C % (32 * B) == 0, whole_words = C % 32 == 0;
     // Warp-uniform: every lane takes part in the shuffles.
@@ -354,7 +355,7 @@ __device__ __forceinline__ void channels_last_items(const DropBlockGeometry& g, 
 #pragma unroll
         for (uint32_t b = 0; b < B; ++b) {
             const uint64_t c = c_first + 32 * b + lane;
-            run[b] = c < C ? planes.from(plane_of(g, n, c) * L + cell0) : 0u;
+            run[b] = c < C ? by_plane.from(plane_of(g, n, c) * L + cell0) : 0u;
         }
 #pragma unroll
         for (uint32_t b = 0; b < B; ++b) run[b] = transpose_bits(run[b], lane);
@@ -425,9 +426,7 @@ dropblock_channels_last_bits(DropBlockGeometry g, DropBlockApply a, const uint32
     DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, apply_channels_last, false)                                     \
     DROPBLOCK_APPLY_CHANNELS_LAST_KERNEL(T, NAME, apply_channels_last_per_sample, true)
 
-DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(float, f32)
-DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__half, f16)
-DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS(__nv_bfloat16, bf16)
+DROPBLOCK_FOR_EACH_DTYPE(DROPBLOCK_APPLY_CHANNELS_LAST_KERNELS)
 
 // The seed words of every window of the call, in window order (a window per
 // thread and step).

@@ -171,6 +171,9 @@ struct PlaneBits {
     const uint32_t* words;
     uint64_t plane_len, total_words;
 
+    __device__ __forceinline__ PlaneBits(const DropBlockGeometry& g_, const uint32_t* words_, uint64_t plane_len_)
+        : g(g_), words(words_), plane_len(plane_len_), total_words((g_.planes * plane_len_ + 31) / 32) {}
+
     __device__ __forceinline__ uint64_t bit(const Position& p) const { return plane_of(g, p.n, p.c) * plane_len + p.cell; }
     // The 32 bits from bit b on (bits past the last word read as 0).
     __device__ __forceinline__ uint32_t from(uint64_t b) const {

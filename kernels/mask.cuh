@@ -94,6 +94,12 @@ __device__ __forceinline__ float count_scale(uint64_t numerator, uint64_t kept) 
     return kept == 0 ? 0.0f : __double2float_rn((double)numerator / (double)kept);
 }
 
+// Calls `f(j)` for each set bit `j` of a window's seed word, lowest first.
+template <typename F>
+__device__ __forceinline__ void for_each_seed(uint64_t seeds, F&& f) {
+    for (; seeds; seeds &= seeds - 1) f((uint32_t)(__ffsll((long long)seeds) - 1));
+}
+
 // Bits [lo, hi) of `keep` are cells `cell`.. of `plane`, then of the planes after
 // it (`plane_len` cells each): calls `f(plane, kept cells)` for each plane's run.
 template <typename F>
@@ -382,10 +388,7 @@ __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, 
         // The window's first cell, as (plane, seed cell).
         const uint64_t plane0 = group * g.planes_per_window;
         const uint64_t cell0 = part * DROPBLOCK_WINDOW_CELLS;
-        uint64_t seeds = sample_window(th, k, w, window_len(g, w));
-        while (seeds) {
-            const uint64_t j = (uint64_t)(__ffsll((long long)seeds) - 1);
-            seeds &= seeds - 1;
+        for_each_seed(sample_window(th, k, w, window_len(g, w)), [&](uint32_t j) {
             const uint64_t at = cell0 + j;
             const uint64_t plane = plane0 + at / g.seed_cells, cell = at % g.seed_cells;
             const uint64_t seed_hw = (uint64_t)g.seed_h * g.seed_w, rest = cell % seed_hw;
@@ -402,7 +405,7 @@ __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, 
                     const int64_t row = (zz * g.h + r) * g.w;
                     atomic_set_bits(bits, base + (uint64_t)(row + c0), base + (uint64_t)(row + c1));
                 }
-        }
+        });
     }
 }
 

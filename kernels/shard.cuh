@@ -75,24 +75,18 @@ __device__ __forceinline__ void shard_sample_item(const DropBlockGeometry& g, co
         const uint64_t plane0 = shard_global_plane(g, sh, local0);
         const uint64_t window = plane0 / q + i % sh.windows_per_run;
         if (window > (plane0 + len - 1) / q) return;
-        uint64_t seeds = sample_window(th, key, window, window_len(g, window));
-        while (seeds) {
-            const uint64_t j = (uint64_t)(__ffsll((long long)seeds) - 1);
-            seeds &= seeds - 1;
+        for_each_seed(sample_window(th, key, window, window_len(g, window)), [&](uint32_t j) {
             const uint64_t plane = window * q + j / s;
             if (plane >= plane0 && plane < plane0 + len) shard_grow_seed(g, sh, local0 + plane - plane0, j % s, dropped);
-        }
+        });
     } else {
         const uint64_t parts = sh.part_hi - sh.part_lo;
         const uint64_t lp = i / parts, part = sh.part_lo + i % parts;
         if (!shard_window_meets_box(g, sh, part)) return;
         const uint64_t window = shard_global_plane(g, sh, lp) * g.windows_per_group + part;
-        uint64_t seeds = sample_window(th, key, window, window_len(g, window));
-        while (seeds) {
-            const uint64_t cell = part * DROPBLOCK_WINDOW_CELLS + (uint64_t)(__ffsll((long long)seeds) - 1);
-            seeds &= seeds - 1;
-            shard_grow_seed(g, sh, lp, cell, dropped);
-        }
+        for_each_seed(sample_window(th, key, window, window_len(g, window)), [&](uint32_t j) {
+            shard_grow_seed(g, sh, lp, part * DROPBLOCK_WINDOW_CELLS + j, dropped);
+        });
     }
 }
 
