@@ -377,6 +377,35 @@ __device__ __forceinline__ void store_tile(const DropBlockGeometry& g, const Dro
     counts.end_runs(tile.first, tile.first + tile.planes - 1);
 }
 
+// The (z, y, x) seed position of seed cell `cell` of a plane.
+__device__ __forceinline__ void seed_position(const DropBlockGeometry& g, uint64_t cell, uint32_t at[3]) {
+    const uint64_t seed_hw = (uint64_t)g.seed_h * g.seed_w, rest = cell % seed_hw;
+    at[0] = (uint32_t)(cell / seed_hw);
+    at[1] = (uint32_t)(rest / g.seed_w);
+    at[2] = (uint32_t)(rest % g.seed_w);
+}
+
+// ORs into `bits`, from bit `base` on, the part in a box of the block of the seed
+// at `at`: the box's cells are `extent` cells along each axis from `origin`, row-
+// major (the whole map: origin 0, the map's extents; a shard: its box). 64-bit
+// positions: the grid-wide passes take planes of any size.
+__device__ __forceinline__ void grow_seed_in_box(const DropBlockGeometry& g, const uint32_t at[3],
+                                                 const uint32_t origin[3], const uint32_t extent[3], uint64_t base,
+                                                 uint32_t* bits) {
+    const uint32_t anchor[3] = {g.anchor_z, g.anchor_y, g.anchor_x}, k[3] = {g.kd, g.kh, g.kw};
+    int64_t lo[3], hi[3];
+    for (int i = 0; i < 3; ++i) {
+        const int64_t start = (int64_t)at[i] - anchor[i] - origin[i];
+        lo[i] = max(start, (int64_t)0);
+        hi[i] = min(max(start + (int64_t)k[i], (int64_t)0), (int64_t)extent[i]);
+    }
+    for (int64_t z = lo[0]; z < hi[0]; ++z)
+        for (int64_t r = lo[1]; r < hi[1]; ++r) {
+            const uint64_t row = base + ((uint64_t)z * extent[1] + (uint64_t)r) * extent[2];
+            atomic_set_bits(bits, row + (uint64_t)lo[2], row + (uint64_t)hi[2]);
+        }
+}
+
 // The grid-wide passes, for planes too large for a tile: ORs the blocks of
 // windows [worker, worker + workers, ...) into the dropped bits in global memory
 // (zeroed beforehand). 64-bit positions throughout.
@@ -388,23 +417,13 @@ __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, 
         // The window's first cell, as (plane, seed cell).
         const uint64_t plane0 = group * g.planes_per_window;
         const uint64_t cell0 = part * DROPBLOCK_WINDOW_CELLS;
+        const uint32_t origin[3] = {0, 0, 0}, map[3] = {g.d, g.h, g.w};
         for_each_seed(sample_window(th, k, w, window_len(g, w)), [&](uint32_t j) {
             const uint64_t at = cell0 + j;
-            const uint64_t plane = plane0 + at / g.seed_cells, cell = at % g.seed_cells;
-            const uint64_t seed_hw = (uint64_t)g.seed_h * g.seed_w, rest = cell % seed_hw;
-            const int64_t z = (int64_t)(cell / seed_hw), y = (int64_t)(rest / g.seed_w), x = (int64_t)(rest % g.seed_w);
-            const int64_t z0 = max(z - (int64_t)g.anchor_z, (int64_t)0);
-            const int64_t z1 = min(z - (int64_t)g.anchor_z + (int64_t)g.kd, (int64_t)g.d);
-            const int64_t r0 = max(y - (int64_t)g.anchor_y, (int64_t)0);
-            const int64_t r1 = min(y - (int64_t)g.anchor_y + (int64_t)g.kh, (int64_t)g.h);
-            const int64_t c0 = max(x - (int64_t)g.anchor_x, (int64_t)0);
-            const int64_t c1 = min(x - (int64_t)g.anchor_x + (int64_t)g.kw, (int64_t)g.w);
-            const uint64_t base = plane * a.plane_len;
-            for (int64_t zz = z0; zz < z1; ++zz)
-                for (int64_t r = r0; r < r1; ++r) {
-                    const int64_t row = (zz * g.h + r) * g.w;
-                    atomic_set_bits(bits, base + (uint64_t)(row + c0), base + (uint64_t)(row + c1));
-                }
+            const uint64_t plane = plane0 + at / g.seed_cells;
+            uint32_t pos[3];
+            seed_position(g, at % g.seed_cells, pos);
+            grow_seed_in_box(g, pos, origin, map, plane * a.plane_len, bits);
         });
     }
 }

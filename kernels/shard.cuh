@@ -27,23 +27,12 @@ __device__ __forceinline__ uint64_t shard_global_plane(const DropBlockGeometry& 
 // the seed box reach no cell of the box and are skipped.
 __device__ __forceinline__ void shard_grow_seed(const DropBlockGeometry& g, const DropBlockShard& sh, uint64_t lp,
                                                 uint64_t cell, uint32_t* dropped) {
-    const uint64_t seed_hw = (uint64_t)g.seed_h * g.seed_w, rest = cell % seed_hw;
-    const uint32_t at[3] = {(uint32_t)(cell / seed_hw), (uint32_t)(rest / g.seed_w), (uint32_t)(rest % g.seed_w)};
-    const uint32_t anchor[3] = {g.anchor_z, g.anchor_y, g.anchor_x}, k[3] = {g.kd, g.kh, g.kw};
-    int64_t lo[3], hi[3];
-    for (int i = 0; i < 3; ++i) {
+    uint32_t at[3];
+    seed_position(g, cell, at);
+    for (int i = 0; i < 3; ++i)
         if (at[i] < sh.seed_lo[i] || at[i] >= sh.seed_hi[i]) return;
-        const int64_t start = (int64_t)at[i] - anchor[i] - sh.origin[i];
-        lo[i] = max(start, (int64_t)0);
-        hi[i] = min(max(start + (int64_t)k[i], (int64_t)0), (int64_t)sh.extent[i]);
-    }
     const uint64_t plane_len = (uint64_t)sh.extent[0] * sh.extent[1] * sh.extent[2];
-    const uint64_t base = lp * plane_len;
-    for (int64_t z = lo[0]; z < hi[0]; ++z)
-        for (int64_t r = lo[1]; r < hi[1]; ++r) {
-            const uint64_t row = base + ((uint64_t)z * sh.extent[1] + (uint64_t)r) * sh.extent[2];
-            atomic_set_bits(dropped, row + (uint64_t)lo[2], row + (uint64_t)hi[2]);
-        }
+    grow_seed_in_box(g, at, sh.origin, sh.extent, lp * plane_len, dropped);
 }
 
 // Whether window `part` of a plane of more than 64 seed cells holds a seed cell of
