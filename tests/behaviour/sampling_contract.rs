@@ -5,8 +5,10 @@
 //! contract written from the crate documentation (Philox4x32-10 included, checked
 //! against Random123's known-answer vectors), never from the crate's output. For
 //! each case it records γ, the thresholds, the window layout, every window's seed
-//! word, every mask plane's seeds and, for small tensors, the keep mask; this test
-//! requires the crate to produce exactly those. It only reads the committed JSON.
+//! word, every mask plane's seeds, the key's forks (`RngKey::fork`) and, for small
+//! tensors, the keep mask; this test requires the crate to produce exactly those.
+//! It only reads the committed JSON (scripts/lint.sh checks that the script still
+//! writes it).
 //!
 //! The fixture must also keep covering the contract's edge cases (one seed cell,
 //! seed grids that do and do not divide 64, exactly 64 and 65 cells, thousands of
@@ -56,6 +58,8 @@ struct Case {
     window_words: Vec<u64>,
     seed_planes: Vec<Vec<u64>>,
     keep_mask: Option<Vec<u8>>,
+    /// `(stream, seed of the key's fork for it)`.
+    forks: Vec<(u64, u64)>,
 }
 
 impl Case {
@@ -231,12 +235,36 @@ fn parse_case(i: usize, v: &Value) -> Case {
             })
             .collect(),
         keep_mask,
+        forks: array(v, "forks", i)
+            .iter()
+            .map(|f| {
+                let pair = f.as_array().filter(|p| p.len() == 2);
+                let pair = pair.unwrap_or_else(|| panic!("case {i}: a fork is not [stream, seed]"));
+                (u64_str(&pair[0], "a fork's stream", i), u64_str(&pair[1], "a fork's seed", i))
+            })
+            .collect(),
     }
 }
 
 fn cases() -> Vec<Case> {
     let root: Value = serde_json::from_str(FIXTURE).expect("tests/fixtures/sampling_contract.json parses");
     root.as_array().expect("the fixture file is a list").iter().enumerate().map(|(i, v)| parse_case(i, v)).collect()
+}
+
+/// `RngKey::fork` derives each stream's key as the docs say: the known answers'
+/// seeds, the same offset.
+#[test]
+fn forks_match_the_known_answers() {
+    let mut checked = 0;
+    for c in cases() {
+        let key = RngKey::new(c.seed, c.offset).unwrap();
+        for &(stream, seed) in &c.forks {
+            let fork = key.fork(stream);
+            assert_eq!((fork.seed(), fork.offset()), (seed, c.offset), "{}: stream {stream}", c.name());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 50, "only {checked} forks in the fixture");
 }
 
 /// The fixture's numbers agree with each other and with the contract's layout
