@@ -728,8 +728,12 @@ mod gpu {
             .unwrap();
         let mut dgen = DeviceGenerator::new(s, 1, 0).unwrap();
         let mut st = d.alloc_state(s, shape).unwrap();
+        d.forward_into(s, &mut st, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+        let kept = st.kept(s).unwrap();
         let err = d.forward_into(s, &mut st, &noisy, shape, &mut dgen, Mode::Train, &x, &mut y).unwrap_err();
         assert_eq!(err, dropblock::Error::NoiseNeedsHostKey);
+        // Refused for its key, the call left the state's last call as it was.
+        assert_eq!(st.kept(s).unwrap(), kept);
 
         let err = DeviceGenerator::new(s, 1, DeviceGenerator::MAX_START_OFFSET + 1).unwrap_err();
         assert!(matches!(err, dropblock::Error::OffsetOverflow { .. }), "{err}");

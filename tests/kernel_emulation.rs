@@ -904,9 +904,11 @@ mod emulation {
         launch::element_pass(&mut rec, &plan, &launch, shape, None, T::DTYPE, aligned, Pass::Backward).map_err(err)?;
         rec.save(Buffer::Y);
         // The sampler's raw seed words (`DropBlockCuda::sample_seeds`), against the
-        // contract's walk: a wrong word shows here even where growing hides it.
-        rec.buffer(Buffer::Seeds, Elem::U64, plan.windows() as usize, 0, false);
-        launch::sample_seeds(&mut rec, &plan).map_err(err)?;
+        // contract's walk, under the case's own key: a wrong word shows here even
+        // where growing hides it.
+        let seed_plan = Plan::new(&c.cfg, shape, c.key).unwrap();
+        rec.buffer(Buffer::Seeds, Elem::U64, seed_plan.windows() as usize, 0, false);
+        launch::sample_seeds(&mut rec, &seed_plan).map_err(err)?;
         rec.save(Buffer::Seeds);
 
         let resp = call_driver(driver, &rec.request())?;
@@ -917,7 +919,7 @@ mod emulation {
         let y: Vec<T> = take(&mut buf, n);
         let key_after: Vec<u64> = if c.device_key { take(&mut buf, 2) } else { Vec::new() };
         let dx: Vec<T> = take(&mut buf, n);
-        let seeds: Vec<u64> = take(&mut buf, plan.windows() as usize);
+        let seeds: Vec<u64> = take(&mut buf, seed_plan.windows() as usize);
         let tag = format!("{path:?}, {calls} call(s): {:?}", rec.kernels);
         if c.device_key {
             // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
@@ -929,7 +931,7 @@ mod emulation {
                 ));
             }
         }
-        let contract = common::seed_windows(&plan);
+        let contract = common::seed_windows(&seed_plan);
         if let Some(w) = (0..contract.len()).find(|&w| seeds[w] != contract[w]) {
             return Err(format!("sample_seeds: window {w} has {:#x}, the contract {:#x}", seeds[w], contract[w]));
         }

@@ -55,8 +55,8 @@ struct Kernel {
     blocks_per_sm: u32,
 }
 
-/// Where a forward's `(seed, offset)` comes from: the host, as a kernel
-/// parameter, or a [`DeviceGenerator`] in device memory.
+/// Where a forward's or shard call's `(seed, offset)` comes from: the host, as a
+/// kernel parameter, or a [`DeviceGenerator`] in device memory.
 pub enum KeySource<'a> {
     /// A key from the host, passed by value.
     Host(RngKey),
@@ -83,7 +83,8 @@ impl<'a> From<&'a mut DeviceGenerator> for KeySource<'a> {
 /// there, so a call captured into a CUDA graph draws a fresh mask at every replay (PyTorch's
 /// generator does the same under capture). Eval-mode and `drop_prob == 0`
 /// calls draw nothing and leave it as it is. Noise fill takes a host key
-/// ([`KeySource::Device`]): a graph that captures it replays its noise and mask.
+/// ([`Error::NoiseNeedsHostKey`]): a graph that captures it replays its noise and
+/// mask.
 #[derive(Debug)]
 pub struct DeviceGenerator {
     key: CudaSlice<u64>,
@@ -105,8 +106,8 @@ impl DeviceGenerator {
         Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])? })
     }
 
-    /// The key the next forward will draw with (synchronises the stream): with the
-    /// CPU path, the same key reproduces that forward's mask.
+    /// The key the next forward or shard call will draw with (synchronises the
+    /// stream): with the CPU path, the same key reproduces that call's mask.
     pub fn key(&self, stream: &Arc<CudaStream>) -> Result<RngKey> {
         let v = stream.clone_dtoh(&self.key)?;
         RngKey::new(v[0], v[1])
@@ -492,7 +493,9 @@ impl DropBlockCuda {
     /// synchronises with the host. The key (the same on every shard) may be a
     /// [`DeviceGenerator`], one per shard at the same `(seed, offset)`: each call
     /// steps each by 17 on the device, so they stay in step, and a CUDA graph
-    /// that captures the call draws a fresh mask at every replay.
+    /// that captures the call draws a fresh mask at every replay. The first
+    /// call on a state that draws a mask allocates its per-plane counts (N·C
+    /// u64): make it before capturing, as a graph cannot hold the allocation.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_shard<'k>(
         &self,
@@ -637,15 +640,20 @@ impl DropBlockCuda {
         if state.shape != shape {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
+        let identity = mode == Mode::Eval || cfg.is_identity();
+        // A call refused for its key leaves the state's last call as it was.
+        let (host_key, generator) = match identity {
+            true => (RngKey::new(0, 0)?, None),
+            false => self.resolve_key(cfg, key)?,
+        };
         state.call = None;
-        if mode == Mode::Eval || cfg.is_identity() {
+        if identity {
             if let Some(io) = &io {
                 copy::<T>(stream, shape, io)?;
             }
             state.call = Some(Call { masked: None, shard: None });
             return Ok(());
         }
-        let (host_key, generator) = self.resolve_key(cfg, key)?;
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         let (plan, launch) = match &state.cached {
             Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => {

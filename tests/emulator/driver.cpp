@@ -175,7 +175,7 @@ Invoker invoker(void (*kernel)(P...)) {
         int i = 0;
         // A braced list evaluates its elements in order: the arguments are read in order.
         std::tuple<P...> args{read_arg<P>(r, bufs, name, i++)...};
-        std::apply([&](auto... a) { emu::launch(kernel, grid, 256, a...); }, args);
+        std::apply([&](auto... a) { emu::launch(kernel, grid, DROPBLOCK_THREADS, a...); }, args);
     };
 }
 
