@@ -235,6 +235,16 @@ impl Error {
 /// `std::result::Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An element pass's input and output as [`Error::LengthMismatch`] names them, on
+/// both paths: a forward's `x`, `y`, a backward's `dy`, `dx`.
+pub(crate) const fn pass_buffer_names(backward: bool) -> [&'static str; 2] {
+    if backward {
+        ["dy", "dx"]
+    } else {
+        ["x", "y"]
+    }
+}
+
 /// cudarc's driver errors, for `?` on cudarc calls next to this crate's.
 #[cfg(feature = "cuda")]
 impl From<cudarc::driver::DriverError> for Error {

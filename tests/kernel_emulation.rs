@@ -788,11 +788,7 @@ mod emulation {
         let y: Vec<T> = take(&mut buf, n);
         let dx: Vec<T> = take(&mut buf, n);
         if let Some(k) = device_key {
-            let key_after: Vec<u64> = take(&mut buf, 2);
-            let stepped = k.offset().wrapping_add(17);
-            if key_after != [k.seed(), stepped] {
-                return Err(format!("generator after the call {key_after:?}, expected [{}, {stepped}]", k.seed()));
-            }
+            generator_stepped(&take::<u64>(&mut buf, 2), k, 1)?;
         }
         if counts != own.entries() {
             return Err(format!("counts {counts:?} != cpu {:?}", own.entries()));
@@ -811,6 +807,16 @@ mod emulation {
         }
         if let Some(i) = (0..n).find(|&i| !common::same(dx[i], dx_cpu[i])) {
             return Err(format!("dx[{i}] = {:?}, cpu {:?}", dx[i], dx_cpu[i]));
+        }
+        Ok(())
+    }
+
+    /// A device generator that started at `key` holds `after` once `calls` drawing
+    /// calls have stepped it (mod 2^64: a DeviceGenerator never starts near the top).
+    fn generator_stepped(after: &[u64], key: RngKey, calls: u32) -> Result<(), String> {
+        let stepped = key.offset().wrapping_add(abi::DROPBLOCK_OFFSET_STRIDE as u64 * calls as u64);
+        if after != [key.seed(), stepped] {
+            return Err(format!("generator after {calls} call(s) {after:?}, expected [{}, {stepped}]", key.seed()));
         }
         Ok(())
     }
@@ -922,14 +928,7 @@ mod emulation {
         let seeds: Vec<u64> = take(&mut buf, seed_plan.windows() as usize);
         let tag = format!("{path:?}, {calls} call(s): {:?}", rec.kernels);
         if c.device_key {
-            // The kernels step the offset mod 2^64 (a DeviceGenerator never starts near the top).
-            let stepped = c.key.offset().wrapping_add(17 * calls as u64);
-            if key_after != [c.key.seed(), stepped] {
-                return Err(format!(
-                    "generator after the calls {key_after:?}, expected [{}, {stepped}] ({tag})",
-                    c.key.seed()
-                ));
-            }
+            generator_stepped(&key_after, c.key, calls).map_err(|e| format!("{e} ({tag})"))?;
         }
         let contract = common::seed_windows(&seed_plan);
         if let Some(w) = (0..contract.len()).find(|&w| seeds[w] != contract[w]) {

@@ -584,7 +584,7 @@ pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
 /// `dst = src · factor`, or in place without `src`, with the mask of `saved`.
 fn pass<T: Element>(saved: &Saved, src: Option<&[T]>, dst: &mut [T], forward: bool) -> Result<()> {
     let shape = saved.shape;
-    let [src_name, dst_name] = if forward { ["x", "y"] } else { ["dy", "dx"] };
+    let [src_name, dst_name] = crate::error::pass_buffer_names(!forward);
     if let Some(src) = src {
         shape.check_len(src_name, src.len())?;
     }

@@ -170,10 +170,7 @@ pub enum Pass {
 impl Pass {
     /// The pass's input and output as errors name them.
     pub fn buffer_names(self) -> [&'static str; 2] {
-        match self {
-            Pass::Forward => ["x", "y"],
-            Pass::Backward => ["dy", "dx"],
-        }
+        crate::error::pass_buffer_names(self == Pass::Backward)
     }
 }
 

@@ -270,15 +270,17 @@ impl DropBlockCuda {
         }
     }
 
-    /// The key a drawing call passes its kernels, and the device generator they
-    /// read it from and step instead, if any (the plan's key is then a
-    /// placeholder).
+    /// The key a call passes its kernels, and the device generator they read it
+    /// from and step instead, if any (the plan's key is then a placeholder). An
+    /// identity call draws nothing: a placeholder, and no generator to step.
     fn resolve_key<'k>(
         &self,
         cfg: &DropBlockConfig,
+        identity: bool,
         key: KeySource<'k>,
     ) -> Result<(RngKey, Option<&'k mut DeviceGenerator>)> {
         match key {
+            _ if identity => Ok((RngKey::new(0, 0)?, None)),
             KeySource::Host(k) => Ok((k, None)),
             KeySource::Device(_) if cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
             KeySource::Device(gen) => {
@@ -518,11 +520,7 @@ impl DropBlockCuda {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
-        // An identity call draws nothing, and leaves a device generator as it is.
-        let (key, generator) = match identity {
-            true => (RngKey::new(0, 0)?, None),
-            false => self.resolve_key(cfg, key.into())?,
-        };
+        let (key, generator) = self.resolve_key(cfg, identity, key.into())?;
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         // The plan and the shard's parameters, reused while the config and the shard
         // stay the same (an identity call needs neither).
@@ -641,11 +639,8 @@ impl DropBlockCuda {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
-        // A call refused for its key leaves the state's last call as it was.
-        let (host_key, generator) = match identity {
-            true => (RngKey::new(0, 0)?, None),
-            false => self.resolve_key(cfg, key)?,
-        };
+        // Before the state is touched: a call refused for its key leaves the last one.
+        let (host_key, generator) = self.resolve_key(cfg, identity, key)?;
         state.call = None;
         if identity {
             if let Some(io) = &io {
