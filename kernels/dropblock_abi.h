@@ -17,8 +17,9 @@ extern "C" {
 
 /* The version of the sampling contract (src/lib.rs): the mask of a call is a
  * pure function of the configuration, the shape and (seed, offset) under it.
- * Version 2 cuts windows along whole planes instead of seed-grid rows. */
-#define DROPBLOCK_CONTRACT_VERSION 2
+ * Version 2 cut windows along whole planes instead of seed-grid rows;
+ * version 3 evaluates the thresholds exactly instead of through libm. */
+#define DROPBLOCK_CONTRACT_VERSION 3
 /* A window holds at most this many seed cells; one window's seeds fit in one
  * 64-bit word. */
 #define DROPBLOCK_WINDOW_CELLS 64

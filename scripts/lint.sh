@@ -4,7 +4,8 @@
 #   - shellcheck over the shell scripts;
 #   - the GitHub workflows against SchemaStore's schema (check-jsonschema's vendored
 #     copy: no network needed at check time);
-#   - tests/fixtures/sampling_contract.json is what its script writes today;
+#   - tests/fixtures/sampling_contract.json and thresholds.json are what their script
+#     writes today;
 #   - every dependency built for this host declares a rust-version no newer than ours.
 # The linters are pinned PyPI wheels, installed once into ~/.cache/dropblock.
 # (actionlint is not used: its PyPI package is a source build that downloads the
@@ -33,13 +34,15 @@ echo "lint: the sampling contract's known answers, regenerated from scripts/fixt
 # The one fixture script that needs only Python's standard library (the others need
 # torch and the peers' packages): its committed output must be what it writes now.
 fixture=$(mktemp)
-python3 scripts/fixtures/sampling_contract.py "$fixture" >/dev/null
-if ! cmp -s "$fixture" tests/fixtures/sampling_contract.json; then
-  rm -f "$fixture"
-  echo "tests/fixtures/sampling_contract.json differs from what scripts/fixtures/sampling_contract.py writes" >&2
-  exit 1
-fi
-rm -f "$fixture"
+python3 scripts/fixtures/sampling_contract.py "$fixture" "$fixture.thresholds" >/dev/null
+for pair in "$fixture:sampling_contract.json" "$fixture.thresholds:thresholds.json"; do
+  if ! cmp -s "${pair%%:*}" "tests/fixtures/${pair#*:}"; then
+    rm -f "$fixture" "$fixture.thresholds"
+    echo "tests/fixtures/${pair#*:} differs from what scripts/fixtures/sampling_contract.py writes" >&2
+    exit 1
+  fi
+done
+rm -f "$fixture" "$fixture.thresholds"
 
 echo "lint: dependencies' rust-version against ours"
 host=$(rustc -vV | sed -n 's/^host: //p')

@@ -66,20 +66,23 @@
 //! [`GammaRule::Paper`] (default): `γ = gamma_scale · p·∏S / (∏kc · ∏(S-kc+1))` in
 //! f64 over the three axes in order (`p·H·W / (kh·kw·(H-kh+1)·(W-kw+1))` in 2D).
 //! [`GammaRule::ExactRate`] solves for the γ whose expected dropped fraction,
-//! counting overlaps and edges, is exactly `p`, then multiplies by `gamma_scale`.
+//! counting overlaps and edges, is exactly `p`, then multiplies by `gamma_scale`
+//! (Newton steps in IEEE f64 arithmetic alone, no libm: the same γ everywhere).
 //! [`GammaRule::PerBlock`]: `γ = gamma_scale · p / ∏k` with the unclipped block
 //! (miguelvr). γ outside `[0, 1]` acts as its clamp.
 //!
-//! ## Sampling (contract version 2)
+//! ## Sampling (contract version 3)
 //!
 //! The contract carries a version ([`abi::DROPBLOCK_CONTRACT_VERSION`]); the masks
-//! for a given key change only with it. Version 2 (crate 0.2) cuts windows along
-//! whole planes; version 1 (crate 0.1) cut them per seed-grid row.
+//! for a given key change only with it. Version 3 (crate 0.3) evaluates the
+//! thresholds exactly; version 2 (crate 0.2) evaluated them with the platform's
+//! libm and cut windows along whole planes; version 1 (crate 0.1) cut them per
+//! seed-grid row.
 //!
 //! - **Thresholds**, once on the host, as u64:
-//!   `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))` for `j = 0..63`,
-//!   made monotone (`T[j] = max(T[j], T[j-1])`). γ ≤ 0 gives all zeros, γ ≥ 1 all
-//!   `2^32`.
+//!   `T[j] = floor(2^32 · (1 - (1-γ)^(j+1)))` for `j = 0..63`, evaluated exactly
+//!   (γ, an f64, is a rational; so is each power), the same on every platform.
+//!   γ ≤ 0 gives all zeros, γ ≥ 1 all `2^32`.
 //! - **Seed cells.** A plane's seed grid has `S` cells, numbered in row-major
 //!   order (C order over the seed grid's axes: in 2D cell `i = y · Ws + x`, in 3D
 //!   `i = (z · Hs + y) · Ws + x`).

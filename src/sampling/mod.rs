@@ -9,12 +9,14 @@ use crate::abi;
 use crate::config::{Anchor, DropBlockConfig, GammaRule, Placement, Shape, Sharing};
 use crate::error::{Error, Result};
 use crate::rng::{RngKey, LANES};
+use num_bigint::BigUint;
 
 #[cfg(all(target_arch = "x86_64", dropblock_avx512))]
 mod avx512;
 
 const WINDOW: u32 = abi::DROPBLOCK_WINDOW_CELLS;
-const TWO_POW_32: f64 = 4_294_967_296.0;
+/// 2^-38: below it every threshold is 0.
+const MIN_SEEDING_GAMMA: f64 = 1.0 / (1u64 << 38) as f64;
 /// The CPU search's table covers draws in 2^20-wide steps (16 KiB): at DropBlock's
 /// rates the thresholds lie more than 2^20 apart, so one step's entry settles a
 /// draw with one compare.
@@ -550,16 +552,30 @@ fn times_plane_cells(x: f64, g: &abi::DropBlockGeometry) -> f64 {
 
 /// `(expected kept cells, its derivative in γ)` for coverage `terms`:
 /// `Σ cells · (1-γ)^m` and `-Σ cells · m · (1-γ)^(m-1)`.
+/// Powers by IEEE products alone (no libm), so that ExactRate's γ, and so its
+/// masks, are the same on every platform.
 fn expected_kept(terms: &[(f64, f64)], gamma: f64) -> (f64, f64) {
-    let log_keep = (-gamma).ln_1p();
     terms.iter().fold((0.0, 0.0), |(kept, slope), &(m, cells)| {
         if m == 0.0 {
             return (kept + cells, slope);
         }
-        let keep = (m * log_keep).exp();
+        let keep = powu(1.0 - gamma, m as u64);
         let d = if gamma < 1.0 { -cells * m * keep / (1.0 - gamma) } else { 0.0 };
         (kept + cells * keep, slope + d)
     })
+}
+
+/// `base^n` by squaring, in IEEE products only.
+fn powu(base: f64, mut n: u64) -> f64 {
+    let (mut acc, mut square) = (1.0, base);
+    while n > 0 {
+        if n & 1 == 1 {
+            acc *= square;
+        }
+        square *= square;
+        n >>= 1;
+    }
+    acc
 }
 
 /// The expected fraction of a plane that is dropped when every seed-grid cell is a
@@ -607,24 +623,42 @@ fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> Result<f6
     Ok(x)
 }
 
-/// `T[j] = min(2^32, floor(2^32 · -expm1((j+1)·log1p(-γ))))`: 2^32 times the
-/// probability that a window has a seed within its first `j+1` cells.
+/// `T[j] = floor(2^32 · (1 - (1-γ)^(j+1)))`, evaluated exactly: 2^32 times the
+/// probability that a window has a seed within its first `j+1` cells, rounded
+/// down. γ ≤ 0 (or NaN) gives all zeros, γ ≥ 1 all `2^32`.
+///
+/// γ is an f64, so a dyadic rational `m / 2^e`, and so is every power of `1-γ`:
+/// big-integer arithmetic gives the floor itself, the same on every platform. (A
+/// libm's `expm1` and `log1p` are not correctly rounded, and `-expm1` rounds to 1,
+/// a threshold of `2^32`, where `(1-γ)^(j+1) < 2^-54`: the exact one is `2^32 - 1`.)
 pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
     let mut t = [0u64; WINDOW as usize];
-    if gamma.is_nan() || gamma <= 0.0 {
+    // Every T is 0 below 2^-38 (and for NaN): 1 - (1-γ)^n ≤ nγ < 2^-32 for n ≤ 64.
+    if gamma.is_nan() || gamma < MIN_SEEDING_GAMMA {
         return t;
     }
     if gamma >= 1.0 {
         return [1u64 << 32; WINDOW as usize];
     }
-    let log_keep = (-gamma).ln_1p();
-    let mut prev = 0;
+    // γ in [2^-38, 1) is normal: m / 2^e with m odd and 1 ≤ e ≤ 90, so 1-γ = a / 2^e.
+    let bits = gamma.to_bits();
+    let mantissa = (bits & ((1u64 << 52) - 1)) | (1u64 << 52);
+    let zeros = mantissa.trailing_zeros();
+    let (m, e) = (mantissa >> zeros, 1075 - (bits >> 52) as u32 - zeros);
+    let a = BigUint::from((1u128 << e) - m as u128);
+    // kept / 2^scale = (1-γ)^n exactly, and kept is odd (a power of the odd a), so
+    // T = 2^32 - ceil(kept · 2^32 / 2^scale) is 2^32 - kept · 2^(32 - scale) while
+    // scale ≤ 32, and 2^32 - 1 - ⌊kept / 2^(scale - 32)⌋ after.
+    let mut kept = BigUint::from(1u8);
     for (j, tj) in t.iter_mut().enumerate() {
-        let q = -((j as f64 + 1.0) * log_keep).exp_m1();
-        // The max keeps T monotone even under a libm whose expm1 is not: both
-        // samplers' searches rely on it.
-        *tj = ((TWO_POW_32 * q).floor() as u64).min(1u64 << 32).max(prev);
-        prev = *tj;
+        kept *= &a;
+        let scale = (j as u64 + 1) * e as u64;
+        let ceil = if scale <= 32 {
+            u64::try_from(&kept).expect("kept < 2^scale") << (32 - scale)
+        } else {
+            1 + u64::try_from(&(&kept >> (scale - 32))).expect("kept < 2^scale")
+        };
+        *tj = (1u64 << 32) - ceil;
     }
     t
 }

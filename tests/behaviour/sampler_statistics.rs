@@ -13,6 +13,7 @@ use crate::common;
 use common::bernstein_tol;
 use dropblock::sampling::{thresholds, Plan};
 use dropblock::{Block, DropBlockConfig, Generator, Placement, RngKey, Shape};
+use num_bigint::BigUint;
 
 const TWO_POW_32: u64 = 1 << 32;
 
@@ -231,13 +232,24 @@ fn thresholds_match_closed_form() {
     ];
     for &gamma in &gammas {
         let t = thresholds(gamma);
-        // Exactly the documented formula, written out here.
-        let mut prev = 0u64;
+        // Exactly the documented floor: T ≤ 2^32 (1 - (1-γ)^n) < T + 1, in integers.
+        // γ = mantissa / 2^shift (f64 bits; γ in (0, 1) is normal here), so with
+        // d = 2^(n·shift) and kept = (2^shift - mantissa)^n:
+        // T·d ≤ 2^32 (d - kept) < (T+1)·d.
+        let bits = gamma.to_bits();
+        let mantissa = BigUint::from((bits & ((1u64 << 52) - 1)) | (1u64 << 52));
+        let shift = 1075 - (bits >> 52);
+        let one_minus = (BigUint::from(1u8) << shift) - &mantissa;
+        let mut kept = BigUint::from(1u8);
         for (j, &tj) in t.iter().enumerate() {
-            let q = -((j as f64 + 1.0) * (-gamma).ln_1p()).exp_m1();
-            let want = ((4_294_967_296.0 * q).floor() as u64).min(TWO_POW_32).max(prev);
-            assert_eq!(tj, want, "γ {gamma}: T[{j}] is not the documented value");
-            prev = want;
+            kept *= &one_minus;
+            let d = BigUint::from(1u8) << ((j as u64 + 1) * shift);
+            let dropped = (&d - &kept) << 32u32;
+            assert!(
+                BigUint::from(tj) * &d <= dropped && dropped < BigUint::from(tj + 1) * &d,
+                "γ {gamma}: T[{j}] = {tj} is not floor(2^32 (1 - (1-γ)^{}))",
+                j + 1
+            );
         }
         for j in 0..64 {
             assert!(t[j] <= TWO_POW_32, "γ {gamma}: T[{j}] = {} > 2^32", t[j]);

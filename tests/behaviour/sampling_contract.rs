@@ -1,4 +1,4 @@
-//! The sampling contract (version 2) against known answers computed independently.
+//! The sampling contract (version 3) against known answers computed independently.
 //!
 //! `tests/fixtures/sampling_contract.json` is written by
 //! `scripts/fixtures/sampling_contract.py`, a pure-Python implementation of the
@@ -7,6 +7,8 @@
 //! each case it records γ, the thresholds, the window layout, every window's seed
 //! word, every mask plane's seeds, the key's forks (`RngKey::fork`) and, for small
 //! tensors, the keep mask; this test requires the crate to produce exactly those.
+//! `tests/fixtures/thresholds.json`, from the same script, holds the thresholds
+//! alone for γs at the edges of their exact evaluation and on a grid of rates.
 //! It only reads the committed JSON (scripts/lint.sh checks that the script still
 //! writes it).
 //!
@@ -17,11 +19,12 @@
 //! checks from the fixture's own numbers.
 
 use dropblock::config::{Anchor, GammaRule};
-use dropblock::sampling::Plan;
+use dropblock::sampling::{thresholds, Plan};
 use dropblock::{cpu, Block, DropBlockConfig, Mode, Placement, RngKey, Shape, Sharing};
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("../fixtures/sampling_contract.json");
+const THRESHOLDS: &str = include_str!("../fixtures/thresholds.json");
 const WINDOW: u64 = 64;
 
 struct Case {
@@ -366,6 +369,26 @@ fn gamma_and_thresholds_match() {
             assert_eq!(g, want, "{name}: threshold T[{j}] is {g}, the fixture says {want}");
         }
     }
+}
+
+/// The thresholds alone, evaluated exactly, at γs where a libm's rounding or a
+/// shortcut would show: subnormal and tiny γ (every T is 0 below 2^-38), exact
+/// binary fractions (γ = 1/4 gives T[0] = 2^30 exactly, where glibc's
+/// `expm1(log1p(-γ))` gave 2^30 - 1), `(1-γ)^(j+1)` under 2^-54 (T = 2^32 - 1, where
+/// libm rounds `1 - (1-γ)^(j+1)` to 1), the largest γ below 1, and a grid of rates.
+#[test]
+fn thresholds_match_the_exact_known_answers() {
+    let root: Value = serde_json::from_str(THRESHOLDS).expect("tests/fixtures/thresholds.json parses");
+    let cases = root.as_array().expect("the thresholds file is a list");
+    for (i, v) in cases.iter().enumerate() {
+        let bits = text(v, "gamma_bits", i);
+        let gamma = f64::from_bits(u64::from_str_radix(bits, 16).unwrap_or_else(|e| panic!("case {i}: {bits:?}: {e}")));
+        let want: Vec<u64> = array(v, "thresholds", i).iter().map(|t| t.as_u64().expect("a threshold")).collect();
+        assert_eq!(thresholds(gamma).to_vec(), want, "case {i}: γ = {gamma:e} ({bits})");
+    }
+    let saturated = |v: &Value| array(v, "thresholds", 0).iter().any(|t| t.as_u64() == Some((1 << 32) - 1));
+    assert!(cases.len() >= 150, "only {} γs", cases.len());
+    assert!(cases.iter().any(saturated), "no γ whose thresholds reach 2^32 - 1");
 }
 
 #[test]
