@@ -150,6 +150,14 @@ pub enum Error {
     )]
     ShardNotFinished,
 
+    /// A state's first drawing `sample_shard` allocates its per-plane counts, which
+    /// a CUDA graph being captured cannot hold (a replay would find the graph's
+    /// allocation still live and fail to launch).
+    #[error(
+        "the state's first drawing sample_shard allocates, which stream capture cannot hold: allocate it with alloc_shard_state, or make one call before capturing"
+    )]
+    ShardStateInCapture,
+
     /// `finish_shard` on a state whose last call was not `sample_shard`.
     #[error("finish_shard needs a state whose last call was sample_shard")]
     NotAShardCall,

@@ -39,7 +39,7 @@ mod gpu {
     use cudarc::driver::{sys, CudaStream};
     use dropblock::cuda::{CudaElement, DeviceGenerator, DropBlockCuda};
     use dropblock::sampling::Plan;
-    use dropblock::{cpu, Block, DropBlockConfig, Element, Layout, Mode, Normalize, RngKey, Shape};
+    use dropblock::{cpu, Block, DropBlockConfig, Element, Layout, Mode, Normalize, RngKey, Shape, Shard};
     use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -71,7 +71,7 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 13] = [
+        let tests: [GpuTest; 14] = [
             (
                 "shards_on_their_own_streams_match_the_unsharded_call",
                 shards_on_their_own_streams_match_the_unsharded_call,
@@ -86,6 +86,7 @@ mod gpu {
             ("large_shapes_match_cpu", large_shapes_match_cpu),
             ("eval_mode_and_zero_drop_prob_copy", eval_mode_and_zero_drop_prob_copy),
             ("graph_captured_forward_matches_cpu", graph_captured_forward_matches_cpu),
+            ("graph_captured_shard_calls_draw_afresh", graph_captured_shard_calls_draw_afresh),
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
@@ -505,6 +506,68 @@ mod gpu {
                 }
             }
         }
+    }
+
+    /// Shard calls captured into a CUDA graph on a state from `alloc_shard_state`:
+    /// each replay draws from the device generator's next key. A whole-tensor
+    /// shard's y, and a half's keep bits, match the unsharded forward at that key.
+    /// A state from `alloc_state`, whose first drawing call allocates, refuses that
+    /// call under capture (`ShardStateInCapture`) and makes it outside.
+    fn graph_captured_shard_calls_draw_afresh((d, s): &Gpu) {
+        let capture = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        let global = Shape::new(4, 16, 28, 28).unwrap();
+        let cfg = DropBlockConfig::paper(7, 0.1).unwrap();
+        let key = RngKey::new(5, 40).unwrap();
+        let x: Vec<f32> = common::input(global.numel(), 13);
+        let xd = s.clone_htod(&x).unwrap();
+        let entries = dropblock::ShardCounts::len_for(global);
+        for shard in [Shard::whole(global), Shard::samples(global, 1, 2).unwrap()] {
+            let local = shard.local();
+            let map = common::placement(&shard);
+            let mut lx = vec![0f32; local.numel()];
+            for &(l, g) in &map {
+                lx[l] = x[g];
+            }
+            let lxd = s.clone_htod(&lx).unwrap();
+            let mut lyd = s.alloc_zeros::<f32>(local.numel()).unwrap();
+            let mut counts = s.alloc_zeros::<u64>(entries).unwrap();
+            let mut state = d.alloc_shard_state(s, &shard).unwrap();
+            let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
+            s.synchronize().unwrap();
+            s.begin_capture(capture).unwrap();
+            d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, &mut gen, Mode::Train).unwrap();
+            if shard.is_whole() {
+                // The counts are the whole tensor's: no reduction to capture.
+                d.finish_shard(s, &mut state, &counts).unwrap();
+                d.apply(s, &state, &lxd, &mut lyd).unwrap();
+            }
+            let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+            for replay in 0..3u64 {
+                graph.launch().unwrap();
+                let k = RngKey::new(key.seed(), key.offset() + 17 * replay).unwrap();
+                let ctx = format!("{shard:?}, replay {replay}");
+                let mut yd = s.alloc_zeros::<f32>(global.numel()).unwrap();
+                let whole = d.forward(s, &cfg, global, k, Mode::Train, &xd, &mut yd).unwrap();
+                let (keep, local_keep) = (whole.keep_mask(s).unwrap(), state.keep_mask(s).unwrap());
+                for &(l, g) in &map {
+                    assert_eq!(local_keep[l], keep[g], "{ctx}: keep bit {g}");
+                }
+                if shard.is_whole() {
+                    assert_same("y (graph)", &s.clone_dtoh(&lyd).unwrap(), &s.clone_dtoh(&yd).unwrap(), &ctx);
+                }
+            }
+            assert_eq!(gen.key(s).unwrap().offset(), key.offset() + 51, "{shard:?}: the generator stepped per replay");
+        }
+        let shard = Shard::samples(global, 0, 2).unwrap();
+        let mut state = d.alloc_state(s, shard.local()).unwrap();
+        let mut counts = s.alloc_zeros::<u64>(entries).unwrap();
+        s.synchronize().unwrap();
+        s.begin_capture(capture).unwrap();
+        let refused = d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train);
+        let _ = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        assert_eq!(refused, Err(dropblock::Error::ShardStateInCapture));
+        d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train).unwrap();
+        assert!(state.plan().is_some(), "the call outside capture drew a mask");
     }
 
     /// Two streams at once, the second from another handle to the same primary

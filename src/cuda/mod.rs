@@ -8,7 +8,8 @@
 //!   - a [`RngKey`](crate::RngKey) is a kernel parameter, so every replay of a
 //!     captured graph draws the same mask; draw from a [`DeviceGenerator`]
 //!     instead, which steps its offset on the device at every forward or shard
-//!     call (a state's first drawing shard call allocates: make it before capture);
+//!     call (a shard call's state comes from [`DropBlockCuda::alloc_shard_state`]
+//!     to be captured from its first call);
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers

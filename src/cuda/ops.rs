@@ -347,6 +347,16 @@ impl DropBlockCuda {
         })
     }
 
+    /// A saved state for `shard`'s calls ([`Self::sample_shard`]): the state of
+    /// [`Self::alloc_state`] for `shard.local()`, with the per-plane counts a
+    /// drawing shard call needs (N·C u64) allocated now rather than by the first
+    /// such call, so that the first call can be captured into a CUDA graph.
+    pub fn alloc_shard_state(&self, stream: &Arc<CudaStream>, shard: &Shard) -> Result<DeviceState> {
+        let mut state = self.alloc_state(stream, shard.local())?;
+        state.alloc_plane_kept(stream)?;
+        Ok(state)
+    }
+
     /// Forward, `y = round(f32(x) · factor)`, allocating the saved state.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<'k, T: CudaElement>(
@@ -496,8 +506,10 @@ impl DropBlockCuda {
     /// [`DeviceGenerator`], one per shard at the same `(seed, offset)`: each call
     /// steps each by 17 on the device, so they stay in step, and a CUDA graph
     /// that captures the call draws a fresh mask at every replay. The first
-    /// call on a state that draws a mask allocates its per-plane counts (N·C
-    /// u64): make it before capturing, as a graph cannot hold the allocation.
+    /// call on a state from [`Self::alloc_state`] that draws a mask allocates its
+    /// per-plane counts (N·C u64), which stream capture cannot hold
+    /// ([`Error::ShardStateInCapture`]): to capture it, allocate the state with
+    /// [`Self::alloc_shard_state`].
     #[allow(clippy::too_many_arguments)]
     pub fn sample_shard<'k>(
         &self,
@@ -535,15 +547,7 @@ impl DropBlockCuda {
             }
         };
         if !identity && state.plane_kept.is_none() {
-            // On the state's own stream, whose frees wait for the state's last stream
-            // (DeviceState's Drop).
-            let own = state.keep_bits.stream().clone();
-            let plane_kept = own.alloc_zeros::<u64>(local.n() * local.c())?;
-            state.ptrs.plane_kept = Some(plane_kept.device_ptr(&own).0);
-            state.plane_kept = Some(plane_kept);
-            if own.cu_stream() != stream.cu_stream() {
-                stream.join(&own)?;
-            }
+            state.alloc_plane_kept(stream)?;
         }
         state.call = None;
         state.enter(stream)?;
@@ -804,6 +808,26 @@ impl DeviceState {
             }
         }
         *last = Some(stream.clone());
+        Ok(())
+    }
+
+    /// Allocates a shard call's per-plane counts on the state's own stream (whose
+    /// frees wait for the state's last stream: Drop), ordered before `stream`'s
+    /// next work. Refused while either stream is being captured: a replay would
+    /// find the graph's allocation still live and fail to launch.
+    fn alloc_plane_kept(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        let own = self.keep_bits.stream().clone();
+        for s in [stream, &own] {
+            if s.capture_status()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                return Err(Error::ShardStateInCapture);
+            }
+        }
+        let plane_kept = own.alloc_zeros::<u64>(self.shape.n() * self.shape.c())?;
+        self.ptrs.plane_kept = Some(plane_kept.device_ptr(&own).0);
+        self.plane_kept = Some(plane_kept);
+        if own.cu_stream() != stream.cu_stream() {
+            stream.join(&own)?;
+        }
         Ok(())
     }
 
