@@ -174,7 +174,8 @@ __device__ __forceinline__ void apply(const DropBlockGeometry& g, const DropBloc
 
 // Noise fill (src/noise.rs): y = x where kept (no rescaling), the noise of the
 // element's mask unit (plane * L + cell, so sharing shares it) where dropped. One
-// element per thread and step, any alignment: a rarely used mode, kept simple.
+// element per thread and step, any alignment: a rarely used mode, kept simple, but
+// with no division per element; only a dropped one divides, to place its unit.
 template <typename T>
 __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const DropBlockApply& a,
                                            const DropBlockGeometry& global, const DropBlockShard& sh,
@@ -184,28 +185,25 @@ __device__ __forceinline__ void fill_noise(const DropBlockGeometry& g, const Dro
     const uint64_t L = a.plane_len, C = g.c;
     const uint64_t global_len = (uint64_t)global.d * global.h * global.w;
     const uint64_t box_hw = (uint64_t)sh.extent[1] * sh.extent[2];
-    for (uint64_t e = global_thread(); e < a.numel; e += threads_in_grid()) {
-        uint64_t n, c, cell;
-        if (channels_last) {
-            n = e / (L * C);
-            const uint64_t rest = e - n * L * C;
-            cell = rest / C;
-            c = rest - cell * C;
-        } else {
-            const uint64_t slice = e / L;
-            n = slice / C;
-            c = slice - n * C;
-            cell = e - slice * L;
+    // Channels-last elements run (n, cell, c): stepped as a Position of slices of C
+    // "cells", whose `c` is the cell and whose `cell` the channel.
+    const uint64_t inner = channels_last ? C : L, middle = channels_last ? L : C;
+    const PositionStep step(threads_in_grid(), inner, middle);
+    Position p = position_of(global_thread(), inner, middle);
+    for (uint64_t e = global_thread(); e < a.numel; e += threads_in_grid(), p = step(p)) {
+        const uint64_t n = p.n, c = channels_last ? p.cell : p.c, cell = channels_last ? p.c : p.cell;
+        // Channels-last keep bits are in the tensor's order (bit e), else the planes'.
+        const uint64_t b = channels_last ? e : plane_of(g, n, c) * L + cell;
+        if ((keep_bits[b >> 5] >> (b & 31)) & 1u) {
+            y[e] = x[e];
+            continue;
         }
         // The unit's number in the whole tensor (a shard's box sits at its origin).
         const uint64_t z = cell / box_hw, rest = cell - z * box_hw, yy = rest / sh.extent[2], xx = rest - yy * sh.extent[2];
         const uint64_t global_cell =
             ((sh.origin[0] + z) * global.h + sh.origin[1] + yy) * global.w + sh.origin[2] + xx;
         const uint64_t unit = plane_of(global, sh.n0 + n, sh.c0 + c) * global_len + global_cell;
-        // Channels-last keep bits are in the tensor's order (bit e), else the planes'.
-        const uint64_t b = channels_last ? e : plane_of(g, n, c) * L + cell;
-        const bool keep = (keep_bits[b >> 5] >> (b & 31)) & 1u;
-        y[e] = keep ? x[e] : Elem<T>::from_float(noise_normal(k, unit));
+        y[e] = Elem<T>::from_float(noise_normal(k, unit));
     }
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "index.cuh"
 #include "mask.cuh"
 
 namespace dropblock {
@@ -53,23 +54,6 @@ struct FlatBits {
     const uint32_t* words;
     uint64_t base;
     __device__ __forceinline__ uint32_t from(uint64_t e) const { return words[(e >> 5) - base] >> (e & 31); }
-};
-
-// Where a position stepped by a fixed stride sits in runs of `len` (samples,
-// planes): run `n`, offset `pos`, with no division in the loop.
-struct RunCursor {
-    uint64_t n = 0, pos = 0, len = 1, dn = 0, dpos = 0;
-    RunCursor() = default;
-    __device__ __forceinline__ RunCursor(uint64_t e, uint64_t stride, uint64_t run_len)
-        : n(e / run_len), pos(e % run_len), len(run_len), dn(stride / run_len), dpos(stride % run_len) {}
-    __device__ __forceinline__ void step() {
-        pos += dpos;
-        n += dn;
-        if (pos >= len) {
-            pos -= len;
-            ++n;
-        }
-    }
 };
 
 // The scales of a launch: one (`s0`), or one per sample of `sample_len` elements.
@@ -132,39 +116,6 @@ __device__ __forceinline__ void apply_flat(const T* x, T* y, uint64_t first, uin
     }
 }
 
-// A position in the tensor: sample n, channel c, cell of the (n, c) slice.
-struct Position {
-    uint64_t n, c, cell;
-};
-
-// A fixed stride of elements as a move of (n, c, cell), so that a thread steps its
-// position with no division in the loop (the carries need one compare each: the
-// moves are under a slice and under C).
-struct PositionStep {
-    uint64_t dn, dc, dcell, L, C;
-    __device__ __forceinline__ PositionStep(uint64_t stride, uint64_t plane_len, uint64_t channels)
-        : L(plane_len), C(channels) {
-        const uint64_t slices = stride / L;
-        dcell = stride - slices * L;
-        dn = slices / C;
-        dc = slices - dn * C;
-    }
-    __device__ __forceinline__ Position operator()(Position p) const {
-        p.cell += dcell;
-        p.c += dc;
-        p.n += dn;
-        if (p.cell >= L) {
-            p.cell -= L;
-            ++p.c;
-        }
-        if (p.c >= C) {
-            p.c -= C;
-            ++p.n;
-        }
-        return p;
-    }
-};
-
 // Keep bits read through the plane of each slice (sharing): bit plane * L + cell.
 struct PlaneBits {
     const DropBlockGeometry& g;
@@ -181,10 +132,7 @@ struct PlaneBits {
         const uint32_t hi = w + 1 < total_words ? words[w + 1] : 0u;
         return __funnelshift_r(words[w], hi, (uint32_t)(b & 31));
     }
-    __device__ __forceinline__ Position position(uint64_t e) const {
-        const uint64_t slice = e / plane_len;
-        return Position{slice / g.c, slice % g.c, e - slice * plane_len};
-    }
+    __device__ __forceinline__ Position position(uint64_t e) const { return position_of(e, plane_len, g.c); }
     __device__ __forceinline__ void next_slice(Position& p) const {
         p.cell = 0;
         if (++p.c == g.c) {

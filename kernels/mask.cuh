@@ -9,6 +9,7 @@
 // memory instead.
 #pragma once
 
+#include "index.cuh"
 #include "sampling.cuh"
 
 namespace dropblock {
@@ -23,15 +24,6 @@ __device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
     for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(FULL_WARP, v, d);
     return v;
 }
-
-// Division of 32-bit numbers by a divisor fixed for the launch, as one multiply
-// (Lemire, Kaser & Kurz 2019: with M = ceil(2^64 / d), floor(a / d) is the high
-// word of M * a for every 32-bit a). The host computes M (DropBlockTiles).
-struct FastDiv {
-    uint64_t magic;  // 0 for d = 1
-    uint32_t d;
-    __device__ __forceinline__ uint32_t div(uint32_t a) const { return magic ? (uint32_t)__umul64hi(magic, a) : a; }
-};
 
 // Mask of bits [lo, hi) of a 32-bit word, 0 <= lo <= hi <= 32.
 __device__ __forceinline__ uint32_t bit_range(uint32_t lo, uint32_t hi) {
@@ -408,17 +400,19 @@ __device__ __forceinline__ void grow_seed_in_box(const DropBlockGeometry& g, con
 
 // The grid-wide passes, for planes too large for a tile: ORs the blocks of
 // windows [worker, worker + workers, ...) into the dropped bits in global memory
-// (zeroed beforehand). 64-bit positions throughout.
+// (zeroed beforehand). 64-bit positions throughout; a window's (group, part) is
+// stepped, not divided for, and only a seed divides, to place itself.
 __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, const Thresholds& th, const Key& k,
                                                     const DropBlockApply& a, uint64_t worker, uint64_t workers,
                                                     uint32_t* bits) {
-    for (uint64_t w = worker; w < g.windows; w += workers) {
-        const uint64_t group = w / g.windows_per_group, part = w - group * g.windows_per_group;
+    RunCursor at(worker, workers, g.windows_per_group);
+    for (uint64_t w = worker; w < g.windows; w += workers, at.step()) {
+        const uint64_t group = at.n, part = at.pos;
         // The window's first cell, as (plane, seed cell).
         const uint64_t plane0 = group * g.planes_per_window;
         const uint64_t cell0 = part * DROPBLOCK_WINDOW_CELLS;
         const uint32_t origin[3] = {0, 0, 0}, map[3] = {g.d, g.h, g.w};
-        for_each_seed(sample_window(th, k, w, window_len(g, w)), [&](uint32_t j) {
+        for_each_seed(sample_window(th, k, w, window_len(g, group, part)), [&](uint32_t j) {
             const uint64_t at = cell0 + j;
             const uint64_t plane = plane0 + at / g.seed_cells;
             uint32_t pos[3];

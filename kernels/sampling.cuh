@@ -98,11 +98,16 @@ __device__ __forceinline__ uint64_t sample_window(const Thresholds& th, const Ke
 
 // Cells of window `w` (below g.windows): whole planes when a plane has at most 64
 // seed cells (the last group may be short), else 64 or the plane's remainder.
-__device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t w) {
+// Window `part` of group `group`.
+__device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t group, uint64_t part) {
     if (g.seed_cells <= DROPBLOCK_WINDOW_CELLS)
-        return (uint32_t)(min((uint64_t)g.planes_per_window, g.planes - w * g.planes_per_window) * g.seed_cells);
-    const uint64_t i = w % g.windows_per_group;
-    return (uint32_t)min((uint64_t)DROPBLOCK_WINDOW_CELLS, g.seed_cells - i * DROPBLOCK_WINDOW_CELLS);
+        return (uint32_t)(min((uint64_t)g.planes_per_window, g.planes - group * g.planes_per_window) * g.seed_cells);
+    return (uint32_t)min((uint64_t)DROPBLOCK_WINDOW_CELLS, g.seed_cells - part * DROPBLOCK_WINDOW_CELLS);
+}
+
+__device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t w) {
+    const uint64_t group = w / g.windows_per_group;
+    return window_len(g, group, w - group * g.windows_per_group);
 }
 
 }  // namespace dropblock

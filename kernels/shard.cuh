@@ -64,7 +64,8 @@ __device__ __forceinline__ void shard_sample_item(const DropBlockGeometry& g, co
         const uint64_t plane0 = shard_global_plane(g, sh, local0);
         const uint64_t window = plane0 / q + i % sh.windows_per_run;
         if (window > (plane0 + len - 1) / q) return;
-        for_each_seed(sample_window(th, key, window, window_len(g, window)), [&](uint32_t j) {
+        // One window per group here: the window is its group.
+        for_each_seed(sample_window(th, key, window, window_len(g, window, 0)), [&](uint32_t j) {
             const uint64_t plane = window * q + j / s;
             if (plane >= plane0 && plane < plane0 + len) shard_grow_seed(g, sh, local0 + plane - plane0, j % s, dropped);
         });
@@ -72,8 +73,8 @@ __device__ __forceinline__ void shard_sample_item(const DropBlockGeometry& g, co
         const uint64_t parts = sh.part_hi - sh.part_lo;
         const uint64_t lp = i / parts, part = sh.part_lo + i % parts;
         if (!shard_window_meets_box(g, sh, part)) return;
-        const uint64_t window = shard_global_plane(g, sh, lp) * g.windows_per_group + part;
-        for_each_seed(sample_window(th, key, window, window_len(g, window)), [&](uint32_t j) {
+        const uint64_t plane = shard_global_plane(g, sh, lp), window = plane * g.windows_per_group + part;
+        for_each_seed(sample_window(th, key, window, window_len(g, plane, part)), [&](uint32_t j) {
             shard_grow_seed(g, sh, lp, part * DROPBLOCK_WINDOW_CELLS + j, dropped);
         });
     }
