@@ -81,7 +81,7 @@ __device__ __forceinline__ uint64_t sample_weight_of_plane(const DropBlockGeomet
 }
 
 // `numerator / kept` in f64, rounded to f32; 0 when nothing is kept. Matches
-// count_scale in src/sampling.rs bit for bit (IEEE division and rounding).
+// count_scale in src/sampling/mod.rs bit for bit (IEEE division and rounding).
 __device__ __forceinline__ float count_scale(uint64_t numerator, uint64_t kept) {
     return kept == 0 ? 0.0f : __double2float_rn((double)numerator / (double)kept);
 }
@@ -405,9 +405,9 @@ __device__ __forceinline__ void grow_seed_in_box(const DropBlockGeometry& g, con
 __device__ __forceinline__ void seed_windows_global(const DropBlockGeometry& g, const Thresholds& th, const Key& k,
                                                     const DropBlockApply& a, uint64_t worker, uint64_t workers,
                                                     uint32_t* bits) {
-    RunCursor at(worker, workers, g.windows_per_group);
-    for (uint64_t w = worker; w < g.windows; w += workers, at.step()) {
-        const uint64_t group = at.n, part = at.pos;
+    RunCursor window(worker, workers, g.windows_per_group);
+    for (uint64_t w = worker; w < g.windows; w += workers, window.step()) {
+        const uint64_t group = window.n, part = window.pos;
         // The window's first cell, as (plane, seed cell).
         const uint64_t plane0 = group * g.planes_per_window;
         const uint64_t cell0 = part * DROPBLOCK_WINDOW_CELLS;

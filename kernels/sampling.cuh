@@ -1,5 +1,5 @@
 // The sampling contract on the device: the same draws and the same window walk as
-// src/sampling.rs, so the GPU and CPU seeds agree bit for bit.
+// src/sampling/mod.rs, so the GPU and CPU seeds agree bit for bit.
 #pragma once
 
 #include <curand_philox4x32_x.h>
@@ -76,10 +76,10 @@ __device__ __forceinline__ Thresholds shared_thresholds(const DropBlockSampling&
 // a time. The walk is sequential only through its position: a draw u places its
 // seed G(u) cells on wherever the walk stands, and ends the walk exactly when that
 // seed would fall at or past the end (u >= t[len - pos - 1] is pos + G(u) >= len,
-// as t is monotone: src/sampling.rs, thresholds, makes it so).
+// as t is monotone: src/sampling/mod.rs, thresholds, evaluates it exactly).
 // So a block's four draws are four searches and a running sum, the same on every
 // lane, with no branch on which draw ends the walk; another block only when the
-// fourth draw placed a seed before the end (src/sampling.rs, Plan::walk_from).
+// fourth draw placed a seed before the end (src/sampling/mod.rs, Plan::walk_from).
 __device__ __forceinline__ uint64_t sample_window(const Thresholds& th, const Key& k, uint64_t window, uint32_t len) {
     uint64_t bits = 0;
     uint32_t pos = 0;
@@ -96,15 +96,15 @@ __device__ __forceinline__ uint64_t sample_window(const Thresholds& th, const Ke
     return bits;
 }
 
-// Cells of window `w` (below g.windows): whole planes when a plane has at most 64
-// seed cells (the last group may be short), else 64 or the plane's remainder.
-// Window `part` of group `group`.
+// Cells of window `part` of group `group`: whole planes when a plane has at most
+// 64 seed cells (the last group may be short), else 64 or the plane's remainder.
 __device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t group, uint64_t part) {
     if (g.seed_cells <= DROPBLOCK_WINDOW_CELLS)
         return (uint32_t)(min((uint64_t)g.planes_per_window, g.planes - group * g.planes_per_window) * g.seed_cells);
     return (uint32_t)min((uint64_t)DROPBLOCK_WINDOW_CELLS, g.seed_cells - part * DROPBLOCK_WINDOW_CELLS);
 }
 
+// Cells of window `w` (below g.windows).
 __device__ __forceinline__ uint32_t window_len(const DropBlockGeometry& g, uint64_t w) {
     const uint64_t group = w / g.windows_per_group;
     return window_len(g, group, w - group * g.windows_per_group);

@@ -150,11 +150,12 @@ pub enum Error {
     )]
     ShardNotFinished,
 
-    /// A state's first drawing `sample_shard` allocates its per-plane counts, which
-    /// a CUDA graph being captured cannot hold (a replay would find the graph's
-    /// allocation still live and fail to launch).
+    /// A shard's state allocates (`alloc_shard_state`, or the first drawing
+    /// `sample_shard` on a state from `alloc_state`) while its stream is being
+    /// captured: a CUDA graph cannot hold the allocation (a replay would find it
+    /// still live and fail to launch).
     #[error(
-        "the state's first drawing sample_shard allocates, which stream capture cannot hold: allocate it with alloc_shard_state, or make one call before capturing"
+        "a shard's state allocates, which stream capture cannot hold: make it with alloc_shard_state before capturing (or make one drawing sample_shard call first)"
     )]
     ShardStateInCapture,
 

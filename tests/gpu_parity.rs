@@ -564,8 +564,14 @@ mod gpu {
         s.synchronize().unwrap();
         s.begin_capture(capture).unwrap();
         let refused = d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train);
-        let _ = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
         assert_eq!(refused, Err(dropblock::Error::ShardStateInCapture));
+        assert!(ended.is_ok(), "the refusal left the capture valid: {:?}", ended.err());
+        s.begin_capture(capture).unwrap();
+        let refused = d.alloc_shard_state(s, &shard).map(|_| ());
+        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        assert_eq!(refused, Err(dropblock::Error::ShardStateInCapture), "alloc_shard_state under capture");
+        assert!(ended.is_ok(), "the refusal left the capture valid: {:?}", ended.err());
         d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train).unwrap();
         assert!(state.plan().is_some(), "the call outside capture drew a mask");
     }

@@ -167,6 +167,16 @@ struct Call {
     shard: Option<(abi::DropBlockShard, bool)>,
 }
 
+/// [`Error::ShardStateInCapture`] while `stream` is being captured, or (the legacy
+/// NULL stream) while another stream's capture makes it part of the graph.
+fn refuse_capture(stream: &CudaStream) -> Result<()> {
+    match stream.capture_status() {
+        Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(()),
+        Err(e) if e.0 != sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Err(e.into()),
+        _ => Err(Error::ShardStateInCapture),
+    }
+}
+
 /// Raw device pointers of one call's tensors. The callers hold cudarc's guards
 /// for them until the launches are enqueued.
 struct Io {
@@ -351,7 +361,9 @@ impl DropBlockCuda {
     /// [`Self::alloc_state`] for `shard.local()`, with the per-plane counts a
     /// drawing shard call needs (N·C u64) allocated now rather than by the first
     /// such call, so that the first call can be captured into a CUDA graph.
+    /// Refused while `stream` is being captured ([`Error::ShardStateInCapture`]).
     pub fn alloc_shard_state(&self, stream: &Arc<CudaStream>, shard: &Shard) -> Result<DeviceState> {
+        refuse_capture(stream)?;
         let mut state = self.alloc_state(stream, shard.local())?;
         state.alloc_plane_kept(stream)?;
         Ok(state)
@@ -817,11 +829,8 @@ impl DeviceState {
     /// find the graph's allocation still live and fail to launch.
     fn alloc_plane_kept(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         let own = self.keep_bits.stream().clone();
-        for s in [stream, &own] {
-            if s.capture_status()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
-                return Err(Error::ShardStateInCapture);
-            }
-        }
+        refuse_capture(stream)?;
+        refuse_capture(&own)?;
         let plane_kept = own.alloc_zeros::<u64>(self.shape.n() * self.shape.c())?;
         self.ptrs.plane_kept = Some(plane_kept.device_ptr(&own).0);
         self.plane_kept = Some(plane_kept);

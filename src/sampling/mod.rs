@@ -649,8 +649,9 @@ pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
     // kept / 2^scale = (1-γ)^n exactly, and kept is odd (a power of the odd a), so
     // T = 2^32 - ceil(kept · 2^32 / 2^scale) is 2^32 - kept · 2^(32 - scale) while
     // scale ≤ 32, and 2^32 - 1 - ⌊kept / 2^(scale - 32)⌋ after.
+    // Once (1-γ)^n < 2^-32 every later threshold is 2^32 - 1.
     let mut kept = BigUint::from(1u8);
-    for (j, tj) in t.iter_mut().enumerate() {
+    for j in 0..WINDOW as usize {
         kept *= &a;
         let scale = (j as u64 + 1) * e as u64;
         let ceil = if scale <= 32 {
@@ -658,7 +659,11 @@ pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
         } else {
             1 + u64::try_from(&(&kept >> (scale - 32))).expect("kept < 2^scale")
         };
-        *tj = (1u64 << 32) - ceil;
+        t[j] = (1u64 << 32) - ceil;
+        if ceil == 1 {
+            t[j..].fill((1u64 << 32) - 1);
+            break;
+        }
     }
     t
 }

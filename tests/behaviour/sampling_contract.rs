@@ -15,7 +15,7 @@
 //! The fixture must also keep covering the contract's edge cases (one seed cell,
 //! seed grids that do and do not divide 64, exactly 64 and 65 cells, thousands of
 //! cells, every sharing mode, 64-bit seeds and offsets, γ ≥ 1 and tiny γ, 1D and
-//! 3D seed grids, miguelvr's anchor and γ), which `fixture_covers_the_contract_edges`
+//! 3D seed grids, miguelvr's anchor and γ, ExactRate's γ), which `fixture_covers_the_contract_edges`
 //! checks from the fixture's own numbers.
 
 use dropblock::config::{Anchor, GammaRule};
@@ -313,6 +313,10 @@ fn fixture_covers_the_contract_edges() {
         c.anchor == "centered-right" && (c.kd as usize > c.d || c.kh as usize > c.h || c.kw as usize > c.w)
     });
     any("the per-block gamma rule in 3D", &|c| c.gamma_rule == "per-block" && c.rank == 3);
+    any("the exact-rate gamma rule (its Newton steps, no libm)", &|c| c.gamma_rule == "exact" && c.rank == 2);
+    any("the exact-rate gamma rule in 3D, centered-right", &|c| {
+        c.gamma_rule == "exact" && c.rank == 3 && c.anchor == "centered-right"
+    });
 
     any("S = 1 with P not a multiple of q = 64", &|c| c.s == 1 && c.q == 64 && !(c.planes as u64).is_multiple_of(c.q));
     any("S < 64, 64 mod S != 0, q = 1", &|c| c.s < 64 && !WINDOW.is_multiple_of(c.s) && c.q == 1);
@@ -372,9 +376,9 @@ fn gamma_and_thresholds_match() {
 }
 
 /// The thresholds alone, evaluated exactly, at γs where a libm's rounding or a
-/// shortcut would show: subnormal and tiny γ (every T is 0 below 2^-38), exact
+/// shortcut would show: subnormal and tiny γ (every T is 0 below 2^-38), short
 /// binary fractions (γ = 1/4 gives T[0] = 2^30 exactly, where glibc's
-/// `expm1(log1p(-γ))` gave 2^30 - 1), `(1-γ)^(j+1)` under 2^-54 (T = 2^32 - 1, where
+/// `expm1(log1p(-γ))` gave 2^30 - 1; six more where it was one under), `(1-γ)^(j+1)` under 2^-54 (T = 2^32 - 1, where
 /// libm rounds `1 - (1-γ)^(j+1)` to 1), the largest γ below 1, and a grid of rates.
 #[test]
 fn thresholds_match_the_exact_known_answers() {
