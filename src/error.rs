@@ -150,14 +150,14 @@ pub enum Error {
     )]
     ShardNotFinished,
 
-    /// A shard's state allocates (`alloc_shard_state`, or the first drawing
-    /// `sample_shard` on a state from `alloc_state`) while its stream is being
-    /// captured: a CUDA graph cannot hold the allocation (a replay would find it
-    /// still live and fail to launch).
+    /// A call that allocates device memory (`alloc_state`, `alloc_shard_state`,
+    /// `forward`, `DeviceGenerator::new`, or the first drawing `sample_shard` on a
+    /// state from `alloc_state`) on a stream being captured: a CUDA graph cannot
+    /// hold the allocation (a replay would find it still live and fail to launch).
     #[error(
-        "a shard's state allocates, which stream capture cannot hold: make it with alloc_shard_state before capturing (or make one drawing sample_shard call first)"
+        "this call allocates device memory, which stream capture cannot hold: allocate states (alloc_state, alloc_shard_state for shards) and generators before capturing, and capture forward_into rather than forward"
     )]
-    ShardStateInCapture,
+    AllocationInCapture,
 
     /// `finish_shard` on a state whose last call was not `sample_shard`.
     #[error("finish_shard needs a state whose last call was sample_shard")]

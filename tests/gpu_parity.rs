@@ -512,7 +512,8 @@ mod gpu {
     /// each replay draws from the device generator's next key. A whole-tensor
     /// shard's y, and a half's keep bits, match the unsharded forward at that key.
     /// A state from `alloc_state`, whose first drawing call allocates, refuses that
-    /// call under capture (`ShardStateInCapture`) and makes it outside.
+    /// call under capture (`AllocationInCapture`) and makes it outside; so do the
+    /// other calls that allocate.
     fn graph_captured_shard_calls_draw_afresh((d, s): &Gpu) {
         let capture = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         let global = Shape::new(4, 16, 28, 28).unwrap();
@@ -561,17 +562,22 @@ mod gpu {
         let shard = Shard::samples(global, 0, 2).unwrap();
         let mut state = d.alloc_state(s, shard.local()).unwrap();
         let mut counts = s.alloc_zeros::<u64>(entries).unwrap();
+        let mut y = s.alloc_zeros::<f32>(global.numel()).unwrap();
         s.synchronize().unwrap();
-        s.begin_capture(capture).unwrap();
-        let refused = d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train);
-        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
-        assert_eq!(refused, Err(dropblock::Error::ShardStateInCapture));
-        assert!(ended.is_ok(), "the refusal left the capture valid: {:?}", ended.err());
-        s.begin_capture(capture).unwrap();
-        let refused = d.alloc_shard_state(s, &shard).map(|_| ());
-        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
-        assert_eq!(refused, Err(dropblock::Error::ShardStateInCapture), "alloc_shard_state under capture");
-        assert!(ended.is_ok(), "the refusal left the capture valid: {:?}", ended.err());
+        let refused_under_capture = |what: &str, call: &mut dyn FnMut() -> dropblock::Result<()>| {
+            s.begin_capture(capture).unwrap();
+            let refused = call();
+            let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
+            assert_eq!(refused, Err(dropblock::Error::AllocationInCapture), "{what} under capture");
+            assert!(ended.is_ok(), "{what}: the refusal left the capture valid: {:?}", ended.err());
+        };
+        refused_under_capture("a first drawing sample_shard", &mut || {
+            d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train)
+        });
+        refused_under_capture("alloc_shard_state", &mut || d.alloc_shard_state(s, &shard).map(|_| ()));
+        refused_under_capture("alloc_state", &mut || d.alloc_state(s, global).map(|_| ()));
+        refused_under_capture("DeviceGenerator::new", &mut || DeviceGenerator::new(s, 1, 0).map(|_| ()));
+        refused_under_capture("forward", &mut || d.forward(s, &cfg, global, key, Mode::Train, &xd, &mut y).map(|_| ()));
         d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train).unwrap();
         assert!(state.plan().is_some(), "the call outside capture drew a mask");
     }

@@ -4,12 +4,15 @@
 //! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
 //! - Every launch goes on the stream you pass; nothing synchronises with the host,
-//!   so a forward can be captured into a CUDA graph. Two caveats:
+//!   so a forward can be captured into a CUDA graph. Three caveats:
+//!   - nothing allocates into a graph: allocate states and generators before
+//!     capturing, capture `forward_into` rather than `forward`, and make a shard's
+//!     state with [`DropBlockCuda::alloc_shard_state`] (each of these refuses a
+//!     capturing stream, `Error::AllocationInCapture`);
 //!   - a [`RngKey`](crate::RngKey) is a kernel parameter, so every replay of a
 //!     captured graph draws the same mask; draw from a [`DeviceGenerator`]
 //!     instead, which steps its offset on the device at every forward or shard
-//!     call (a shard call's state comes from [`DropBlockCuda::alloc_shard_state`]
-//!     to be captured from its first call);
+//!     call;
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers

@@ -97,11 +97,13 @@ impl DeviceGenerator {
     /// wrap onto ones already drawn.
     pub const MAX_START_OFFSET: u64 = RngKey::MAX_OFFSET / 2;
 
-    /// A generator at `(seed, offset)`, with `offset <= MAX_START_OFFSET`.
+    /// A generator at `(seed, offset)`, with `offset <= MAX_START_OFFSET`; not
+    /// while `stream` is being captured ([`Error::AllocationInCapture`]).
     pub fn new(stream: &Arc<CudaStream>, seed: u64, offset: u64) -> Result<Self> {
         if offset > Self::MAX_START_OFFSET {
             return Err(Error::OffsetOverflow { offset, max: Self::MAX_START_OFFSET });
         }
+        refuse_capture(stream)?;
         let key = RngKey::new(seed, offset)?;
         Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])? })
     }
@@ -167,13 +169,14 @@ struct Call {
     shard: Option<(abi::DropBlockShard, bool)>,
 }
 
-/// [`Error::ShardStateInCapture`] while `stream` is being captured, or (the legacy
-/// NULL stream) while another stream's capture makes it part of the graph.
+/// [`Error::AllocationInCapture`] while `stream` is being captured, or (the legacy
+/// NULL stream) while another stream's capture makes it part of the graph: no call
+/// allocates into a graph.
 fn refuse_capture(stream: &CudaStream) -> Result<()> {
     match stream.capture_status() {
         Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(()),
         Err(e) if e.0 != sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Err(e.into()),
-        _ => Err(Error::ShardStateInCapture),
+        _ => Err(Error::AllocationInCapture),
     }
 }
 
@@ -323,9 +326,11 @@ impl DropBlockCuda {
     /// A saved state for tensors of `shape`, to pass to the `_into` and in-place
     /// calls: one keep bit per element (the most any sharing needs; a
     /// channels-last shape another for the planes' bits), N + 2 counters and N
-    /// scales.
+    /// scales. Refused while `stream` is being captured
+    /// ([`Error::AllocationInCapture`]): allocate before capturing.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
         self.check_context(stream.context())?;
+        refuse_capture(stream)?;
         let keep_bits = stream.alloc_zeros::<u32>(shape.numel().div_ceil(32))?;
         let plane_bits = match shape.layout() {
             Layout::ChannelsFirst => None,
@@ -361,15 +366,15 @@ impl DropBlockCuda {
     /// [`Self::alloc_state`] for `shard.local()`, with the per-plane counts a
     /// drawing shard call needs (N·C u64) allocated now rather than by the first
     /// such call, so that the first call can be captured into a CUDA graph.
-    /// Refused while `stream` is being captured ([`Error::ShardStateInCapture`]).
+    /// Refused while `stream` is being captured ([`Error::AllocationInCapture`]).
     pub fn alloc_shard_state(&self, stream: &Arc<CudaStream>, shard: &Shard) -> Result<DeviceState> {
-        refuse_capture(stream)?;
         let mut state = self.alloc_state(stream, shard.local())?;
         state.alloc_plane_kept(stream)?;
         Ok(state)
     }
 
-    /// Forward, `y = round(f32(x) · factor)`, allocating the saved state.
+    /// Forward, `y = round(f32(x) · factor)`, allocating the saved state (so not
+    /// under stream capture: capture [`Self::forward_into`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward<'k, T: CudaElement>(
         &self,
@@ -520,7 +525,7 @@ impl DropBlockCuda {
     /// that captures the call draws a fresh mask at every replay. The first
     /// call on a state from [`Self::alloc_state`] that draws a mask allocates its
     /// per-plane counts (N·C u64), which stream capture cannot hold
-    /// ([`Error::ShardStateInCapture`]): to capture it, allocate the state with
+    /// ([`Error::AllocationInCapture`]): to capture it, allocate the state with
     /// [`Self::alloc_shard_state`].
     #[allow(clippy::too_many_arguments)]
     pub fn sample_shard<'k>(
