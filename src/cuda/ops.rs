@@ -170,8 +170,8 @@ struct Call {
 }
 
 /// [`Error::AllocationInCapture`] while `stream` is being captured, or (the legacy
-/// NULL stream) while another stream's capture makes it part of the graph: no call
-/// allocates into a graph.
+/// NULL stream) while a blocking stream is, when work on it would be an implicit
+/// dependency that capture forbids: no call allocates into a graph.
 fn refuse_capture(stream: &CudaStream) -> Result<()> {
     match stream.capture_status() {
         Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(()),
@@ -549,6 +549,11 @@ impl DropBlockCuda {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
+        // Before the generator's guard, which with cudarc's event tracking would
+        // enqueue a wait: a refused call enqueues nothing.
+        if !identity && state.plane_kept.is_none() {
+            state.alloc_plane_kept(stream)?;
+        }
         let (key, generator) = self.resolve_key(cfg, identity, key.into())?;
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         // The plan and the shard's parameters, reused while the config and the shard
@@ -563,9 +568,6 @@ impl DropBlockCuda {
                 Some((plan, sh, local_g))
             }
         };
-        if !identity && state.plane_kept.is_none() {
-            state.alloc_plane_kept(stream)?;
-        }
         state.call = None;
         state.enter(stream)?;
         let (cp, _guard) = counts.device_ptr_mut(stream);

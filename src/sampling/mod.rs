@@ -649,7 +649,7 @@ pub fn thresholds(gamma: f64) -> [u64; WINDOW as usize] {
     // kept / 2^scale = (1-γ)^n exactly, and kept is odd (a power of the odd a), so
     // T = 2^32 - ceil(kept · 2^32 / 2^scale) is 2^32 - kept · 2^(32 - scale) while
     // scale ≤ 32, and 2^32 - 1 - ⌊kept / 2^(scale - 32)⌋ after.
-    // Once (1-γ)^n < 2^-32 every later threshold is 2^32 - 1.
+    // Once (1-γ)^n ≤ 2^-32 every later threshold is 2^32 - 1.
     let mut kept = BigUint::from(1u8);
     for j in 0..WINDOW as usize {
         kept *= &a;
