@@ -151,6 +151,40 @@ fn random_3d_configs_match_the_dense_reference() {
     random_configs_of_rank(3, 0x3D, 80, &[1, 2, 3, 4, 5, 6, 9]);
 }
 
+/// Whatever the pool's size: the CPU path cuts the planes into tiles of about a
+/// quarter of a thread's share (src/mask/mod.rs, `tile_planes`), in multiples of
+/// the planes that make whole 64-bit words. Planes of 64 cells or a multiple (one
+/// plane a word) and N·C up to 256 give 1, 3 and 8 threads different tiles; the
+/// masks, scales and outputs must not move.
+#[test]
+fn any_number_of_threads_matches_the_dense_reference() {
+    let mut rng = StdRng::seed_from_u64(0x7EAD);
+    let pools: Vec<_> =
+        [1, 3, 8].iter().map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).collect();
+    for case in 0..12u64 {
+        let rank = 1 + case as usize % 3;
+        let sides: &[usize] = match rank {
+            1 => &[64, 128, 192],
+            2 => &[8, 16],
+            _ => &[4],
+        };
+        let mut dims = common::random_shape_of_rank(&mut rng, rank, 4, 1, sides).dims().to_vec();
+        dims[1] = [16, 33, 64][case as usize % 3];
+        let shape = Shape::from_dims(&dims).unwrap();
+        // A plane a slice: sharing would leave too few planes to cut.
+        let cfg = loop {
+            let cfg = common::random_config_of_rank(&mut rng, rank);
+            if cfg.sharing() == Sharing::None {
+                break cfg;
+            }
+        };
+        let key = common::random_key(&mut rng);
+        for pool in &pools {
+            pool.install(|| check::<f32>(&cfg, shape, key, case));
+        }
+    }
+}
+
 #[test]
 fn eval_and_zero_drop_prob_are_the_identity() {
     let mut rng = StdRng::seed_from_u64(7);
