@@ -709,14 +709,7 @@ mod emulation {
     ) -> Result<(), String> {
         let ShardCall { cfg, shard, summed, device_key, .. } = call;
         // With a device generator the plan's key is a placeholder, as in ops.rs.
-        let placeholder;
-        let plan = match device_key {
-            Some(_) => {
-                placeholder = Plan::new(cfg, shard.global(), RngKey::new(0, 0).unwrap()).unwrap();
-                &placeholder
-            }
-            None => call.plan,
-        };
+        let plan = &placeholder_if(call.plan, device_key.is_some());
         let local = shard.local();
         let n = local.numel();
         let x: Vec<T> = common::input(n, seed).into_iter().map(T::from_f32).collect();
@@ -811,6 +804,16 @@ mod emulation {
         Ok(())
     }
 
+    /// `plan`, or with a device generator the plan the wrapper passes its kernels:
+    /// its key a placeholder (ops.rs, `resolve_key`), the generator holding the key.
+    fn placeholder_if(plan: &Plan, device_key: bool) -> Plan {
+        if device_key {
+            plan.with_key(RngKey::new(0, 0).unwrap())
+        } else {
+            *plan
+        }
+    }
+
     /// A device generator that started at `key` holds `after` once `calls` drawing
     /// calls have stepped it (mod 2^64: a DeviceGenerator never starts near the top).
     fn generator_stepped(after: &[u64], key: RngKey, calls: u32) -> Result<(), String> {
@@ -868,8 +871,8 @@ mod emulation {
         let mut dx_cpu = vec![T::default(); n];
         cpu::backward(&saved, &dy, &mut dx_cpu).unwrap();
         // With a device generator the plan's key is a placeholder, as in ops.rs.
-        let plan_key = if c.device_key { RngKey::new(0, 0).unwrap() } else { c.key };
-        let plan = Plan::new(&c.cfg, shape, plan_key).unwrap();
+        let seed_plan = Plan::new(&c.cfg, shape, c.key).unwrap();
+        let plan = placeholder_if(&seed_plan, c.device_key);
         let mut launch = launch_plan(&c.cfg, shape, c.min_tiles, c.blocks).unwrap();
         if c.smallest_tiles && launch.path != LaunchPath::Grid {
             launch.tiles =
@@ -912,7 +915,6 @@ mod emulation {
         // The sampler's raw seed words (`DropBlockCuda::sample_seeds`), against the
         // contract's walk, under the case's own key: a wrong word shows here even
         // where growing hides it.
-        let seed_plan = Plan::new(&c.cfg, shape, c.key).unwrap();
         rec.buffer(Buffer::Seeds, Elem::U64, seed_plan.windows() as usize, 0, false);
         launch::sample_seeds(&mut rec, &seed_plan).map_err(err)?;
         rec.save(Buffer::Seeds);

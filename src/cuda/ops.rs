@@ -837,7 +837,9 @@ impl DeviceState {
     fn alloc_plane_kept(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
         let own = self.keep_bits.stream().clone();
         refuse_capture(stream)?;
-        refuse_capture(&own)?;
+        if own.cu_stream() != stream.cu_stream() {
+            refuse_capture(&own)?;
+        }
         let plane_kept = own.alloc_zeros::<u64>(self.shape.n() * self.shape.c())?;
         self.ptrs.plane_kept = Some(plane_kept.device_ptr(&own).0);
         self.plane_kept = Some(plane_kept);
