@@ -126,7 +126,7 @@ typedef struct DropBlockTiles {
     uint64_t groups_per_tile;
     /* For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,
      * seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18
-     * when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/mask.cuh,
+     * when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,
      * FastDiv). */
     uint64_t magic_seed_cells, magic_windows_per_group, magic_seed_hw, magic_seed_w, magic_block_rows, magic_kh,
         magic_plane_len;
@@ -161,8 +161,8 @@ typedef struct DropBlockSampling {
     uint64_t seed;
     /* First counter block of every window's subsequence. */
     uint64_t offset;
-    /* thresholds[j] = 2^32 * P(a window has a seed within its first j+1
-     * cells), in [0, 2^32]; a draw u < thresholds[j] means "a seed within
+    /* `thresholds[j]` = 2^32 * P(a window has a seed within its first j+1
+     * cells), in [0, 2^32]; a draw `u < thresholds[j]` means "a seed within
      * j+1 cells". */
     uint64_t thresholds[DROPBLOCK_WINDOW_CELLS];
 } DropBlockSampling;

@@ -24,6 +24,7 @@ pub const DROPBLOCK_THREADS: u32 = 256;
 pub const DROPBLOCK_TILE_WORDS: u32 = 2048;
 pub const DROPBLOCK_TILE_CELLS: u32 = 65505;
 pub const DROPBLOCK_CHANNELS_LAST_ITEM_CHANNELS: u32 = 128;
+#[doc = " The shape-dependent part of a call, derived once on the host. Every spatial\n rank is a D x H x W volume: 1D is 1 x 1 x L, 2D is 1 x H x W (unit axes in\n front), so one geometry, one sampler and one set of kernels serve all three,\n and a 2D call's mask is the same as it was before 3D existed."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DropBlockGeometry {
@@ -32,20 +33,32 @@ pub struct DropBlockGeometry {
     pub d: u32,
     pub h: u32,
     pub w: u32,
+    #[doc = " The block's extent along each axis, at most twice the axis: a seed at\n (z, y, x) drops [z - anchor_z, z - anchor_z + kd) x [y - anchor_y,\n y - anchor_y + kh) x [x - anchor_x, x - anchor_x + kw), clipped to the map.\n Valid placement: the clipped block, anchors 0. Anywhere: the clipped block\n anchored at half of it, or (CenteredRight) the unclipped block's reach."]
     pub kd: u32,
+    #[doc = " The block's extent along each axis, at most twice the axis: a seed at\n (z, y, x) drops [z - anchor_z, z - anchor_z + kd) x [y - anchor_y,\n y - anchor_y + kh) x [x - anchor_x, x - anchor_x + kw), clipped to the map.\n Valid placement: the clipped block, anchors 0. Anywhere: the clipped block\n anchored at half of it, or (CenteredRight) the unclipped block's reach."]
     pub kh: u32,
+    #[doc = " The block's extent along each axis, at most twice the axis: a seed at\n (z, y, x) drops [z - anchor_z, z - anchor_z + kd) x [y - anchor_y,\n y - anchor_y + kh) x [x - anchor_x, x - anchor_x + kw), clipped to the map.\n Valid placement: the clipped block, anchors 0. Anywhere: the clipped block\n anchored at half of it, or (CenteredRight) the unclipped block's reach."]
     pub kw: u32,
     pub anchor_z: u32,
     pub anchor_y: u32,
     pub anchor_x: u32,
+    #[doc = " The seed grid of one plane: seed_d x seed_h x seed_w cells, numbered\n row-major (cell i = (z * seed_h + y) * seed_w + x)."]
     pub seed_d: u32,
+    #[doc = " The seed grid of one plane: seed_d x seed_h x seed_w cells, numbered\n row-major (cell i = (z * seed_h + y) * seed_w + x)."]
     pub seed_h: u32,
+    #[doc = " The seed grid of one plane: seed_d x seed_h x seed_w cells, numbered\n row-major (cell i = (z * seed_h + y) * seed_w + x)."]
     pub seed_w: u32,
+    #[doc = " One of DROPBLOCK_SHARE_*."]
     pub sharing: u32,
+    #[doc = " q = max(1, floor(64 / seed_cells)): planes are grouped q at a time, and a\n group's cells (plane-major, then by cell number) are cut into windows of\n DROPBLOCK_WINDOW_CELLS. So no window holds part of a plane and another."]
     pub planes_per_window: u32,
+    #[doc = " S = seed_d * seed_h * seed_w."]
     pub seed_cells: u64,
+    #[doc = " m = ceil(S / 64): windows per group. Window w is window w % m of group w / m."]
     pub windows_per_group: u64,
+    #[doc = " Number of mask planes (see DROPBLOCK_SHARE_*)."]
     pub planes: u64,
+    #[doc = " ceil(planes / q) * m."]
     pub windows: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -76,12 +89,17 @@ const _: () = {
     ["Offset of field: DropBlockGeometry::planes"][::core::mem::offset_of!(DropBlockGeometry, planes) - 80usize];
     ["Offset of field: DropBlockGeometry::windows"][::core::mem::offset_of!(DropBlockGeometry, windows) - 88usize];
 };
+#[doc = " The element-wise part of a call."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DropBlockApply {
+    #[doc = " n * c * d * h * w."]
     pub numel: u64,
+    #[doc = " L = d * h * w: elements of one (n, c) slice and cells of one mask plane.\n The keep bits of a call are dense: bit b = plane * L + cell (bit b % 32\n of 32-bit word b / 32) is set when that cell is kept, so without sharing\n bit e belongs to element e."]
     pub plane_len: u64,
+    #[doc = " One of DROPBLOCK_NORM_*."]
     pub normalize: u32,
+    #[doc = " The scale for Expected and None normalisation (computed on the host)."]
     pub fixed_scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -93,18 +111,27 @@ const _: () = {
     ["Offset of field: DropBlockApply::normalize"][::core::mem::offset_of!(DropBlockApply, normalize) - 16usize];
     ["Offset of field: DropBlockApply::fixed_scale"][::core::mem::offset_of!(DropBlockApply, fixed_scale) - 20usize];
 };
+#[doc = " How the tiled kernels cut the planes: a thread block builds a tile of\n planes_per_tile consecutive planes (a multiple of planes_per_window, so a\n tile holds whole windows) in shared memory. Launch parameters only: the mask\n does not depend on them."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DropBlockTiles {
     pub planes_per_tile: u64,
     pub tiles: u64,
+    #[doc = " planes_per_tile / planes_per_window: tile t's first window is\n t * groups_per_tile * windows_per_group."]
     pub groups_per_tile: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_seed_cells: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_windows_per_group: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_seed_hw: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_seed_w: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_block_rows: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_kh: u64,
+    #[doc = " For dividing 32-bit numbers inside a tile by seed_cells, windows_per_group,\n seed_h * seed_w, seed_w, kd * kh, kh and the plane length (all below 2^18\n when planes fit a tile): ceil(2^64 / d), or 0 for d = 1 (kernels/index.cuh,\n FastDiv)."]
     pub magic_plane_len: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -129,23 +156,39 @@ const _: () = {
     ["Offset of field: DropBlockTiles::magic_plane_len"]
         [::core::mem::offset_of!(DropBlockTiles, magic_plane_len) - 72usize];
 };
+#[doc = " A shard: one box of the global tensor (src/shard.rs). Its keep bits are dense\n over its own planes (bit lp * L_local + local cell), numbered as a tensor of\n its local N and C numbers them; the geometry the kernels receive beside it is\n the global one, which the sampling follows."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DropBlockShard {
+    #[doc = " The box's first sample and channel, and its extents along N and C."]
     pub n0: u32,
+    #[doc = " The box's first sample and channel, and its extents along N and C."]
     pub c0: u32,
+    #[doc = " The box's first sample and channel, and its extents along N and C."]
     pub n: u32,
+    #[doc = " The box's first sample and channel, and its extents along N and C."]
     pub c: u32,
+    #[doc = " The box's first cell and extent along D, H, W."]
     pub origin: [u32; 3usize],
+    #[doc = " The box's first cell and extent along D, H, W."]
     pub extent: [u32; 3usize],
+    #[doc = " Seed positions [seed_lo, seed_hi) along D, H, W whose blocks reach the box."]
     pub seed_lo: [u32; 3usize],
+    #[doc = " Seed positions [seed_lo, seed_hi) along D, H, W whose blocks reach the box."]
     pub seed_hi: [u32; 3usize],
+    #[doc = " The shard's planes (see DROPBLOCK_SHARE_*, with its own N and C)."]
     pub planes: u64,
+    #[doc = " Planes of at most 64 seed cells: local planes come in runs of run_planes\n whose global planes are consecutive (a sample's channels of a channel\n shard, else all of them), and a run spans at most windows_per_run windows.\n Larger planes: windows [part_lo, part_hi) of each plane hold every seed cell\n of the box."]
     pub run_planes: u64,
+    #[doc = " Planes of at most 64 seed cells: local planes come in runs of run_planes\n whose global planes are consecutive (a sample's channels of a channel\n shard, else all of them), and a run spans at most windows_per_run windows.\n Larger planes: windows [part_lo, part_hi) of each plane hold every seed cell\n of the box."]
     pub windows_per_run: u64,
+    #[doc = " Planes of at most 64 seed cells: local planes come in runs of run_planes\n whose global planes are consecutive (a sample's channels of a channel\n shard, else all of them), and a run spans at most windows_per_run windows.\n Larger planes: windows [part_lo, part_hi) of each plane hold every seed cell\n of the box."]
     pub part_lo: u64,
+    #[doc = " Planes of at most 64 seed cells: local planes come in runs of run_planes\n whose global planes are consecutive (a sample's channels of a channel\n shard, else all of them), and a run spans at most windows_per_run windows.\n Larger planes: windows [part_lo, part_hi) of each plane hold every seed cell\n of the box."]
     pub part_hi: u64,
+    #[doc = " Global N * C * L and C * L: what Global and PerSample scales divide."]
     pub global_numel: u64,
+    #[doc = " Global N * C * L and C * L: what Global and PerSample scales divide."]
     pub global_sample: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -170,11 +213,15 @@ const _: () = {
     ["Offset of field: DropBlockShard::global_sample"]
         [::core::mem::offset_of!(DropBlockShard, global_sample) - 112usize];
 };
+#[doc = " The random part of a call."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DropBlockSampling {
+    #[doc = " Philox key."]
     pub seed: u64,
+    #[doc = " First counter block of every window's subsequence."]
     pub offset: u64,
+    #[doc = " `thresholds[j]` = 2^32 * P(a window has a seed within its first j+1\n cells), in [0, 2^32]; a draw `u < thresholds[j]` means \"a seed within\n j+1 cells\"."]
     pub thresholds: [u64; 64usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]

@@ -29,6 +29,11 @@
 //!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per device, and the backward
 //!   runs from the forward's [`DeviceState`](crate::cuda::DeviceState). Without
 //!   that feature a CUDA tensor gets candle's "no cuda implementation" error.
+//!   A CUDA forward allocates its saved state (as candle's ops allocate their
+//!   outputs), so it is refused on a stream being captured into a CUDA graph
+//!   ([`Error::AllocationInCapture`](crate::Error::AllocationInCapture)); to
+//!   capture DropBlock, call [`DropBlockCuda`](crate::cuda::DropBlockCuda)'s
+//!   `_into` calls on a state allocated beforehand.
 
 use std::sync::{Mutex, OnceLock, PoisonError};
 
@@ -143,17 +148,15 @@ impl DropBlock {
 
 impl ModuleT for DropBlock {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train {
-            return Ok(xs.clone());
-        }
         let cfg = self.config()?;
-        if cfg.is_identity() {
-            return Ok(xs.clone());
-        }
-        // Checked before a key is drawn; a call refused later gives its key back
-        // (`with_next_key`).
+        // Checked before a key is drawn (a call refused later gives its key back:
+        // `with_next_key`), and in eval too: a tensor that training would refuse
+        // is refused at once, not at the first training step.
         check_dtype(xs.dtype())?;
         cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
+        if !train || cfg.is_identity() {
+            return Ok(xs.clone());
+        }
         if is_channels_last(xs) {
             // The buffer as the contiguous (N, spatial..., C) tensor it is, in and out:
             // no copy, and y keeps x's strides.

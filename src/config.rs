@@ -242,8 +242,9 @@ pub struct DropBlockConfig {
 }
 
 impl DropBlockConfig {
-    /// A builder with the paper's defaults: Valid placement, Paper γ, `gamma_scale`
-    /// 1, a mask per channel, Global normalisation.
+    /// A builder with the paper's defaults: Valid placement (the Centered anchor,
+    /// which Valid does not read), Paper γ, `gamma_scale` 1, a mask per `(n, c)`
+    /// slice (`Sharing::None`), Global normalisation, Zero fill.
     pub fn builder(block: Block, drop_prob: f64) -> DropBlockConfigBuilder {
         DropBlockConfigBuilder {
             cfg: DropBlockConfig {

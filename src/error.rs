@@ -91,14 +91,16 @@ pub enum Error {
         dims: Vec<u64>,
     },
 
-    /// A buffer's length does not match what the shape implies.
-    #[error("{what} holds {actual} elements but the shape needs {expected}")]
+    /// A buffer or list whose length is not the one the call implies.
+    #[error("{what} holds {actual} elements where {expected} are expected")]
     LengthMismatch {
         /// What was given: a buffer (`"x"`, `"y"`; a backward's `"dy"`, `"dx"`; in
-        /// place, the one buffer by its input's name), `"shard counts"`, or a list
-        /// of a tensor's dimensions (`"index"`, `"shard offset"`, `"shard extent"`).
+        /// place, the one buffer by its input's name), `"shard counts"` (against the
+        /// global shape, or against the counts they are added to), a list of a
+        /// tensor's dimensions (`"index"`, `"shard offset"`, `"shard extent"`), or
+        /// a mask's words (`"seed words"`, `"plane words"`).
         what: &'static str,
-        /// The length the shape implies.
+        /// The length the call implies.
         expected: usize,
         /// The buffer's length.
         actual: usize,
@@ -145,9 +147,7 @@ pub enum Error {
 
     /// A shard's element pass was asked for before its scales: the counts summed
     /// over every shard must first go to `finish_shard`.
-    #[error(
-        "a shard's apply or backward needs its scales: call finish_shard with the counts summed over every shard first"
-    )]
+    #[error("a shard's apply, backward or scales need finish_shard first, with the counts summed over every shard")]
     ShardNotFinished,
 
     /// A call that allocates device memory (`alloc_state`, `alloc_shard_state`,
@@ -155,7 +155,7 @@ pub enum Error {
     /// state from `alloc_state`) on a stream being captured: a CUDA graph cannot
     /// hold the allocation (a replay would find it still live and fail to launch).
     #[error(
-        "this call allocates device memory, which stream capture cannot hold: allocate states (alloc_state, alloc_shard_state for shards) and generators before capturing, and capture forward_into rather than forward"
+        "this call allocates device memory, which a CUDA graph cannot hold across replays: allocate before capturing (DropBlockCuda::alloc_state, alloc_shard_state, DeviceGenerator::new) and capture the calls that take them (every call on a DeviceState but forward)"
     )]
     AllocationInCapture,
 
@@ -222,7 +222,9 @@ pub enum Error {
     NoDevice(String),
 
     /// The CUDA path was asked for in a build without kernels.
-    #[error("this build of dropblock has no CUDA kernels (built without the `cuda` feature)")]
+    #[error(
+        "this build of dropblock has no CUDA kernels (built without the `cuda` feature, or by a docs build, DOCS_RS)"
+    )]
     KernelsNotBuilt,
 
     /// Any other failure of the CUDA stack (a driver call, a module that does not

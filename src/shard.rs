@@ -163,7 +163,8 @@ impl Shard {
 
     /// The global mask plane of local slice `(n, c)`.
     pub(crate) fn global_plane(&self, plan: &Plan, n: usize, c: usize) -> usize {
-        plan.plane_of(self.offset[0] + n, self.offset[1] + c)
+        let g = plan.geometry();
+        crate::sampling::plane_of(g.sharing, g.c as usize, self.offset[0] + n, self.offset[1] + c)
     }
 
     /// The shard's own mask planes: those of its slices, numbered as

@@ -191,7 +191,20 @@ mod gpu {
         let state = d.forward(s, &cfg, shape, key, Mode::Train, &xd.slice(off..), &mut yd.slice_mut(off..)).unwrap();
         d.backward(s, &state, &dyd.slice(off..), &mut dxd.slice_mut(off..)).unwrap();
 
-        assert_eq!(state.keep_mask(s).unwrap(), saved.keep_mask().unwrap(), "{ctx}: keep mask");
+        let keep = saved.keep_mask().unwrap();
+        assert_eq!(state.keep_mask(s).unwrap(), keep, "{ctx}: keep mask");
+        // The raw bits, in the layout `DeviceState::keep_bits` documents: bit
+        // plane · L + cell channels-first, bit e (the element's) channels-last.
+        let last = state.last_stream().expect("a forward leaves its stream");
+        let words = last.clone_dtoh(state.keep_bits()).unwrap();
+        let (plan, c, l) = (Plan::new(&cfg, shape, key).unwrap(), shape.c(), shape.plane_len());
+        for (e, &k) in keep.iter().enumerate() {
+            let b = match shape.layout() {
+                Layout::ChannelsLast => e,
+                Layout::ChannelsFirst => plan.plane_of(e / (c * l), e / l % c).unwrap() * l + e % l,
+            };
+            assert_eq!(words[b / 32] >> (b % 32) & 1, k as u32, "{ctx}: keep_bits bit {b}, element {e}");
+        }
         assert!(state.counters(s).unwrap().iter().all(|&c| c == 0), "{ctx}: counters left non-zero");
         assert_eq!(state.kept(s).unwrap(), saved.kept(), "{ctx}: kept");
         assert_eq!(state.scales(s).unwrap(), saved.scales(), "{ctx}: scales");
@@ -795,6 +808,14 @@ mod gpu {
         let square = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1).build().unwrap();
         let err = d.forward(s, &square, volume, key, Mode::Train, &x, &mut y).unwrap_err();
         assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 });
+        // In eval too, and in a shard call, as training would refuse it.
+        let err = d.forward(s, &square, volume, key, Mode::Eval, &x, &mut y).unwrap_err();
+        assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 }, "eval");
+        let shard = dropblock::Shard::whole(volume);
+        let mut vstate = d.alloc_shard_state(s, &shard).unwrap();
+        let mut counts = s.alloc_zeros::<u64>(dropblock::ShardCounts::len_for(volume)).unwrap();
+        let err = d.sample_shard(s, &mut vstate, &mut counts, &square, &shard, key, Mode::Eval).unwrap_err();
+        assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 }, "eval shard");
         // Noise fill needs the key on the host.
         let noisy = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1)
             .normalize(Normalize::None)

@@ -77,7 +77,8 @@ impl Saved {
     }
 
     /// The scale applied to kept elements: one value, or one per sample under
-    /// PerSample normalisation.
+    /// PerSample normalisation; `[1.0]` after an identity call (eval mode or
+    /// `drop_prob == 0`).
     pub fn scales(&self) -> &[f32] {
         match &self.state {
             State::Identity => &[1.0],
@@ -424,6 +425,8 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     let global = shard.global();
     let zeroed_counts = || host_vec(ShardCounts::len_for(global), |_| 0u64);
     if mode == Mode::Eval || cfg.is_identity() {
+        // A block of another rank is refused in eval too, as training would refuse it.
+        cfg.block().sizes_for(shape.spatial_rank())?;
         let mut counts = zeroed_counts()?;
         counts[0] = shape.numel() as u64;
         let per = (shape.c() * shape.plane_len()) as u64;
@@ -570,15 +573,15 @@ pub fn backward_inplace<T: Element>(saved: &Saved, dy: &mut [T]) -> Result<()> {
 }
 
 /// The forward's element pass with the mask of `saved` (after [`sample`]):
-/// `dst = src · factor`, or with noise fill `src` where kept and the noise where
+/// `y = x · factor`, or with noise fill `x` where kept and the noise where
 /// dropped.
-pub fn apply<T: Element>(saved: &Saved, src: &[T], dst: &mut [T]) -> Result<()> {
-    pass(saved, Some(src), dst, true)
+pub fn apply<T: Element>(saved: &Saved, x: &[T], y: &mut [T]) -> Result<()> {
+    pass(saved, Some(x), y, true)
 }
 
-/// [`apply`] in place.
-pub fn apply_inplace<T: Element>(saved: &Saved, data: &mut [T]) -> Result<()> {
-    pass(saved, None, data, true)
+/// [`apply`] in place: `x` is overwritten with `y`.
+pub fn apply_inplace<T: Element>(saved: &Saved, x: &mut [T]) -> Result<()> {
+    pass(saved, None, x, true)
 }
 
 /// `dst = src · factor`, or in place without `src`, with the mask of `saved`.

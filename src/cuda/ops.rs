@@ -373,8 +373,9 @@ impl DropBlockCuda {
         Ok(state)
     }
 
-    /// Forward, `y = round(f32(x) · factor)`, allocating the saved state (so not
-    /// under stream capture: capture [`Self::forward_into`]).
+    /// Forward, `y = round(f32(x) · factor)` (with noise fill, `x` where kept and
+    /// the noise where dropped), allocating the saved state (so not under stream
+    /// capture: capture [`Self::forward_into`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward<'k, T: CudaElement>(
         &self,
@@ -410,7 +411,10 @@ impl DropBlockCuda {
         self.launch_forward::<T>(stream, state, cfg, shape, key.into(), mode, Some(io))
     }
 
-    /// Forward in place: `x` is overwritten with `y`.
+    /// [`Self::forward_into`] in place: `x` is overwritten with `y`. Like every
+    /// CUDA call but [`Self::forward`] it takes a state allocated beforehand
+    /// (where [`cpu::forward_inplace`](crate::cpu::forward_inplace) returns a new
+    /// one).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_inplace<'k, T: CudaElement>(
         &self,
@@ -444,9 +448,10 @@ impl DropBlockCuda {
         self.launch_forward::<f32>(stream, state, cfg, shape, key.into(), mode, None)
     }
 
-    /// `y = round(f32(x) · factor)` with the factors of the state's last call:
-    /// the second half of a forward after [`DropBlockCuda::sample_into`], or a
-    /// backward (`dx` from `dy`).
+    /// The forward's element pass with the state's last call: the second half of
+    /// a forward after [`DropBlockCuda::sample_into`]. `y = round(f32(x) ·
+    /// factor)`, or with noise fill `x` where kept and the noise where dropped (so
+    /// a backward is [`DropBlockCuda::backward`], never this).
     pub fn apply<T: CudaElement>(
         &self,
         stream: &Arc<CudaStream>,
@@ -549,6 +554,7 @@ impl DropBlockCuda {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
+        cfg.block().sizes_for(global.spatial_rank())?;
         // Before the generator's guard, which with cudarc's event tracking would
         // enqueue a wait: a refused call enqueues nothing.
         if !identity && state.plane_kept.is_none() {
@@ -632,6 +638,7 @@ impl DropBlockCuda {
     #[doc(hidden)]
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
         self.check_context(stream.context())?;
+        refuse_capture(stream)?;
         let mut out = stream.alloc_zeros::<u64>(plan.windows() as usize)?;
         {
             let (p, _guard) = out.device_ptr_mut(stream);
@@ -662,6 +669,8 @@ impl DropBlockCuda {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
+        // A block of another rank is refused in eval too, as training would refuse it.
+        cfg.block().sizes_for(shape.spatial_rank())?;
         // Before the state is touched: a call refused for its key leaves the last one.
         let (host_key, generator) = self.resolve_key(cfg, identity, key)?;
         state.call = None;
@@ -894,8 +903,9 @@ impl DeviceState {
         g.sharing == abi::DROPBLOCK_SHARE_NONE || self.shape.layout() == Layout::ChannelsLast
     }
 
-    /// Kept elements over the tensor, counted from the keep bits (synchronises the
-    /// stream; no mask the size of the tensor is made).
+    /// Kept elements over the tensor (after a shard call, the shard's own
+    /// elements), counted from the keep bits (synchronises the stream; no mask the
+    /// size of the tensor is made).
     pub fn kept(&self, stream: &Arc<CudaStream>) -> Result<u64> {
         let s = self.shape;
         let Some((g, bits)) = self.host_bits(stream)? else {
@@ -934,7 +944,8 @@ impl DeviceState {
     }
 
     /// The scale(s) the last forward applied: one, or one per sample under
-    /// PerSample normalisation (synchronises the stream).
+    /// PerSample normalisation; `[1.0]` after an identity call (eval mode or
+    /// `drop_prob == 0`). Synchronises the stream.
     pub fn scales(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
         let call = self.call.ok_or(Error::NoForwardCall)?;
         if call.shard.is_some_and(|(_, finished)| !finished) {

@@ -7,7 +7,7 @@
 
 use crate::abi;
 use crate::config::{Anchor, DropBlockConfig, GammaRule, Placement, Shape, Sharing};
-use crate::error::{Error, Result};
+use crate::error::{host_vec, Error, Result};
 use crate::rng::{RngKey, LANES};
 use num_bigint::BigUint;
 
@@ -108,10 +108,16 @@ impl Plan {
         plan
     }
 
-    /// The mask plane that slice `(n, c)` reads.
-    #[inline]
-    pub fn plane_of(&self, n: usize, c: usize) -> usize {
-        plane_of(self.geometry.sharing, self.geometry.c as usize, n, c)
+    /// The mask plane that slice `(n, c)` reads ([`Error::OutOfRange`] past the
+    /// shape's `N` or `C`).
+    pub fn plane_of(&self, n: usize, c: usize) -> Result<usize> {
+        let g = &self.geometry;
+        for (what, value, len) in [("n", n, g.n), ("c", c, g.c)] {
+            if value as u64 >= len as u64 {
+                return Err(Error::OutOfRange { what, value: value as u64, len: len as u64 });
+            }
+        }
+        Ok(plane_of(g.sharing, g.c as usize, n, c))
     }
 
     /// Seed cells per plane, `S = seed_d · seed_h · seed_w`.
@@ -139,7 +145,7 @@ impl Plan {
             return Err(Error::OutOfRange { what: "plane", value: plane as u64, len: self.geometry.planes });
         }
         let g = &self.geometry;
-        let mut out = vec![0u64; g.seed_cells.div_ceil(WINDOW as u64) as usize];
+        let mut out = host_vec(g.seed_cells.div_ceil(WINDOW as u64) as usize, |_| 0u64)?;
         let q = g.planes_per_window as u64;
         if g.seed_cells <= WINDOW as u64 {
             let window = plane as u64 / q;
@@ -738,8 +744,8 @@ mod tests {
     /// length; skipped, saying so, where the form does not run.
     #[test]
     fn simd_batches_list_the_scalar_seeds() {
-        let (runs, allowed) = (avx512_available(), crate::simd::avx512_allowed());
-        if crate::simd::skip_form_test("simd_batches_list_the_scalar_seeds", "AVX-512F", runs, allowed) {
+        let (runs, expected) = (avx512_available(), crate::simd::avx512_allowed() && cpu_detects!("avx512f"));
+        if crate::simd::skip_form_test("simd_batches_list_the_scalar_seeds", "AVX-512F", runs, expected) {
             return;
         }
         let mut rng = StdRng::seed_from_u64(0xDDBA11);

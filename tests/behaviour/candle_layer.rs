@@ -99,23 +99,27 @@ fn the_schedule_sets_the_drop_probability_of_each_step() -> R {
     Ok(())
 }
 
+/// In training and in eval alike (an eval that passed what training refuses would
+/// fail only at the first training step).
 #[test]
 fn unsupported_dtypes_and_ranks_are_refused_with_what_is_supported() -> R {
     let layer = DropBlock::new(paper(), SEED);
-    for dtype in [DType::F64, DType::U8, DType::U32, DType::I64] {
-        let x = Tensor::zeros((1, 2, 5, 5), dtype, &Device::Cpu)?;
-        let e = layer.forward_t(&x, true).unwrap_err().to_string();
-        assert!(e.contains("f32, f16 and bf16"), "{dtype:?}: {e}");
+    for train in [true, false] {
+        for dtype in [DType::F64, DType::U8, DType::U32, DType::I64] {
+            let x = Tensor::zeros((1, 2, 5, 5), dtype, &Device::Cpu)?;
+            let e = layer.forward_t(&x, train).unwrap_err().to_string();
+            assert!(e.contains("f32, f16 and bf16"), "{dtype:?} train {train}: {e}");
+        }
+        for dims in [vec![5, 5], vec![1, 2, 3, 4, 5, 5], vec![25]] {
+            let x = Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu)?;
+            let e = layer.forward_t(&x, train).unwrap_err().to_string();
+            assert!(e.contains("N,C,L / N,C,H,W / N,C,D,H,W"), "{dims:?} train {train}: {e}");
+        }
+        // A 2D block on a 3D tensor.
+        let square = DropBlock::new(variant(), SEED);
+        let e = square.forward_t(&Tensor::zeros((1, 2, 3, 5, 5), DType::F32, &Device::Cpu)?, train).unwrap_err();
+        assert!(e.to_string().contains("a 2D block does not fit a tensor of spatial rank 3"), "train {train}: {e}");
     }
-    for dims in [vec![5, 5], vec![1, 2, 3, 4, 5, 5], vec![25]] {
-        let x = Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu)?;
-        let e = layer.forward_t(&x, true).unwrap_err().to_string();
-        assert!(e.contains("N,C,L / N,C,H,W / N,C,D,H,W"), "{dims:?}: {e}");
-    }
-    // A 2D block on a 3D tensor.
-    let square = DropBlock::new(variant(), SEED);
-    let e = square.forward_t(&Tensor::zeros((1, 2, 3, 5, 5), DType::F32, &Device::Cpu)?, true).unwrap_err();
-    assert!(e.to_string().contains("a 2D block does not fit a tensor of spatial rank 3"), "{e}");
     assert_eq!(layer.generator_state().offset, 0, "a refused call draws no key");
     Ok(())
 }

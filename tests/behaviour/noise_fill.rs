@@ -154,7 +154,7 @@ fn forward_fills_dropped_units_with_their_noise() {
                         Layout::ChannelsFirst => (e / (c * l), e / l % c, e % l),
                         Layout::ChannelsLast => (e / (c * l), e % c, e / c % l),
                     };
-                    let unit = (plan.plane_of(n, ch) * l + cell) as u64;
+                    let unit = (plan.plane_of(n, ch).unwrap() * l + cell) as u64;
                     if mask[e] == 1 {
                         assert_eq!(y[e].to_bits(), x[e].to_bits(), "{ctx}: kept element {e} rescaled");
                     } else {

@@ -309,6 +309,10 @@ fn bad_shards_and_counts_are_typed_errors() {
         Shard::new(global, &[0, 0, 0], &[2, 3, 8]),
         Err(Error::LengthMismatch { what: "shard offset", expected: 4, actual: 3 })
     ));
+    assert!(matches!(
+        Shard::new(global, &[0, 0, 0, 0], &[2, 3, 8, 8, 1]),
+        Err(Error::LengthMismatch { what: "shard extent", expected: 4, actual: 5 })
+    ));
     assert!(matches!(Shard::samples(global, 1, 2), Err(Error::InvalidShard { axis: "N", .. })));
     let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
     let shard = Shard::new(global, &[1, 0, 2, 0], &[1, 3, 6, 8]).unwrap();
@@ -350,6 +354,26 @@ fn impossible_shard_counts_are_typed_errors() {
     sample.finish(&ShardCounts::from_entries(global, vec![32, 16, 16]).unwrap()).unwrap();
     // Counts past u64 (which made `add` overflow) are among the refused ones.
     assert!(impossible(ShardCounts::from_entries(global, vec![u64::MAX, 1, 2]).map(|_| ())));
+}
+
+/// `ShardCounts::add` refuses counts of another length and a sum past u64 (four
+/// shards' counts of a 2^62-element tensor, each possible alone), and leaves the
+/// counts as they were.
+#[test]
+fn adding_shard_counts_refuses_what_does_not_add_up() {
+    let global = Shape::new(1, 1 << 30, 1 << 16, 1 << 16).unwrap();
+    let whole = ShardCounts::from_entries(global, vec![1 << 62, 1 << 62]).unwrap();
+    let mut sum = whole.clone();
+    for _ in 0..2 {
+        sum.add(&whole).unwrap();
+    }
+    assert_eq!(sum.entries(), [u64::MAX - (1 << 62) + 1; 2]);
+    let before = sum.clone();
+    assert!(matches!(sum.add(&whole), Err(Error::ImpossibleShardCounts(_))));
+    assert_eq!(sum, before, "a refused add changes nothing");
+    let other = ShardCounts::from_entries(Shape::new(2, 1, 4, 4).unwrap(), vec![0; 3]).unwrap();
+    assert_eq!(sum.add(&other), Err(Error::LengthMismatch { what: "shard counts", expected: 2, actual: 3 }));
+    assert_eq!(sum, before);
 }
 
 /// Eval mode and p = 0 are the identity on a shard, with counts of everything kept.

@@ -1,6 +1,6 @@
 //! Every bad input gets its typed error, never a panic.
 
-use dropblock::{cpu, Block, DropBlockConfig, Error, Mode, RngKey, Shape};
+use dropblock::{cpu, Block, DropBlockConfig, Error, Mode, RngKey, Shape, Sharing};
 
 #[test]
 fn block_sizes() {
@@ -37,13 +37,21 @@ fn block_and_tensor_ranks() {
         let mut y = vec![0f32; shape.numel()];
         for (b, block) in blocks.iter().enumerate() {
             let cfg = DropBlockConfig::builder(*block, 0.5).build().unwrap();
-            let got = cpu::forward(&cfg, *shape, key, Mode::Train, &x, &mut y);
-            if r == b {
-                assert!(got.is_ok(), "{shape} {block}");
-            } else {
-                let err = got.unwrap_err();
-                assert_eq!(err, Error::BlockRankMismatch { block: b + 1, shape: r + 1 }, "{shape} {block}");
-                assert!(err.to_string().contains(&format!("a {}D block", b + 1)), "{err}");
+            // Eval and drop_prob 0 draw nothing but refuse what training would.
+            let zero = cfg.with_drop_prob(0.0).unwrap();
+            for (cfg, mode) in [(cfg, Mode::Train), (cfg, Mode::Eval), (zero, Mode::Train)] {
+                let got = cpu::forward(&cfg, *shape, key, mode, &x, &mut y);
+                let shard = dropblock::Shard::whole(*shape);
+                let sampled = cpu::sample_shard(&cfg, &shard, key, mode).map(|_| ());
+                if r == b {
+                    assert!(got.is_ok() && sampled.is_ok(), "{shape} {block} {mode:?}");
+                } else {
+                    let err = got.unwrap_err();
+                    let want = Error::BlockRankMismatch { block: b + 1, shape: r + 1 };
+                    assert_eq!(err, want, "{shape} {block} {mode:?} drop_prob {}", cfg.drop_prob());
+                    assert_eq!(sampled, Err(want), "sample_shard: {shape} {block} {mode:?}");
+                    assert!(err.to_string().contains(&format!("a {}D block", b + 1)), "{err}");
+                }
             }
         }
         let uniform = DropBlockConfig::paper(3, 0.5).unwrap();
@@ -94,7 +102,13 @@ fn shapes() {
         assert!(err.to_string().contains(name));
     }
     let big = 1usize << 40;
-    assert!(matches!(Shape::new(1, 1, big, 1), Err(Error::DimensionTooLarge { dim: "H", .. })));
+    let too_large = |dim| Err(Error::DimensionTooLarge { dim, value: big as u64, max: u32::MAX as u64 });
+    assert_eq!(Shape::new(big, 1, 1, 1), too_large("N"));
+    assert_eq!(Shape::new(1, big, 1, 1), too_large("C"));
+    assert_eq!(Shape::new(1, 1, big, 1), too_large("H"));
+    assert_eq!(Shape::new(1, 1, 1, big), too_large("W"));
+    assert_eq!(Shape::new_1d(1, 1, big), too_large("L"));
+    assert_eq!(Shape::new_3d(1, 1, big, 1, 1), too_large("D"));
     let e = Shape::new(1 << 31, 1 << 31, 1 << 31, 1 << 31).unwrap_err();
     assert!(matches!(e, Error::ElementCountOverflow { .. }), "{e}");
     assert!(Shape::new(1 << 20, 1 << 20, 1 << 20, 1 << 20).is_err(), "2^80 elements overflow");
@@ -139,6 +153,54 @@ fn buffer_lengths() {
     assert_eq!(what(cpu::apply_inplace(&saved, &mut short_mut)), "x");
 }
 
+/// `Plan::plane_of` is public: a slice past the shape's N or C is an error, not a
+/// plane the call does not have (nor, for a large `n`, an overflow).
+#[test]
+fn plane_of_a_slice_outside_the_shape() {
+    use dropblock::sampling::Plan;
+    let key = RngKey::new(0, 0).unwrap();
+    let shape = Shape::new(3, 5, 9, 9).unwrap();
+    for sharing in [Sharing::None, Sharing::Channels, Sharing::Batch, Sharing::All] {
+        let cfg = DropBlockConfig::builder(Block::uniform(3).unwrap(), 0.1).sharing(sharing).build().unwrap();
+        let plan = Plan::new(&cfg, shape, key).unwrap();
+        assert!(plan.plane_of(2, 4).unwrap() < plan.planes(), "{sharing:?}");
+        assert_eq!(plan.plane_of(3, 0), Err(Error::OutOfRange { what: "n", value: 3, len: 3 }), "{sharing:?}");
+        assert_eq!(plan.plane_of(0, 5), Err(Error::OutOfRange { what: "c", value: 5, len: 5 }), "{sharing:?}");
+        let huge = Err(Error::OutOfRange { what: "n", value: usize::MAX as u64, len: 3 });
+        assert_eq!(plan.plane_of(usize::MAX, 4), huge, "{sharing:?}");
+    }
+}
+
+/// The public lookups into a call's mask and windows refuse what the call does not
+/// have.
+#[test]
+fn indices_planes_and_windows_outside_the_call() {
+    use dropblock::sampling::Plan;
+    let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+    let key = RngKey::new(0, 0).unwrap();
+    let shape = Shape::new(2, 3, 9, 10).unwrap();
+    let saved = cpu::sample(&cfg, shape, key, Mode::Train).unwrap();
+    assert!(saved.is_kept(&[1, 2, 8, 9]).is_ok());
+    assert_eq!(saved.is_kept(&[0, 0, 0]), Err(Error::LengthMismatch { what: "index", expected: 4, actual: 3 }));
+    for (i, (what, len)) in [("n", 2), ("c", 3), ("spatial 0", 9), ("spatial 1", 10)].into_iter().enumerate() {
+        let mut index = [0usize; 4];
+        index[i] = len;
+        assert_eq!(saved.is_kept(&index), Err(Error::OutOfRange { what, value: len as u64, len: len as u64 }));
+    }
+    let plan = Plan::new(&cfg, shape, key).unwrap();
+    let (planes, windows) = (plan.planes(), plan.windows());
+    assert!(plan.seed_plane(planes - 1).is_ok() && plan.window_len(windows - 1).is_ok());
+    assert_eq!(
+        plan.seed_plane(planes),
+        Err(Error::OutOfRange { what: "plane", value: planes as u64, len: planes as u64 })
+    );
+    assert_eq!(plan.window_len(windows), Err(Error::OutOfRange { what: "window", value: windows, len: windows }));
+    assert!(plan.sample_window(0, 1).is_ok() && plan.sample_window(0, 64).is_ok());
+    for len in [0, 65, u32::MAX] {
+        assert_eq!(plan.sample_window(0, len), Err(Error::InvalidWindowLength(len)));
+    }
+}
+
 #[test]
 fn offsets() {
     let err = RngKey::new(0, u64::MAX - 15).unwrap_err();
@@ -169,11 +231,13 @@ fn grow_blocks_buffers() {
 }
 
 /// Shapes that `Shape::new` accepts but no host holds the masks of: a typed error
-/// from `cpu::sample`, not a panic or an abort.
+/// from `cpu::sample`, not a panic or an abort. Both ask for more than a 47-bit
+/// address space, so no host's overcommit policy can grant them (a 128 GiB mask
+/// could be granted, and then filled, on a large host).
 #[test]
 fn sampling_too_large_a_shape_is_a_typed_error() {
     let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
-    for (n, c, h, w) in [(1usize << 31, 1usize << 31, 1usize, 1usize), (1, 1, 1 << 20, 1 << 20)] {
+    for (n, c, h, w) in [(1usize << 31, 1usize << 31, 1usize, 1usize), (1 << 13, 1, 1 << 20, 1 << 20)] {
         let shape = Shape::new(n, c, h, w).unwrap();
         let err = cpu::sample(&cfg, shape, RngKey::new(0, 0).unwrap(), Mode::Train).unwrap_err();
         assert!(matches!(err, Error::HostAllocation { .. }), "{shape}: {err}");

@@ -165,8 +165,12 @@ pub fn gpu_required() -> bool {
 /// set and not `false` or `0`), where the README's command installs every tool,
 /// or when `var=1`.
 pub fn required_in_ci(var: &str) -> bool {
+    in_ci() || std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// `CI` set and not `false` or `0`.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "false" | "0"))
-        || std::env::var(var).is_ok_and(|v| v == "1")
 }
 
 /// Every window's seed word of `plan`, in window order.
