@@ -178,6 +178,9 @@ __device__ __forceinline__ void publish_counts(const DropBlockGeometry& g, const
             atomicAdd(&counts[DROPBLOCK_COUNT_TOTAL], (unsigned long long)(block_total * slices_per_plane(g)));
         __threadfence();
         last_block = atomicAdd(&counts[DROPBLOCK_COUNT_DONE], 1ull) == gridDim.x - 1;
+        // The acquire half, in the thread that saw the ticket (as cooperative
+        // groups' grid sync has it): the reads below follow what it observed.
+        __threadfence();
     }
     __syncthreads();
     if (!last_block) return;

@@ -159,6 +159,22 @@ pub enum Error {
     )]
     AllocationInCapture,
 
+    /// A call on a stream being captured, on a state or device generator whose
+    /// last call ran on another stream, outside the capture: the call must wait
+    /// for that stream's work, and a captured stream cannot wait on work recorded
+    /// outside its capture (CUDA refuses it and ends the capture). Refused before
+    /// anything is enqueued, so the capture stays valid.
+    #[error(
+        "this call's stream is being captured, but the state's or device generator's last call ran on another stream, outside the capture, which a CUDA graph cannot wait on: allocate it on the capture stream, or make one uncaptured call there before capturing"
+    )]
+    CaptureAcrossStreams,
+
+    /// The kernels' module does not load on this device: the build has no code for
+    /// its architecture, or the driver is older than the CUDA toolkit that built
+    /// them. Holds the device's and the build's details and the driver's error.
+    #[error("the kernels do not load on this device: {0}")]
+    UnsupportedDevice(String),
+
     /// `finish_shard` on a state whose last call was not `sample_shard`.
     #[error("finish_shard needs a state whose last call was sample_shard")]
     NotAShardCall,
@@ -207,9 +223,10 @@ pub enum Error {
         bytes: u64,
     },
 
-    /// A stream, device generator or saved state belongs to another CUDA context
-    /// than the kernels.
-    #[error("a stream, device generator or state of another CUDA context than the kernels")]
+    /// A stream, buffer, device generator or saved state belongs to another CUDA
+    /// context than the kernels (a buffer on another device is refused even with
+    /// peer access: the kernels run on the stream's device).
+    #[error("a stream, buffer, device generator or state of another CUDA context than the kernels")]
     WrongContext,
 
     /// libcuda could not be loaded.
@@ -296,7 +313,10 @@ mod tests {
         for e in [Error::NoDriver, Error::NoDevice("none".into()), Error::KernelsNotBuilt] {
             assert!(e.is_no_gpu(), "{e}");
         }
-        for e in [Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()), Error::WrongContext, Error::NoForwardCall] {
+        let unsupported = Error::UnsupportedDevice("CUDA_ERROR_NO_BINARY_FOR_GPU".into());
+        for e in
+            [Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()), Error::WrongContext, Error::NoForwardCall, unsupported]
+        {
             assert!(!e.is_no_gpu(), "{e}");
         }
     }

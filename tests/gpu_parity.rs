@@ -71,7 +71,7 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 14] = [
+        let tests: [GpuTest; 15] = [
             (
                 "shards_on_their_own_streams_match_the_unsharded_call",
                 shards_on_their_own_streams_match_the_unsharded_call,
@@ -87,6 +87,7 @@ mod gpu {
             ("eval_mode_and_zero_drop_prob_copy", eval_mode_and_zero_drop_prob_copy),
             ("graph_captured_forward_matches_cpu", graph_captured_forward_matches_cpu),
             ("graph_captured_shard_calls_draw_afresh", graph_captured_shard_calls_draw_afresh),
+            ("a_capture_waits_on_no_stream_outside_it", a_capture_waits_on_no_stream_outside_it),
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
@@ -578,11 +579,7 @@ mod gpu {
         let mut y = s.alloc_zeros::<f32>(global.numel()).unwrap();
         s.synchronize().unwrap();
         let refused_under_capture = |what: &str, call: &mut dyn FnMut() -> dropblock::Result<()>| {
-            s.begin_capture(capture).unwrap();
-            let refused = call();
-            let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
-            assert_eq!(refused, Err(dropblock::Error::AllocationInCapture), "{what} under capture");
-            assert!(ended.is_ok(), "{what}: the refusal left the capture valid: {:?}", ended.err());
+            refused_while_capturing(s, dropblock::Error::AllocationInCapture, what, call)
         };
         refused_under_capture("a first drawing sample_shard", &mut || {
             d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train)
@@ -593,6 +590,62 @@ mod gpu {
         refused_under_capture("forward", &mut || d.forward(s, &cfg, global, key, Mode::Train, &xd, &mut y).map(|_| ()));
         d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train).unwrap();
         assert!(state.plan().is_some(), "the call outside capture drew a mask");
+    }
+
+    /// `call`, made while `stream` is being captured, is refused with `want`, and
+    /// the refusal leaves the capture valid.
+    fn refused_while_capturing(
+        stream: &Arc<CudaStream>,
+        want: dropblock::Error,
+        what: &str,
+        call: &mut dyn FnMut() -> dropblock::Result<()>,
+    ) {
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+        let refused = call();
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        assert_eq!(refused, Err(want), "{what} under capture");
+        assert!(ended.is_ok(), "{what}: the refusal left the capture valid: {:?}", ended.err());
+    }
+
+    /// A call captured on another stream than its state's or generator's last call
+    /// would wait on work outside the capture, which CUDA refuses (ending the
+    /// capture): it is refused first, enqueuing nothing. After one uncaptured call on
+    /// the capture stream, the same call captures and replays.
+    fn a_capture_waits_on_no_stream_outside_it((d, s): &Gpu) {
+        let capture = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        let shape = Shape::new(2, 8, 14, 14).unwrap();
+        let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
+        let key = RngKey::new(3, 0).unwrap();
+        let x = s.clone_htod(&common::input(shape.numel(), 1)).unwrap();
+        let mut y = s.alloc_zeros::<f32>(shape.numel()).unwrap();
+        let mut state = d.alloc_state(s, shape).unwrap();
+        let mut gen = DeviceGenerator::new(s, 1, 0).unwrap();
+        let other = d.context().new_stream().unwrap();
+        let mut fresh = d.alloc_state(&other, shape).unwrap();
+        d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+        s.synchronize().unwrap();
+        other.synchronize().unwrap();
+        let refused_under_capture = |what: &str, call: &mut dyn FnMut() -> dropblock::Result<()>| {
+            refused_while_capturing(&other, dropblock::Error::CaptureAcrossStreams, what, call)
+        };
+        refused_under_capture("a state last used on another stream", &mut || {
+            d.forward_into(&other, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y)
+        });
+        assert!(state.plan().is_some(), "the refused call left the state's last call");
+        refused_under_capture("a generator last used on another stream", &mut || {
+            d.forward_into(&other, &mut fresh, &cfg, shape, &mut gen, Mode::Train, &x, &mut y)
+        });
+        d.forward_into(&other, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap();
+        other.synchronize().unwrap();
+        other.begin_capture(capture).unwrap();
+        d.forward_into(&other, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap();
+        let graph = other.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+        graph.launch().unwrap();
+        let mut want = vec![0f32; shape.numel()];
+        let xs = common::input(shape.numel(), 1);
+        cpu::forward(&cfg, shape, RngKey::new(1, 17).unwrap(), Mode::Train, &xs, &mut want).unwrap();
+        assert_same("y (the replay)", &other.clone_dtoh(&y).unwrap(), &want, "captured on the second stream");
+        assert_eq!(gen.key(&other).unwrap().offset(), 34, "one uncaptured call and one replay");
     }
 
     /// Two streams at once, the second from another handle to the same primary
@@ -849,5 +902,9 @@ mod gpu {
         assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
         let err = d.backward(s, &other, &x, &mut y).unwrap_err();
         assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        // And a buffer of another context's, which the kernels could not read.
+        let foreign_x = foreign.alloc_zeros::<f32>(32).unwrap();
+        let err = d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &foreign_x, &mut y).unwrap_err();
+        assert!(matches!(err, dropblock::Error::WrongContext), "a foreign x: {err}");
     }
 }

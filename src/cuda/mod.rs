@@ -4,11 +4,15 @@
 //! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
 //! - Every launch goes on the stream you pass; nothing synchronises with the host,
-//!   so a forward can be captured into a CUDA graph. Three caveats:
+//!   so a forward can be captured into a CUDA graph. Four caveats:
 //!   - nothing allocates into a graph: allocate states and generators before
 //!     capturing, capture `forward_into` rather than `forward`, and make a shard's
 //!     state with [`DropBlockCuda::alloc_shard_state`] (each of these refuses a
 //!     capturing stream, `Error::AllocationInCapture`);
+//!   - capture on the stream a state and a generator were last used on (made on,
+//!     or given one uncaptured call): a call on another stream waits for that
+//!     one, and a capture cannot wait on work outside it (refused,
+//!     `Error::CaptureAcrossStreams`);
 //!   - a [`RngKey`](crate::RngKey) is a kernel parameter, so every replay of a
 //!     captured graph draws the same mask; draw from a [`DeviceGenerator`]
 //!     instead, which steps its offset on the device at every forward or shard
@@ -21,7 +25,8 @@
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
 //!   let [`DropBlockCuda::forward`] allocate it. The kernels reach its buffers
 //!   without cudarc's events; the state orders its own calls instead (a call on
-//!   another stream than the last one first waits for that stream's work), and
+//!   another stream than the last one first waits for that stream's work; so does
+//!   a [`DeviceGenerator`]'s), and
 //!   the kernels leave its counters zeroed for the next call. A forward is one
 //!   launch where it can be (Expected / None normalisation, no sharing,
 //!   channels-first, zero fill, planes that fit a tile and enough tiles for the

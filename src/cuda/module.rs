@@ -71,10 +71,40 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     })
 }
 
-/// Loads the kernels' module on `ctx`.
+/// Loads the kernels' module on `ctx`: [`Error::UnsupportedDevice`] where the
+/// fatbin has no code for the device or the driver is too old for it.
 pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
     if FATBIN.is_empty() {
         return Err(Error::KernelsNotBuilt);
     }
-    Ok(ctx.load_module(Ptx::from_binary(FATBIN.to_vec()))?)
+    ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
+        | sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+        | sys::CUresult::CUDA_ERROR_INVALID_PTX
+        | sys::CUresult::CUDA_ERROR_INVALID_IMAGE => Error::UnsupportedDevice(unsupported(ctx, &e)),
+        _ => Error::from(e),
+    })
+}
+
+/// What a user needs to rebuild for a device the kernels do not load on.
+fn unsupported(ctx: &CudaContext, e: &cudarc::driver::DriverError) -> String {
+    let arch =
+        ctx.compute_capability().map_or_else(|_| "an unknown architecture".into(), |(a, b)| format!("sm_{a}{b}"));
+    let mut version = 0;
+    // SAFETY: writes one int.
+    let driver = match unsafe { sys::cuDriverGetVersion(&mut version) } {
+        sys::CUresult::CUDA_SUCCESS => format!("CUDA {}.{}", version / 1000, version % 1000 / 10),
+        _ => "unknown".into(),
+    };
+    let built: Vec<String> = built_archs().iter().map(|a| format!("sm_{a}")).collect();
+    #[cfg(dropblock_kernels)]
+    let nvcc = env!("DROPBLOCK_NVCC");
+    #[cfg(not(dropblock_kernels))]
+    let nvcc = "no nvcc";
+    format!(
+        "{e}; the device is {arch} and its driver supports {driver}; the kernels hold {} and PTX for the newest, \
+         built by {nvcc}. Rebuild with DROPBLOCK_CUDA_ARCHS naming this architecture, or with a CUDA toolkit no newer \
+         than the driver (NVCC, CUDA_HOME or nvcc on PATH)",
+        built.join(", ")
+    )
 }

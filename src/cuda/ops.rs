@@ -1,11 +1,11 @@
 //! Launch wrappers for the kernels in `kernels/dropblock.cu`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+    result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use half::{bf16, f16};
 
@@ -88,6 +88,9 @@ impl<'a> From<&'a mut DeviceGenerator> for KeySource<'a> {
 #[derive(Debug)]
 pub struct DeviceGenerator {
     key: CudaSlice<u64>,
+    /// The kernels reach the key by raw pointer: calls on other streams are ordered
+    /// here, as a state's are, not by cudarc's events (which may be off).
+    order: StreamOrder,
 }
 
 impl DeviceGenerator {
@@ -105,14 +108,103 @@ impl DeviceGenerator {
         }
         refuse_capture(stream)?;
         let key = RngKey::new(seed, offset)?;
-        Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])? })
+        Ok(Self { key: stream.clone_htod(&[key.seed(), key.offset()])?, order: StreamOrder::new(stream) })
     }
 
     /// The key the next forward or shard call will draw with (synchronises the
-    /// stream): with the CPU path, the same key reproduces that call's mask.
+    /// stream, after the generator's last call): with the CPU path, the same key
+    /// reproduces that call's mask.
     pub fn key(&self, stream: &Arc<CudaStream>) -> Result<RngKey> {
+        let _ordered = self.order.enter(stream)?;
         let v = stream.clone_dtoh(&self.key)?;
         RngKey::new(v[0], v[1])
+    }
+}
+
+impl Drop for DeviceGenerator {
+    fn drop(&mut self) {
+        self.order.release(self.key.stream());
+    }
+}
+
+/// The stream of the last call on a buffer the kernels reach by raw pointer (a
+/// state's, a generator's key), so that a call on another stream first waits for
+/// it, whether or not cudarc's per-buffer events are on.
+#[derive(Debug)]
+struct StreamOrder(Mutex<Option<Arc<CudaStream>>>);
+
+impl StreamOrder {
+    fn new(stream: &Arc<CudaStream>) -> Self {
+        Self(Mutex::new(Some(stream.clone())))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<CudaStream>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn last(&self) -> Option<Arc<CudaStream>> {
+        self.lock().clone()
+    }
+
+    /// The last call's stream, if a call on `stream` must wait for it.
+    fn other(last: &Option<Arc<CudaStream>>, stream: &Arc<CudaStream>) -> Option<Arc<CudaStream>> {
+        last.as_ref().filter(|prev| !Arc::ptr_eq(prev, stream) && prev.cu_stream() != stream.cu_stream()).cloned()
+    }
+
+    /// [`Error::CaptureAcrossStreams`] if a call on `stream` would have to wait,
+    /// from inside a capture, for a stream outside it. Changes and enqueues
+    /// nothing: a call checks this before it touches its state.
+    fn check(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        match Self::other(&self.lock(), stream) {
+            Some(prev) => refuse_capture_across(stream, &prev),
+            None => Ok(()),
+        }
+    }
+
+    /// Orders a call on `stream` after the last one (checked as [`Self::check`]
+    /// does), and makes `stream` the last. The guard holds the order until the
+    /// call's work is enqueued, so that calls from several threads on a shared
+    /// state are ordered as they enqueue.
+    fn enter(&self, stream: &Arc<CudaStream>) -> Result<MutexGuard<'_, Option<Arc<CudaStream>>>> {
+        let mut last = self.lock();
+        if let Some(prev) = Self::other(&last, stream) {
+            refuse_capture_across(stream, &prev)?;
+            stream.join(&prev)?;
+        }
+        *last = Some(stream.clone());
+        Ok(last)
+    }
+
+    /// Before the buffers are freed on `own`, the stream they were allocated on:
+    /// makes the frees wait for the last call's work.
+    fn release(&mut self, own: &CudaStream) {
+        let last = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(last) = last {
+            if own.cu_stream() != last.cu_stream() {
+                // A failure here is recorded on the context by cudarc; a drop cannot return it.
+                let _ = own.join(&last);
+            }
+        }
+    }
+}
+
+/// [`Error::CaptureAcrossStreams`] when `stream` is being captured and `prev`, whose
+/// work a call on `stream` must wait for, is not part of a capture: the wait would
+/// cross the capture's boundary, which CUDA refuses and which ends the capture
+/// (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`).
+fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
+    use sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE as ACTIVE;
+    if matches!(stream.capture_status(), Ok(ACTIVE)) && !matches!(prev.capture_status(), Ok(ACTIVE)) {
+        return Err(Error::CaptureAcrossStreams);
+    }
+    Ok(())
+}
+
+/// [`Error::WrongContext`] unless `buffer` is on `stream`'s context.
+fn check_buffer<T>(stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<()> {
+    match **buffer.stream().context() == **stream.context() {
+        true => Ok(()),
+        false => Err(Error::WrongContext),
     }
 }
 
@@ -122,7 +214,11 @@ impl DeviceGenerator {
 ///
 /// The kernels reach its buffers by raw pointer, without cudarc's per-buffer
 /// events: the state remembers the stream of its last call, and a call on
-/// another stream first makes that stream wait for it.
+/// another stream first makes that stream wait for it. (So a call being captured
+/// on another stream than the state's last call is refused,
+/// [`Error::CaptureAcrossStreams`]: a capture cannot wait on work outside it. A
+/// graph launched on yet another stream is outside this order: order its launches
+/// yourself.)
 #[derive(Debug)]
 pub struct DeviceState {
     shape: Shape,
@@ -135,7 +231,7 @@ pub struct DeviceState {
     counts: CudaSlice<u64>,
     scales: CudaSlice<f32>,
     ptrs: StatePtrs,
-    last_stream: Mutex<Option<Arc<CudaStream>>>,
+    order: StreamOrder,
     call: Option<Call>,
     /// Each plane's kept cells in a shard's call: one counter per slice at most,
     /// allocated by the first shard call on the state.
@@ -204,6 +300,8 @@ impl Io {
         let [x_name, y_name] = pass.buffer_names();
         shape.check_len(x_name, x.len())?;
         shape.check_len(y_name, y.len())?;
+        check_buffer(stream, x)?;
+        check_buffer(stream, y)?;
         let (xp, gx) = x.device_ptr(stream);
         let (yp, gy) = y.device_ptr_mut(stream);
         Ok((Io { x: xp, y: yp }, [gx, gy]))
@@ -217,6 +315,7 @@ impl Io {
         x: &'a mut impl DevicePtrMut<T>,
     ) -> Result<(Self, SyncOnDrop<'a>)> {
         shape.check_len(pass.buffer_names()[0], x.len())?;
+        check_buffer(stream, x)?;
         let (p, g) = x.device_ptr_mut(stream);
         Ok((Io { x: p, y: p }, g))
     }
@@ -228,7 +327,9 @@ impl DropBlockCuda {
         Self::from_context(&context(ordinal)?)
     }
 
-    /// Kernels on an existing context.
+    /// Kernels on an existing context ([`Error::UnsupportedDevice`] where the build
+    /// has no code for its device or its driver is older than the toolkit that
+    /// built them).
     pub fn from_context(ctx: &Arc<CudaContext>) -> Result<Self> {
         let module = load(ctx)?;
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
@@ -286,8 +387,10 @@ impl DropBlockCuda {
     /// The key a call passes its kernels, and the device generator they read it
     /// from and step instead, if any (the plan's key is then a placeholder). An
     /// identity call draws nothing: a placeholder, and no generator to step.
+    /// A generator's call on `stream` is ordered after its last one here.
     fn resolve_key<'k>(
         &self,
+        stream: &Arc<CudaStream>,
         cfg: &DropBlockConfig,
         identity: bool,
         key: KeySource<'k>,
@@ -298,16 +401,20 @@ impl DropBlockCuda {
             KeySource::Device(_) if cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
             KeySource::Device(gen) => {
                 self.check_context(gen.key.context())?;
+                drop(gen.order.enter(stream)?); // `&mut`: no other call can interleave
                 Ok((RngKey::new(0, 0)?, Some(gen)))
             }
         }
     }
 
-    /// A call on `state` through `stream`: both must be on the kernels' context (a
-    /// state of another device's would hand its kernels pointers they cannot read).
+    /// A call on `state` through `stream`, before anything is changed or
+    /// enqueued: both must be on the kernels' context (a state of another device's
+    /// would hand its kernels pointers they cannot read), and a capture cannot
+    /// wait on the state's last stream outside it ([`Error::CaptureAcrossStreams`]).
     fn check_call(&self, stream: &Arc<CudaStream>, state: &DeviceState) -> Result<()> {
         self.check_context(stream.context())?;
-        self.check_context(state.keep_bits.context())
+        self.check_context(state.keep_bits.context())?;
+        state.order.check(stream)
     }
 
     fn kernel(&self, op: &'static str, dtype: &'static str) -> Result<&Kernel> {
@@ -354,7 +461,7 @@ impl DropBlockCuda {
             counts,
             scales,
             ptrs,
-            last_stream: Mutex::new(Some(stream.clone())),
+            order: StreamOrder::new(stream),
             call: None,
             plane_kept: None,
             shard_cached: None,
@@ -553,6 +660,7 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
+        check_buffer(stream, counts)?;
         let identity = mode == Mode::Eval || cfg.is_identity();
         cfg.block().sizes_for(global.spatial_rank())?;
         // Before the generator's guard, which with cudarc's event tracking would
@@ -560,7 +668,7 @@ impl DropBlockCuda {
         if !identity && state.plane_kept.is_none() {
             state.alloc_plane_kept(stream)?;
         }
-        let (key, generator) = self.resolve_key(cfg, identity, key.into())?;
+        let (key, generator) = self.resolve_key(stream, cfg, identity, key.into())?;
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         // The plan and the shard's parameters, reused while the config and the shard
         // stay the same (an identity call needs neither).
@@ -575,7 +683,7 @@ impl DropBlockCuda {
             }
         };
         state.call = None;
-        state.enter(stream)?;
+        drop(state.enter(stream)?); // a `&mut` call: no other call can interleave
         let (cp, _guard) = counts.device_ptr_mut(stream);
         let mut q = self.queue(stream, state).with(Buffer::ShardCounts, cp);
         let Some((plan, sh, local_g)) = cached else {
@@ -619,11 +727,12 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
+        check_buffer(stream, counts)?;
         // An identity call has no scales to compute.
         let Some((_, launch)) = call.masked else {
             return Ok(());
         };
-        state.enter(stream)?;
+        drop(state.enter(stream)?); // a `&mut` call: no other call can interleave
         let (cp, _guard) = counts.device_ptr(stream);
         launch::finish_shard(&mut self.queue(stream, state).with(Buffer::ShardCounts, cp), &sh, &launch)?;
         if let Some(Call { shard: Some((_, finished)), .. }) = state.call.as_mut() {
@@ -672,7 +781,7 @@ impl DropBlockCuda {
         // A block of another rank is refused in eval too, as training would refuse it.
         cfg.block().sizes_for(shape.spatial_rank())?;
         // Before the state is touched: a call refused for its key leaves the last one.
-        let (host_key, generator) = self.resolve_key(cfg, identity, key)?;
+        let (host_key, generator) = self.resolve_key(stream, cfg, identity, key)?;
         state.call = None;
         if identity {
             if let Some(io) = &io {
@@ -693,7 +802,7 @@ impl DropBlockCuda {
                 (plan, launch)
             }
         };
-        state.enter(stream)?;
+        drop(state.enter(stream)?); // a `&mut` call: no other call can interleave
         let mut q = self.queue(stream, state);
         if let Some(io) = &io {
             q = q.with(Buffer::X, io.x).with(Buffer::Y, io.y);
@@ -728,7 +837,7 @@ impl DropBlockCuda {
         match call.masked {
             None => copy::<T>(stream, state.shape, &io),
             Some((plan, launch)) => {
-                state.enter(stream)?;
+                let _ordered = state.enter(stream)?;
                 let q = &mut self.queue(stream, state).with(Buffer::X, io.x).with(Buffer::Y, io.y);
                 let shard = call.shard.map(|(sh, _)| sh);
                 launch::element_pass(q, &plan, &launch, state.shape, shard, T::DTYPE, io.aligned(), pass)
@@ -827,16 +936,9 @@ impl DeviceState {
     }
 
     /// Orders this call after the state's last one: a call on another stream
-    /// waits for that stream's work so far.
-    fn enter(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        let mut last = self.last_stream.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(prev) = last.as_ref() {
-            if !Arc::ptr_eq(prev, stream) && prev.cu_stream() != stream.cu_stream() {
-                stream.join(prev)?;
-            }
-        }
-        *last = Some(stream.clone());
-        Ok(())
+    /// waits for that stream's work so far ([`StreamOrder::enter`]).
+    fn enter(&self, stream: &Arc<CudaStream>) -> Result<MutexGuard<'_, Option<Arc<CudaStream>>>> {
+        self.order.enter(stream)
     }
 
     /// Allocates a shard call's per-plane counts on the state's own stream (whose
@@ -861,7 +963,7 @@ impl DeviceState {
     /// The stream the state's buffers were last used on: read [`Self::keep_bits`]
     /// there, or after synchronising it.
     pub fn last_stream(&self) -> Option<Arc<CudaStream>> {
-        self.last_stream.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.order.last()
     }
 
     /// The plan of the last forward call; `None` before any call or after an
@@ -892,7 +994,7 @@ impl DeviceState {
             return Ok(None);
         };
         let g = launch.geometry;
-        self.enter(stream)?;
+        let _ordered = self.enter(stream)?;
         let used = if self.flat_bits(&g) { self.shape.numel() } else { g.planes as usize * self.shape.plane_len() };
         let bits = stream.clone_dtoh(&self.keep_bits.slice(..used.div_ceil(32)))?;
         Ok(Some((g, bits)))
@@ -954,7 +1056,7 @@ impl DeviceState {
         let Some((_, launch)) = call.masked else {
             return Ok(vec![1.0]);
         };
-        self.enter(stream)?;
+        let _ordered = self.enter(stream)?;
         let n = if launch.apply.normalize == abi::DROPBLOCK_NORM_PER_SAMPLE { self.shape.n() } else { 1 };
         stream.clone_dtoh(&self.scales.slice(..n)).map_err(Error::from)
     }
@@ -962,7 +1064,7 @@ impl DeviceState {
     /// The counters, which every call leaves zeroed for the next (synchronises).
     #[doc(hidden)]
     pub fn counters(&self, stream: &Arc<CudaStream>) -> Result<Vec<u64>> {
-        self.enter(stream)?;
+        let _ordered = self.enter(stream)?;
         stream.clone_dtoh(&self.counts).map_err(Error::from)
     }
 }
@@ -971,14 +1073,7 @@ impl Drop for DeviceState {
     /// The buffers are freed on the stream they were allocated on, after the work
     /// of the stream they were last used on.
     fn drop(&mut self) {
-        let last = self.last_stream.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(last) = last {
-            let own = self.keep_bits.stream();
-            if own.cu_stream() != last.cu_stream() {
-                // A failure here is recorded on the context by cudarc; a drop cannot return it.
-                let _ = own.join(&last);
-            }
-        }
+        self.order.release(self.keep_bits.stream());
     }
 }
 
