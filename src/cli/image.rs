@@ -52,7 +52,10 @@ impl Image {
         // The header's claim is checked before a buffer of its size is made.
         let (w, h) = (reader.info().width as u64, reader.info().height as u64);
         if w * h > max_pixels {
-            return Err(err(&format!("a {w}x{h} image is larger than the {max_pixels} pixels it may have here")));
+            return Err(err(&format!(
+                "a {w}x{h} image is larger than the {max_pixels} pixels it may have here (the picture is \
+                 the image times --zoom on each side: a lower --zoom takes a larger image)"
+            )));
         }
         let mut buf = Vec::new();
         buf.try_reserve_exact(reader.output_buffer_size()).map_err(|_| err(&"cannot hold the decoded image"))?;

@@ -9,6 +9,17 @@ macro_rules! say {
     }};
 }
 
+/// `say!` for a command whose work is a file: a closed stdout (`dropblock demo |
+/// head -3`) ends the report, not the work.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        match say!($($arg)*) {
+            Err(e) if e.is_closed_stdout() => Ok(()),
+            other => other,
+        }
+    }};
+}
+
 mod apply;
 mod bench;
 #[cfg(feature = "cuda")]
@@ -75,9 +86,10 @@ pub struct ConfigArgs {
     /// Where seeds may fall: valid | anywhere.
     #[arg(long, default_value = "valid")]
     placement: Placement,
-    /// How anywhere-placed blocks sit on their seeds: centered (TF SAME) | centered-right (miguelvr).
-    #[arg(long, default_value = "centered")]
-    anchor: Anchor,
+    /// How anywhere-placed blocks sit on their seeds: centered (TF SAME; the
+    /// default) | centered-right (miguelvr). Only with --placement anywhere.
+    #[arg(long)]
+    anchor: Option<Anchor>,
     /// γ rule: paper | exact | per-block.
     #[arg(long, default_value = "paper")]
     gamma: GammaRule,
@@ -103,9 +115,13 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     fn config(&self) -> Result<DropBlockConfig, CliError> {
+        if self.anchor.is_some() && self.placement == Placement::Valid {
+            // Valid blocks lie inside the map from their seed: nothing to anchor.
+            return Err(CliError::Usage("--anchor applies to --placement anywhere only".into()));
+        }
         Ok(DropBlockConfig::builder(self.block, self.drop_prob)
             .placement(self.placement)
-            .anchor(self.anchor)
+            .anchor(self.anchor.unwrap_or(Anchor::Centered))
             .gamma_rule(self.gamma)
             .gamma_scale(self.gamma_scale)
             .sharing(self.share)
@@ -138,11 +154,21 @@ pub struct Output {
 
 impl Output {
     pub fn create(path: &std::path::Path) -> Result<Self, CliError> {
+        // Refused now, not when the rename fails after another output was put in place.
+        if path.is_dir() {
+            return Err(CliError::File(format!("{}: is a directory, not a file to write", path.display())));
+        }
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => std::path::Path::new("."),
         };
-        let file = tempfile::NamedTempFile::new_in(dir)
+        let mut builder = tempfile::Builder::new();
+        // A file's usual mode under the umask, as a plain write would give it
+        // (tempfile's own default is owner-only).
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let file = builder
+            .tempfile_in(dir)
             .map_err(|e| CliError::File(format!("{}: cannot create a file there: {e}", path.display())))?;
         Ok(Self { file, path: path.to_path_buf() })
     }

@@ -123,6 +123,11 @@ fn check_header(path: &Path, file: &mut File) -> Result<u64, CliError> {
             _ => {}
         }
     }
+    // numpy writes its keys and plain dtypes without escapes; the parser decodes
+    // them, so an escaped key (`'\x73hape'`) would get past the checks below.
+    if header.contains(&b'\\') {
+        return Err(npy_err(path, "the header holds a backslash escape, which numpy does not write for these arrays"));
+    }
     check_shape(path, &String::from_utf8_lossy(&header))?;
     file.seek(SeekFrom::Start(0)).map_err(|e| npy_err(path, e))?;
     Ok(start + len as u64)
@@ -188,6 +193,9 @@ pub fn read(path: &Path) -> Result<(dropblock::Shape, Tensor), CliError> {
     let item = match descr.trim_matches('\'') {
         "<f4" => 4,
         "<f2" | "|V2" | "<V2" => 2,
+        other if other.starts_with('>') => {
+            return Err(npy_err(path, format!("dtype {other} is big-endian; save it little-endian (<f4, <f2)")))
+        }
         other => {
             return Err(npy_err(
                 path,

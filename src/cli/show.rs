@@ -32,6 +32,11 @@ pub fn run(a: ShowArgs) -> Result<(), CliError> {
     let cfg = a.config.config()?;
     let key = a.config.key()?;
     let zoom = a.zoom as usize;
+    if let Some(image) = &a.image {
+        if super::same_file(&a.png, image) {
+            return Err(CliError::Usage(format!("--png {} would overwrite --image", a.png.display())));
+        }
+    }
     let too_large = |h: usize, w: usize| {
         let pixels = h.checked_mul(w).and_then(|p| p.checked_mul(zoom * zoom));
         match pixels {

@@ -246,6 +246,13 @@ fn bad_arguments_and_files_get_one_line_errors() {
     assert_one_line_error(&["apply", "--input", v, "--output", ys, "--block", "3x3"], "a 2D block");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--block", "1x2x3x4"], "rank 4");
     assert_one_line_error(&["apply", "--input", xs, "--output", ys, "--anchor", "left"], "centered, centered-right");
+    // An anchor does nothing under Valid placement: refused rather than ignored.
+    let anchored = ["apply", "--input", xs, "--output", ys, "--anchor", "centered-right"];
+    assert_one_line_error(&anchored, "--placement anywhere");
+    // A big-endian float32 is named as such.
+    let big = dir.path().join("big.npy");
+    write_npy(&big, ">f4", &[1, 1, 2, 2], &[1f32; 4]);
+    assert_one_line_error(&["apply", "--input", big.to_str().unwrap(), "--output", ys], "little-endian");
     let ints = dir.path().join("i.npy");
     write_npy(&ints, "<i4", &[1, 1, 2, 2], &[1i32, 2, 3, 4]);
     assert_one_line_error(&["apply", "--input", ints.to_str().unwrap(), "--output", ys], "not supported");
@@ -335,6 +342,9 @@ fn hostile_npy_files_fail_fast_with_short_errors() {
     case("shape_in_string.npy", &in_string, &[0; 64], "names 'shape' more than once");
     let dtypes = "{'descr': '<f4', 'descr': '<f2', 'fortran_order': False, 'shape': (1, 1, 4, 4), }";
     case("descr_twice.npy", dtypes, &[0; 64], "names 'descr' more than once");
+    // An escaped key, which the parser decodes to `shape` past the checks above.
+    let escaped = format!("{{'descr': '<f4', 'fortran_order': False, '\\x73hape': {huge}, }}");
+    case("escaped_key.npy", &escaped, &[0; 64], "backslash");
     // A directory is said to be one, not "too short".
     let not_a_file = dir.path().join("sub");
     std::fs::create_dir(&not_a_file).unwrap();
@@ -410,9 +420,46 @@ fn outputs_never_clobber_inputs_and_are_written_whole() {
     let bad = dir.path().join("missing-dir").join("m.npy");
     assert_refused(&["apply", "--input", xs, "--output", ys, "--keep-mask", bad.to_str().unwrap()], "m.npy");
     assert!(!y.exists(), "y was left behind by a failed run");
+    // A keep mask that names a directory: refused before y is put in place (the
+    // rename onto it failed after y's).
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    assert_refused(&["apply", "--input", xs, "--output", ys, "--keep-mask", sub.to_str().unwrap()], "directory");
+    assert!(!y.exists(), "y was left behind by a failed run");
+    std::fs::remove_dir(&sub).unwrap();
     // No temporary files are left beside the outputs.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("x.npy")], "{names:?}");
+    // `show` does not overwrite its --image either.
+    let png = dir.path().join("p.png");
+    let out = dropblock(&["show", "--size", "8x8", "--block", "3", "--png", png.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let picture = std::fs::read(&png).unwrap();
+    let again = format!("{}/./p.png", dir.path().display());
+    assert_refused(&["show", "--image", png.to_str().unwrap(), "--png", &again], "--image");
+    assert_eq!(std::fs::read(&png).unwrap(), picture, "show overwrote its input");
+}
+
+/// Outputs get a plain file's mode under the umask, as any write would give them,
+/// not the owner-only mode of a temporary file.
+#[cfg(unix)]
+#[test]
+fn outputs_have_the_mode_a_plain_write_gives() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy(&x, "<f4", &[1, 2, 8, 8], &[1f32; 128]);
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    let want = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+    let (y, m) = (dir.path().join("y.npy"), dir.path().join("m.npy"));
+    let args = ["apply", "--input", x.to_str().unwrap(), "--output", y.to_str().unwrap()];
+    let out = dropblock(&[&args[..], &["--keep-mask", m.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for p in [&y, &m] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{}: mode {mode:o}, a plain write gives {want:o}", p.display());
+    }
 }
 
 #[test]
@@ -491,9 +538,7 @@ fn bench_prints_the_line_scripts_parse() {
 /// first line, so every write it makes fails.
 #[test]
 fn a_closed_stdout_stops_the_command_quietly() {
-    for args in
-        [&["bench", "--device", "cpu", "--shape", "2,3,9,11", "--block", "3", "--iters", "4"][..], &["--help"][..]]
-    {
+    let with_stdout_closed = |args: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
             .args(args)
             .stdout(std::process::Stdio::piped())
@@ -501,11 +546,22 @@ fn a_closed_stdout_stops_the_command_quietly() {
             .spawn()
             .expect("run dropblock");
         drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait for dropblock");
+        child.wait_with_output().expect("wait for dropblock")
+    };
+    for args in
+        [&["bench", "--device", "cpu", "--shape", "2,3,9,11", "--block", "3", "--iters", "4"][..], &["--help"][..]]
+    {
+        let out = with_stdout_closed(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(out.status.success() || args[0] == "--help", "{args:?}: {:?} {stderr}", out.status);
     }
+    // A command whose work is a file does that work with its report cut off.
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("demo.png");
+    let out = with_stdout_closed(&["demo", "--device", "cpu", "--shape", "2,4,9,9", "--png", png.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(png.exists(), "demo with a closed stdout wrote no picture");
 }
 
 #[test]
@@ -536,6 +592,16 @@ fn demo_and_show_write_pictures() {
     let decoder = png::Decoder::new(std::fs::File::open(&shown).unwrap());
     let info = decoder.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (30 * 8, 20 * 8));
+
+    // A map larger than the picture shows is cropped, not drawn at any size (a 1D
+    // shape of 10^8 cells asked for a 24 GB picture).
+    let long = dir.path().join("long.png");
+    let out = dropblock(&["demo", "--device", "cpu", "--shape", "1,2,100000", "--png", long.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("first 1 x 256 cells"));
+    let decoder = png::Decoder::new(std::fs::File::open(&long).unwrap());
+    let info = decoder.read_info().unwrap().info().clone();
+    assert!(info.width <= 4 * (256 * 8 + 4) && info.height <= 4 * (8 + 4), "{}x{}", info.width, info.height);
 
     // The image sets the map size; a --size beside it would be ignored, so it is refused.
     let again = dir.path().join("again.png");
