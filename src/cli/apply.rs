@@ -46,6 +46,11 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     }
     let cfg = a.config.config()?;
     let key = a.config.key()?;
+    // The device before the input: a --device that cannot run fails before a large read.
+    let (runner, fallback) = Runner::select(a.device)?;
+    if let Some(why) = fallback {
+        eprintln!("dropblock: no GPU ({why}): running on the CPU");
+    }
     let (stored, x) = npy::read(&a.input)?;
     let shape = match a.layout {
         dropblock::Layout::ChannelsFirst => stored,
@@ -56,10 +61,6 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
             dropblock::Shape::from_dims(&dims)?.with_layout(dropblock::Layout::ChannelsLast)
         }
     };
-    let (runner, fallback) = Runner::select(a.device)?;
-    if let Some(why) = fallback {
-        eprintln!("dropblock: no GPU ({why}): running on the CPU");
-    }
     let (y, mask, kept) = with_tensor!(&x, v => {
         let o = runner.run(&cfg, shape, key, v, false, a.keep_mask.is_some())?;
         (CliElement::into_tensor(o.y), o.keep_mask, o.kept)
