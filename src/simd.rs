@@ -105,7 +105,8 @@ macro_rules! with_feature {
 }
 
 /// `cpu_detects!("f", ...)`: whether the CPU has every target feature named,
-/// whatever `DROPBLOCK_CPU_CAPABILITY` allows (false off x86-64).
+/// whatever `DROPBLOCK_CPU_CAPABILITY` allows (false off x86-64): for a form whose
+/// build depends on the toolchain (`cfg(dropblock_avx512)`), what it should run on.
 #[cfg(test)]
 macro_rules! cpu_detects {
     ($($feature:tt),+) => {{

@@ -200,12 +200,22 @@ fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     Ok(())
 }
 
-/// [`Error::WrongContext`] unless `buffer` is on `stream`'s context.
-fn check_buffer<T>(stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<()> {
-    match **buffer.stream().context() == **stream.context() {
+/// [`Error::WrongContext`] unless `a` and `b` wrap the same CUDA context. They
+/// compare by the context they wrap, not by handle: every
+/// `CudaContext::new(ordinal)` is a new handle to the device's one primary context
+/// (a framework's and ours, say), and kernels loaded through one launch on
+/// streams of any of them.
+fn same_context(a: &CudaContext, b: &CudaContext) -> Result<()> {
+    match a == b {
         true => Ok(()),
         false => Err(Error::WrongContext),
     }
+}
+
+/// [`Error::WrongContext`] unless `buffer` is on `stream`'s context (whose own
+/// check against the kernels' follows in the call).
+fn check_buffer<T>(stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<()> {
+    same_context(buffer.stream().context(), stream.context())
 }
 
 /// What forward leaves for backward, on the device: the keep bits of every mask
@@ -371,17 +381,10 @@ impl DropBlockCuda {
         self.ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})"))
     }
 
-    /// Launching on a stream of another context would fault; refuse it. Contexts
-    /// compare by the CUDA context they wrap, not by handle: every
-    /// `CudaContext::new(ordinal)` is a new handle to the device's one primary
-    /// context (a framework's and ours, say), and kernels loaded through one
-    /// launch on streams of any of them.
+    /// Launching on a stream of another context would fault; refuse it
+    /// ([`same_context`]).
     fn check_context(&self, ctx: &Arc<CudaContext>) -> Result<()> {
-        if **ctx == *self.ctx {
-            Ok(())
-        } else {
-            Err(Error::WrongContext)
-        }
+        same_context(ctx, &self.ctx)
     }
 
     /// The key a call passes its kernels, and the device generator they read it
