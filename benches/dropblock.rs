@@ -143,7 +143,7 @@ fn cuda_typed<T: dropblock::cuda::CudaElement>(c: &mut Criterion, d: &dropblock:
     for (shape, k) in shapes() {
         let cfg = DropBlockConfig::paper(k, 0.1).unwrap();
         let host: Vec<T> = (0..shape.numel()).map(|i| T::from_f32((i % 13) as f32 - 6.0)).collect();
-        let mut timer = cuda_timing::CudaTimer::new(d, shape, &host).unwrap();
+        let mut timer = cuda_timing::CudaTimer::new(d, shape, Some(&host)).unwrap();
         let mut gen = Generator::new(7);
         g.throughput(Throughput::Bytes(2 * (shape.numel() * std::mem::size_of::<T>()) as u64));
         use cuda_timing::Pass;

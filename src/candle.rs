@@ -153,10 +153,13 @@ impl ModuleT for DropBlock {
         // `with_next_key`), and in eval too: a tensor that training would refuse
         // is refused at once, not at the first training step.
         check_dtype(xs.dtype())?;
-        cfg.block().sizes_for(shape_of(xs.dims())?.spatial_rank())?;
+        let shape = shape_of(xs.dims())?;
         if !train || cfg.is_identity() {
+            // What planning would refuse in training (an exact γ too large to sum).
+            crate::sampling::Plan::check(&cfg, shape)?;
             return Ok(xs.clone());
         }
+        cfg.block().sizes_for(shape.spatial_rank())?;
         if is_channels_last(xs) {
             // The buffer as the contiguous (N, spatial..., C) tensor it is, in and out:
             // no copy, and y keeps x's strides.

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::Parser;
 
+#[macro_use]
 mod cli;
 
 fn main() -> ExitCode {
@@ -14,7 +15,7 @@ fn main() -> ExitCode {
             // One line: clap's message up to its usage hints, without "error: ".
             let text = e.render().to_string();
             let msg: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
-            eprintln!("dropblock: error: {}", msg.join(" ").trim_start_matches("error: "));
+            tell!("dropblock: error: {}", msg.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_closed_stdout() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dropblock: error: {e}");
+            tell!("dropblock: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -50,6 +50,15 @@ fn capability() -> Capability {
     *CAPABILITY.get_or_init(read_capability)
 }
 
+/// A library's warning on stderr, dropped if stderr is closed: the caller's
+/// process must not panic for it.
+#[cold]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn warn(message: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "dropblock: {message}");
+}
+
 #[cold]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn read_capability() -> Capability {
@@ -59,11 +68,11 @@ fn read_capability() -> Capability {
         Ok("avx2") => Capability::Avx2,
         Ok("auto") | Err(std::env::VarError::NotPresent) => Capability::Auto,
         Ok(other) => {
-            eprintln!("dropblock: ignoring {CAPABILITY_VAR}={other:?} ({EXPECTED})");
+            warn(format_args!("ignoring {CAPABILITY_VAR}={other:?} ({EXPECTED})"));
             Capability::Auto
         }
         Err(std::env::VarError::NotUnicode(_)) => {
-            eprintln!("dropblock: ignoring {CAPABILITY_VAR}, which is not UTF-8 ({EXPECTED})");
+            warn(format_args!("ignoring {CAPABILITY_VAR}, which is not UTF-8 ({EXPECTED})"));
             Capability::Auto
         }
     }
@@ -135,7 +144,11 @@ pub(crate) fn skip_form_test(test: &str, form: &str, runs: bool, expected: bool)
         !(required && expected),
         "{test}: the {form} form does not run, although this CPU has it and DROPBLOCK_REQUIRE_SIMD=1"
     );
-    eprintln!("{test}: skipped, the {form} form does not run here (CPU, toolchain or DROPBLOCK_CPU_CAPABILITY)");
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: skipped, the {form} form does not run here (CPU, toolchain or DROPBLOCK_CPU_CAPABILITY)"
+    );
     true
 }
 

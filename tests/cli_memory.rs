@@ -1,7 +1,8 @@
 //! The command line's peak memory, in a test binary of its own: the child's peak
 //! as the kernel counts it starts from this process's memory at the fork (below),
 //! which other tests in the same process (the behaviour suite's, run in parallel,
-//! some holding hundreds of MB) would otherwise add to it.
+//! some holding hundreds of MB) would otherwise add to it. The tests here hold
+//! nothing tensor-sized, so they may run in parallel.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,8 +27,7 @@ fn write_npy(path: &Path, shape: &[u64], data: impl Iterator<Item = f32>) {
 /// (a no-op `pre_exec` makes std fork instead of `posix_spawn`): a spawned child
 /// shares this process's memory until it execs, and the kernel would count this
 /// process's peak as the child's. A forked one starts from this process's current
-/// memory, which is kept small: nothing tensor-sized is held here, and no other test
-/// runs in this binary.
+/// memory, which is kept small: no test in this binary holds anything tensor-sized.
 #[cfg(target_os = "linux")]
 fn peak_rss(args: &[&str]) -> u64 {
     use std::os::unix::process::CommandExt;
@@ -91,4 +91,38 @@ fn apply_peak_memory_is_x_y_and_the_keep_bits() {
         "apply --keep-mask peaked at {with} bytes: more than x, y, the bits and the mask ({byte_mask}) over {base}"
     );
     assert!(with >= without + byte_mask / 2, "the byte mask ({byte_mask}) is not in the peak: {with} vs {without}");
+}
+
+/// `bench` holds what its pass touches: x, y and the keep bits for a forward, dx
+/// as well for a backward, the bits alone for `--sampling` (which held x, y and dx,
+/// 3x the tensor, for nothing). Within the same 6 MiB as `apply`'s bound.
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_peak_memory_is_what_its_pass_touches() {
+    let dims = [16usize, 256, 64, 64];
+    let n = dims.iter().product::<usize>() as u64;
+    let run = |shape: &str, pass: Option<&str>| {
+        let mut args = vec!["bench", "--device", "cpu", "--shape", shape, "--block", "3", "--iters", "1"];
+        args.extend(pass);
+        peak_rss(&args)
+    };
+    let big = dims.map(|d| d.to_string()).join(",");
+    let base = run("1,1,8,8", None);
+    let (tensor, bits, slack) = (4 * n, n / 8, 6 << 20);
+    let sampling = run(&big, Some("--sampling"));
+    assert!(
+        sampling <= base + bits + slack,
+        "bench --sampling peaked at {sampling} bytes: more than the bits ({bits}) over {base}"
+    );
+    let forward = run(&big, None);
+    assert!(
+        forward <= base + 2 * tensor + bits + slack,
+        "bench peaked at {forward} bytes: more than x and y ({tensor} each) and the bits ({bits}) over {base}"
+    );
+    let backward = run(&big, Some("--backward"));
+    assert!(
+        backward <= base + 3 * tensor + bits + slack,
+        "bench --backward peaked at {backward} bytes: more than x, y, dx ({tensor} each) and the bits over {base}"
+    );
+    assert!(backward >= forward + tensor / 2, "dx ({tensor}) is not in the backward's peak: {backward} vs {forward}");
 }

@@ -869,6 +869,17 @@ mod gpu {
         let mut counts = s.alloc_zeros::<u64>(dropblock::ShardCounts::len_for(volume)).unwrap();
         let err = d.sample_shard(s, &mut vstate, &mut counts, &square, &shard, key, Mode::Eval).unwrap_err();
         assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 }, "eval shard");
+        // An exact γ too large to sum (1025 classes on each of two axes), in eval too.
+        let exact = DropBlockConfig::builder(Block::uniform(1025).unwrap(), 0.1)
+            .gamma_rule(dropblock::GammaRule::ExactRate)
+            .build()
+            .unwrap();
+        let wide = Shape::new(1, 1, 2049, 2049).unwrap();
+        let mut wstate = d.alloc_state(s, wide).unwrap();
+        for mode in [Mode::Train, Mode::Eval] {
+            let err = d.sample_into(s, &mut wstate, &exact, wide, key, mode).unwrap_err();
+            assert!(matches!(err, dropblock::Error::TooManyCoverageClasses { .. }), "{mode:?}: {err}");
+        }
         // Noise fill needs the key on the host.
         let noisy = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1)
             .normalize(Normalize::None)

@@ -49,7 +49,7 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     // The device before the input: a --device that cannot run fails before a large read.
     let (runner, fallback) = Runner::select(a.device)?;
     if let Some(why) = fallback {
-        eprintln!("dropblock: no GPU ({why}): running on the CPU");
+        tell!("dropblock: no GPU ({why}): running on the CPU");
     }
     let (stored, x) = npy::read(&a.input)?;
     let shape = match a.layout {
@@ -75,7 +75,7 @@ pub fn run(a: ApplyArgs) -> Result<(), CliError> {
     if let Some(f) = mask_file {
         f.commit()?;
     }
-    eprintln!(
+    tell!(
         "dropblock: {} {} on {}: kept {} of {} ({:.4} dropped)",
         shape,
         x.dtype().name(),

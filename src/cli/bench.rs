@@ -63,9 +63,11 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     say!("bench: {shape} {} on {}, {cfg}", T::DTYPE.name(), runner.name())?;
     let times = match &runner {
         Runner::Cpu => {
-            let x = input::<T>(shape.numel())?;
-            let mut y = super::host_vec(shape.numel(), |_| T::default())?;
-            let mut dx = super::host_vec(shape.numel(), |_| T::default())?;
+            // Only the buffers the pass touches: sampling alone needs none.
+            let len = |needed: bool| if needed { shape.numel() } else { 0 };
+            let x = input::<T>(len(!a.sampling))?;
+            let mut y = super::host_vec(len(!a.sampling), |_| T::default())?;
+            let mut dx = super::host_vec(len(a.backward), |_| T::default())?;
             timed(iters, || {
                 let t = Instant::now();
                 if a.sampling {
@@ -152,11 +154,15 @@ fn cuda_times<T: CliElement>(
     a: &BenchArgs,
 ) -> Result<Vec<f64>, CliError> {
     use super::cuda_timing::{CudaTimer, Pass};
-    let mut timer = CudaTimer::new(d, shape, &input::<T>(shape.numel())?)?;
     let pass = match (a.backward, a.sampling) {
         (true, _) => Pass::Backward,
         (_, true) => Pass::Sampling,
         _ => Pass::Forward,
     };
+    let x = match pass {
+        Pass::Sampling => None,
+        _ => Some(input::<T>(shape.numel())?),
+    };
+    let mut timer = CudaTimer::new(d, shape, x.as_deref())?;
     timed(iters, || Ok(timer.time(d, cfg, gen.next_key()?, pass)?))
 }

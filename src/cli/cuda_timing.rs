@@ -28,15 +28,23 @@ pub struct CudaTimer<T: CudaElement> {
 }
 
 impl<T: CudaElement> CudaTimer<T> {
-    /// Copies of `x` (of `shape`) on a new stream of `d`'s context.
-    pub fn new(d: &DropBlockCuda, shape: Shape, x: &[T]) -> Result<Self> {
+    /// Copies of `x` (of `shape`) and states on a new stream of `d`'s context; with
+    /// no `x`, states alone, for timing [`Pass::Sampling`] only (no tensors, so a
+    /// shape whose sampling fits the device is timed even where x and y would not).
+    pub fn new(d: &DropBlockCuda, shape: Shape, x: Option<&[T]>) -> Result<Self> {
         let stream = d.context().new_stream()?;
-        let bytes = 2 * shape.numel() * std::mem::size_of::<T>();
-        let copies = ROTATED_BYTES.div_ceil(bytes).clamp(1, MAX_COPIES);
+        // What a call streams: x and y, or the keep bits alone.
+        let bytes = match x {
+            Some(_) => 2 * shape.numel() * std::mem::size_of::<T>(),
+            None => shape.numel().div_ceil(8),
+        };
+        let copies = ROTATED_BYTES.div_ceil(bytes.max(1)).clamp(1, MAX_COPIES);
         let mut t = Self { stream, shape, xs: Vec::new(), ys: Vec::new(), states: Vec::new(), next: 0 };
         for _ in 0..copies {
-            t.xs.push(t.stream.clone_htod(x)?);
-            t.ys.push(t.stream.alloc_zeros::<T>(shape.numel())?);
+            if let Some(x) = x {
+                t.xs.push(t.stream.clone_htod(x)?);
+                t.ys.push(t.stream.alloc_zeros::<T>(shape.numel())?);
+            }
             t.states.push(d.alloc_state(&t.stream, shape)?);
         }
         Ok(t)
@@ -46,17 +54,17 @@ impl<T: CudaElement> CudaTimer<T> {
     /// untimed forward with `key`).
     pub fn time(&mut self, d: &DropBlockCuda, cfg: &DropBlockConfig, key: RngKey, pass: Pass) -> Result<f64> {
         let k = self.next;
-        self.next = (k + 1) % self.xs.len();
-        let (s, shape) = (&self.stream, self.shape);
-        let (x, y, state) = (&self.xs[k], &mut self.ys[k], &mut self.states[k]);
+        self.next = (k + 1) % self.states.len();
+        assert!(pass == Pass::Sampling || !self.xs.is_empty(), "a timer made without x times only Pass::Sampling");
+        let (s, shape, state) = (&self.stream, self.shape, &mut self.states[k]);
         if pass == Pass::Backward {
-            d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?;
+            d.forward_into(s, state, cfg, shape, key, Mode::Train, &self.xs[k], &mut self.ys[k])?;
         }
         let start = s.record_event(Some(CU_EVENT_DEFAULT))?;
         match pass {
-            Pass::Forward => d.forward_into(s, state, cfg, shape, key, Mode::Train, x, y)?,
+            Pass::Forward => d.forward_into(s, state, cfg, shape, key, Mode::Train, &self.xs[k], &mut self.ys[k])?,
             // dx overwrites dy = y in place: the values do not matter for timing.
-            Pass::Backward => d.backward_inplace(s, state, y)?,
+            Pass::Backward => d.backward_inplace(s, state, &mut self.ys[k])?,
             Pass::Sampling => d.sample_into(s, state, cfg, shape, key, Mode::Train)?,
         }
         let end = s.record_event(Some(CU_EVENT_DEFAULT))?;

@@ -9,6 +9,15 @@ macro_rules! say {
     }};
 }
 
+/// `eprintln!` that drops a failed write: with stderr closed (`2>&-`, a reader
+/// gone) the message is lost, not the command's work or its exit status.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `say!` for a command whose work is a file: a closed stdout (`dropblock demo |
 /// head -3`) ends the report, not the work.
 macro_rules! report {
@@ -128,6 +137,19 @@ impl ConfigArgs {
             .normalize(self.normalize)
             .fill(self.fill)
             .build()?)
+    }
+
+    /// The flags given that do not change one map's mask (`show`'s picture):
+    /// sharing, normalisation and fill act across planes or on values only.
+    fn mask_neutral_flags(&self) -> Vec<&'static str> {
+        [
+            (self.share != Sharing::None, "--share"),
+            (self.normalize != Normalize::Global, "--normalize"),
+            (self.fill != Fill::Zero, "--fill"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
     }
 
     fn key(&self) -> Result<dropblock::RngKey, CliError> {

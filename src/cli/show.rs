@@ -29,6 +29,13 @@ pub struct ShowArgs {
 }
 
 pub fn run(a: ShowArgs) -> Result<(), CliError> {
+    let ignored = a.config.mask_neutral_flags();
+    if !ignored.is_empty() {
+        return Err(CliError::Usage(format!(
+            "show draws one map's mask, which {} does not change",
+            ignored.join(" or ")
+        )));
+    }
     let cfg = a.config.config()?;
     let key = a.config.key()?;
     let zoom = a.zoom as usize;

@@ -425,8 +425,9 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     let global = shard.global();
     let zeroed_counts = || host_vec(ShardCounts::len_for(global), |_| 0u64);
     if mode == Mode::Eval || cfg.is_identity() {
-        // A block of another rank is refused in eval too, as training would refuse it.
-        cfg.block().sizes_for(shape.spatial_rank())?;
+        // Refuses what training would (a block of another rank, an exact γ too
+        // large to sum), for the whole call's shape, as training plans it.
+        Plan::check(cfg, global)?;
         let mut counts = zeroed_counts()?;
         counts[0] = shape.numel() as u64;
         let per = (shape.c() * shape.plane_len()) as u64;

@@ -665,7 +665,7 @@ impl DropBlockCuda {
         }
         check_buffer(stream, counts)?;
         let identity = mode == Mode::Eval || cfg.is_identity();
-        cfg.block().sizes_for(global.spatial_rank())?;
+        Plan::check(cfg, global)?;
         // Before the generator's guard, which with cudarc's event tracking would
         // enqueue a wait: a refused call enqueues nothing.
         if !identity && state.plane_kept.is_none() {
@@ -781,8 +781,9 @@ impl DropBlockCuda {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
-        // A block of another rank is refused in eval too, as training would refuse it.
-        cfg.block().sizes_for(shape.spatial_rank())?;
+        // Refuses in eval too what training would (a block of another rank, an
+        // exact γ too large to sum).
+        Plan::check(cfg, shape)?;
         // Before the state is touched: a call refused for its key leaves the last one.
         let (host_key, generator) = self.resolve_key(stream, cfg, identity, key)?;
         state.call = None;

@@ -60,18 +60,26 @@ mod tests {
     }
 
     /// With no profiler attached NVTX's calls return at once; ranges nest, end in
-    /// any order a scope allows, and open on many threads without a fault.
+    /// any order a scope allows, and open on many threads without a fault, each
+    /// building its message once (with the feature).
     #[test]
     fn ranges_without_a_profiler_do_nothing_harmful() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let built = AtomicUsize::new(0);
+        let message = |text: String| {
+            built.fetch_add(1, Ordering::Relaxed);
+            text
+        };
         std::thread::scope(|s| {
             for t in 0..4 {
                 s.spawn(move || {
                     for i in 0..100 {
-                        let _outer = range("dropblock::forward", || format!("thread {t} call {i} ✓"));
-                        let _inner = range("dropblock::backward", String::new);
+                        let _outer = range("dropblock::forward", || message(format!("thread {t} call {i} ✓")));
+                        let _inner = range("dropblock::backward", || message(String::new()));
                     }
                 });
             }
         });
+        assert_eq!(built.into_inner(), if cfg!(feature = "nvtx") { 800 } else { 0 });
     }
 }

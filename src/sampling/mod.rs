@@ -74,6 +74,18 @@ impl Plan {
         Ok(Self { geometry, sampling, gamma, gap_steps, gap_thresholds })
     }
 
+    /// What [`Self::new`] refuses for `cfg` on `shape`, checked without planning:
+    /// a block of another rank, and under [`GammaRule::ExactRate`] a block too large
+    /// for the exact sum. Eval and rate-0 calls, which plan nothing, check this so
+    /// that they refuse what a training call would, not the first training step.
+    pub(crate) fn check(cfg: &DropBlockConfig, shape: Shape) -> Result<()> {
+        let block = cfg.block().sizes_for(shape.spatial_rank())?;
+        if cfg.gamma_rule() == GammaRule::ExactRate && sums_coverage(cfg.drop_prob()) {
+            coverage_axes(&geometry(cfg, shape, block))?;
+        }
+        Ok(())
+    }
+
     /// The per-cell seed rate γ (before clamping to [0, 1] in the thresholds).
     pub fn gamma(&self) -> f64 {
         self.gamma
@@ -523,6 +535,21 @@ fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
 /// and their order are what they were before 3D.)
 /// Errors past [`MAX_COVERAGE_CLASSES`] classes, before allocating them.
 fn coverage(g: &abi::DropBlockGeometry) -> Result<Vec<(f64, f64)>> {
+    let [depth, rows, cols] = coverage_axes(g)?;
+    let mut terms = Vec::with_capacity(depth.len() * rows.len() * cols.len());
+    for &(c, cc) in &depth {
+        for &(a, ca) in &rows {
+            for &(b, cb) in &cols {
+                terms.push(((c * a * b) as f64, cc as f64 * ca as f64 * cb as f64));
+            }
+        }
+    }
+    Ok(terms)
+}
+
+/// Each axis's coverage classes present in the map, as `(seeds covering, cells)`,
+/// once their product is known to be at most [`MAX_COVERAGE_CLASSES`].
+fn coverage_axes(g: &abi::DropBlockGeometry) -> Result<[Vec<(u64, u64)>; 3]> {
     let too_many = |classes: u64| Error::TooManyCoverageClasses { classes, limit: MAX_COVERAGE_CLASSES };
     for (k, seeds) in [(g.kd, g.seed_d), (g.kh, g.seed_h), (g.kw, g.seed_w)] {
         let classes = k.min(seeds) as u64 + 1;
@@ -533,21 +560,19 @@ fn coverage(g: &abi::DropBlockGeometry) -> Result<Vec<(f64, f64)>> {
     let depth = coverage_histogram(g.d, g.kd, g.anchor_z, g.seed_d);
     let rows = coverage_histogram(g.h, g.kh, g.anchor_y, g.seed_h);
     let cols = coverage_histogram(g.w, g.kw, g.anchor_x, g.seed_w);
-    let present = |h: &[u64]| h.iter().enumerate().filter(|(_, &n)| n > 0).map(|(m, &n)| (m, n)).collect::<Vec<_>>();
-    let (depth, rows, cols) = (present(&depth), present(&rows), present(&cols));
-    let classes = [&depth, &rows, &cols].iter().fold(1u64, |acc, axis| acc.saturating_mul(axis.len() as u64));
+    let present = |h: &[u64]| h.iter().enumerate().filter(|(_, &n)| n > 0).map(|(m, &n)| (m as u64, n)).collect();
+    let axes: [Vec<(u64, u64)>; 3] = [present(&depth), present(&rows), present(&cols)];
+    let classes = axes.iter().fold(1u64, |acc, axis| acc.saturating_mul(axis.len() as u64));
     if classes > MAX_COVERAGE_CLASSES {
         return Err(too_many(classes));
     }
-    let mut terms = Vec::with_capacity(classes as usize);
-    for &(c, cc) in &depth {
-        for &(a, ca) in &rows {
-            for &(b, cb) in &cols {
-                terms.push(((c * a * b) as f64, cc as f64 * ca as f64 * cb as f64));
-            }
-        }
-    }
-    Ok(terms)
+    Ok(axes)
+}
+
+/// Whether ExactRate's γ for drop rate `p` needs the coverage sum: not at 0 (γ = 0)
+/// or 1 (γ = 1, every cell covered).
+fn sums_coverage(p: f64) -> bool {
+    p > 0.0 && p < 1.0
 }
 
 /// `x · D · H · W`, multiplied left to right (so with `D = 1` it is `x · H · W`
@@ -598,11 +623,8 @@ pub fn expected_drop_fraction(gamma: f64, g: &abi::DropBlockGeometry) -> Result<
 /// steps kept inside a shrinking bracket, falling back to bisection, converge in a
 /// handful of evaluations (this runs on the host at every call).
 fn exact_rate_gamma(p: f64, g: &abi::DropBlockGeometry, paper: f64) -> Result<f64> {
-    if p <= 0.0 {
-        return Ok(0.0);
-    }
-    if p >= 1.0 {
-        return Ok(1.0);
+    if !sums_coverage(p) {
+        return Ok(if p <= 0.0 { 0.0 } else { 1.0 });
     }
     let terms = coverage(g)?;
     let target = times_plane_cells(1.0 - p, g);

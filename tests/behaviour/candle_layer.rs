@@ -134,9 +134,14 @@ fn a_forward_that_fails_late_gives_its_key_back() -> R {
     let exact = DropBlockConfig::builder(Block::uniform(1025)?, 0.1).gamma_rule(GammaRule::ExactRate).build()?;
     let layer = DropBlock::new(exact, SEED);
     let before = layer.generator_state();
-    let e = layer.forward_t(&Tensor::zeros((1, 1, 2049, 2049), DType::F32, &CPU)?, true).unwrap_err();
+    let big = Tensor::zeros((1, 1, 2049, 2049), DType::F32, &CPU)?;
+    let e = layer.forward_t(&big, true).unwrap_err();
     assert!(e.to_string().contains("coverage classes"), "{e}");
     assert_eq!(layer.generator_state(), before, "a failed forward keeps no key");
+    // Eval refuses it too (before drawing anything), as training does.
+    let e = layer.forward_t(&big, false).unwrap_err();
+    assert!(e.to_string().contains("coverage classes"), "eval: {e}");
+    assert_eq!(layer.generator_state(), before);
     // On a map where the block leaves one seed position, the forward runs, with the
     // key the failed one drew.
     let x = randn(&[1, 2, 1025, 1025], DType::F32, &CPU)?;

@@ -564,6 +564,35 @@ fn a_closed_stdout_stops_the_command_quietly() {
     assert!(png.exists(), "demo with a closed stdout wrote no picture");
 }
 
+/// A closed stderr (a reader gone, `2>&-`) costs the messages, not the work or the
+/// exit status: `eprintln!` panicked, and the command exited 101 whatever it had
+/// done. `apply` writes its summary there on success, errors are reported there,
+/// and a bad `DROPBLOCK_CPU_CAPABILITY` is warned of there by the library.
+#[test]
+fn a_closed_stderr_keeps_the_work_and_the_exit_status() {
+    let with_stderr_closed = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
+            .args(args)
+            .env("DROPBLOCK_CPU_CAPABILITY", "fastest")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run dropblock");
+        drop(child.stderr.take());
+        child.wait_with_output().expect("wait for dropblock").status.code()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+    write_npy(&xp, "<f4", &[1, 2, 9, 9], &common::input(162, 3));
+    let (xs, ys) = (xp.to_str().unwrap(), yp.to_str().unwrap());
+    assert_eq!(with_stderr_closed(&["apply", "--device", "cpu", "--input", xs, "--output", ys]), Some(0));
+    assert!(yp.exists(), "apply with a closed stderr wrote no output");
+    let missing = dir.path().join("missing.npy");
+    let args = ["apply", "--device", "cpu", "--input", missing.to_str().unwrap(), "--output", ys];
+    assert_eq!(with_stderr_closed(&args), Some(1), "a failed command");
+    assert_eq!(with_stderr_closed(&["apply", "--no-such-flag"]), Some(2), "a usage error");
+}
+
 #[test]
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();
@@ -607,4 +636,13 @@ fn demo_and_show_write_pictures() {
     let again = dir.path().join("again.png");
     let (image, again) = (shown.to_str().unwrap(), again.to_str().unwrap());
     assert_one_line_error(&["show", "--image", image, "--size", "3x3", "--png", again], "--image");
+    // Flags that cannot change one map's mask are refused, not silently ignored.
+    for (flags, needle) in [
+        (&["--share", "channels"][..], "which --share does not change"),
+        (&["--normalize", "none", "--fill", "noise"], "which --normalize or --fill does not change"),
+    ] {
+        let mut args = vec!["show", "--size", "8x8", "--png", again];
+        args.extend_from_slice(flags);
+        assert_one_line_error(&args, needle);
+    }
 }

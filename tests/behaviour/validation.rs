@@ -268,8 +268,18 @@ fn exact_rate_with_too_large_a_block_is_a_typed_error() {
     ] {
         let err = Plan::new(&cfg, shape, key).unwrap_err();
         assert!(matches!(err, Error::TooManyCoverageClasses { limit: MAX_COVERAGE_CLASSES, .. }), "{shape}: {err}");
-        let err = cpu::sample(&cfg, shape, key, Mode::Train).unwrap_err();
-        assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "{shape}: {err}");
+        // Eval plans nothing but refuses what training would, on every CPU entry;
+        // at drop_prob 0 training sums nothing (γ = 0), so neither refuses.
+        for mode in [Mode::Train, Mode::Eval] {
+            let err = cpu::sample(&cfg, shape, key, mode).unwrap_err();
+            assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "{shape} {mode:?}: {err}");
+            let err = cpu::sample_shard(&cfg, &dropblock::Shard::whole(shape), key, mode).map(|_| ()).unwrap_err();
+            assert!(matches!(err, Error::TooManyCoverageClasses { .. }), "sample_shard {shape} {mode:?}: {err}");
+        }
+        let zero = cfg.with_drop_prob(0.0).unwrap();
+        for mode in [Mode::Train, Mode::Eval] {
+            assert!(cpu::sample(&zero, shape, key, mode).is_ok(), "{shape} {mode:?} at drop_prob 0");
+        }
         // The paper's γ needs no classes; the expected fraction does.
         let paper = cfg.to_builder().gamma_rule(GammaRule::Paper).build().unwrap();
         let plan = Plan::new(&paper, shape, key).unwrap();
