@@ -550,7 +550,7 @@ mod gpu {
             let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
             s.synchronize().unwrap();
             s.begin_capture(capture).unwrap();
-            d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, &mut gen, Mode::Train).unwrap();
+            d.sample_shard(s, &mut state, &cfg, &shard, &mut gen, Mode::Train, &mut counts).unwrap();
             if shard.is_whole() {
                 // The counts are the whole tensor's: no reduction to capture.
                 d.finish_shard(s, &mut state, &counts).unwrap();
@@ -582,13 +582,13 @@ mod gpu {
             refused_while_capturing(s, dropblock::Error::AllocationInCapture, what, call)
         };
         refused_under_capture("a first drawing sample_shard", &mut || {
-            d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train)
+            d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut counts)
         });
         refused_under_capture("alloc_shard_state", &mut || d.alloc_shard_state(s, &shard).map(|_| ()));
         refused_under_capture("alloc_state", &mut || d.alloc_state(s, global).map(|_| ()));
         refused_under_capture("DeviceGenerator::new", &mut || DeviceGenerator::new(s, 1, 0).map(|_| ()));
         refused_under_capture("forward", &mut || d.forward(s, &cfg, global, key, Mode::Train, &xd, &mut y).map(|_| ()));
-        d.sample_shard(s, &mut state, &mut counts, &cfg, &shard, key, Mode::Train).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut counts).unwrap();
         assert!(state.plan().is_some(), "the call outside capture drew a mask");
     }
 
@@ -727,11 +727,11 @@ mod gpu {
                 let device = cfg.fill() == dropblock::Fill::Zero && key.offset() <= DeviceGenerator::MAX_START_OFFSET;
                 if device && (case + i) % 2 == 1 {
                     let mut gen = DeviceGenerator::new(st, key.seed(), key.offset()).unwrap();
-                    d.sample_shard(st, &mut state, &mut c, &cfg, shard, &mut gen, Mode::Train).unwrap();
+                    d.sample_shard(st, &mut state, &cfg, shard, &mut gen, Mode::Train, &mut c).unwrap();
                     let stepped = gen.key(st).unwrap();
                     assert_eq!(stepped, RngKey::new(key.seed(), key.offset() + 17).unwrap(), "{ctx}: generator");
                 } else {
-                    d.sample_shard(st, &mut state, &mut c, &cfg, shard, key, Mode::Train).unwrap();
+                    d.sample_shard(st, &mut state, &cfg, shard, key, Mode::Train, &mut c).unwrap();
                 }
                 states.push(state);
                 counts.push(c);
@@ -776,7 +776,7 @@ mod gpu {
         let key = RngKey::new(3, 0).unwrap();
         let mut state = d.alloc_state(s, shard.local()).unwrap();
         let mut c = s.alloc_zeros::<u64>(5).unwrap();
-        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Train).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let xd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         let mut yd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         assert_eq!(d.apply(s, &state, &xd, &mut yd), Err(dropblock::Error::ShardNotFinished));
@@ -785,18 +785,18 @@ mod gpu {
         d.sample_into(s, &mut whole, &cfg, shard.local(), key, Mode::Train).unwrap();
         assert_eq!(d.finish_shard(s, &mut whole, &c), Err(dropblock::Error::NotAShardCall));
         // An eval call on a shard: everything kept, its counts the box's sizes, y = x.
-        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Eval).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Eval, &mut c).unwrap();
         let per = (8 * 14 * 14) as u64;
         assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per]);
         // It draws nothing, so a device generator stays where it was; noise fill
         // refuses one, as the forward does.
         let mut gen = DeviceGenerator::new(s, 5, 10).unwrap();
-        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, &mut gen, Mode::Eval).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, &mut gen, Mode::Eval, &mut c).unwrap();
         assert_eq!(gen.key(s).unwrap(), RngKey::new(5, 10).unwrap());
         let noisy = common::with_noise_fill(&cfg);
-        let err = d.sample_shard(s, &mut state, &mut c, &noisy, &shard, &mut gen, Mode::Train).unwrap_err();
+        let err = d.sample_shard(s, &mut state, &noisy, &shard, &mut gen, Mode::Train, &mut c).unwrap_err();
         assert_eq!(err, dropblock::Error::NoiseNeedsHostKey);
-        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Eval).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Eval, &mut c).unwrap();
         d.finish_shard(s, &mut state, &c).unwrap();
         let xs: Vec<f32> = common::input(shard.local().numel(), 5);
         let xd = s.clone_htod(&xs).unwrap();
@@ -804,7 +804,7 @@ mod gpu {
         assert_eq!(s.clone_dtoh(&yd).unwrap(), xs);
         // Counts no shards could give: every scale NaN (the device cannot return
         // the CPU's ImpossibleShardCounts without a sync).
-        d.sample_shard(s, &mut state, &mut c, &cfg, &shard, key, Mode::Train).unwrap();
+        d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let good = s.clone_dtoh(&c).unwrap();
         for bad in [vec![good[0] + 1, good[1], good[2], good[3], good[4]], vec![2 * per + 1, 0, 0, per + 1, per]] {
             assert!(dropblock::ShardCounts::from_entries(global, bad.clone()).is_err(), "{bad:?}");
@@ -816,7 +816,7 @@ mod gpu {
         d.finish_shard(s, &mut state, &c).unwrap();
         assert!(state.scales(s).unwrap().iter().all(|v| v.is_finite()));
         let mut short = s.alloc_zeros::<u64>(4).unwrap();
-        let err = d.sample_shard(s, &mut state, &mut short, &cfg, &shard, key, Mode::Train).unwrap_err();
+        let err = d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut short).unwrap_err();
         assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 }));
         #[cfg(feature = "nccl")]
         if quick() {
@@ -867,7 +867,7 @@ mod gpu {
         let shard = dropblock::Shard::whole(volume);
         let mut vstate = d.alloc_shard_state(s, &shard).unwrap();
         let mut counts = s.alloc_zeros::<u64>(dropblock::ShardCounts::len_for(volume)).unwrap();
-        let err = d.sample_shard(s, &mut vstate, &mut counts, &square, &shard, key, Mode::Eval).unwrap_err();
+        let err = d.sample_shard(s, &mut vstate, &square, &shard, key, Mode::Eval, &mut counts).unwrap_err();
         assert_eq!(err, dropblock::Error::BlockRankMismatch { block: 2, shape: 3 }, "eval shard");
         // An exact γ too large to sum (1025 classes on each of two axes), in eval too.
         let exact = DropBlockConfig::builder(Block::uniform(1025).unwrap(), 0.1)

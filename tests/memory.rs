@@ -45,9 +45,12 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
 }
 
 /// Room for everything that does not grow with the tensor: the plan, per-sample
-/// counts and scales (a few words a sample), rayon's jobs.
+/// counts and scales (a few words a sample), and rayon's jobs, of which each
+/// worker holds some at a time (measured: 1.5 KB a thread at 4096x4096x1x1, from
+/// 1 to 32 threads), so that a runner of many cores does not fail a bound set by
+/// a small one.
 fn constant(n: usize) -> usize {
-    64 * 1024 + 32 * n
+    64 * 1024 + 32 * n + 4 * 1024 * rayon::current_num_threads()
 }
 
 /// Room for the scratch of a channels-last sampling's tiles: one a thread, of

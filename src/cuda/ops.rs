@@ -647,11 +647,11 @@ impl DropBlockCuda {
         &self,
         stream: &Arc<CudaStream>,
         state: &mut DeviceState,
-        counts: &mut impl DevicePtrMut<u64>,
         cfg: &DropBlockConfig,
         shard: &Shard,
         key: impl Into<KeySource<'k>>,
         mode: Mode,
+        counts: &mut impl DevicePtrMut<u64>,
     ) -> Result<()> {
         let _range = ranges::range("dropblock::sample_shard", || format!("{shard:?} {mode:?}: {cfg}"));
         self.check_call(stream, state)?;
