@@ -172,6 +172,55 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 pub struct Output {
     file: tempfile::NamedTempFile,
     path: std::path::PathBuf,
+    _pending: Pending,
+}
+
+/// The temporary outputs not yet renamed into place. A signal (Ctrl-C, SIGTERM,
+/// SIGHUP) ends the process without the destructors that remove them, so a
+/// handler, installed before the first one is made, removes them: an interrupted
+/// `apply` left a tensor-sized hidden file beside its output.
+static PENDING: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<std::path::PathBuf>> {
+    PENDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One temporary output's entry in [`PENDING`], removed when it is dropped (after
+/// the rename, or after the file on an error).
+struct Pending(std::path::PathBuf);
+
+impl Pending {
+    /// A temporary file from `make`, listed before the handler can look: the list
+    /// stays locked from before the file exists until it is on it.
+    fn create(
+        make: impl FnOnce() -> std::io::Result<tempfile::NamedTempFile>,
+    ) -> std::io::Result<(tempfile::NamedTempFile, Self)> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // Without a handler (one set already) a signal leaves the file, as before.
+            let _ = ctrlc::set_handler(|| {
+                // A rename racing this either lands whole or fails: no half output.
+                for temp in pending().iter() {
+                    let _ = std::fs::remove_file(temp);
+                }
+                std::process::exit(130);
+            });
+        });
+        let mut list = pending();
+        let file = make()?;
+        list.push(file.path().to_path_buf());
+        let entry = Self(file.path().to_path_buf());
+        Ok((file, entry))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut list = pending();
+        if let Some(i) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(i);
+        }
+    }
 }
 
 impl Output {
@@ -189,10 +238,9 @@ impl Output {
         // (tempfile's own default is owner-only).
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        let file = builder
-            .tempfile_in(dir)
+        let (file, _pending) = Pending::create(|| builder.tempfile_in(dir))
             .map_err(|e| CliError::File(format!("{}: cannot create a file there: {e}", path.display())))?;
-        Ok(Self { file, path: path.to_path_buf() })
+        Ok(Self { file, path: path.to_path_buf(), _pending })
     }
 
     pub fn file(&mut self) -> &mut std::fs::File {
@@ -200,8 +248,8 @@ impl Output {
     }
 
     pub fn commit(self) -> Result<(), CliError> {
-        let path = self.path;
-        self.file.persist(&path).map_err(|e| CliError::File(format!("{}: {}", path.display(), e.error)))?;
+        let Self { file, path, _pending } = self;
+        file.persist(&path).map_err(|e| CliError::File(format!("{}: {}", path.display(), e.error)))?;
         Ok(())
     }
 }

@@ -593,6 +593,58 @@ fn a_closed_stderr_keeps_the_work_and_the_exit_status() {
     assert_eq!(with_stderr_closed(&["apply", "--no-such-flag"]), Some(2), "a usage error");
 }
 
+/// An interrupted `apply` (Ctrl-C, SIGTERM) removes its temporary outputs and
+/// exits 130; a signal's default action left them beside the output, hidden and
+/// tensor-sized. The signal is sent once a temporary file is seen: a run that
+/// finishes first is tried again on a larger tensor.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_apply_leaves_no_temporary_files() {
+    let temporaries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with(".tmp"))
+            .collect()
+    };
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut caught = false;
+        for rows in [1usize << 10, 1 << 12, 1 << 14] {
+            let dir = tempfile::tempdir().unwrap();
+            let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
+            write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
+                .args(["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output"])
+                .args([yp.to_str().unwrap(), "--keep-mask", mp.to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("run dropblock");
+            let seen = loop {
+                if !temporaries(dir.path()).is_empty() {
+                    break true;
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break false;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            };
+            if seen {
+                // SAFETY: a signal to our own child, not yet reaped.
+                unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+            }
+            let status = child.wait().unwrap();
+            assert_eq!(temporaries(dir.path()), Vec::<String>::new(), "signal {signal}, {status:?}");
+            if seen && status.code() == Some(130) {
+                caught = true;
+                break;
+            }
+            assert!(status.success(), "signal {signal}: {status:?}");
+        }
+        assert!(caught, "signal {signal}: apply never ran long enough to interrupt");
+    }
+}
+
 #[test]
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();
