@@ -466,17 +466,20 @@ dropblock_shard_count_planes(DropBlockShard sh, DropBlockApply a, uint32_t* bits
     }
 }
 
-// A shard's counts: `counts` (1 + global N, zeroed by the host) gets the kept
-// elements of each local sample at its global sample's entry, and their sum at 0
-// (every element, without `plane_kept`: an identity call). Steps `device_key`
-// past the call where given: it runs after dropblock_shard_blocks, the call's
-// only reader of the key, in stream order.
+// A shard's counts: `counts` (1 + 2·global N, zeroed by the host) gets the kept
+// elements of each local sample at its global sample's entry, their sum at 0
+// (every element, without `plane_kept`: an identity call), and each local
+// sample's elements in the box at its covered entry (ShardCounts). Steps
+// `device_key` past the call where given: it runs after dropblock_shard_blocks,
+// the call's only reader of the key, in stream order.
 extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsigned long long* plane_kept,
                        unsigned long long* counts, unsigned long long* device_key) {
+    const uint64_t samples = sh.global_numel / sh.global_sample;
     for (uint64_t n = global_thread(); n < sh.n; n += threads_in_grid()) {
         const uint64_t kept = shard_sample_kept(g, sh, plane_kept, n);
         counts[1 + sh.n0 + n] = kept;
+        counts[1 + samples + sh.n0 + n] = shard_sample_elements(sh);
         if (kept) atomicAdd(&counts[0], (unsigned long long)kept);
     }
     if (device_key && global_thread() == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
@@ -485,11 +488,14 @@ dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsi
 // The scales of a shard from the counts summed over every shard: the same f64
 // division, rounded to f32, on every shard (count_scale). One scale, or one per
 // local sample under PerSample. One block: it first checks the counts as
-// ShardCounts::check does on the host (no sample keeps more than its C·L
-// elements, the total is the samples' sum). The device cannot return an error
+// ShardCounts::check does on the host (no sample covered past its C·L elements
+// nor keeping more than is covered, the total the samples' sum), and for the
+// scales that divide by them as check_covered does (every sample covered whole
+// for Global, the shard's own for PerSample). The device cannot return an error
 // without a host sync, so counts no shards could give (a faulty reduction,
-// another shape's counts) make every scale NaN: y (dx under noise fill) then says
-// so, where a finite scale from them would be wrong without a sign.
+// another shape's counts) or not summed over every shard make every scale NaN: y
+// (dx under noise fill) then says so, where a finite scale from them would be
+// wrong without a sign.
 extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
     __shared__ unsigned long long block_sum;
@@ -500,27 +506,34 @@ dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long 
     // Every entry is summed, but a sum is used only when no entry exceeds its
     // sample's C·L (`impossible` otherwise): then it is at most N·C·L and cannot
     // have wrapped.
+    // Bit 0: counts no shards could give; bit 1: a sample not covered whole; bit
+    // 2: one of the shard's own samples not covered whole.
     uint64_t sum = 0;
-    bool bad = false;
+    unsigned flags = 0;
     for (uint64_t n = threadIdx.x; n < samples; n += blockDim.x) {
-        const uint64_t kept = counts[1 + n];
-        bad |= kept > sh.global_sample;
+        const uint64_t kept = counts[1 + n], covered = counts[1 + samples + n];
+        if (covered > sh.global_sample || kept > covered) flags |= 1u;
+        if (covered != sh.global_sample) flags |= n - sh.n0 < sh.n ? 6u : 2u;
         sum += kept;
     }
     sum = warp_sum(sum);
-    if (bad) atomicOr(&impossible, 1u);
+    if (flags) atomicOr(&impossible, flags);
     if ((threadIdx.x & 31) == 0) atomicAdd(&block_sum, (unsigned long long)sum);
     __syncthreads();
-    const bool valid = !impossible && block_sum == counts[0];
+    const bool valid = !(impossible & 1u) && block_sum == counts[0];
     const float nan = __int_as_float(0x7fc00000);
     switch (a.normalize) {
-        case DROPBLOCK_NORM_GLOBAL:
-            if (threadIdx.x == 0) scales[0] = valid ? count_scale(sh.global_numel, counts[0]) : nan;
+        case DROPBLOCK_NORM_GLOBAL: {
+            const bool whole = valid && !(impossible & 2u);
+            if (threadIdx.x == 0) scales[0] = whole ? count_scale(sh.global_numel, counts[0]) : nan;
             break;
-        case DROPBLOCK_NORM_PER_SAMPLE:
+        }
+        case DROPBLOCK_NORM_PER_SAMPLE: {
+            const bool whole = valid && !(impossible & 4u);
             for (uint64_t n = threadIdx.x; n < sh.n; n += blockDim.x)
-                scales[n] = valid ? count_scale(sh.global_sample, counts[1 + sh.n0 + n]) : nan;
+                scales[n] = whole ? count_scale(sh.global_sample, counts[1 + sh.n0 + n]) : nan;
             break;
+        }
         default:
             if (threadIdx.x == 0) scales[0] = valid ? a.fixed_scale : nan;
     }

@@ -1,7 +1,8 @@
 // A shard's part of the mask (src/shard.rs): the seeds whose blocks reach the
 // shard's box, grown clipped to it into its own planes' bits, and its kept counts
-// in the layout every shard shares ([total, kept of global sample 0 .. N-1]), to be
-// summed across shards before the scales are computed from them.
+// in the layout every shard shares ([total, kept of global sample 0 .. N-1,
+// covered of sample 0 .. N-1]), to be summed across shards before the scales are
+// computed from them.
 //
 // Grid-wide passes over global memory with 64-bit positions: a shard's box is any
 // size, and these kernels are not yet tuned (see docs/PERF.md).
@@ -87,11 +88,16 @@ __device__ __forceinline__ uint64_t shard_sample_items(const DropBlockGeometry& 
     return sh.planes * (sh.part_hi - sh.part_lo);
 }
 
+// The elements of one of the shard's samples in its box: C·D·H·W.
+__device__ __forceinline__ uint64_t shard_sample_elements(const DropBlockShard& sh) {
+    return (uint64_t)sh.c * sh.extent[0] * sh.extent[1] * sh.extent[2];
+}
+
 // Kept elements of local sample `n`: its slices' planes' kept cells, or with no
 // plane counts (an identity call) all of its elements.
 __device__ __forceinline__ uint64_t shard_sample_kept(const DropBlockGeometry& g, const DropBlockShard& sh,
                                                       const unsigned long long* plane_kept, uint64_t n) {
-    if (!plane_kept) return (uint64_t)sh.c * sh.extent[0] * sh.extent[1] * sh.extent[2];
+    if (!plane_kept) return shard_sample_elements(sh);
     uint64_t kept = 0;
     switch (g.sharing) {
         case DROPBLOCK_SHARE_NONE:

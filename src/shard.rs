@@ -226,19 +226,25 @@ fn to_volume(shape: Shape, v: &[usize]) -> [usize; 5] {
 
 /// The kept counts of a shard, in the layout every shard shares so that an
 /// element-wise sum over shards (an all-reduce) gives the global counts:
-/// `[kept over the whole tensor, kept in sample 0, ..., kept in sample N-1]`, `N`
-/// the *global* batch, each entry the shard's part (0 for samples it does not hold).
+/// `[kept over the whole tensor, kept in sample 0, ..., kept in sample N-1,
+/// covered of sample 0, ..., covered of sample N-1]`, `N` the *global* batch,
+/// each entry the shard's part (0 for samples it does not hold). A sample's
+/// covered entry counts the shard's elements of it: summed over every shard that
+/// holds the sample it is the sample's `C·L`, which is how a scale that divides
+/// by the kept counts ([`Normalize::Global`](crate::Normalize): every sample's;
+/// `PerSample`: the shard's own) knows they are whole, not one shard's part or a
+/// reduction that missed one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardCounts(pub(crate) Vec<u64>);
 
 impl ShardCounts {
-    /// Entries of the counts of a global shape: `1 + N`.
+    /// Entries of the counts of a global shape: `1 + 2N`.
     pub fn len_for(global: Shape) -> usize {
-        1 + global.n()
+        1 + 2 * global.n()
     }
 
     /// Counts from their entries (after a reduction). Errors unless there are
-    /// `1 + N` of them for `global` and some shards of `global` could have them
+    /// `1 + 2N` of them for `global` and some shards of `global` could have them
     /// ([`ShardCounts::check`]).
     pub fn from_entries(global: Shape, entries: Vec<u64>) -> Result<Self> {
         let counts = Self(entries);
@@ -247,19 +253,22 @@ impl ShardCounts {
     }
 
     /// Errors unless these counts could be the sum of some shards' of `global`:
-    /// `1 + N` entries, no sample keeping more than its `C·L` elements, and the
-    /// total the samples' sum (so at most the tensor's elements). A scale computed
-    /// from any other counts (a faulty reduction, the counts of another shape)
-    /// would be wrong without a sign.
+    /// `1 + 2N` entries, no sample covered past its `C·L` elements nor keeping
+    /// more than is covered, and the total the samples' sum. A scale computed
+    /// from any other counts (a faulty reduction, the counts of another shape, a
+    /// shard counted twice) would be wrong without a sign. Whether they are the
+    /// sum of every shard is [`ShardCounts::check_covered`].
     pub fn check(&self, global: Shape) -> Result<()> {
         let expected = Self::len_for(global);
         if self.0.len() != expected {
             return Err(Error::LengthMismatch { what: "shard counts", expected, actual: self.0.len() });
         }
         let per = (global.c() * global.plane_len()) as u64;
-        if let Some((n, kept)) = self.per_sample().iter().enumerate().find(|&(_, &k)| k > per) {
+        let samples = self.per_sample().iter().zip(self.covered());
+        if let Some((n, (kept, covered))) = samples.enumerate().find(|(_, (&k, &c))| c > per || k > c) {
             return Err(Error::ImpossibleShardCounts(format!(
-                "sample {n} keeps {kept} elements of its {per} ({global})"
+                "sample {n} keeps {kept} of {covered} elements covered, of its {per} ({global}): a shard counted \
+                 twice, or another shape's counts"
             )));
         }
         // At most N·C·L, which fits: the shape's element count does.
@@ -273,15 +282,38 @@ impl ShardCounts {
         Ok(())
     }
 
-    /// The entries, `[total, sample 0, ..., sample N-1]`.
+    /// Errors unless these counts ([`ShardCounts::check`]ed) cover every element
+    /// of `samples` of `global`: summed over every shard that holds them, as a
+    /// scale that divides by their kept counts needs. A shard's own counts of
+    /// samples other shards share, or a reduction that missed a shard, cover less.
+    pub fn check_covered(&self, global: Shape, samples: std::ops::Range<usize>) -> Result<()> {
+        self.check(global)?;
+        let per = (global.c() * global.plane_len()) as u64;
+        let covered = self.covered().get(samples.clone()).ok_or(Error::OutOfRange {
+            what: "n",
+            value: samples.end as u64,
+            len: global.n() as u64,
+        })?;
+        if let Some((i, c)) = covered.iter().enumerate().find(|&(_, &c)| c != per) {
+            return Err(Error::ImpossibleShardCounts(format!(
+                "sample {} is covered by {c} of its {per} elements ({global}): the counts are not summed over every \
+                 shard",
+                samples.start + i
+            )));
+        }
+        Ok(())
+    }
+
+    /// The entries, `[total, kept of each sample, covered of each sample]`.
     pub fn entries(&self) -> &[u64] {
         &self.0
     }
 
     /// Adds `other`'s entries into these: the reduction of two shards' counts.
     /// Errors, leaving these as they were, when the lengths differ or an entry
-    /// overflows (which checked counts cannot: each entry is at most the tensor's
-    /// elements, under 2^63).
+    /// overflows (which the counts of one tensor's shards cannot: summed, each
+    /// entry is at most the tensor's elements, under 2^63; counts that overlap
+    /// many times can).
     pub fn add(&mut self, other: &ShardCounts) -> Result<()> {
         if other.0.len() != self.0.len() {
             return Err(Error::LengthMismatch { what: "shard counts", expected: self.0.len(), actual: other.0.len() });
@@ -298,7 +330,16 @@ impl ShardCounts {
 
     /// Kept elements of each sample.
     pub fn per_sample(&self) -> &[u64] {
-        &self.0[1..]
+        &self.0[1..1 + self.samples()]
+    }
+
+    /// Elements of each sample covered by the shards counted.
+    pub fn covered(&self) -> &[u64] {
+        &self.0[1 + self.samples()..]
+    }
+
+    fn samples(&self) -> usize {
+        self.0.len() / 2
     }
 }
 

@@ -775,7 +775,7 @@ mod gpu {
         let cfg = DropBlockConfig::paper(3, 0.2).unwrap();
         let key = RngKey::new(3, 0).unwrap();
         let mut state = d.alloc_state(s, shard.local()).unwrap();
-        let mut c = s.alloc_zeros::<u64>(5).unwrap();
+        let mut c = s.alloc_zeros::<u64>(9).unwrap();
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let xd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         let mut yd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
@@ -787,7 +787,7 @@ mod gpu {
         // An eval call on a shard: everything kept, its counts the box's sizes, y = x.
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Eval, &mut c).unwrap();
         let per = (8 * 14 * 14) as u64;
-        assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per]);
+        assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per, 0, 0, per, per]);
         // It draws nothing, so a device generator stays where it was; noise fill
         // refuses one, as the forward does.
         let mut gen = DeviceGenerator::new(s, 5, 10).unwrap();
@@ -806,18 +806,33 @@ mod gpu {
         // the CPU's ImpossibleShardCounts without a sync).
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let good = s.clone_dtoh(&c).unwrap();
-        for bad in [vec![good[0] + 1, good[1], good[2], good[3], good[4]], vec![2 * per + 1, 0, 0, per + 1, per]] {
+        let mut off_by_one = good.clone();
+        off_by_one[0] += 1;
+        let mut twice = good.clone();
+        twice[7] = 2 * per; // sample 2 covered twice
+        for bad in [off_by_one, vec![2 * per + 1, 0, 0, per + 1, per, 0, 0, per, per], twice] {
             assert!(dropblock::ShardCounts::from_entries(global, bad.clone()).is_err(), "{bad:?}");
             let bad_d = s.clone_htod(&bad).unwrap();
             d.finish_shard(s, &mut state, &bad_d).unwrap();
             let scales = state.scales(s).unwrap();
             assert!(scales.iter().all(|v| v.is_nan()), "impossible counts {bad:?} gave the scales {scales:?}");
         }
+        // This shard's own counts, never summed with the other's: possible counts,
+        // but not the whole tensor's, so a Global scale from them is NaN; summed
+        // with the other shard's (on the CPU, bit-exact) it is finite.
         d.finish_shard(s, &mut state, &c).unwrap();
+        assert!(state.scales(s).unwrap().iter().all(|v| v.is_nan()), "one shard's counts gave a scale");
+        let mut sum = dropblock::ShardCounts::from_entries(global, vec![0; 9]).unwrap();
+        for sh in [dropblock::Shard::samples(global, 0, 2).unwrap(), shard] {
+            sum.add(cpu::sample_shard(&cfg, &sh, key, Mode::Train).unwrap().counts()).unwrap();
+        }
+        assert_eq!(sum.entries()[3..5], good[3..5], "this shard's counts on the CPU");
+        let summed = s.clone_htod(sum.entries()).unwrap();
+        d.finish_shard(s, &mut state, &summed).unwrap();
         assert!(state.scales(s).unwrap().iter().all(|v| v.is_finite()));
         let mut short = s.alloc_zeros::<u64>(4).unwrap();
         let err = d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut short).unwrap_err();
-        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 }));
+        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 9, actual: 4 }));
         #[cfg(feature = "nccl")]
         if quick() {
             eprintln!("nccl: DROPBLOCK_PARITY_QUICK=1; the one-rank all-reduce did not run");

@@ -568,6 +568,7 @@ mod emulation {
     fn run_shard_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut small, mut large, mut noise, mut tampered, mut identity, mut device_keys) = (0, 0, 0, 0, 0, 0);
+        let mut partial = 0;
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -598,18 +599,34 @@ mod emulation {
             sampled[1..].iter().for_each(|s| summed.add(s.counts()).unwrap());
             // Every third case, the first shard also gets counts no shards could
             // give: a sample keeping one more than its elements, or a total off by
-            // one from the samples' sum.
-            let impossible = (case % 3 == 0).then(|| {
-                let mut bad = summed.entries().to_vec();
-                match case % 2 {
-                    0 => bad[1] = (global.c() * global.plane_len()) as u64 + 1,
-                    _ => bad[0] += 1,
+            // one from the samples' sum. In the next third, where the scale divides
+            // by counts its own do not cover (every sample for Global, its own for
+            // PerSample), it gets its own counts, never summed with the others'.
+            let (first, sample_len) = (shards[0].local(), global.c() * global.plane_len());
+            let uncovered = match cfg.normalize() {
+                Normalize::Global => true,
+                Normalize::PerSample => first.c() * first.plane_len() < sample_len,
+                _ => false,
+            };
+            let impossible = match case % 3 {
+                0 => {
+                    let mut bad = summed.entries().to_vec();
+                    let samples = (bad.len() - 1) / 2;
+                    match case % 2 {
+                        0 => bad[1] = sample_len as u64 + 1,
+                        _ => bad[0] += 1,
+                    }
+                    if case % 2 == 0 {
+                        bad[0] = bad[1..=samples].iter().sum();
+                    }
+                    Some(bad)
                 }
-                if case % 2 == 0 {
-                    bad[0] = bad[1..].iter().sum();
+                1 if uncovered && shards.len() > 1 => {
+                    partial += 1;
+                    Some(sampled[0].counts().entries().to_vec())
                 }
-                bad
-            });
+                _ => None,
+            };
             for (i, (shard, sample)) in shards.iter().zip(sampled).enumerate() {
                 let tag = format!("case {case}: {cfg} on {global}, shard {:?} + {}", shard.offset(), shard.local());
                 // Every other shard of a case without noise fill draws from a
@@ -633,10 +650,11 @@ mod emulation {
                 }
             }
         }
-        if small == 0 || large == 0 || noise < 3 || tampered < 12 || identity < 5 || device_keys < 10 {
+        if small == 0 || large == 0 || noise < 3 || tampered < 14 || partial < 2 || identity < 5 || device_keys < 10 {
             let what = format!(
                 "{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill, \
-                 {tampered} of impossible counts, {identity} identity calls, {device_keys} device keys"
+                 {tampered} of impossible or partial counts ({partial} partial), {identity} identity calls, \
+                 {device_keys} device keys"
             );
             return Err(format!("{what}: widen the cases").into());
         }
@@ -757,10 +775,13 @@ mod emulation {
             call_driver(driver, &rec.request())
         };
         if let Some(bad) = impossible {
-            // Counts no shards could give: the CPU refuses them, and finish_shard's
-            // kernel, which cannot return an error, makes every scale NaN.
+            // Counts no shards could give, or one shard's where the scale needs
+            // every shard's: the CPU refuses them, and finish_shard's kernel, which
+            // cannot return an error, makes every scale NaN.
             let global = shard.global();
-            if !matches!(ShardCounts::from_entries(global, bad.clone()), Err(Error::ImpossibleShardCounts(_))) {
+            let checked =
+                ShardCounts::from_entries(global, bad.clone()).and_then(|c| c.check_covered(global, 0..global.n()));
+            if !matches!(checked, Err(Error::ImpossibleShardCounts(_))) {
                 return Err(format!("the CPU took the impossible counts {bad:?}"));
             }
             let resp = run(&bad)?;

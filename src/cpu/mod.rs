@@ -432,6 +432,7 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
         counts[0] = shape.numel() as u64;
         let per = (shape.c() * shape.plane_len()) as u64;
         counts[1 + shard.first_sample()..][..shape.n()].fill(per);
+        counts[1 + global.n() + shard.first_sample()..][..shape.n()].fill(per);
         let saved = Saved { shape, shard: *shard, state: State::Identity };
         return Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: 0.0 });
     }
@@ -468,6 +469,7 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     }
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
+    counts[1 + global.n() + shard.first_sample()..][..shape.n()].fill((c * l) as u64);
     let bits = match order {
         None | Some(ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
         Some(ChannelsLastOrder::InTiles) => Bits::Tensor(masks, ChannelsLastOrder::InTiles),
@@ -505,13 +507,21 @@ impl ShardSample {
     /// `C·L / kept_n` over the global shape, in f64 rounded to f32, so every shard
     /// computes the same scale. Expected and None ignore the counts. Errors when
     /// `global` is not laid out for this shard's global shape, or no shards of it
-    /// could give these counts ([`ShardCounts::check`]).
+    /// could give these counts ([`ShardCounts::check`]), or when a drawn mask's
+    /// scale divides by counts that are not summed over every shard holding their
+    /// samples ([`ShardCounts::check_covered`]: every sample for Global, this
+    /// shard's for PerSample, which data-parallel ranks of whole samples meet
+    /// with their own counts).
     pub fn finish(self, global: &ShardCounts) -> Result<Saved> {
         let whole = self.saved.shard.global();
-        global.check(whole)?;
+        let first = self.saved.shard.first_sample();
+        let n = self.saved.shape.n();
+        match (&self.saved.state, self.normalize) {
+            (State::Masked { .. }, Normalize::Global) => global.check_covered(whole, 0..whole.n())?,
+            (State::Masked { .. }, Normalize::PerSample) => global.check_covered(whole, first..first + n)?,
+            _ => global.check(whole)?,
+        }
         let mut saved = self.saved;
-        let first = saved.shard.first_sample();
-        let n = saved.shape.n();
         if let State::Masked { scales, .. } = &mut saved.state {
             *scales = match self.normalize {
                 Normalize::Global => vec![count_scale(whole.numel() as u64, global.total())],

@@ -629,7 +629,7 @@ impl DropBlockCuda {
 
     /// The first half of a sharded forward on the device: samples into `state`
     /// (made for `shard.local()`) exactly the shard's box of the unsharded call's
-    /// mask, and overwrites `counts` (`1 + N` of the global shape, the layout of
+    /// mask, and overwrites `counts` (`1 + 2N` of the global shape, the layout of
     /// [`ShardCounts`](crate::ShardCounts)) with the shard's kept counts. Sum
     /// `counts` over every shard on the device (an all-reduce; `nccl::all_reduce_counts`
     /// with the `nccl` feature), then call [`Self::finish_shard`] with the sum, and
@@ -709,11 +709,16 @@ impl DropBlockCuda {
     /// [`Self::backward`] run as after any forward.
     ///
     /// The kernel checks the counts as [`ShardCounts::check`](crate::ShardCounts::check)
-    /// does, but cannot return an error without a host sync: counts no shards could
-    /// give (a sample keeping more than its `C·L` elements, or a total other than
-    /// the samples' sum: a faulty reduction, another shape's counts) make every
-    /// scale NaN, so the kept elements of `y` (with noise fill, whose forward reads
-    /// no scale, of `dx`) are NaN rather than wrongly scaled. An identity call reads
+    /// and, for the scales that divide by them,
+    /// [`ShardCounts::check_covered`](crate::ShardCounts::check_covered) do (as
+    /// [`ShardSample::finish`](crate::cpu::ShardSample::finish) does), but cannot
+    /// return an error without a host sync: counts no shards could give (a sample
+    /// covered past its `C·L` elements or keeping more than is covered, a total
+    /// other than the samples' sum: a faulty reduction, another shape's counts),
+    /// or a Global or PerSample scale's counts not summed over every shard holding
+    /// the samples (one shard's own, a reduction that missed one), make every
+    /// scale NaN, so the kept elements of `y` (with noise fill, whose forward
+    /// reads no scale, of `dx`) are NaN rather than wrongly scaled. An identity call reads
     /// no counts and checks none.
     pub fn finish_shard(
         &self,
@@ -725,8 +730,8 @@ impl DropBlockCuda {
         self.check_call(stream, state)?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         let (sh, _) = call.shard.ok_or(Error::NotAShardCall)?;
-        // 1 + the global N.
-        let entries = 1 + (sh.global_numel / sh.global_sample) as usize;
+        // 1 + 2 · the global N.
+        let entries = 1 + 2 * (sh.global_numel / sh.global_sample) as usize;
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }

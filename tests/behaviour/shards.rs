@@ -318,26 +318,37 @@ fn bad_shards_and_counts_are_typed_errors() {
     let shard = Shard::new(global, &[1, 0, 2, 0], &[1, 3, 6, 8]).unwrap();
     assert_eq!(shard.local(), Shape::new(1, 3, 6, 8).unwrap());
     let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
-    let wrong = ShardCounts::from_entries(Shape::new(5, 3, 8, 8).unwrap(), vec![0; 6]).unwrap();
+    let wrong = ShardCounts::from_entries(Shape::new(5, 3, 8, 8).unwrap(), vec![0; 11]).unwrap();
     assert!(matches!(
         sample.finish(&wrong),
-        Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 6 })
+        Err(Error::LengthMismatch { what: "shard counts", expected: 5, actual: 11 })
     ));
     assert!(matches!(
-        ShardCounts::from_entries(global, vec![0; 2]),
-        Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 2 })
+        ShardCounts::from_entries(global, vec![0; 4]),
+        Err(Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 })
     ));
 }
 
 /// Counts that no shards of the global shape can give (a faulty reduction, the
-/// counts of another shape with the same N) are refused, where they gave a wrong
-/// scale without a sign.
+/// counts of another shape with the same N, a shard counted twice) are refused,
+/// where they gave a wrong scale without a sign; so are one shard's counts where
+/// the scale divides by every shard's.
 #[test]
 fn impossible_shard_counts_are_typed_errors() {
     let global = Shape::new(2, 1, 4, 4).unwrap();
     let impossible = |e: Result<(), Error>| matches!(e, Err(Error::ImpossibleShardCounts(_)));
-    // More kept than a sample's 16 elements; a total that is not the samples' sum.
-    for entries in [vec![1000, 1000, 0], vec![4096, 2048, 2048], vec![17, 17, 0], vec![5, 1, 2], vec![3, 1, 1]] {
+    // More kept than a sample's 16 elements; a total that is not the samples' sum;
+    // a sample covered past its 16 elements (a shard counted twice); more kept
+    // than covered.
+    for entries in [
+        vec![1000, 1000, 0, 16, 16],
+        vec![4096, 2048, 2048, 16, 16],
+        vec![17, 17, 0, 16, 16],
+        vec![5, 1, 2, 16, 16],
+        vec![3, 1, 1, 16, 16],
+        vec![2, 1, 1, 24, 16],
+        vec![3, 1, 2, 16, 1],
+    ] {
         assert!(impossible(ShardCounts::from_entries(global, entries.clone()).map(|_| ())), "{entries:?}");
     }
     // The counts of a 2x8x16x16 tensor handed to a shard of 2x1x4x4 by `finish`.
@@ -347,13 +358,39 @@ fn impossible_shard_counts_are_typed_errors() {
         .unwrap();
     let shard = Shard::samples(global, 0, 1).unwrap();
     let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
-    let other = ShardCounts::from_entries(Shape::new(2, 8, 16, 16).unwrap(), vec![4096, 2048, 2048]).unwrap();
+    let other =
+        ShardCounts::from_entries(Shape::new(2, 8, 16, 16).unwrap(), vec![4096, 2048, 2048, 2048, 2048]).unwrap();
     assert!(impossible(sample.clone().finish(&other).map(|_| ())), "counts of another shape");
-    // Possible counts still finish: these, and everything kept.
+    // This shard holds sample 0 whole: its own counts finish its PerSample scale
+    // (data-parallel ranks need no reduction), and everything kept does.
+    assert_eq!(sample.counts().covered(), [16, 0]);
     sample.clone().finish(sample.counts()).unwrap();
-    sample.finish(&ShardCounts::from_entries(global, vec![32, 16, 16]).unwrap()).unwrap();
+    sample.clone().finish(&ShardCounts::from_entries(global, vec![32, 16, 16, 16, 16]).unwrap()).unwrap();
+    // A shard of half of sample 0's rows: its own counts are possible (some
+    // shards' sum) but cover 8 of the sample's 16 elements, so a PerSample or
+    // Global scale from them (the reduction skipped, or a shard missing from it)
+    // is refused. Expected and None do not divide by the counts and take them.
+    let half = Shard::new(global, &[0, 0, 0, 0], &[1, 1, 2, 4]).unwrap();
+    let key = RngKey::new(1, 0).unwrap();
+    for normalize in [dropblock::Normalize::PerSample, dropblock::Normalize::Global] {
+        let cfg = cfg.to_builder().normalize(normalize).build().unwrap();
+        let part = cpu::sample_shard(&cfg, &half, key, Mode::Train).unwrap();
+        assert_eq!(part.counts().covered(), [8, 0]);
+        assert!(impossible(part.clone().finish(part.counts()).map(|_| ())), "{normalize:?}: one shard's counts");
+    }
+    // Sample 0 whole and sample 1 not: enough for this shard's PerSample scale,
+    // not for a Global one.
+    let one = ShardCounts::from_entries(global, vec![20, 16, 4, 16, 8]).unwrap();
+    one.check_covered(global, 0..1).unwrap();
+    assert!(impossible(one.check_covered(global, 0..2)));
+    assert_eq!(one.check_covered(global, 1..3), Err(Error::OutOfRange { what: "n", value: 3, len: 2 }));
+    for normalize in [dropblock::Normalize::Expected, dropblock::Normalize::None] {
+        let cfg = cfg.to_builder().normalize(normalize).build().unwrap();
+        let part = cpu::sample_shard(&cfg, &half, key, Mode::Train).unwrap();
+        part.clone().finish(part.counts()).unwrap();
+    }
     // Counts past u64 (which made `add` overflow) are among the refused ones.
-    assert!(impossible(ShardCounts::from_entries(global, vec![u64::MAX, 1, 2]).map(|_| ())));
+    assert!(impossible(ShardCounts::from_entries(global, vec![u64::MAX, 1, 2, 16, 16]).map(|_| ())));
 }
 
 /// `ShardCounts::add` refuses counts of another length and a sum past u64 (four
@@ -362,17 +399,17 @@ fn impossible_shard_counts_are_typed_errors() {
 #[test]
 fn adding_shard_counts_refuses_what_does_not_add_up() {
     let global = Shape::new(1, 1 << 30, 1 << 16, 1 << 16).unwrap();
-    let whole = ShardCounts::from_entries(global, vec![1 << 62, 1 << 62]).unwrap();
+    let whole = ShardCounts::from_entries(global, vec![1 << 62; 3]).unwrap();
     let mut sum = whole.clone();
     for _ in 0..2 {
         sum.add(&whole).unwrap();
     }
-    assert_eq!(sum.entries(), [u64::MAX - (1 << 62) + 1; 2]);
+    assert_eq!(sum.entries(), [u64::MAX - (1 << 62) + 1; 3]);
     let before = sum.clone();
     assert!(matches!(sum.add(&whole), Err(Error::ImpossibleShardCounts(_))));
     assert_eq!(sum, before, "a refused add changes nothing");
-    let other = ShardCounts::from_entries(Shape::new(2, 1, 4, 4).unwrap(), vec![0; 3]).unwrap();
-    assert_eq!(sum.add(&other), Err(Error::LengthMismatch { what: "shard counts", expected: 2, actual: 3 }));
+    let other = ShardCounts::from_entries(Shape::new(2, 1, 4, 4).unwrap(), vec![0; 5]).unwrap();
+    assert_eq!(sum.add(&other), Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 5 }));
     assert_eq!(sum, before);
 }
 
@@ -385,7 +422,7 @@ fn identity_calls_on_a_shard() {
         [(DropBlockConfig::paper(3, 0.2).unwrap(), Mode::Eval), (DropBlockConfig::paper(3, 0.0).unwrap(), Mode::Train)]
     {
         let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(3, 0).unwrap(), mode).unwrap();
-        assert_eq!(sample.counts().entries(), &[60, 0, 30, 30]);
+        assert_eq!(sample.counts().entries(), &[60, 0, 30, 30, 0, 30, 30]);
         let saved = sample.clone().finish(sample.counts()).unwrap();
         let x = input(60, 9);
         let mut y = vec![0.0; 60];
