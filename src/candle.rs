@@ -14,16 +14,18 @@
 //! - Training draws a fresh mask per forward from the layer's [`Generator`] state,
 //!   which [`DropBlock::generator_state`] reads and [`DropBlock::set_generator_state`]
 //!   restores, so a resumed run draws the masks an uninterrupted one would. A
-//!   forward that fails draws nothing: it gives its key back.
-//! - Eval mode, or a drop probability of 0, returns the input tensor itself and
-//!   draws nothing.
+//!   forward that fails gives its key back (unless another forward drew one
+//!   meanwhile), so a run's masks do not depend on the calls that failed in it.
+//! - Eval mode, a drop probability of 0, or an empty tensor (a batch with no
+//!   samples, as `candle_nn::Dropout` passes it) returns the input tensor itself
+//!   and draws nothing.
 //! - The mask is the crate's: the same key gives [`crate::cpu::forward`]'s output bit
 //!   for bit. The backward uses the keep bits the forward saved (no float mask).
 //! - Tensors are `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)` in f32, f16 or bf16.
 //!   A channels-last strided tensor is read as it is (no copy; y keeps its
-//!   strides); any other non-contiguous or offset input is made contiguous first
-//!   (candle's differentiable copy), so the op always reads the elements the tensor
-//!   names.
+//!   strides); any other non-contiguous input is made contiguous first (candle's
+//!   differentiable copy), and a contiguous one at an offset (a narrowed batch) is
+//!   read at its offset, so the op always reads the elements the tensor names.
 //! - CPU tensors; with the `candle-cuda` feature CUDA tensors too: the crate's
 //!   kernels run on candle's own buffers and stream (no copy, no host sync), one
 //!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per device, and the backward
@@ -153,6 +155,13 @@ impl ModuleT for DropBlock {
         // `with_next_key`), and in eval too: a tensor that training would refuse
         // is refused at once, not at the first training step.
         check_dtype(xs.dtype())?;
+        if xs.elem_count() == 0 {
+            // Nothing to drop or scale. The rank, and the block's, are checked as
+            // for any tensor (a zero side counted as one).
+            let sides: Vec<usize> = xs.dims().iter().map(|&d| d.max(1)).collect();
+            cfg.block().sizes_for(shape_of(&sides)?.spatial_rank())?;
+            return Ok(xs.clone());
+        }
         let shape = shape_of(xs.dims())?;
         if !train || cfg.is_identity() {
             // What planning would refuse in training (an exact γ too large to sum).
@@ -276,8 +285,12 @@ fn zeroed<T: Element>(len: usize) -> crate::Result<Vec<T>> {
 /// the forward ran on.
 enum Saved {
     Cpu(Box<cpu::Saved>),
+    /// The state, and an event at the end of the forward's work: candle's stream
+    /// is the per-thread default stream, whose one handle names another stream on
+    /// each thread, so a backward on another thread cannot be ordered by the
+    /// state (which compares handles) and waits on the event instead.
     #[cfg(feature = "candle-cuda")]
-    Cuda(Box<crate::cuda::DeviceState>),
+    Cuda(Box<(crate::cuda::DeviceState, cudarc::driver::CudaEvent)>),
 }
 
 impl Saved {
@@ -334,7 +347,7 @@ impl Op for BackwardOp<'_> {
         match self.saved {
             Saved::Cpu(s) => s.shape().layout(),
             #[cfg(feature = "candle-cuda")]
-            Saved::Cuda(s) => s.shape().layout(),
+            Saved::Cuda(s) => s.0.shape().layout(),
         }
     }
 }
@@ -400,7 +413,7 @@ mod on_cuda {
     use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::{CudaDType, CudaDevice, DeviceId};
+    use candle_core::cuda::{CudaDType, CudaDevice};
     use candle_core::{CudaStorage, DType as CandleDType, Layout, WithDType};
     use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
@@ -421,16 +434,22 @@ mod on_cuda {
         ) -> candle_core::Result<()>;
     }
 
-    /// One `DropBlockCuda` (kernels loaded, launch tables built) per device, made on
-    /// the device's first use and kept: a forward is then launches only.
+    /// One `DropBlockCuda` (kernels loaded, launch tables built) per CUDA context,
+    /// made on its first use and kept: a forward is then launches only. Keyed by
+    /// the context, not candle's `DeviceId`, which is new for every
+    /// `Device::new_cuda` of the same GPU (each would load the kernels again and
+    /// keep them). The engine holds its context, so the key is never reused by
+    /// another.
     fn engine(device: &CudaDevice) -> candle_core::Result<Arc<DropBlockCuda>> {
-        static ENGINES: OnceLock<Mutex<HashMap<DeviceId, Arc<DropBlockCuda>>>> = OnceLock::new();
+        static ENGINES: OnceLock<Mutex<HashMap<usize, Arc<DropBlockCuda>>>> = OnceLock::new();
+        let context = device.cuda_stream().context().clone();
+        let key = context.cu_ctx() as usize;
         let mut engines = ENGINES.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(db) = engines.get(&device.id()) {
+        if let Some(db) = engines.get(&key) {
             return Ok(db.clone());
         }
-        let db = Arc::new(DropBlockCuda::from_context(device.cuda_stream().context())?);
-        engines.insert(device.id(), db.clone());
+        let db = Arc::new(DropBlockCuda::from_context(&context)?);
+        engines.insert(key, db.clone());
         Ok(db)
     }
 
@@ -467,7 +486,8 @@ mod on_cuda {
             y: &mut CudaSlice<T>,
         ) -> candle_core::Result<()> {
             let state = db.forward(stream, &self.cfg, shape, self.key, Mode::Train, x, y)?;
-            self.save(Saved::Cuda(Box::new(state)))
+            let done = stream.record_event(None).map_err(crate::Error::from)?;
+            self.save(Saved::Cuda(Box::new((state, done))))
         }
     }
 
@@ -480,9 +500,11 @@ mod on_cuda {
             dy: &CudaView<'_, T>,
             dx: &mut CudaSlice<T>,
         ) -> candle_core::Result<()> {
-            let Saved::Cuda(state) = self.saved else {
+            let Saved::Cuda(saved) = self.saved else {
                 candle_core::bail!("dropblock: a CUDA gradient for a forward that ran on the CPU");
             };
+            let (state, done) = &**saved;
+            stream.wait(done).map_err(crate::Error::from)?;
             Ok(db.backward(stream, state, dy, dx)?)
         }
     }

@@ -228,7 +228,9 @@ fn check_buffer<T>(stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<
 /// on another stream than the state's last call is refused,
 /// [`Error::CaptureAcrossStreams`]: a capture cannot wait on work outside it. A
 /// graph launched on yet another stream is outside this order: order its launches
-/// yourself.)
+/// yourself. So are calls from several threads on the per-thread default stream,
+/// whose one handle names another stream on each thread: the state compares
+/// handles, so order such calls with an event, as the candle layer does.)
 #[derive(Debug)]
 pub struct DeviceState {
     shape: Shape,

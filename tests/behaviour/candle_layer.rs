@@ -56,6 +56,30 @@ fn eval_and_zero_rate_return_the_input_and_draw_nothing() -> R {
     Ok(())
 }
 
+/// An empty batch (no samples this step, as detection heads give) passes through
+/// in training as `candle_nn::Dropout` passes it, drawing nothing, where it was
+/// refused as a zero dimension; its rank and the block's are still checked.
+#[test]
+fn an_empty_tensor_passes_through_and_draws_nothing() -> R {
+    let layer = DropBlock::new(paper(), SEED);
+    let before = layer.generator_state();
+    for dims in [&[0usize, 4, 8, 8][..], &[2, 0, 8, 8], &[2, 4, 0], &[1, 2, 3, 0, 5]] {
+        let x = Tensor::zeros(dims, DType::F32, &CPU)?;
+        for train in [true, false] {
+            assert_eq!(layer.forward_t(&x, train)?.id(), x.id(), "{dims:?} train {train}");
+        }
+    }
+    assert_eq!(layer.generator_state(), before, "an empty forward draws no key");
+    let square = DropBlock::new(variant(), SEED);
+    let e = square.forward_t(&Tensor::zeros((0, 2, 3, 5, 5), DType::F32, &CPU)?, true).unwrap_err();
+    assert!(e.to_string().contains("a 2D block does not fit a tensor of spatial rank 3"), "{e}");
+    let e = layer.forward_t(&Tensor::zeros((0, 5), DType::F32, &CPU)?, true).unwrap_err();
+    assert!(e.to_string().contains("N,C,L / N,C,H,W / N,C,D,H,W"), "{e}");
+    let e = layer.forward_t(&Tensor::zeros((0, 2, 5, 5), DType::F64, &CPU)?, true).unwrap_err();
+    assert!(e.to_string().contains("f32, f16 and bf16"), "{e}");
+    Ok(())
+}
+
 #[test]
 fn the_generator_advances_and_a_restored_state_redraws_the_same_masks() -> R {
     let cfg = paper();
