@@ -3,7 +3,8 @@
 # installing pinned ones from PyPI into a per-user cache when none is found.
 #
 #   ./scripts/cuda-toolchain.sh cargo test
-#   ./scripts/cuda-toolchain.sh            # install only, then print the environment
+#   ./scripts/cuda-toolchain.sh            # install only, then print the environment:
+#   eval "$(./scripts/cuda-toolchain.sh)"  # ... into this shell
 #
 # A CUDA toolkit already found through NVCC, CUDA_HOME, CUDA_PATH or PATH is used
 # as it is. The pinned wheels are nvcc 13.0, matching the CUDA 13.0 driver (580)
@@ -45,9 +46,14 @@ pip_into() {
     return
   fi
   say "installing $want into $dir"
-  command -v python3 >/dev/null || { say "python3 with pip is needed to install the toolchain"; exit 1; }
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    say "python3 with pip is needed to install the toolchain (Debian: apt install python3-pip)"
+    exit 1
+  fi
   rm -rf "$dir.tmp"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dir.tmp" "$@" >&2
+  # The variable, not --root-user-action (pip 22.1 on), which older pips refuse.
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$dir.tmp" "$@" >&2
   rm -rf "$dir"
   mv "$dir.tmp" "$dir"
   echo "$want" > "$dir/.installed"
@@ -87,15 +93,19 @@ for n in names:
 candle_cuda=0
 [[ "${DROPBLOCK_CANDLE_CUDA:-}" == 1 || " $* " == *candle-cuda* || " $* " == *" --all-features "* ]] && candle_cuda=1
 
+# The pinned nvcc builds the kernels without a warning: keep it so (another
+# toolkit's warnings stay warnings, build.rs).
 if have_nvcc; then
   say "using the CUDA compiler already installed"
 elif ((candle_cuda)); then
+  export DROPBLOCK_WERROR="${DROPBLOCK_WERROR:-1}"
   pip_into "$CACHE/cuda-13.0-candle" "${WHEELS[@]}" "${CANDLE_WHEELS[@]}"
   export CUDA_HOME="$CACHE/cuda-13.0-candle/nvidia/cu13"
   export PATH="$CUDA_HOME/bin:$PATH"
   link_stub "$CUDA_HOME"
   export LD_LIBRARY_PATH="$CUDA_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 else
+  export DROPBLOCK_WERROR="${DROPBLOCK_WERROR:-1}"
   pip_into "$CACHE/cuda-13.0" "${WHEELS[@]}"
   export CUDA_HOME="$CACHE/cuda-13.0/nvidia/cu13"
   export PATH="$CUDA_HOME/bin:$PATH"
@@ -115,7 +125,11 @@ fi
 export DROPBLOCK_REQUIRE_LIBCLANG=1
 
 if [[ $# -eq 0 ]]; then
-  echo "export CUDA_HOME=${CUDA_HOME:-} PATH=$PATH LIBCLANG_PATH=${LIBCLANG_PATH:-}"
+  # For `eval "$(./scripts/cuda-toolchain.sh)"`: what is set, quoted.
+  for var in CUDA_HOME PATH LD_LIBRARY_PATH CUDA_COMPUTE_CAP LIBCLANG_PATH BINDGEN_EXTRA_CLANG_ARGS \
+    DROPBLOCK_REQUIRE_LIBCLANG DROPBLOCK_WERROR; do
+    [[ -n "${!var:-}" ]] && printf 'export %s=%q\n' "$var" "${!var}"
+  done
   exit 0
 fi
 exec "$@"

@@ -19,7 +19,7 @@ dir="$CACHE/lint"
 if [[ ! -f "$dir/.installed" || "$(cat "$dir/.installed")" != "${PINS[*]}" ]]; then
   echo "lint: installing ${PINS[*]} into $dir" >&2
   rm -rf "$dir.tmp"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$dir.tmp" "${PINS[@]}" >&2
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --target "$dir.tmp" "${PINS[@]}" >&2
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
   echo "${PINS[*]}" > "$dir/.installed"
 fi

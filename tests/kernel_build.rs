@@ -106,7 +106,12 @@ fn vector_kernels_store_whole_vectors() {
     let arch = if archs.contains(&90) { 90 } else { *archs.iter().max().expect("archs recorded by build.rs") };
     let ptx = dir.join(format!("dropblock_sm{arch}.ptx"));
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(env!("DROPBLOCK_NVCC"))
+    let mut nvcc = std::process::Command::new(env!("DROPBLOCK_NVCC"));
+    // The build's host compiler (none recorded where nvcc reads NVCC_CCBIN itself).
+    if !env!("DROPBLOCK_NVCC_CCBIN").is_empty() {
+        nvcc.args(["-ccbin", env!("DROPBLOCK_NVCC_CCBIN")]);
+    }
+    let out = nvcc
         .arg(format!("-arch=sm_{arch}"))
         .args(["-ptx", "-std=c++17"])
         .arg(format!("-I{}", root.join("kernels").display()))
