@@ -37,7 +37,7 @@
 //!   capture DropBlock, call [`DropBlockCuda`](crate::cuda::DropBlockCuda)'s
 //!   `_into` calls on a state allocated beforehand.
 
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType as CandleDType, Layout, ModuleT, Tensor, WithDType};
@@ -332,7 +332,7 @@ macro_rules! device_fwds {
 struct ForwardOp {
     cfg: DropBlockConfig,
     key: RngKey,
-    saved: OnceLock<Saved>,
+    saved: OnceLock<Arc<Saved>>,
     memory: MemoryLayout,
 }
 
@@ -342,9 +342,9 @@ impl Op for ForwardOp {
     }
 }
 
-impl Op for BackwardOp<'_> {
+impl Op for BackwardOp {
     fn memory(&self) -> MemoryLayout {
-        match self.saved {
+        match &*self.saved {
             Saved::Cpu(s) => s.shape().layout(),
             #[cfg(feature = "candle-cuda")]
             Saved::Cuda(s) => s.0.shape().layout(),
@@ -355,7 +355,7 @@ impl Op for BackwardOp<'_> {
 impl ForwardOp {
     /// The layer makes one op per forward; a second run would orphan the first's bits.
     fn save(&self, saved: Saved) -> candle_core::Result<()> {
-        if self.saved.set(saved).is_err() {
+        if self.saved.set(Arc::new(saved)).is_err() {
             candle_core::bail!("dropblock: a forward op ran twice");
         }
         Ok(())
@@ -379,18 +379,27 @@ impl CustomOp1 for ForwardOp {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let saved = self.saved.get().ok_or(crate::Error::NoForwardCall)?;
-        // The gradient may arrive transposed or broadcast: made contiguous first.
-        let dx = grad_res.contiguous()?.apply_op1_no_bwd(&BackwardOp { saved })?;
-        Ok(Some(dx))
+        BackwardOp { saved: saved.clone() }.on(grad_res)
     }
 }
 
-/// `dx = dy · factor` with the factors a forward saved.
-struct BackwardOp<'a> {
-    saved: &'a Saved,
+/// `dx = dy · factor` with the factors a forward saved. Differentiable in its
+/// turn: where candle keeps the gradients' graph (`CANDLE_GRAD_DO_NOT_DETACH`, a
+/// gradient penalty), its own gradient is itself (the map is diagonal, so its
+/// adjoint), rather than the graph being cut there and second-order gradients
+/// through the layer coming out zero.
+struct BackwardOp {
+    saved: Arc<Saved>,
 }
 
-impl CpuPass for BackwardOp<'_> {
+impl BackwardOp {
+    fn on(self, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // The gradient may arrive transposed or broadcast: made contiguous first.
+        Ok(Some(dy.contiguous()?.apply_op1(self)?))
+    }
+}
+
+impl CpuPass for BackwardOp {
     fn run<T: WithDType + Element>(&self, _shape: Shape, dy: &[T]) -> candle_core::Result<Vec<T>> {
         let mut dx = zeroed(dy.len())?;
         cpu::backward(self.saved.cpu()?, dy, &mut dx)?;
@@ -398,12 +407,16 @@ impl CpuPass for BackwardOp<'_> {
     }
 }
 
-impl CustomOp1 for BackwardOp<'_> {
+impl CustomOp1 for BackwardOp {
     fn name(&self) -> &'static str {
         "dropblock-backward"
     }
 
     device_fwds!();
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        BackwardOp { saved: self.saved.clone() }.on(grad_res)
+    }
 }
 
 /// The CUDA side: the crate's kernels on candle's buffers and stream.
@@ -491,7 +504,7 @@ mod on_cuda {
         }
     }
 
-    impl CudaPass for BackwardOp<'_> {
+    impl CudaPass for BackwardOp {
         fn run<T: CudaElement + CudaDType + WithDType>(
             &self,
             db: &DropBlockCuda,
@@ -500,7 +513,7 @@ mod on_cuda {
             dy: &CudaView<'_, T>,
             dx: &mut CudaSlice<T>,
         ) -> candle_core::Result<()> {
-            let Saved::Cuda(saved) = self.saved else {
+            let Saved::Cuda(saved) = &*self.saved else {
                 candle_core::bail!("dropblock: a CUDA gradient for a forward that ran on the CPU");
             };
             let (state, done) = &**saved;

@@ -27,6 +27,45 @@ fn backprop_equals_cpu_backward_and_survives_a_second_backward() -> R {
     gradients_match_cpu::<bf16>(&CPU, DType::BF16)
 }
 
+/// A gradient penalty differentiates through the layer's backward: with candle
+/// keeping the gradients' graph (`CANDLE_GRAD_DO_NOT_DETACH`, read once a thread),
+/// the second-order gradient of `sum(v · d sum(y²)/dx)` is `2 f² v`, `f` the
+/// layer's factor (the keep mask times the scale). The backward op cut the graph,
+/// and it came out missing. The variable is set for a child run of this one test
+/// (a test may not change the environment of the others' process).
+#[test]
+fn second_order_gradients_go_through_the_backward() -> R {
+    const NAME: &str = "candle_layer::second_order_gradients_go_through_the_backward";
+    if std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none() {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("CANDLE_GRAD_DO_NOT_DETACH", "1")
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && log.contains("1 passed"), "the child run failed:\n{log}");
+        return Ok(());
+    }
+    let (cfg, dims) = (paper(), [2usize, 3, 10, 10]);
+    let layer = DropBlock::new(cfg, SEED);
+    let key = Generator::from_state(SEED, layer.generator_state().offset).next_key()?;
+    let x = candle_core::Var::from_tensor(&randn(&dims, DType::F32, &CPU)?)?;
+    let v = randn(&dims, DType::F32, &CPU)?;
+    let y = layer.forward_t(x.as_tensor(), true)?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    let g = grads.get(x.as_tensor()).expect("a first-order gradient");
+    let penalty = (g * &v)?.sum_all()?;
+    let h = penalty.backward()?.get(x.as_tensor()).expect("a second-order gradient through the layer").clone();
+    // f, from the crate's own forward of ones with the layer's key.
+    let ones = Tensor::ones(&dims, DType::F32, &CPU)?;
+    let (f, _) = cpu_forward::<f32>(&cfg, &ones, key);
+    assert!(f.contains(&0.0) && f.iter().any(|&v| v > 1.0), "the mask should drop and scale");
+    for ((h, v), f) in host::<f32>(&h)?.iter().zip(host::<f32>(&v)?).zip(&f) {
+        let want = 2.0 * (*f as f64) * (*f as f64) * v as f64;
+        assert!((*h as f64 - want).abs() <= 1e-5 * want.abs() + 1e-6, "h {h}, want {want} (f {f}, v {v})");
+    }
+    Ok(())
+}
+
 #[test]
 fn offset_narrowed_and_transposed_inputs_read_the_right_elements() -> R {
     strided_inputs_match_cpu(&CPU)
