@@ -135,10 +135,17 @@ fn find_nvcc() -> Option<PathBuf> {
     let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
     if let Some(p) = var_os("NVCC") {
         let p = PathBuf::from(p);
-        if !p.is_file() {
-            fail(&format!("NVCC is set to {}, which is not a file: point it at nvcc, or unset it", p.display()));
-        }
-        return Some(p);
+        // A bare command name (`NVCC=nvcc-12.4`) is looked up on PATH.
+        let found = match p.components().count() {
+            1 if !p.is_file() => on_path(&p),
+            _ => Some(p.clone()).filter(|p| p.is_file()),
+        };
+        return Some(found.unwrap_or_else(|| {
+            fail(&format!(
+                "NVCC is set to {}, which is neither a file nor a command on PATH: point it at nvcc, or unset it",
+                p.display()
+            ))
+        }));
     }
     for root in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(r) = var_os(root) {
@@ -148,6 +155,10 @@ fn find_nvcc() -> Option<PathBuf> {
             }
         }
     }
+    on_path(Path::new(exe))
+}
+
+fn on_path(exe: &Path) -> Option<PathBuf> {
     env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join(exe)).find(|p| p.is_file()))
 }
 
@@ -155,7 +166,7 @@ fn find_nvcc() -> Option<PathBuf> {
 /// which nvcc reads itself).
 fn host_compiler() -> Option<PathBuf> {
     println!("cargo::rerun-if-env-changed=NVCC_CCBIN");
-    if env::var_os("NVCC_CCBIN").is_some() {
+    if var_os("NVCC_CCBIN").is_some() {
         return None;
     }
     let tool = cc::Build::new().cpp(true).try_get_compiler().unwrap_or_else(|e| {

@@ -60,7 +60,7 @@ pip_into() {
 }
 
 have_nvcc() {
-  [[ -n "${NVCC:-}" && -x "${NVCC}" ]] && return 0
+  [[ -n "${NVCC:-}" ]] && command -v "${NVCC}" >/dev/null && return 0
   [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]] && return 0
   [[ -n "${CUDA_PATH:-}" && -x "${CUDA_PATH}/bin/nvcc" ]] && return 0
   command -v nvcc >/dev/null

@@ -28,7 +28,7 @@
 //!   read at its offset, so the op always reads the elements the tensor names.
 //! - CPU tensors; with the `candle-cuda` feature CUDA tensors too: the crate's
 //!   kernels run on candle's own buffers and stream (no copy, no host sync), one
-//!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per device, and the backward
+//!   [`DropBlockCuda`](crate::cuda::DropBlockCuda) per CUDA context, and the backward
 //!   runs from the forward's [`DeviceState`](crate::cuda::DeviceState). Without
 //!   that feature a CUDA tensor gets candle's "no cuda implementation" error.
 //!   A CUDA forward allocates its saved state (as candle's ops allocate their

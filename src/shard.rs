@@ -256,8 +256,9 @@ impl ShardCounts {
     /// `1 + 2N` entries, no sample covered past its `C·L` elements nor keeping
     /// more than is covered, and the total the samples' sum. A scale computed
     /// from any other counts (a faulty reduction, the counts of another shape, a
-    /// shard counted twice) would be wrong without a sign. Whether they are the
-    /// sum of every shard is [`ShardCounts::check_covered`].
+    /// shard counted twice, unless a missing one makes up for it) would be wrong
+    /// without a sign. Whether they are the sum of every shard is
+    /// [`ShardCounts::check_covered`].
     pub fn check(&self, global: Shape) -> Result<()> {
         let expected = Self::len_for(global);
         if self.0.len() != expected {

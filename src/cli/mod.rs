@@ -197,14 +197,18 @@ impl Pending {
     ) -> std::io::Result<(tempfile::NamedTempFile, Self)> {
         static HANDLER: std::sync::Once = std::sync::Once::new();
         HANDLER.call_once(|| {
+            let ignored = ignored_signals();
             // Without a handler (one set already) a signal leaves the file, as before.
             let _ = ctrlc::set_handler(|| {
-                // A rename racing this either lands whole or fails: no half output.
-                for temp in pending().iter() {
+                // Held to the exit: no file is listed, or its entry dropped, after
+                // the sweep. A rename racing it either lands whole or fails.
+                let list = pending();
+                for temp in list.iter() {
                     let _ = std::fs::remove_file(temp);
                 }
                 std::process::exit(130);
             });
+            restore_ignored(&ignored);
         });
         let mut list = pending();
         let file = make()?;
@@ -213,6 +217,35 @@ impl Pending {
         Ok((file, entry))
     }
 }
+
+/// The signals ctrlc handles that this process was started ignoring (`nohup`
+/// ignores SIGHUP, a shell's background job SIGINT): they stay ignored, so such a
+/// run goes on as before rather than exiting at the signal.
+#[cfg(unix)]
+fn ignored_signals() -> Vec<libc::c_int> {
+    let ignored = |sig| {
+        // SAFETY: with a null new action, sigaction only reads the current one.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN }
+    };
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].into_iter().filter(|&sig| ignored(sig)).collect()
+}
+
+#[cfg(unix)]
+fn restore_ignored(signals: &[libc::c_int]) {
+    for &sig in signals {
+        // SAFETY: sets a signal back to the disposition it had at start.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
+#[cfg(not(unix))]
+fn ignored_signals() -> Vec<i32> {
+    Vec::new()
+}
+
+#[cfg(not(unix))]
+fn restore_ignored(_: &[i32]) {}
 
 impl Drop for Pending {
     fn drop(&mut self) {

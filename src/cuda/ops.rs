@@ -200,6 +200,18 @@ fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     Ok(())
 }
 
+/// What planning the call would refuse, before its state or key is touched: for
+/// an identity call (eval, rate 0), which plans nothing, all of it
+/// ([`Plan::check`]), so that it refuses what training would; for a drawing call
+/// the block's rank, the rest coming from its plan (cached across calls, where
+/// the check's coverage sums would not be).
+fn check_plannable(cfg: &DropBlockConfig, shape: Shape, identity: bool) -> Result<()> {
+    match identity {
+        true => Plan::check(cfg, shape),
+        false => cfg.block().sizes_for(shape.spatial_rank()).map(drop),
+    }
+}
+
 /// [`Error::WrongContext`] unless `a` and `b` wrap the same CUDA context. They
 /// compare by the context they wrap, not by handle: every
 /// `CudaContext::new(ordinal)` is a new handle to the device's one primary context
@@ -667,7 +679,7 @@ impl DropBlockCuda {
         }
         check_buffer(stream, counts)?;
         let identity = mode == Mode::Eval || cfg.is_identity();
-        Plan::check(cfg, global)?;
+        check_plannable(cfg, global, identity)?;
         // Before the generator's guard, which with cudarc's event tracking would
         // enqueue a wait: a refused call enqueues nothing.
         if !identity && state.plane_kept.is_none() {
@@ -788,9 +800,7 @@ impl DropBlockCuda {
             return Err(Error::ShapeMismatch { expected: state.shape.to_string(), actual: shape.to_string() });
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
-        // Refuses in eval too what training would (a block of another rank, an
-        // exact γ too large to sum).
-        Plan::check(cfg, shape)?;
+        check_plannable(cfg, shape, identity)?;
         // Before the state is touched: a call refused for its key leaves the last one.
         let (host_key, generator) = self.resolve_key(stream, cfg, identity, key)?;
         state.call = None;

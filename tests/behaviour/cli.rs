@@ -570,16 +570,18 @@ fn a_closed_stdout_stops_the_command_quietly() {
 /// and a bad `DROPBLOCK_CPU_CAPABILITY` is warned of there by the library.
 #[test]
 fn a_closed_stderr_keeps_the_work_and_the_exit_status() {
+    // The pipe's reader is closed before the child starts, so its first write fails.
     let with_stderr_closed = |args: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_dropblock"))
             .args(args)
             .env("DROPBLOCK_CPU_CAPABILITY", "fastest")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run dropblock");
-        drop(child.stderr.take());
-        child.wait_with_output().expect("wait for dropblock").status.code()
+            .stdout(std::process::Stdio::null())
+            .stderr(writer)
+            .status()
+            .expect("run dropblock")
+            .code()
     };
     let dir = tempfile::tempdir().unwrap();
     let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
@@ -643,6 +645,34 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
         }
         assert!(caught, "signal {signal}: apply never ran long enough to interrupt");
     }
+    // Started ignoring SIGINT (a shell's background job; `nohup` for SIGHUP), it
+    // stays ignored: SIGINT, sent over and over while apply runs, does not stop it.
+    let dir = tempfile::tempdir().unwrap();
+    let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+    write_npy(&xp, "<f4", &[1, 4, 1 << 12, 1024], &vec![1.5f32; 4 << 22]);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
+    command.args(["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()]);
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe signal() runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        })
+    };
+    let mut child = command.spawn().expect("run dropblock");
+    let mut sent = 0;
+    while child.try_wait().unwrap().is_none() {
+        if !temporaries(dir.path()).is_empty() {
+            // SAFETY: a signal to our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            sent += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success() && yp.exists(), "apply started ignoring SIGINT: {status:?} after {sent} SIGINTs");
+    assert!(sent > 0, "apply finished before a temporary file was seen");
 }
 
 #[test]

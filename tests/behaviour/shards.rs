@@ -330,9 +330,9 @@ fn bad_shards_and_counts_are_typed_errors() {
 }
 
 /// Counts that no shards of the global shape can give (a faulty reduction, the
-/// counts of another shape with the same N, a shard counted twice) are refused,
-/// where they gave a wrong scale without a sign; so are one shard's counts where
-/// the scale divides by every shard's.
+/// counts of another shape with the same N, a sample covered past its elements)
+/// are refused, where they gave a wrong scale without a sign; so are one shard's
+/// counts where the scale divides by every shard's.
 #[test]
 fn impossible_shard_counts_are_typed_errors() {
     let global = Shape::new(2, 1, 4, 4).unwrap();
