@@ -609,19 +609,33 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
             .filter(|name| name.starts_with(".tmp"))
             .collect()
     };
+    // `apply` with SIGINT, SIGTERM and SIGHUP at `disposition` from the start: the
+    // test's own may be inherited ignored (a background job of a non-interactive
+    // shell, as CI scripts run, ignores SIGINT), which the command keeps.
+    let apply = |args: &[&str], disposition: libc::sighandler_t| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
+        command.arg("apply").args(args);
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe signal() runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(sig, disposition);
+                }
+                Ok(())
+            })
+        };
+        command.spawn().expect("run dropblock")
+    };
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let mut caught = false;
         for rows in [1usize << 10, 1 << 12, 1 << 14] {
             let dir = tempfile::tempdir().unwrap();
             let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
             write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
-            let mut child = Command::new(env!("CARGO_BIN_EXE_dropblock"))
-                .args(["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output"])
-                .args([yp.to_str().unwrap(), "--keep-mask", mp.to_str().unwrap()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("run dropblock");
+            let (xs, ys, ms) = (xp.to_str().unwrap(), yp.to_str().unwrap(), mp.to_str().unwrap());
+            let args = ["--device", "cpu", "--input", xs, "--output", ys, "--keep-mask", ms];
+            let mut child = apply(&args, libc::SIG_DFL);
             let seen = loop {
                 if !temporaries(dir.path()).is_empty() {
                     break true;
@@ -650,17 +664,8 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
     let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
     write_npy(&xp, "<f4", &[1, 4, 1 << 12, 1024], &vec![1.5f32; 4 << 22]);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
-    command.args(["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()]);
-    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe signal() runs between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-            Ok(())
-        })
-    };
-    let mut child = command.spawn().expect("run dropblock");
+    let args = ["--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
+    let mut child = apply(&args, libc::SIG_IGN);
     let mut sent = 0;
     while child.try_wait().unwrap().is_none() {
         if !temporaries(dir.path()).is_empty() {
