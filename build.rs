@@ -76,15 +76,14 @@ fn main() {
     if werror {
         cmd.args(["-Werror", "all-warnings"]);
     }
-    let ccbin = host_compiler();
-    if let Some(ccbin) = &ccbin {
-        cmd.arg("-ccbin").arg(ccbin);
+    // The test that compiles the kernels to PTX runs nvcc with the same host
+    // compiler (none recorded where nvcc reads NVCC_CCBIN itself).
+    let mut recorded = String::new();
+    if let Some(ccbin) = host_compiler() {
+        cmd.arg("-ccbin").arg(&ccbin);
+        recorded = ccbin.display().to_string();
     }
-    // The test that compiles the kernels to PTX runs nvcc with the same host compiler.
-    println!(
-        "cargo::rustc-env=DROPBLOCK_NVCC_CCBIN={}",
-        ccbin.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
-    );
+    println!("cargo::rustc-env=DROPBLOCK_NVCC_CCBIN={recorded}");
     cmd.arg(format!("-I{}", Path::new("kernels").canonicalize().unwrap().display()));
     if let Some(include) = nvcc.parent().and_then(Path::parent).map(|root| root.join("include")) {
         if include.is_dir() {

@@ -498,38 +498,40 @@ dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsi
 // wrong without a sign.
 extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
+    // What the block found in the counts: counts no shards could give; a sample
+    // not covered whole; one of this shard's own samples not covered whole.
+    enum : unsigned { IMPOSSIBLE = 1, PARTIAL = 2, OWN_PARTIAL = 4 };
     __shared__ unsigned long long block_sum;
-    __shared__ unsigned impossible;
-    if (threadIdx.x == 0) block_sum = 0, impossible = 0;
+    __shared__ unsigned found;
+    if (threadIdx.x == 0) block_sum = 0, found = 0;
     __syncthreads();
     const uint64_t samples = sh.global_numel / sh.global_sample;
-    // Every entry is summed, but a sum is used only when no entry exceeds its
-    // sample's C·L (`impossible` otherwise): then it is at most N·C·L and cannot
-    // have wrapped.
-    // Bit 0: counts no shards could give; bit 1: a sample not covered whole; bit
-    // 2: one of the shard's own samples not covered whole.
+    // Every entry is summed, but a sum is used only when no sample is covered
+    // past its C·L nor keeps more than covered (IMPOSSIBLE otherwise): then it is
+    // at most N·C·L and cannot have wrapped.
     uint64_t sum = 0;
     unsigned flags = 0;
     for (uint64_t n = threadIdx.x; n < samples; n += blockDim.x) {
         const uint64_t kept = counts[1 + n], covered = counts[1 + samples + n];
-        if (covered > sh.global_sample || kept > covered) flags |= 1u;
-        if (covered != sh.global_sample) flags |= n - sh.n0 < sh.n ? 6u : 2u;
+        if (covered > sh.global_sample || kept > covered) flags |= IMPOSSIBLE;
+        // n - n0 wraps past sh.n for n < n0.
+        if (covered != sh.global_sample) flags |= n - sh.n0 < sh.n ? PARTIAL | OWN_PARTIAL : PARTIAL;
         sum += kept;
     }
     sum = warp_sum(sum);
-    if (flags) atomicOr(&impossible, flags);
+    if (flags) atomicOr(&found, flags);
     if ((threadIdx.x & 31) == 0) atomicAdd(&block_sum, (unsigned long long)sum);
     __syncthreads();
-    const bool valid = !(impossible & 1u) && block_sum == counts[0];
+    const bool valid = !(found & IMPOSSIBLE) && block_sum == counts[0];
     const float nan = __int_as_float(0x7fc00000);
     switch (a.normalize) {
         case DROPBLOCK_NORM_GLOBAL: {
-            const bool whole = valid && !(impossible & 2u);
+            const bool whole = valid && !(found & PARTIAL);
             if (threadIdx.x == 0) scales[0] = whole ? count_scale(sh.global_numel, counts[0]) : nan;
             break;
         }
         case DROPBLOCK_NORM_PER_SAMPLE: {
-            const bool whole = valid && !(impossible & 4u);
+            const bool whole = valid && !(found & OWN_PARTIAL);
             for (uint64_t n = threadIdx.x; n < sh.n; n += blockDim.x)
                 scales[n] = whole ? count_scale(sh.global_sample, counts[1 + sh.n0 + n]) : nan;
             break;

@@ -144,11 +144,7 @@ pub(crate) fn skip_form_test(test: &str, form: &str, runs: bool, expected: bool)
         !(required && expected),
         "{test}: the {form} form does not run, although this CPU has it and DROPBLOCK_REQUIRE_SIMD=1"
     );
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: skipped, the {form} form does not run here (CPU, toolchain or DROPBLOCK_CPU_CAPABILITY)"
-    );
+    eprintln!("{test}: skipped, the {form} form does not run here (CPU, toolchain or DROPBLOCK_CPU_CAPABILITY)");
     true
 }
 
