@@ -466,10 +466,11 @@ dropblock_shard_count_planes(DropBlockShard sh, DropBlockApply a, uint32_t* bits
     }
 }
 
-// A shard's counts: `counts` (1 + 2·global N, zeroed by the host) gets the kept
+// A shard's counts: `counts` (1 + 3·global N, zeroed by the host) gets the kept
 // elements of each local sample at its global sample's entry, their sum at 0
 // (every element, without `plane_kept`: an identity call), and each local
-// sample's elements in the box at its covered entry (ShardCounts). Steps
+// sample's elements in the box and the box's tag at its covered and tag entries
+// (ShardCounts). Steps
 // `device_key` past the call where given: it runs after dropblock_shard_blocks,
 // the call's only reader of the key, in stream order.
 extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
@@ -480,6 +481,7 @@ dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsi
         const uint64_t kept = shard_sample_kept(g, sh, plane_kept, n);
         counts[1 + sh.n0 + n] = kept;
         counts[1 + samples + sh.n0 + n] = shard_sample_elements(sh);
+        counts[1 + 2 * samples + sh.n0 + n] = sh.box_tag;
         if (kept) atomicAdd(&counts[0], (unsigned long long)kept);
     }
     if (device_key && global_thread() == 0) device_key[1] += DROPBLOCK_OFFSET_STRIDE;
@@ -490,16 +492,16 @@ dropblock_shard_count_samples(DropBlockGeometry g, DropBlockShard sh, const unsi
 // local sample under PerSample. One block: it first checks the counts as
 // ShardCounts::check does on the host (no sample covered past its C·L elements
 // nor keeping more than is covered, the total the samples' sum), and for the
-// scales that divide by them as check_covered does (every sample covered whole
-// for Global, the shard's own for PerSample). The device cannot return an error
-// without a host sync, so counts no shards could give (a faulty reduction,
-// another shape's counts) or not summed over every shard make every scale NaN: y
-// (dx under noise fill) then says so, where a finite scale from them would be
-// wrong without a sign.
+// scales that divide by them as check_covered does (every sample covered whole,
+// each element once by the tags, for Global; the shard's own for PerSample).
+// The device cannot return an error without a host sync, so counts no shards
+// could give (a faulty reduction, another shape's counts) or not summed over
+// every shard once make every scale NaN: y (dx under noise fill) then says so,
+// where a finite scale from them would be wrong without a sign.
 extern "C" __global__ void __launch_bounds__(DROPBLOCK_THREADS, 1)
 dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long long* counts, float* scales) {
     // What the block found in the counts: counts no shards could give; a sample
-    // not covered whole; one of this shard's own samples not covered whole.
+    // not covered whole and once; one of this shard's own samples not so.
     enum : unsigned { IMPOSSIBLE = 1, PARTIAL = 2, OWN_PARTIAL = 4 };
     __shared__ unsigned long long block_sum;
     __shared__ unsigned found;
@@ -512,10 +514,11 @@ dropblock_shard_scales(DropBlockShard sh, DropBlockApply a, const unsigned long 
     uint64_t sum = 0;
     unsigned flags = 0;
     for (uint64_t n = threadIdx.x; n < samples; n += blockDim.x) {
-        const uint64_t kept = counts[1 + n], covered = counts[1 + samples + n];
+        const uint64_t kept = counts[1 + n], covered = counts[1 + samples + n], tag = counts[1 + 2 * samples + n];
         if (covered > sh.global_sample || kept > covered) flags |= IMPOSSIBLE;
         // n - n0 wraps past sh.n for n < n0.
-        if (covered != sh.global_sample) flags |= n - sh.n0 < sh.n ? PARTIAL | OWN_PARTIAL : PARTIAL;
+        if (covered != sh.global_sample || tag != sh.sample_tag)
+            flags |= n - sh.n0 < sh.n ? PARTIAL | OWN_PARTIAL : PARTIAL;
         sum += kept;
     }
     sum = warp_sum(sum);

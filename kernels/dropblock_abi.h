@@ -153,6 +153,10 @@ typedef struct DropBlockShard {
     uint64_t run_planes, windows_per_run, part_lo, part_hi;
     /* Global N * C * L and C * L: what Global and PerSample scales divide. */
     uint64_t global_numel, global_sample;
+    /* The coverage tags (ShardCounts, src/shard.rs) of one of the box's samples
+     * and of a whole sample: summed over every shard that holds a sample, its
+     * tag entry is sample_tag exactly when each element is counted once. */
+    uint64_t box_tag, sample_tag;
 } DropBlockShard;
 
 /* The random part of a call. */

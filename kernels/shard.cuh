@@ -1,8 +1,8 @@
 // A shard's part of the mask (src/shard.rs): the seeds whose blocks reach the
 // shard's box, grown clipped to it into its own planes' bits, and its kept counts
 // in the layout every shard shares ([total, kept of global sample 0 .. N-1,
-// covered of sample 0 .. N-1]), to be summed across shards before the scales are
-// computed from them.
+// covered of sample 0 .. N-1, tag of sample 0 .. N-1]), to be summed across
+// shards before the scales are computed from them.
 //
 // Grid-wide passes over global memory with 64-bit positions: a shard's box is any
 // size, and these kernels are not yet tuned (see docs/PERF.md).

@@ -190,10 +190,14 @@ pub struct DropBlockShard {
     pub global_numel: u64,
     #[doc = " Global N * C * L and C * L: what Global and PerSample scales divide."]
     pub global_sample: u64,
+    #[doc = " The coverage tags (ShardCounts, src/shard.rs) of one of the box's samples\n and of a whole sample: summed over every shard that holds a sample, its\n tag entry is sample_tag exactly when each element is counted once."]
+    pub box_tag: u64,
+    #[doc = " The coverage tags (ShardCounts, src/shard.rs) of one of the box's samples\n and of a whole sample: summed over every shard that holds a sample, its\n tag entry is sample_tag exactly when each element is counted once."]
+    pub sample_tag: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DropBlockShard"][::core::mem::size_of::<DropBlockShard>() - 120usize];
+    ["Size of DropBlockShard"][::core::mem::size_of::<DropBlockShard>() - 136usize];
     ["Alignment of DropBlockShard"][::core::mem::align_of::<DropBlockShard>() - 8usize];
     ["Offset of field: DropBlockShard::n0"][::core::mem::offset_of!(DropBlockShard, n0) - 0usize];
     ["Offset of field: DropBlockShard::c0"][::core::mem::offset_of!(DropBlockShard, c0) - 4usize];
@@ -212,6 +216,8 @@ const _: () = {
     ["Offset of field: DropBlockShard::global_numel"][::core::mem::offset_of!(DropBlockShard, global_numel) - 104usize];
     ["Offset of field: DropBlockShard::global_sample"]
         [::core::mem::offset_of!(DropBlockShard, global_sample) - 112usize];
+    ["Offset of field: DropBlockShard::box_tag"][::core::mem::offset_of!(DropBlockShard, box_tag) - 120usize];
+    ["Offset of field: DropBlockShard::sample_tag"][::core::mem::offset_of!(DropBlockShard, sample_tag) - 128usize];
 };
 #[doc = " The random part of a call."]
 #[repr(C)]

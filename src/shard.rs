@@ -148,8 +148,15 @@ impl Shard {
             extent: self.local.volume().map(|v| v as u32),
             global_numel: self.global.numel() as u64,
             global_sample: (self.global.c() * self.global.plane_len()) as u64,
+            box_tag: self.box_tag(),
+            sample_tag: coverage_tag(self.global, &[0; 5]),
             ..Default::default()
         }
+    }
+
+    /// The coverage tag of one of the box's samples ([`ShardCounts`]).
+    pub(crate) fn box_tag(&self) -> u64 {
+        coverage_tag(self.local, &self.offset)
     }
 
     /// The box's first sample.
@@ -215,6 +222,33 @@ impl Shard {
     }
 }
 
+/// The coverage tag of the box of one sample of `extent`'s channels and volume
+/// at `offset` (`[N, C, D, H, W]`, N ignored): the wrapping sum over its
+/// elements `(c, d, h, w)` of `w_C(c)·w_D(d)·w_H(h)·w_W(w)`, which is the product
+/// of the four axes' sums of weights. An axis's weights are the steps of a
+/// pseudo-random walk, `w_a(i) = F_a(i + 1) - F_a(i)`, so the sum over a range is
+/// `F_a(end) - F_a(start)`: constant time for any box, where the walk's values
+/// (a hash of axis and position) make the weights behave as independent random
+/// 64-bit values. The tags of some boxes of a sample therefore sum to the whole
+/// sample's tag when the boxes cover each element once, and for any other
+/// multiset of boxes (one counted twice and one of as many elements missing, as
+/// a faulty reduction gives) only by a coincidence of 64-bit values.
+fn coverage_tag(extent: Shape, offset: &[usize; 5]) -> u64 {
+    // splitmix64's finaliser, a bijection: distinct (axis, position) pairs get
+    // distinct walk values.
+    fn walk(axis: u64, i: usize) -> u64 {
+        let mut z = (i as u64).wrapping_mul(4).wrapping_add(axis) ^ 0x9e37_79b9_7f4a_7c15;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let [d, h, w] = extent.volume();
+    let lens = [extent.c(), d, h, w];
+    (lens.iter().zip(&offset[1..]).enumerate())
+        .map(|(axis, (&len, &o))| walk(axis as u64, o + len).wrapping_sub(walk(axis as u64, o)))
+        .fold(1u64, u64::wrapping_mul)
+}
+
 /// `[n, c, spatial...]` as `[N, C, D, H, W]` with unit axes at 0.
 fn to_volume(shape: Shape, v: &[usize]) -> [usize; 5] {
     let r = shape.spatial_rank();
@@ -227,24 +261,36 @@ fn to_volume(shape: Shape, v: &[usize]) -> [usize; 5] {
 /// The kept counts of a shard, in the layout every shard shares so that an
 /// element-wise sum over shards (an all-reduce) gives the global counts:
 /// `[kept over the whole tensor, kept in sample 0, ..., kept in sample N-1,
-/// covered of sample 0, ..., covered of sample N-1]`, `N` the *global* batch,
-/// each entry the shard's part (0 for samples it does not hold). A sample's
-/// covered entry counts the shard's elements of it: summed over every shard that
-/// holds the sample it is the sample's `C·L`, which is how a scale that divides
-/// by the kept counts ([`Normalize::Global`](crate::Normalize): every sample's;
-/// `PerSample`: the shard's own) knows they are whole, not one shard's part or a
-/// reduction that missed one.
+/// covered of sample 0, ..., covered of sample N-1, tag of sample 0, ..., tag of
+/// sample N-1]`, `N` the *global* batch, each entry the shard's part (0 for
+/// samples it does not hold).
+///
+/// A sample's covered entry counts the shard's elements of it, and its tag entry
+/// is a 64-bit checksum of which elements they are (a sum of pseudo-random
+/// weights of their coordinates, wrapping). Summed over every shard that holds
+/// the sample, once each, they are the sample's `C·L` and its whole tag. That is
+/// how a scale that divides by the kept counts
+/// ([`Normalize::Global`](crate::Normalize): every sample's; `PerSample`: the
+/// shard's own) knows they are whole: not one shard's part, not a reduction that
+/// missed a shard, nor one that counted a shard twice and missed another of as
+/// many elements. Tags wrap, so a reduction must sum them modulo 2^64, as NCCL's
+/// and [`ShardCounts::add`] do; the other entries never wrap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardCounts(pub(crate) Vec<u64>);
 
 impl ShardCounts {
-    /// Entries of the counts of a global shape: `1 + 2N`.
+    /// Entries of the counts of a global shape: `1 + 3N`.
     pub fn len_for(global: Shape) -> usize {
-        1 + 2 * global.n()
+        Self::len_for_samples(global.n())
+    }
+
+    /// Entries of the counts of a global batch of `n` samples.
+    pub(crate) fn len_for_samples(n: usize) -> usize {
+        1 + 3 * n
     }
 
     /// Counts from their entries (after a reduction). Errors unless there are
-    /// `1 + 2N` of them for `global` and some shards of `global` could have them
+    /// `1 + 3N` of them for `global` and some shards of `global` could have them
     /// ([`ShardCounts::check`]).
     pub fn from_entries(global: Shape, entries: Vec<u64>) -> Result<Self> {
         let counts = Self(entries);
@@ -253,12 +299,11 @@ impl ShardCounts {
     }
 
     /// Errors unless these counts could be the sum of some shards' of `global`:
-    /// `1 + 2N` entries, no sample covered past its `C·L` elements nor keeping
+    /// `1 + 3N` entries, no sample covered past its `C·L` elements nor keeping
     /// more than is covered, and the total the samples' sum. A scale computed
     /// from any other counts (a faulty reduction, the counts of another shape, a
-    /// shard counted twice, unless a missing one makes up for it) would be wrong
-    /// without a sign. Whether they are the sum of every shard is
-    /// [`ShardCounts::check_covered`].
+    /// shard counted twice) would be wrong without a sign. Whether they are the
+    /// sum of every shard, once each, is [`ShardCounts::check_covered`].
     pub fn check(&self, global: Shape) -> Result<()> {
         let expected = Self::len_for(global);
         if self.0.len() != expected {
@@ -284,17 +329,17 @@ impl ShardCounts {
     }
 
     /// Errors unless these counts ([`ShardCounts::check`]ed) cover every element
-    /// of `samples` of `global`: summed over every shard that holds them, as a
-    /// scale that divides by their kept counts needs. A shard's own counts of
-    /// samples other shards share, or a reduction that missed a shard, cover less.
+    /// of `samples` of `global` once: summed over every shard that holds them,
+    /// each once, as a scale that divides by their kept counts needs. A shard's
+    /// own counts of samples other shards share, or a reduction that missed a
+    /// shard, cover less; one that counted a shard twice and missed another of
+    /// as many elements covers as many elements, but not the same ones (the tag
+    /// differs).
     pub fn check_covered(&self, global: Shape, samples: std::ops::Range<usize>) -> Result<()> {
         self.check(global)?;
         let per = (global.c() * global.plane_len()) as u64;
-        let covered = self.covered().get(samples.clone()).ok_or(Error::OutOfRange {
-            what: "n",
-            value: samples.end as u64,
-            len: global.n() as u64,
-        })?;
+        let out_of_range = Error::OutOfRange { what: "n", value: samples.end as u64, len: global.n() as u64 };
+        let covered = self.covered().get(samples.clone()).ok_or(out_of_range)?;
         if let Some((i, c)) = covered.iter().enumerate().find(|&(_, &c)| c != per) {
             return Err(Error::ImpossibleShardCounts(format!(
                 "sample {} is covered by {c} of its {per} elements ({global}): the counts are not summed over every \
@@ -302,24 +347,36 @@ impl ShardCounts {
                 samples.start + i
             )));
         }
+        let whole = coverage_tag(global, &[0; 5]);
+        if let Some(i) = self.tags()[samples.clone()].iter().position(|&t| t != whole) {
+            return Err(Error::ImpossibleShardCounts(format!(
+                "sample {} is covered by {per} elements ({global}) but not each once (its tag is not the whole \
+                 sample's): the reduction counted a shard twice and missed another",
+                samples.start + i
+            )));
+        }
         Ok(())
     }
 
-    /// The entries, `[total, kept of each sample, covered of each sample]`.
+    /// The entries, `[total, kept of each sample, covered of each sample, tag of
+    /// each sample]`.
     pub fn entries(&self) -> &[u64] {
         &self.0
     }
 
-    /// Adds `other`'s entries into these: the reduction of two shards' counts.
-    /// Errors, leaving these as they were, when the lengths differ or an entry
-    /// overflows (which the counts of one tensor's shards cannot: summed, each
-    /// entry is at most the tensor's elements, under 2^63; counts that overlap
-    /// many times can).
+    /// Adds `other`'s entries into these: the reduction of two shards' counts
+    /// (tags modulo 2^64). Errors, leaving these as they were, when the lengths
+    /// differ or a count overflows (which the counts of one tensor's shards
+    /// cannot: summed, each is at most the tensor's elements, under 2^63; counts
+    /// that overlap many times can).
     pub fn add(&mut self, other: &ShardCounts) -> Result<()> {
         if other.0.len() != self.0.len() {
             return Err(Error::LengthMismatch { what: "shard counts", expected: self.0.len(), actual: other.0.len() });
         }
-        let sum = self.0.iter().zip(&other.0).map(|(a, b)| a.checked_add(*b)).collect::<Option<Vec<u64>>>();
+        let tags = 1 + 2 * self.samples();
+        let sum = (self.0.iter().zip(&other.0).enumerate())
+            .map(|(i, (a, b))| if i < tags { a.checked_add(*b) } else { Some(a.wrapping_add(*b)) })
+            .collect::<Option<Vec<u64>>>();
         self.0 = sum.ok_or_else(|| Error::ImpossibleShardCounts("an entry of the sum overflows u64".into()))?;
         Ok(())
     }
@@ -336,11 +393,17 @@ impl ShardCounts {
 
     /// Elements of each sample covered by the shards counted.
     pub fn covered(&self) -> &[u64] {
-        &self.0[1 + self.samples()..]
+        &self.0[1 + self.samples()..1 + 2 * self.samples()]
+    }
+
+    /// The coverage tag of each sample: which of its elements the shards counted
+    /// cover (see the type's docs).
+    pub fn tags(&self) -> &[u64] {
+        &self.0[1 + 2 * self.samples()..]
     }
 
     fn samples(&self) -> usize {
-        self.0.len() / 2
+        self.0.len() / 3
     }
 }
 
@@ -413,11 +476,38 @@ impl SeedBox {
 
 #[cfg(test)]
 mod tests {
-    use super::{SeedBox, Shard};
+    use super::{coverage_tag, SeedBox, Shard};
     use crate::sampling::Plan;
     use crate::{Anchor, Block, DropBlockConfig, Placement, RngKey, Shape};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// A box's coverage tag, in constant time, is the sum over its elements of
+    /// their own tags (those of one-element boxes: the product of their
+    /// coordinates' weights).
+    #[test]
+    fn coverage_tags_are_sums_over_the_elements() {
+        let mut rng = StdRng::seed_from_u64(29);
+        let element = Shape::from_dims(&[1, 1, 1, 1, 1]).unwrap();
+        for _ in 0..50 {
+            let dims: Vec<usize> = (0..5).map(|_| rng.random_range(1..6)).collect();
+            let global = Shape::from_dims(&dims).unwrap();
+            let o: Vec<usize> = dims.iter().map(|&d| rng.random_range(0..d)).collect();
+            let e: Vec<usize> = dims.iter().zip(&o).map(|(&d, &o)| rng.random_range(1..=d - o)).collect();
+            let shard = Shard::new(global, &o, &e).unwrap();
+            let mut sum = 0u64;
+            for c in o[1]..o[1] + e[1] {
+                for z in o[2]..o[2] + e[2] {
+                    for y in o[3]..o[3] + e[3] {
+                        for x in o[4]..o[4] + e[4] {
+                            sum = sum.wrapping_add(coverage_tag(element, &[0, c, z, y, x]));
+                        }
+                    }
+                }
+            }
+            assert_eq!(shard.box_tag(), sum, "{shard:?}");
+        }
+    }
 
     /// The seed box holds exactly the seeds whose block meets the shard's box, and
     /// its windows are exactly those holding one of its seed cells: the halo and no

@@ -775,7 +775,7 @@ mod gpu {
         let cfg = DropBlockConfig::paper(3, 0.2).unwrap();
         let key = RngKey::new(3, 0).unwrap();
         let mut state = d.alloc_state(s, shard.local()).unwrap();
-        let mut c = s.alloc_zeros::<u64>(9).unwrap();
+        let mut c = s.alloc_zeros::<u64>(13).unwrap();
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let xd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
         let mut yd = s.alloc_zeros::<f32>(shard.local().numel()).unwrap();
@@ -787,7 +787,10 @@ mod gpu {
         // An eval call on a shard: everything kept, its counts the box's sizes, y = x.
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Eval, &mut c).unwrap();
         let per = (8 * 14 * 14) as u64;
-        assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per, 0, 0, per, per]);
+        let cpu_counts =
+            |sh: &dropblock::Shard| cpu::sample_shard(&cfg, sh, key, Mode::Train).unwrap().counts().clone();
+        let tag = cpu_counts(&dropblock::Shard::whole(global)).tags()[0];
+        assert_eq!(s.clone_dtoh(&c).unwrap(), vec![2 * per, 0, 0, per, per, 0, 0, per, per, 0, 0, tag, tag]);
         // It draws nothing, so a device generator stays where it was; noise fill
         // refuses one, as the forward does.
         let mut gen = DeviceGenerator::new(s, 5, 10).unwrap();
@@ -810,8 +813,18 @@ mod gpu {
         off_by_one[0] += 1;
         let mut twice = good.clone();
         twice[7] = 2 * per; // sample 2 covered twice
-        for bad in [off_by_one, vec![2 * per + 1, 0, 0, per + 1, per, 0, 0, per, per], twice] {
-            assert!(dropblock::ShardCounts::from_entries(global, bad.clone()).is_err(), "{bad:?}");
+        let impossible = vec![2 * per + 1, 0, 0, per + 1, per, 0, 0, per, per, 0, 0, tag, tag];
+        // The first half of samples 2 and 3's rows counted twice, the second half
+        // missed: every sample covered by its C·L, but not each element once.
+        let mut doubled = cpu_counts(&dropblock::Shard::samples(global, 0, 2).unwrap());
+        let half = cpu_counts(&dropblock::Shard::new(global, &[2, 0, 0, 0], &[2, 8, 7, 14]).unwrap());
+        doubled.add(&half).unwrap();
+        doubled.add(&half).unwrap();
+        assert_eq!(doubled.covered(), [per; 4]);
+        for bad in [off_by_one, impossible, twice, doubled.entries().to_vec()] {
+            let checked = dropblock::ShardCounts::from_entries(global, bad.clone())
+                .and_then(|c| c.check_covered(global, 0..global.n()));
+            assert!(checked.is_err(), "{bad:?}");
             let bad_d = s.clone_htod(&bad).unwrap();
             d.finish_shard(s, &mut state, &bad_d).unwrap();
             let scales = state.scales(s).unwrap();
@@ -822,7 +835,7 @@ mod gpu {
         // with the other shard's (on the CPU, bit-exact) it is finite.
         d.finish_shard(s, &mut state, &c).unwrap();
         assert!(state.scales(s).unwrap().iter().all(|v| v.is_nan()), "one shard's counts gave a scale");
-        let mut sum = dropblock::ShardCounts::from_entries(global, vec![0; 9]).unwrap();
+        let mut sum = dropblock::ShardCounts::from_entries(global, vec![0; 13]).unwrap();
         for sh in [dropblock::Shard::samples(global, 0, 2).unwrap(), shard] {
             sum.add(cpu::sample_shard(&cfg, &sh, key, Mode::Train).unwrap().counts()).unwrap();
         }
@@ -832,14 +845,14 @@ mod gpu {
         assert!(state.scales(s).unwrap().iter().all(|v| v.is_finite()));
         let mut short = s.alloc_zeros::<u64>(4).unwrap();
         let err = d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut short).unwrap_err();
-        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 9, actual: 4 }));
+        assert!(matches!(err, dropblock::Error::LengthMismatch { what: "shard counts", expected: 13, actual: 4 }));
         #[cfg(feature = "nccl")]
         if quick() {
             eprintln!("nccl: DROPBLOCK_PARITY_QUICK=1; the one-rank all-reduce did not run");
         } else if dropblock::cuda::nccl::nccl_present() {
             use cudarc::nccl::{Comm, Id};
             let comm = Comm::from_rank(s.clone(), 0, 1, Id::new().unwrap()).unwrap();
-            let values: Vec<u64> = (0..9).map(|v| v * 1_000_003).collect();
+            let values: Vec<u64> = (0..13).map(|v| v * 1_000_003).collect();
             let mut c = s.clone_htod(&values).unwrap();
             dropblock::cuda::nccl::all_reduce_counts(&comm, &mut c).unwrap();
             assert_eq!(s.clone_dtoh(&c).unwrap(), values, "a one-rank all-reduce sums one rank's counts");
@@ -895,6 +908,24 @@ mod gpu {
             let err = d.sample_into(s, &mut wstate, &exact, wide, key, mode).unwrap_err();
             assert!(matches!(err, dropblock::Error::TooManyCoverageClasses { .. }), "{mode:?}: {err}");
         }
+        // Refused while planning, a drawing call leaves the state's last call and
+        // its generator as they were (the plan comes before both are touched), on
+        // the whole tensor and on a shard.
+        let mut wgen = DeviceGenerator::new(s, 4, 0).unwrap();
+        d.sample_into(s, &mut wstate, &cfg, wide, &mut wgen, Mode::Train).unwrap();
+        let (kept, at) = (wstate.kept(s).unwrap(), wgen.key(s).unwrap());
+        let err = d.sample_into(s, &mut wstate, &exact, wide, &mut wgen, Mode::Train).unwrap_err();
+        assert!(matches!(err, dropblock::Error::TooManyCoverageClasses { .. }), "{err}");
+        assert_eq!((wstate.kept(s).unwrap(), wgen.key(s).unwrap()), (kept, at), "a refused forward");
+        let half = dropblock::Shard::new(wide, &[0, 0, 0, 0], &[1, 1, 1025, 2049]).unwrap();
+        let mut hstate = d.alloc_shard_state(s, &half).unwrap();
+        let mut hcounts = s.alloc_zeros::<u64>(dropblock::ShardCounts::len_for(wide)).unwrap();
+        d.sample_shard(s, &mut hstate, &cfg, &half, &mut wgen, Mode::Train, &mut hcounts).unwrap();
+        let (counts, at) = (s.clone_dtoh(&hcounts).unwrap(), wgen.key(s).unwrap());
+        let err = d.sample_shard(s, &mut hstate, &exact, &half, &mut wgen, Mode::Train, &mut hcounts).unwrap_err();
+        assert!(matches!(err, dropblock::Error::TooManyCoverageClasses { .. }), "{err}");
+        assert_eq!((s.clone_dtoh(&hcounts).unwrap(), wgen.key(s).unwrap()), (counts, at), "a refused shard call");
+        d.finish_shard(s, &mut hstate, &hcounts).unwrap();
         // Noise fill needs the key on the host.
         let noisy = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1)
             .normalize(Normalize::None)

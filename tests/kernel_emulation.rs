@@ -568,7 +568,7 @@ mod emulation {
     fn run_shard_cases<T: CudaElement>(driver: &Path, seed: u64) -> Result<(), Failed> {
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut small, mut large, mut noise, mut tampered, mut identity, mut device_keys) = (0, 0, 0, 0, 0, 0);
-        let mut partial = 0;
+        let (mut partial, mut twice) = (0, 0);
         for case in 0..36 {
             let rank = 1 + case % 3;
             let sides: &[usize] = match rank {
@@ -601,7 +601,10 @@ mod emulation {
             // give: a sample keeping one more than its elements, or a total off by
             // one from the samples' sum. In the next third, where the scale divides
             // by counts its own do not cover (every sample for Global, its own for
-            // PerSample), it gets its own counts, never summed with the others'.
+            // PerSample), it gets its own counts, never summed with the others',
+            // or (in turn with those, where another shard holds the same samples
+            // and as many elements) the sum with itself counted twice and that one
+            // missed.
             let (first, sample_len) = (shards[0].local(), global.c() * global.plane_len());
             let uncovered = match cfg.normalize() {
                 Normalize::Global => true,
@@ -611,7 +614,7 @@ mod emulation {
             let impossible = match case % 3 {
                 0 => {
                     let mut bad = summed.entries().to_vec();
-                    let samples = (bad.len() - 1) / 2;
+                    let samples = (bad.len() - 1) / 3;
                     match case % 2 {
                         0 => bad[1] = sample_len as u64 + 1,
                         _ => bad[0] += 1,
@@ -622,8 +625,23 @@ mod emulation {
                     Some(bad)
                 }
                 1 if uncovered && shards.len() > 1 => {
-                    partial += 1;
-                    Some(sampled[0].counts().entries().to_vec())
+                    let like_first = |s: &&dropblock::Shard| {
+                        let (a, b) = (s.local(), first);
+                        s.offset()[0] == shards[0].offset()[0]
+                            && (a.n(), a.c() * a.plane_len()) == (b.n(), b.c() * b.plane_len())
+                    };
+                    match shards[1..].iter().position(|s| like_first(&s)).filter(|_| twice <= partial) {
+                        Some(j) => {
+                            twice += 1;
+                            let (own, other) = (sampled[0].counts().entries(), sampled[1 + j].counts().entries());
+                            let sum = summed.entries().iter().zip(own).zip(other);
+                            Some(sum.map(|((s, a), b)| s.wrapping_add(*a).wrapping_sub(*b)).collect())
+                        }
+                        None => {
+                            partial += 1;
+                            Some(sampled[0].counts().entries().to_vec())
+                        }
+                    }
                 }
                 _ => None,
             };
@@ -650,11 +668,19 @@ mod emulation {
                 }
             }
         }
-        if small == 0 || large == 0 || noise < 3 || tampered < 14 || partial < 2 || identity < 5 || device_keys < 10 {
+        if small == 0
+            || large == 0
+            || noise < 3
+            || tampered < 14
+            || partial < 2
+            || twice < 1
+            || identity < 5
+            || device_keys < 10
+        {
             let what = format!(
                 "{small} cases of planes of <= 64 seed cells, {large} larger, {noise} of noise fill, \
-                 {tampered} of impossible or partial counts ({partial} partial), {identity} identity calls, \
-                 {device_keys} device keys"
+                 {tampered} of impossible or partial counts ({partial} partial, {twice} a shard twice), {identity} \
+                 identity calls, {device_keys} device keys"
             );
             return Err(format!("{what}: widen the cases").into());
         }

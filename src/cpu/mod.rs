@@ -432,7 +432,7 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
         counts[0] = shape.numel() as u64;
         let per = (shape.c() * shape.plane_len()) as u64;
         counts[1 + shard.first_sample()..][..shape.n()].fill(per);
-        counts[1 + global.n() + shard.first_sample()..][..shape.n()].fill(per);
+        fill_coverage(&mut counts, shard);
         let saved = Saved { shape, shard: *shard, state: State::Identity };
         return Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: 0.0 });
     }
@@ -469,7 +469,7 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     }
     let kept: u64 = local.iter().sum();
     counts[0] = kept;
-    counts[1 + global.n() + shard.first_sample()..][..shape.n()].fill((c * l) as u64);
+    fill_coverage(&mut counts, shard);
     let bits = match order {
         None | Some(ChannelsLastOrder::ByRegion) => Bits::Planes(masks),
         Some(ChannelsLastOrder::InTiles) => Bits::Tensor(masks, ChannelsLastOrder::InTiles),
@@ -484,6 +484,14 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
     let state = State::Masked { plan, bits, kept, per_sample, scales: Vec::new(), noise };
     let saved = Saved { shape, shard: *shard, state };
     Ok(ShardSample { saved, counts: ShardCounts(counts), normalize: cfg.normalize(), drop_prob: cfg.drop_prob() })
+}
+
+/// Writes a shard's covered and tag entries of its samples into its counts.
+fn fill_coverage(counts: &mut [u64], shard: &Shard) {
+    let (local, n) = (shard.local(), shard.global().n());
+    let first = shard.first_sample();
+    counts[1 + n + first..][..local.n()].fill((local.c() * local.plane_len()) as u64);
+    counts[1 + 2 * n + first..][..local.n()].fill(shard.box_tag());
 }
 
 /// A shard's sampled mask and its kept counts, waiting for the counts of every

@@ -90,7 +90,8 @@ pub enum Buffer {
     Scales,
     /// A shard call's kept cells per plane (`u64`).
     PlaneKept,
-    /// The caller's shard counts (`u64`, 1 + the global N).
+    /// The caller's shard counts (`u64`, [`ShardCounts`](crate::ShardCounts)'
+    /// 1 + 3 · the global N).
     ShardCounts,
     /// Every window's seed words (`u64`, one a window): the sampler's check.
     Seeds,

@@ -2,8 +2,9 @@
 //!
 //! Between [`DropBlockCuda::sample_shard`](super::DropBlockCuda::sample_shard)
 //! and [`DropBlockCuda::finish_shard`](super::DropBlockCuda::finish_shard) every
-//! shard's counts are summed in place with one all-reduce of `1 + 2N` u64 on the
-//! caller's communicator and its stream. The scale each shard then computes is
+//! shard's counts are summed in place with one all-reduce of `1 + 3N` u64 on the
+//! caller's communicator and its stream (unsigned, so the coverage tags wrap as
+//! they must). The scale each shard then computes is
 //! `numerator / total` in f64 rounded to f32 from the same integers, so every
 //! shard applies the same scale bit for bit (an all-reduce of f32 scales, or of
 //! partial scales, would not give that).

@@ -643,7 +643,7 @@ impl DropBlockCuda {
 
     /// The first half of a sharded forward on the device: samples into `state`
     /// (made for `shard.local()`) exactly the shard's box of the unsharded call's
-    /// mask, and overwrites `counts` (`1 + 2N` of the global shape, the layout of
+    /// mask, and overwrites `counts` (`1 + 3N` of the global shape, the layout of
     /// [`ShardCounts`](crate::ShardCounts)) with the shard's kept counts. Sum
     /// `counts` over every shard on the device (an all-reduce; `nccl::all_reduce_counts`
     /// with the `nccl` feature), then call [`Self::finish_shard`] with the sum, and
@@ -680,25 +680,27 @@ impl DropBlockCuda {
         check_buffer(stream, counts)?;
         let identity = mode == Mode::Eval || cfg.is_identity();
         check_plannable(cfg, global, identity)?;
-        // Before the generator's guard, which with cudarc's event tracking would
-        // enqueue a wait: a refused call enqueues nothing.
-        if !identity && state.plane_kept.is_none() {
-            state.alloc_plane_kept(stream)?;
-        }
-        let (key, generator) = self.resolve_key(stream, cfg, identity, key.into())?;
-        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
-        // The plan and the shard's parameters, reused while the config and the shard
-        // stay the same (an identity call needs neither).
+        // The plan and the shard's parameters, reused while the config and the
+        // shard stay the same (an identity call needs neither), then the key and
+        // the generator's guard, which with cudarc's event tracking enqueues a
+        // wait: a call refused for its config or its key leaves the last call's
+        // state, and enqueues nothing.
         let cached = match &state.shard_cached {
             _ if identity => None,
-            Some((c, s, plan, sh, local_g)) if c == cfg && s == shard => Some((plan.with_key(key), *sh, *local_g)),
+            Some((c, s, plan, sh, local_g)) if c == cfg && s == shard => Some((*plan, *sh, *local_g)),
             _ => {
-                let plan = Plan::new(cfg, global, key)?;
+                let plan = Plan::new(cfg, global, RngKey::new(0, 0)?)?;
                 let (sh, local_g) = shard.kernel_params(&plan)?;
                 state.shard_cached = Some((*cfg, *shard, plan, sh, local_g));
                 Some((plan, sh, local_g))
             }
         };
+        if !identity && state.plane_kept.is_none() {
+            state.alloc_plane_kept(stream)?;
+        }
+        let (key, generator) = self.resolve_key(stream, cfg, identity, key.into())?;
+        let cached = cached.map(|(plan, sh, local_g)| (plan.with_key(key), sh, local_g));
+        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         state.call = None;
         drop(state.enter(stream)?); // a `&mut` call: no other call can interleave
         let (cp, _guard) = counts.device_ptr_mut(stream);
@@ -729,11 +731,11 @@ impl DropBlockCuda {
     /// return an error without a host sync: counts no shards could give (a sample
     /// covered past its `C·L` elements or keeping more than is covered, a total
     /// other than the samples' sum: a faulty reduction, another shape's counts),
-    /// or a Global or PerSample scale's counts not summed over every shard holding
-    /// the samples (one shard's own, a reduction that missed one), make every
-    /// scale NaN, so the kept elements of `y` (with noise fill, whose forward
-    /// reads no scale, of `dx`) are NaN rather than wrongly scaled. An identity call reads
-    /// no counts and checks none.
+    /// or a Global or PerSample scale's counts not summed once over every shard
+    /// holding the samples (one shard's own, a reduction that missed one or
+    /// counted one twice), make every scale NaN, so the kept elements of `y`
+    /// (with noise fill, whose forward reads no scale, of `dx`) are NaN rather
+    /// than wrongly scaled. An identity call reads no counts and checks none.
     pub fn finish_shard(
         &self,
         stream: &Arc<CudaStream>,
@@ -744,8 +746,7 @@ impl DropBlockCuda {
         self.check_call(stream, state)?;
         let call = state.call.ok_or(Error::NoForwardCall)?;
         let (sh, _) = call.shard.ok_or(Error::NotAShardCall)?;
-        // 1 + 2 · the global N.
-        let entries = 1 + 2 * (sh.global_numel / sh.global_sample) as usize;
+        let entries = crate::ShardCounts::len_for_samples((sh.global_numel / sh.global_sample) as usize);
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
@@ -801,28 +802,30 @@ impl DropBlockCuda {
         }
         let identity = mode == Mode::Eval || cfg.is_identity();
         check_plannable(cfg, shape, identity)?;
-        // Before the state is touched: a call refused for its key leaves the last one.
+        // The plan (reused while the config stays the same), then the key, before
+        // the state or a generator is touched: a call refused for its config or
+        // its key leaves the last call's state, and enqueues nothing.
+        let planned = match &state.cached {
+            _ if identity => None,
+            Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => Some((*plan, *launch)),
+            _ => {
+                let plan = Plan::new(cfg, shape, RngKey::new(0, 0)?)?;
+                let launch = self.launch_plan(cfg, shape)?;
+                state.cached = Some((*cfg, self.min_tiles, plan, launch));
+                Some((plan, launch))
+            }
+        };
         let (host_key, generator) = self.resolve_key(stream, cfg, identity, key)?;
         state.call = None;
-        if identity {
+        let Some((plan, launch)) = planned else {
             if let Some(io) = &io {
                 copy::<T>(stream, shape, io)?;
             }
             state.call = Some(Call { masked: None, shard: None });
             return Ok(());
-        }
-        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
-        let (plan, launch) = match &state.cached {
-            Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => {
-                (plan.with_key(host_key), *launch)
-            }
-            _ => {
-                let plan = Plan::new(cfg, shape, host_key)?;
-                let launch = self.launch_plan(cfg, shape)?;
-                state.cached = Some((*cfg, self.min_tiles, plan, launch));
-                (plan, launch)
-            }
         };
+        let plan = plan.with_key(host_key);
+        let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         drop(state.enter(stream)?); // a `&mut` call: no other call can interleave
         let mut q = self.queue(stream, state);
         if let Some(io) = &io {
@@ -908,7 +911,7 @@ impl Queue for DeviceQueue<'_> {
         self.stream.context().bind_to_thread()?;
         // SAFETY: the sequences in launch.rs zero at most what the buffer holds for
         // the call's shape (a bit per element, N + 2 counters, a counter per slice,
-        // 1 + the global N shard counts: checked by the callers).
+        // 1 + 3 · the global N shard counts: checked by the callers).
         unsafe { result::memset_d8_async(p, 0, bytes as usize, self.stream.cu_stream()) }?;
         Ok(())
     }

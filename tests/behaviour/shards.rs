@@ -318,15 +318,27 @@ fn bad_shards_and_counts_are_typed_errors() {
     let shard = Shard::new(global, &[1, 0, 2, 0], &[1, 3, 6, 8]).unwrap();
     assert_eq!(shard.local(), Shape::new(1, 3, 6, 8).unwrap());
     let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
-    let wrong = ShardCounts::from_entries(Shape::new(5, 3, 8, 8).unwrap(), vec![0; 11]).unwrap();
+    let wrong = ShardCounts::from_entries(Shape::new(5, 3, 8, 8).unwrap(), vec![0; 16]).unwrap();
     assert!(matches!(
         sample.finish(&wrong),
-        Err(Error::LengthMismatch { what: "shard counts", expected: 5, actual: 11 })
+        Err(Error::LengthMismatch { what: "shard counts", expected: 7, actual: 16 })
     ));
     assert!(matches!(
-        ShardCounts::from_entries(global, vec![0; 4]),
-        Err(Error::LengthMismatch { what: "shard counts", expected: 5, actual: 4 })
+        ShardCounts::from_entries(global, vec![0; 5]),
+        Err(Error::LengthMismatch { what: "shard counts", expected: 7, actual: 5 })
     ));
+}
+
+/// The coverage tags of every sample of `global`, whole: those of an identity
+/// call on the whole tensor (a sum over its elements' weights).
+fn whole_tags(global: Shape) -> Vec<u64> {
+    let cfg = DropBlockConfig::paper(1, 0.1).unwrap();
+    let key = RngKey::new(1, 0).unwrap();
+    cpu::sample_shard(&cfg, &Shard::whole(global), key, Mode::Eval).unwrap().counts().tags().to_vec()
+}
+
+fn impossible(e: Result<(), Error>) -> bool {
+    matches!(e, Err(Error::ImpossibleShardCounts(_)))
 }
 
 /// Counts that no shards of the global shape can give (a faulty reduction, the
@@ -336,7 +348,11 @@ fn bad_shards_and_counts_are_typed_errors() {
 #[test]
 fn impossible_shard_counts_are_typed_errors() {
     let global = Shape::new(2, 1, 4, 4).unwrap();
-    let impossible = |e: Result<(), Error>| matches!(e, Err(Error::ImpossibleShardCounts(_)));
+    let tags = whole_tags(global);
+    let with_tags = |mut counts: Vec<u64>| {
+        counts.extend(&tags);
+        counts
+    };
     // More kept than a sample's 16 elements; a total that is not the samples' sum;
     // a sample covered past its 16 elements (a shard counted twice); more kept
     // than covered.
@@ -349,6 +365,7 @@ fn impossible_shard_counts_are_typed_errors() {
         vec![2, 1, 1, 24, 16],
         vec![3, 1, 2, 16, 1],
     ] {
+        let entries = with_tags(entries);
         assert!(impossible(ShardCounts::from_entries(global, entries.clone()).map(|_| ())), "{entries:?}");
     }
     // The counts of a 2x8x16x16 tensor handed to a shard of 2x1x4x4 by `finish`.
@@ -358,14 +375,15 @@ fn impossible_shard_counts_are_typed_errors() {
         .unwrap();
     let shard = Shard::samples(global, 0, 1).unwrap();
     let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(1, 0).unwrap(), Mode::Train).unwrap();
+    let other = Shape::new(2, 8, 16, 16).unwrap();
     let other =
-        ShardCounts::from_entries(Shape::new(2, 8, 16, 16).unwrap(), vec![4096, 2048, 2048, 2048, 2048]).unwrap();
+        ShardCounts::from_entries(other, [vec![4096, 2048, 2048, 2048, 2048], whole_tags(other)].concat()).unwrap();
     assert!(impossible(sample.clone().finish(&other).map(|_| ())), "counts of another shape");
     // This shard holds sample 0 whole: its own counts finish its PerSample scale
     // (data-parallel ranks need no reduction), and everything kept does.
     assert_eq!(sample.counts().covered(), [16, 0]);
     sample.clone().finish(sample.counts()).unwrap();
-    sample.clone().finish(&ShardCounts::from_entries(global, vec![32, 16, 16, 16, 16]).unwrap()).unwrap();
+    sample.clone().finish(&ShardCounts::from_entries(global, with_tags(vec![32, 16, 16, 16, 16])).unwrap()).unwrap();
     // A shard of half of sample 0's rows: its own counts are possible (some
     // shards' sum) but cover 8 of the sample's 16 elements, so a PerSample or
     // Global scale from them (the reduction skipped, or a shard missing from it)
@@ -380,7 +398,7 @@ fn impossible_shard_counts_are_typed_errors() {
     }
     // Sample 0 whole and sample 1 not: enough for this shard's PerSample scale,
     // not for a Global one.
-    let one = ShardCounts::from_entries(global, vec![20, 16, 4, 16, 8]).unwrap();
+    let one = ShardCounts::from_entries(global, with_tags(vec![20, 16, 4, 16, 8])).unwrap();
     one.check_covered(global, 0..1).unwrap();
     assert!(impossible(one.check_covered(global, 0..2)));
     assert_eq!(one.check_covered(global, 1..3), Err(Error::OutOfRange { what: "n", value: 3, len: 2 }));
@@ -390,7 +408,45 @@ fn impossible_shard_counts_are_typed_errors() {
         part.clone().finish(part.counts()).unwrap();
     }
     // Counts past u64 (which made `add` overflow) are among the refused ones.
-    assert!(impossible(ShardCounts::from_entries(global, vec![u64::MAX, 1, 2, 16, 16]).map(|_| ())));
+    let past = with_tags(vec![u64::MAX, 1, 2, 16, 16]);
+    assert!(impossible(ShardCounts::from_entries(global, past).map(|_| ())));
+}
+
+/// A reduction that counts a shard twice and misses another of as many elements
+/// covers every sample by its `C·L` elements, but not each element once: the
+/// coverage tags say so, and a scale that divides by the counts is refused. Shards
+/// of equal size are the usual split, so this is the likely fault (a rank's buffer
+/// sent twice), including the pattern a sum of positions misses (on a 2x2 grid
+/// of shards, the two on one diagonal counted twice and the other two missed).
+#[test]
+fn a_shard_counted_twice_for_a_missing_one_is_refused() {
+    let global = Shape::new(2, 2, 6, 8).unwrap();
+    let key = RngKey::new(9, 0).unwrap();
+    // A 2x2 grid over (C, H) of both samples; `grid[i]` is (c, h) block i.
+    let grid: Vec<Shard> = [(0, 0), (0, 3), (1, 0), (1, 3)]
+        .iter()
+        .map(|&(c, h)| Shard::new(global, &[0, c, h, 0], &[2, 1, 3, 8]).unwrap())
+        .collect();
+    for normalize in [Normalize::Global, Normalize::PerSample] {
+        let cfg = DropBlockConfig::builder(Block::square(3).unwrap(), 0.2).normalize(normalize).build().unwrap();
+        let sampled: Vec<_> = grid.iter().map(|s| cpu::sample_shard(&cfg, s, key, Mode::Train).unwrap()).collect();
+        let sum = |picks: &[usize]| {
+            let mut counts = ShardCounts::from_entries(global, vec![0; ShardCounts::len_for(global)]).unwrap();
+            picks.iter().for_each(|&i| counts.add(sampled[i].counts()).unwrap());
+            counts
+        };
+        let right = sum(&[0, 1, 2, 3]);
+        assert_eq!(right.tags(), whole_tags(global), "the four shards' tags sum to the whole samples'");
+        sampled[0].clone().finish(&right).unwrap();
+        for picks in [[0, 0, 2, 3], [0, 1, 2, 2], [0, 0, 3, 3], [1, 1, 2, 2]] {
+            let counts = sum(&picks);
+            assert_eq!(counts.covered(), [96, 96], "{picks:?}: every sample covered by its C·L");
+            // Possible counts (some shards' sum), but not every shard once.
+            counts.check(global).unwrap();
+            assert!(impossible(counts.check_covered(global, 0..2)), "{normalize:?} {picks:?}");
+            assert!(impossible(sampled[0].clone().finish(&counts).map(|_| ())), "{normalize:?} {picks:?}");
+        }
+    }
 }
 
 /// `ShardCounts::add` refuses counts of another length and a sum past u64 (four
@@ -399,18 +455,22 @@ fn impossible_shard_counts_are_typed_errors() {
 #[test]
 fn adding_shard_counts_refuses_what_does_not_add_up() {
     let global = Shape::new(1, 1 << 30, 1 << 16, 1 << 16).unwrap();
-    let whole = ShardCounts::from_entries(global, vec![1 << 62; 3]).unwrap();
+    let whole = ShardCounts::from_entries(global, vec![1 << 62; 4]).unwrap();
     let mut sum = whole.clone();
     for _ in 0..2 {
         sum.add(&whole).unwrap();
     }
-    assert_eq!(sum.entries(), [u64::MAX - (1 << 62) + 1; 3]);
+    assert_eq!(sum.entries(), [3 << 62; 4]);
     let before = sum.clone();
     assert!(matches!(sum.add(&whole), Err(Error::ImpossibleShardCounts(_))));
     assert_eq!(sum, before, "a refused add changes nothing");
-    let other = ShardCounts::from_entries(Shape::new(2, 1, 4, 4).unwrap(), vec![0; 5]).unwrap();
-    assert_eq!(sum.add(&other), Err(Error::LengthMismatch { what: "shard counts", expected: 3, actual: 5 }));
+    let other = ShardCounts::from_entries(Shape::new(2, 1, 4, 4).unwrap(), vec![0; 7]).unwrap();
+    assert_eq!(sum.add(&other), Err(Error::LengthMismatch { what: "shard counts", expected: 4, actual: 7 }));
     assert_eq!(sum, before);
+    // Tags are sums modulo 2^64: they wrap where counts may not.
+    let mut tags = ShardCounts::from_entries(global, vec![0, 0, 0, u64::MAX]).unwrap();
+    tags.add(&ShardCounts::from_entries(global, vec![0, 0, 0, 2]).unwrap()).unwrap();
+    assert_eq!(tags.entries(), [0, 0, 0, 1]);
 }
 
 /// Eval mode and p = 0 are the identity on a shard, with counts of everything kept.
@@ -422,7 +482,9 @@ fn identity_calls_on_a_shard() {
         [(DropBlockConfig::paper(3, 0.2).unwrap(), Mode::Eval), (DropBlockConfig::paper(3, 0.0).unwrap(), Mode::Train)]
     {
         let sample = cpu::sample_shard(&cfg, &shard, RngKey::new(3, 0).unwrap(), mode).unwrap();
-        assert_eq!(sample.counts().entries(), &[60, 0, 30, 30, 0, 30, 30]);
+        let tag = sample.counts().tags()[1];
+        assert_eq!(sample.counts().entries(), &[60, 0, 30, 30, 0, 30, 30, 0, tag, tag]);
+        assert!(tag != 0 && tag != whole_tags(global)[0], "a part's tag is not the whole sample's");
         let saved = sample.clone().finish(sample.counts()).unwrap();
         let x = input(60, 9);
         let mut y = vec![0.0; 60];
