@@ -25,6 +25,9 @@ use std::process::Command;
 
 const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
 
+#[path = "build/nvcc_flags.rs"]
+mod nvcc_flags;
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(dropblock_kernels)");
     println!("cargo::rustc-check-cfg=cfg(dropblock_avx512)");
@@ -34,6 +37,7 @@ fn main() {
         println!("cargo::rustc-cfg=dropblock_avx512");
     }
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=build");
     println!("cargo::rerun-if-changed=kernels");
     // nvcc reads the last three itself.
     for var in [
@@ -62,6 +66,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let fatbin = out_dir.join("dropblock.fatbin");
     let report = out_dir.join("ptxas_report.txt");
+    refuse_inexact_float_flags();
     let nvcc = find_nvcc().unwrap_or_else(|| fail_no_nvcc());
     // A toolkit replaced in place (new pins in the same directory) rebuilds.
     println!("cargo::rerun-if-changed={}", nvcc.display());
@@ -192,6 +197,21 @@ fn fail(message: &str) -> ! {
         println!("cargo::error={line}");
     }
     std::process::exit(1)
+}
+
+/// nvcc reads `NVCC_PREPEND_FLAGS` and `NVCC_APPEND_FLAGS` itself, after this
+/// script's flags: refuses those that give up the kernels' IEEE arithmetic
+/// (`build/nvcc_flags.rs`).
+fn refuse_inexact_float_flags() {
+    for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"] {
+        let Some(flags) = var_os(var) else { continue };
+        if let Some(shown) = nvcc_flags::inexact_float_flag(&flags.to_string_lossy()) {
+            fail(&format!(
+                "{var} holds `{shown}`, which gives up IEEE single precision in the kernels: their results would \
+                 differ from the CPU path's, which they must match bit for bit. Remove it from {var}."
+            ));
+        }
+    }
 }
 
 fn fail_no_nvcc() -> ! {

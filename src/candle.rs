@@ -62,7 +62,7 @@ pub struct GeneratorState {
     pub seed: u64,
     /// The counter offset of the next forward's key.
     pub offset: u64,
-    /// The training step the schedule reads (0 without a schedule).
+    /// The training step (`set_step`'s), which a schedule reads.
     pub step: u64,
 }
 

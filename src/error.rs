@@ -85,7 +85,7 @@ pub enum Error {
     },
 
     /// The element count of a shape overflows `usize` or the device's 63-bit indexing.
-    #[error("element count of shape {dims:?} overflows")]
+    #[error("element count of shape {dims:?} overflows: a shape holds at most 2^63 - 1 elements")]
     ElementCountOverflow {
         /// The dimensions given, `[N, C, spatial...]`.
         dims: Vec<u64>,
@@ -107,7 +107,7 @@ pub enum Error {
     },
 
     /// A call's shape or layout differs from the one the state it reuses was made for.
-    #[error("saved state was made for shape {expected}, not {actual}")]
+    #[error("saved state was made for shape {expected}, not {actual}: allocate a state for this shape")]
     ShapeMismatch {
         /// The state's shape, as [`Shape`](crate::Shape) displays it (`2x64x56x56`,
         /// with ` channels-last` after a channels-last one).
@@ -127,7 +127,9 @@ pub enum Error {
 
     /// Backward, apply or a statistic was asked of a state that no forward has
     /// completed on.
-    #[error("the state holds no completed forward or sampling call")]
+    #[error(
+        "the state holds no completed forward or sampling call: call forward_into, sample_into or sample_shard on it first"
+    )]
     NoForwardCall,
 
     /// A shard's box is empty or passes the end of the global tensor along an axis.
@@ -155,7 +157,7 @@ pub enum Error {
     /// state from `alloc_state`) on a stream being captured: a CUDA graph cannot
     /// hold the allocation (a replay would find it still live and fail to launch).
     #[error(
-        "this call allocates device memory, which a CUDA graph cannot hold across replays: allocate before capturing (DropBlockCuda::alloc_state, alloc_shard_state, DeviceGenerator::new) and capture the calls that take them (every call on a DeviceState but forward)"
+        "this call allocates device memory, which a CUDA graph cannot hold across replays: allocate before capturing (DropBlockCuda::alloc_state, alloc_shard_state, DeviceGenerator::new) and capture the calls that take them (every call on a DeviceState but forward; sample_shard on a state from alloc_shard_state)"
     )]
     AllocationInCapture,
 
@@ -179,7 +181,7 @@ pub enum Error {
     #[error("finish_shard needs a state whose last call was sample_shard")]
     NotAShardCall,
 
-    /// NCCL is missing or a collective failed (feature `nccl`); holds the reason.
+    /// An NCCL collective failed (feature `nccl`); holds NCCL's error.
     #[error("NCCL: {0}")]
     Nccl(String),
 
@@ -230,7 +232,7 @@ pub enum Error {
     WrongContext,
 
     /// libcuda could not be loaded.
-    #[error("the CUDA driver library (libcuda) could not be found")]
+    #[error("the CUDA driver library (libcuda) could not be found: install the NVIDIA driver, or use the CPU path")]
     NoDriver,
 
     /// libcuda loaded but gives no usable device at the ordinal asked for (none, an
@@ -240,7 +242,7 @@ pub enum Error {
 
     /// The CUDA path was asked for in a build without kernels.
     #[error(
-        "this build of dropblock has no CUDA kernels (built without the `cuda` feature, or by a docs build, DOCS_RS)"
+        "this build of dropblock has no CUDA kernels (built without the `cuda` feature, or by a docs build, DOCS_RS): build with the `cuda` feature and nvcc (scripts/cuda-toolchain.sh provides one), or use the CPU path"
     )]
     KernelsNotBuilt,
 

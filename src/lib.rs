@@ -142,6 +142,11 @@
 //!   shards sum ([`cpu::sample_shard`]; `cuda::DropBlockCuda::sample_shard`).
 //! - [`schedule`]: drop-rate schedules (the originals' `linspace` ramp).
 //! - `candle` (feature `candle`): a candle layer, `candle::DropBlock`.
+//!
+//! Items hidden from these docs (`#[doc(hidden)]`: the launch sequences, the
+//! kernels' parameter structs behind [`Shard`], test hooks such as
+//! `DropBlockCuda::sample_seeds`) are public only for this crate's own tests and
+//! tools; they are not part of the API and may change in any release.
 
 #![deny(missing_docs)]
 
@@ -163,6 +168,12 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+/// The cudarc whose types the CUDA path takes and returns (0.19, feature
+/// `cuda-13000`): name them through this, or depend on `cudarc = "0.19"` with the
+/// same CUDA version feature, which Cargo unifies with this one (another version
+/// feature beside it breaks cudarc's build).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub mod dtype;
 mod error;
 pub mod mask;

@@ -5,6 +5,30 @@
 
 use dropblock::cuda;
 
+#[path = "../build/nvcc_flags.rs"]
+mod nvcc_flags;
+
+/// build.rs refuses nvcc flags (from `NVCC_PREPEND_FLAGS` or `NVCC_APPEND_FLAGS`)
+/// that give up IEEE arithmetic in the kernels, in nvcc's spellings, and takes
+/// the rest.
+#[test]
+fn flags_that_break_bit_exactness_are_refused() {
+    for (flags, refused) in [
+        ("--use_fast_math", "--use_fast_math"),
+        ("-O3 -use_fast_math -lineinfo", "-use_fast_math"),
+        ("--use-fast-math", "--use-fast-math"),
+        ("-ftz=true", "-ftz=true"),
+        ("--ftz true", "--ftz true"),
+        ("-prec-div=false", "-prec-div=false"),
+        ("--prec_sqrt false", "--prec_sqrt false"),
+    ] {
+        assert_eq!(nvcc_flags::inexact_float_flag(flags).as_deref(), Some(refused), "{flags}");
+    }
+    for flags in ["", "-O3", "-ftz=false -prec-div=true --prec-sqrt true", "-Xptxas -v", "-lineinfo --ftz false"] {
+        assert_eq!(nvcc_flags::inexact_float_flag(flags), None, "{flags}");
+    }
+}
+
 /// (kind, sm arch) of every entry of a fatbin: kind 1 is PTX, 2 is SASS (ELF).
 fn fatbin_entries(fatbin: &[u8]) -> Vec<(u16, u32)> {
     let u16_at = |o: usize| u16::from_le_bytes(fatbin[o..o + 2].try_into().unwrap());

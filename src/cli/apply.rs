@@ -26,7 +26,7 @@ pub struct ApplyArgs {
     keep_mask: Option<PathBuf>,
     #[command(flatten)]
     config: ConfigArgs,
-    /// Where to run.
+    /// Where to run (the CPU unless asked, as bench).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }

@@ -16,6 +16,7 @@ use super::{CliError, ConfigArgs, ShapeArg};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// Where to run (the CPU unless asked: a benchmark says what it measures).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// N,C,L / N,C,H,W / N,C,D,H,W (logical, whatever the layout).

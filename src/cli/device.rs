@@ -13,7 +13,9 @@ use super::CliError;
 pub enum DeviceArg {
     /// The GPU if there is one, else the CPU.
     Auto,
+    /// The CPU path, on every core (rayon).
     Cpu,
+    /// The CUDA path on device 0; an error where it cannot run.
     Cuda,
 }
 

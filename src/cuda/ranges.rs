@@ -1,6 +1,7 @@
 //! NVTX ranges around the CUDA path's entry points, for Nsight Systems: one range
 //! per call on the host thread that enqueues it (`dropblock::forward`,
-//! `dropblock::sample`, `dropblock::apply`, `dropblock::backward`), in the
+//! `dropblock::sample`, `dropblock::apply`, `dropblock::backward`,
+//! `dropblock::sample_shard`, `dropblock::finish_shard`), in the
 //! `dropblock` domain, its message carrying the dtype, shape and config.
 //!
 //! Behind the `nvtx` feature. Without it [`range`] is an empty inline function

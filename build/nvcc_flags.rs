@@ -1,0 +1,27 @@
+//! Which nvcc flags the kernels cannot be built with: shared by build.rs and
+//! its test (tests/kernel_build.rs).
+
+/// The first flag in `flags` (whitespace-separated, as nvcc reads
+/// `NVCC_PREPEND_FLAGS` and `NVCC_APPEND_FLAGS`) that gives up IEEE single
+/// precision in device code, as written (with its value where that is the next
+/// word): `--use_fast_math`, `-ftz=true`, `-prec-div=false`, `-prec-sqrt=false`,
+/// in any of nvcc's spellings. The kernels agree with the CPU path bit for bit
+/// only with denormals kept and divisions and square roots correctly rounded.
+pub fn inexact_float_flag(flags: &str) -> Option<String> {
+    let words: Vec<&str> = flags.split_whitespace().collect();
+    words.iter().enumerate().find_map(|(i, word)| {
+        // `--ftz=true`, `-ftz true`, `--use-fast-math`: one spelling.
+        let flag = word.trim_start_matches('-').replace('-', "_");
+        let next = words.get(i + 1).copied().unwrap_or_default();
+        let (name, value, shown) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), v, word.to_string()),
+            None => (flag.clone(), next, format!("{word} {next}")),
+        };
+        match name.as_str() {
+            "use_fast_math" => Some(word.to_string()),
+            "ftz" if value == "true" => Some(shown),
+            "prec_div" | "prec_sqrt" if value == "false" => Some(shown),
+            _ => None,
+        }
+    })
+}
