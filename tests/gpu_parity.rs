@@ -632,6 +632,15 @@ mod gpu {
             d.forward_into(&other, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y)
         });
         assert!(state.plan().is_some(), "the refused call left the state's last call");
+        // The mirror: the state's last call captured on `s`, a call on `other`,
+        // outside the capture, would be pulled into it by its wait: refused, and
+        // the capture still ends.
+        let mut dx = other.alloc_zeros::<f32>(shape.numel()).unwrap();
+        other.synchronize().unwrap();
+        s.begin_capture(capture).unwrap();
+        d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+        assert_eq!(d.backward(&other, &state, &x, &mut dx), Err(dropblock::Error::CaptureAcrossStreams));
+        s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
         refused_under_capture("a generator last used on another stream", &mut || {
             d.forward_into(&other, &mut fresh, &cfg, shape, &mut gen, Mode::Train, &x, &mut y)
         });

@@ -188,13 +188,16 @@ impl StreamOrder {
     }
 }
 
-/// [`Error::CaptureAcrossStreams`] when `stream` is being captured and `prev`, whose
-/// work a call on `stream` must wait for, is not part of a capture: the wait would
-/// cross the capture's boundary, which CUDA refuses and which ends the capture
-/// (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`).
+/// [`Error::CaptureAcrossStreams`] when one of `stream` and `prev` (whose work a
+/// call on `stream` must wait for) is being captured and the other is not: the
+/// wait would cross the capture's boundary. Into a capture, CUDA refuses it and
+/// ends the capture (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`); out of one, it pulls
+/// `stream` into the capture, so the call would be captured instead of run and
+/// the capture could not end unjoined.
 fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     use sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE as ACTIVE;
-    if matches!(stream.capture_status(), Ok(ACTIVE)) && !matches!(prev.capture_status(), Ok(ACTIVE)) {
+    let capturing = |s: &CudaStream| matches!(s.capture_status(), Ok(ACTIVE));
+    if capturing(stream) != capturing(prev) {
         return Err(Error::CaptureAcrossStreams);
     }
     Ok(())
