@@ -195,3 +195,30 @@ pub use error::host_vec;
 pub use rng::{Generator, RngKey};
 pub use schedule::{tpu_group_keep_prob, LinearSchedule};
 pub use shard::{Shard, ShardCounts};
+
+// What callers share across threads: a layer or engine behind an `Arc`, a state
+// handed to the thread that runs the backward, the sampled masks of a shard on
+// a worker. Losing `Send` or `Sync` on any of these breaks that code, so it is
+// checked at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<DropBlockConfig>();
+    send_sync::<Shape>();
+    send_sync::<RngKey>();
+    send_sync::<Generator>();
+    send_sync::<LinearSchedule>();
+    send_sync::<Shard>();
+    send_sync::<ShardCounts>();
+    send_sync::<sampling::Plan>();
+    send_sync::<cpu::Saved>();
+    send_sync::<cpu::ShardSample>();
+    send_sync::<Error>();
+    #[cfg(feature = "cuda")]
+    {
+        send_sync::<cuda::DropBlockCuda>();
+        send_sync::<cuda::DeviceState>();
+        send_sync::<cuda::DeviceGenerator>();
+    }
+    #[cfg(feature = "candle")]
+    send_sync::<candle::DropBlock>();
+};
