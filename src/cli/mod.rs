@@ -77,6 +77,10 @@ enum Command {
     /// Apply DropBlock to an N,C,L / N,C,H,W / N,C,D,H,W .npy file (f32, f16 or bf16).
     Apply(apply::ApplyArgs),
     /// Draw the seeds and blocks of a configuration over an image.
+    // One map's mask does not depend on sharing, normalisation or fill: their
+    // flags are refused (show::run) and left out of the help.
+    #[command(mut_arg("share", |a| a.hide(true)), mut_arg("normalize", |a| a.hide(true)))]
+    #[command(mut_arg("fill", |a| a.hide(true)))]
     Show(show::ShowArgs),
     /// Time forward, backward or the sampling alone on one shape; the last line is `median_ms=... gbps=...`.
     Bench(bench::BenchArgs),

@@ -732,4 +732,11 @@ fn demo_and_show_write_pictures() {
         args.extend_from_slice(flags);
         assert_one_line_error(&args, needle);
     }
+    // ...and left out of show's help, which apply's lists.
+    let help = |command| String::from_utf8(dropblock(&[command, "--help"]).stdout).unwrap();
+    let (show, apply) = (help("show"), help("apply"));
+    for flag in ["--share", "--normalize", "--fill"] {
+        assert!(!show.contains(flag) && apply.contains(flag), "{flag} in show's help:\n{show}");
+    }
+    assert!(show.contains("--block") && show.contains("--drop-prob"), "{show}");
 }
