@@ -119,6 +119,37 @@ fn an_empty_tensor_passes_through_and_draws_nothing() -> R {
     Ok(())
 }
 
+/// One layer shared by threads that run forwards at once (data-parallel workers
+/// on one host, say): each forward draws its own key, none twice and none lost,
+/// and its y is the CPU path's for that key.
+#[test]
+fn concurrent_forwards_draw_distinct_keys() -> R {
+    const THREADS: usize = 4;
+    let cfg = paper();
+    let x = randn(&[2, 4, 14, 14], DType::F32, &CPU)?;
+    let layer = DropBlock::new(cfg, SEED);
+    let start = std::sync::Barrier::new(THREADS);
+    let ys: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    (0..3).map(|_| bits(&host::<f32>(&layer.forward_t(&x, true).unwrap()).unwrap())).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut want: Vec<Vec<u32>> = (0..ys.len()).map(|k| bits(&cpu_forward::<f32>(&cfg, &x, key(SEED, k)).0)).collect();
+    let mut got = ys;
+    want.sort();
+    got.sort();
+    assert!(got == want, "the forwards' masks are not those of keys 0..{} once each", want.len());
+    let next = key(SEED, want.len());
+    assert_eq!(layer.generator_state(), GeneratorState { seed: SEED, offset: next.offset(), step: 0 });
+    Ok(())
+}
+
 #[test]
 fn the_generator_advances_and_a_restored_state_redraws_the_same_masks() -> R {
     let cfg = paper();

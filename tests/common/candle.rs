@@ -147,21 +147,31 @@ pub fn gradients_match_cpu<T: WithDType + Element>(device: &Device, dtype: DType
     Ok(())
 }
 
-/// Offset, strided and transposed inputs are read in logical order.
+/// Offset, strided, transposed and broadcast inputs are read in logical order;
+/// a channels-last one at an offset takes the fast path.
 pub fn strided_inputs_match_cpu(device: &Device) -> R {
     let cfg = paper();
     let big = randn(&[3, 5, 9, 11], DType::F32, device)?;
+    // Channels-last (N, H, W, C) in memory, a narrowed batch of it: at an offset.
+    let channels_last = randn(&[3, 9, 11, 5], DType::F32, device)?.permute([0, 3, 1, 2])?.narrow(0, 1, 2)?;
     let cases = [
         ("offset (narrowed batch, contiguous)", big.narrow(0, 1, 2)?),
         ("narrowed channels (strided)", big.narrow(1, 1, 3)?),
         ("transposed H and W", big.transpose(2, 3)?),
+        ("broadcast along the batch (stride 0)", big.narrow(0, 0, 1)?.broadcast_as((4, 5, 9, 11))?),
+        ("a width of 1 (narrowed: H's stride is not W's)", big.narrow(3, 4, 1)?),
+        ("channels-last at an offset", channels_last),
     ];
     for (what, x) in cases {
         assert!(what.starts_with("offset") || !x.is_contiguous(), "{what} must exercise a strided layout");
         let layer = DropBlock::new(cfg, SEED);
         let y = layer.forward_t(&x, true)?;
-        let (want, _) = cpu_forward::<f32>(&cfg, &x, key(SEED, 0));
+        let (want, saved) = cpu_forward::<f32>(&cfg, &x, key(SEED, 0));
+        assert!(saved.drop_fraction() > 0.0, "{what}: the case must drop something");
         assert_eq!(bits(&host::<f32>(&y)?), bits(&want), "{what}");
+        if what.starts_with("channels-last") {
+            assert!(y.permute([0, 2, 3, 1])?.is_contiguous(), "{what}: y is not channels-last: the input was copied");
+        }
     }
     Ok(())
 }
