@@ -80,7 +80,12 @@ impl BlockMasks {
         let len = bits.div_ceil(WORD);
         words.try_reserve_exact(len).map_err(|_| Error::HostAllocation { bytes: len as u64 * 8 })?;
         let group_planes = group_planes.max(1);
-        let dropped: Vec<AtomicU64> = (0..planes.div_ceil(group_planes)).map(|_| AtomicU64::new(0)).collect();
+        // A count a group: 8 bytes a sample without sharing, more than its mask
+        // bits on small planes, so reserved, not assumed to fit.
+        let groups = planes.div_ceil(group_planes);
+        let mut dropped: Vec<AtomicU64> = Vec::new();
+        dropped.try_reserve_exact(groups).map_err(|_| Error::HostAllocation { bytes: groups as u64 * 8 })?;
+        dropped.extend((0..groups).map(|_| AtomicU64::new(0)));
         let threads = rayon::current_num_threads();
         let tile = match order {
             BitOrder::Planes => tile_planes(g.planes_per_window as usize, planes, plane_len, threads),

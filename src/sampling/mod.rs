@@ -518,14 +518,32 @@ pub const MAX_COVERAGE_CLASSES: u64 = 1 << 20;
 /// For each count m, how many positions along one axis of the map are covered by
 /// exactly m seed positions: `covered[m]`. Its `min(k, seeds) + 1` entries are
 /// bounded by [`coverage`] before it is built.
+///
+/// Position `i` is covered by the seeds `s` with `s - anchor <= i < s - anchor + k`:
+/// with `t = i + anchor`, by `min(seeds - 1, t) - max(0, t - k + 1) + 1` of them
+/// (0 when that is not positive). Along `t` that count rises by one a step up to
+/// `min(k, seeds) - 1`, stays at `min(k, seeds)` to `max(k, seeds) - 1`, falls by
+/// one a step to 0 at `seeds + k - 1` and stays there: the rise and fall (at most
+/// `2·min(k, seeds)` positions, bounded as above) are counted a position at a
+/// time, the flat runs at once, so a long axis costs nothing more (ExactRate plans
+/// every drawing call, and checks every eval call).
 fn coverage_histogram(len: u32, k: u32, anchor: u32, seeds: u32) -> Vec<u64> {
-    let mut hist = vec![0u64; k.min(seeds) as usize + 1];
-    for i in 0..len as i64 {
-        // Seeds s with s - anchor <= i < s - anchor + k.
-        let lo = (i + anchor as i64 - k as i64 + 1).max(0);
-        let hi = (i + anchor as i64).min(seeds as i64 - 1);
-        hist[(hi - lo + 1).max(0) as usize] += 1;
-    }
+    let (k, seeds) = (k as i64, seeds as i64);
+    let top = k.min(seeds);
+    let mut hist = vec![0u64; top as usize + 1];
+    let (first, end) = (anchor as i64, anchor as i64 + len as i64);
+    let clip = |a: i64, b: i64| (a.max(first), b.min(end));
+    // The rise: t + 1 seeds at t < min(k, seeds) - 1.
+    let (a, b) = clip(i64::MIN, top - 1);
+    (a..b).for_each(|t| hist[(t + 1) as usize] += 1);
+    // The plateau.
+    let (a, b) = clip(top - 1, k.max(seeds) - 1);
+    hist[top as usize] += (b - a).max(0) as u64;
+    // The fall: seeds + k - 1 - t seeds, then none.
+    let (a, b) = clip(k.max(seeds) - 1, seeds + k - 1);
+    (a..b).for_each(|t| hist[(seeds + k - 1 - t) as usize] += 1);
+    let (a, b) = clip(seeds + k - 1, i64::MAX);
+    hist[0] += (b - a).max(0) as u64;
     hist
 }
 
@@ -717,11 +735,41 @@ pub fn expected_scale(drop_prob: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{avx512_available, low_bits, thresholds, window_len, Plan, CROWDED, GAP_TABLE_BITS, STEP_BITS, WINDOW};
+    use super::{
+        avx512_available, coverage_histogram, low_bits, thresholds, window_len, Plan, CROWDED, GAP_TABLE_BITS,
+        STEP_BITS, WINDOW,
+    };
     use crate::config::{Block, DropBlockConfig, GammaRule, Shape};
     use crate::rng::{RngKey, LANES};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// The coverage histogram, built a flat run at a time, is the count of each
+    /// position's covering seeds, position by position, for any axis, block,
+    /// anchor and seed count (those placements give and others).
+    #[test]
+    fn coverage_histogram_counts_every_position() {
+        let mut rng = StdRng::seed_from_u64(30);
+        for _ in 0..5000 {
+            let (len, k) = (rng.random_range(1..40u32), rng.random_range(1..12u32));
+            let (anchor, seeds) = (rng.random_range(0..k + 2), rng.random_range(0..len + 3));
+            let mut want = vec![0u64; k.min(seeds) as usize + 1];
+            for i in 0..len as i64 {
+                let lo = (i + anchor as i64 - k as i64 + 1).max(0);
+                let hi = (i + anchor as i64).min(seeds as i64 - 1);
+                want[(hi - lo + 1).max(0) as usize] += 1;
+            }
+            assert_eq!(
+                coverage_histogram(len, k, anchor, seeds),
+                want,
+                "len {len} k {k} anchor {anchor} seeds {seeds}"
+            );
+        }
+        // A 2^32 - 1 axis at once (the position loop took seconds).
+        let long = coverage_histogram(u32::MAX, 7, 3, u32::MAX - 6);
+        assert_eq!(long.iter().sum::<u64>(), u32::MAX as u64);
+        assert_eq!(long[7], u32::MAX as u64 - 12);
+    }
 
     /// The table-started search gives the smallest `g` with `u < T[g]` (64 if
     /// none), at rates whose thresholds crowd (all near 0, or near 2^32) and at

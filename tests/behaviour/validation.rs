@@ -244,6 +244,34 @@ fn sampling_too_large_a_shape_is_a_typed_error() {
     }
 }
 
+/// A shape whose masks fit but whose per-sample counts do not (2^32 - 1 samples of
+/// one cell: 512 MiB of mask bits, 32 GiB of counts a sample): a typed error, not
+/// an abort from an allocation assumed to succeed. The child run of this one test
+/// holds its address space to 3 GiB, so the counts cannot be granted.
+#[cfg(target_os = "linux")]
+#[test]
+fn counts_too_large_for_the_host_are_a_typed_error() {
+    const NAME: &str = "validation::counts_too_large_for_the_host_are_a_typed_error";
+    const CHILD: &str = "DROPBLOCK_TEST_ADDRESS_LIMIT";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && log.contains("1 passed"), "the child run failed ({}):\n{log}", out.status);
+        return;
+    }
+    let limit = libc::rlimit { rlim_cur: 3 << 30, rlim_max: 3 << 30 };
+    // SAFETY: setrlimit reads the struct; this process is the child run alone.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    let shape = Shape::new_1d(u32::MAX as usize, 1, 1).unwrap();
+    let cfg = DropBlockConfig::builder(dropblock::Block::uniform(1).unwrap(), 0.1).build().unwrap();
+    let err = cpu::sample(&cfg, shape, RngKey::new(0, 0).unwrap(), Mode::Train).unwrap_err();
+    assert!(matches!(err, Error::HostAllocation { .. }), "{shape}: {err}");
+}
+
 /// The exact γ rule sums over the coverage classes of the block and shape; a
 /// block of over about 1000 cells a side in 2D is refused with a typed error
 /// before anything that size is allocated (a block of 2^32 - 1 cells asked for a
