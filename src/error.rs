@@ -230,8 +230,14 @@ pub enum Error {
     /// A stream, buffer, device generator or saved state belongs to another CUDA
     /// context than the kernels (a buffer on another device is refused even with
     /// peer access: the kernels run on the stream's device).
-    #[error("a stream, buffer, device generator or state of another CUDA context than the kernels")]
-    WrongContext,
+    #[error(
+        "the {what} is on another CUDA context than the kernels (DropBlockCuda::context): make it on a stream of that context"
+    )]
+    WrongContext {
+        /// What was: `"stream"`, `"state"`, `"device generator"`, or a buffer
+        /// (`"x"`, `"y"`, `"dy"`, `"dx"`, `"shard counts"`).
+        what: &'static str,
+    },
 
     /// libcuda could not be loaded.
     #[error("the CUDA driver library (libcuda) could not be found: install the NVIDIA driver, or use the CPU path")]
@@ -318,9 +324,12 @@ mod tests {
             assert!(e.is_no_gpu(), "{e}");
         }
         let unsupported = Error::UnsupportedDevice("CUDA_ERROR_NO_BINARY_FOR_GPU".into());
-        for e in
-            [Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()), Error::WrongContext, Error::NoForwardCall, unsupported]
-        {
+        for e in [
+            Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()),
+            Error::WrongContext { what: "x" },
+            Error::NoForwardCall,
+            unsupported,
+        ] {
             assert!(!e.is_no_gpu(), "{e}");
         }
     }

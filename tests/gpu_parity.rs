@@ -958,19 +958,19 @@ mod gpu {
         let mut gen = DeviceGenerator::new(&foreign, 1, 0).unwrap();
         let mut state = d.alloc_state(s, shape).unwrap();
         let err = d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap_err();
-        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        assert_eq!(err, dropblock::Error::WrongContext { what: "device generator" });
         let plan = Plan::new(&cfg, shape, key).unwrap();
-        assert!(matches!(d.sample_seeds(&foreign, &plan), Err(dropblock::Error::WrongContext)));
+        assert!(matches!(d.sample_seeds(&foreign, &plan), Err(dropblock::Error::WrongContext { what: "stream" })));
         // So is a state of another context's, on a stream of the kernels' own:
         // its pointers would reach the kernels.
         let mut other = DropBlockCuda::from_context(foreign.context()).unwrap().alloc_state(&foreign, shape).unwrap();
         let err = d.forward_into(s, &mut other, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap_err();
-        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        assert_eq!(err, dropblock::Error::WrongContext { what: "state" });
         let err = d.backward(s, &other, &x, &mut y).unwrap_err();
-        assert!(matches!(err, dropblock::Error::WrongContext), "{err}");
+        assert_eq!(err, dropblock::Error::WrongContext { what: "state" });
         // And a buffer of another context's, which the kernels could not read.
         let foreign_x = foreign.alloc_zeros::<f32>(32).unwrap();
         let err = d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &foreign_x, &mut y).unwrap_err();
-        assert!(matches!(err, dropblock::Error::WrongContext), "a foreign x: {err}");
+        assert_eq!(err, dropblock::Error::WrongContext { what: "x" }, "a foreign x");
     }
 }

@@ -220,17 +220,17 @@ fn check_plannable(cfg: &DropBlockConfig, shape: Shape, identity: bool) -> Resul
 /// `CudaContext::new(ordinal)` is a new handle to the device's one primary context
 /// (a framework's and ours, say), and kernels loaded through one launch on
 /// streams of any of them.
-fn same_context(a: &CudaContext, b: &CudaContext) -> Result<()> {
+fn same_context(what: &'static str, a: &CudaContext, b: &CudaContext) -> Result<()> {
     match a == b {
         true => Ok(()),
-        false => Err(Error::WrongContext),
+        false => Err(Error::WrongContext { what }),
     }
 }
 
 /// [`Error::WrongContext`] unless `buffer` is on `stream`'s context (whose own
 /// check against the kernels' follows in the call).
-fn check_buffer<T>(stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<()> {
-    same_context(buffer.stream().context(), stream.context())
+fn check_buffer<T>(what: &'static str, stream: &CudaStream, buffer: &impl DeviceSlice<T>) -> Result<()> {
+    same_context(what, buffer.stream().context(), stream.context())
 }
 
 /// What forward leaves for backward, on the device: the keep bits of every mask
@@ -327,8 +327,8 @@ impl Io {
         let [x_name, y_name] = pass.buffer_names();
         shape.check_len(x_name, x.len())?;
         shape.check_len(y_name, y.len())?;
-        check_buffer(stream, x)?;
-        check_buffer(stream, y)?;
+        check_buffer(x_name, stream, x)?;
+        check_buffer(y_name, stream, y)?;
         let (xp, gx) = x.device_ptr(stream);
         let (yp, gy) = y.device_ptr_mut(stream);
         Ok((Io { x: xp, y: yp }, [gx, gy]))
@@ -342,7 +342,7 @@ impl Io {
         x: &'a mut impl DevicePtrMut<T>,
     ) -> Result<(Self, SyncOnDrop<'a>)> {
         shape.check_len(pass.buffer_names()[0], x.len())?;
-        check_buffer(stream, x)?;
+        check_buffer(pass.buffer_names()[0], stream, x)?;
         let (p, g) = x.device_ptr_mut(stream);
         Ok((Io { x: p, y: p }, g))
     }
@@ -400,8 +400,8 @@ impl DropBlockCuda {
 
     /// Launching on a stream of another context would fault; refuse it
     /// ([`same_context`]).
-    fn check_context(&self, ctx: &Arc<CudaContext>) -> Result<()> {
-        same_context(ctx, &self.ctx)
+    fn check_context(&self, what: &'static str, ctx: &Arc<CudaContext>) -> Result<()> {
+        same_context(what, ctx, &self.ctx)
     }
 
     /// The key a call passes its kernels, and the device generator they read it
@@ -420,7 +420,7 @@ impl DropBlockCuda {
             KeySource::Host(k) => Ok((k, None)),
             KeySource::Device(_) if cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
             KeySource::Device(gen) => {
-                self.check_context(gen.key.context())?;
+                self.check_context("device generator", gen.key.context())?;
                 drop(gen.order.enter(stream)?); // `&mut`: no other call can interleave
                 Ok((RngKey::new(0, 0)?, Some(gen)))
             }
@@ -432,8 +432,8 @@ impl DropBlockCuda {
     /// would hand its kernels pointers they cannot read), and a capture cannot
     /// wait on the state's last stream outside it ([`Error::CaptureAcrossStreams`]).
     fn check_call(&self, stream: &Arc<CudaStream>, state: &DeviceState) -> Result<()> {
-        self.check_context(stream.context())?;
-        self.check_context(state.keep_bits.context())?;
+        self.check_context("stream", stream.context())?;
+        self.check_context("state", state.keep_bits.context())?;
         state.order.check(stream)
     }
 
@@ -456,7 +456,7 @@ impl DropBlockCuda {
     /// scales. Refused while `stream` is being captured
     /// ([`Error::AllocationInCapture`]): allocate before capturing.
     pub fn alloc_state(&self, stream: &Arc<CudaStream>, shape: Shape) -> Result<DeviceState> {
-        self.check_context(stream.context())?;
+        self.check_context("stream", stream.context())?;
         refuse_capture(stream)?;
         let keep_bits = stream.alloc_zeros::<u32>(shape.numel().div_ceil(32))?;
         let plane_bits = match shape.layout() {
@@ -680,7 +680,7 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
-        check_buffer(stream, counts)?;
+        check_buffer("shard counts", stream, counts)?;
         let identity = mode == Mode::Eval || cfg.is_identity();
         check_plannable(cfg, global, identity)?;
         // The plan and the shard's parameters, reused while the config and the
@@ -753,7 +753,7 @@ impl DropBlockCuda {
         if counts.len() != entries {
             return Err(Error::LengthMismatch { what: "shard counts", expected: entries, actual: counts.len() });
         }
-        check_buffer(stream, counts)?;
+        check_buffer("shard counts", stream, counts)?;
         // An identity call has no scales to compute.
         let Some((_, launch)) = call.masked else {
             return Ok(());
@@ -772,7 +772,7 @@ impl DropBlockCuda {
     /// A test hook (tests/gpu_parity.rs), not part of the API.
     #[doc(hidden)]
     pub fn sample_seeds(&self, stream: &Arc<CudaStream>, plan: &Plan) -> Result<Vec<u64>> {
-        self.check_context(stream.context())?;
+        self.check_context("stream", stream.context())?;
         refuse_capture(stream)?;
         let mut out = stream.alloc_zeros::<u64>(plan.windows() as usize)?;
         {
