@@ -107,13 +107,35 @@ def compiled_times(op, x, k, iters):
     return compile_s, fwd, bwd
 
 
-def ours(shape, k, dtype, backward, iters):
+class Report:
+    """The tables, printed row by row and written whole to `out` after each row, so
+    a run cut off by a time limit keeps what it measured."""
+
+    def __init__(self, out):
+        self.out, self.lines, self.failures = out, [], []
+
+    def add(self, *rows):
+        self.lines += rows
+        print("\n".join(rows), flush=True)
+        if self.out:
+            with open(self.out + ".tmp", "w") as f:
+                f.write("\n".join(self.lines) + "\n")
+            os.replace(self.out + ".tmp", self.out)
+
+
+def ours(shape, k, dtype, backward, iters, report):
+    """dropblock bench's median ms, or None (the failure reported) when it fails."""
     cmd = [os.path.join(HERE, "dropblock"), "bench", "--device", "cuda", "--shape", ",".join(map(str, shape)),
            "--block", str(k), "--drop-prob", "0.1", "--dtype", dtype, "--iters", str(iters)]
     if backward:
         cmd.append("--backward")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(re.search(r"median_ms=([0-9.]+)", out).group(1))
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"median_ms=([0-9.]+)", run.stdout)
+    if run.returncode or not found:
+        report.failures.append(" ".join(cmd[1:]))
+        report.add(f"FAILED (exit {run.returncode}): {' '.join(cmd[1:])}: {run.stderr.strip()[-300:]}")
+        return None
+    return float(found.group(1))
 
 
 def main():
@@ -123,42 +145,38 @@ def main():
     args = ap.parse_args()
     tv_op, timm_op = peer_ops.torchvision_op(), peer_ops.timm_op()
     dev = torch.cuda.get_device_properties(0)
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"device: {dev.name}, {dev.multi_processor_count} SMs; {peer_ops.versions()}; drop_prob 0.1; "
         f"median of {args.iters}",
         "",
         "| shape | k | dtype | pass | copy GB/s | dropblock ms | GB/s | % of copy | torchvision ms | timm ms "
         "| × torchvision | × timm |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
     for shape, k in SHAPES:
         for dtype, x, nbytes, copy_gbps in inputs(shape, args.iters):
             tv, tm = peer_times(tv_op, x, k, args.iters), peer_times(timm_op, x, k, args.iters)
             for i, pass_name in enumerate(("forward", "backward")):
-                ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
+                ms = ours(shape, k, dtype, pass_name == "backward", args.iters, report)
+                if ms is None:
+                    continue
                 gbps = nbytes / ms / 1e6
-                row = (f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | {ms:.4f} | "
-                       f"{gbps:.0f} | {100 * gbps / copy_gbps:.1f} | {tv[i]:.4f} | {tm[i]:.4f} | "
-                       f"{tv[i] / ms:.1f} | {tm[i] / ms:.1f} |")
-                lines.append(row)
-                print(row, flush=True)
+                report.add(f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | "
+                           f"{ms:.4f} | {gbps:.0f} | {100 * gbps / copy_gbps:.1f} | {tv[i]:.4f} | {tm[i]:.4f} | "
+                           f"{tv[i] / ms:.1f} | {tm[i] / ms:.1f} |")
             del x
             torch.cuda.empty_cache()
-    compiled_table(args, lines)
-    nd_table(args, lines)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    compiled_table(args, report)
+    nd_table(args, report)
+    return 1 if report.failures else 0
 
 
-def nd_table(args, lines):
+def nd_table(args, report):
     """1D and 3D against the 2D shape of the same size, and the 3D peers; bf16 and f32."""
-    head = ["", "1D and 3D (issue 21) beside 2D of the same element count and seed density; 3D peers:", "",
-            "| shape | k | dtype | pass | copy GB/s | dropblock ms | % of copy | torchvision 3d ms | miguelvr 3d ms "
-            "| × torchvision | × miguelvr |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += head
-    print("\n".join(head), flush=True)
+    report.add("", "1D and 3D (issue 21) beside 2D of the same element count and seed density; 3D peers:", "",
+               "| shape | k | dtype | pass | copy GB/s | dropblock ms | % of copy | torchvision 3d ms | miguelvr 3d ms "
+               "| × torchvision | × miguelvr |", "|---|---|---|---|---|---|---|---|---|---|---|")
     tv3, mv3 = peer_ops.torchvision_3d_op(), peer_ops.miguelvr_3d_op()
     for shape, k in ND_SHAPES:
         for dtype, x, nbytes, copy_gbps in inputs(shape, args.iters):
@@ -166,43 +184,40 @@ def nd_table(args, lines):
             if len(shape) == 5:
                 peers = [peer_times(tv3, x, k, args.iters), peer_times(mv3, x, k, args.iters)]
             for i, pass_name in enumerate(("forward", "backward")):
-                ms = ours(shape, k, dtype, pass_name == "backward", args.iters)
+                ms = ours(shape, k, dtype, pass_name == "backward", args.iters, report)
+                if ms is None:
+                    continue
                 pct = 100 * nbytes / ms / 1e6 / copy_gbps
                 cells = [f"{p[i]:.4f}" if p else "-" for p in peers] + [f"{p[i] / ms:.1f}" if p else "-" for p in peers]
-                row = (f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | {ms:.4f} | "
-                       f"{pct:.1f} | " + " | ".join(cells) + " |")
-                lines.append(row)
-                print(row, flush=True)
+                report.add(f"| {'x'.join(map(str, shape))} | {k} | {dtype} | {pass_name} | {copy_gbps:.0f} | "
+                           f"{ms:.4f} | {pct:.1f} | " + " | ".join(cells) + " |")
             del x
             torch.cuda.empty_cache()
 
 
-def compiled_table(args, lines):
+def compiled_table(args, report):
     """The compiled peer, bf16, against dropblock; a failure is reported, not fatal."""
-    head = ["", "torch.compile(torchvision.ops.drop_block2d), bf16, compiled and warmed up before timing:", "",
-            "| shape | k | pass | compile s | compiled ms | dropblock ms | × compiled |", "|---|---|---|---|---|---|---|"]
-    lines += head
-    print("\n".join(head), flush=True)
+    report.add("", "torch.compile(torchvision.ops.drop_block2d), bf16, compiled and warmed up before timing:", "",
+               "| shape | k | pass | compile s | compiled ms | dropblock ms | × compiled |",
+               "|---|---|---|---|---|---|---|")
     try:
         op = peer_ops.torchvision_compiled_op()
     except Exception as e:  # an old torch, or no Triton: say so in the table
-        lines.append(f"torch.compile unavailable: {type(e).__name__}: {e}")
-        print(lines[-1], flush=True)
+        report.add(f"torch.compile unavailable: {type(e).__name__}: {e}")
         return
     for shape, k in COMPILED_SHAPES:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         try:
             compile_s, *peer = compiled_times(op, x, k, args.iters)
         except Exception as e:
-            lines.append(f"| {'x'.join(map(str, shape))} | {k} | - | failed: {type(e).__name__}: {e} | | | |")
-            print(lines[-1], flush=True)
+            report.add(f"| {'x'.join(map(str, shape))} | {k} | - | failed: {type(e).__name__}: {e} | | | |")
             continue
         for i, pass_name in enumerate(("forward", "backward")):
-            ms = ours(shape, k, "bf16", pass_name == "backward", args.iters)
-            row = (f"| {'x'.join(map(str, shape))} | {k} | {pass_name} | {compile_s:.1f} | {peer[i]:.4f} | "
-                   f"{ms:.4f} | {peer[i] / ms:.1f} |")
-            lines.append(row)
-            print(row, flush=True)
+            ms = ours(shape, k, "bf16", pass_name == "backward", args.iters, report)
+            if ms is None:
+                continue
+            report.add(f"| {'x'.join(map(str, shape))} | {k} | {pass_name} | {compile_s:.1f} | {peer[i]:.4f} | "
+                       f"{ms:.4f} | {peer[i] / ms:.1f} |")
         del x
         torch.cuda.empty_cache()
 

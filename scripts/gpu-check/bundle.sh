@@ -49,17 +49,24 @@ for line in sys.stdin:
 # above): rebuild it from this tree's.
 touch kernels/*
 ./scripts/cuda-toolchain.sh cargo build --release --bin dropblock
+# Copied now: the test build below rebuilds target/release/dropblock with nccl.
+cp target/release/dropblock "$out/dropblock"
+# Cargo's own messages go to a log (its JSON goes to the pipe), shown on failure.
+log=$(mktemp)
+built() { "$@" 2>>"$log" || { tail -n 40 "$log" >&2; echo "bundle: failed: $*" >&2; exit 1; }; }
 # With the NCCL helper, so gpu_parity's shard test runs a one-rank all-reduce.
-./scripts/cuda-toolchain.sh cargo test --release --features nccl --no-run --message-format=json 2>/dev/null | executables |
+built ./scripts/cuda-toolchain.sh cargo test --release --features nccl --no-run --message-format=json | executables |
   while read -r name exe; do
     case "$name" in gpu_parity | kernel_build) cp "$exe" "$out/tests/$name" ;; esac
   done
-cp target/release/dropblock "$out/dropblock"
+for t in gpu_parity kernel_build; do
+  [[ -x "$out/tests/$t" ]] || { echo "bundle: the $t test binary is missing" >&2; exit 1; }
+done
 # The candle layer on CUDA (tests/candle_cuda.rs): linked against libcuda, cuBLAS and
 # cudart through candle, and large (candle-kernels' PTX), so stripped and gzipped.
 mkdir -p "$out/candle"
-./scripts/cuda-toolchain.sh cargo test --release --features candle-cuda --test candle_cuda --no-run \
-  --message-format=json 2>/dev/null | executables |
+built ./scripts/cuda-toolchain.sh cargo test --release --features candle-cuda --test candle_cuda --no-run \
+  --message-format=json | executables |
   while read -r name exe; do
     # (an `if`: a false `[[ ]] &&` as the loop's last command fails the pipeline)
     if [[ $name == candle_cuda ]]; then
@@ -76,6 +83,9 @@ for e in training_step side_stream_sampling; do cp "target/release/examples/$e" 
 for e in training_step graph_replay side_stream_sampling; do cp "target/release/examples/$e" "$out/examples/"; done
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
 strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/examples/* "$out"/examples-nvtx/* "$out"/baseline/dropblock 2>/dev/null || true
-git rev-parse HEAD > "$out/COMMIT"
+git describe --always --dirty --abbrev=40 > "$out/COMMIT"
 ls -la "$out" "$out/tests"
 du -sh "$out"
+# The device tool carries at most 64 MiB with the working tree.
+size=$(du -sb "$out" | cut -f1)
+((size < 60 << 20)) || { echo "bundle: $size bytes, over the 60 MiB the device tool can carry" >&2; exit 1; }

@@ -14,7 +14,11 @@
 #   run.sh layouts   channels-last against channels-first, with ncu (part of bench)
 #   run.sh ranks     1D/3D against 2D (part of bench)
 #   run.sh sampling  the sampling alone against the forward (part of bench)
-#   (parts combine: `run.sh check layouts`)
+#   (parts combine: `run.sh check bench`; a part runs once, whichever asks first)
+#
+# DROPBLOCK_CHECK_SECONDS (default 540) is the whole run's budget: the peer
+# benchmark, the last and longest step, gets what is left of it, and writes its
+# table row by row, so a run cut short keeps what it measured.
 set -uo pipefail
 shopt -s nullglob
 B="$(cd "$(dirname "$0")" && pwd)"
@@ -23,6 +27,13 @@ mkdir -p "$OUT"
 cd "$B" || exit
 failures=()
 not_run=()
+ran=()
+END=$((SECONDS + ${DROPBLOCK_CHECK_SECONDS:-540}))
+# `once PART`: false (and says so) when PART already ran in this call.
+once() {
+  if [[ " ${ran[*]} " == *" $1 "* ]]; then echo "($1: already run in this call)"; return 1; fi
+  ran+=("$1")
+}
 section() { echo; echo "=== $* ($(date -u +%FT%TZ))"; }
 fail() { failures+=("$1"); echo "FAILED: $1"; }
 # A part whose tool is missing is reported by name, never counted as passed;
@@ -87,6 +98,7 @@ main() {
 }
 
 checks() {
+  once checks || return 0
   section "GPU tests, DROPBLOCK_REQUIRE_GPU=1"
   export DROPBLOCK_REQUIRE_GPU=1
   # gpu_parity is built with --features nccl; cudarc opens libnccl.so, which
@@ -228,6 +240,7 @@ PY
 }
 
 benchmarks() {
+  once benchmarks || return 0
   # The clocks while the benchmarks run, so each figure can be read against them.
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw --format=csv -lms 50 > "$OUT/clocks.csv" &
   local clocks=$!
@@ -260,9 +273,12 @@ benchmarks() {
   ranks
 
   section "benchmarks: dropblock bench and the peers"
-  if python3 -c "import torch, torchvision, timm" 2>/dev/null; then
+  local left=$((END - SECONDS))
+  if ((left < 60)); then
+    fail "gpu_peers.py: out of time (${left} s of DROPBLOCK_CHECK_SECONDS left)"
+  elif python3 -c "import torch, torchvision, timm" 2>/dev/null; then
     # Up to ~2 minutes of it is torch.compile compiling (untimed, reported apart).
-    timeout 300 python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
+    timeout $((left < 300 ? left : 300)) python3 gpu_peers.py --out "$OUT/peers.md" || fail "gpu_peers.py"
   else
     skip "the peer benchmark (PyTorch, torchvision and timm are needed)"
   fi
@@ -270,6 +286,7 @@ benchmarks() {
 }
 
 layouts() {
+  once layouts || return 0
   section "layouts: channels-last against channels-first"
   # Issues 21 and 22's targets: each within 10% of its channels-first / 2D pair.
   echo "| shape | k | dtype | pass | first ms | last ms | last/first |"
@@ -292,6 +309,7 @@ layouts() {
 }
 
 sampling() {
+  once sampling || return 0
   section "sampling alone (sample_into: the count pass) against the forward"
   # Issue 17's target: the count pass at most 10% of the forward on every row of
   # the seven benchmark shapes (ncu above splits four of them by kernel).
@@ -302,6 +320,7 @@ sampling() {
 }
 
 ranks() {
+  once ranks || return 0
   section "ranks: 1D/3D beside 2D of the same element count and seed density"
   echo "| shape | k | dtype | pass | ms | GB/s |"
   echo "|---|---|---|---|---|---|"
