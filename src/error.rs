@@ -240,7 +240,7 @@ pub enum Error {
     },
 
     /// libcuda could not be loaded.
-    #[error("the CUDA driver library (libcuda) could not be found: install the NVIDIA driver, or use the CPU path")]
+    #[error("the CUDA driver library (libcuda) could not be found: is the NVIDIA driver installed?")]
     NoDriver,
 
     /// libcuda loaded but gives no usable device at the ordinal asked for (none, an
@@ -250,7 +250,7 @@ pub enum Error {
 
     /// The CUDA path was asked for in a build without kernels.
     #[error(
-        "this build of dropblock has no CUDA kernels (built without the `cuda` feature, or by a docs build, DOCS_RS): build with the `cuda` feature and nvcc (scripts/cuda-toolchain.sh provides one), or use the CPU path"
+        "this build of dropblock has no CUDA kernels (built without the `cuda` feature, or by a docs build, DOCS_RS): build with the `cuda` feature and nvcc (scripts/cuda-toolchain.sh provides one)"
     )]
     KernelsNotBuilt,
 
