@@ -351,7 +351,8 @@ impl ShardCounts {
         if let Some(i) = self.tags()[samples.clone()].iter().position(|&t| t != whole) {
             return Err(Error::ImpossibleShardCounts(format!(
                 "sample {} is covered by {per} elements ({global}) but not each once (its tag is not the whole \
-                 sample's): the reduction counted a shard twice and missed another",
+                 sample's): the reduction counted a shard twice and missed another, or did not sum the tags as u64 \
+                 modulo 2^64",
                 samples.start + i
             )));
         }

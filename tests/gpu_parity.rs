@@ -808,6 +808,12 @@ mod gpu {
         let noisy = common::with_noise_fill(&cfg);
         let err = d.sample_shard(s, &mut state, &noisy, &shard, &mut gen, Mode::Train, &mut c).unwrap_err();
         assert_eq!(err, dropblock::Error::NoiseNeedsHostKey);
+        // On a fresh state, the key is refused before the per-plane counts would be
+        // allocated (under capture that allocation was refused instead).
+        let mut fresh = d.alloc_state(s, shard.local()).unwrap();
+        refused_while_capturing(s, dropblock::Error::NoiseNeedsHostKey, "noise from a device generator", &mut || {
+            d.sample_shard(s, &mut fresh, &noisy, &shard, &mut gen, Mode::Train, &mut c)
+        });
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Eval, &mut c).unwrap();
         d.finish_shard(s, &mut state, &c).unwrap();
         let xs: Vec<f32> = common::input(shard.local().numel(), 5);
@@ -831,8 +837,8 @@ mod gpu {
         doubled.add(&half).unwrap();
         assert_eq!(doubled.covered(), [per; 4]);
         for bad in [off_by_one, impossible, twice, doubled.entries().to_vec()] {
-            let checked = dropblock::ShardCounts::from_entries(global, bad.clone())
-                .and_then(|c| c.check_covered(global, 0..global.n()));
+            let sampled = cpu::sample_shard(&cfg, &shard, key, Mode::Train).unwrap();
+            let checked = dropblock::ShardCounts::from_entries(global, bad.clone()).and_then(|c| sampled.finish(&c));
             assert!(checked.is_err(), "{bad:?}");
             let bad_d = s.clone_htod(&bad).unwrap();
             d.finish_shard(s, &mut state, &bad_d).unwrap();

@@ -129,11 +129,15 @@ def ours(shape, k, dtype, backward, iters, report):
            "--block", str(k), "--drop-prob", "0.1", "--dtype", dtype, "--iters", str(iters)]
     if backward:
         cmd.append("--backward")
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        run = subprocess.CompletedProcess(cmd, 124, "", "timed out after 60 s")
     found = re.search(r"median_ms=([0-9.]+)", run.stdout)
     if run.returncode or not found:
         report.failures.append(" ".join(cmd[1:]))
-        report.add(f"FAILED (exit {run.returncode}): {' '.join(cmd[1:])}: {run.stderr.strip()[-300:]}")
+        why = " ".join(run.stderr.split())[-300:]
+        report.add(f"FAILED (exit {run.returncode}): {' '.join(cmd[1:])}: {why}")
         return None
     return float(found.group(1))
 

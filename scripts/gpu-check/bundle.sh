@@ -83,7 +83,8 @@ for e in training_step side_stream_sampling; do cp "target/release/examples/$e" 
 for e in training_step graph_replay side_stream_sampling; do cp "target/release/examples/$e" "$out/examples/"; done
 cp scripts/gpu-check/run.sh scripts/bench/gpu_peers.py scripts/bench/peer_ops.py "$out/"
 strip --strip-debug "$out/dropblock" "$out"/tests/* "$out"/examples/* "$out"/examples-nvtx/* "$out"/baseline/dropblock 2>/dev/null || true
-git describe --always --dirty --abbrev=40 > "$out/COMMIT"
+{ git rev-parse HEAD | tr -d '\n'; [[ -z $(git status --porcelain --untracked-files=no) ]] || printf -- '-dirty'; echo; } > "$out/COMMIT"
+rm -f "$log"
 ls -la "$out" "$out/tests"
 du -sh "$out"
 # The device tool carries at most 64 MiB with the working tree.

@@ -447,7 +447,7 @@ pub fn sample_shard(cfg: &DropBlockConfig, shard: &Shard, key: RngKey, mode: Mod
         _ => shard.local_planes(sharing),
     };
     // The masks first: a shape too large for the host fails there, before its
-    // counts (8 bytes a sample) are filled.
+    // counts (24 bytes a sample) are filled.
     let order = (shape.layout() == Layout::ChannelsLast).then(|| channels_last_order(shape, sharing));
     let bit_order = match order {
         Some(ChannelsLastOrder::InTiles) => BitOrder::ChannelsLast { c },

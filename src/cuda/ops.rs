@@ -415,15 +415,34 @@ impl DropBlockCuda {
         identity: bool,
         key: KeySource<'k>,
     ) -> Result<(RngKey, Option<&'k mut DeviceGenerator>)> {
+        self.check_key(stream, cfg, identity, &key)?;
         match key {
-            _ if identity => Ok((RngKey::new(0, 0)?, None)),
-            KeySource::Host(k) => Ok((k, None)),
-            KeySource::Device(_) if cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
-            KeySource::Device(gen) => {
-                self.check_context("device generator", gen.key.context())?;
+            KeySource::Device(gen) if !identity => {
                 drop(gen.order.enter(stream)?); // `&mut`: no other call can interleave
                 Ok((RngKey::new(0, 0)?, Some(gen)))
             }
+            KeySource::Host(k) if !identity => Ok((k, None)),
+            _ => Ok((RngKey::new(0, 0)?, None)),
+        }
+    }
+
+    /// What [`Self::resolve_key`] refuses, checked without changing or enqueuing
+    /// anything: noise fill from a device generator, a generator of another
+    /// context, one whose last call is across a capture's boundary.
+    fn check_key(
+        &self,
+        stream: &Arc<CudaStream>,
+        cfg: &DropBlockConfig,
+        identity: bool,
+        key: &KeySource,
+    ) -> Result<()> {
+        match key {
+            KeySource::Device(_) if !identity && cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
+            KeySource::Device(gen) if !identity => {
+                self.check_context("device generator", gen.key.context())?;
+                gen.order.check(stream)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -684,10 +703,12 @@ impl DropBlockCuda {
         let identity = mode == Mode::Eval || cfg.is_identity();
         check_plannable(cfg, global, identity)?;
         // The plan and the shard's parameters, reused while the config and the
-        // shard stay the same (an identity call needs neither), then the key and
-        // the generator's guard, which with cudarc's event tracking enqueues a
-        // wait: a call refused for its config or its key leaves the last call's
-        // state, and enqueues nothing.
+        // shard stay the same (an identity call needs neither), and the key's
+        // checks come before the per-plane counts' allocation, the generator's
+        // order and its guard: a call refused for its config or its key leaves
+        // the last call's state and enqueues nothing of its own (with cudarc's
+        // event tracking on, cudarc's guards on the caller's buffers record
+        // their waits as they are taken).
         let cached = match &state.shard_cached {
             _ if identity => None,
             Some((c, s, plan, sh, local_g)) if c == cfg && s == shard => Some((*plan, *sh, *local_g)),
@@ -698,10 +719,12 @@ impl DropBlockCuda {
                 Some((plan, sh, local_g))
             }
         };
+        let key = key.into();
+        self.check_key(stream, cfg, identity, &key)?;
         if !identity && state.plane_kept.is_none() {
             state.alloc_plane_kept(stream)?;
         }
-        let (key, generator) = self.resolve_key(stream, cfg, identity, key.into())?;
+        let (key, generator) = self.resolve_key(stream, cfg, identity, key)?;
         let cached = cached.map(|(plan, sh, local_g)| (plan.with_key(key), sh, local_g));
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         state.call = None;
@@ -807,7 +830,8 @@ impl DropBlockCuda {
         check_plannable(cfg, shape, identity)?;
         // The plan (reused while the config stays the same), then the key, before
         // the state or a generator is touched: a call refused for its config or
-        // its key leaves the last call's state, and enqueues nothing.
+        // its key leaves the last call's state and enqueues nothing of its own
+        // (as above for cudarc's guards on the caller's buffers).
         let planned = match &state.cached {
             _ if identity => None,
             Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => Some((*plan, *launch)),

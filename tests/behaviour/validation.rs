@@ -245,7 +245,7 @@ fn sampling_too_large_a_shape_is_a_typed_error() {
 }
 
 /// A shape whose masks fit but whose per-sample counts do not (2^32 - 1 samples of
-/// one cell: 512 MiB of mask bits, 32 GiB of counts a sample): a typed error, not
+/// one cell: 512 MiB of mask bits, 32 GiB of dropped counts at 8 bytes a sample): a typed error, not
 /// an abort from an allocation assumed to succeed. The child run of this one test
 /// holds its address space to 3 GiB, so the counts cannot be granted.
 #[cfg(target_os = "linux")]
@@ -269,7 +269,8 @@ fn counts_too_large_for_the_host_are_a_typed_error() {
     let shape = Shape::new_1d(u32::MAX as usize, 1, 1).unwrap();
     let cfg = DropBlockConfig::builder(dropblock::Block::uniform(1).unwrap(), 0.1).build().unwrap();
     let err = cpu::sample(&cfg, shape, RngKey::new(0, 0).unwrap(), Mode::Train).unwrap_err();
-    assert!(matches!(err, Error::HostAllocation { .. }), "{shape}: {err}");
+    // The dropped counts' reservation, past the masks' (which fit).
+    assert_eq!(err, Error::HostAllocation { bytes: u32::MAX as u64 * 8 }, "{shape}");
 }
 
 /// The exact γ rule sums over the coverage classes of the block and shape; a
