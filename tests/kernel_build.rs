@@ -27,6 +27,15 @@ fn flags_that_break_bit_exactness_are_refused() {
     for flags in ["", "-O3", "-ftz=false -prec-div=true --prec-sqrt true", "-Xptxas -v", "-lineinfo --ftz false"] {
         assert_eq!(nvcc_flags::inexact_float_flag(flags), None, "{flags}");
     }
+    // And in the files -optf names.
+    let dir = tempfile::tempdir().unwrap();
+    let (fast, plain) = (dir.path().join("fast"), dir.path().join("plain"));
+    std::fs::write(&fast, "-O3\n--use_fast_math\n").unwrap();
+    std::fs::write(&plain, "-O3 -lineinfo").unwrap();
+    let (fast, plain) = (fast.to_str().unwrap(), plain.to_str().unwrap());
+    let refused = nvcc_flags::inexact_float_flag(&format!("-optf {plain},{fast}"));
+    assert_eq!(refused, Some(format!("--use_fast_math (in {fast})")));
+    assert_eq!(nvcc_flags::inexact_float_flag(&format!("--options-file={plain}")), None);
 }
 
 /// (kind, sm arch) of every entry of a fatbin: kind 1 is PTX, 2 is SASS (ELF).
