@@ -247,7 +247,7 @@ fn sampling_too_large_a_shape_is_a_typed_error() {
 /// A shape whose masks fit but whose per-sample counts do not (2^32 - 1 samples of
 /// one cell: 512 MiB of mask bits, 32 GiB of dropped counts at 8 bytes a sample): a typed error, not
 /// an abort from an allocation assumed to succeed. The child run of this one test
-/// holds its address space to 3 GiB, so the counts cannot be granted.
+/// holds its address space to 6 GiB, so the counts cannot be granted.
 #[cfg(target_os = "linux")]
 #[test]
 fn counts_too_large_for_the_host_are_a_typed_error() {
@@ -257,13 +257,16 @@ fn counts_too_large_for_the_host_are_a_typed_error() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, "1")
+            // One worker: many threads' stacks and malloc arenas would take a
+            // many-core host's address space toward the limit before the masks.
+            .env("RAYON_NUM_THREADS", "1")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && log.contains("1 passed"), "the child run failed ({}):\n{log}", out.status);
         return;
     }
-    let limit = libc::rlimit { rlim_cur: 3 << 30, rlim_max: 3 << 30 };
+    let limit = libc::rlimit { rlim_cur: 6 << 30, rlim_max: 6 << 30 };
     // SAFETY: setrlimit reads the struct; this process is the child run alone.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
     let shape = Shape::new_1d(u32::MAX as usize, 1, 1).unwrap();
