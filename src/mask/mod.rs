@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use crate::abi;
-use crate::error::{Error, Result};
+use crate::error::{host_vec, Error, Result};
 use crate::rng::LANES;
 use crate::sampling::{window_len, Plan};
 use crate::shard::{SeedBox, Shard};
@@ -82,10 +82,7 @@ impl BlockMasks {
         let group_planes = group_planes.max(1);
         // A count a group: 8 bytes a sample without sharing, more than its mask
         // bits on small planes, so reserved, not assumed to fit.
-        let groups = planes.div_ceil(group_planes);
-        let mut dropped: Vec<AtomicU64> = Vec::new();
-        dropped.try_reserve_exact(groups).map_err(|_| Error::HostAllocation { bytes: groups as u64 * 8 })?;
-        dropped.extend((0..groups).map(|_| AtomicU64::new(0)));
+        let dropped = host_vec(planes.div_ceil(group_planes), |_| AtomicU64::new(0))?;
         let threads = rayon::current_num_threads();
         let tile = match order {
             BitOrder::Planes => tile_planes(g.planes_per_window as usize, planes, plane_len, threads),
