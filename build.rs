@@ -15,6 +15,9 @@
 //! - nvcc's warnings are errors under `DROPBLOCK_WERROR=1` (CI, and the pinned
 //!   toolchain of `scripts/cuda-toolchain.sh`); with another toolkit they are
 //!   cargo warnings, so a newer nvcc's new warning does not break a user's build.
+//! - nvcc runs only when what it reads changed (`compile_once`): a rerun of this
+//!   script for a changed PATH, or a kernel file touched but not changed, keeps the
+//!   fatbin.
 //! - A setup problem ends the build with `cargo::error` lines that say what to do,
 //!   not a panic.
 
@@ -102,17 +105,7 @@ fn main() {
     cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
     cmd.arg("-o").arg(&fatbin).arg(&unity);
 
-    let out = cmd.output().unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        fail(&format!(
-            "nvcc failed ({}):\n{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            out.status,
-            cmd,
-            String::from_utf8_lossy(&out.stdout),
-            stderr
-        ));
-    }
+    let stderr = compile_once(&mut cmd, &nvcc, &fatbin);
     if !werror {
         for line in stderr.lines().filter(|l| l.contains("warning")) {
             println!("cargo::warning=nvcc: {line}");
@@ -226,6 +219,70 @@ fn fail_no_nvcc() -> ! {
          Cargo.toml (add `features = [\"cli\"]` for the command line), or here \
          cargo build --no-default-features --features cli",
     )
+}
+
+/// Runs `cmd` (nvcc, writing `fatbin`) and returns its stderr, unless the
+/// fatbin on disk came from the same inputs: then the stderr saved with it.
+///
+/// Cargo reruns this script when any watched variable or file changes, and every
+/// rerun used to spend nvcc's 15–20 s (all archs) again. Many reruns change
+/// nothing nvcc reads: PATH differing between a shell and an IDE, or gaining the
+/// toolchain script's entry when nvcc comes from `CUDA_HOME`; a kernel file
+/// touched by a branch switch and back. The fingerprint is what nvcc does read:
+/// its command line, every file under `kernels/` by content, the nvcc and host
+/// compiler binaries by size and mtime with nvcc's version, and the variables
+/// nvcc reads itself. The stamp is removed before nvcc runs and written after it
+/// succeeds, so an interrupted build never pairs a stamp with a partial fatbin.
+fn compile_once(cmd: &mut Command, nvcc: &Path, fatbin: &Path) -> String {
+    let stamp = fatbin.with_extension("fatbin.inputs");
+    let saved_stderr = fatbin.with_extension("fatbin.stderr");
+    let inputs = fingerprint(cmd, nvcc);
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == inputs) && fatbin.is_file() {
+        if let Ok(stderr) = fs::read_to_string(&saved_stderr) {
+            return stderr;
+        }
+    }
+    let _ = fs::remove_file(&stamp);
+    let out = cmd.output().unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        fail(&format!(
+            "nvcc failed ({}):\n{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            cmd,
+            String::from_utf8_lossy(&out.stdout),
+            stderr
+        ));
+    }
+    fs::write(&saved_stderr, &stderr).unwrap();
+    fs::write(&stamp, inputs).unwrap();
+    stderr
+}
+
+/// A hash of nvcc's inputs ([`compile_once`]). SipHash with fixed keys: stable
+/// for one Rust release, and a release that hashes differently costs one rebuild.
+fn fingerprint(cmd: &Command, nvcc: &Path) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    format!("{cmd:?}").hash(&mut h);
+    for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
+        env::var_os(var).hash(&mut h);
+    }
+    let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+    version.hash(&mut h);
+    // A bare host compiler name (`c++`) is the one PATH gives.
+    let ccbin = cmd.get_args().skip_while(|a| *a != "-ccbin").nth(1).map(Path::new);
+    let ccbin = ccbin.and_then(|c| if c.components().count() == 1 { on_path(c) } else { Some(c.to_path_buf()) });
+    for binary in std::iter::once(nvcc.to_path_buf()).chain(ccbin) {
+        let meta = fs::metadata(&binary).ok();
+        (binary, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut h);
+    }
+    let mut sources: Vec<PathBuf> = fs::read_dir("kernels").unwrap().map(|e| e.unwrap().path()).collect();
+    sources.sort();
+    for path in sources {
+        (fs::read(&path).unwrap_or_default(), path).hash(&mut h);
+    }
+    format!("{:016x}\n", h.finish())
 }
 
 fn archs() -> Vec<u32> {
