@@ -3,7 +3,8 @@
 
 use half::{bf16, f16};
 
-/// Element dtypes.
+/// Element dtypes. f64 is not one: the arithmetic is f32 (a scale, a product),
+/// and DropBlock sits in f32 and mixed-precision networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE 754 single precision (`f32`).

@@ -161,6 +161,13 @@ pub enum Error {
     )]
     AllocationInCapture,
 
+    /// `DeviceGenerator::set_key` on a stream being captured: it copies the key
+    /// from host memory, which CUDA does not capture from pageable memory.
+    #[error(
+        "DeviceGenerator::set_key copies the key from host memory, which a CUDA graph cannot capture: set the key before capturing (graphs already captured with the generator draw from the new key)"
+    )]
+    HostCopyInCapture,
+
     /// A call on a state or device generator whose last call ran on another
     /// stream, where one of the two streams is being captured and the other is
     /// not: the call must wait for that stream's work, and a captured stream
@@ -254,6 +261,12 @@ pub enum Error {
     )]
     KernelsNotBuilt,
 
+    /// The device ran out of memory (`CUDA_ERROR_OUT_OF_MEMORY`), allocating a
+    /// state, a generator or a tensor: a caller can free memory or shrink the
+    /// batch and try again. Holds the driver's message.
+    #[error("out of device memory: {0}")]
+    DeviceOutOfMemory(String),
+
     /// Any other failure of the CUDA stack (a driver call, a module that does not
     /// load, a missing kernel); holds the message.
     #[error("CUDA driver error: {0}")]
@@ -289,7 +302,10 @@ impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         // Formatting a DriverError calls into libcuda, which is loaded whenever a
         // DriverError exists.
-        Error::Driver(e.to_string())
+        match e.0 {
+            cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::DeviceOutOfMemory(e.to_string()),
+            _ => Error::Driver(e.to_string()),
+        }
     }
 }
 
@@ -326,6 +342,7 @@ mod tests {
         let unsupported = Error::UnsupportedDevice("CUDA_ERROR_NO_BINARY_FOR_GPU".into());
         for e in [
             Error::Driver("CUDA_ERROR_INVALID_IMAGE".into()),
+            Error::DeviceOutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into()),
             Error::WrongContext { what: "x" },
             Error::NoForwardCall,
             unsupported,

@@ -36,7 +36,7 @@ mod gpu {
 mod gpu {
     use std::sync::Arc;
 
-    use cudarc::driver::{sys, CudaStream};
+    use cudarc::driver::{sys, CudaGraph, CudaStream};
     use dropblock::cuda::{CudaElement, DeviceGenerator, DropBlockCuda};
     use dropblock::sampling::Plan;
     use dropblock::{cpu, Block, DropBlockConfig, Element, Layout, Mode, Normalize, RngKey, Shape, Shard};
@@ -72,12 +72,15 @@ mod gpu {
             unsafe { d.context().disable_event_tracking() };
         });
         let tests: [GpuTest; 15] = [
+            // First: it holds the device for writing, and a writer waiting behind
+            // the long tests would hold back every reader (std's RwLock on Linux
+            // favours a waiting writer).
+            ("out_of_device_memory_is_a_typed_error", out_of_device_memory_is_a_typed_error),
             (
                 "shards_on_their_own_streams_match_the_unsharded_call",
                 shards_on_their_own_streams_match_the_unsharded_call,
             ),
             ("past_2_pow_31_elements_matches_cpu", past_2_pow_31_elements_matches_cpu),
-            ("out_of_device_memory_is_a_typed_error", out_of_device_memory_is_a_typed_error),
             ("every_launch_path_matches_cpu", every_launch_path_matches_cpu),
             ("sampling_alone_then_apply_matches_forward", sampling_alone_then_apply_matches_forward),
             ("counters_are_reset_by_the_kernels", counters_are_reset_by_the_kernels),
@@ -455,10 +458,10 @@ mod gpu {
         }
         let big = Shape::new(64, 256, 56, 56).unwrap();
         let err = d.alloc_state(s, big).unwrap_err();
-        assert!(matches!(err, dropblock::Error::Driver(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
+        assert!(matches!(err, dropblock::Error::DeviceOutOfMemory(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
         let err = d.forward(s, &cfg, big, key, Mode::Train, &xd, &mut yd).unwrap_err();
         // The state is allocated before the buffers are checked: the same error.
-        assert!(matches!(err, dropblock::Error::Driver(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
+        assert!(matches!(err, dropblock::Error::DeviceOutOfMemory(ref m) if m.contains("OUT_OF_MEMORY")), "{err}");
         drop(hog);
         s.synchronize().unwrap();
         d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
@@ -484,7 +487,8 @@ mod gpu {
     }
 
     /// A forward captured into a CUDA graph: with a host key every replay is the
-    /// same call; with a DeviceGenerator each replay draws the next key.
+    /// same call; with a DeviceGenerator each replay draws the next key, and after
+    /// `set_key` the key set.
     fn graph_captured_forward_matches_cpu((d, s): &Gpu) {
         let shape = Shape::new(4, 16, 28, 28).unwrap();
         let key = RngKey::new(11, 34).unwrap();
@@ -502,14 +506,16 @@ mod gpu {
             let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
             for device in [false, true] {
                 s.synchronize().unwrap();
-                s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
-                if device {
-                    d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &xd, &mut yd).unwrap();
-                } else {
-                    d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
-                }
-                let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+                let graph = captured(s, || {
+                    if device {
+                        d.forward_into(s, &mut state, &cfg, shape, &mut gen, Mode::Train, &xd, &mut yd).unwrap();
+                    } else {
+                        d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &xd, &mut yd).unwrap();
+                    }
+                });
                 for replay in 0..3u64 {
+                    // Each replay writes y afresh: the last one's y cannot pass for it.
+                    s.memset_zeros(&mut yd).unwrap();
                     graph.launch().unwrap();
                     let k = if device { RngKey::new(key.seed(), key.offset() + 17 * replay).unwrap() } else { key };
                     let ctx = format!("{norm:?} device={device} replay {replay}");
@@ -517,6 +523,23 @@ mod gpu {
                 }
                 if device {
                     assert_eq!(gen.key(s).unwrap().offset(), key.offset() + 51, "the generator stepped per replay");
+                    // Moved back (a checkpoint's key), the same graph draws from it
+                    // again; not under capture, nor past the start offsets.
+                    let refused = dropblock::Error::HostCopyInCapture;
+                    refused_while_capturing(s, refused, "set_key", &mut || gen.set_key(s, 1, 2));
+                    let too_far = DeviceGenerator::MAX_START_OFFSET + 1;
+                    assert!(matches!(gen.set_key(s, 1, too_far), Err(dropblock::Error::OffsetOverflow { .. })));
+                    gen.set_key(s, key.seed(), key.offset() + 17).unwrap();
+                    s.memset_zeros(&mut yd).unwrap();
+                    graph.launch().unwrap();
+                    let k = RngKey::new(key.seed(), key.offset() + 17).unwrap();
+                    assert_same(
+                        "y (graph, key set)",
+                        &s.clone_dtoh(&yd).unwrap(),
+                        &cpu_y(&cfg, k),
+                        &format!("{norm:?}"),
+                    );
+                    assert_eq!(gen.key(s).unwrap().offset(), key.offset() + 34, "stepped from the key set");
                 }
             }
         }
@@ -529,7 +552,6 @@ mod gpu {
     /// call under capture (`AllocationInCapture`) and makes it outside; so do the
     /// other calls that allocate.
     fn graph_captured_shard_calls_draw_afresh((d, s): &Gpu) {
-        let capture = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         let global = Shape::new(4, 16, 28, 28).unwrap();
         let cfg = DropBlockConfig::paper(7, 0.1).unwrap();
         let key = RngKey::new(5, 40).unwrap();
@@ -549,15 +571,16 @@ mod gpu {
             let mut state = d.alloc_shard_state(s, &shard).unwrap();
             let mut gen = DeviceGenerator::new(s, key.seed(), key.offset()).unwrap();
             s.synchronize().unwrap();
-            s.begin_capture(capture).unwrap();
-            d.sample_shard(s, &mut state, &cfg, &shard, &mut gen, Mode::Train, &mut counts).unwrap();
-            if shard.is_whole() {
-                // The counts are the whole tensor's: no reduction to capture.
-                d.finish_shard(s, &mut state, &counts).unwrap();
-                d.apply(s, &state, &lxd, &mut lyd).unwrap();
-            }
-            let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+            let graph = captured(s, || {
+                d.sample_shard(s, &mut state, &cfg, &shard, &mut gen, Mode::Train, &mut counts).unwrap();
+                if shard.is_whole() {
+                    // The counts are the whole tensor's: no reduction to capture.
+                    d.finish_shard(s, &mut state, &counts).unwrap();
+                    d.apply(s, &state, &lxd, &mut lyd).unwrap();
+                }
+            });
             for replay in 0..3u64 {
+                s.memset_zeros(&mut lyd).unwrap();
                 graph.launch().unwrap();
                 let k = RngKey::new(key.seed(), key.offset() + 17 * replay).unwrap();
                 let ctx = format!("{shard:?}, replay {replay}");
@@ -592,19 +615,41 @@ mod gpu {
         assert!(state.plan().is_some(), "the call outside capture drew a mask");
     }
 
+    /// `body`'s work on `stream`, captured into a graph. The capture ends even when
+    /// `body` panics, so that a failed check leaves no stream capturing (whose
+    /// buffers' frees would fail and put errors on the shared context, where an
+    /// unrelated test would find them).
+    fn captured(stream: &Arc<CudaStream>, body: impl FnOnce()) -> CudaGraph {
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        if let Err(panic) = ran {
+            std::panic::resume_unwind(panic);
+        }
+        ended.unwrap().expect("a captured graph")
+    }
+
+    /// The nodes a captured graph holds.
+    fn graph_nodes(graph: &CudaGraph) -> usize {
+        let mut n = 0usize;
+        // SAFETY: a live graph; a null node array asks for the count only.
+        let r = unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "cuGraphGetNodes");
+        n
+    }
+
     /// `call`, made while `stream` is being captured, is refused with `want`, and
-    /// the refusal leaves the capture valid.
+    /// the refusal leaves the capture valid and empty: nothing was enqueued.
     fn refused_while_capturing(
         stream: &Arc<CudaStream>,
         want: dropblock::Error,
         what: &str,
         call: &mut dyn FnMut() -> dropblock::Result<()>,
     ) {
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
-        let refused = call();
-        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let mut refused = Ok(());
+        let graph = captured(stream, || refused = call());
         assert_eq!(refused, Err(want), "{what} under capture");
-        assert!(ended.is_ok(), "{what}: the refusal left the capture valid: {:?}", ended.err());
+        assert_eq!(graph_nodes(&graph), 0, "{what}: the refused call enqueued work into the capture");
     }
 
     /// A call captured on another stream than its state's or generator's last call
@@ -612,7 +657,6 @@ mod gpu {
     /// capture): it is refused first, enqueuing nothing. After one uncaptured call on
     /// the capture stream, the same call captures and replays.
     fn a_capture_waits_on_no_stream_outside_it((d, s): &Gpu) {
-        let capture = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         let shape = Shape::new(2, 8, 14, 14).unwrap();
         let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
         let key = RngKey::new(3, 0).unwrap();
@@ -637,18 +681,22 @@ mod gpu {
         // the capture still ends.
         let mut dx = other.alloc_zeros::<f32>(shape.numel()).unwrap();
         other.synchronize().unwrap();
-        s.begin_capture(capture).unwrap();
-        d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
-        assert_eq!(d.backward(&other, &state, &x, &mut dx), Err(dropblock::Error::CaptureAcrossStreams));
-        s.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+        let mut mirror = Ok(());
+        let graph = captured(s, || {
+            d.forward_into(s, &mut state, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+            mirror = d.backward(&other, &state, &x, &mut dx);
+        });
+        assert_eq!(mirror, Err(dropblock::Error::CaptureAcrossStreams));
+        assert!(graph_nodes(&graph) > 0, "the forward was captured");
         refused_under_capture("a generator last used on another stream", &mut || {
             d.forward_into(&other, &mut fresh, &cfg, shape, &mut gen, Mode::Train, &x, &mut y)
         });
         d.forward_into(&other, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap();
         other.synchronize().unwrap();
-        other.begin_capture(capture).unwrap();
-        d.forward_into(&other, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap();
-        let graph = other.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+        let graph = captured(&other, || {
+            d.forward_into(&other, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y).unwrap();
+        });
+        other.memset_zeros(&mut y).unwrap();
         graph.launch().unwrap();
         let mut want = vec![0f32; shape.numel()];
         let xs = common::input(shape.numel(), 1);
@@ -742,12 +790,15 @@ mod gpu {
                 } else {
                     d.sample_shard(st, &mut state, &cfg, shard, key, Mode::Train, &mut c).unwrap();
                 }
+                let want = cpu::sample_shard(&cfg, shard, key, Mode::Train).unwrap();
+                assert_eq!(st.clone_dtoh(&c).unwrap(), want.counts().entries(), "{ctx}: shard {i}'s counts");
                 states.push(state);
                 counts.push(c);
             }
             let mut summed = vec![0u64; entries];
             for (c, st) in counts.iter().zip(&streams) {
-                summed.iter_mut().zip(st.clone_dtoh(c).unwrap()).for_each(|(a, b)| *a += b);
+                summed.iter_mut().zip(st.clone_dtoh(c).unwrap()).for_each(|(a, b)| *a = a.wrapping_add(b));
+                // tags wrap
             }
             let (mut y_sh, mut dx_sh, mut keep_sh) =
                 (vec![f32::NAN; y.len()], vec![f32::NAN; y.len()], vec![9u8; y.len()]);
@@ -824,6 +875,7 @@ mod gpu {
         // the CPU's ImpossibleShardCounts without a sync).
         d.sample_shard(s, &mut state, &cfg, &shard, key, Mode::Train, &mut c).unwrap();
         let good = s.clone_dtoh(&c).unwrap();
+        assert_eq!(good, cpu_counts(&shard).entries(), "this shard's counts: kept, covered and tags");
         let mut off_by_one = good.clone();
         off_by_one[0] += 1;
         let mut twice = good.clone();
@@ -898,7 +950,11 @@ mod gpu {
         let nhwc = shape.with_layout(Layout::ChannelsLast);
         let mut first = d.alloc_state(s, shape).unwrap();
         let err = d.forward_into(s, &mut first, &cfg, nhwc, key, Mode::Train, &x, &mut y).unwrap_err();
-        assert!(err.to_string().ends_with("not 1x2x4x4 channels-last"), "{err}");
+        let refused = |e: &dropblock::Error| {
+            matches!(e, dropblock::Error::ShapeMismatch { expected, actual }
+                if expected == "1x2x4x4" && actual == "1x2x4x4 channels-last")
+        };
+        assert!(refused(&err), "{err}");
         // A 2D block on a 3D tensor of the same element count, before any launch.
         let volume = Shape::new_3d(1, 2, 2, 2, 4).unwrap();
         let square = DropBlockConfig::builder(Block::square(3).unwrap(), 0.1).build().unwrap();

@@ -3,8 +3,14 @@
 //!
 //! - cudarc types in and out: inputs are anything that is [`DevicePtr`] (a
 //!   `CudaSlice` or a view), outputs anything [`DevicePtrMut`].
-//! - Every launch goes on the stream you pass; nothing synchronises with the host,
-//!   so a forward can be captured into a CUDA graph. Four caveats:
+//! - Every launch goes on the stream you pass, and the calls that launch never
+//!   synchronise with the host, so a forward can be captured into a CUDA graph.
+//!   What does synchronise says so: reading statistics back
+//!   ([`DeviceState::kept`], [`DeviceState::keep_mask`], [`DeviceGenerator::key`],
+//!   ...), and making device memory (a state, a generator; [`DropBlockCuda::forward`]
+//!   makes a state at every call, whose free may wait for the stream where the
+//!   context has no stream-ordered allocator: reuse one with
+//!   [`DropBlockCuda::forward_into`]). Six caveats for graphs:
 //!   - nothing allocates into a graph: allocate states and generators before
 //!     capturing, capture `forward_into` rather than `forward`, and make a shard's
 //!     state with [`DropBlockCuda::alloc_shard_state`] (each of these refuses a
@@ -17,10 +23,25 @@
 //!     captured graph draws the same mask; draw from a [`DeviceGenerator`]
 //!     instead, which steps its offset on the device at every forward or shard
 //!     call;
+//!   - everything else a call reads is a kernel parameter too: the config (so a
+//!     drop-rate schedule needs the graph captured again when the rate changes),
+//!     the shape, and the raw pointers of the state, the generator and the
+//!     tensors, which must stay allocated for as long as the graph can be
+//!     launched (dropping them while it can is a use after free that nothing
+//!     detects);
+//!   - a state records its last call on the host, when the call is made or
+//!     captured, not when a graph replays it: [`DropBlockCuda::apply`] and
+//!     [`DropBlockCuda::backward`] follow that record. Capture a forward and its
+//!     backward together, or make no other call on that state between a replay
+//!     and its eager backward (an eval forward there would make the backward a
+//!     copy);
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers
-//!     shared between streams yourself).
+//!     shared between streams yourself). It is a setting of the context, which is
+//!     the device's primary context for [`DropBlockCuda::new`] and for
+//!     frameworks such as candle: it changes it for every user of that context
+//!     in the process.
 //! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
 //!   let [`DropBlockCuda::forward`] allocate it. The kernels reach its buffers

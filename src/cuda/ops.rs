@@ -39,6 +39,31 @@ impl CudaElement for bf16 {}
 
 /// The DropBlock kernels loaded on one CUDA context. Cheap to clone; share one per
 /// context (it is `Send + Sync`).
+///
+/// # Errors
+///
+/// A call refused for its arguments (every error here but the CUDA stack's) has
+/// enqueued nothing and left its state's last call as it was. Any call can
+/// return:
+/// - [`Error::WrongContext`]: a stream, state, generator or buffer of another
+///   CUDA context;
+/// - [`Error::LengthMismatch`]: a tensor (or shard counts) of another length than
+///   the shape's;
+/// - [`Error::CaptureAcrossStreams`]: a state or generator last used on a stream
+///   on the other side of a capture;
+/// - [`Error::DeviceOutOfMemory`] and [`Error::Driver`] from the CUDA stack.
+///
+/// And by call:
+/// - forwards and shard calls: [`Error::ShapeMismatch`] (a state of another
+///   shape or layout), [`Error::BlockRankMismatch`] and
+///   [`Error::TooManyCoverageClasses`] (the config does not fit the shape),
+///   [`Error::NoiseNeedsHostKey`];
+/// - calls that allocate ([`Self::forward`], [`Self::alloc_state`], ...):
+///   [`Error::AllocationInCapture`];
+/// - [`Self::apply`] and [`Self::backward`]: [`Error::NoForwardCall`] on a state
+///   with no forward yet, [`Error::ShardNotFinished`] after a shard call without
+///   [`Self::finish_shard`], which refuses a state whose last call was not
+///   [`Self::sample_shard`] ([`Error::NotAShardCall`]).
 #[derive(Debug, Clone)]
 pub struct DropBlockCuda {
     ctx: Arc<CudaContext>,
@@ -118,6 +143,25 @@ impl DeviceGenerator {
         let _ordered = self.order.enter(stream)?;
         let v = stream.clone_dtoh(&self.key)?;
         RngKey::new(v[0], v[1])
+    }
+
+    /// Moves the generator to `(seed, offset)` on `stream`, after its last call,
+    /// with `offset <= MAX_START_OFFSET` as in [`Self::new`]: to resume from a
+    /// checkpoint's [`Self::key`]. The key stays in the same device memory, so
+    /// graphs captured with this generator keep drawing from it (a new generator
+    /// would need them captured again). Not while `stream` is being captured
+    /// ([`Error::HostCopyInCapture`]).
+    pub fn set_key(&mut self, stream: &Arc<CudaStream>, seed: u64, offset: u64) -> Result<()> {
+        if offset > Self::MAX_START_OFFSET {
+            return Err(Error::OffsetOverflow { offset, max: Self::MAX_START_OFFSET });
+        }
+        same_context("stream", stream.context(), self.key.context())?;
+        if capturing(stream)? {
+            return Err(Error::HostCopyInCapture);
+        }
+        drop(self.order.enter(stream)?); // `&mut`: no other call can interleave
+        stream.memcpy_htod(&[seed, offset], &mut self.key)?;
+        Ok(())
     }
 }
 
@@ -296,10 +340,19 @@ struct Call {
 /// NULL stream) while a blocking stream is, when work on it would be an implicit
 /// dependency that capture forbids: no call allocates into a graph.
 fn refuse_capture(stream: &CudaStream) -> Result<()> {
+    match capturing(stream)? {
+        true => Err(Error::AllocationInCapture),
+        false => Ok(()),
+    }
+}
+
+/// Whether work enqueued on `stream` now would be captured (into its own capture,
+/// or into the legacy default stream's implicit one).
+fn capturing(stream: &CudaStream) -> Result<bool> {
     match stream.capture_status() {
-        Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(()),
+        Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(false),
         Err(e) if e.0 != sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Err(e.into()),
-        _ => Err(Error::AllocationInCapture),
+        _ => Ok(true),
     }
 }
 
@@ -619,7 +672,10 @@ impl DropBlockCuda {
     }
 
     /// Backward, `dx = round(f32(dy) · factor)` with the factors of the state's
-    /// forward call.
+    /// last forward (or sample) call. A state holds one mask: a forward whose
+    /// backward is still to come needs a state of its own (two forwards on one
+    /// state before their backwards, as in gradient accumulation, give both
+    /// backwards the second mask).
     pub fn backward<T: CudaElement>(
         &self,
         stream: &Arc<CudaStream>,
@@ -1032,7 +1088,9 @@ impl DeviceState {
     /// shard's planes, numbered as for a tensor of its own N and C, and its box's
     /// cells); channels-last they are in the tensor's own order, `i` the element's
     /// index. Written by kernels on [`Self::last_stream`],
-    /// outside cudarc's event tracking.
+    /// outside cudarc's event tracking: read them on that stream (or after an
+    /// event recorded there), and before the state's next call, which overwrites
+    /// them without waiting for other streams' reads.
     pub fn keep_bits(&self) -> &CudaSlice<u32> {
         &self.keep_bits
     }
