@@ -153,6 +153,10 @@ impl RngKey {
     /// The largest offset a call accepts.
     pub const MAX_OFFSET: u64 = u64::MAX - abi::DROPBLOCK_COUNTER_BLOCKS_PER_CALL as u64;
 
+    /// The key of a plan made before its call's key is known (cached across calls
+    /// with the key replaced), or of a call that draws from a device generator.
+    pub(crate) const PLACEHOLDER: RngKey = RngKey { seed: 0, offset: 0 };
+
     /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`. Calls
     /// whose offsets are less than 17 apart share counter blocks, and so draws:
     /// use a [`Generator`] to step them.

@@ -181,7 +181,7 @@ impl Pass {
 #[doc(hidden)]
 pub fn launch_plan(cfg: &DropBlockConfig, shape: Shape, min_tiles: u64, blocks: u64) -> Result<CallPlan> {
     let apply = apply_params(cfg, shape);
-    let g = *Plan::new(cfg, shape, RngKey::new(0, 0)?)?.geometry();
+    let g = *Plan::new(cfg, shape, RngKey::PLACEHOLDER)?.geometry();
     let tiles = tiles_of(&g, apply.plane_len, blocks);
     let path = match tiles {
         Some(t) if t.tiles >= min_tiles => {
@@ -566,8 +566,7 @@ mod tests {
                         continue;
                     }
                     tiled += 1;
-                    let g =
-                        *crate::sampling::Plan::new(cfg, shape, crate::RngKey::new(0, 0).unwrap()).unwrap().geometry();
+                    let g = *crate::sampling::Plan::new(cfg, shape, crate::RngKey::PLACEHOLDER).unwrap().geometry();
                     let (t, q) = (plan.tiles, g.planes_per_window as u64);
                     let what = format!("{shape} {cfg} blocks {blocks}: {t:?}");
                     assert!(t.planes_per_tile > 0 && t.planes_per_tile % q == 0, "{what}");

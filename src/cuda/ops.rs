@@ -80,6 +80,10 @@ struct Kernel {
     blocks_per_sm: u32,
 }
 
+/// A call's key that [`DropBlockCuda::check_key`] accepted, and whether the call
+/// is an identity call (which draws nothing).
+struct CheckedKey<'k>(KeySource<'k>, bool);
+
 /// Where a forward's or shard call's `(seed, offset)` comes from: the host, as a
 /// kernel parameter, or a [`DeviceGenerator`] in device memory.
 pub enum KeySource<'a> {
@@ -464,39 +468,37 @@ impl DropBlockCuda {
     fn resolve_key<'k>(
         &self,
         stream: &Arc<CudaStream>,
-        cfg: &DropBlockConfig,
-        identity: bool,
-        key: KeySource<'k>,
+        key: CheckedKey<'k>,
     ) -> Result<(RngKey, Option<&'k mut DeviceGenerator>)> {
-        self.check_key(stream, cfg, identity, &key)?;
-        match key {
-            KeySource::Device(gen) if !identity => {
+        match key.0 {
+            KeySource::Device(gen) if !key.1 => {
                 drop(gen.order.enter(stream)?); // `&mut`: no other call can interleave
-                Ok((RngKey::new(0, 0)?, Some(gen)))
+                Ok((RngKey::PLACEHOLDER, Some(gen)))
             }
-            KeySource::Host(k) if !identity => Ok((k, None)),
-            _ => Ok((RngKey::new(0, 0)?, None)),
+            KeySource::Host(k) if !key.1 => Ok((k, None)),
+            _ => Ok((RngKey::PLACEHOLDER, None)),
         }
     }
 
-    /// What [`Self::resolve_key`] refuses, checked without changing or enqueuing
-    /// anything: noise fill from a device generator, a generator of another
-    /// context, one whose last call is across a capture's boundary.
-    fn check_key(
+    /// What [`Self::resolve_key`] would refuse, checked without changing or
+    /// enqueuing anything: noise fill from a device generator, a generator of
+    /// another context, one whose last call is across a capture's boundary.
+    fn check_key<'k>(
         &self,
         stream: &Arc<CudaStream>,
         cfg: &DropBlockConfig,
         identity: bool,
-        key: &KeySource,
-    ) -> Result<()> {
-        match key {
-            KeySource::Device(_) if !identity && cfg.fill() == Fill::Noise => Err(Error::NoiseNeedsHostKey),
+        key: KeySource<'k>,
+    ) -> Result<CheckedKey<'k>> {
+        match &key {
+            KeySource::Device(_) if !identity && cfg.fill() == Fill::Noise => return Err(Error::NoiseNeedsHostKey),
             KeySource::Device(gen) if !identity => {
                 self.check_context("device generator", gen.key.context())?;
-                gen.order.check(stream)
+                gen.order.check(stream)?;
             }
-            _ => Ok(()),
+            _ => {}
         }
+        Ok(CheckedKey(key, identity))
     }
 
     /// A call on `state` through `stream`, before anything is changed or
@@ -769,18 +771,17 @@ impl DropBlockCuda {
             _ if identity => None,
             Some((c, s, plan, sh, local_g)) if c == cfg && s == shard => Some((*plan, *sh, *local_g)),
             _ => {
-                let plan = Plan::new(cfg, global, RngKey::new(0, 0)?)?;
+                let plan = Plan::new(cfg, global, RngKey::PLACEHOLDER)?;
                 let (sh, local_g) = shard.kernel_params(&plan)?;
                 state.shard_cached = Some((*cfg, *shard, plan, sh, local_g));
                 Some((plan, sh, local_g))
             }
         };
-        let key = key.into();
-        self.check_key(stream, cfg, identity, &key)?;
+        let key = self.check_key(stream, cfg, identity, key.into())?;
         if !identity && state.plane_kept.is_none() {
             state.alloc_plane_kept(stream)?;
         }
-        let (key, generator) = self.resolve_key(stream, cfg, identity, key)?;
+        let (key, generator) = self.resolve_key(stream, key)?;
         let cached = cached.map(|(plan, sh, local_g)| (plan.with_key(key), sh, local_g));
         let key_guard = generator.map(|gen| gen.key.device_ptr_mut(stream));
         state.call = None;
@@ -892,13 +893,14 @@ impl DropBlockCuda {
             _ if identity => None,
             Some((c, min_tiles, plan, launch)) if c == cfg && *min_tiles == self.min_tiles => Some((*plan, *launch)),
             _ => {
-                let plan = Plan::new(cfg, shape, RngKey::new(0, 0)?)?;
+                let plan = Plan::new(cfg, shape, RngKey::PLACEHOLDER)?;
                 let launch = self.launch_plan(cfg, shape)?;
                 state.cached = Some((*cfg, self.min_tiles, plan, launch));
                 Some((plan, launch))
             }
         };
-        let (host_key, generator) = self.resolve_key(stream, cfg, identity, key)?;
+        let key = self.check_key(stream, cfg, identity, key)?;
+        let (host_key, generator) = self.resolve_key(stream, key)?;
         state.call = None;
         let Some((plan, launch)) = planned else {
             if let Some(io) = &io {
