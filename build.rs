@@ -230,9 +230,10 @@ fn fail_no_nvcc() -> ! {
 /// toolchain script's entry when nvcc comes from `CUDA_HOME`; a kernel file
 /// touched by a branch switch and back. The fingerprint is what nvcc does read:
 /// its command line, every file under `kernels/` by content, the nvcc and host
-/// compiler binaries by size and mtime with nvcc's version, and the variables
-/// nvcc reads itself. The stamp is removed before nvcc runs and written after it
-/// succeeds, so an interrupted build never pairs a stamp with a partial fatbin.
+/// compiler binaries by size, mtime and `--version`, and the variables nvcc reads
+/// itself with the files their `-optf` flags name. The stamp is removed before
+/// nvcc runs and written after it succeeds, so an interrupted build never pairs a
+/// stamp with a partial fatbin.
 fn compile_once(cmd: &mut Command, nvcc: &Path, fatbin: &Path) -> String {
     let stamp = fatbin.with_extension("fatbin.inputs");
     let saved_stderr = fatbin.with_extension("fatbin.stderr");
@@ -268,21 +269,41 @@ fn fingerprint(cmd: &Command, nvcc: &Path) -> String {
     for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
         env::var_os(var).hash(&mut h);
     }
-    let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
-    version.hash(&mut h);
-    // A bare host compiler name (`c++`) is the one PATH gives.
-    let ccbin = cmd.get_args().skip_while(|a| *a != "-ccbin").nth(1).map(Path::new);
-    let ccbin = ccbin.and_then(|c| if c.components().count() == 1 { on_path(c) } else { Some(c.to_path_buf()) });
+    for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"] {
+        for file in var_os(var).map(|f| nvcc_flags::option_files(&f.to_string_lossy())).unwrap_or_default() {
+            println!("cargo::rerun-if-changed={file}");
+            (fs::read(&file).ok(), file).hash(&mut h);
+        }
+    }
+    // The host compiler: `-ccbin`'s, or NVCC_CCBIN's, which nvcc reads itself; a
+    // bare name (`c++`, `g++-13`) is the one PATH gives.
+    let ccbin = cmd.get_args().skip_while(|a| *a != "-ccbin").nth(1).map(PathBuf::from);
+    let ccbin = ccbin.or_else(|| var_os("NVCC_CCBIN").map(PathBuf::from));
+    let ccbin = ccbin.and_then(|c| if c.components().count() == 1 { on_path(&c) } else { Some(c) });
     for binary in std::iter::once(nvcc.to_path_buf()).chain(ccbin) {
         let meta = fs::metadata(&binary).ok();
-        (binary, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut h);
+        (&binary, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut h);
+        Command::new(&binary).arg("--version").output().map(|o| o.stdout).unwrap_or_default().hash(&mut h);
     }
-    let mut sources: Vec<PathBuf> = fs::read_dir("kernels").unwrap().map(|e| e.unwrap().path()).collect();
+    let mut sources = Vec::new();
+    files_under(Path::new("kernels"), &mut sources);
     sources.sort();
     for path in sources {
         (fs::read(&path).unwrap_or_default(), path).hash(&mut h);
     }
     format!("{:016x}\n", h.finish())
+}
+
+/// Every file under `dir`, at any depth (cargo's `rerun-if-changed` on a
+/// directory watches them all).
+fn files_under(dir: &Path, files: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap_or_else(|e| fail(&format!("reading {}: {e}", dir.display()))) {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => files_under(&path, files),
+            false => files.push(path),
+        }
+    }
 }
 
 fn archs() -> Vec<u32> {

@@ -11,29 +11,62 @@ pub fn inexact_float_flag(flags: &str) -> Option<String> {
     in_flags(flags, 0)
 }
 
-/// `depth`: files read to get here (a file that names itself is nvcc's error to
-/// report, not a loop here).
+/// The files that `-optf` (`--options-file`) names in `flags`, and in those
+/// files, as nvcc reads them: what else the build's output depends on.
+pub fn option_files(flags: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    collect_files(flags, 0, &mut files);
+    files
+}
+
+/// The files files of more flags may nest: a file that names itself is nvcc's
+/// error to report, not a loop here.
+const MAX_DEPTH: usize = 8;
+
+/// `depth`: files read to get here.
 fn in_flags(flags: &str, depth: usize) -> Option<String> {
-    let words: Vec<&str> = flags.split_whitespace().collect();
-    words.iter().enumerate().find_map(|(i, word)| {
-        // `--ftz=true`, `-ftz true`, `--use-fast-math`: one spelling.
-        let flag = word.trim_start_matches('-').replace('-', "_");
-        let next = words.get(i + 1).copied().unwrap_or_default();
-        let (name, value, shown) = match flag.split_once('=') {
-            Some((n, v)) => (n.to_string(), v, word.to_string()),
-            None => (flag.clone(), next, format!("{word} {next}")),
-        };
-        match name.as_str() {
-            "use_fast_math" => Some(word.to_string()),
-            "ftz" if value == "true" => Some(shown),
-            "prec_div" | "prec_sqrt" if value == "false" => Some(shown),
-            // Files of more flags, comma-separated (one that cannot be read is
-            // nvcc's error to report).
-            "optf" | "options_file" if depth < 8 => value.split(',').find_map(|path| {
-                let more = std::fs::read_to_string(path).ok()?;
-                in_flags(&more, depth + 1).map(|f| format!("{f} (in {path})"))
-            }),
-            _ => None,
-        }
+    flag_words(flags).into_iter().find_map(|(name, value, word, shown)| match name.as_str() {
+        "use_fast_math" => Some(word.to_string()),
+        "ftz" if value == "true" => Some(shown),
+        "prec_div" | "prec_sqrt" if value == "false" => Some(shown),
+        // Files of more flags, comma-separated (one that cannot be read is
+        // nvcc's error to report).
+        "optf" | "options_file" if depth < MAX_DEPTH => value.split(',').find_map(|path| {
+            let more = std::fs::read_to_string(path).ok()?;
+            in_flags(&more, depth + 1).map(|f| format!("{f} (in {path})"))
+        }),
+        _ => None,
     })
+}
+
+fn collect_files(flags: &str, depth: usize, files: &mut Vec<String>) {
+    for (name, value, ..) in flag_words(flags) {
+        if matches!(name.as_str(), "optf" | "options_file") && depth < MAX_DEPTH {
+            for path in value.split(',') {
+                files.push(path.to_string());
+                if let Ok(more) = std::fs::read_to_string(path) {
+                    collect_files(&more, depth + 1, files);
+                }
+            }
+        }
+    }
+}
+
+/// Each word of `flags` as (name in one spelling, value, the word, the word as
+/// shown with its value): `--ftz=true`, `-ftz true` and `--ftz true` are all
+/// ("ftz", "true"), `--use-fast-math` is "use_fast_math".
+fn flag_words(flags: &str) -> Vec<(String, &str, &str, String)> {
+    let words: Vec<&str> = flags.split_whitespace().collect();
+    let next = |i: usize| words.get(i + 1).copied().unwrap_or_default();
+    words
+        .iter()
+        .enumerate()
+        .map(|(i, &word)| {
+            let flag = word.trim_start_matches('-').replace('-', "_");
+            match flag.split_once('=') {
+                Some((n, v)) => (n.to_string(), &word[word.len() - v.len()..], word, word.to_string()),
+                None => (flag.clone(), next(i), word, format!("{word} {}", next(i))),
+            }
+        })
+        .collect()
 }

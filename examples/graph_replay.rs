@@ -15,9 +15,9 @@ fn main() -> dropblock::Result<()> {
     };
     // Captured work must not wait on events recorded outside the capture: like
     // candle, run without cudarc's per-buffer events (every buffer here belongs to
-    // one stream). This is the device's primary context, shared with every other
-    // cudarc user in the process (a framework's too): in a program that has them,
-    // they must order their shared buffers themselves from here on.
+    // one stream). The setting belongs to this `CudaContext` handle, shared by
+    // whoever holds it: a framework's handle given to `from_context` would lose
+    // its event tracking too.
     // SAFETY: no buffer is shared between streams in this program.
     unsafe { db.context().disable_event_tracking() };
     let stream = db.context().new_stream()?;

@@ -36,6 +36,26 @@ fn flags_that_break_bit_exactness_are_refused() {
     let refused = nvcc_flags::inexact_float_flag(&format!("-optf {plain},{fast}"));
     assert_eq!(refused, Some(format!("--use_fast_math (in {fast})")));
     assert_eq!(nvcc_flags::inexact_float_flag(&format!("--options-file={plain}")), None);
+    // A path's own dashes are not a flag's spelling.
+    let dashed = dir.path().join("fast-flags");
+    std::fs::copy(fast, &dashed).unwrap();
+    let dashed = dashed.to_str().unwrap();
+    let refused = nvcc_flags::inexact_float_flag(&format!("--options-file={dashed}"));
+    assert_eq!(refused, Some(format!("--use_fast_math (in {dashed})")));
+}
+
+/// The files build.rs hashes with nvcc's inputs (and watches): those `-optf`
+/// names, in either spelling, comma-separated, and those they name in turn.
+#[test]
+fn option_files_are_inputs_of_the_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outer, inner, other) = (dir.path().join("outer"), dir.path().join("in-ner"), dir.path().join("other"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    std::fs::write(&outer, format!("-O3\n--options-file={}\n", path(&inner))).unwrap();
+    std::fs::write(&inner, "-lineinfo").unwrap();
+    let flags = format!("-Xptxas -v -optf {},{} -O2", path(&outer), path(&other));
+    assert_eq!(nvcc_flags::option_files(&flags), [path(&outer), path(&inner), path(&other)]);
+    assert!(nvcc_flags::option_files("-O3 --use_fast_math").is_empty());
 }
 
 /// (kind, sm arch) of every entry of a fatbin: kind 1 is PTX, 2 is SASS (ELF).

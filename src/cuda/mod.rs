@@ -7,10 +7,10 @@
 //!   synchronise with the host, so a forward can be captured into a CUDA graph.
 //!   What does synchronise says so: reading statistics back
 //!   ([`DeviceState::kept`], [`DeviceState::keep_mask`], [`DeviceGenerator::key`],
-//!   ...), and making device memory (a state, a generator; [`DropBlockCuda::forward`]
-//!   makes a state at every call, whose free may wait for the stream where the
-//!   context has no stream-ordered allocator: reuse one with
-//!   [`DropBlockCuda::forward_into`]). Six caveats for graphs:
+//!   ...). Freeing may too: [`DropBlockCuda::forward`] makes a state at every
+//!   call, whose free waits for the device where the context has no
+//!   stream-ordered allocator (reuse one with [`DropBlockCuda::forward_into`]).
+//!   Six caveats for graphs:
 //!   - nothing allocates into a graph: allocate states and generators before
 //!     capturing, capture `forward_into` rather than `forward`, and make a shard's
 //!     state with [`DropBlockCuda::alloc_shard_state`] (each of these refuses a
@@ -38,10 +38,10 @@
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers
-//!     shared between streams yourself). It is a setting of the context, which is
-//!     the device's primary context for [`DropBlockCuda::new`] and for
-//!     frameworks such as candle: it changes it for every user of that context
-//!     in the process.
+//!     shared between streams yourself). It is a setting of the `CudaContext`
+//!     handle, shared by every holder of that `Arc`: turning it off on a
+//!     framework's handle (given to [`DropBlockCuda::from_context`]) turns it off
+//!     for the framework too. [`DropBlockCuda::new`] makes a handle of its own.
 //! - The saved state for backward ([`DeviceState`]: keep bits, counts, scales) is
 //!   yours: allocate it once with [`DropBlockCuda::alloc_state`] and reuse it, or
 //!   let [`DropBlockCuda::forward`] allocate it. The kernels reach its buffers

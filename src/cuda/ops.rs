@@ -43,8 +43,9 @@ impl CudaElement for bf16 {}
 /// # Errors
 ///
 /// A call refused for its arguments (every error here but the CUDA stack's) has
-/// enqueued nothing and left its state's last call as it was. Any call can
-/// return:
+/// launched nothing and left its state's last call as it was ([`Self::forward`]
+/// may have made its state; with cudarc's event tracking on, cudarc's guards on
+/// the tensors record their waits as they are taken). Any call can return:
 /// - [`Error::WrongContext`]: a stream, state, generator or buffer of another
 ///   CUDA context;
 /// - [`Error::LengthMismatch`]: a tensor (or shard counts) of another length than
