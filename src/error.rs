@@ -170,11 +170,12 @@ pub enum Error {
 
     /// A call on a state or device generator whose last call ran on another
     /// stream, where one of the two streams is being captured and the other is
-    /// not: the call must wait for that stream's work, and a captured stream
-    /// cannot wait on work recorded outside its capture (CUDA refuses it and ends
-    /// the capture), while a stream that waits on work inside a capture is pulled
-    /// into it (the call would be captured, not run). Refused before anything is
-    /// enqueued, so the capture stays valid.
+    /// not, or the two are in different captures: the call must wait for that
+    /// stream's work, and a captured stream cannot wait on work recorded outside
+    /// its capture (CUDA refuses it and ends the capture, or both captures),
+    /// while a stream that waits on work inside a capture is pulled into it (the
+    /// call would be captured, not run). Refused before anything is enqueued, so
+    /// the capture stays valid.
     #[error(
         "this call's stream and the stream of the state's or device generator's last call are on either side of a CUDA graph capture, which the call's wait for that stream cannot cross: make the calls on the capture stream (allocate the state there, or make one uncaptured call there before capturing), or end the capture first"
     )]

@@ -655,7 +655,9 @@ mod gpu {
     /// A call captured on another stream than its state's or generator's last call
     /// would wait on work outside the capture, which CUDA refuses (ending the
     /// capture): it is refused first, enqueuing nothing. After one uncaptured call on
-    /// the capture stream, the same call captures and replays.
+    /// the capture stream, the same call captures and replays. So is a call in
+    /// another capture than its state's last call; one on a stream forked into
+    /// that capture is captured with it.
     fn a_capture_waits_on_no_stream_outside_it((d, s): &Gpu) {
         let shape = Shape::new(2, 8, 14, 14).unwrap();
         let cfg = DropBlockConfig::paper(3, 0.1).unwrap();
@@ -703,6 +705,31 @@ mod gpu {
         cpu::forward(&cfg, shape, RngKey::new(1, 17).unwrap(), Mode::Train, &xs, &mut want).unwrap();
         assert_same("y (the replay)", &other.clone_dtoh(&y).unwrap(), &want, "captured on the second stream");
         assert_eq!(gen.key(&other).unwrap().offset(), 34, "one uncaptured call and one replay");
+        // Two captures at once: a call in one on a state last used in the other
+        // would merge them (CUDA refuses the wait and ends both): refused. A stream
+        // forked into the state's capture is in it, and its call is captured there.
+        let third = d.context().new_stream().unwrap();
+        let mut st = d.alloc_state(s, shape).unwrap();
+        let mut dx = s.alloc_zeros::<f32>(shape.numel()).unwrap();
+        s.synchronize().unwrap();
+        let (mut inner, mut refused) = (None, Ok(()));
+        let graph = captured(s, || {
+            d.forward_into(s, &mut st, &cfg, shape, key, Mode::Train, &x, &mut y).unwrap();
+            inner = Some(captured(&third, || refused = d.backward(&third, &st, &y, &mut dx)));
+            third.join(s).unwrap();
+            d.backward(&third, &st, &y, &mut dx).unwrap();
+            s.join(&third).unwrap();
+        });
+        assert_eq!(refused, Err(dropblock::Error::CaptureAcrossStreams), "a call in another capture");
+        assert_eq!(graph_nodes(&inner.unwrap()), 0, "the refused call enqueued nothing");
+        s.memset_zeros(&mut y).unwrap();
+        s.memset_zeros(&mut dx).unwrap();
+        graph.launch().unwrap();
+        let (mut want_y, mut want_dx) = (vec![0f32; shape.numel()], vec![0f32; shape.numel()]);
+        let saved = cpu::forward(&cfg, shape, key, Mode::Train, &xs, &mut want_y).unwrap();
+        cpu::backward(&saved, &want_y, &mut want_dx).unwrap();
+        assert_same("y (two captures)", &s.clone_dtoh(&y).unwrap(), &want_y, "the fork's capture");
+        assert_same("dx (two captures)", &s.clone_dtoh(&dx).unwrap(), &want_dx, "the fork's capture");
     }
 
     /// Two streams at once, the second from another handle to the same primary
