@@ -26,7 +26,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
+/// One SASS per family a device can run: a device runs SASS of its own major
+/// version and an equal or lower minor (sm_86's on 8.7, sm_100's on 10.3, sm_120's
+/// on 12.1), and the PTX only on archs at or above the newest, so Jetson Thor
+/// (11.0) needs its own.
+const DEFAULT_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 110, 120];
 
 #[path = "build/nvcc_flags.rs"]
 mod nvcc_flags;
@@ -326,7 +330,7 @@ fn archs() -> Vec<u32> {
     archs
 }
 
-/// The archs this nvcc can target (an older toolkit lacks sm_100 and sm_120);
+/// The archs this nvcc can target (an older toolkit lacks sm_100, sm_110 and sm_120);
 /// the others are left out with a warning.
 fn supported(nvcc: &Path, wanted: Vec<u32>) -> Vec<u32> {
     let Ok(out) = Command::new(nvcc).arg("--list-gpu-code").output() else { return wanted };
