@@ -42,7 +42,7 @@ fn main() -> candle_core::Result<()> {
     let net = ResNet::new(&mut rng, &device)?;
     let (test_x, test_y) = batch(&mut rng, 256, &device)?;
     let mut momentum: Vec<Tensor> = net.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
-    let (lr, mu) = (0.02, 0.9);
+    let (lr, mu) = (0.01, 0.9);
     let mut first = None;
     let mut last = Vec::new();
     println!("step   loss    drop_prob  dropped");
@@ -132,25 +132,27 @@ impl ResNet {
     fn new(rng: &mut StdRng, device: &Device) -> candle_core::Result<Self> {
         let mut vars = Vec::new();
         // He initialisation: no batch norm here, so the scale of the weights matters.
-        let mut weight = |shape: &[usize], fan_in: usize| -> candle_core::Result<Tensor> {
-            let std = (2.0 / fan_in as f32).sqrt();
+        // The gain scales the values the Var starts from: scaling the Var's tensor
+        // afterwards would make a new tensor, which training would never update.
+        let mut weight = |shape: &[usize], fan_in: usize, gain: f32| -> candle_core::Result<Tensor> {
+            let std = gain * (2.0 / fan_in as f32).sqrt();
             let w: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| normal(rng) * std).collect();
             let v = Var::from_tensor(&Tensor::from_vec(w, shape, device)?)?;
             vars.push(v.clone());
             Ok(v.as_tensor().clone())
         };
-        let stem = weight(&[8, 1, 3, 3], 9)?;
+        let stem = weight(&[8, 1, 3, 3], 9, 1.0)?;
         let mut stages = Vec::new();
         // 24x24x8 → 24x24x8 → 12x12x16 → 6x6x32 (DropBlock 3) → 3x3x64 (DropBlock 2)
         for (cin, cout, stride) in [(8, 8, 1), (8, 16, 2), (16, 32, 2), (32, 64, 2)] {
             stages.push(Stage {
-                conv1: weight(&[cout, cin, 3, 3], cin * 9)?,
-                conv2: weight(&[cout, cout, 3, 3], cout * 9)?,
-                project: if cin != cout || stride != 1 { Some(weight(&[cout, cin, 1, 1], cin)?) } else { None },
+                conv1: weight(&[cout, cin, 3, 3], cin * 9, 1.0)?,
+                conv2: weight(&[cout, cout, 3, 3], cout * 9, 1.0)?,
+                project: if cin != cout || stride != 1 { Some(weight(&[cout, cin, 1, 1], cin, 1.0)?) } else { None },
                 stride,
             });
         }
-        let head = (weight(&[64, CLASSES], 64)? * 0.1)?;
+        let head = weight(&[64, CLASSES], 64, 0.1)?;
         let schedule = LinearSchedule::drop_prob(0.0, TARGET_DROP, RAMP)?;
         let stage3_drop = DropBlock::new(DropBlockConfig::paper(3, TARGET_DROP)?, 3).with_schedule(schedule);
         let stage4_drop = DropBlock::new(DropBlockConfig::paper(2, TARGET_DROP)?, 4).with_schedule(schedule);

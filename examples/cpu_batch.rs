@@ -33,5 +33,6 @@ fn main() -> dropblock::Result<()> {
     // Eval mode is the identity, and draws nothing.
     cpu::forward(&cfg, shape, gen.next_key()?, Mode::Eval, &x, &mut y)?;
     println!("eval: y == x is {}", y == x);
+    assert_eq!(y, x, "eval mode is the identity");
     Ok(())
 }

@@ -33,5 +33,6 @@ fn main() -> dropblock::Result<()> {
     let (a, b) = (main.clone_dtoh(&y)?, main.clone_dtoh(&y_one)?);
     let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
     println!("{shape}: sampled on a side stream, applied on the main one; equal to one forward: {same}");
+    assert!(same, "the split forward differs from the one-call forward");
     Ok(())
 }

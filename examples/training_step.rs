@@ -1,6 +1,7 @@
 //! A training step on the GPU with cudarc buffers: forward and backward on the
 //! caller's stream, a drop rate ramped by a `LinearSchedule`, and a
-//! `DeviceGenerator` that steps its key on the device at every forward.
+//! `DeviceGenerator` that steps its key on the device at every forward that draws
+//! (not step 0's: at drop_prob 0 a forward is a copy, and draws nothing).
 //!
 //! `cargo run --release --example training_step` (says so and exits 0 without a GPU)
 
@@ -30,7 +31,9 @@ fn main() -> dropblock::Result<()> {
         let cfg = block.with_drop_prob(schedule.drop_prob_at(step))?;
         db.forward_into(&stream, &mut state, &cfg, shape, &mut gen, Mode::Train, &x, &mut y)?;
         db.backward(&stream, &state, &dy, &mut dx)?;
-        // Statistics only when asked: these synchronise the stream.
+        // Statistics only when asked: these synchronise the stream, so a training
+        // loop reads them every few hundred steps; this one reads them at every
+        // step to show the ramp.
         let kept = state.kept(&stream)?;
         println!(
             "step {step}: drop_prob {:.3}, dropped {:.4}, scale {:?}, next key offset {}",

@@ -6,7 +6,9 @@
 #     copy: no network needed at check time);
 #   - tests/fixtures/sampling_contract.json and thresholds.json are what their script
 #     writes today;
-#   - every dependency built for this host declares a rust-version no newer than ours.
+#   - every dependency built for this host declares a rust-version no newer than ours;
+#   - the Python scripts parse (most need torch and a GPU to run, so nothing else
+#     here would notice one that no longer does).
 # The linters are pinned PyPI wheels, installed once into ~/.cache/dropblock.
 # (actionlint is not used: its PyPI package is a source build that downloads the
 # binary from GitHub, which this project's machines cannot reach.)
@@ -43,6 +45,14 @@ for pair in "$fixture:sampling_contract.json" "$fixture.thresholds:thresholds.js
   fi
 done
 rm -f "$fixture" "$fixture.thresholds"
+
+echo "lint: the Python scripts parse"
+python3 - scripts/bench/*.py scripts/fixtures/*.py <<'PY'
+import ast, sys
+for path in sys.argv[1:]:
+    with open(path) as f:
+        ast.parse(f.read(), path)
+PY
 
 echo "lint: dependencies' rust-version against ours"
 host=$(rustc -vV | sed -n 's/^host: //p')

@@ -87,6 +87,9 @@ def peer_times(op, x, k, iters):
     held = {}
 
     def prepare():
+        # No gradient to accumulate into: the timed backward writes x's gradient
+        # afresh, as dropblock's does, not adding to the last call's.
+        xg.grad = None
         held["y"] = op(xg, 0.1, k)
 
     bwd = median_ms(lambda: held["y"].backward(g), iters, prepare)

@@ -330,10 +330,12 @@ ranks() {
 # The rows of the three tables (arguments: shape k dtype pass; `flags` set).
 # shellcheck disable=SC2329 # called through bench_rows
 baseline_row() {
-  # Alternating, so a drift of the clock or temperature hits both alike.
+  # Alternating, so a drift of the clock or temperature hits both alike. The
+  # baseline times each call from an idle stream; so does this tree here
+  # (--from-idle), the same method, where its other rows time on a busy stream.
   local base this
   base=$(median_ms baseline/dropblock "${flags[@]}")
-  this=$(median_ms ./dropblock "${flags[@]}")
+  this=$(median_ms ./dropblock "${flags[@]}" --from-idle)
   [[ -n $base && -n $this ]] || fail "baseline comparison $1 $3 $4"
   echo "| $1 | $2 | $3 | $4 | $base | $this | $(ratio "$base" "$this") |"
 }

@@ -2,6 +2,15 @@
 //! events on the launch stream. Shared by `dropblock bench` and the criterion
 //! benchmarks (`benches/dropblock.rs` includes this file), so both measure the
 //! same thing.
+//!
+//! By default a call is timed on a busy stream, as in training, where the device
+//! runs ahead of the host: a memset of [`FLUSH_BYTES`] goes first, so the call's
+//! tensors (and a backward's dy, which its untimed forward just wrote) start out
+//! of L2, and the host enqueues the call while the memset runs, so the start event
+//! fires with the call already queued and the time is the device's alone. This is
+//! how `scripts/bench/gpu_peers.py` times the copy and the peers. Timed from an
+//! idle stream instead (`from_idle`, as up to b43dc5b), the host's enqueueing
+//! counts too, and a backward reads dy from L2 where the shape fits.
 
 use std::sync::Arc;
 
@@ -17,6 +26,9 @@ const ROTATED_BYTES: usize = 512 << 20;
 /// The copies are capped: below 2 MiB per call (512 MiB / 256) a call is bound by
 /// launch latency, and where its tensors sit no longer moves its time.
 const MAX_COPIES: usize = 256;
+/// The memset before each timed call: five times an H100's 50 MB L2, as
+/// gpu_peers.py's flush.
+pub const FLUSH_BYTES: usize = 256 << 20;
 
 pub struct CudaTimer<T: CudaElement> {
     stream: Arc<CudaStream>,
@@ -25,13 +37,16 @@ pub struct CudaTimer<T: CudaElement> {
     ys: Vec<CudaSlice<T>>,
     states: Vec<DeviceState>,
     next: usize,
+    /// The busy-stream timing's memset target; `None` when timed from idle.
+    flush: Option<CudaSlice<u8>>,
 }
 
 impl<T: CudaElement> CudaTimer<T> {
     /// Copies of `x` (of `shape`) and states on a new stream of `d`'s context; with
     /// no `x`, states alone, for timing [`Pass::Sampling`] only (no tensors, so a
     /// shape whose sampling fits the device is timed even where x and y would not).
-    pub fn new(d: &DropBlockCuda, shape: Shape, x: Option<&[T]>) -> Result<Self> {
+    /// `from_idle`: each call timed from an idle stream (module docs).
+    pub fn new(d: &DropBlockCuda, shape: Shape, x: Option<&[T]>, from_idle: bool) -> Result<Self> {
         let stream = d.context().new_stream()?;
         // What a call streams: x and y, or the keep bits alone.
         let bytes = match x {
@@ -39,7 +54,11 @@ impl<T: CudaElement> CudaTimer<T> {
             None => shape.numel().div_ceil(8),
         };
         let copies = ROTATED_BYTES.div_ceil(bytes.max(1)).clamp(1, MAX_COPIES);
-        let mut t = Self { stream, shape, xs: Vec::new(), ys: Vec::new(), states: Vec::new(), next: 0 };
+        let flush = match from_idle {
+            true => None,
+            false => Some(stream.alloc_zeros::<u8>(FLUSH_BYTES)?),
+        };
+        let mut t = Self { stream, shape, xs: Vec::new(), ys: Vec::new(), states: Vec::new(), next: 0, flush };
         for _ in 0..copies {
             if let Some(x) = x {
                 t.xs.push(t.stream.clone_htod(x)?);
@@ -59,6 +78,9 @@ impl<T: CudaElement> CudaTimer<T> {
         let (s, shape, state) = (&self.stream, self.shape, &mut self.states[k]);
         if pass == Pass::Backward {
             d.forward_into(s, state, cfg, shape, key, Mode::Train, &self.xs[k], &mut self.ys[k])?;
+        }
+        if let Some(flush) = &mut self.flush {
+            s.memset_zeros(flush)?;
         }
         let start = s.record_event(Some(CU_EVENT_DEFAULT))?;
         match pass {

@@ -522,7 +522,17 @@ fn bench_prints_the_line_scripts_parse() {
             let value = field.strip_prefix(name).unwrap_or_else(|| panic!("`{last}` lacks `{name}`"));
             assert!(value.parse::<f64>().is_ok(), "`{last}`: `{value}` is not a number");
         }
+        // The median of the lines above (of an even count: the middle two's mean),
+        // to their printed precision.
+        let mut ms: Vec<f64> =
+            stdout.lines().filter_map(|l| l.strip_prefix("iter ")?.split_whitespace().nth(1)?.parse().ok()).collect();
+        ms.sort_by(f64::total_cmp);
+        let median: f64 = fields[0]["median_ms=".len()..].parse().unwrap();
+        assert!((median - (ms[1] + ms[2]) / 2.0).abs() <= 1e-4, "{median} is not the median of {ms:?}");
     }
+    let refused = dropblock(&["bench", "--device", "cpu", "--shape", "1,1,8,8", "--from-idle"]);
+    assert!(!refused.status.success(), "--from-idle on the CPU was accepted");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--device cuda"), "{refused:?}");
     let both = dropblock(&["bench", "--device", "cpu", "--shape", "1,1,8,8", "--sampling", "--backward"]);
     assert!(!both.status.success(), "--sampling with --backward was accepted");
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"), "{both:?}");
