@@ -39,9 +39,10 @@ pub struct BenchArgs {
     /// over the sampling's time).
     #[arg(long, conflicts_with = "backward")]
     sampling: bool,
-    /// With --device cuda, time each call from an idle stream, so that the host's
-    /// enqueueing counts and a backward's dy may sit in L2 (as up to b43dc5b), not
-    /// on a stream kept busy by a memset that evicts L2 (as the peers are timed).
+    /// With --device cuda, time each call from an idle stream, so that a forward's
+    /// host enqueueing counts and a backward's dy may sit in L2 (the method of
+    /// earlier builds), not on a stream kept busy by a memset that evicts L2 (as
+    /// the peers are timed).
     #[arg(long)]
     from_idle: bool,
     #[command(flatten)]
@@ -62,10 +63,10 @@ fn run_typed<T: CliElement>(a: &BenchArgs) -> Result<(), CliError> {
     a.config.key()?; // the offset given, checked as given
     let mut gen = Keys { gen: Generator::from_state(a.config.seed, a.config.offset), first: a.config.offset, calls: 0 };
     let iters = a.iters as usize;
-    if a.from_idle && a.device == DeviceArg::Cpu {
-        return Err(CliError::Usage("--from-idle times CUDA calls: give it with --device cuda".into()));
-    }
     let (runner, fallback) = Runner::select(a.device)?;
+    if a.from_idle && matches!(runner, Runner::Cpu) {
+        return Err(CliError::Usage("--from-idle times CUDA calls: give it with --device cuda, on a GPU".into()));
+    }
     if let Some(why) = fallback {
         say!("no GPU ({why}): running on the CPU")?;
     }

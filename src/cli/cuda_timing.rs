@@ -4,13 +4,17 @@
 //! same thing.
 //!
 //! By default a call is timed on a busy stream, as in training, where the device
-//! runs ahead of the host: a memset of [`FLUSH_BYTES`] goes first, so the call's
+//! runs ahead of the host: zeroing [`FLUSH_BYTES`] goes first, so the call's
 //! tensors (and a backward's dy, which its untimed forward just wrote) start out
-//! of L2, and the host enqueues the call while the memset runs, so the start event
-//! fires with the call already queued and the time is the device's alone. This is
-//! how `scripts/bench/gpu_peers.py` times the copy and the peers. Timed from an
-//! idle stream instead (`from_idle`, as up to b43dc5b), the host's enqueueing
-//! counts too, and a backward reads dy from L2 where the shape fits.
+//! of L2, and the host enqueues the call while the memset runs (about 70 µs on an
+//! H200, against a forward's 10–14 µs of host work), so the start event fires with
+//! the call already queued. The time is then the device's, but for writing back
+//! the memset's dirty lines that L2 still holds. This is how
+//! `scripts/bench/gpu_peers.py` times the copy and the peers (zeroing a torch
+//! buffer). Timed from an idle stream instead (`from_idle`, the method of earlier
+//! builds), a forward's or a sampling's host enqueueing counts too (a backward's
+//! is hidden behind its untimed forward), and a backward reads dy from L2 where
+//! the shape fits.
 
 use std::sync::Arc;
 
