@@ -174,14 +174,23 @@ fn cuda_benches(c: &mut Criterion) {
             cuda_typed::<f32>(c, &d, "f32");
             cuda_typed::<bf16>(c, &d, "bf16");
         }
-        Err(e) if e.is_no_gpu() => eprintln!("cuda benchmarks skipped: no GPU ({e})"),
+        Err(e) if e.is_no_gpu() => skip(&format!("no GPU ({e})")),
         Err(e) => panic!("a GPU is there but DropBlockCuda::new(0) failed: {e}"),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_benches(_: &mut Criterion) {
-    eprintln!("cuda benchmarks skipped: built without the `cuda` feature");
+    skip("built without the `cuda` feature");
+}
+
+/// The CUDA group skipped, saying why; under `DROPBLOCK_REQUIRE_GPU=1` (a GPU
+/// runner), a failure instead, as for the tests and examples.
+fn skip(why: &str) {
+    if std::env::var("DROPBLOCK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("DROPBLOCK_REQUIRE_GPU=1 but the cuda benchmarks cannot run: {why}");
+    }
+    eprintln!("cuda benchmarks skipped: {why}");
 }
 
 criterion_group!(benches, cpu_benches, cuda_benches);

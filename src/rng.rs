@@ -155,6 +155,7 @@ impl RngKey {
 
     /// The key of a plan made before its call's key is known (cached across calls
     /// with the key replaced), or of a call that draws from a device generator.
+    #[cfg(feature = "cuda")]
     pub(crate) const PLACEHOLDER: RngKey = RngKey { seed: 0, offset: 0 };
 
     /// A key for one call. Errors if `offset + 16` would pass `2^64 - 1`. Calls
