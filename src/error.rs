@@ -172,12 +172,12 @@ pub enum Error {
     /// stream, where one of the two streams is being captured and the other is
     /// not, or the two are in different captures: the call must wait for that
     /// stream's work, and a captured stream cannot wait on work recorded outside
-    /// its capture (CUDA refuses it and ends the capture, or both captures),
-    /// while a stream that waits on work inside a capture is pulled into it (the
-    /// call would be captured, not run). Refused before anything is enqueued, so
-    /// the capture stays valid.
+    /// its capture (CUDA refuses it), nor on another capture's (CUDA refuses to
+    /// merge them), while a stream that waits on work inside a capture is pulled
+    /// into it (the call would be captured, not run). Refused before anything is
+    /// enqueued, so the capture stays valid.
     #[error(
-        "this call's stream and the stream of the state's or device generator's last call are on either side of a CUDA graph capture, which the call's wait for that stream cannot cross: make the calls on the capture stream (allocate the state there, or make one uncaptured call there before capturing), or end the capture first"
+        "this call's stream and the stream of the state's or device generator's last call are on either side of a CUDA graph capture, or in two different captures, which the call's wait for that stream cannot cross: make the calls on the capture stream (allocate the state there, or make one uncaptured call there before capturing; a stream forked into the capture by waiting on an event recorded there is in it too), or end the capture first"
     )]
     CaptureAcrossStreams,
 

@@ -706,7 +706,7 @@ mod gpu {
         assert_same("y (the replay)", &other.clone_dtoh(&y).unwrap(), &want, "captured on the second stream");
         assert_eq!(gen.key(&other).unwrap().offset(), 34, "one uncaptured call and one replay");
         // Two captures at once: a call in one on a state last used in the other
-        // would merge them (CUDA refuses the wait and ends both): refused. A stream
+        // would merge them (CUDA refuses the wait, STREAM_CAPTURE_MERGE): refused. A stream
         // forked into the state's capture is in it, and its call is captured there.
         let third = d.context().new_stream().unwrap();
         let mut st = d.alloc_state(s, shape).unwrap();

@@ -34,7 +34,9 @@
 //!     [`DropBlockCuda::backward`] follow that record. Capture a forward and its
 //!     backward together, or make no other call on that state between a replay
 //!     and its eager backward (an eval forward there would make the backward a
-//!     copy);
+//!     copy). So does its record of the last call's stream: a graph replays on
+//!     the stream it is launched on, and a call after a replay on another
+//!     stream must first wait for that one (an event), as the state cannot;
 //!   - cudarc's per-buffer event tracking makes a capturing stream wait on events
 //!     recorded outside the capture; turn it off first, as candle does
 //!     (`unsafe { ctx.disable_event_tracking() }`: you then order work on buffers

@@ -237,28 +237,33 @@ impl StreamOrder {
     }
 }
 
-/// [`Error::CaptureAcrossStreams`] when `stream` and `prev` (whose work a call on
-/// `stream` must wait for) are not in the same capture, or both outside any: the
-/// wait would cross a capture's boundary. Into a capture, CUDA refuses it and
-/// ends the capture (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`, which a wait between
-/// two captures gets too, ending both); out of one, it pulls `stream` into the
-/// capture, so the call would be captured instead of run and the capture could
-/// not end unjoined. Two streams capturing at once are in one capture when one
-/// was forked into the other's (it waited on an event recorded there).
+/// [`Error::CaptureAcrossStreams`] unless `stream` and `prev` (whose work a call
+/// on `stream` must wait for) are both outside any capture or both in the same
+/// one: the wait would cross a capture's boundary. Into a capture, CUDA refuses
+/// it and ends the capture (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`); between two
+/// captures it refuses it too (`CUDA_ERROR_STREAM_CAPTURE_MERGE`); out of one, it
+/// pulls `stream` into the capture, so the call would be captured instead of run
+/// and the capture could not end unjoined. Two streams capturing at once are in
+/// one capture when one was forked into the other's (it waited on an event
+/// recorded there).
 fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     use sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE as ACTIVE;
     let capturing = |s: &CudaStream| matches!(s.capture_status(), Ok(ACTIVE));
     match (capturing(stream), capturing(prev)) {
         (false, false) => Ok(()),
-        (true, true) if capture_id(stream)? == capture_id(prev)? => Ok(()),
+        // Asked only here, where both capture: the ID query is CUDA 12.3's.
+        (true, true) => match (capture_id(stream)?, capture_id(prev)?) {
+            (Some(a), Some(b)) if a == b => Ok(()),
+            _ => Err(Error::CaptureAcrossStreams),
+        },
         _ => Err(Error::CaptureAcrossStreams),
     }
 }
 
-/// The ID of the capture `stream` is in (asked only of a stream that is
-/// capturing): unique per capture in the process, shared by the streams forked
-/// into it.
-fn capture_id(stream: &CudaStream) -> Result<u64> {
+/// The ID of the capture `stream` is in, `None` when it is not capturing (any
+/// more: another thread may have ended it since it was asked): unique per capture
+/// in the process, shared by the streams forked into it.
+fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
     stream.context().bind_to_thread()?;
     let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
     use std::ptr::null_mut as null;
@@ -267,7 +272,7 @@ fn capture_id(stream: &CudaStream) -> Result<u64> {
         sys::cuStreamGetCaptureInfo_v3(stream.cu_stream(), &mut status, &mut id, null(), null(), null(), null())
     };
     r.result()?;
-    Ok(id)
+    Ok((status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE).then_some(id))
 }
 
 /// What planning the call would refuse, before its state or key is touched: for
