@@ -81,9 +81,12 @@ struct Kernel {
     blocks_per_sm: u32,
 }
 
-/// A call's key that [`DropBlockCuda::check_key`] accepted, and whether the call
-/// is an identity call (which draws nothing).
-struct CheckedKey<'k>(KeySource<'k>, bool);
+/// A call's key that [`DropBlockCuda::check_key`] accepted.
+struct CheckedKey<'k> {
+    key: KeySource<'k>,
+    /// An identity call (eval, rate 0) draws nothing.
+    identity: bool,
+}
 
 /// Where a forward's or shard call's `(seed, offset)` comes from: the host, as a
 /// kernel parameter, or a [`DeviceGenerator`] in device memory.
@@ -247,9 +250,7 @@ impl StreamOrder {
 /// one capture when one was forked into the other's (it waited on an event
 /// recorded there).
 fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
-    use sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE as ACTIVE;
-    let capturing = |s: &CudaStream| matches!(s.capture_status(), Ok(ACTIVE));
-    match (capturing(stream), capturing(prev)) {
+    match (capturing(stream)?, capturing(prev)?) {
         (false, false) => Ok(()),
         // Asked only here, where both capture: the ID query is CUDA 12.3's.
         (true, true) => match (capture_id(stream)?, capture_id(prev)?) {
@@ -260,8 +261,9 @@ fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     }
 }
 
-/// The ID of the capture `stream` is in, `None` when it is not capturing (any
-/// more: another thread may have ended it since it was asked): unique per capture
+/// The ID of the capture `stream` is in, `None` when it is in no active capture of
+/// its own (one invalidated, the legacy stream's implicit one, or none any more:
+/// another thread may have ended it since [`capturing`] asked): unique per capture
 /// in the process, shared by the streams forked into it.
 fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
     stream.context().bind_to_thread()?;
@@ -271,8 +273,13 @@ fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
     let r = unsafe {
         sys::cuStreamGetCaptureInfo_v3(stream.cu_stream(), &mut status, &mut id, null(), null(), null(), null())
     };
-    r.result()?;
-    Ok((status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE).then_some(id))
+    match r {
+        sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Ok(None),
+        r => {
+            r.result()?;
+            Ok((status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE).then_some(id))
+        }
+    }
 }
 
 /// What planning the call would refuse, before its state or key is touched: for
@@ -375,7 +382,8 @@ fn refuse_capture(stream: &CudaStream) -> Result<()> {
 }
 
 /// Whether work enqueued on `stream` now would be captured (into its own capture,
-/// or into the legacy default stream's implicit one).
+/// or into the legacy default stream's implicit one), or refused by an
+/// invalidated capture: the one notion of "capturing" every check here uses.
 fn capturing(stream: &CudaStream) -> Result<bool> {
     match stream.capture_status() {
         Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => Ok(false),
@@ -494,12 +502,12 @@ impl DropBlockCuda {
         stream: &Arc<CudaStream>,
         key: CheckedKey<'k>,
     ) -> Result<(RngKey, Option<&'k mut DeviceGenerator>)> {
-        match key.0 {
-            KeySource::Device(gen) if !key.1 => {
+        match key.key {
+            KeySource::Device(gen) if !key.identity => {
                 drop(gen.order.enter(stream)?); // `&mut`: no other call can interleave
                 Ok((RngKey::PLACEHOLDER, Some(gen)))
             }
-            KeySource::Host(k) if !key.1 => Ok((k, None)),
+            KeySource::Host(k) if !key.identity => Ok((k, None)),
             _ => Ok((RngKey::PLACEHOLDER, None)),
         }
     }
@@ -522,7 +530,7 @@ impl DropBlockCuda {
             }
             _ => {}
         }
-        Ok(CheckedKey(key, identity))
+        Ok(CheckedKey { key, identity })
     }
 
     /// A call on `state` through `stream`, before anything is changed or
