@@ -200,20 +200,9 @@ impl Pending {
         make: impl FnOnce() -> std::io::Result<tempfile::NamedTempFile>,
     ) -> std::io::Result<(tempfile::NamedTempFile, Self)> {
         static HANDLER: std::sync::Once = std::sync::Once::new();
-        HANDLER.call_once(|| {
-            let ignored = ignored_signals();
-            // Without a handler (one set already) a signal leaves the file, as before.
-            let _ = ctrlc::set_handler(|| {
-                // Held to the exit: no file is listed, or its entry dropped, after
-                // the sweep. A rename racing it either lands whole or fails.
-                let list = pending();
-                for temp in list.iter() {
-                    let _ = std::fs::remove_file(temp);
-                }
-                std::process::exit(130);
-            });
-            restore_ignored(&ignored);
-        });
+        // Without a handler (one could not be set) a signal leaves the file, as
+        // before.
+        HANDLER.call_once(remove_pending_on_signal);
         let mut list = pending();
         let file = make()?;
         list.push(file.path().to_path_buf());
@@ -222,34 +211,51 @@ impl Pending {
     }
 }
 
-/// The signals ctrlc handles that this process was started ignoring (`nohup`
-/// ignores SIGHUP, a shell's background job SIGINT): they stay ignored, so such a
-/// run goes on as before rather than exiting at the signal.
+/// Removes the pending files, holding the list to the exit: no file is listed, or
+/// its entry dropped, after the sweep, and a rename racing it either lands whole
+/// or fails. Returns the guard, to be held until the process ends.
+fn sweep_pending() -> std::sync::MutexGuard<'static, Vec<std::path::PathBuf>> {
+    let list = pending();
+    for temp in list.iter() {
+        let _ = std::fs::remove_file(temp);
+    }
+    list
+}
+
+/// On SIGINT, SIGTERM and SIGHUP: sweep, then die of the signal, as without a
+/// handler, so that the parent sees which (a shell stops a script's loop at a
+/// Ctrl-C only when the child died of SIGINT; an exit code of 130 looks like a
+/// command that handled it and carried on). The signals the process was started
+/// ignoring (`nohup`'s SIGHUP, a background job's SIGINT) stay ignored: such a run
+/// goes on as before rather than ending at the signal.
 #[cfg(unix)]
-fn ignored_signals() -> Vec<libc::c_int> {
+fn remove_pending_on_signal() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let ignored = |sig| {
         // SAFETY: with a null new action, sigaction only reads the current one.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN }
     };
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].into_iter().filter(|&sig| ignored(sig)).collect()
+    let caught: Vec<_> = [SIGINT, SIGTERM, SIGHUP].into_iter().filter(|&sig| !ignored(sig)).collect();
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(&caught) else { return };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let _held = sweep_pending();
+            // Resets the signal's action to the default and raises it again.
+            let _ = signal_hook::low_level::emulate_default_handler(sig);
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
-#[cfg(unix)]
-fn restore_ignored(signals: &[libc::c_int]) {
-    for &sig in signals {
-        // SAFETY: sets a signal back to the disposition it had at start.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
-    }
-}
-
+/// Ctrl-C and its console siblings (the `ctrlc` crate): sweep, then exit 130.
 #[cfg(not(unix))]
-fn ignored_signals() -> Vec<i32> {
-    Vec::new()
+fn remove_pending_on_signal() {
+    let _ = ctrlc::set_handler(|| {
+        let _held = sweep_pending();
+        std::process::exit(130);
+    });
 }
-
-#[cfg(not(unix))]
-fn restore_ignored(_: &[i32]) {}
 
 impl Drop for Pending {
     fn drop(&mut self) {
