@@ -86,15 +86,25 @@ pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
     })
 }
 
+/// The CUDA version the loaded driver supports, as `cuDriverGetVersion` gives it
+/// (13000 for 13.0), asked once; `None` if it cannot say. Only after libcuda was
+/// found to load ([`context`]).
+pub(crate) fn driver_version() -> Option<i32> {
+    static VERSION: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let mut version = 0;
+        // SAFETY: writes one int; needs no context.
+        (unsafe { sys::cuDriverGetVersion(&mut version) } == sys::CUresult::CUDA_SUCCESS).then_some(version)
+    })
+}
+
 /// What a user needs to rebuild for a device the kernels do not load on.
 fn unsupported(ctx: &CudaContext, e: &cudarc::driver::DriverError) -> String {
     let arch =
         ctx.compute_capability().map_or_else(|_| "an unknown architecture".into(), |(a, b)| format!("sm_{a}{b}"));
-    let mut version = 0;
-    // SAFETY: writes one int.
-    let driver = match unsafe { sys::cuDriverGetVersion(&mut version) } {
-        sys::CUresult::CUDA_SUCCESS => format!("CUDA {}.{}", version / 1000, version % 1000 / 10),
-        _ => "unknown".into(),
+    let driver = match driver_version() {
+        Some(version) => format!("CUDA {}.{}", version / 1000, version % 1000 / 10),
+        None => "unknown".into(),
     };
     let built: Vec<String> = built_archs().iter().map(|a| format!("sm_{a}")).collect();
     #[cfg(dropblock_kernels)]

@@ -22,7 +22,8 @@ use crate::rng::RngKey;
 use crate::sampling::{plane_of, Plan};
 use crate::shard::Shard;
 
-// SAFETY: plain-C structs of integers (src/abi.rs, checked against the header).
+// SAFETY: plain-C structs of integers and an f32, without padding, valid for any
+// bits (src/abi.rs, checked against the header).
 unsafe impl DeviceRepr for abi::DropBlockGeometry {}
 unsafe impl DeviceRepr for abi::DropBlockSampling {}
 unsafe impl DeviceRepr for abi::DropBlockApply {}
@@ -261,11 +262,20 @@ fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     }
 }
 
+/// The first driver with `cuStreamGetCaptureInfo_v3` (CUDA 12.3).
+const CAPTURE_ID_DRIVER: i32 = 12030;
+
 /// The ID of the capture `stream` is in, `None` when it is in no active capture of
 /// its own (one invalidated, the legacy stream's implicit one, or none any more:
 /// another thread may have ended it since [`capturing`] asked): unique per capture
-/// in the process, shared by the streams forked into it.
+/// in the process, shared by the streams forked into it. `None` too under a driver
+/// older than 12.3, which has no such query.
 fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
+    // cudarc panics on a symbol the driver lacks; before 12.3 no ID can be asked,
+    // so two captures are taken as different ones (refused, never merged).
+    if super::module::driver_version().is_none_or(|v| v < CAPTURE_ID_DRIVER) {
+        return Ok(None);
+    }
     stream.context().bind_to_thread()?;
     let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
     use std::ptr::null_mut as null;
