@@ -87,6 +87,13 @@ macro_rules! cpu_has {
     };
 }
 
+/// Whether the AVX-512F forms may run and the CPU has AVX-512F.
+#[cfg(all(target_arch = "x86_64", dropblock_avx512))]
+#[inline]
+pub(crate) fn avx512f_available() -> bool {
+    avx512_allowed() && cpu_has!("avx512f")
+}
+
 /// `with_feature! { "f", fn $name(args) { body } }` defines `$name`, which runs its
 /// body compiled with target feature `f` when [`cpu_has!`] finds it, and as built
 /// otherwise: the crate builds for the x86-64 baseline, which has neither `popcnt`

@@ -396,7 +396,7 @@ fn channels_last_order(shape: Shape, sharing: u32) -> ChannelsLastOrder {
 /// The SIMD forms the CPU path runs in this process, as the CPU's features, the
 /// toolchain it was built with (the AVX-512 forms need Rust 1.89) and
 /// `DROPBLOCK_CPU_CAPABILITY` allow: some of `avx512-gfni` (channels-last bit
-/// transposes), `avx512f` (the sampler's walk), `avx2`, `f16c` and `popcnt`, in
+/// transposes), `avx512f` (the sampler's walk, the f32 element passes), `avx2`, `f16c` and `popcnt`, in
 /// that order. Empty when every call takes the portable forms. Every form gives
 /// the portable forms' bits; this is for reading benchmarks and profiles.
 pub fn simd_forms() -> Vec<&'static str> {

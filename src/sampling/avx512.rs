@@ -12,7 +12,7 @@ use crate::rng::LANES;
 
 /// Whether the AVX-512 forms may run and the CPU has AVX-512F.
 pub(super) fn available() -> bool {
-    crate::simd::avx512_allowed() && cpu_has!("avx512f")
+    crate::simd::avx512f_available()
 }
 
 impl Plan {
