@@ -175,7 +175,7 @@ pub enum Error {
     /// its capture (CUDA refuses it), nor on another capture's (CUDA refuses to
     /// merge them), while a stream that waits on work inside a capture is pulled
     /// into it (the call would be captured, not run). Refused before anything is
-    /// enqueued, so the capture stays valid. A driver older than CUDA 12.3 cannot
+    /// enqueued, so the capture stays valid. A driver older than CUDA 11.3 cannot
     /// tell captures apart, so there two capturing streams are always refused.
     #[error(
         "this call's stream and the stream of the state's or device generator's last call are on either side of a CUDA graph capture, or in two different captures, which the call's wait for that stream cannot cross: make the calls on the capture stream (allocate the state there, or make one uncaptured call there before capturing; a stream forked into the capture by waiting on an event recorded there is in it too), or end the capture first"

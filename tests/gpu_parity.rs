@@ -71,7 +71,7 @@ mod gpu {
             // SAFETY: no buffer is shared across streams in these tests.
             unsafe { d.context().disable_event_tracking() };
         });
-        let tests: [GpuTest; 15] = [
+        let tests: [GpuTest; 16] = [
             // First: it holds the device for writing, and a writer waiting behind
             // the long tests would hold back every reader (std's RwLock on Linux
             // favours a waiting writer).
@@ -91,6 +91,7 @@ mod gpu {
             ("graph_captured_forward_matches_cpu", graph_captured_forward_matches_cpu),
             ("graph_captured_shard_calls_draw_afresh", graph_captured_shard_calls_draw_afresh),
             ("a_capture_waits_on_no_stream_outside_it", a_capture_waits_on_no_stream_outside_it),
+            ("older_driver_entry_points_agree", older_driver_entry_points_agree),
             ("two_streams_at_once", two_streams_at_once),
             ("bad_calls_are_typed_errors", bad_calls_are_typed_errors),
         ];
@@ -730,6 +731,44 @@ mod gpu {
         cpu::backward(&saved, &want_y, &mut want_dx).unwrap();
         assert_same("y (two captures)", &s.clone_dtoh(&y).unwrap(), &want_y, "the fork's capture");
         assert_same("dx (two captures)", &s.clone_dtoh(&dx).unwrap(), &want_dx, "the fork's capture");
+    }
+
+    /// The entry points the crate loads for drivers older than cudarc's bindings
+    /// (`cuStreamGetCaptureInfo_v2`, `cuEventElapsedTime`) give what cudarc's
+    /// newer forms give on a driver that has both: the same capture IDs (none
+    /// outside a capture, one per capture, shared by a stream forked into it) and
+    /// the same time between two events.
+    fn older_driver_entry_points_agree((d, s): &Gpu) {
+        use dropblock::cuda::{capture_id_v2, capture_id_v3, elapsed_ms, elapsed_ms_v1};
+        let ids = |stream: &Arc<CudaStream>| {
+            let (v2, v3) = (capture_id_v2(stream).unwrap(), capture_id_v3(stream).unwrap());
+            assert_eq!(v2, v3, "capture IDs by _v2 and _v3");
+            v3
+        };
+        assert_eq!(ids(s), None, "outside a capture");
+        let (forked, apart) = (d.context().new_stream().unwrap(), d.context().new_stream().unwrap());
+        let mut seen = (None, None, None);
+        let _graph = captured(s, || {
+            let _apart = captured(&apart, || {
+                forked.join(s).unwrap();
+                seen = (ids(s), ids(&forked), ids(&apart));
+                s.join(&forked).unwrap();
+            });
+        });
+        let (one, fork, other) = seen;
+        assert!(one.is_some() && other.is_some(), "two captures have IDs: {seen:?}");
+        assert_eq!(fork, one, "a stream forked into a capture has its ID");
+        assert_ne!(one, other, "two captures have two IDs");
+        // Events around work that takes a measurable time.
+        let mut big = s.alloc_zeros::<u8>(256 << 20).unwrap();
+        let start = s.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        s.memset_zeros(&mut big).unwrap();
+        let end = s.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        let (v1, chosen, cudarcs) =
+            (elapsed_ms_v1(&start, &end).unwrap(), elapsed_ms(&start, &end).unwrap(), start.elapsed_ms(&end).unwrap());
+        assert!(v1 > 0.0, "a 256 MB memset took {v1} ms");
+        assert_eq!(v1, cudarcs, "cuEventElapsedTime and cuEventElapsedTime_v2 on the same events");
+        assert_eq!(chosen, cudarcs, "dropblock::cuda::elapsed_ms");
     }
 
     /// Two streams at once, the second from another handle to the same primary

@@ -94,7 +94,7 @@ impl<T: CudaElement> CudaTimer<T> {
             Pass::Sampling => d.sample_into(s, state, cfg, shape, key, Mode::Train)?,
         }
         let end = s.record_event(Some(CU_EVENT_DEFAULT))?;
-        Ok(start.elapsed_ms(&end)? as f64)
+        Ok(dropblock::cuda::elapsed_ms(&start, &end)? as f64)
     }
 }
 

@@ -122,13 +122,13 @@ fn run_cuda<T: dropblock::cuda::CudaElement>(
     let start = stream.record_event(Some(CU_EVENT_DEFAULT))?;
     c.forward_into(&stream, &mut state, cfg, shape, key, Mode::Train, &xd, &mut yd)?;
     let mid = stream.record_event(Some(CU_EVENT_DEFAULT))?;
-    let forward_ms = start.elapsed_ms(&mid)? as f64;
+    let forward_ms = dropblock::cuda::elapsed_ms(&start, &mid)? as f64;
     let backward = if with_backward {
         let mut dxd = stream.alloc_zeros::<T>(x.len())?;
         let b0 = stream.record_event(Some(CU_EVENT_DEFAULT))?;
         c.backward(&stream, &state, &yd, &mut dxd)?;
         let b1 = stream.record_event(Some(CU_EVENT_DEFAULT))?;
-        let ms = b0.elapsed_ms(&b1)? as f64;
+        let ms = dropblock::cuda::elapsed_ms(&b0, &b1)? as f64;
         Some((stream.clone_dtoh(&dxd)?, ms))
     } else {
         None

@@ -241,11 +241,33 @@ fn remove_pending_on_signal() {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             let _held = sweep_pending();
-            // Resets the signal's action to the default and raises it again.
-            let _ = signal_hook::low_level::emulate_default_handler(sig);
-            std::process::exit(128 + sig);
+            die_of(sig);
         }
     });
+}
+
+/// Dies of `sig` by its default action; where that action does not end the
+/// process, exits `128 + sig`, the shell's code for it. A process that is PID 1 in
+/// its namespace (a container's entry point) is not ended by its own signal, and
+/// signal-hook's `emulate_default_handler` then aborts, which dumps core or ends
+/// in SIGSEGV instead of reporting the signal.
+#[cfg(unix)]
+fn die_of(sig: libc::c_int) -> ! {
+    // SAFETY: plain libc calls on a zeroed, then initialised, action and signal
+    // set; a failure of either only leaves the exit below to run.
+    unsafe {
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut default.sa_mask);
+        if libc::sigaction(sig, &default, std::ptr::null_mut()) == 0 {
+            let mut only: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut only);
+            libc::sigaddset(&mut only, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+    }
+    std::process::exit(128 + sig)
 }
 
 /// Ctrl-C and its console siblings (the `ctrlc` crate): sweep, then exit 130.

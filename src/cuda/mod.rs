@@ -73,6 +73,9 @@
 //! [`DevicePtr`]: cudarc::driver::DevicePtr
 //! [`DevicePtrMut`]: cudarc::driver::DevicePtrMut
 
+mod driver;
+#[doc(hidden)]
+pub use driver::{capture_id_v2, capture_id_v3, elapsed_ms_v1};
 #[doc(hidden)]
 pub mod launch;
 mod module;
@@ -81,7 +84,8 @@ pub mod nccl;
 mod ops;
 mod ranges;
 
+pub use driver::{driver_present, elapsed_ms};
 #[doc(hidden)]
 pub use launch::{kernel_names, launch_plan, tiles_of, tiles_with, CallPlan, LaunchPath};
-pub use module::{built_archs, context, driver_present, fatbin, ptxas_report};
+pub use module::{built_archs, context, fatbin, ptxas_report};
 pub use ops::{CudaElement, DeviceGenerator, DeviceState, DropBlockCuda, KeySource};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaModule};
 use cudarc::nvrtc::Ptx;
 
+use super::driver::{driver_present, driver_version};
 use crate::error::{Error, Result};
 
 #[cfg(dropblock_kernels)]
@@ -36,19 +37,6 @@ pub fn built_archs() -> Vec<u32> {
 /// spills, per kernel and per arch.
 pub fn ptxas_report() -> &'static str {
     PTXAS_REPORT
-}
-
-/// Whether the CUDA driver library (libcuda, or nvcuda on Windows) can be loaded.
-///
-/// Probed here rather than with cudarc's `is_culib_present`, which exists only when
-/// cudarc loads libcuda at run time; a crate that makes it link libcuda instead
-/// (candle's `cuda` feature) removes it. A binary linked that way does not start
-/// without libcuda, so there the answer is always yes.
-pub fn driver_present() -> bool {
-    let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
-    // SAFETY: loading the driver library runs only its initialisers, as cudarc's
-    // own first use does; no CUDA call is made, and the handle is closed again.
-    names.iter().any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
 /// A context on device `ordinal`, or a typed error: [`Error::NoDriver`] when
@@ -83,18 +71,6 @@ pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
         | sys::CUresult::CUDA_ERROR_INVALID_PTX
         | sys::CUresult::CUDA_ERROR_INVALID_IMAGE => Error::UnsupportedDevice(unsupported(ctx, &e)),
         _ => Error::from(e),
-    })
-}
-
-/// The CUDA version the loaded driver supports, as `cuDriverGetVersion` gives it
-/// (13000 for 13.0), asked once; `None` if it cannot say. Only after libcuda was
-/// found to load ([`context`]).
-pub(crate) fn driver_version() -> Option<i32> {
-    static VERSION: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
-    *VERSION.get_or_init(|| {
-        let mut version = 0;
-        // SAFETY: writes one int; needs no context.
-        (unsafe { sys::cuDriverGetVersion(&mut version) } == sys::CUresult::CUDA_SUCCESS).then_some(version)
     })
 }
 

@@ -9,6 +9,7 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
+use super::driver::capture_id;
 use super::launch::{
     self, kernel_keys, kernel_name, launch_plan, Arg, Buffer, CallPlan, KernelKey, Pass, Queue, THREADS,
 };
@@ -253,42 +254,12 @@ impl StreamOrder {
 fn refuse_capture_across(stream: &CudaStream, prev: &CudaStream) -> Result<()> {
     match (capturing(stream)?, capturing(prev)?) {
         (false, false) => Ok(()),
-        // Asked only here, where both capture: the ID query is CUDA 12.3's.
+        // Asked only here, where both capture.
         (true, true) => match (capture_id(stream)?, capture_id(prev)?) {
             (Some(a), Some(b)) if a == b => Ok(()),
             _ => Err(Error::CaptureAcrossStreams),
         },
         _ => Err(Error::CaptureAcrossStreams),
-    }
-}
-
-/// The first driver with `cuStreamGetCaptureInfo_v3` (CUDA 12.3).
-const CAPTURE_ID_DRIVER: i32 = 12030;
-
-/// The ID of the capture `stream` is in, `None` when it is in no active capture of
-/// its own (one invalidated, the legacy stream's implicit one, or none any more:
-/// another thread may have ended it since [`capturing`] asked): unique per capture
-/// in the process, shared by the streams forked into it. `None` too under a driver
-/// older than 12.3, which has no such query.
-fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
-    // cudarc panics on a symbol the driver lacks; before 12.3 no ID can be asked,
-    // so two captures are taken as different ones (refused, never merged).
-    if super::module::driver_version().is_none_or(|v| v < CAPTURE_ID_DRIVER) {
-        return Ok(None);
-    }
-    stream.context().bind_to_thread()?;
-    let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
-    use std::ptr::null_mut as null;
-    // SAFETY: a live stream; the optional outputs (graph, dependencies) are null.
-    let r = unsafe {
-        sys::cuStreamGetCaptureInfo_v3(stream.cu_stream(), &mut status, &mut id, null(), null(), null(), null())
-    };
-    match r {
-        sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Ok(None),
-        r => {
-            r.result()?;
-            Ok((status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE).then_some(id))
-        }
     }
 }
 

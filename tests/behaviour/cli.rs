@@ -691,6 +691,73 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
     assert!(sent > 0, "apply finished before a temporary file was seen");
 }
 
+/// As PID 1 of a PID namespace (a container's entry point) a process is not ended
+/// by the default action of a signal it raises itself: an interrupted `apply`
+/// there removes its temporaries and exits 128 + the signal's number, where
+/// signal-hook's re-raise aborted (a core dump, or death by SIGSEGV). Run under
+/// util-linux's `unshare` in a user and PID namespace; where none can be made the
+/// test says so and skips, unless `DROPBLOCK_REQUIRE_PID_NAMESPACE=1` (CI).
+#[cfg(target_os = "linux")]
+#[test]
+fn an_interrupted_apply_as_pid_1_exits_with_the_signals_code() {
+    const UNSHARE: [&str; 4] = ["--user", "--map-root-user", "--pid", "--fork"];
+    let namespaces = Command::new("unshare").args(UNSHARE).arg("true").stderr(std::process::Stdio::null()).status();
+    if !namespaces.is_ok_and(|s| s.success()) {
+        let required = std::env::var("DROPBLOCK_REQUIRE_PID_NAMESPACE").is_ok_and(|v| v == "1");
+        assert!(!required, "`unshare {}` cannot make a PID namespace here", UNSHARE.join(" "));
+        eprintln!("an_interrupted_apply_as_pid_1_exits_with_the_signals_code: skipped, no PID namespace here");
+        return;
+    }
+    // The process `unshare --fork` started: PID 1 inside, `pid` outside.
+    let first_child = |pid: u32| -> Option<libc::pid_t> {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    };
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut caught = false;
+        for rows in [1usize << 10, 1 << 12, 1 << 14] {
+            let dir = tempfile::tempdir().unwrap();
+            let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+            write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
+            let mut child = Command::new("unshare")
+                .args(UNSHARE)
+                .arg(env!("CARGO_BIN_EXE_dropblock"))
+                .args(["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("run unshare");
+            let temporary = |dir: &Path| {
+                std::fs::read_dir(dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".tmp"))
+            };
+            let target = loop {
+                if let Some(inner) = first_child(child.id()).filter(|_| temporary(dir.path())) {
+                    break Some(inner);
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            };
+            if let Some(inner) = target {
+                // SAFETY: a signal to our child's child, read from its list of
+                // children just now: its PID is reused only if it ended and was
+                // reaped since, and the PID space wrapped in those microseconds.
+                unsafe { libc::kill(inner, signal) };
+            }
+            let status = child.wait().unwrap();
+            assert!(!temporary(dir.path()), "signal {signal} to PID 1: a temporary file is left ({status:?})");
+            if target.is_some() && status.code() != Some(0) {
+                assert_eq!(status.code(), Some(128 + signal), "signal {signal} to PID 1: {status:?}");
+                caught = true;
+                break;
+            }
+            assert!(status.success(), "signal {signal}: {status:?}");
+        }
+        assert!(caught, "signal {signal}: apply never ran long enough to interrupt");
+    }
+}
+
 #[test]
 fn demo_and_show_write_pictures() {
     let dir = tempfile::tempdir().unwrap();
