@@ -266,8 +266,11 @@ fn die_of(sig: libc::c_int) -> ! {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
             libc::raise(sig);
         }
+        // Not `std::process::exit`: its exit handlers would run on this thread
+        // while the main thread may be inside the CUDA driver. The sweep is done
+        // and nothing else is left to flush, as after a death by the signal.
+        libc::_exit(128 + sig)
     }
-    std::process::exit(128 + sig)
 }
 
 /// Ctrl-C and its console siblings (the `ctrlc` crate): sweep, then exit 130.

@@ -62,15 +62,16 @@ type StreamGetCaptureInfoV2 = unsafe extern "C" fn(
     *mut usize,
 ) -> sys::CUresult;
 
-/// libcuda's exported `name` as a function of type `F`, or a typed error naming it.
+/// libcuda's exported `name` as a function of type `F`, looked up once into
+/// `cache`, or a typed error naming it.
 ///
 /// # Safety
 /// `F` must be the C signature of `name`.
-unsafe fn entry<F: Copy>(name: &str) -> Result<F> {
-    let missing = || Error::Driver(format!("the CUDA driver library has no {name}"));
-    let lib = libcuda().ok_or_else(missing)?;
+unsafe fn entry<F: Copy + Send + Sync>(cache: &'static OnceLock<Option<F>>, name: &str) -> Result<F> {
     // SAFETY: the caller's; the library stays loaded for the process.
-    unsafe { lib.get::<F>(name.as_bytes()) }.map(|f| *f).map_err(|_| missing())
+    let found =
+        cache.get_or_init(|| libcuda().and_then(|lib| unsafe { lib.get::<F>(name.as_bytes()) }.ok().map(|f| *f)));
+    found.ok_or_else(|| Error::Driver(format!("the CUDA driver library has no {name}")))
 }
 
 /// Milliseconds between two recorded events of one context, as cudarc's
@@ -89,8 +90,9 @@ pub fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
 /// for the test that holds it to cudarc's form on a driver that has both.
 #[doc(hidden)]
 pub fn elapsed_ms_v1(start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
+    static ELAPSED: OnceLock<Option<EventElapsedTime>> = OnceLock::new();
     // SAFETY: the signature of cuEventElapsedTime in every CUDA header that has it.
-    let elapsed: EventElapsedTime = unsafe { entry("cuEventElapsedTime") }?;
+    let elapsed = unsafe { entry(&ELAPSED, "cuEventElapsedTime") }?;
     if start.context() != end.context() {
         return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_CONTEXT).into());
     }
@@ -133,8 +135,9 @@ pub fn capture_id_v3(stream: &CudaStream) -> Result<Option<u64>> {
 /// lacks it: for drivers before 12.3, and for the test that holds it to `_v3`.
 #[doc(hidden)]
 pub fn capture_id_v2(stream: &CudaStream) -> Result<Option<u64>> {
+    static INFO: OnceLock<Option<StreamGetCaptureInfoV2>> = OnceLock::new();
     // SAFETY: the signature of cuStreamGetCaptureInfo_v2 in CUDA 11.3 to 12.x.
-    let Ok(info) = (unsafe { entry::<StreamGetCaptureInfoV2>("cuStreamGetCaptureInfo_v2") }) else {
+    let Ok(info) = (unsafe { entry(&INFO, "cuStreamGetCaptureInfo_v2") }) else {
         return Ok(None);
     };
     stream.context().bind_to_thread()?;
