@@ -738,6 +738,7 @@ mod gpu {
     /// newer forms give on a driver that has both: the same capture IDs (none
     /// outside a capture, one per capture, shared by a stream forked into it) and
     /// the same time between two events.
+    ///
     /// cudarc's forms are asked only of a driver that has them (cudarc panics on
     /// a missing symbol); on an older one the older forms are checked alone.
     fn older_driver_entry_points_agree((d, s): &Gpu) {

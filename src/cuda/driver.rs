@@ -120,14 +120,11 @@ pub(crate) fn capture_id(stream: &CudaStream) -> Result<Option<u64>> {
 /// [`capture_id`] through `cuStreamGetCaptureInfo_v3` (CUDA 12.3 on; cudarc's).
 #[doc(hidden)]
 pub fn capture_id_v3(stream: &CudaStream) -> Result<Option<u64>> {
-    stream.context().bind_to_thread()?;
-    let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
     use std::ptr::null_mut as null;
     // SAFETY: a live stream; the optional outputs (graph, dependencies, edges) are null.
-    let r = unsafe {
-        sys::cuStreamGetCaptureInfo_v3(stream.cu_stream(), &mut status, &mut id, null(), null(), null(), null())
-    };
-    active_capture(r, status, id)
+    capture_query(stream, |s, status, id| unsafe {
+        sys::cuStreamGetCaptureInfo_v3(s, status, id, null(), null(), null(), null())
+    })
 }
 
 /// [`capture_id`] through `cuStreamGetCaptureInfo_v2` (CUDA 11.3 on, loaded from
@@ -140,17 +137,21 @@ pub fn capture_id_v2(stream: &CudaStream) -> Result<Option<u64>> {
     let Ok(info) = (unsafe { entry(&INFO, "cuStreamGetCaptureInfo_v2") }) else {
         return Ok(None);
     };
-    stream.context().bind_to_thread()?;
-    let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
     use std::ptr::null_mut as null;
     // SAFETY: a live stream; the optional outputs (graph, dependencies) are null.
-    let r = unsafe { info(stream.cu_stream(), &mut status, &mut id, null(), null(), null()) };
-    active_capture(r, status, id)
+    capture_query(stream, |s, status, id| unsafe { info(s, status, id, null(), null(), null()) })
 }
 
-/// The capture ID a query returned, if its stream is in an active capture.
-fn active_capture(r: sys::CUresult, status: sys::CUstreamCaptureStatus, id: u64) -> Result<Option<u64>> {
-    match r {
+/// The capture ID that `query` (one form of `cuStreamGetCaptureInfo`, given the
+/// stream and where to write its status and ID) returns for `stream`, if it is in
+/// an active capture.
+fn capture_query(
+    stream: &CudaStream,
+    query: impl FnOnce(sys::CUstream, *mut sys::CUstreamCaptureStatus, *mut u64) -> sys::CUresult,
+) -> Result<Option<u64>> {
+    stream.context().bind_to_thread()?;
+    let (mut status, mut id) = (sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE, 0u64);
+    match query(stream.cu_stream(), &mut status, &mut id) {
         sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Ok(None),
         r => {
             r.result()?;

@@ -605,6 +605,32 @@ fn a_closed_stderr_keeps_the_work_and_the_exit_status() {
     assert_eq!(with_stderr_closed(&["apply", "--no-such-flag"]), Some(2), "a usage error");
 }
 
+/// The hidden temporary files (`.tmp*`) in `dir`.
+#[cfg(unix)]
+fn temporary_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(".tmp"))
+        .collect()
+}
+
+/// Starts `command` with SIGINT, SIGTERM and SIGHUP at `disposition`: the test's
+/// own may be inherited ignored (a background job of a non-interactive shell, as
+/// CI scripts run, ignores SIGINT), which the command would keep.
+#[cfg(unix)]
+fn signals_start_at(command: &mut Command, disposition: libc::sighandler_t) {
+    // SAFETY: only async-signal-safe signal() runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(sig, disposition);
+            }
+            Ok(())
+        })
+    };
+}
+
 /// An interrupted `apply` (Ctrl-C, SIGTERM, SIGHUP) removes its temporary outputs
 /// and dies of the signal; a signal's default action left them beside the output,
 /// hidden and tensor-sized, and an exit with a code (130, as it once did) would
@@ -613,29 +639,11 @@ fn a_closed_stderr_keeps_the_work_and_the_exit_status() {
 #[cfg(unix)]
 #[test]
 fn an_interrupted_apply_leaves_no_temporary_files() {
-    let temporaries = |dir: &Path| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| name.starts_with(".tmp"))
-            .collect()
-    };
-    // `apply` with SIGINT, SIGTERM and SIGHUP at `disposition` from the start: the
-    // test's own may be inherited ignored (a background job of a non-interactive
-    // shell, as CI scripts run, ignores SIGINT), which the command keeps.
     let apply = |args: &[&str], disposition: libc::sighandler_t| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
         command.arg("apply").args(args);
         command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        // SAFETY: only async-signal-safe signal() runs between fork and exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                    libc::signal(sig, disposition);
-                }
-                Ok(())
-            })
-        };
+        signals_start_at(&mut command, disposition);
         command.spawn().expect("run dropblock")
     };
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -648,7 +656,7 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
             let args = ["--device", "cpu", "--input", xs, "--output", ys, "--keep-mask", ms];
             let mut child = apply(&args, libc::SIG_DFL);
             let seen = loop {
-                if !temporaries(dir.path()).is_empty() {
+                if !temporary_files(dir.path()).is_empty() {
                     break true;
                 }
                 if child.try_wait().unwrap().is_some() {
@@ -661,7 +669,7 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
                 unsafe { libc::kill(child.id() as libc::pid_t, signal) };
             }
             let status = child.wait().unwrap();
-            assert_eq!(temporaries(dir.path()), Vec::<String>::new(), "signal {signal}, {status:?}");
+            assert_eq!(temporary_files(dir.path()), Vec::<String>::new(), "signal {signal}, {status:?}");
             if seen && std::os::unix::process::ExitStatusExt::signal(&status) == Some(signal) {
                 caught = true;
                 break;
@@ -679,7 +687,7 @@ fn an_interrupted_apply_leaves_no_temporary_files() {
     let mut child = apply(&args, libc::SIG_IGN);
     let mut sent = 0;
     while child.try_wait().unwrap().is_none() {
-        if !temporaries(dir.path()).is_empty() {
+        if !temporary_files(dir.path()).is_empty() {
             // SAFETY: a signal to our own child, not yet reaped.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
             sent += 1;
@@ -739,20 +747,9 @@ fn an_interrupted_apply_as_pid_1_exits_with_the_signals_code() {
                 yp.to_str().unwrap(),
             ]);
             command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-            // The test's own SIGINT may be inherited ignored (a background job),
-            // which the command would keep, as the test above says.
-            // SAFETY: only async-signal-safe signal() runs between fork and exec.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                    libc::signal(libc::SIGINT, libc::SIG_DFL);
-                    libc::signal(libc::SIGTERM, libc::SIG_DFL);
-                    Ok(())
-                })
-            };
+            signals_start_at(&mut command, libc::SIG_DFL);
             let mut child = command.spawn().expect("run unshare");
-            let temporary = |dir: &Path| {
-                std::fs::read_dir(dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".tmp"))
-            };
+            let temporary = |dir: &Path| !temporary_files(dir).is_empty();
             let target = loop {
                 if let Some(inner) = first_child(child.id()).filter(|_| temporary(dir.path())) {
                     break Some(inner);
