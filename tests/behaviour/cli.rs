@@ -631,60 +631,74 @@ fn signals_start_at(command: &mut Command, disposition: libc::sighandler_t) {
     };
 }
 
+/// Runs `apply` (through `start`, which spawns it with these arguments) on ever
+/// larger tensors until `signal`, sent to the process `target` names once a
+/// temporary file is seen, lands before the run finishes, and returns that run's
+/// status. Every run, interrupted or not, must leave no temporary file, and a run
+/// that finished first must have succeeded.
+#[cfg(unix)]
+fn interrupted_apply(
+    signal: libc::c_int,
+    start: impl Fn(&[&str]) -> std::process::Child,
+    target: impl Fn(&std::process::Child) -> Option<libc::pid_t>,
+) -> std::process::ExitStatus {
+    for rows in [1usize << 10, 1 << 12, 1 << 14] {
+        let dir = tempfile::tempdir().unwrap();
+        let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
+        write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
+        let (xs, ys, ms) = (xp.to_str().unwrap(), yp.to_str().unwrap(), mp.to_str().unwrap());
+        let mut child = start(&["apply", "--device", "cpu", "--input", xs, "--output", ys, "--keep-mask", ms]);
+        let pid = loop {
+            if let Some(pid) = target(&child).filter(|_| !temporary_files(dir.path()).is_empty()) {
+                break Some(pid);
+            }
+            if child.try_wait().unwrap().is_some() {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        };
+        if let Some(pid) = pid {
+            // SAFETY: a signal to a process that `target` found alive just now
+            // (our child, or its child read from its list of children: a PID is
+            // reused only once its process ended, was reaped and the PID space
+            // wrapped in those microseconds).
+            unsafe { libc::kill(pid, signal) };
+        }
+        let status = child.wait().unwrap();
+        assert_eq!(temporary_files(dir.path()), Vec::<String>::new(), "signal {signal}: left behind ({status:?})");
+        if pid.is_some() && !status.success() {
+            return status;
+        }
+        assert!(status.success(), "signal {signal}: {status:?}");
+    }
+    panic!("signal {signal}: apply never ran long enough to interrupt");
+}
+
 /// An interrupted `apply` (Ctrl-C, SIGTERM, SIGHUP) removes its temporary outputs
 /// and dies of the signal; a signal's default action left them beside the output,
 /// hidden and tensor-sized, and an exit with a code (130, as it once did) would
-/// not stop a shell script's loop at a Ctrl-C. The signal is sent once a temporary
-/// file is seen: a run that finishes first is tried again on a larger tensor.
+/// not stop a shell script's loop at a Ctrl-C.
 #[cfg(unix)]
 #[test]
 fn an_interrupted_apply_leaves_no_temporary_files() {
-    let apply = |args: &[&str], disposition: libc::sighandler_t| {
+    let dropblock = |args: &[&str], disposition: libc::sighandler_t| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dropblock"));
-        command.arg("apply").args(args);
-        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        command.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
         signals_start_at(&mut command, disposition);
         command.spawn().expect("run dropblock")
     };
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let mut caught = false;
-        for rows in [1usize << 10, 1 << 12, 1 << 14] {
-            let dir = tempfile::tempdir().unwrap();
-            let (xp, yp, mp) = (dir.path().join("x.npy"), dir.path().join("y.npy"), dir.path().join("m.npy"));
-            write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
-            let (xs, ys, ms) = (xp.to_str().unwrap(), yp.to_str().unwrap(), mp.to_str().unwrap());
-            let args = ["--device", "cpu", "--input", xs, "--output", ys, "--keep-mask", ms];
-            let mut child = apply(&args, libc::SIG_DFL);
-            let seen = loop {
-                if !temporary_files(dir.path()).is_empty() {
-                    break true;
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break false;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            };
-            if seen {
-                // SAFETY: a signal to our own child, not yet reaped.
-                unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-            }
-            let status = child.wait().unwrap();
-            assert_eq!(temporary_files(dir.path()), Vec::<String>::new(), "signal {signal}, {status:?}");
-            if seen && std::os::unix::process::ExitStatusExt::signal(&status) == Some(signal) {
-                caught = true;
-                break;
-            }
-            assert!(status.success(), "signal {signal}: {status:?}");
-        }
-        assert!(caught, "signal {signal}: apply never ran long enough to interrupt");
+        let status = interrupted_apply(signal, |args| dropblock(args, libc::SIG_DFL), |c| Some(c.id() as libc::pid_t));
+        let died_of = std::os::unix::process::ExitStatusExt::signal(&status);
+        assert_eq!(died_of, Some(signal), "signal {signal}: {status:?}");
     }
     // Started ignoring SIGINT (a shell's background job; `nohup` for SIGHUP), it
     // stays ignored: SIGINT, sent over and over while apply runs, does not stop it.
     let dir = tempfile::tempdir().unwrap();
     let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
     write_npy(&xp, "<f4", &[1, 4, 1 << 12, 1024], &vec![1.5f32; 4 << 22]);
-    let args = ["--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
-    let mut child = apply(&args, libc::SIG_IGN);
+    let args = ["apply", "--device", "cpu", "--input", xp.to_str().unwrap(), "--output", yp.to_str().unwrap()];
+    let mut child = dropblock(&args, libc::SIG_IGN);
     let mut sent = 0;
     while child.try_wait().unwrap().is_none() {
         if !temporary_files(dir.path()).is_empty() {
@@ -724,57 +738,22 @@ fn an_interrupted_apply_as_pid_1_exits_with_the_signals_code() {
         eprintln!("an_interrupted_apply_as_pid_1_exits_with_the_signals_code: skipped, {why}");
         return;
     }
-    // The process `unshare --fork` started: PID 1 inside, `pid` outside.
-    let first_child = |pid: u32| -> Option<libc::pid_t> {
+    let unshared = |args: &[&str]| {
+        let mut command = Command::new("unshare");
+        command.args(UNSHARE).arg(env!("CARGO_BIN_EXE_dropblock")).args(args);
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        signals_start_at(&mut command, libc::SIG_DFL);
+        command.spawn().expect("run unshare")
+    };
+    // The process `unshare --fork` started: PID 1 inside, this PID outside.
+    let first_child = |child: &std::process::Child| -> Option<libc::pid_t> {
+        let pid = child.id();
         let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
         children.split_whitespace().next()?.parse().ok()
     };
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut caught = false;
-        for rows in [1usize << 10, 1 << 12, 1 << 14] {
-            let dir = tempfile::tempdir().unwrap();
-            let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
-            write_npy(&xp, "<f4", &[1, 4, rows as u64, 1024], &vec![1.5f32; 4 * rows * 1024]);
-            let mut command = Command::new("unshare");
-            command.args(UNSHARE).arg(env!("CARGO_BIN_EXE_dropblock"));
-            command.args([
-                "apply",
-                "--device",
-                "cpu",
-                "--input",
-                xp.to_str().unwrap(),
-                "--output",
-                yp.to_str().unwrap(),
-            ]);
-            command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-            signals_start_at(&mut command, libc::SIG_DFL);
-            let mut child = command.spawn().expect("run unshare");
-            let temporary = |dir: &Path| !temporary_files(dir).is_empty();
-            let target = loop {
-                if let Some(inner) = first_child(child.id()).filter(|_| temporary(dir.path())) {
-                    break Some(inner);
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break None;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            };
-            if let Some(inner) = target {
-                // SAFETY: a signal to our child's child, read from its list of
-                // children just now: its PID is reused only if it ended and was
-                // reaped since, and the PID space wrapped in those microseconds.
-                unsafe { libc::kill(inner, signal) };
-            }
-            let status = child.wait().unwrap();
-            assert!(!temporary(dir.path()), "signal {signal} to PID 1: a temporary file is left ({status:?})");
-            if target.is_some() && status.code() != Some(0) {
-                assert_eq!(status.code(), Some(128 + signal), "signal {signal} to PID 1: {status:?}");
-                caught = true;
-                break;
-            }
-            assert!(status.success(), "signal {signal}: {status:?}");
-        }
-        assert!(caught, "signal {signal}: apply never ran long enough to interrupt");
+        let status = interrupted_apply(signal, unshared, first_child);
+        assert_eq!(status.code(), Some(128 + signal), "signal {signal} to PID 1: {status:?}");
     }
 }
 
